@@ -1,0 +1,1 @@
+"""colshard's shared language: ids, specs, typed requests/results, errors, settings, etcd."""

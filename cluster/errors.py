@@ -1,0 +1,99 @@
+"""colshard's error types: one tree, one place.
+
+    ColshardError                 code            HTTP (gateway/errors.py owns the table)
+    ├── InvalidInput              invalid_input   422  bad dims, NaN, ragged matrix, bad filter ...
+    │   └── BadRequest            bad_request     400  body not parseable at all
+    ├── Unauthorized              unauthorized    401
+    ├── Forbidden                 forbidden       403
+    ├── NotFound                  not_found       404  unknown collection / object / named vector
+    ├── AlreadyExists             already_exists  409
+    ├── PayloadTooLarge           payload_too_large 413
+    ├── Unavailable               unavailable     503  etcd down, shard without a live replica
+    ├── DeadlineExceeded          deadline_exceeded 504
+    └── InternalError             internal        500
+
+Internal errors carry a stable ``code`` and a ``details`` dict; they cross Ray actor boundaries
+(plain picklable exceptions) and are mapped to HTTP status codes only by the gateway.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ColshardError(Exception):
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the type and details across pickling (Ray actor boundaries).
+        return (self.__class__, (self.message, self.details))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class InvalidInput(ColshardError):
+    code = "invalid_input"
+
+
+class BadRequest(InvalidInput):
+    code = "bad_request"
+
+
+class Unauthorized(ColshardError):
+    code = "unauthorized"
+
+
+class Forbidden(ColshardError):
+    code = "forbidden"
+
+
+class NotFound(ColshardError):
+    code = "not_found"
+
+
+class AlreadyExists(ColshardError):
+    code = "already_exists"
+
+
+class PayloadTooLarge(ColshardError):
+    code = "payload_too_large"
+
+
+class Unavailable(ColshardError):
+    code = "unavailable"
+
+
+class DeadlineExceeded(ColshardError):
+    code = "deadline_exceeded"
+
+
+class InternalError(ColshardError):
+    code = "internal"
+
+
+ALL_ERRORS: tuple[type[ColshardError], ...] = (
+    InvalidInput,
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    AlreadyExists,
+    PayloadTooLarge,
+    Unavailable,
+    DeadlineExceeded,
+    InternalError,
+)
+
+ERROR_BY_CODE: dict[str, type[ColshardError]] = {e.code: e for e in ALL_ERRORS}
+
+
+def error_from_dict(payload: dict[str, Any]) -> ColshardError:
+    """Rebuild a typed error from its wire form (used by the SDK)."""
+    cls = ERROR_BY_CODE.get(str(payload.get("code", "internal")), ColshardError)
+    return cls(str(payload.get("message", "")), dict(payload.get("details") or {}))

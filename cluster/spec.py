@@ -1,0 +1,240 @@
+"""Declared configuration of a collection (``*Spec``): validated once, immutable, JSON in etcd.
+
+Wire/etcd form of a collection::
+
+    {"name": "DemoCollection",
+     "properties": [{"name": "text", "data_type": "text", "searchable": true, "filterable": true}],
+     "vectors": [{"name": "multi_vector", "kind": "multi", "dim": 128, "metric": "cosine",
+                  "dtype": "float32",
+                  "vectorizer": {"kind": "none", "source_properties": [], "options": {}},
+                  "index": {"kind": "scann", "options": {}}}],
+     "shard_count": 2, "replication_factor": 1}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from cluster.errors import InvalidInput, NotFound
+from cluster.ids import validate_collection_name, validate_field_name
+
+DataType = Literal["text", "text[]", "int", "number", "boolean", "date", "uuid"]
+DATA_TYPES: tuple[str, ...] = ("text", "text[]", "int", "number", "boolean", "date", "uuid")
+Metric = Literal["dot", "cosine"]
+VectorKind = Literal["multi", "single"]
+StorageDtype = Literal["float32", "float16"]
+VECTORIZERS: tuple[str, ...] = ("none", "text2colbert-local", "text2colbert-jinaai")
+INDEX_KINDS: tuple[str, ...] = ("scann", "muvera", "flat")
+MAX_DIM = 65536
+MAX_SHARDS = 256
+
+
+def _require(cond: bool, message: str, **details: Any) -> None:
+    if not cond:
+        raise InvalidInput(message, details)
+
+
+def _check_keys(kind: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(raw) - allowed
+    _require(not unknown, f"unknown field(s) in {kind}: {sorted(unknown)}", fields=sorted(unknown))
+
+
+@dataclass(frozen=True)
+class PropertySpec:
+    name: str
+    data_type: DataType
+    searchable: bool = True  # BM25; only meaningful for text / text[]
+    filterable: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> PropertySpec:
+        _require(isinstance(raw, Mapping), "a property must be an object")
+        _check_keys("property", raw, {"name", "data_type", "searchable", "filterable"})
+        name = validate_field_name("property", raw.get("name", ""))
+        data_type = raw.get("data_type")
+        _require(
+            data_type in DATA_TYPES,
+            f"property {name!r}: data_type must be one of {list(DATA_TYPES)}",
+            property=name,
+        )
+        searchable = raw.get("searchable", data_type in ("text", "text[]"))
+        filterable = raw.get("filterable", True)
+        _require(isinstance(searchable, bool) and isinstance(filterable, bool),
+                 f"property {name!r}: searchable/filterable must be booleans", property=name)
+        return cls(name, cast(DataType, data_type), bool(searchable), bool(filterable))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "data_type": self.data_type, "searchable": self.searchable,
+                "filterable": self.filterable}
+
+
+@dataclass(frozen=True)
+class VectorizerSpec:
+    kind: str = "none"
+    source_properties: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> VectorizerSpec:
+        if raw is None:
+            return cls()
+        _require(isinstance(raw, Mapping), "vectorizer must be an object")
+        _check_keys("vectorizer", raw, {"kind", "source_properties", "options"})
+        kind = raw.get("kind", "none")
+        _require(kind in VECTORIZERS, f"vectorizer kind must be one of {list(VECTORIZERS)}",
+                 kind=kind)
+        sources = raw.get("source_properties", [])
+        _require(isinstance(sources, list) and all(isinstance(s, str) for s in sources),
+                 "vectorizer.source_properties must be a list of property names")
+        options = raw.get("options", {})
+        _require(isinstance(options, Mapping), "vectorizer.options must be an object")
+        return cls(str(kind), tuple(sources), dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source_properties": list(self.source_properties),
+                "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    kind: str = "scann"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> IndexSpec:
+        if raw is None:
+            return cls()
+        _require(isinstance(raw, Mapping), "index must be an object")
+        _check_keys("index", raw, {"kind", "options"})
+        kind = raw.get("kind", "scann")
+        _require(kind in INDEX_KINDS, f"index kind must be one of {list(INDEX_KINDS)}", kind=kind)
+        options = raw.get("options", {})
+        _require(isinstance(options, Mapping), "index.options must be an object")
+        return cls(str(kind), dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class NamedVectorSpec:
+    """One named vector. ``multi`` vectors are (n_tokens, dim) matrices scored with MaxSim;
+    ``single`` vectors are stored as a 1-row matrix, so MaxSim reduces to the plain dot."""
+
+    name: str
+    kind: VectorKind
+    dim: int
+    metric: Metric = "cosine"
+    dtype: StorageDtype = "float32"
+    vectorizer: VectorizerSpec = field(default_factory=VectorizerSpec)
+    index: IndexSpec = field(default_factory=IndexSpec)
+
+    @property
+    def multi(self) -> bool:
+        return self.kind == "multi"
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> NamedVectorSpec:
+        _require(isinstance(raw, Mapping), "a named vector must be an object")
+        _check_keys("vector", raw,
+                    {"name", "kind", "dim", "metric", "dtype", "vectorizer", "index"})
+        name = validate_field_name("vector", raw.get("name", ""))
+        kind = raw.get("kind", "multi")
+        _require(kind in ("multi", "single"), f"vector {name!r}: kind must be multi or single",
+                 vector=name)
+        vectorizer = VectorizerSpec.from_dict(raw.get("vectorizer"))
+        dim = raw.get("dim")
+        if dim is None and vectorizer.kind != "none":
+            dim = 0  # filled in by the vectorizer's model when the collection is created
+        _require(isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim <= MAX_DIM
+                 and (dim > 0 or vectorizer.kind != "none"),
+                 f"vector {name!r}: dim must be an integer in 1..{MAX_DIM}", vector=name)
+        metric = raw.get("metric", "cosine")
+        _require(metric in ("dot", "cosine"), f"vector {name!r}: metric must be dot or cosine",
+                 vector=name)
+        dtype = raw.get("dtype", "float32")
+        _require(dtype in ("float32", "float16"),
+                 f"vector {name!r}: dtype must be float32 or float16", vector=name)
+        return cls(name, cast(VectorKind, kind), int(cast(int, dim)), cast(Metric, metric),
+                   cast(StorageDtype, dtype), vectorizer, IndexSpec.from_dict(raw.get("index")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "dim": self.dim, "metric": self.metric,
+                "dtype": self.dtype, "vectorizer": self.vectorizer.to_dict(),
+                "index": self.index.to_dict()}
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    name: str
+    properties: tuple[PropertySpec, ...]
+    vectors: tuple[NamedVectorSpec, ...]
+    shard_count: int = 2
+    replication_factor: int = 1
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CollectionSpec:
+        _require(isinstance(raw, Mapping), "a collection must be an object")
+        _check_keys("collection", raw,
+                    {"name", "properties", "vectors", "shard_count", "replication_factor"})
+        name = validate_collection_name(raw.get("name", ""))
+        props_raw = raw.get("properties", [])
+        vecs_raw = raw.get("vectors", [])
+        _require(isinstance(props_raw, list), "properties must be a list")
+        _require(isinstance(vecs_raw, list), "vectors must be a list")
+        props = tuple(PropertySpec.from_dict(p) for p in props_raw)
+        vecs = tuple(NamedVectorSpec.from_dict(v) for v in vecs_raw)
+        _require(len(vecs) >= 1, "a collection needs at least one named vector")
+        for kind, names in (("property", [p.name for p in props]),
+                            ("vector", [v.name for v in vecs])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            _require(not dupes, f"duplicate {kind} name(s): {dupes}", names=dupes)
+        shard_count = raw.get("shard_count", 2)
+        _require(isinstance(shard_count, int) and not isinstance(shard_count, bool)
+                 and 1 <= shard_count <= MAX_SHARDS,
+                 f"shard_count must be an integer in 1..{MAX_SHARDS}")
+        rf = raw.get("replication_factor", 1)
+        _require(isinstance(rf, int) and not isinstance(rf, bool) and 1 <= rf <= 3,
+                 "replication_factor must be an integer in 1..3")
+        prop_names = {p.name for p in props}
+        for v in vecs:
+            missing = [s for s in v.vectorizer.source_properties if s not in prop_names]
+            _require(not missing, f"vector {v.name!r}: unknown source properties {missing}",
+                     vector=v.name, properties=missing)
+        return cls(name, props, vecs, int(shard_count), int(rf))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "properties": [p.to_dict() for p in self.properties],
+                "vectors": [v.to_dict() for v in self.vectors], "shard_count": self.shard_count,
+                "replication_factor": self.replication_factor}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CollectionSpec:
+        return cls.from_dict(json.loads(text))
+
+    def vector(self, name: str | None) -> NamedVectorSpec:
+        """The named vector; ``None`` picks the only one (error if there are several)."""
+        if name is None:
+            if len(self.vectors) == 1:
+                return self.vectors[0]
+            raise InvalidInput(
+                f"collection {self.name!r} has several named vectors; set target_vector",
+                {"vectors": [v.name for v in self.vectors]})
+        for v in self.vectors:
+            if v.name == name:
+                return v
+        raise NotFound(f"collection {self.name!r} has no named vector {name!r}",
+                       {"collection": self.name, "vector": name})
+
+    def property(self, name: str) -> PropertySpec:
+        for p in self.properties:
+            if p.name == name:
+                return p
+        raise NotFound(f"collection {self.name!r} has no property {name!r}",
+                       {"collection": self.name, "property": name})
