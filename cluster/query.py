@@ -1,0 +1,73 @@
+"""Typed query requests and results exchanged between the gateway and the coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cluster.errors import InvalidInput
+from cluster.types import F32
+
+METADATA_FIELDS: tuple[str, ...] = ("score", "distance", "explain")
+Fusion = Literal["ranked", "relative_score"]
+
+
+@dataclass(frozen=True)
+class Bm25Query:
+    query: str
+    properties: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class HybridQuery:
+    query: str
+    alpha: float = 0.75
+    fusion: Fusion = "ranked"
+    vector: F32 | None = None  # a manual (multi-)vector instead of vectorizing ``query``
+    properties: tuple[str, ...] | None = None  # keyword part's properties
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    """Exactly one of near_vector / near_text / bm25 / hybrid is set (checked by the gateway and
+    again by the coordinator)."""
+
+    collection: str
+    near_vector: F32 | None = None  # 1-D (single) or 2-D (multi) float32
+    near_text: str | None = None
+    bm25: Bm25Query | None = None
+    hybrid: HybridQuery | None = None
+    target_vector: str | None = None
+    filters: Mapping[str, Any] | None = None  # wire form, parsed against the spec
+    limit: int = 10
+    offset: int = 0
+    return_properties: tuple[str, ...] | None = None
+    return_metadata: tuple[str, ...] = ()
+    include_vector: bool = False
+    partial: bool = False  # allow results from the shards that answered
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # vectorizer keys from headers
+
+    def kind(self) -> str:
+        kinds = [name for name, value in (("near_vector", self.near_vector),
+                                          ("near_text", self.near_text), ("bm25", self.bm25),
+                                          ("hybrid", self.hybrid)) if value is not None]
+        if len(kinds) != 1:
+            raise InvalidInput("set exactly one of near_vector, near_text, bm25, hybrid",
+                               {"given": kinds})
+        return kinds[0]
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    uuid: str
+    properties: Mapping[str, Any]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    vectors: Mapping[str, F32] | None = None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    objects: tuple[ResultObject, ...]
+    missing_shards: tuple[int, ...] = ()
+    took_s: float = 0.0

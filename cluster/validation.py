@@ -1,0 +1,151 @@
+"""Turn user-supplied objects into an ``ObjectBatch`` validated against a ``CollectionSpec``.
+
+The gateway does structural checks (JSON shape, rectangular finite float matrices); this module
+checks everything that needs the spec: dims, multi vs single, unknown names, property types.
+A batch with any invalid object is rejected whole, naming the object, so nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cluster.errors import InvalidInput
+from cluster.ids import new_uuid, normalize_uuid
+from cluster.spec import CollectionSpec, PropertySpec
+from cluster.types import F32, ObjectBatch, VectorColumn, as_matrix, l2_normalize
+
+
+@dataclass(frozen=True)
+class ObjectInput:
+    """One object as received: optional id, raw properties, vectors as numpy arrays."""
+
+    uuid: str | None
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    vectors: Mapping[str, Any] = field(default_factory=dict)  # name -> 1-D or 2-D array
+
+
+def parse_date(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError("RFC3339 dates need a timezone (e.g. 'Z')")
+    return parsed
+
+
+def check_property_value(prop: PropertySpec, value: Any) -> Any:
+    """Return the canonical stored value or raise InvalidInput. ``None`` means null."""
+    if value is None:
+        return None
+    t = prop.data_type
+    ok = True
+    if t == "text":
+        ok = isinstance(value, str)
+    elif t == "text[]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif t == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+    elif t == "number":
+        ok = (isinstance(value, int | float) and not isinstance(value, bool)
+              and math.isfinite(float(value)))
+        if ok:
+            value = float(value)
+    elif t == "boolean":
+        ok = isinstance(value, bool)
+    elif t == "date":
+        try:
+            parse_date(value)
+        except ValueError:
+            ok = False
+    elif t == "uuid":
+        try:
+            value = normalize_uuid(value) if isinstance(value, str) else None
+            ok = value is not None
+        except InvalidInput:
+            ok = False
+    if not ok:
+        raise InvalidInput(f"property {prop.name!r}: expected {t}, got {value!r}",
+                           {"property": prop.name, "data_type": t})
+    return value
+
+
+def check_properties(spec: CollectionSpec, properties: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(properties, Mapping):
+        raise InvalidInput("properties must be an object")
+    by_name = {p.name: p for p in spec.properties}
+    out: dict[str, Any] = {}
+    for name, value in properties.items():
+        prop = by_name.get(name)
+        if prop is None:
+            raise InvalidInput(f"collection {spec.name!r} has no property {name!r}",
+                               {"property": name, "collection": spec.name})
+        out[name] = check_property_value(prop, value)
+    return out
+
+
+def prepare_query_vector(spec: CollectionSpec, target_vector: str | None, value: Any) -> F32:
+    """Validate a query vector for ``target_vector`` and normalise it for cosine."""
+    vec = spec.vector(target_vector)
+    matrix = as_matrix(value, vec.dim, what=f"near_vector[{vec.name}]", multi=vec.multi)
+    return l2_normalize(matrix) if vec.metric == "cosine" else matrix
+
+
+def prepare_batch(
+    spec: CollectionSpec,
+    objects: Sequence[ObjectInput],
+    *,
+    vectorized: Mapping[str, Sequence[F32 | None]] | None = None,
+) -> ObjectBatch:
+    """Validate every object; raise InvalidInput naming the first bad one (nothing written).
+
+    ``vectorized`` supplies vectors produced by a vectorizer, by named vector and position.
+    """
+    if len(objects) == 0:
+        raise InvalidInput("the batch holds no objects")
+    uuids: list[str] = []
+    props: list[dict[str, Any]] = []
+    columns: dict[str, list[F32 | None]] = {v.name: [] for v in spec.vectors}
+    seen: dict[str, int] = {}
+    vector_names = {v.name for v in spec.vectors}
+    for i, obj in enumerate(objects):
+        try:
+            oid = normalize_uuid(obj.uuid) if obj.uuid is not None else new_uuid()
+            if oid in seen:
+                raise InvalidInput(f"duplicate id {oid} in batch (also at {seen[oid]})")
+            seen[oid] = i
+            props.append(check_properties(spec, obj.properties))
+            unknown = sorted(set(obj.vectors) - vector_names)
+            if unknown:
+                raise InvalidInput(f"collection {spec.name!r} has no named vector(s) {unknown}",
+                                   {"vectors": unknown})
+            for vec in spec.vectors:
+                raw = obj.vectors.get(vec.name)
+                matrix: F32 | None
+                if raw is not None:
+                    matrix = as_matrix(raw, vec.dim, what=vec.name, multi=vec.multi)
+                elif vectorized is not None and vec.name in vectorized:
+                    matrix = vectorized[vec.name][i]
+                else:
+                    matrix = None
+                if matrix is None and vec.vectorizer.kind == "none":
+                    raise InvalidInput(f"missing vector {vec.name!r} (no vectorizer configured)",
+                                       {"vector": vec.name})
+                if matrix is not None and vec.metric == "cosine":
+                    matrix = l2_normalize(matrix)
+                columns[vec.name].append(matrix)
+            uuids.append(oid)
+        except InvalidInput as exc:
+            details = {**exc.details, "index": i}
+            if obj.uuid is not None:
+                details["id"] = str(obj.uuid)
+            raise InvalidInput(f"object {i}: {exc.message}", details) from exc
+    return ObjectBatch(
+        tuple(uuids),
+        tuple(props),
+        {v.name: VectorColumn.from_matrices(columns[v.name], v.dim) for v in spec.vectors},
+    )

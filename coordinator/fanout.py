@@ -1,0 +1,146 @@
+"""All Ray actor *calls* of the coordinator live here (creation lives in placement.py).
+
+``ShardClient`` is the small interface the coordinator uses to reach one shard replica; unit
+tests put in-process engines behind the same interface. ``RayShardClient`` implements it over an
+actor handle and maps Ray's exceptions to colshard's, naming the shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import ray
+import ray.exceptions
+
+from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unavailable
+from cluster.ids import ShardId
+from cluster.types import (
+    KeywordSearch,
+    ObjectBatch,
+    ShardSearchResult,
+    ShardStats,
+    StoredObject,
+    VectorSearch,
+    WriteResult,
+)
+
+T = TypeVar("T")
+
+
+class ShardClient(Protocol):
+    shard_id: ShardId
+
+    async def ready(self, timeout_s: float) -> Mapping[str, Any]: ...
+    async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]: ...
+    async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]: ...
+    async def get(self, uuid: str, include_vectors: bool, timeout_s: float
+                  ) -> StoredObject | None: ...
+    async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult: ...
+    async def keyword_search(self, req: KeywordSearch, timeout_s: float
+                             ) -> ShardSearchResult: ...
+    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
+                           timeout_s: float) -> list[StoredObject]: ...
+    async def stats(self, timeout_s: float) -> ShardStats: ...
+    async def drop(self, timeout_s: float) -> None: ...
+
+
+def map_ray_error(exc: BaseException, shard_id: ShardId) -> ColshardError:
+    """One place that turns Ray's exceptions into colshard errors naming the shard."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, ColshardError):
+            return cause
+        return InternalError(f"shard {shard_id} failed: {cause!r}", {"shard": str(shard_id)})
+    if isinstance(exc, ColshardError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError | ray.exceptions.GetTimeoutError):
+        return DeadlineExceeded(f"shard {shard_id} did not answer in time",
+                                {"shard": str(shard_id)})
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return Unavailable(f"shard {shard_id} is unavailable: {type(exc).__name__}",
+                           {"shard": str(shard_id)})
+    return InternalError(f"shard {shard_id}: {exc!r}", {"shard": str(shard_id)})
+
+
+async def call_remote(ref: Any, timeout_s: float, shard_id: ShardId) -> Any:
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+    except (TimeoutError, Exception) as exc:
+        raise map_ray_error(exc, shard_id) from exc
+
+
+class RayShardClient:
+    """A ShardClient over a ShardActor handle."""
+
+    def __init__(self, handle: Any, shard_id: ShardId) -> None:
+        self._handle = handle
+        self.shard_id = shard_id
+
+    async def ready(self, timeout_s: float) -> Mapping[str, Any]:
+        result: Mapping[str, Any] = await call_remote(
+            self._handle.ready.remote(), timeout_s, self.shard_id)
+        return result
+
+    async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]:
+        result: list[WriteResult] = await call_remote(
+            self._handle.upsert.remote(batch), timeout_s, self.shard_id)
+        return result
+
+    async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]:
+        result: list[bool] = await call_remote(
+            self._handle.delete.remote(list(uuids)), timeout_s, self.shard_id)
+        return result
+
+    async def get(self, uuid: str, include_vectors: bool, timeout_s: float
+                  ) -> StoredObject | None:
+        result: StoredObject | None = await call_remote(
+            self._handle.get.remote(uuid, include_vectors), timeout_s, self.shard_id)
+        return result
+
+    async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
+        result: ShardSearchResult = await call_remote(
+            self._handle.search.remote(req), timeout_s, self.shard_id)
+        return result
+
+    async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> ShardSearchResult:
+        result: ShardSearchResult = await call_remote(
+            self._handle.keyword_search.remote(req), timeout_s, self.shard_id)
+        return result
+
+    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
+                           timeout_s: float) -> list[StoredObject]:
+        result: list[StoredObject] = await call_remote(
+            self._handle.list_objects.remote(after, limit, include_vectors), timeout_s,
+            self.shard_id)
+        return result
+
+    async def stats(self, timeout_s: float) -> ShardStats:
+        result: ShardStats = await call_remote(self._handle.stats.remote(), timeout_s,
+                                               self.shard_id)
+        return result
+
+    async def drop(self, timeout_s: float) -> None:
+        await call_remote(self._handle.drop.remote(), timeout_s, self.shard_id)
+
+
+async def gather_shards(
+    calls: Mapping[int, Awaitable[T]], *, allow_partial: bool
+) -> tuple[dict[int, T], dict[int, ColshardError]]:
+    """Run per-shard calls concurrently. Without ``allow_partial`` the first failure (in shard
+    order) is raised; with it, failed shards are returned beside the results."""
+    shards = list(calls)
+    outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
+    results: dict[int, T] = {}
+    failures: dict[int, ColshardError] = {}
+    for shard, outcome in zip(shards, outcomes, strict=True):
+        if isinstance(outcome, ColshardError):
+            failures[shard] = outcome
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            results[shard] = outcome
+    if failures and not allow_partial:
+        raise failures[min(failures)]
+    return results, failures

@@ -1,0 +1,321 @@
+"""The coordinator's logic, plain async Python: schema changes, write routing, query fan-out,
+top-k merge. The ``CoordinatorActor`` shell (actor.py) wires it to etcd and Ray; unit tests wire
+it to fakes behind the same ``ClusterStore`` / ``Placement`` / ``ShardClient`` interfaces.
+
+Routing state is an in-memory snapshot (specs + shard clients); the query path never reads etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from cluster.errors import InvalidInput, NotFound, Unavailable
+from cluster.ids import normalize_uuid, shard_for_uuid, validate_collection_name
+from cluster.query import QueryRequest, QueryResult, ResultObject
+from cluster.settings import Settings
+from cluster.spec import CollectionSpec
+from cluster.types import Hit, StoredObject, VectorSearch, WriteResult
+from cluster.validation import ObjectInput, prepare_batch, prepare_query_vector
+from coordinator.fanout import ShardClient, gather_shards
+from coordinator.merge import merge_top_k
+
+log = logging.getLogger(__name__)
+
+
+class ClusterStore(Protocol):
+    """What the coordinator needs from the cluster store (cluster.etcd_store.EtcdStore)."""
+
+    async def create_collection(self, spec: CollectionSpec) -> int: ...
+    async def get_collection(self, name: str) -> CollectionSpec | None: ...
+    async def list_collections(self) -> dict[str, CollectionSpec]: ...
+    async def delete_collection(self, name: str) -> bool: ...
+    async def put_placement(self, collection: str, shard: int, replica: int,
+                            info: Mapping[str, Any]) -> None: ...
+    async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]: ...
+    async def ping(self) -> bool: ...
+
+
+class Placement(Protocol):
+    def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> ShardClient: ...
+    def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None: ...
+
+
+class Coordinator:
+    def __init__(self, store: ClusterStore, placement: Placement, settings: Settings) -> None:
+        self._store = store
+        self._placement = placement
+        self._settings = settings
+        self._specs: dict[str, CollectionSpec] = {}
+        # collection -> shard -> replicas
+        self._shards: dict[str, list[list[ShardClient]]] = {}
+        self._schema_lock = asyncio.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every collection from the store and (re)attach its shard actors."""
+        specs = await self._store.list_collections()
+        for spec in specs.values():
+            await self._open_collection(spec)
+
+    async def _open_collection(self, spec: CollectionSpec) -> None:
+        timeout_s = self._settings.write_timeout_s
+        shards = [[self._placement.open_shard(spec, s, r)
+                   for r in range(spec.replication_factor)]
+                  for s in range(spec.shard_count)]
+        infos = await asyncio.gather(*(c.ready(timeout_s) for reps in shards for c in reps))
+        it = iter(infos)
+        for s, reps in enumerate(shards):
+            for r, client in enumerate(reps):
+                info = next(it)
+                await self._store.put_placement(spec.name, s, r, {
+                    "actor": client.shard_id.actor_name(
+                        r if spec.replication_factor > 1 else None),
+                    "node_id": info.get("node_id", ""), "host": info.get("host", ""),
+                    "pid": info.get("pid", 0), "state": "ready"})
+        self._specs[spec.name] = spec
+        self._shards[spec.name] = shards
+
+    # ---- schema ----------------------------------------------------------------------------
+
+    async def create_collection(self, raw: Mapping[str, Any]) -> CollectionSpec:
+        spec = CollectionSpec.from_dict(raw)
+        spec = self._fill_vectorizer_dims(spec)
+        async with self._schema_lock:
+            await self._store.create_collection(spec)  # AlreadyExists if present (transaction)
+            try:
+                await self._open_collection(spec)
+            except Exception:
+                log.exception("creating shards of %s failed; rolling back", spec.name)
+                await self._drop_shards(spec)
+                await self._store.delete_collection(spec.name)
+                raise
+        return spec
+
+    def _fill_vectorizer_dims(self, spec: CollectionSpec) -> CollectionSpec:
+        vectors = []
+        for vec in spec.vectors:
+            if vec.dim == 0:
+                from coordinator.vectorize import vectorizer_dim
+
+                vec = replace(vec, dim=vectorizer_dim(vec.vectorizer))
+            vectors.append(vec)
+        return replace(spec, vectors=tuple(vectors))
+
+    def spec(self, name: str) -> CollectionSpec:
+        validate_collection_name(name)
+        spec = self._specs.get(name)
+        if spec is None:
+            raise NotFound(f"collection {name!r} does not exist", {"collection": name})
+        return spec
+
+    async def list_collections(self) -> list[CollectionSpec]:
+        return [self._specs[n] for n in sorted(self._specs)]
+
+    async def delete_collection(self, name: str) -> None:
+        async with self._schema_lock:
+            spec = self.spec(name)
+            await self._drop_shards(spec)
+            self._specs.pop(name, None)
+            self._shards.pop(name, None)
+            await self._store.delete_collection(name)
+
+    async def _drop_shards(self, spec: CollectionSpec) -> None:
+        for reps in self._shards.get(spec.name, []):
+            for client in reps:
+                try:
+                    await client.drop(self._settings.write_timeout_s)
+                except Exception:
+                    log.exception("dropping %s failed", client.shard_id)
+        for s in range(spec.shard_count):
+            for r in range(spec.replication_factor):
+                self._placement.kill_shard(spec, s, r)
+
+    async def describe_collection(self, name: str) -> dict[str, Any]:
+        spec = self.spec(name)
+        shards = self._shards[name]
+        stats, failures = await gather_shards(
+            {s: reps[0].stats(self._settings.query_timeout_s) for s, reps in enumerate(shards)},
+            allow_partial=True)
+        return {
+            "spec": spec,
+            "shards": [
+                {"shard": s, "replicas": len(shards[s]),
+                 "stats": stats.get(s), "error": failures[s].to_dict() if s in failures else None}
+                for s in range(spec.shard_count)
+            ],
+        }
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    async def upsert(self, collection: str, objects: Sequence[ObjectInput],
+                     api_keys: Mapping[str, str] | None = None) -> list[WriteResult]:
+        spec = self.spec(collection)
+        if len(objects) > self._settings.max_batch_objects:
+            raise InvalidInput(
+                f"batch of {len(objects)} objects exceeds the limit of "
+                f"{self._settings.max_batch_objects}", {"limit": self._settings.max_batch_objects})
+        vectorized = await self._vectorize_objects(spec, objects, api_keys or {})
+        batch = prepare_batch(spec, objects, vectorized=vectorized)
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for i, oid in enumerate(batch.uuids):
+            by_shard[shard_for_uuid(oid, spec.shard_count)].append(i)
+        shards = self._shards[collection]
+        timeout_s = self._settings.write_timeout_s
+        calls = {s: self._write_replicas(shards[s], batch.take(idx), timeout_s)
+                 for s, idx in by_shard.items()}
+        done, failed = await gather_shards(calls, allow_partial=True)
+        results: list[WriteResult | None] = [None] * len(batch)
+        for s, idx in by_shard.items():
+            for pos, i in enumerate(idx):
+                if s in done:
+                    results[i] = done[s][pos]
+                else:
+                    results[i] = WriteResult(batch.uuids[i], False, failed[s].to_dict())
+        return [r for r in results if r is not None]
+
+    async def _write_replicas(self, replicas: Sequence[ShardClient], batch: Any,
+                              timeout_s: float) -> list[WriteResult]:
+        outcomes = await asyncio.gather(*(c.upsert(batch, timeout_s) for c in replicas))
+        return outcomes[0]
+
+    async def _vectorize_objects(self, spec: CollectionSpec, objects: Sequence[ObjectInput],
+                                 api_keys: Mapping[str, str]) -> dict[str, list[Any]] | None:
+        needs = [v for v in spec.vectors if v.vectorizer.kind != "none"
+                 and any(o.vectors.get(v.name) is None for o in objects)]
+        if not needs:
+            return None
+        from coordinator.vectorize import vectorize_documents
+
+        return await vectorize_documents(spec, needs, objects, api_keys)
+
+    async def delete_object(self, collection: str, uuid: str) -> bool:
+        spec = self.spec(collection)
+        oid = normalize_uuid(uuid)
+        replicas = self._shards[collection][shard_for_uuid(oid, spec.shard_count)]
+        outcomes = await asyncio.gather(
+            *(c.delete([oid], self._settings.write_timeout_s) for c in replicas))
+        return any(o[0] for o in outcomes)
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def _replica(self, collection: str, shard: int) -> ShardClient:
+        return self._shards[collection][shard][0]
+
+    async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
+        spec = self.spec(collection)
+        oid = normalize_uuid(uuid)
+        client = self._replica(collection, shard_for_uuid(oid, spec.shard_count))
+        obj = await client.get(oid, include_vector, self._settings.query_timeout_s)
+        if obj is None:
+            raise NotFound(f"object {oid} not found in {collection!r}",
+                           {"collection": collection, "id": oid})
+        return obj
+
+    async def list_objects(self, collection: str, after: str | None, limit: int,
+                           include_vector: bool) -> list[StoredObject]:
+        spec = self.spec(collection)
+        cursor = normalize_uuid(after) if after else None
+        self._check_limit(limit, 0)
+        pages, _ = await gather_shards(
+            {s: self._replica(collection, s).list_objects(
+                cursor, limit, include_vector, self._settings.query_timeout_s)
+             for s in range(spec.shard_count)}, allow_partial=False)
+        merged = sorted((o for page in pages.values() for o in page), key=lambda o: o.uuid)
+        return merged[:limit]
+
+    def _check_limit(self, limit: int, offset: int) -> None:
+        cap = self._settings.max_limit
+        if not 0 < limit <= cap:
+            raise InvalidInput(f"limit must be in 1..{cap}", {"limit": limit})
+        if not 0 <= offset <= cap:
+            raise InvalidInput(f"offset must be in 0..{cap}", {"offset": offset})
+
+    async def query(self, req: QueryRequest) -> QueryResult:
+        start = time.perf_counter()
+        spec = self.spec(req.collection)
+        kind = req.kind()
+        self._check_limit(req.limit, req.offset)
+        if req.return_properties is not None:
+            for name in req.return_properties:
+                spec.property(name)
+        filt = self._parse_filter(spec, req.filters)
+        if kind == "near_vector":
+            query = prepare_query_vector(spec, req.target_vector, req.near_vector)
+            hits, missing = await self._vector_hits(spec, req, query, filt)
+            objects = [self._result(spec, req, h) for h in hits]
+        else:
+            from coordinator.text_search import run_text_query
+
+            objects, missing = await run_text_query(self, spec, req, filt)
+        return QueryResult(tuple(objects), tuple(sorted(missing)), time.perf_counter() - start)
+
+    def _parse_filter(self, spec: CollectionSpec, raw: Mapping[str, Any] | None) -> Any:
+        if raw is None:
+            return None
+        from cluster.filters import parse_filter
+
+        return parse_filter(raw, spec)
+
+    async def _vector_hits(self, spec: CollectionSpec, req: QueryRequest, query: Any,
+                           filt: Any, k: int | None = None) -> tuple[list[Hit], list[int]]:
+        vec = spec.vector(req.target_vector)
+        search = VectorSearch(
+            target_vector=vec.name, query=query, k=k or (req.offset + req.limit), filter=filt,
+            return_properties=req.return_properties, include_vectors=req.include_vector,
+            explain="explain" in req.return_metadata)
+        timeout_s = self._settings.query_timeout_s
+        results, failed = await gather_shards(
+            {s: self._replica(spec.name, s).search(search, timeout_s)
+             for s in range(spec.shard_count)}, allow_partial=req.partial)
+        if k is not None:
+            return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
+        hits = merge_top_k((r.hits for r in results.values()), req.offset, req.limit)
+        return hits, list(failed)
+
+    def _result(self, spec: CollectionSpec, req: QueryRequest, hit: Hit,
+                extra: Mapping[str, Any] | None = None) -> ResultObject:
+        metadata: dict[str, Any] = {}
+        if "score" in req.return_metadata:
+            metadata["score"] = hit.score
+        if "distance" in req.return_metadata:
+            metadata["distance"] = -hit.score
+        if "explain" in req.return_metadata and hit.explain is not None:
+            metadata["explain"] = dict(hit.explain)
+        if extra:
+            metadata.update(extra)
+        return ResultObject(hit.uuid, hit.properties, metadata, hit.vectors)
+
+    # ---- cluster ---------------------------------------------------------------------------
+
+    async def cluster_info(self) -> dict[str, Any]:
+        collections: dict[str, Any] = {}
+        for name, spec in sorted(self._specs.items()):
+            placements = await self._store.get_placements(name)
+            collections[name] = {
+                "shard_count": spec.shard_count,
+                "replication_factor": spec.replication_factor,
+                "placements": [{"shard": s, "replica": r, **info}
+                               for (s, r), info in sorted(placements.items())],
+            }
+        return {"collections": collections}
+
+    async def readiness(self) -> dict[str, Any]:
+        """etcd reachable and every shard of every collection answers."""
+        etcd_ok = False
+        try:
+            etcd_ok = await self._store.ping()
+        except Unavailable:
+            etcd_ok = False
+        unplaced: list[str] = []
+        for name, shards in self._shards.items():
+            _, failed = await gather_shards(
+                {s: reps[0].ready(5.0) for s, reps in enumerate(shards)}, allow_partial=True)
+            unplaced += [f"{name}:{s}" for s in failed]
+        return {"ready": etcd_ok and not unplaced, "etcd": etcd_ok, "unavailable_shards": unplaced}

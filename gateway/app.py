@@ -1,0 +1,379 @@
+"""The FastAPI gateway: HTTP wire schema in, coordinator calls out, one error shape back.
+
+Stateless: it holds no shard data and no routing state, only a ``Backend`` to the coordinator,
+so any number of replicas can run behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import ValidationError
+
+from cluster.errors import (
+    BadRequest,
+    ColshardError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    error_from_dict,
+)
+from cluster.query import Bm25Query, HybridQuery, QueryRequest, QueryResult
+from cluster.settings import Settings
+from cluster.spec import CollectionSpec
+from cluster.types import StoredObject, WriteResult
+from cluster.validation import ObjectInput
+from gateway import wire
+from gateway.backend import Backend
+from gateway.errors import error_body, status_for
+
+log = logging.getLogger(__name__)
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyLimit:
+    """Reject bodies over ``max_bytes`` with 413 before they are parsed (Content-Length or the
+    streamed byte count, whichever shows it first)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes",
+                                          {"max_bytes": self.max_bytes})
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, send: Send) -> None:
+        exc = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes",
+                              {"max_bytes": self.max_bytes})
+        response = JSONResponse(error_body(exc), status_code=413)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def _matrix_list(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _vectors_out(vectors: Any) -> dict[str, Any] | None:
+    if vectors is None:
+        return None
+    return {name: _matrix_list(v) for name, v in vectors.items()}
+
+
+def _to_array(value: Any, what: str) -> Any:
+    """Structural check only (rectangular numbers); dims are checked against the spec later."""
+    if value is None:
+        return None
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"{what}: not a rectangular numeric vector or matrix (ragged rows?)",
+                           {"vector": what}) from exc
+
+
+def object_out(collection: str, obj: StoredObject) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": obj.uuid, "collection": collection,
+                           "properties": dict(obj.properties)}
+    if obj.vectors is not None:
+        out["vectors"] = _vectors_out(obj.vectors)
+    return out
+
+
+def batch_out(results: list[WriteResult]) -> dict[str, Any]:
+    rows = [{"id": r.uuid, "status": "SUCCESS" if r.ok else "FAILED",
+             "error": dict(r.error) if r.error else None} for r in results]
+    n_ok = sum(1 for r in results if r.ok)
+    return {"results": rows, "n_ok": n_ok, "n_failed": len(results) - n_ok}
+
+
+def query_out(result: QueryResult) -> dict[str, Any]:
+    objects = []
+    for o in result.objects:
+        item: dict[str, Any] = {"id": o.uuid, "properties": dict(o.properties),
+                                "metadata": dict(o.metadata)}
+        if o.vectors is not None:
+            item["vectors"] = _vectors_out(o.vectors)
+        objects.append(item)
+    return {"objects": objects, "missing_shards": list(result.missing_shards),
+            "took_ms": round(result.took_s * 1000.0, 3)}
+
+
+def api_keys_from(request: Request) -> dict[str, str]:
+    keys = {}
+    jina = request.headers.get("x-jina-api-key")
+    if jina:
+        keys["jinaai"] = jina
+    return keys
+
+
+def create_app(backend: Backend, settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="colshard",
+        version="0.1.0",
+        description="Distributed multi-vector (late-interaction, MaxSim) search. "
+                    "Errors: {\"error\": {\"code\", \"message\", \"details\"}}.",
+        responses={400: {"model": wire.ErrorOut}, 404: {"model": wire.ErrorOut},
+                   409: {"model": wire.ErrorOut}, 413: {"model": wire.ErrorOut},
+                   422: {"model": wire.ErrorOut}, 503: {"model": wire.ErrorOut},
+                   504: {"model": wire.ErrorOut}},
+    )
+    registry = CollectorRegistry()
+    requests_total = Counter("colshard_http_requests_total", "HTTP requests",
+                             ["method", "route", "status"], registry=registry)
+    latency = Histogram("colshard_http_request_seconds", "HTTP request latency",
+                        ["method", "route"], registry=registry,
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                 2.5, 5, 10))
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                      ) -> Response:
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except ColshardError as exc:  # raised inside the body-limit receive wrapper
+            response = JSONResponse(error_body(exc), status_code=status_for(exc))
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests_total.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ColshardError)
+    async def colshard_error(_: Request, exc: ColshardError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=status_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_errors_to_colshard(list(exc.errors()))
+        return JSONResponse(error_body(err), status_code=status_for(err))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        body = {"error": {"code": "internal", "message": "internal error", "details": {}}}
+        return JSONResponse(body, status_code=500)
+
+    # ---- health & ops ----------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        try:
+            state = await backend.call("readiness", timeout_s=10.0)
+        except ColshardError as exc:
+            return JSONResponse({"ready": False, "error": exc.to_dict()}, status_code=503)
+        return JSONResponse(state, status_code=200 if state.get("ready") else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/cluster", tags=["ops"])
+    async def cluster() -> dict[str, Any]:
+        info: dict[str, Any] = await backend.call("cluster_info")
+        return info
+
+    # ---- collections -----------------------------------------------------------------------
+
+    @app.post("/v1/collections", status_code=201, tags=["collections"])
+    async def create_collection(body: wire.CollectionCreate) -> dict[str, Any]:
+        spec: CollectionSpec = await backend.call("create_collection", body.to_spec_dict(),
+                                                  timeout_s=settings.write_timeout_s)
+        return spec.to_dict()
+
+    @app.get("/v1/collections", tags=["collections"])
+    async def list_collections() -> dict[str, Any]:
+        specs: list[CollectionSpec] = await backend.call("list_collections")
+        return {"collections": [s.to_dict() for s in specs]}
+
+    @app.get("/v1/collections/{name}", tags=["collections"])
+    async def get_collection(name: str) -> dict[str, Any]:
+        info = await backend.call("describe_collection", name)
+        shards = [{**s, "stats": asdict(s["stats"]) if s["stats"] is not None else None}
+                  for s in info["shards"]]
+        return {**info["spec"].to_dict(), "shards": shards}
+
+    @app.delete("/v1/collections/{name}", tags=["collections"])
+    async def delete_collection(name: str) -> dict[str, Any]:
+        await backend.call("delete_collection", name, timeout_s=settings.write_timeout_s)
+        return {"deleted": name}
+
+    # ---- objects ---------------------------------------------------------------------------
+
+    def to_inputs(objects: list[wire.ObjectIn]) -> list[ObjectInput]:
+        return [ObjectInput(o.id, o.properties,
+                            {k: _to_array(v, f"objects[{i}].vectors.{k}")
+                             for k, v in o.vectors.items()})
+                for i, o in enumerate(objects)]
+
+    @app.post("/v1/collections/{name}/objects", tags=["objects"],
+              response_model=wire.BatchOut,
+              openapi_extra={"requestBody": {"content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/BatchIn"}},
+                  ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
+    async def insert_objects(name: str, request: Request) -> JSONResponse:
+        content_type = request.headers.get("content-type", "application/json").split(";")[0]
+        raw = await request.body()
+        if content_type == ARROW_STREAM:
+            from gateway.arrow_import import objects_from_arrow
+
+            inputs = objects_from_arrow(raw)
+        else:
+            try:
+                batch = wire.BatchIn.model_validate_json(raw)
+            except ValidationError as exc:
+                raise validation_errors_to_colshard(list(exc.errors())) from None
+            inputs = to_inputs(batch.objects)
+        results = await backend.call("upsert", name, inputs, api_keys_from(request),
+                                     timeout_s=settings.write_timeout_s)
+        return JSONResponse(batch_out(results))
+
+    @app.get("/v1/collections/{name}/objects", tags=["objects"], response_model=wire.ObjectPage)
+    async def list_objects(name: str, limit: int = Query(100, ge=1, le=10_000),
+                           after: str | None = None, include_vector: bool = False
+                           ) -> JSONResponse:
+        objs: list[StoredObject] = await backend.call("list_objects", name, after, limit,
+                                                      include_vector)
+        next_after = objs[-1].uuid if len(objs) == limit else None
+        return JSONResponse({"objects": [object_out(name, o) for o in objs],
+                             "next_after": next_after})
+
+    @app.get("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
+             response_model=wire.ObjectOut)
+    async def get_object(name: str, object_id: str, include_vector: bool = False
+                         ) -> JSONResponse:
+        obj: StoredObject = await backend.call("get_object", name, object_id, include_vector)
+        return JSONResponse(object_out(name, obj))
+
+    @app.put("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
+             response_model=wire.ObjectResult)
+    async def replace_object(name: str, object_id: str, body: wire.ObjectIn,
+                             request: Request) -> JSONResponse:
+        if body.id is not None and body.id.lower() != object_id.lower():
+            raise InvalidInput("the body's id differs from the path's id")
+        body = body.model_copy(update={"id": object_id})
+        results = await backend.call("upsert", name, to_inputs([body]), api_keys_from(request),
+                                     timeout_s=settings.write_timeout_s)
+        return _single_write(results[0])
+
+    @app.patch("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
+               response_model=wire.ObjectResult)
+    async def patch_object(name: str, object_id: str, body: wire.ObjectIn,
+                           request: Request) -> JSONResponse:
+        if body.id is not None and body.id.lower() != object_id.lower():
+            raise InvalidInput("the body's id differs from the path's id")
+        current: StoredObject = await backend.call("get_object", name, object_id, True)
+        merged_vectors = {k: v for k, v in (current.vectors or {}).items() if len(v)}
+        merged_vectors.update({k: _to_array(v, f"vectors.{k}") for k, v in body.vectors.items()})
+        merged = ObjectInput(current.uuid, {**current.properties, **body.properties},
+                             merged_vectors)
+        results = await backend.call("upsert", name, [merged], api_keys_from(request),
+                                     timeout_s=settings.write_timeout_s)
+        return _single_write(results[0])
+
+    @app.delete("/v1/collections/{name}/objects/{object_id}", tags=["objects"])
+    async def delete_object(name: str, object_id: str) -> dict[str, Any]:
+        existed = await backend.call("delete_object", name, object_id,
+                                     timeout_s=settings.write_timeout_s)
+        if not existed:
+            raise NotFound(f"object {object_id} not found in {name!r}",
+                           {"collection": name, "id": object_id})
+        return {"deleted": object_id}
+
+    # ---- query -----------------------------------------------------------------------------
+
+    @app.post("/v1/collections/{name}/query", tags=["query"], response_model=wire.QueryOut)
+    async def query(name: str, body: wire.QueryIn, request: Request) -> JSONResponse:
+        req = QueryRequest(
+            collection=name,
+            near_vector=(_to_array(body.near_vector.vector, "near_vector.vector")
+                         if body.near_vector else None),
+            near_text=body.near_text.query if body.near_text else None,
+            bm25=(Bm25Query(body.bm25.query, tuple(body.bm25.properties)
+                            if body.bm25.properties is not None else None)
+                  if body.bm25 else None),
+            hybrid=(HybridQuery(body.hybrid.query, body.hybrid.alpha, body.hybrid.fusion,
+                                _to_array(body.hybrid.vector, "hybrid.vector"),
+                                tuple(body.hybrid.properties)
+                                if body.hybrid.properties is not None else None)
+                    if body.hybrid else None),
+            target_vector=body.target_vector,
+            filters=body.filters,
+            limit=body.limit,
+            offset=body.offset,
+            return_properties=(tuple(body.return_properties)
+                               if body.return_properties is not None else None),
+            return_metadata=tuple(body.return_metadata),
+            include_vector=body.include_vector,
+            partial=body.partial,
+            api_keys=api_keys_from(request),
+        )
+        req.kind()  # exactly one search kind: fail before any Ray call
+        result: QueryResult = await backend.call("query", req)
+        return JSONResponse(query_out(result))
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
+    return app
+
+
+def _single_write(result: WriteResult) -> JSONResponse:
+    if not result.ok:
+        raise error_from_dict(dict(result.error or {}))
+    return JSONResponse({"id": result.uuid, "status": "SUCCESS", "error": None})
+
+
+def validation_errors_to_colshard(errors: list[Any]) -> ColshardError:
+    """pydantic's error list -> BadRequest (not JSON) or InvalidInput naming the first field."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return BadRequest("request body is not valid JSON")
+    first = errors[0] if errors else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return InvalidInput(f"{loc}: {first.get('msg', 'invalid request')}",
+                        {"errors": [{"loc": [str(p) for p in e.get("loc", ())],
+                                     "msg": str(e.get("msg"))} for e in errors[:20]]})

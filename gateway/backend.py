@@ -1,0 +1,48 @@
+"""How the gateway reaches the coordinator: one ``call(method, *args)`` seam.
+
+``RayBackend`` calls the named ``CoordinatorActor`` (all of the gateway's Ray calls live here);
+``LocalBackend`` calls an in-process object with the same async methods (tests, embedding).
+Errors come back as colshard errors whatever the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import ray
+import ray.exceptions
+
+from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unavailable
+
+
+class Backend(Protocol):
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any: ...
+
+
+class LocalBackend:
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        return await asyncio.wait_for(getattr(self._target, method)(*args), timeout_s)
+
+
+class RayBackend:
+    def __init__(self, handle: Any, default_timeout_s: float) -> None:
+        self._handle = handle
+        self._timeout_s = default_timeout_s
+
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        ref = getattr(self._handle, method).remote(*args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()),
+                                          timeout_s or self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ColshardError):
+                raise exc.cause from None
+            raise InternalError(f"coordinator failed: {exc.cause!r}") from exc
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"coordinator did not answer {method} in time") from exc
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            raise Unavailable(f"coordinator unavailable: {type(exc).__name__}") from exc

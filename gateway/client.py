@@ -1,0 +1,402 @@
+"""colshard's Python SDK (httpx; imports neither FastAPI nor Ray). It reads like the multi-vector
+tutorial users know::
+
+    from gateway.client import Client, Property, NamedVector
+
+    with Client("http://127.0.0.1:8080") as client:
+        col = client.collections.create(
+            "DemoCollection",
+            properties=[Property("text", "text")],
+            vectors=[NamedVector("multi_vector", dim=128, kind="multi")])
+        col.data.insert_many([{"properties": {"text": "A very nice cat"},
+                               "vectors": {"multi_vector": matrix}}])
+        obj = col.query.fetch_object_by_id(uuid, include_vector=True)
+        res = col.query.near_vector(near_vector=query_matrix, target_vector="multi_vector",
+                                    limit=3, return_metadata=["score"])
+
+HTTP errors come back as the same typed exceptions the server raises (``cluster.errors``):
+the SDK inverts the gateway's error table.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cluster.errors import ColshardError, InternalError, error_from_dict
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+    data_type: str
+    searchable: bool | None = None
+    filterable: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "data_type": self.data_type}
+        if self.searchable is not None:
+            out["searchable"] = self.searchable
+        if self.filterable is not None:
+            out["filterable"] = self.filterable
+        return out
+
+
+@dataclass(frozen=True)
+class NamedVector:
+    name: str
+    dim: int | None = None
+    kind: str = "multi"
+    metric: str = "cosine"
+    vectorizer: Mapping[str, Any] | None = None
+    index: Mapping[str, Any] | None = None
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metric": self.metric,
+                               "dtype": self.dtype}
+        if self.dim is not None:
+            out["dim"] = self.dim
+        if self.vectorizer is not None:
+            out["vectorizer"] = dict(self.vectorizer)
+        if self.index is not None:
+            out["index"] = dict(self.index)
+        return out
+
+    @classmethod
+    def text2colbert_local(cls, name: str, source_properties: Sequence[str],
+                           **options: Any) -> NamedVector:
+        return cls(name, None, "multi", "cosine",
+                   {"kind": "text2colbert-local", "source_properties": list(source_properties),
+                    "options": options})
+
+    @classmethod
+    def text2colbert_jinaai(cls, name: str, source_properties: Sequence[str],
+                            **options: Any) -> NamedVector:
+        return cls(name, options.get("dimensions"), "multi", "cosine",
+                   {"kind": "text2colbert-jinaai", "source_properties": list(source_properties),
+                    "options": options})
+
+
+@dataclass(frozen=True)
+class Object:
+    uuid: str
+    properties: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    vector: dict[str, Any] = field(default_factory=dict)  # name -> list / list of lists
+
+
+@dataclass(frozen=True)
+class QueryReturn:
+    objects: list[Object]
+    missing_shards: list[int]
+    took_ms: float
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    n_ok: int
+    n_failed: int
+    results: list[dict[str, Any]]
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if r["status"] != "SUCCESS"]
+
+
+def _tolist(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        payload = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        raise InternalError(f"HTTP {response.status_code}: {response.text[:200]}") from None
+    raise error_from_dict(payload)
+
+
+class _Http:
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response.json()
+
+
+class _Data:
+    def __init__(self, http: _Http, name: str) -> None:
+        self._http = http
+        self._name = name
+
+    def insert(self, properties: Mapping[str, Any] | None = None,
+               vector: Mapping[str, Any] | None = None, uuid: str | None = None) -> str:
+        result = self.insert_many([{"id": uuid, "properties": properties or {},
+                                    "vectors": vector or {}}])
+        if result.n_failed:
+            raise error_from_dict(result.errors[0].get("error") or {})
+        return str(result.results[0]["id"])
+
+    def insert_many(self, objects: Iterable[Mapping[str, Any]], *, batch_size: int = 100,
+                    progress: bool = False) -> BatchResult:
+        """Objects are dicts with optional ``id``/``uuid``, ``properties`` and ``vectors``
+        (numpy arrays or nested lists)."""
+        items = [self._wire(o) for o in objects]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), unit="obj", desc=f"import {self._name}")
+        results: list[dict[str, Any]] = []
+        try:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                out = self._http.request("POST", f"/v1/collections/{self._name}/objects",
+                                         json={"objects": chunk})
+                results.extend(out["results"])
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        n_ok = sum(1 for r in results if r["status"] == "SUCCESS")
+        return BatchResult(n_ok, len(results) - n_ok, results)
+
+    @staticmethod
+    def _wire(obj: Mapping[str, Any]) -> dict[str, Any]:
+        oid = obj.get("id", obj.get("uuid"))
+        out: dict[str, Any] = {"properties": dict(obj.get("properties") or {}),
+                               "vectors": {k: _tolist(v)
+                                           for k, v in (obj.get("vectors") or
+                                                        obj.get("vector") or {}).items()}}
+        if oid is not None:
+            out["id"] = str(oid)
+        return out
+
+    def insert_arrow(self, table: Any, *, batch_rows: int = 2000,
+                     progress: bool = False) -> BatchResult:
+        """Import a ``pyarrow.Table`` (columns ``id``, properties, and one list<list<float>>
+        column per named vector) as Arrow IPC streams."""
+        import pyarrow as pa
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=table.num_rows, unit="obj", desc=f"import {self._name}")
+        results: list[dict[str, Any]] = []
+        try:
+            for batch in table.to_batches(max_chunksize=batch_rows):
+                sink = io.BytesIO()
+                with pa.ipc.new_stream(sink, batch.schema) as writer:
+                    writer.write_batch(batch)
+                out = self._http.request(
+                    "POST", f"/v1/collections/{self._name}/objects", content=sink.getvalue(),
+                    headers={"content-type": ARROW_STREAM})
+                results.extend(out["results"])
+                if bar is not None:
+                    bar.update(batch.num_rows)
+        finally:
+            if bar is not None:
+                bar.close()
+        n_ok = sum(1 for r in results if r["status"] == "SUCCESS")
+        return BatchResult(n_ok, len(results) - n_ok, results)
+
+    def import_parquet(self, path: str, *, batch_rows: int = 2000,
+                       progress: bool = True) -> BatchResult:
+        import pyarrow.parquet as pq
+
+        return self.insert_arrow(pq.read_table(path), batch_rows=batch_rows, progress=progress)
+
+    def delete_by_id(self, uuid: str) -> None:
+        self._http.request("DELETE", f"/v1/collections/{self._name}/objects/{uuid}")
+
+    def replace(self, uuid: str, properties: Mapping[str, Any],
+                vector: Mapping[str, Any] | None = None) -> None:
+        self._http.request("PUT", f"/v1/collections/{self._name}/objects/{uuid}",
+                           json={"properties": dict(properties),
+                                 "vectors": {k: _tolist(v) for k, v in (vector or {}).items()}})
+
+    def update(self, uuid: str, properties: Mapping[str, Any] | None = None,
+               vector: Mapping[str, Any] | None = None) -> None:
+        self._http.request("PATCH", f"/v1/collections/{self._name}/objects/{uuid}",
+                           json={"properties": dict(properties or {}),
+                                 "vectors": {k: _tolist(v) for k, v in (vector or {}).items()}})
+
+
+class _Query:
+    def __init__(self, http: _Http, name: str) -> None:
+        self._http = http
+        self._name = name
+
+    def fetch_object_by_id(self, uuid: str, include_vector: bool = False) -> Object:
+        out = self._http.request("GET", f"/v1/collections/{self._name}/objects/{uuid}",
+                                 params={"include_vector": str(include_vector).lower()})
+        return Object(out["id"], out["properties"], {}, out.get("vectors") or {})
+
+    def fetch_objects(self, limit: int = 100, after: str | None = None,
+                      include_vector: bool = False) -> list[Object]:
+        params: dict[str, Any] = {"limit": limit, "include_vector": str(include_vector).lower()}
+        if after:
+            params["after"] = after
+        out = self._http.request("GET", f"/v1/collections/{self._name}/objects", params=params)
+        return [Object(o["id"], o["properties"], {}, o.get("vectors") or {})
+                for o in out["objects"]]
+
+    def _run(self, body: dict[str, Any], *, limit: int, offset: int,
+             target_vector: str | None, filters: Mapping[str, Any] | None,
+             return_metadata: Sequence[str] | None, return_properties: Sequence[str] | None,
+             include_vector: bool) -> QueryReturn:
+        body.update({"limit": limit, "offset": offset, "include_vector": include_vector,
+                     "return_metadata": list(return_metadata or [])})
+        if target_vector is not None:
+            body["target_vector"] = target_vector
+        if filters is not None:
+            body["filters"] = dict(filters)
+        if return_properties is not None:
+            body["return_properties"] = list(return_properties)
+        out = self._http.request("POST", f"/v1/collections/{self._name}/query", json=body)
+        return QueryReturn([Object(o["id"], o["properties"], o.get("metadata") or {},
+                                   o.get("vectors") or {}) for o in out["objects"]],
+                           out.get("missing_shards", []), out.get("took_ms", 0.0))
+
+    def near_vector(self, near_vector: Any, *, target_vector: str | None = None,
+                    limit: int = 10, offset: int = 0, filters: Mapping[str, Any] | None = None,
+                    return_metadata: Sequence[str] | None = None,
+                    return_properties: Sequence[str] | None = None,
+                    include_vector: bool = False) -> QueryReturn:
+        return self._run({"near_vector": {"vector": _tolist(near_vector)}}, limit=limit,
+                         offset=offset, target_vector=target_vector, filters=filters,
+                         return_metadata=return_metadata, return_properties=return_properties,
+                         include_vector=include_vector)
+
+    def near_text(self, query: str, *, target_vector: str | None = None, limit: int = 10,
+                  offset: int = 0, filters: Mapping[str, Any] | None = None,
+                  return_metadata: Sequence[str] | None = None,
+                  return_properties: Sequence[str] | None = None,
+                  include_vector: bool = False) -> QueryReturn:
+        return self._run({"near_text": {"query": query}}, limit=limit, offset=offset,
+                         target_vector=target_vector, filters=filters,
+                         return_metadata=return_metadata, return_properties=return_properties,
+                         include_vector=include_vector)
+
+    def bm25(self, query: str, *, query_properties: Sequence[str] | None = None,
+             limit: int = 10, offset: int = 0, filters: Mapping[str, Any] | None = None,
+             return_metadata: Sequence[str] | None = None,
+             return_properties: Sequence[str] | None = None) -> QueryReturn:
+        bm25: dict[str, Any] = {"query": query}
+        if query_properties is not None:
+            bm25["properties"] = list(query_properties)
+        return self._run({"bm25": bm25}, limit=limit, offset=offset, target_vector=None,
+                         filters=filters, return_metadata=return_metadata,
+                         return_properties=return_properties, include_vector=False)
+
+    def hybrid(self, query: str, *, alpha: float = 0.75, vector: Any = None,
+               fusion_type: str = "ranked", target_vector: str | None = None,
+               query_properties: Sequence[str] | None = None, limit: int = 10,
+               offset: int = 0, filters: Mapping[str, Any] | None = None,
+               return_metadata: Sequence[str] | None = None,
+               return_properties: Sequence[str] | None = None,
+               include_vector: bool = False) -> QueryReturn:
+        hybrid: dict[str, Any] = {"query": query, "alpha": alpha, "fusion": fusion_type}
+        if vector is not None:
+            hybrid["vector"] = _tolist(vector)
+        if query_properties is not None:
+            hybrid["properties"] = list(query_properties)
+        return self._run({"hybrid": hybrid}, limit=limit, offset=offset,
+                         target_vector=target_vector, filters=filters,
+                         return_metadata=return_metadata, return_properties=return_properties,
+                         include_vector=include_vector)
+
+
+class Collection:
+    def __init__(self, http: _Http, name: str) -> None:
+        self.name = name
+        self._http = http
+        self.data = _Data(http, name)
+        self.query = _Query(http, name)
+
+    def config(self) -> dict[str, Any]:
+        out: dict[str, Any] = self._http.request("GET", f"/v1/collections/{self.name}")
+        return out
+
+
+class _Collections:
+    def __init__(self, http: _Http) -> None:
+        self._http = http
+
+    def create(self, name: str, *, properties: Sequence[Property | Mapping[str, Any]] = (),
+               vectors: Sequence[NamedVector | Mapping[str, Any]] = (),
+               shard_count: int = 2, replication_factor: int = 1) -> Collection:
+        body = {
+            "name": name,
+            "properties": [p.to_dict() if isinstance(p, Property) else dict(p)
+                           for p in properties],
+            "vectors": [v.to_dict() if isinstance(v, NamedVector) else dict(v) for v in vectors],
+            "shard_count": shard_count,
+            "replication_factor": replication_factor,
+        }
+        self._http.request("POST", "/v1/collections", json=body)
+        return Collection(self._http, name)
+
+    def get(self, name: str) -> Collection:
+        return Collection(self._http, name)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._http.request("GET", f"/v1/collections/{name}")
+        except ColshardError as exc:
+            if exc.code == "not_found":
+                return False
+            raise
+        return True
+
+    def list_all(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self._http.request("GET", "/v1/collections")["collections"]
+        return out
+
+    def delete(self, name: str) -> None:
+        self._http.request("DELETE", f"/v1/collections/{name}")
+
+
+class Client:
+    """``Client(url)``; ``transport`` lets tests run over ASGI or a mock transport."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8080", *, timeout_s: float = 120.0,
+                 headers: Mapping[str, str] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http_client = httpx.Client(base_url=url, timeout=timeout_s,
+                                         headers=dict(headers or {}), transport=transport)
+        http = _Http(self._http_client)
+        self.collections = _Collections(http)
+        self._http = http
+
+    def is_ready(self) -> bool:
+        return bool(self._http_client.get("/readyz").status_code == 200)
+
+    def cluster(self) -> dict[str, Any]:
+        out: dict[str, Any] = self._http.request("GET", "/v1/cluster")
+        return out
+
+    def close(self) -> None:
+        self._http_client.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_to_local(port: int = 8080, **kwargs: Any) -> Client:
+    return Client(f"http://127.0.0.1:{port}", **kwargs)

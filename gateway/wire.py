@@ -1,0 +1,154 @@
+"""The HTTP wire schema (pydantic). The only place pydantic models exist; past the gateway,
+requests travel as cluster dataclasses and numpy arrays."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+VECTOR_SCHEMA: dict[str, Any] = {
+    "description": "A single vector (list of floats) or a multi-vector (list of lists of "
+                   "floats, shape (n_tokens, dim)).",
+    "anyOf": [
+        {"type": "array", "items": {"type": "number"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+    ],
+}
+Vector = Annotated[Any, Field(json_schema_extra=VECTOR_SCHEMA)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PropertyModel(Strict):
+    name: str
+    data_type: Literal["text", "text[]", "int", "number", "boolean", "date", "uuid"]
+    searchable: bool | None = None
+    filterable: bool | None = None
+
+
+class VectorizerModel(Strict):
+    kind: Literal["none", "text2colbert-local", "text2colbert-jinaai"] = "none"
+    source_properties: list[str] = []
+    options: dict[str, Any] = {}
+
+
+class IndexModel(Strict):
+    kind: Literal["scann", "muvera", "flat"] = "scann"
+    options: dict[str, Any] = {}
+
+
+class NamedVectorModel(Strict):
+    name: str
+    kind: Literal["multi", "single"] = "multi"
+    dim: int | None = Field(None, description="Required unless a vectorizer sets it.")
+    metric: Literal["dot", "cosine"] = "cosine"
+    dtype: Literal["float32", "float16"] = "float32"
+    vectorizer: VectorizerModel | None = None
+    index: IndexModel | None = None
+
+
+class CollectionCreate(Strict):
+    name: str = Field(description="^[A-Za-z][A-Za-z0-9_]{0,63}$")
+    properties: list[PropertyModel] = []
+    vectors: list[NamedVectorModel]
+    shard_count: int = 2
+    replication_factor: int = 1
+
+    def to_spec_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ObjectIn(Strict):
+    id: str | None = None
+    properties: dict[str, Any] = {}
+    vectors: dict[str, Vector] = {}
+
+
+class BatchIn(Strict):
+    objects: list[ObjectIn]
+
+
+class ObjectResult(BaseModel):
+    id: str
+    status: Literal["SUCCESS", "FAILED"]
+    error: dict[str, Any] | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[ObjectResult]
+    n_ok: int
+    n_failed: int
+
+
+class ObjectOut(BaseModel):
+    id: str
+    collection: str
+    properties: dict[str, Any]
+    vectors: dict[str, Vector] | None = None
+
+
+class ObjectPage(BaseModel):
+    objects: list[ObjectOut]
+    next_after: str | None = None
+
+
+class NearVectorIn(Strict):
+    vector: Vector
+
+
+class NearTextIn(Strict):
+    query: str
+
+
+class Bm25In(Strict):
+    query: str
+    properties: list[str] | None = None
+
+
+class HybridIn(Strict):
+    query: str
+    alpha: float = Field(0.75, ge=0.0, le=1.0)
+    fusion: Literal["ranked", "relative_score"] = "ranked"
+    vector: Vector | None = None
+    properties: list[str] | None = None
+
+
+class QueryIn(Strict):
+    near_vector: NearVectorIn | None = None
+    near_text: NearTextIn | None = None
+    bm25: Bm25In | None = None
+    hybrid: HybridIn | None = None
+    target_vector: str | None = None
+    filters: dict[str, Any] | None = None
+    limit: int = 10
+    offset: int = 0
+    return_properties: list[str] | None = None
+    return_metadata: list[Literal["score", "distance", "explain"]] = []
+    include_vector: bool = False
+    partial: bool = False
+
+
+class ResultOut(BaseModel):
+    id: str
+    properties: dict[str, Any]
+    metadata: dict[str, Any] = {}
+    vectors: dict[str, Vector] | None = None
+
+
+class QueryOut(BaseModel):
+    objects: list[ResultOut]
+    missing_shards: list[int] = []
+    took_ms: float
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
