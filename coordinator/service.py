@@ -46,6 +46,16 @@ class Placement(Protocol):
     def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None: ...
 
 
+def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None
+                ) -> dict[str, Any] | None:
+    """Vectors in the shape users stored them: ``single`` vectors flat, multi as (n, dim)."""
+    if vectors is None:
+        return None
+    kinds = {v.name: v.multi for v in spec.vectors}
+    return {name: (m if kinds.get(name, True) or len(m) != 1 else m[0])
+            for name, m in vectors.items()}
+
+
 class Coordinator:
     def __init__(self, store: ClusterStore, placement: Placement, settings: Settings) -> None:
         self._store = store
@@ -216,7 +226,7 @@ class Coordinator:
         if obj is None:
             raise NotFound(f"object {oid} not found in {collection!r}",
                            {"collection": collection, "id": oid})
-        return obj
+        return replace(obj, vectors=user_shaped(spec, obj.vectors))
 
     async def list_objects(self, collection: str, after: str | None, limit: int,
                            include_vector: bool) -> list[StoredObject]:
@@ -228,7 +238,7 @@ class Coordinator:
                 cursor, limit, include_vector, self._settings.query_timeout_s)
              for s in range(spec.shard_count)}, allow_partial=False)
         merged = sorted((o for page in pages.values() for o in page), key=lambda o: o.uuid)
-        return merged[:limit]
+        return [replace(o, vectors=user_shaped(spec, o.vectors)) for o in merged[:limit]]
 
     def _check_limit(self, limit: int, offset: int) -> None:
         cap = self._settings.max_limit
@@ -290,7 +300,7 @@ class Coordinator:
             metadata["explain"] = dict(hit.explain)
         if extra:
             metadata.update(extra)
-        return ResultObject(hit.uuid, hit.properties, metadata, hit.vectors)
+        return ResultObject(hit.uuid, hit.properties, metadata, user_shaped(spec, hit.vectors))
 
     # ---- cluster ---------------------------------------------------------------------------
 
