@@ -1,0 +1,103 @@
+"""`colshard serve` as a user runs it: a real process with its own etcd and Ray; Ctrl-C stops
+everything it started; a restart on the same data dir keeps collections and objects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.embedded_etcd import find_free_ports
+
+pytestmark = pytest.mark.integration
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_serve(data_dir: Path, port: int, etcd_port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir),
+         "--port", str(port), "--etcd-port", str(etcd_port)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"colshard serve exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"colshard serve did not come up: {log.read_text()[-3000:]}")
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def test_serve_restart_keeps_collections_and_objects(tmp_path: Path) -> None:
+    port, etcd_port = find_free_ports(2)
+    data_dir = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    rng = np.random.default_rng(5)
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    vectors = [rng.normal(size=(int(rng.integers(3, 9)), 16)).astype(np.float32) for _ in ids]
+    url = f"http://127.0.0.1:{port}"
+
+    proc = start_serve(data_dir, port, etcd_port, log)
+    try:
+        assert port_open(etcd_port)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/v1/collections", json={
+                "name": "Keep", "properties": [{"name": "text", "data_type": "text"}],
+                "vectors": [{"name": "mv", "dim": 16, "metric": "dot"}]})
+            assert r.status_code == 201, r.text
+            r = http.post("/v1/collections/Keep/objects", json={"objects": [
+                {"id": i, "properties": {"text": f"t{n}"}, "vectors": {"mv": v.tolist()}}
+                for n, (i, v) in enumerate(zip(ids, vectors, strict=True))]})
+            assert r.json()["n_ok"] == 40
+            assert http.get("/readyz").status_code == 200
+    finally:
+        assert stop_serve(proc) == 0
+    # Everything it started is gone: gateway and etcd ports closed.
+    assert not port_open(port) and not port_open(etcd_port)
+
+    proc = start_serve(data_dir, port, etcd_port, log)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            names = [c["name"] for c in http.get("/v1/collections").json()["collections"]]
+            assert names == ["Keep"]
+            got = http.get(f"/v1/collections/Keep/objects/{ids[3]}",
+                           params={"include_vector": "true"}).json()
+            assert np.array_equal(np.asarray(got["vectors"]["mv"], dtype=np.float32), vectors[3])
+            page = http.get("/v1/collections/Keep/objects", params={"limit": 100}).json()
+            assert sorted(o["id"] for o in page["objects"]) == sorted(ids)
+            q = vectors[7][:2]
+            best = max(range(len(ids)), key=lambda j: float((q @ vectors[j].T).max(1).sum()))
+            r = http.post("/v1/collections/Keep/query", json={
+                "near_vector": {"vector": q.tolist()}, "limit": 1})
+            assert r.json()["objects"][0]["id"] == ids[best]
+    finally:
+        assert stop_serve(proc) == 0
