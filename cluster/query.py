@@ -23,7 +23,7 @@ class Bm25Query:
 class HybridQuery:
     query: str
     alpha: float = 0.75
-    fusion: Fusion = "ranked"
+    fusion: Fusion = "relative_score"
     vector: F32 | None = None  # a manual (multi-)vector instead of vectorizing ``query``
     properties: tuple[str, ...] | None = None  # keyword part's properties
 

@@ -35,40 +35,40 @@ class ShardClient(Protocol):
     async def ready(self, timeout_s: float) -> Mapping[str, Any]: ...
     async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]: ...
     async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]: ...
-    async def get(self, uuid: str, include_vectors: bool, timeout_s: float
-                  ) -> StoredObject | None: ...
+    async def get(
+        self, uuid: str, include_vectors: bool, timeout_s: float
+    ) -> StoredObject | None: ...
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult: ...
-    async def keyword_search(self, req: KeywordSearch, timeout_s: float
-                             ) -> ShardSearchResult: ...
-    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
-                           timeout_s: float) -> list[StoredObject]: ...
+    async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> ShardSearchResult: ...
+    async def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
+    ) -> list[StoredObject]: ...
     async def stats(self, timeout_s: float) -> ShardStats: ...
     async def drop(self, timeout_s: float) -> None: ...
 
 
-def map_ray_error(exc: BaseException, shard_id: ShardId) -> ColshardError:
-    """One place that turns Ray's exceptions into colshard errors naming the shard."""
+def map_ray_error(exc: BaseException, what: str, details: dict[str, Any]) -> ColshardError:
+    """One place that turns Ray's exceptions into colshard errors naming the callee
+    (``what``: e.g. "shard Demo:1")."""
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause
         if isinstance(cause, ColshardError):
             return cause
-        return InternalError(f"shard {shard_id} failed: {cause!r}", {"shard": str(shard_id)})
+        return InternalError(f"{what} failed: {cause!r}", details)
     if isinstance(exc, ColshardError):
         return exc
     if isinstance(exc, asyncio.TimeoutError | ray.exceptions.GetTimeoutError):
-        return DeadlineExceeded(f"shard {shard_id} did not answer in time",
-                                {"shard": str(shard_id)})
+        return DeadlineExceeded(f"{what} did not answer in time", details)
     if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
-        return Unavailable(f"shard {shard_id} is unavailable: {type(exc).__name__}",
-                           {"shard": str(shard_id)})
-    return InternalError(f"shard {shard_id}: {exc!r}", {"shard": str(shard_id)})
+        return Unavailable(f"{what} is unavailable: {type(exc).__name__}", details)
+    return InternalError(f"{what}: {exc!r}", details)
 
 
-async def call_remote(ref: Any, timeout_s: float, shard_id: ShardId) -> Any:
+async def call_remote(ref: Any, timeout_s: float, what: str, details: dict[str, Any]) -> Any:
     try:
         return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
     except (TimeoutError, Exception) as exc:
-        raise map_ray_error(exc, shard_id) from exc
+        raise map_ray_error(exc, what, details) from exc
 
 
 class RayShardClient:
@@ -77,52 +77,54 @@ class RayShardClient:
     def __init__(self, handle: Any, shard_id: ShardId) -> None:
         self._handle = handle
         self.shard_id = shard_id
+        self._what = f"shard {shard_id}"
+        self._details: dict[str, Any] = {"shard": str(shard_id)}
+
+    async def _call(self, ref: Any, timeout_s: float) -> Any:
+        return await call_remote(ref, timeout_s, self._what, dict(self._details))
 
     async def ready(self, timeout_s: float) -> Mapping[str, Any]:
-        result: Mapping[str, Any] = await call_remote(
-            self._handle.ready.remote(), timeout_s, self.shard_id)
+        result: Mapping[str, Any] = await self._call(self._handle.ready.remote(), timeout_s)
         return result
 
     async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]:
-        result: list[WriteResult] = await call_remote(
-            self._handle.upsert.remote(batch), timeout_s, self.shard_id)
+        result: list[WriteResult] = await self._call(self._handle.upsert.remote(batch), timeout_s)
         return result
 
     async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]:
-        result: list[bool] = await call_remote(
-            self._handle.delete.remote(list(uuids)), timeout_s, self.shard_id)
+        result: list[bool] = await self._call(self._handle.delete.remote(list(uuids)), timeout_s)
         return result
 
-    async def get(self, uuid: str, include_vectors: bool, timeout_s: float
-                  ) -> StoredObject | None:
-        result: StoredObject | None = await call_remote(
-            self._handle.get.remote(uuid, include_vectors), timeout_s, self.shard_id)
+    async def get(self, uuid: str, include_vectors: bool, timeout_s: float) -> StoredObject | None:
+        result: StoredObject | None = await self._call(
+            self._handle.get.remote(uuid, include_vectors), timeout_s
+        )
         return result
 
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await call_remote(
-            self._handle.search.remote(req), timeout_s, self.shard_id)
+        result: ShardSearchResult = await self._call(self._handle.search.remote(req), timeout_s)
         return result
 
     async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await call_remote(
-            self._handle.keyword_search.remote(req), timeout_s, self.shard_id)
+        result: ShardSearchResult = await self._call(
+            self._handle.keyword_search.remote(req), timeout_s
+        )
         return result
 
-    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
-                           timeout_s: float) -> list[StoredObject]:
-        result: list[StoredObject] = await call_remote(
-            self._handle.list_objects.remote(after, limit, include_vectors), timeout_s,
-            self.shard_id)
+    async def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
+    ) -> list[StoredObject]:
+        result: list[StoredObject] = await self._call(
+            self._handle.list_objects.remote(after, limit, include_vectors), timeout_s
+        )
         return result
 
     async def stats(self, timeout_s: float) -> ShardStats:
-        result: ShardStats = await call_remote(self._handle.stats.remote(), timeout_s,
-                                               self.shard_id)
+        result: ShardStats = await self._call(self._handle.stats.remote(), timeout_s)
         return result
 
     async def drop(self, timeout_s: float) -> None:
-        await call_remote(self._handle.drop.remote(), timeout_s, self.shard_id)
+        await self._call(self._handle.drop.remote(), timeout_s)
 
 
 async def gather_shards(
@@ -144,3 +146,30 @@ async def gather_shards(
     if failures and not allow_partial:
         raise failures[min(failures)]
     return results, failures
+
+
+class RayVectorizerClient:
+    """A VectorizerClient over a VectorizerActor handle."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._handle = handle
+        self._name = name
+
+    async def _call(self, ref: Any, timeout_s: float) -> Any:
+        return await call_remote(
+            ref, timeout_s, f"vectorizer {self._name}", {"vectorizer": self._name}
+        )
+
+    async def dim(self, timeout_s: float) -> int:
+        return int(await self._call(self._handle.dim.remote(), timeout_s))
+
+    async def encode_documents(
+        self, texts: Sequence[str], api_key: str | None, timeout_s: float
+    ) -> list[Any]:
+        result: list[Any] = await self._call(
+            self._handle.encode_documents.remote(list(texts), api_key), timeout_s
+        )
+        return result
+
+    async def encode_query(self, text: str, api_key: str | None, timeout_s: float) -> Any:
+        return await self._call(self._handle.encode_query.remote(text, api_key), timeout_s)

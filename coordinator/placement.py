@@ -8,15 +8,18 @@ failure (``max_restarts``), recovering their data from the shard's directory.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from cluster.ids import ShardId
+from cluster.ids import ACTOR_PREFIX, ShardId
 from cluster.settings import ShardSettings
-from cluster.spec import CollectionSpec
-from coordinator.fanout import RayShardClient, ShardClient
+from cluster.spec import CollectionSpec, VectorizerSpec
+from coordinator.fanout import RayShardClient, RayVectorizerClient, ShardClient
+from coordinator.vectorize import vectorizer_key
+from coordinator.vectorizers.actor import VectorizerActor
 from shard.actor import ShardActor
 
 SHARD_MAX_RESTARTS = 5
@@ -43,6 +46,7 @@ class RayPlacement:
         self._settings = shard_settings
         self._resources = dict(resources or {})
         self._remote_cls: Any = ray.remote(ShardActor)
+        self._vectorizer_cls: Any = ray.remote(VectorizerActor)
 
     def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> ShardClient:
         """Get the shard's actor by name, creating it when absent."""
@@ -68,3 +72,13 @@ class RayPlacement:
         except ValueError:
             return  # not running
         ray.kill(handle, no_restart=True)
+
+    def open_vectorizer(self, spec: VectorizerSpec) -> RayVectorizerClient:
+        """One encoder actor per distinct vectorizer config, shared by every collection."""
+        digest = hashlib.sha1(vectorizer_key(spec).encode()).hexdigest()[:12]
+        name = f"{ACTOR_PREFIX}:vectorizer:{digest}"
+        handle = self._vectorizer_cls.options(
+            name=name, namespace=self._namespace, get_if_exists=True, lifetime="detached",
+            num_cpus=0, max_restarts=SHARD_MAX_RESTARTS, max_concurrency=2,
+        ).remote(spec.kind, dict(spec.options))
+        return RayVectorizerClient(handle, name)

@@ -19,13 +19,16 @@ from cluster.errors import InvalidInput, NotFound, Unavailable
 from cluster.ids import normalize_uuid, shard_for_uuid, validate_collection_name
 from cluster.query import QueryRequest, QueryResult, ResultObject
 from cluster.settings import Settings
-from cluster.spec import CollectionSpec
-from cluster.types import Hit, StoredObject, VectorSearch, WriteResult
+from cluster.spec import CollectionSpec, VectorizerSpec
+from cluster.types import Hit, KeywordSearch, StoredObject, VectorSearch, WriteResult
 from cluster.validation import ObjectInput, prepare_batch, prepare_query_vector
 from coordinator.fanout import ShardClient, gather_shards
+from coordinator.fusion import fuse
 from coordinator.merge import merge_top_k
+from coordinator.vectorize import VectorizerClient, Vectorizers
 
 log = logging.getLogger(__name__)
+HYBRID_MIN_CANDIDATES = 100
 
 
 class ClusterStore(Protocol):
@@ -44,6 +47,7 @@ class ClusterStore(Protocol):
 class Placement(Protocol):
     def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> ShardClient: ...
     def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None: ...
+    def open_vectorizer(self, spec: VectorizerSpec) -> VectorizerClient: ...
 
 
 def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None
@@ -57,10 +61,13 @@ def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None
 
 
 class Coordinator:
-    def __init__(self, store: ClusterStore, placement: Placement, settings: Settings) -> None:
+    def __init__(self, store: ClusterStore, placement: Placement, settings: Settings,
+                 vectorizers: Vectorizers | None = None) -> None:
         self._store = store
         self._placement = placement
         self._settings = settings
+        self._vectorizers = vectorizers or Vectorizers(placement.open_vectorizer,
+                                                       settings.write_timeout_s)
         self._specs: dict[str, CollectionSpec] = {}
         # collection -> shard -> replicas
         self._shards: dict[str, list[list[ShardClient]]] = {}
@@ -96,7 +103,7 @@ class Coordinator:
 
     async def create_collection(self, raw: Mapping[str, Any]) -> CollectionSpec:
         spec = CollectionSpec.from_dict(raw)
-        spec = self._fill_vectorizer_dims(spec)
+        spec = await self._fill_vectorizer_dims(spec)
         async with self._schema_lock:
             await self._store.create_collection(spec)  # AlreadyExists if present (transaction)
             try:
@@ -108,13 +115,19 @@ class Coordinator:
                 raise
         return spec
 
-    def _fill_vectorizer_dims(self, spec: CollectionSpec) -> CollectionSpec:
+    async def _fill_vectorizer_dims(self, spec: CollectionSpec) -> CollectionSpec:
+        """A vectorized named vector without ``dim`` takes its model's (loads the model once,
+        so a broken model config fails the create, not the first import)."""
         vectors = []
         for vec in spec.vectors:
-            if vec.dim == 0:
-                from coordinator.vectorize import vectorizer_dim
-
-                vec = replace(vec, dim=vectorizer_dim(vec.vectorizer))
+            if vec.vectorizer.kind != "none":
+                model_dim = await self._vectorizers.dim(vec.vectorizer)
+                if vec.dim not in (0, model_dim):
+                    raise InvalidInput(
+                        f"vector {vec.name!r}: dim {vec.dim} differs from the vectorizer's "
+                        f"{model_dim}", {"vector": vec.name, "dim": vec.dim,
+                                         "vectorizer_dim": model_dim})
+                vec = replace(vec, dim=model_dim)
             vectors.append(vec)
         return replace(spec, vectors=tuple(vectors))
 
@@ -201,9 +214,7 @@ class Coordinator:
                  and any(o.vectors.get(v.name) is None for o in objects)]
         if not needs:
             return None
-        from coordinator.vectorize import vectorize_documents
-
-        return await vectorize_documents(spec, needs, objects, api_keys)
+        return await self._vectorizers.documents(spec, needs, objects, api_keys)
 
     async def delete_object(self, collection: str, uuid: str) -> bool:
         spec = self.spec(collection)
@@ -256,15 +267,90 @@ class Coordinator:
             for name in req.return_properties:
                 spec.property(name)
         filt = self._parse_filter(spec, req.filters)
+        page = req.offset + req.limit
         if kind == "near_vector":
             query = prepare_query_vector(spec, req.target_vector, req.near_vector)
-            hits, missing = await self._vector_hits(spec, req, query, filt)
-            objects = [self._result(spec, req, h) for h in hits]
+            hits, missing = await self._vector_hits(spec, req, query, filt, page)
+            objects = [self._result(spec, req, h) for h in hits[req.offset :]]
+        elif kind == "near_text":
+            assert req.near_text is not None
+            query = await self._vectorize_query(spec, req, req.near_text)
+            hits, missing = await self._vector_hits(spec, req, query, filt, page)
+            objects = [self._result(spec, req, h) for h in hits[req.offset :]]
+        elif kind == "bm25":
+            assert req.bm25 is not None
+            hits, missing = await self._keyword_hits(spec, req, req.bm25.query,
+                                                     req.bm25.properties, filt, page)
+            objects = [self._result(spec, req, h) for h in hits[req.offset :]]
         else:
-            from coordinator.text_search import run_text_query
-
-            objects, missing = await run_text_query(self, spec, req, filt)
+            objects, missing = await self._hybrid(spec, req, filt)
         return QueryResult(tuple(objects), tuple(sorted(missing)), time.perf_counter() - start)
+
+    async def _vectorize_query(self, spec: CollectionSpec, req: QueryRequest, text: str) -> Any:
+        vec = spec.vector(req.target_vector)
+        if vec.vectorizer.kind == "none":
+            raise InvalidInput(
+                f"vector {vec.name!r} has no vectorizer: use near_vector (or hybrid with "
+                "a vector)", {"vector": vec.name})
+        matrix = await self._vectorizers.query(vec, text, req.api_keys)
+        return prepare_query_vector(spec, vec.name, matrix)
+
+    async def _keyword_hits(self, spec: CollectionSpec, req: QueryRequest, text: str,
+                            properties: tuple[str, ...] | None, filt: Any, k: int
+                            ) -> tuple[list[Hit], list[int]]:
+        searchable = {p.name for p in spec.properties
+                      if p.searchable and p.data_type in ("text", "text[]")}
+        for name in properties or ():
+            spec.property(name)  # NotFound for unknown names
+            if name not in searchable:
+                raise InvalidInput(f"property {name!r} is not a searchable text property",
+                                   {"property": name})
+        if not searchable:
+            raise InvalidInput(f"collection {spec.name!r} has no searchable text properties")
+        search = KeywordSearch(query=text, k=k, properties=properties, filter=filt,
+                               return_properties=req.return_properties,
+                               include_vectors=req.include_vector)
+        timeout_s = self._settings.query_timeout_s
+        results, failed = await gather_shards(
+            {s: self._replica(spec.name, s).keyword_search(search, timeout_s)
+             for s in range(spec.shard_count)}, allow_partial=req.partial)
+        return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
+
+    async def _hybrid(self, spec: CollectionSpec, req: QueryRequest, filt: Any
+                      ) -> tuple[list[ResultObject], list[int]]:
+        hybrid = req.hybrid
+        assert hybrid is not None
+        # Each side contributes a deeper list than the page, so fusion can reorder across it.
+        k = max(req.offset + req.limit, HYBRID_MIN_CANDIDATES)
+        vector_hits: list[Hit] = []
+        keyword_hits: list[Hit] = []
+        missing: set[int] = set()
+        if hybrid.alpha > 0:
+            if hybrid.vector is not None:
+                query = prepare_query_vector(spec, req.target_vector, hybrid.vector)
+            else:
+                query = await self._vectorize_query(spec, req, hybrid.query)
+            vector_hits, failed = await self._vector_hits(spec, req, query, filt, k)
+            missing.update(failed)
+        if hybrid.alpha < 1:
+            keyword_hits, failed = await self._keyword_hits(spec, req, hybrid.query,
+                                                            hybrid.properties, filt, k)
+            missing.update(failed)
+        fused = fuse([(h.uuid, h.score) for h in keyword_hits],
+                     [(h.uuid, h.score) for h in vector_hits], alpha=hybrid.alpha,
+                     fusion=hybrid.fusion, offset=req.offset, limit=req.limit)
+        by_id = {h.uuid: h for h in keyword_hits}
+        by_id.update({h.uuid: h for h in vector_hits})
+        objects = []
+        for f in fused:
+            explain = None
+            if "explain" in req.return_metadata:
+                explain = {"keyword_score": f.keyword_score, "keyword_rank": f.keyword_rank,
+                           "vector_score": f.vector_score, "vector_rank": f.vector_rank,
+                           "fusion": hybrid.fusion, "alpha": hybrid.alpha}
+            hit = replace(by_id[f.uuid], score=f.score, explain=explain)
+            objects.append(self._result(spec, req, hit))
+        return objects, sorted(missing)
 
     def _parse_filter(self, spec: CollectionSpec, raw: Mapping[str, Any] | None) -> Any:
         if raw is None:
@@ -274,20 +360,18 @@ class Coordinator:
         return parse_filter(raw, spec)
 
     async def _vector_hits(self, spec: CollectionSpec, req: QueryRequest, query: Any,
-                           filt: Any, k: int | None = None) -> tuple[list[Hit], list[int]]:
+                           filt: Any, k: int) -> tuple[list[Hit], list[int]]:
+        """The global top ``k`` (offset not applied) and the shards that failed."""
         vec = spec.vector(req.target_vector)
         search = VectorSearch(
-            target_vector=vec.name, query=query, k=k or (req.offset + req.limit), filter=filt,
+            target_vector=vec.name, query=query, k=k, filter=filt,
             return_properties=req.return_properties, include_vectors=req.include_vector,
             explain="explain" in req.return_metadata)
         timeout_s = self._settings.query_timeout_s
         results, failed = await gather_shards(
             {s: self._replica(spec.name, s).search(search, timeout_s)
              for s in range(spec.shard_count)}, allow_partial=req.partial)
-        if k is not None:
-            return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
-        hits = merge_top_k((r.hits for r in results.values()), req.offset, req.limit)
-        return hits, list(failed)
+        return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
 
     def _result(self, spec: CollectionSpec, req: QueryRequest, hit: Hit,
                 extra: Mapping[str, Any] | None = None) -> ResultObject:

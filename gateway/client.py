@@ -302,7 +302,7 @@ class _Query:
                          return_properties=return_properties, include_vector=False)
 
     def hybrid(self, query: str, *, alpha: float = 0.75, vector: Any = None,
-               fusion_type: str = "ranked", target_vector: str | None = None,
+               fusion_type: str = "relative_score", target_vector: str | None = None,
                query_properties: Sequence[str] | None = None, limit: int = 10,
                offset: int = 0, filters: Mapping[str, Any] | None = None,
                return_metadata: Sequence[str] | None = None,

@@ -111,7 +111,7 @@ class Bm25In(Strict):
 class HybridIn(Strict):
     query: str
     alpha: float = Field(0.75, ge=0.0, le=1.0)
-    fusion: Literal["ranked", "relative_score"] = "ranked"
+    fusion: Literal["ranked", "relative_score"] = "relative_score"
     vector: Vector | None = None
     properties: list[str] | None = None
 
