@@ -70,8 +70,8 @@ def get_or_create_coordinator(settings: Settings) -> Any:
 
     from coordinator.actor import CoordinatorActor, ray_namespace
 
-    actor_cls = ray.remote(CoordinatorActor)
-    handle = actor_cls.options(  # type: ignore[attr-defined]
+    actor_cls: Any = ray.remote(CoordinatorActor)
+    handle = actor_cls.options(
         name=COORDINATOR_ACTOR_NAME, namespace=ray_namespace(settings.cluster_name),
         get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
         max_concurrency=1000,

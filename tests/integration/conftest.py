@@ -4,6 +4,7 @@ real shard actors and the session's real etcd."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -50,10 +51,8 @@ def kill_namespace(namespace: str) -> None:
 
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == namespace:
-            try:
+            with contextlib.suppress(ValueError):  # already gone
                 ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
-            except ValueError:
-                pass
 
 
 def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None = None,
