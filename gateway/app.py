@@ -142,7 +142,8 @@ def query_out(result: QueryResult) -> dict[str, Any]:
 
 def api_keys_from(request: Request) -> dict[str, str]:
     keys = {}
-    jina = request.headers.get("x-jina-api-key")
+    # Weaviate's clients send X-JinaAI-Api-Key; Jina's own docs say X-Jina-Api-Key.
+    jina = request.headers.get("x-jinaai-api-key") or request.headers.get("x-jina-api-key")
     if jina:
         keys["jinaai"] = jina
     return keys
