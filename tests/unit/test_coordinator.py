@@ -1,0 +1,231 @@
+"""The coordinator's logic without a cluster: an in-memory store and in-process shard engines
+behind the same ShardClient interface the Ray actors implement."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cluster.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
+from cluster.ids import ShardId, shard_for_uuid
+from cluster.query import QueryRequest
+from cluster.settings import Settings, ShardSettings
+from cluster.spec import CollectionSpec, VectorizerSpec
+from cluster.types import KeywordSearch, ObjectBatch, VectorSearch
+from cluster.validation import ObjectInput
+from coordinator.service import Coordinator
+from shard.engine import ShardEngine
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.specs: dict[str, CollectionSpec] = {}
+        self.placements: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+
+    async def create_collection(self, spec: CollectionSpec) -> int:
+        if spec.name in self.specs:
+            raise AlreadyExists(f"collection {spec.name!r} already exists")
+        self.specs[spec.name] = spec
+        return len(self.specs)
+
+    async def get_collection(self, name: str) -> CollectionSpec | None:
+        return self.specs.get(name)
+
+    async def list_collections(self) -> dict[str, CollectionSpec]:
+        return dict(self.specs)
+
+    async def delete_collection(self, name: str) -> bool:
+        self.placements.pop(name, None)
+        return self.specs.pop(name, None) is not None
+
+    async def put_placement(self, collection: str, shard: int, replica: int,
+                            info: Mapping[str, Any]) -> None:
+        self.placements.setdefault(collection, {})[(shard, replica)] = dict(info)
+
+    async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]:
+        return dict(self.placements.get(collection, {}))
+
+    async def ping(self) -> bool:
+        return True
+
+
+class EngineClient:
+    """ShardClient over an in-process engine; ``down`` simulates a dead replica."""
+
+    def __init__(self, engine: ShardEngine, shard_id: ShardId) -> None:
+        self.engine = engine
+        self.shard_id = shard_id
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise Unavailable(f"shard {self.shard_id} is unavailable",
+                              {"shard": str(self.shard_id)})
+
+    async def ready(self, timeout_s: float) -> Mapping[str, Any]:
+        self._check()
+        return {"pid": 0, "node_id": "local"}
+
+    async def upsert(self, batch: ObjectBatch, timeout_s: float) -> Any:
+        self._check()
+        return self.engine.upsert(batch)
+
+    async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]:
+        self._check()
+        return self.engine.delete(uuids)
+
+    async def get(self, uuid: str, include_vectors: bool, timeout_s: float) -> Any:
+        self._check()
+        return self.engine.get(uuid, include_vectors)
+
+    async def search(self, req: VectorSearch, timeout_s: float) -> Any:
+        self._check()
+        return self.engine.search(req)
+
+    async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> Any:
+        self._check()
+        return self.engine.keyword_search(req)
+
+    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
+                           timeout_s: float) -> Any:
+        self._check()
+        return self.engine.list_objects(after, limit, include_vectors)
+
+    async def stats(self, timeout_s: float) -> Any:
+        self._check()
+        return self.engine.stats()
+
+    async def drop(self, timeout_s: float) -> None:
+        self.engine.drop()
+
+
+class EnginePlacement:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.clients: dict[tuple[str, int, int], EngineClient] = {}
+
+    def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> EngineClient:
+        key = (spec.name, shard, replica)
+        if key not in self.clients:
+            engine = ShardEngine(spec, shard, self.root / spec.name / f"{shard}-{replica}",
+                                 ShardSettings(fsync=False))
+            self.clients[key] = EngineClient(engine, ShardId(spec.name, shard))
+        return self.clients[key]
+
+    def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None:
+        self.clients.pop((spec.name, shard, replica), None)
+
+    def open_vectorizer(self, spec: VectorizerSpec) -> Any:
+        raise AssertionError("no vectorizer in these tests")
+
+
+SPEC = {"name": "Docs", "properties": [{"name": "text", "data_type": "text"},
+                                       {"name": "n", "data_type": "int"}],
+        "vectors": [{"name": "mv", "dim": 8, "metric": "dot"}], "shard_count": 3}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Coordinator:
+    placement = EnginePlacement(tmp_path)
+    coord = Coordinator(MemoryStore(), placement, Settings(data_dir=tmp_path))
+    coord.placement = placement  # type: ignore[attr-defined]
+    return coord
+
+
+def load(coord: Coordinator, n: int = 60, seed: int = 0) -> tuple[list[str], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    run(coord.create_collection(SPEC))
+    ids = [str(uuid.UUID(int=int(rng.integers(1 << 62)) << 64 | i)) for i in range(n)]
+    mats = [rng.normal(size=(int(rng.integers(2, 7)), 8)).astype(np.float32) for _ in ids]
+    words = ["alpha", "beta", "gamma", "delta"]
+    objs = [ObjectInput(i, {"text": f"{words[k % 4]} item {k}", "n": k}, {"mv": m})
+            for k, (i, m) in enumerate(zip(ids, mats, strict=True))]
+    results = run(coord.upsert("Docs", objs))
+    assert all(r.ok for r in results)
+    return ids, mats
+
+
+def exact(q: np.ndarray, ids: list[str], mats: list[np.ndarray]) -> list[str]:
+    scores = [float((q @ m.T).max(1).sum()) for m in mats]
+    return [ids[i] for i in sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))]
+
+
+def test_writes_are_routed_by_uuid_hash(coordinator: Coordinator) -> None:
+    ids, _ = load(coordinator)
+    placement = coordinator.placement  # type: ignore[attr-defined]
+    for s in range(3):
+        engine = placement.clients[("Docs", s, 0)].engine
+        mine = {i for i in ids if shard_for_uuid(i, 3) == s}
+        assert {o.uuid for o in engine.list_objects(None, 1000)} == mine
+
+
+def test_query_merges_shards_and_applies_offset_once(coordinator: Coordinator) -> None:
+    ids, mats = load(coordinator)
+    q = np.random.default_rng(3).normal(size=(3, 8)).astype(np.float32)
+    truth = exact(q, ids, mats)
+    for offset, limit in [(0, 10), (5, 5), (17, 20)]:
+        res = run(coordinator.query(QueryRequest("Docs", near_vector=q, limit=limit,
+                                                 offset=offset, return_metadata=("score",))))
+        assert [o.uuid for o in res.objects] == truth[offset : offset + limit]
+
+
+def test_bm25_and_hybrid_alpha_extremes(coordinator: Coordinator) -> None:
+    from cluster.query import Bm25Query, HybridQuery
+
+    ids, mats = load(coordinator)
+    bm = run(coordinator.query(QueryRequest("Docs", bm25=Bm25Query("gamma"), limit=20)))
+    assert len(bm.objects) == 15 and all("gamma" in o.properties["text"] for o in bm.objects)
+    q = mats[4][:2]
+    h0 = run(coordinator.query(QueryRequest(
+        "Docs", hybrid=HybridQuery("gamma", alpha=0.0, vector=q), limit=10)))
+    assert [o.uuid for o in h0.objects] == [o.uuid for o in bm.objects[:10]]
+    h1 = run(coordinator.query(QueryRequest(
+        "Docs", hybrid=HybridQuery("gamma", alpha=1.0, vector=q), limit=10)))
+    assert [o.uuid for o in h1.objects] == exact(q, ids, mats)[:10]
+
+
+def test_filters_reach_the_shards(coordinator: Coordinator) -> None:
+    ids, mats = load(coordinator)
+    q = mats[0][:1]
+    flt = {"path": "n", "operator": "greater_than_equal", "value": 55}
+    res = run(coordinator.query(QueryRequest("Docs", near_vector=q, filters=flt, limit=10)))
+    assert sorted(o.properties["n"] for o in res.objects) == [55, 56, 57, 58, 59]
+    with pytest.raises(NotFound):
+        run(coordinator.query(QueryRequest("Docs", near_vector=q, limit=3,
+                                           filters={"path": "nope", "operator": "equal",
+                                                    "value": 1})))
+
+
+def test_unavailable_shard_fails_or_gives_partial_results(coordinator: Coordinator) -> None:
+    load(coordinator)
+    coordinator.placement.clients[("Docs", 1, 0)].down = True  # type: ignore[attr-defined]
+    q = np.ones((1, 8), dtype=np.float32)
+    with pytest.raises(Unavailable, match="Docs:1"):
+        run(coordinator.query(QueryRequest("Docs", near_vector=q, limit=5)))
+    res = run(coordinator.query(QueryRequest("Docs", near_vector=q, limit=5, partial=True)))
+    assert res.missing_shards == (1,) and len(res.objects) == 5
+
+
+def test_schema_errors(coordinator: Coordinator) -> None:
+    load(coordinator)
+    with pytest.raises(AlreadyExists):
+        run(coordinator.create_collection(SPEC))
+    with pytest.raises(NotFound):
+        run(coordinator.query(QueryRequest("Nope", near_vector=np.ones((1, 8)))))
+    with pytest.raises(InvalidInput):
+        run(coordinator.query(QueryRequest("Docs", near_vector=np.ones((1, 8)), limit=0)))
+    with pytest.raises(InvalidInput, match="exactly one"):
+        run(coordinator.query(QueryRequest("Docs")))
+    run(coordinator.delete_collection("Docs"))
+    with pytest.raises(NotFound):
+        coordinator.spec("Docs")
