@@ -72,7 +72,14 @@ async def call_remote(ref: Any, timeout_s: float, what: str, details: dict[str, 
 
 
 class RayShardClient:
-    """A ShardClient over a ShardActor handle."""
+    """A ShardClient over a ShardActor handle.
+
+    A call that finds the actor dead or restarting (its worker was killed; Ray restarts it and
+    it recovers from disk) is re-issued with backoff while the deadline allows. Every shard verb
+    is idempotent (upserts carry their uuids), so a retried write cannot duplicate anything.
+    """
+
+    RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
     def __init__(self, handle: Any, shard_id: ShardId) -> None:
         self._handle = handle
@@ -80,51 +87,60 @@ class RayShardClient:
         self._what = f"shard {shard_id}"
         self._details: dict[str, Any] = {"shard": str(shard_id)}
 
-    async def _call(self, ref: Any, timeout_s: float) -> Any:
-        return await call_remote(ref, timeout_s, self._what, dict(self._details))
+    async def _call(self, method: str, timeout_s: float, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for attempt in range(len(self.RETRY_BACKOFF_S) + 1):
+            ref = getattr(self._handle, method).remote(*args)
+            try:
+                return await call_remote(ref, max(0.001, deadline - loop.time()), self._what,
+                                         dict(self._details))
+            except Unavailable:
+                if attempt == len(self.RETRY_BACKOFF_S):
+                    raise
+                pause = self.RETRY_BACKOFF_S[attempt]
+                if loop.time() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
 
     async def ready(self, timeout_s: float) -> Mapping[str, Any]:
-        result: Mapping[str, Any] = await self._call(self._handle.ready.remote(), timeout_s)
+        result: Mapping[str, Any] = await self._call("ready", timeout_s)
         return result
 
     async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]:
-        result: list[WriteResult] = await self._call(self._handle.upsert.remote(batch), timeout_s)
+        result: list[WriteResult] = await self._call("upsert", timeout_s, batch)
         return result
 
     async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]:
-        result: list[bool] = await self._call(self._handle.delete.remote(list(uuids)), timeout_s)
+        result: list[bool] = await self._call("delete", timeout_s, list(uuids))
         return result
 
-    async def get(self, uuid: str, include_vectors: bool, timeout_s: float) -> StoredObject | None:
-        result: StoredObject | None = await self._call(
-            self._handle.get.remote(uuid, include_vectors), timeout_s
-        )
+    async def get(self, uuid: str, include_vectors: bool, timeout_s: float
+                  ) -> StoredObject | None:
+        result: StoredObject | None = await self._call("get", timeout_s, uuid, include_vectors)
         return result
 
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await self._call(self._handle.search.remote(req), timeout_s)
+        result: ShardSearchResult = await self._call("search", timeout_s, req)
         return result
 
     async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await self._call(
-            self._handle.keyword_search.remote(req), timeout_s
-        )
+        result: ShardSearchResult = await self._call("keyword_search", timeout_s, req)
         return result
 
-    async def list_objects(
-        self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
-    ) -> list[StoredObject]:
-        result: list[StoredObject] = await self._call(
-            self._handle.list_objects.remote(after, limit, include_vectors), timeout_s
-        )
+    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
+                           timeout_s: float) -> list[StoredObject]:
+        result: list[StoredObject] = await self._call("list_objects", timeout_s, after, limit,
+                                                      include_vectors)
         return result
 
     async def stats(self, timeout_s: float) -> ShardStats:
-        result: ShardStats = await self._call(self._handle.stats.remote(), timeout_s)
+        result: ShardStats = await self._call("stats", timeout_s)
         return result
 
     async def drop(self, timeout_s: float) -> None:
-        await self._call(self._handle.drop.remote(), timeout_s)
+        await self._call("drop", timeout_s)
 
 
 async def gather_shards(
