@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cluster.etcd_store import EtcdStore
-
 from cluster.query import QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec
@@ -71,6 +70,10 @@ class CoordinatorActor:
     async def upsert(self, collection: str, objects: Sequence[ObjectInput],
                      api_keys: Mapping[str, str] | None = None) -> list[WriteResult]:
         return await (await self._core()).upsert(collection, objects, api_keys)
+
+    async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
+                           dry_run: bool) -> dict[str, Any]:
+        return await (await self._core()).delete_where(collection, raw_filter, dry_run)
 
     async def get_object(self, collection: str, uuid: str, include_vector: bool
                          ) -> StoredObject:

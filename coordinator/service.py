@@ -29,6 +29,7 @@ from coordinator.vectorize import VectorizerClient, Vectorizers
 
 log = logging.getLogger(__name__)
 HYBRID_MIN_CANDIDATES = 100
+DELETE_PAGE = 1000
 
 
 class ClusterStore(Protocol):
@@ -223,6 +224,30 @@ class Coordinator:
         outcomes = await asyncio.gather(
             *(c.delete([oid], self._settings.write_timeout_s) for c in replicas))
         return any(o[0] for o in outcomes)
+
+    async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
+                           dry_run: bool = False) -> dict[str, Any]:
+        """Delete every object matching a filter. Each shard is paged through by id and the
+        filter is evaluated on the properties, so the cost is one pass over the collection."""
+        spec = self.spec(collection)
+        filt = self._parse_filter(spec, raw_filter)
+        timeout_s = self._settings.write_timeout_s
+        matched = deleted = 0
+        for s, replicas in enumerate(self._shards[collection]):
+            after: str | None = None
+            while True:
+                page = await replicas[0].list_objects(after, DELETE_PAGE, False, timeout_s)
+                ids = [o.uuid for o in page if filt.matches(o.properties)]
+                matched += len(ids)
+                if ids and not dry_run:
+                    outcomes = await asyncio.gather(*(c.delete(ids, timeout_s)
+                                                      for c in replicas))
+                    deleted += sum(outcomes[0])
+                if len(page) < DELETE_PAGE:
+                    break
+                after = page[-1].uuid
+            log.info("delete_where %s shard %d: %d matched", collection, s, matched)
+        return {"matched": matched, "deleted": deleted, "dry_run": dry_run}
 
     # ---- reads -----------------------------------------------------------------------------
 

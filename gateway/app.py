@@ -275,6 +275,15 @@ def create_app(backend: Backend, settings: Settings) -> FastAPI:
                                      timeout_s=settings.write_timeout_s)
         return JSONResponse(batch_out(results))
 
+    @app.post("/v1/collections/{name}/objects/delete", tags=["objects"],
+              response_model=wire.DeleteManyOut)
+    async def delete_many(name: str, body: wire.DeleteManyIn) -> dict[str, Any]:
+        """Delete by filter (``dry_run`` counts the matches without deleting)."""
+        out: dict[str, Any] = await backend.call("delete_where", name, body.filters,
+                                                 body.dry_run,
+                                                 timeout_s=settings.write_timeout_s)
+        return out
+
     @app.get("/v1/collections/{name}/objects", tags=["objects"], response_model=wire.ObjectPage)
     async def list_objects(name: str, limit: int = Query(100, ge=1, le=10_000),
                            after: str | None = None, include_vector: bool = False

@@ -218,6 +218,13 @@ class _Data:
 
         return self.insert_arrow(pq.read_table(path), batch_rows=batch_rows, progress=progress)
 
+    def delete_many(self, where: Mapping[str, Any], *, dry_run: bool = False
+                    ) -> dict[str, Any]:
+        out: dict[str, Any] = self._http.request(
+            "POST", f"/v1/collections/{self._name}/objects/delete",
+            json={"filters": dict(where), "dry_run": dry_run})
+        return out
+
     def delete_by_id(self, uuid: str) -> None:
         self._http.request("DELETE", f"/v1/collections/{self._name}/objects/{uuid}")
 

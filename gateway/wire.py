@@ -71,6 +71,17 @@ class BatchIn(Strict):
     objects: list[ObjectIn]
 
 
+class DeleteManyIn(Strict):
+    filters: dict[str, Any]
+    dry_run: bool = False
+
+
+class DeleteManyOut(BaseModel):
+    matched: int
+    deleted: int
+    dry_run: bool
+
+
 class ObjectResult(BaseModel):
     id: str
     status: Literal["SUCCESS", "FAILED"]

@@ -51,7 +51,7 @@ def texts_of(res: Any) -> list[str]:
 
 
 def test_vectorized_import_and_shape(demo: Any) -> None:
-    client, col, texts = demo
+    _client, col, _texts = demo
     spec = col.config()
     assert spec["vectors"][0]["dim"] == 384  # filled in from the model at create time
     obj = col.query.fetch_objects(limit=1, include_vector=True)[0]
@@ -91,7 +91,7 @@ def test_bm25_and_hybrid_extremes(demo: Any) -> None:
 
 
 def test_manual_multi_vector_search(demo: Any) -> None:
-    _, col, texts = demo
+    _, col, _texts = demo
     cat = next(o for o in col.query.bm25("cat purrs", limit=1).objects)
     stored = col.query.fetch_object_by_id(cat.uuid, include_vector=True)
     query = np.asarray(stored.vector["multi_vector"])[:4]

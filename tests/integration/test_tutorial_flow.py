@@ -117,6 +117,17 @@ def test_tutorial_flow(colshard_server: Server) -> None:
         res = col.query.near_vector(query, target_vector="multi_vector", limit=3)
         assert res.objects[0].uuid == exact[1][1]
 
+        # Delete by filter: dry run counts, the real run deletes exactly the matches.
+        flt = {"path": "rank", "operator": "less_than", "value": 50}
+        expected = sum(1 for o in objects
+                       if o["properties"]["rank"] < 50 and o["id"] != exact[0][1])
+        assert col.data.delete_many(flt, dry_run=True)["matched"] == expected
+        assert col.data.delete_many(flt)["deleted"] == expected
+        assert len(col.query.fetch_objects(limit=1000)) == 299 - expected
+        bad = httpx.post(f"{colshard_server.url}/v1/collections/DemoCollection/objects/delete",
+                         json={"filters": {"path": "rank", "operator": "bogus", "value": 1}})
+        assert bad.status_code == 422
+
         client.collections.delete("DemoCollection")
         assert etcd_spec(colshard_server, "DemoCollection") is None
         assert not client.collections.exists("DemoCollection")

@@ -195,7 +195,7 @@ def test_bm25_and_hybrid_alpha_extremes(coordinator: Coordinator) -> None:
 
 
 def test_filters_reach_the_shards(coordinator: Coordinator) -> None:
-    ids, mats = load(coordinator)
+    _ids, mats = load(coordinator)
     q = mats[0][:1]
     flt = {"path": "n", "operator": "greater_than_equal", "value": 55}
     res = run(coordinator.query(QueryRequest("Docs", near_vector=q, filters=flt, limit=10)))
@@ -229,3 +229,14 @@ def test_schema_errors(coordinator: Coordinator) -> None:
     run(coordinator.delete_collection("Docs"))
     with pytest.raises(NotFound):
         coordinator.spec("Docs")
+
+
+def test_delete_where(coordinator: Coordinator) -> None:
+    _ids, _ = load(coordinator)
+    flt = {"path": "text", "operator": "like", "value": "alpha*"}
+    dry = run(coordinator.delete_where("Docs", flt, dry_run=True))
+    assert dry == {"matched": 15, "deleted": 0, "dry_run": True}
+    out = run(coordinator.delete_where("Docs", flt))
+    assert out["deleted"] == 15
+    left = run(coordinator.list_objects("Docs", None, 1000, False))
+    assert len(left) == 45 and not any(o.properties["text"].startswith("alpha") for o in left)
