@@ -8,6 +8,9 @@ name. Its methods are the coordinator's verbs; errors cross back to gateways as 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +24,9 @@ from coordinator.placement import RayPlacement
 from coordinator.service import Coordinator
 
 
+MEMBER_TTL_S = 10
+
+
 def ray_namespace(cluster_name: str) -> str:
     return f"colshard-{cluster_name}"
 
@@ -30,6 +36,7 @@ class CoordinatorActor:
         self._settings = settings
         self._coordinator: Coordinator | None = None
         self._store: EtcdStore | None = None
+        self._member: Any = None
         self._start_lock = asyncio.Lock()
 
     async def _core(self) -> Coordinator:
@@ -45,8 +52,18 @@ class CoordinatorActor:
                                      self._settings.data_dir, self._settings.shard)
             coordinator = Coordinator(store, placement, self._settings)
             await coordinator.start()
+            # This node's membership, bound to a lease: it disappears when the node dies.
+            self._member = await store.register_member(*self._member_info(), ttl_s=MEMBER_TTL_S)
             self._store, self._coordinator = store, coordinator
             return coordinator
+
+    @staticmethod
+    def _member_info() -> tuple[str, dict[str, Any]]:
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        return node_id, {"host": socket.gethostname(), "pid": os.getpid(),
+                         "roles": ["coordinator"], "started": time.time()}
 
     async def start(self) -> bool:
         await self._core()

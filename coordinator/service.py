@@ -43,6 +43,7 @@ class ClusterStore(Protocol):
                             info: Mapping[str, Any]) -> None: ...
     async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]: ...
     async def ping(self) -> bool: ...
+    async def list_members(self) -> dict[str, dict[str, Any]]: ...
 
 
 class Placement(Protocol):
@@ -423,7 +424,7 @@ class Coordinator:
                 "placements": [{"shard": s, "replica": r, **info}
                                for (s, r), info in sorted(placements.items())],
             }
-        return {"collections": collections}
+        return {"members": await self._store.list_members(), "collections": collections}
 
     async def readiness(self) -> dict[str, Any]:
         """etcd reachable and every shard of every collection answers."""

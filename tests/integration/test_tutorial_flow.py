@@ -70,6 +70,13 @@ def test_tutorial_flow(colshard_server: Server) -> None:
                  if a["namespace"] == ray_namespace(colshard_server.settings.cluster_name)}
         assert {"colshard:DemoCollection:0", "colshard:DemoCollection:1"} <= names
 
+        cluster = client.cluster()
+        assert len(cluster["members"]) == 1  # this node, registered under a lease
+        placements = cluster["collections"]["DemoCollection"]["placements"]
+        assert [p["actor"] for p in placements] == ["colshard:DemoCollection:0",
+                                                    "colshard:DemoCollection:1"]
+        assert all(p["node_id"] in cluster["members"] for p in placements)
+
         objects = make_objects(rng, 300)
         result = col.data.insert_many(objects, batch_size=64)
         assert (result.n_ok, result.n_failed) == (300, 0)

@@ -54,6 +54,9 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
+    async def list_members(self) -> dict[str, dict[str, Any]]:
+        return {"node-1": {"roles": ["coordinator"]}}
+
 
 class EngineClient:
     """ShardClient over an in-process engine; ``down`` simulates a dead replica."""
@@ -240,3 +243,12 @@ def test_delete_where(coordinator: Coordinator) -> None:
     assert out["deleted"] == 15
     left = run(coordinator.list_objects("Docs", None, 1000, False))
     assert len(left) == 45 and not any(o.properties["text"].startswith("alpha") for o in left)
+
+
+def test_cluster_info_lists_members_and_placements(coordinator: Coordinator) -> None:
+    load(coordinator)
+    info = run(coordinator.cluster_info())
+    assert info["members"] == {"node-1": {"roles": ["coordinator"]}}
+    placements = info["collections"]["Docs"]["placements"]
+    assert [(p["shard"], p["replica"], p["state"]) for p in placements] == [
+        (0, 0, "ready"), (1, 0, "ready"), (2, 0, "ready")]
