@@ -23,7 +23,6 @@ from cluster.validation import ObjectInput
 from coordinator.placement import RayPlacement
 from coordinator.service import Coordinator
 
-
 MEMBER_TTL_S = 10
 
 
