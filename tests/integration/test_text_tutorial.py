@@ -108,3 +108,21 @@ def test_filters_on_text_queries(demo: Any) -> None:
     assert res.objects and all(o.properties["idx"] < 6 for o in res.objects)
     res = col.query.near_text("a nice cat", limit=5, filters=flt)
     assert len(res.objects) == 5 and all(o.properties["idx"] < 6 for o in res.objects)
+
+
+def test_examples_tutorial_runs_verbatim(colshard_server: Server) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "COLSHARD_URL": colshard_server.url,
+           "COLSHARD_TUTORIAL_COLLECTION": "TutorialExample"}
+    out = subprocess.run([sys.executable, str(root / "examples" / "tutorial.py")], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "imported 5 objects, 0 failed" in out.stdout
+    assert "This embedding's shape is (" in out.stdout and ", 384)" in out.stdout
+    assert out.stdout.split("near_text: ")[1].startswith("A very nice cat")
+    assert "near_vector: ['A very nice cat'" in out.stdout
