@@ -305,8 +305,7 @@ def create_app(backend: Backend, settings: Settings) -> FastAPI:
              response_model=wire.ObjectResult)
     async def replace_object(name: str, object_id: str, body: wire.ObjectIn,
                              request: Request) -> JSONResponse:
-        if body.id is not None and body.id.lower() != object_id.lower():
-            raise InvalidInput("the body's id differs from the path's id")
+        _check_body_id(body, object_id)
         body = body.model_copy(update={"id": object_id})
         results = await backend.call("upsert", name, to_inputs([body]), api_keys_from(request),
                                      timeout_s=settings.write_timeout_s)
@@ -316,8 +315,7 @@ def create_app(backend: Backend, settings: Settings) -> FastAPI:
                response_model=wire.ObjectResult)
     async def patch_object(name: str, object_id: str, body: wire.ObjectIn,
                            request: Request) -> JSONResponse:
-        if body.id is not None and body.id.lower() != object_id.lower():
-            raise InvalidInput("the body's id differs from the path's id")
+        _check_body_id(body, object_id)
         current: StoredObject = await backend.call("get_object", name, object_id, True)
         merged_vectors = {k: v for k, v in (current.vectors or {}).items() if len(v)}
         merged_vectors.update({k: _to_array(v, f"vectors.{k}") for k, v in body.vectors.items()})
@@ -370,6 +368,12 @@ def create_app(backend: Backend, settings: Settings) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     return app
+
+
+def _check_body_id(body: wire.ObjectIn, object_id: str) -> None:
+    if body.id is not None and body.id.lower() != object_id.lower():
+        raise InvalidInput("the body's id differs from the path's id",
+                           {"id": body.id, "path_id": object_id})
 
 
 def _single_write(result: WriteResult) -> JSONResponse:

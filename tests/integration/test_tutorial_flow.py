@@ -117,6 +117,25 @@ def test_tutorial_flow(colshard_server: Server) -> None:
             after = batch[-1].uuid
         assert sorted(seen) == sorted(docs) and len(seen) == len(set(seen))
 
+        # PUT replaces the whole object; PATCH merges properties and keeps unnamed vectors.
+        target = objects[1]
+        new_vec = rng.normal(size=(3, DIM)).astype(np.float32)
+        col.data.replace(target["id"], {"text": "replaced"}, {"multi_vector": new_vec})
+        got = col.query.fetch_object_by_id(target["id"], include_vector=True)
+        assert got.properties == {"text": "replaced"}
+        assert np.allclose(got.vector["multi_vector"], unit(new_vec), atol=1e-6)
+        col.data.update(target["id"], {"rank": 7})
+        got = col.query.fetch_object_by_id(target["id"], include_vector=True)
+        assert got.properties == {"text": "replaced", "rank": 7}
+        assert np.allclose(got.vector["multi_vector"], unit(new_vec), atol=1e-6)
+        with pytest.raises(InvalidInput):
+            col.data.update(target["id"], {"rank": "seven"})
+        assert col.query.fetch_object_by_id(target["id"]).properties["rank"] == 7
+        docs[target["id"]] = unit(new_vec)
+        objects[1] = {**target, "properties": {"text": "replaced", "rank": 7}}
+        exact = sorted(((maxsim(unit(query), m), i) for i, m in docs.items()),
+                       key=lambda t: (-t[0], t[1]))
+
         # Delete one object; it is gone from get and search.
         col.data.delete_by_id(exact[0][1])
         with pytest.raises(NotFound):
