@@ -1,0 +1,639 @@
+"""ShardEngine: one shard's data and search, plain Python (the Ray ``ShardActor`` is a thin shell).
+
+Storage is LSM-style under ``data_dir``::
+
+    manifest.json          sealed segments, their tombstone files, the WAL generation to replay
+                           from (replaced atomically: write temp, fsync, rename, fsync dir)
+    wal/wal-<gen>.log      acknowledged writes not yet in a sealed segment (shard.wal)
+    segments/seg-<id>/     immutable Arrow IPC segments + ScaNN indexes (shard.segment)
+    bm25/                  tantivy BM25 over the searchable text properties (shard.keyword)
+
+Life of a write::
+
+    upsert ──> WAL append + fsync ──> growing segment (memory, exact search) ──ack
+                                          │ maintenance(): tokens >= seal_threshold_tokens
+                                          v
+           frozen (still searched) ──write+fsync+rename──> sealed (mmap) ──> manifest ──> old
+                                                              │                WAL removed
+                                     maintenance(): build ScaNN index (>= brute_force_max_tokens)
+                                     maintenance(): compact small / tombstone-heavy segments
+
+Locks (always taken in this order): ``_maint_lock`` serialises maintenance units (seal, index
+build, compaction, manifest writes); ``_write_lock`` serialises writers so WAL order is apply
+order (the fsync happens here, outside the state lock); ``_state_lock`` guards the in-memory
+state and is held only for short swaps and snapshots. Heavy work (segment files, ScaNN builds,
+compaction) runs outside ``_write_lock`` and ``_state_lock``; searches take a snapshot of segment
+views under ``_state_lock`` and score outside it, so queries and writes never wait for a build.
+
+Recovery: load the manifest's segments and tombstones, then replay every WAL generation from the
+manifest's one. Replay is last-writer-wins per uuid, so it is correct even when the persisted
+tombstones already reflect some of the replayed operations.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.errors import Unavailable
+from cluster.settings import ShardSettings
+from cluster.spec import CollectionSpec, NamedVectorSpec
+from cluster.types import (
+    F32,
+    Hit,
+    KeywordSearch,
+    ObjectBatch,
+    ShardSearchResult,
+    ShardStats,
+    StoredObject,
+    VectorSearch,
+    WriteResult,
+)
+from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, write_atomic
+from shard.index import ScannTokenIndex
+from shard.keyword import KeywordIndex, searchable_fields
+from shard.maxsim import maxsim_explain
+from shard.search import search_segments
+from shard.segment import (
+    Bools,
+    GrowingSegment,
+    SealedSegment,
+    Segment,
+    SegmentView,
+    gather_live,
+    write_segment,
+)
+from shard.wal import WriteAheadLog
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Checkpoint (seal, even if small) once the WAL holds this much, e.g. after many deletes.
+WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
+# Rewrite a sealed segment whose share of tombstoned objects reaches this.
+COMPACT_DEAD_FRACTION = 0.3
+BACKGROUND_INTERVAL_S = 0.5
+
+
+class ShardEngine:
+    def __init__(self, spec: CollectionSpec, shard: int, data_dir: Path,
+                 settings: ShardSettings) -> None:
+        self.spec = spec
+        self.shard = shard
+        self.data_dir = Path(data_dir)
+        self.settings = settings
+        self._maint_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._growing = GrowingSegment(spec)
+        self._growing_gen = 0  # oldest WAL generation holding the growing segment's writes
+        self._frozen: list[tuple[GrowingSegment, int]] = []  # (segment, its WAL generation)
+        self._sealed: list[SealedSegment] = []
+        self._loc: dict[str, tuple[Segment, int]] = {}
+        self._sorted_uuids: list[str] | None = None
+        self._manifest_seq = 0
+        self._next_segment_id = 0
+        self._persisted_masks: dict[int, tuple[Any, str | None]] = {}
+        self._segments_dir = self.data_dir / "segments"
+        self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
+        self._keyword: KeywordIndex | None = None
+        self._recover()
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        self._segments_dir.mkdir(parents=True, exist_ok=True)
+        manifest: dict[str, Any] = {}
+        path = self.data_dir / MANIFEST
+        if path.exists():
+            manifest = json.loads(path.read_text())
+        self._manifest_seq = int(manifest.get("seq", 0))
+        self._next_segment_id = int(manifest.get("next_segment_id", 0))
+        wal_gen = int(manifest.get("wal_generation", 0))
+        referenced: set[str] = set()
+        for entry in manifest.get("segments", []):
+            seg = self._open_segment(int(entry["id"]), entry.get("deleted"))
+            referenced.add(seg.directory.name)
+            self._sealed.append(seg)
+        for name in os.listdir(self._segments_dir):
+            if name not in referenced:  # unfinished seal/compaction, or an already merged source
+                shutil.rmtree(self._segments_dir / name, ignore_errors=True)
+        for seg in self._sealed:
+            for row in np.flatnonzero(~seg.deleted).tolist():
+                self._place(seg.uuids[row], seg, row)
+        n_sealed = len(self._loc)
+        fields = searchable_fields(self.spec)
+        if fields:
+            kw = self._keyword = KeywordIndex(self.data_dir / "bm25", fields,
+                                              manifest.get("bm25_fields"))
+            if kw.rebuilt:
+                for seg in self._sealed:
+                    kw.upsert((seg.uuids[r], seg.properties(r))
+                              for r in np.flatnonzero(~seg.deleted).tolist())
+        n_replayed = 0
+        for record in self._wal.replay(wal_gen):
+            n_replayed += 1
+            if record.op == "upsert":
+                assert record.batch is not None
+                self._apply_upsert(record.batch)
+                self._keyword_upsert(record.batch)
+            else:
+                self._apply_delete(record.uuids)
+                if self._keyword is not None:
+                    self._keyword.delete(record.uuids)
+        if self._keyword is not None:
+            self._keyword.commit()
+        self._wal.remove_before(wal_gen)
+        self._wal.open(wal_gen)
+        self._growing_gen = wal_gen
+        logger.info("shard %s:%d opened: %d segments (%d objects), %d WAL records replayed",
+                    self.spec.name, self.shard, len(self._sealed), n_sealed, n_replayed)
+
+    def _open_segment(self, segment_id: int, deleted_file: str | None) -> SealedSegment:
+        seg = SealedSegment(segment_id, self._segment_dir(segment_id), self.spec)
+        if deleted_file:
+            bits = np.fromfile(seg.directory / deleted_file, dtype=np.uint8)
+            seg.deleted = np.unpackbits(bits, count=seg.n_objects).astype(np.bool_)
+        self._persisted_masks[segment_id] = (seg.deleted, deleted_file)
+        for entry in os.listdir(seg.directory):
+            if entry.endswith(".tmp") or (entry.startswith("deleted-") and entry != deleted_file):
+                _remove(seg.directory / entry)
+        for v in self.spec.vectors:
+            index_dir = seg.index_dir(v.name)
+            if index_dir.is_dir():
+                try:
+                    seg.indexes[v.name] = ScannTokenIndex.load(index_dir)
+                except Exception:  # a bad index is rebuilt, never fatal
+                    logger.warning("segment %s: cannot load index for %r; rebuilding",
+                                   seg.directory, v.name, exc_info=True)
+                    shutil.rmtree(index_dir, ignore_errors=True)
+        return seg
+
+    def _segment_dir(self, segment_id: int) -> Path:
+        return self._segments_dir / f"seg-{segment_id:08d}"
+
+    # ------------------------------------------------------------------ in-memory state
+    # The _apply_* / _place helpers run under _state_lock (or single-threaded in recovery).
+
+    def _place(self, uuid: str, segment: Segment, row: int) -> tuple[Segment, int] | None:
+        old = self._loc.get(uuid)
+        self._loc[uuid] = (segment, row)
+        if old is None:
+            self._sorted_uuids = None
+        return old
+
+    def _apply_upsert(self, batch: ObjectBatch) -> None:
+        base = self._growing.append(batch)
+        kills: dict[Segment, list[int]] = {}
+        for i, uuid in enumerate(batch.uuids):
+            old = self._place(uuid, self._growing, base + i)
+            if old is not None:
+                kills.setdefault(old[0], []).append(old[1])
+        for seg, rows in kills.items():
+            seg.mark_deleted(rows)
+
+    def _apply_delete(self, uuids: Sequence[str]) -> list[bool]:
+        kills: dict[Segment, list[int]] = {}
+        existed = []
+        for uuid in uuids:
+            old = self._loc.pop(uuid, None)
+            existed.append(old is not None)
+            if old is not None:
+                kills.setdefault(old[0], []).append(old[1])
+        if kills:
+            self._sorted_uuids = None
+        for seg, rows in kills.items():
+            seg.mark_deleted(rows)
+        return existed
+
+    def _keyword_upsert(self, batch: ObjectBatch) -> None:
+        if self._keyword is not None:
+            self._keyword.upsert(zip(batch.uuids, batch.properties, strict=True))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"shard {self.spec.name}:{self.shard} is closed",
+                              {"collection": self.spec.name, "shard": self.shard})
+
+    # ------------------------------------------------------------------ writes
+
+    def upsert(self, batch: ObjectBatch) -> list[WriteResult]:
+        if len(batch) == 0:
+            return []
+        with self._write_lock:
+            self._check_open()
+            self._wal.append_upsert(batch)
+            with self._state_lock:
+                self._apply_upsert(batch)
+                seal_due = self._growing.n_tokens() >= self.settings.seal_threshold_tokens
+            self._keyword_upsert(batch)
+        if seal_due:
+            self._wake.set()
+        return [WriteResult(uuid, True) for uuid in batch.uuids]
+
+    def delete(self, uuids: Sequence[str]) -> list[bool]:
+        with self._write_lock:
+            self._check_open()
+            present = [u for u in dict.fromkeys(uuids) if u in self._loc]
+            if present:  # only writers change the key set, and we are the writer
+                self._wal.append_delete(present)
+            with self._state_lock:
+                existed = self._apply_delete(uuids)
+            if self._keyword is not None:
+                self._keyword.delete(present)
+            return existed
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, uuid: str, include_vectors: bool = False) -> StoredObject | None:
+        self._check_open()
+        with self._state_lock:
+            loc = self._loc.get(uuid)
+        if loc is None:
+            return None
+        return self._stored(uuid, loc[0], loc[1], include_vectors)
+
+    def _stored(self, uuid: str, seg: Segment, row: int, include_vectors: bool) -> StoredObject:
+        vectors = _present_vectors(seg.vectors_of(row)) if include_vectors else None
+        return StoredObject(uuid, dict(seg.properties(row)), vectors)
+
+    def list_objects(self, after: str | None, limit: int,
+                     include_vectors: bool = False) -> list[StoredObject]:
+        self._check_open()
+        with self._state_lock:
+            if self._sorted_uuids is None:
+                self._sorted_uuids = sorted(self._loc)
+            keys = self._sorted_uuids
+            start = 0 if after is None else bisect.bisect_right(keys, after)
+            page = [(u, self._loc[u]) for u in keys[start : start + max(0, limit)]]
+        return [self._stored(u, seg, row, include_vectors) for u, (seg, row) in page]
+
+    def count(self) -> int:
+        return len(self._loc)
+
+    def search(self, req: VectorSearch) -> ShardSearchResult:
+        self._check_open()
+        vspec = self.spec.vector(req.target_vector)
+        query = np.ascontiguousarray(req.query, dtype=np.float32)
+        assert query.ndim == 2 and query.shape[1] == vspec.dim, "query shape"
+        with self._state_lock:
+            views = [s.view() for s in self._sealed]
+            views += [f.view() for f, _ in self._frozen]
+            views.append(self._growing.view())
+            n_live = len(self._loc)
+        if vspec.index.kind == "flat":  # exact search requested for this vector
+            views = [_without_index(v) for v in views]
+        k_prime = int(vspec.index.options.get("candidates_per_token",
+                                              self.settings.candidates_per_token))
+        allowed = [None if req.filter is None
+                   else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
+        found: list[tuple[float, str, Segment, int]] = []
+        n_candidates = 0
+        for hits in search_segments(views, vspec.name, query, req.k, allowed=allowed,
+                                    k_prime=k_prime):
+            n_candidates += hits.n_candidates
+            seg = hits.view.segment
+            found.extend((float(s), seg.uuids[r], seg, r)
+                         for r, s in zip(hits.rows.tolist(), hits.scores.tolist(), strict=True))
+        found.sort(key=lambda t: (-t[0], t[1]))
+        hits_out = tuple(self._hit(req, vspec, query, *f) for f in found[: max(0, req.k)])
+        return ShardSearchResult(self.shard, hits_out, n_candidates, n_live)
+
+    def keyword_search(self, req: KeywordSearch) -> ShardSearchResult:
+        """BM25 top ``req.k`` over the searchable text properties (ties: uuid asc)."""
+        self._check_open()
+        n_live = len(self._loc)
+        if self._keyword is None:
+            return ShardSearchResult(self.shard, (), 0, n_live)
+        flt = req.filter
+
+        def allow(uuid: str) -> bool:
+            loc = self._loc.get(uuid)  # BM25 may briefly know an object the engine dropped
+            return loc is not None and (flt is None or bool(flt.matches(
+                loc[0].properties(loc[1]))))
+
+        ranked = self._keyword.search(req.query, req.k, req.properties, allow)
+        hits = []
+        for uuid, score in ranked:
+            loc = self._loc.get(uuid)
+            if loc is None:  # deleted meanwhile
+                continue
+            seg, row = loc
+            props = seg.properties(row)
+            if req.return_properties is not None:
+                props = {k: props[k] for k in req.return_properties if k in props}
+            vectors = _present_vectors(seg.vectors_of(row)) if req.include_vectors else None
+            hits.append(Hit(uuid, score, dict(props), vectors))
+        return ShardSearchResult(self.shard, tuple(hits), len(ranked), n_live)
+
+    def _hit(self, req: VectorSearch, vspec: NamedVectorSpec, query: F32, score: float,
+             uuid: str, seg: Segment, row: int) -> Hit:
+        props = seg.properties(row)
+        if req.return_properties is not None:
+            props = {k: props[k] for k in req.return_properties if k in props}
+        vectors = seg.vectors_of(row) if (req.include_vectors or req.explain) else {}
+        explain = None
+        if req.explain:
+            explain = {"tokens": maxsim_explain(query, vectors[vspec.name])}
+        return Hit(uuid, score, dict(props),
+                   _present_vectors(vectors) if req.include_vectors else None, explain)
+
+    def stats(self) -> ShardStats:
+        with self._state_lock:
+            sealed = list(self._sealed)
+            others: list[Segment] = [f for f, _ in self._frozen]
+            if self._growing.n_objects:
+                others.append(self._growing)
+            n_objects = len(self._loc)
+        n_tokens = {v.name: sum(s.live_tokens(v.name) for s in [*sealed, *others])
+                    for v in self.spec.vectors}
+        index_state = {}
+        for v in self.spec.vectors:
+            n_index = sum(1 for s in sealed if v.name in s.indexes)
+            n_pending = sum(1 for s in sealed if self._needs_index(s, v))
+            n_exact = len(sealed) - n_index - n_pending
+            index_state[v.name] = (f"{v.index.kind if v.index.kind == 'flat' else 'scann'}: "
+                                   f"indexed={n_index} building={n_pending} exact={n_exact} "
+                                   f"growing={len(others)}")
+        return ShardStats(self.shard, n_objects, n_tokens, len(sealed) + len(others),
+                          index_state, dir_size_bytes(self.data_dir))
+
+    def index_bytes(self) -> int:
+        """Bytes of the token indexes (their serialized size; ScaNN loads the same arrays)."""
+        with self._state_lock:
+            dirs = [s.index_dir(name) for s in self._sealed for name in s.indexes]
+        return sum(dir_size_bytes(d) for d in dirs)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def maintenance(self) -> bool:
+        """One unit of background work: seal, else build one index, else compact once."""
+        with self._maint_lock:
+            if self._closed:
+                return False
+            return self._maybe_seal() or self._maybe_build_index() or self._maybe_compact()
+
+    def _maybe_seal(self) -> bool:
+        with self._write_lock, self._state_lock:
+            if not self._frozen:  # else: retry a seal that failed earlier
+                g = self._growing
+                due = (g.n_tokens() >= self.settings.seal_threshold_tokens
+                       or self._wal.size_bytes() >= WAL_CHECKPOINT_BYTES)
+                if not due or (g.n_objects == 0 and self._wal.size_bytes() == 0):
+                    return False
+                if g.n_objects:
+                    g.frozen = True
+                    self._frozen.append((g, self._growing_gen))
+                    self._growing = GrowingSegment(self.spec)
+                self._growing_gen = self._wal.rotate()
+            pending = [f for f, _ in self._frozen]
+        for frozen in pending:
+            self._seal(frozen)
+        self._checkpoint()
+        return True
+
+    def _seal(self, frozen: GrowingSegment) -> None:
+        with self._state_lock:
+            segment_id = self._new_segment_id()
+        final = self._segment_dir(segment_id)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        frozen.write(tmp, fsync=self.settings.fsync)
+        os.rename(tmp, final)
+        if self.settings.fsync:
+            fsync_dir(self._segments_dir)
+        sealed = SealedSegment(segment_id, final, self.spec)
+        with self._state_lock:
+            assert len(frozen.deleted) == sealed.n_objects
+            sealed.deleted = frozen.deleted
+            for uuid in frozen.uuids:
+                cur = self._loc.get(uuid)
+                if cur is not None and cur[0] is frozen:
+                    self._loc[uuid] = (sealed, cur[1])
+            self._sealed.append(sealed)
+            self._frozen = [(f, gen) for f, gen in self._frozen if f is not frozen]
+
+    def _new_segment_id(self) -> int:
+        segment_id = self._next_segment_id
+        self._next_segment_id += 1
+        return segment_id
+
+    def _checkpoint(self) -> None:
+        """Persist tombstones + the manifest, then drop WAL generations it covers."""
+        with self._state_lock:
+            sealed = [(s, s.deleted) for s in self._sealed]
+            wal_gen = min([gen for _, gen in self._frozen] + [self._growing_gen])
+            self._manifest_seq += 1
+            seq = self._manifest_seq
+            next_id = self._next_segment_id
+        entries = []
+        persisted: dict[int, tuple[Any, str | None]] = {}
+        for seg, mask in sealed:
+            prev = self._persisted_masks.get(seg.segment_id)
+            if prev is not None and prev[0] is mask:
+                name = prev[1]
+            elif mask.any():
+                name = f"deleted-{seq:012d}.bits"
+                write_atomic(seg.directory / name, np.packbits(mask).tobytes(),
+                             fsync=self.settings.fsync)
+            else:
+                name = None
+            persisted[seg.segment_id] = (mask, name)
+            entries.append({"id": seg.segment_id, "n_objects": seg.n_objects, "deleted": name})
+        manifest: dict[str, Any] = {
+            "format": 1, "seq": seq, "next_segment_id": next_id, "wal_generation": wal_gen,
+            "segments": entries, "spec": self.spec.to_dict(), "shard": self.shard}
+        if self._keyword is not None:
+            self._keyword.commit()  # BM25 covers everything before wal_gen (see shard.keyword)
+            manifest["bm25_fields"] = self._keyword.fields
+        write_atomic(self.data_dir / MANIFEST, json.dumps(manifest, indent=1).encode(),
+                     fsync=self.settings.fsync)
+        for seg, _ in sealed:  # old tombstone files are garbage now
+            prev = self._persisted_masks.get(seg.segment_id)
+            if prev is not None and prev[1] and prev[1] != persisted[seg.segment_id][1]:
+                _remove(seg.directory / prev[1])
+        self._persisted_masks = persisted
+        with self._write_lock:
+            self._wal.remove_before(wal_gen)
+
+    def _needs_index(self, seg: SealedSegment, v: NamedVectorSpec) -> bool:
+        return (v.index.kind != "flat" and v.name not in seg.indexes
+                and seg.n_tokens(v.name) >= max(1, self.settings.brute_force_max_tokens))
+
+    def _maybe_build_index(self) -> bool:
+        with self._state_lock:
+            todo = [(s, v) for s in self._sealed for v in self.spec.vectors
+                    if self._needs_index(s, v)]
+        if not todo:
+            return False
+        seg, v = todo[0]
+        index = self._build_index(seg, v)
+        with self._state_lock:
+            seg.indexes[v.name] = index
+        return True
+
+    def _build_index(self, seg: SealedSegment, v: NamedVectorSpec) -> ScannTokenIndex:
+        k_prime = int(v.index.options.get("candidates_per_token",
+                                          self.settings.candidates_per_token))
+        index = ScannTokenIndex.build(seg.tokens(v.name), k_prime, v.index.options)
+        final = seg.index_dir(v.name)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        index.serialize(tmp)
+        if self.settings.fsync:
+            fsync_tree(tmp)
+        os.rename(tmp, final)  # the directory's presence is the "index is complete" marker
+        if self.settings.fsync:
+            fsync_dir(seg.directory)
+        return index
+
+    def _maybe_compact(self) -> bool:
+        threshold = self.settings.seal_threshold_tokens
+        with self._state_lock:
+            sealed = list(self._sealed)
+            group: list[SealedSegment] = []
+            small = [s for s in sealed if s.total_tokens() < threshold]
+            if len(small) >= 2:
+                budget = 0
+                for s in small:
+                    if group and budget + s.total_tokens() > 4 * threshold:
+                        break
+                    group.append(s)
+                    budget += s.total_tokens()
+            if len(group) < 2:
+                group = [s for s in sealed
+                         if s.n_objects and s.n_live() <= (1 - COMPACT_DEAD_FRACTION)
+                         * s.n_objects][:1]
+            if not group:
+                return False
+            masks = [s.deleted for s in group]
+            segment_id = self._new_segment_id()
+        live_rows = [np.flatnonzero(~m).astype(np.int64) for m in masks]
+        merged = None
+        if sum(len(r) for r in live_rows):
+            merged = self._write_merged(segment_id, list(zip(group, live_rows, strict=True)))
+        with self._state_lock:
+            if merged is not None:
+                new_deleted = np.zeros(merged.n_objects, dtype=np.bool_)
+                offset = 0
+                for seg, rows in zip(group, live_rows, strict=True):
+                    # Deletes that landed while we were merging carry over.
+                    new_deleted[offset : offset + len(rows)] = seg.deleted[rows]
+                    for j, row in enumerate(rows.tolist()):
+                        uuid = seg.uuids[row]
+                        cur = self._loc.get(uuid)
+                        if cur is not None and cur[0] is seg and cur[1] == row:
+                            self._loc[uuid] = (merged, offset + j)
+                    offset += len(rows)
+                merged.deleted = new_deleted
+            first = self._sealed.index(group[0])
+            rest = [s for s in self._sealed if all(s is not g for g in group)]
+            if merged is not None:
+                rest.insert(min(first, len(rest)), merged)
+            self._sealed = rest
+        self._checkpoint()
+        for seg in group:  # open mmaps of running searches stay valid after unlink
+            shutil.rmtree(seg.directory, ignore_errors=True)
+            self._persisted_masks.pop(seg.segment_id, None)
+        return True
+
+    def _write_merged(self, segment_id: int,
+                      sources: list[tuple[SealedSegment, Any]]) -> SealedSegment:
+        final = self._segment_dir(segment_id)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        uuids, props, vectors = gather_live(sources, self.spec)
+        write_segment(tmp, self.spec, uuids, props, vectors, fsync=self.settings.fsync)
+        os.rename(tmp, final)
+        if self.settings.fsync:
+            fsync_dir(self._segments_dir)
+        merged = SealedSegment(segment_id, final, self.spec)
+        # Index before the swap, so a compacted segment is never searched exhaustively.
+        for v in self.spec.vectors:
+            if self._needs_index(merged, v):
+                merged.indexes[v.name] = self._build_index(merged, v)
+        return merged
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start_background(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._background, name=f"colshard-maint-{self.spec.name}-{self.shard}",
+            daemon=True)
+        self._thread.start()
+
+    def _background(self) -> None:
+        delay = BACKGROUND_INTERVAL_S
+        while not self._stop.is_set():
+            try:
+                did = self.maintenance()
+                delay = BACKGROUND_INTERVAL_S
+            except Exception:
+                logger.exception("shard %s:%d: maintenance failed; retrying in %.1fs",
+                                 self.spec.name, self.shard, delay)
+                did = False
+                delay = min(delay * 2, 30.0)
+            if not did:
+                self._wake.wait(delay)
+                self._wake.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._maint_lock, self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wal.close()
+            if self._keyword is not None:
+                self._keyword.close()
+
+    def drop(self) -> None:
+        self.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:
+    """Named vectors the object has (zero rows = no vector under that name)."""
+    return {name: m for name, m in vectors.items() if m.shape[0] > 0}
+
+
+def _without_index(view: SegmentView) -> SegmentView:
+    return replace(view, vectors={n: replace(v, index=None) for n, v in view.vectors.items()})
+
+
+def _allow_list(segment: Segment, n_objects: int, deleted: Bools, flt: Any) -> Bools:
+    """Rows whose properties pass the filter (tombstoned rows are never evaluated)."""
+    props = segment.all_properties()
+    allowed = np.zeros(n_objects, dtype=np.bool_)
+    for row in np.flatnonzero(~deleted).tolist():
+        allowed[row] = bool(flt.matches(props[row]))
+    return allowed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

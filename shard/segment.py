@@ -1,0 +1,348 @@
+"""Segments: the growing one (in memory, append-only) and sealed ones (immutable Arrow IPC files,
+memory-mapped), and the immutable views the search (shard.search) works on.
+
+Sealed segment directory ``seg-<id>/``::
+
+    objects.arrow       row int64, uuid string, properties large_string (JSON),
+                        "ntok:<vector>" int32 per named vector (rows of that object)
+    vec-<vector>.arrow  row int32 (owning object, = token→doc map), vector FixedSizeList<float32|
+                        float16, dim>; object i's tokens are contiguous, in object order
+    index-<vector>/     ScaNN searcher (built in the background; absent below the brute-force
+                        threshold or until built)
+    deleted-<n>.bits    tombstones (np.packbits), named by the manifest that references them
+
+A segment's data never changes once written; only its tombstone mask does, copy-on-write: a write
+batch replaces the mask array, so a search holding the old array sees a consistent snapshot
+without copying.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from cluster.spec import CollectionSpec
+from cluster.types import ObjectBatch
+from shard.codec import decode_properties, encode_properties, fsync_tree
+from shard.index import ScannTokenIndex
+from shard.maxsim import Tokens, gather
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
+def _np_dtype(spec_dtype: str) -> type[np.floating[Any]]:
+    return np.float16 if spec_dtype == "float16" else np.float32
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class VectorView:
+    tokens: Tokens  # (n_rows, dim) in storage dtype
+    offsets: I64  # (n_objects + 1,)
+    tok2doc: npt.NDArray[np.integer[Any]] | None  # (n_rows,), only where an index exists
+    index: ScannTokenIndex | None
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    """An immutable snapshot of one segment, taken under the engine lock, searched outside it."""
+
+    segment: Segment
+    n_objects: int
+    deleted: Bools  # (n_objects,)
+    vectors: Mapping[str, VectorView]
+
+
+# --------------------------------------------------------------------------- segments
+
+
+class Segment:
+    """Common read API of growing and sealed segments (row = position in the segment)."""
+
+    uuids: Sequence[str]
+    deleted: Bools
+
+    @property
+    def n_objects(self) -> int:
+        raise NotImplementedError
+
+    def properties(self, row: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def all_properties(self) -> Sequence[Mapping[str, Any]]:
+        raise NotImplementedError
+
+    def vectors_of(self, row: int) -> dict[str, F32]:
+        raise NotImplementedError
+
+    def view(self) -> SegmentView:
+        raise NotImplementedError
+
+    def mark_deleted(self, rows: Sequence[int]) -> None:
+        """Copy-on-write tombstoning (callers hold the engine lock)."""
+        mask = self.deleted.copy()
+        mask[np.asarray(rows, dtype=np.int64)] = True
+        self.deleted = mask
+
+    def n_live(self) -> int:
+        return self.n_objects - int(np.count_nonzero(self.deleted[: self.n_objects]))
+
+    def live_tokens(self, vector: str) -> int:
+        raise NotImplementedError
+
+
+class _TokenBuffer:
+    """Append-only rows + offsets with amortised doubling. Views handed out stay valid: growth
+    allocates a new array and rows below ``n_rows`` are never rewritten."""
+
+    def __init__(self, dim: int, dtype: type[np.floating[Any]]) -> None:
+        self.values: Tokens = np.zeros((256, dim), dtype=dtype)
+        self.n_rows = 0
+        self.offsets: I64 = np.zeros(65, dtype=np.int64)
+        self.n_objects = 0
+
+    def append(self, values: F32, lengths: I64) -> None:
+        n_new, r_new = len(lengths), int(values.shape[0])
+        if self.n_rows + r_new > len(self.values):
+            cap = max(2 * len(self.values), self.n_rows + r_new)
+            grown = np.zeros((cap, self.values.shape[1]), dtype=self.values.dtype)
+            grown[: self.n_rows] = self.values[: self.n_rows]
+            self.values = grown
+        if self.n_objects + n_new + 1 > len(self.offsets):
+            cap = max(2 * len(self.offsets), self.n_objects + n_new + 1)
+            grown_o = np.zeros(cap, dtype=np.int64)
+            grown_o[: self.n_objects + 1] = self.offsets[: self.n_objects + 1]
+            self.offsets = grown_o
+        self.values[self.n_rows : self.n_rows + r_new] = values
+        ends = self.n_rows + np.cumsum(lengths)
+        self.offsets[self.n_objects + 1 : self.n_objects + 1 + n_new] = ends
+        self.n_rows += r_new
+        self.n_objects += n_new
+
+    def rows(self, i: int) -> Tokens:
+        return self.values[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+
+class GrowingSegment(Segment):
+    """Recent writes, in memory (and in the WAL). Searched exactly. Frozen while being sealed."""
+
+    def __init__(self, spec: CollectionSpec) -> None:
+        self.spec = spec
+        self.uuids: list[str] = []
+        self._props: list[dict[str, Any]] = []
+        self.deleted = np.zeros(0, dtype=np.bool_)
+        self._buffers = {v.name: _TokenBuffer(v.dim, _np_dtype(v.dtype)) for v in spec.vectors}
+        self.frozen = False
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.uuids)
+
+    def n_tokens(self) -> int:
+        return sum(b.n_rows for b in self._buffers.values())
+
+    def append(self, batch: ObjectBatch) -> int:
+        """Append a batch; returns the row of its first object."""
+        assert not self.frozen, "append to a frozen segment"
+        base = len(self.uuids)
+        n = len(batch)
+        for name, buf in self._buffers.items():
+            col = batch.vectors.get(name)
+            if col is None:
+                buf.append(np.zeros((0, buf.values.shape[1]), dtype=np.float32),
+                           np.zeros(n, dtype=np.int64))
+            else:
+                buf.append(col.values, col.lengths())
+        self._props.extend(dict(p) for p in batch.properties)
+        self.deleted = np.concatenate([self.deleted, np.zeros(n, dtype=np.bool_)])
+        self.uuids.extend(batch.uuids)  # last: readers bound by n_objects see complete rows
+        return base
+
+    def properties(self, row: int) -> dict[str, Any]:
+        return self._props[row]
+
+    def all_properties(self) -> Sequence[Mapping[str, Any]]:
+        return self._props
+
+    def vectors_of(self, row: int) -> dict[str, F32]:
+        return {name: buf.rows(row).astype(np.float32) for name, buf in self._buffers.items()}
+
+    def live_tokens(self, vector: str) -> int:
+        buf = self._buffers[vector]
+        lengths = np.diff(buf.offsets[: buf.n_objects + 1])
+        return int(lengths[~self.deleted[: buf.n_objects]].sum())
+
+    def view(self) -> SegmentView:
+        n = len(self.uuids)
+        vectors = {
+            name: VectorView(buf.values[: buf.n_rows], buf.offsets[: n + 1], None, None)
+            for name, buf in self._buffers.items()
+        }
+        return SegmentView(self, n, self.deleted[:n], vectors)
+
+    def write(self, directory: Path, *, fsync: bool) -> None:
+        """Persist as a sealed segment (callers rename ``directory`` into place afterwards)."""
+        columns = {name: (buf.values[: buf.n_rows], np.diff(buf.offsets[: buf.n_objects + 1]))
+                   for name, buf in self._buffers.items()}
+        write_segment(directory, self.spec, list(self.uuids),
+                      [encode_properties(p) for p in self._props], columns, fsync=fsync)
+
+
+def write_segment(directory: Path, spec: CollectionSpec, uuids: list[str], props_json: list[str],
+                  vectors: Mapping[str, tuple[Tokens, I64]], *, fsync: bool) -> None:
+    """Write the Arrow IPC files of a sealed segment into ``directory`` (created)."""
+    directory.mkdir(parents=True)
+    n = len(uuids)
+    cols: dict[str, pa.Array] = {
+        "row": pa.array(np.arange(n, dtype=np.int64)),
+        "uuid": pa.array(uuids, type=pa.string()),
+        "properties": pa.array(props_json, type=pa.large_string()),
+    }
+    for v in spec.vectors:
+        tokens, lengths = vectors[v.name]
+        cols[f"ntok:{v.name}"] = pa.array(np.asarray(lengths, dtype=np.int32))
+        flat = np.ascontiguousarray(tokens, dtype=_np_dtype(v.dtype)).reshape(-1)
+        token_table = pa.table({
+            "row": pa.array(np.repeat(np.arange(n, dtype=np.int32), lengths)),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), v.dim),
+        })
+        _write_ipc(directory / f"vec-{v.name}.arrow", token_table)
+    _write_ipc(directory / "objects.arrow", pa.table(cols))
+    if fsync:
+        fsync_tree(directory)
+
+
+def _write_ipc(path: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(1, table.num_rows))
+
+
+def _read_ipc(path: Path) -> pa.Table:
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).read_all()
+
+
+def _column_numpy(table: pa.Table, name: str) -> npt.NDArray[Any]:
+    chunked = table.column(name)
+    arr = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
+
+
+class SealedSegment(Segment):
+    """An immutable on-disk segment, memory-mapped; tombstones and indexes swap in atomically."""
+
+    def __init__(self, segment_id: int, directory: Path, spec: CollectionSpec) -> None:
+        self.segment_id = segment_id
+        self.directory = directory
+        self.spec = spec
+        objects = _read_ipc(directory / "objects.arrow")
+        self.uuids = objects.column("uuid").to_pylist()
+        self._props_json = objects.column("properties")
+        self._props_cache: list[dict[str, Any]] | None = None
+        self.deleted = np.zeros(len(self.uuids), dtype=np.bool_)
+        self._tokens: dict[str, Tokens] = {}
+        self._offsets: dict[str, I64] = {}
+        self._tok2doc: dict[str, npt.NDArray[np.int32]] = {}
+        self.indexes: dict[str, ScannTokenIndex] = {}
+        n = len(self.uuids)
+        for v in spec.vectors:
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            path = directory / f"vec-{v.name}.arrow"
+            if path.exists():  # absent: vector added after this segment was written
+                np.cumsum(_column_numpy(objects, f"ntok:{v.name}"), out=offsets[1:])
+                table = _read_ipc(path)
+                vec_chunks = table.column("vector")
+                arr = vec_chunks.chunk(0) if vec_chunks.num_chunks == 1 else \
+                    vec_chunks.combine_chunks()
+                flat = arr.flatten().to_numpy(zero_copy_only=False)  # zero-copy when possible
+                self._tokens[v.name] = flat.reshape(-1, v.dim)
+                self._tok2doc[v.name] = _column_numpy(table, "row").astype(np.int32, copy=False)
+            else:
+                self._tokens[v.name] = np.zeros((0, v.dim), dtype=_np_dtype(v.dtype))
+                self._tok2doc[v.name] = np.zeros(0, dtype=np.int32)
+            self._offsets[v.name] = offsets
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.uuids)
+
+    def n_tokens(self, vector: str) -> int:
+        return int(self._tokens[vector].shape[0])
+
+    def total_tokens(self) -> int:
+        return sum(int(t.shape[0]) for t in self._tokens.values())
+
+    def tokens(self, vector: str) -> Tokens:
+        return self._tokens[vector]
+
+    def offsets(self, vector: str) -> I64:
+        return self._offsets[vector]
+
+    def lengths(self, vector: str) -> I64:
+        return np.diff(self._offsets[vector])
+
+    def props_json(self, rows: I64) -> list[str]:
+        return [str(s) for s in self._props_json.take(pa.array(rows)).to_pylist()]
+
+    def properties(self, row: int) -> dict[str, Any]:
+        if self._props_cache is not None:
+            return self._props_cache[row]
+        return decode_properties(str(self._props_json[row].as_py()))
+
+    def all_properties(self) -> Sequence[Mapping[str, Any]]:
+        if self._props_cache is None:  # decoded once, for filters over the whole segment
+            self._props_cache = [decode_properties(s) for s in self._props_json.to_pylist()]
+        return self._props_cache
+
+    def vectors_of(self, row: int) -> dict[str, F32]:
+        return {name: tokens[int(self._offsets[name][row]) : int(self._offsets[name][row + 1])]
+                .astype(np.float32) for name, tokens in self._tokens.items()}
+
+    def live_tokens(self, vector: str) -> int:
+        return int(self.lengths(vector)[~self.deleted].sum())
+
+    def view(self) -> SegmentView:
+        vectors = {name: VectorView(self._tokens[name], self._offsets[name],
+                                    self._tok2doc[name], self.indexes.get(name))
+                   for name in self._tokens}
+        return SegmentView(self, self.n_objects, self.deleted, vectors)
+
+    def index_dir(self, vector: str) -> Path:
+        return self.directory / f"index-{vector}"
+
+
+def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSpec
+                ) -> tuple[list[str], list[str], dict[str, tuple[Tokens, I64]]]:
+    """Rows of several sealed segments, concatenated (compaction input)."""
+    uuids: list[str] = []
+    props: list[str] = []
+    parts: dict[str, list[tuple[Tokens, I64]]] = {v.name: [] for v in spec.vectors}
+    for seg, rows in sources:
+        uuids.extend(seg.uuids[int(r)] for r in rows)
+        props.extend(seg.props_json(rows))
+        for v in spec.vectors:
+            tokens, offsets = gather(seg.tokens(v.name), seg.offsets(v.name), rows)
+            parts[v.name].append((tokens, np.diff(offsets)))
+    vectors: dict[str, tuple[Tokens, I64]] = {}
+    for v in spec.vectors:
+        chunks = parts[v.name]
+        dtype = _np_dtype(v.dtype)
+        tokens_all = (np.concatenate([t for t, _ in chunks]) if chunks
+                      else np.zeros((0, v.dim), dtype=dtype))
+        lengths_all = (np.concatenate([n for _, n in chunks]) if chunks
+                       else np.zeros(0, dtype=np.int64))
+        vectors[v.name] = (tokens_all, lengths_all)
+    return uuids, props, vectors
+

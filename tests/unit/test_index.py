@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shard.index import ScannTokenIndex, choose_params
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((32, dim)).astype(np.float32)
+    x = centers[rng.integers(0, 32, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    out: np.ndarray = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def test_params_follow_segment_size() -> None:
+    small, large = choose_params(2_000), choose_params(640_000)
+    assert small.num_leaves < large.num_leaves
+    assert 1 <= small.leaves_to_search <= small.num_leaves
+    assert large.num_leaves == 800  # ≈ sqrt(n)
+    assert small.training_sample_size <= 2_000
+    assert small.reorder == "none"  # the engine re-scores documents exactly itself
+    assert large.dims_per_block == 4 and choose_params(2_000, dim=16).dims_per_block == 2
+    custom = choose_params(10_000, {"num_leaves": 50, "leaves_to_search": 7})
+    assert (custom.num_leaves, custom.leaves_to_search) == (50, 7)
+
+
+def test_finds_near_duplicates(tmp_path: Path) -> None:
+    db = _clustered(5_000, 32)
+    index = ScannTokenIndex.build(db, 10, {})
+    ids, sims = index.search(db[:20], 10)
+    assert ids.shape == sims.shape == (20, 10)
+    # Each query token is itself in the database: it must be among its own hits.
+    assert all(i in row for i, row in enumerate(ids))
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)  # best first
+    # Approximate inner products, but close to the exact ones.
+    exact = np.einsum("qd,qkd->qk", db[:20], db[ids])
+    assert np.abs(sims - exact).max() < 0.25
+
+
+def test_serialize_rename_load(tmp_path: Path) -> None:
+    db = _clustered(3_000, 16, seed=1)
+    index = ScannTokenIndex.build(db, 8, {})
+    tmp = tmp_path / "index.tmp"
+    tmp.mkdir()
+    index.serialize(tmp)
+    final = tmp_path / "index"
+    os.rename(tmp, final)  # relative asset paths: the directory may move
+    loaded = ScannTokenIndex.load(final)
+    assert loaded.n_tokens == 3_000 and loaded.params == index.params
+    np.testing.assert_array_equal(loaded.search(db[:5], 8)[0], index.search(db[:5], 8)[0])
+
+
+def test_k_larger_than_the_index_returns_no_padding() -> None:
+    db = _clustered(64, 8, seed=2)
+    index = ScannTokenIndex.build(db, 200, {})
+    ids, sims = index.search(db[:3], 200)
+    assert ids.shape == (3, 64)  # k capped at the index size
+    valid = ids >= 0
+    assert np.all(np.isfinite(sims[valid])) and np.all(np.isneginf(sims[~valid]))
+    assert ids[valid].max() < 64
