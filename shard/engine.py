@@ -33,6 +33,7 @@ tombstones already reflect some of the replayed operations.
 from __future__ import annotations
 
 import bisect
+import fcntl
 import json
 import logging
 import os
@@ -111,7 +112,13 @@ class ShardEngine:
         self._segments_dir = self.data_dir / "segments"
         self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
         self._keyword: KeywordIndex | None = None
-        self._recover()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_dir(self.data_dir, f"{spec.name}:{shard}")
+        try:
+            self._recover()
+        except BaseException:
+            self._lock_file.close()
+            raise
 
     # ------------------------------------------------------------------ recovery
 
@@ -605,9 +612,12 @@ class ShardEngine:
             if self._closed:
                 return
             self._closed = True
-            self._wal.close()
-            if self._keyword is not None:
-                self._keyword.close()
+            try:
+                self._wal.close()
+                if self._keyword is not None:
+                    self._keyword.close()
+            finally:
+                self._lock_file.close()  # releases the flock
 
     def drop(self) -> None:
         self.close()
@@ -630,6 +640,18 @@ def _allow_list(segment: Segment, n_objects: int, deleted: Bools, flt: Any) -> B
     for row in np.flatnonzero(~deleted).tolist():
         allowed[row] = bool(flt.matches(props[row]))
     return allowed
+
+
+def _lock_dir(data_dir: Path, name: str) -> Any:
+    """One engine per data directory: two WAL writers would interleave records."""
+    f = open(data_dir / "LOCK", "a+")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        f.close()
+        raise Unavailable(f"shard {name}: {data_dir} is open in another engine",
+                          {"data_dir": str(data_dir)}) from exc
+    return f
 
 
 def _remove(path: Path) -> None:

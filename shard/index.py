@@ -6,15 +6,15 @@ A ``ScannTokenIndex`` answers "for each query token, which k' segment tokens are
 re-scores the candidates exactly, so the index only has to find the right *documents*.
 
 Parameters follow the segment size (``choose_params``): ``num_leaves ≈ sqrt(n_tokens)``, 5 % of
-the leaves searched per query token, anisotropic hashing with 4-dim blocks (2 for dim < 32):
+the leaves searched per query token, anisotropic hashing with 4-dim blocks (2 for dim < 64):
 16 centres per block, so a 128-d token costs 32 bytes of codes plus 4 for its leaf. No ScaNN
 re-ordering by default: the engine re-scores candidate *documents* exactly from the segment's own
 tokens, so a float copy inside the index would multiply its memory for little recall. (Measured
 on the benchmark's small synthetic set, 640k tokens × 128 d: 2-dim blocks and 10 % of the leaves
-gave the same recall@10 at ~25 % lower QPS, 64 bytes/token and a 35 % slower build.) Per-vector overrides come from the spec's
-``index.options``: ``num_leaves``, ``leaves_to_search``, ``leaves_to_search_fraction``,
-``dims_per_block``, ``reorder`` (``"none"`` | ``"int8"`` | ``"float32"``), ``reorder_multiplier``,
-``training_sample_size``, ``build_threads``.
+gave the same recall@10 at ~25 % lower QPS, 64 bytes/token and a 35 % slower build.)
+Per-vector overrides come from the spec's ``index.options``: ``num_leaves``,
+``leaves_to_search``, ``leaves_to_search_fraction``, ``dims_per_block``, ``reorder`` (``"none"`` |
+``"int8"`` | ``"float32"``), ``reorder_multiplier``, ``training_sample_size``, ``build_threads``.
 
 Threads: builds use ``build_threads`` (default 1, so a build never takes both cores from queries);
 searches use the calling thread only (``search_batched`` without ScaNN's thread pool) — query
@@ -63,7 +63,7 @@ def choose_params(n_tokens: int, options: Mapping[str, Any] | None = None,
         num_leaves=num_leaves,
         leaves_to_search=max(1, min(to_search, num_leaves)),
         training_sample_size=max(num_leaves, min(sample, n_tokens)),
-        dims_per_block=max(1, int(opts.get("dims_per_block", 4 if dim >= 32 else 2))),
+        dims_per_block=max(1, int(opts.get("dims_per_block", 4 if dim >= 64 else 2))),
         reorder=str(opts.get("reorder", "none")),
         reorder_multiplier=max(1, int(opts.get("reorder_multiplier", 2))),
         build_threads=max(1, int(opts.get("build_threads", 1))),

@@ -387,6 +387,8 @@ def test_closed_engine_refuses_and_drop_removes(tmp_path: Path, rng: np.random.G
     with pytest.raises(Unavailable):
         engine.search(VectorSearch("v", np.ones((1, DIM), np.float32), 1))
     engine = open_engine(tmp_path, spec)
+    with pytest.raises(Unavailable):  # one engine per data directory
+        open_engine(tmp_path, spec)
     engine.drop()
     assert not (tmp_path / "shard").exists()
 

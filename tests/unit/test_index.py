@@ -23,22 +23,27 @@ def test_params_follow_segment_size() -> None:
     assert large.num_leaves == 800  # ≈ sqrt(n)
     assert small.training_sample_size <= 2_000
     assert small.reorder == "none"  # the engine re-scores documents exactly itself
-    assert large.dims_per_block == 4 and choose_params(2_000, dim=16).dims_per_block == 2
+    assert large.dims_per_block == 4 and choose_params(2_000, dim=32).dims_per_block == 2
     custom = choose_params(10_000, {"num_leaves": 50, "leaves_to_search": 7})
     assert (custom.num_leaves, custom.leaves_to_search) == (50, 7)
 
 
-def test_finds_near_duplicates(tmp_path: Path) -> None:
+def test_finds_near_duplicates() -> None:
     db = _clustered(5_000, 32)
     index = ScannTokenIndex.build(db, 10, {})
-    ids, sims = index.search(db[:20], 10)
-    assert ids.shape == sims.shape == (20, 10)
-    # Each query token is itself in the database: it must be among its own hits.
-    assert all(i in row for i, row in enumerate(ids))
+    ids, sims = index.search(db[:50], 10)
+    assert ids.shape == sims.shape == (50, 10)
     assert np.all(np.diff(sims, axis=1) <= 1e-6)  # best first
+    # Each query token is itself in the database: the quantized scores find it nearly always.
+    assert np.mean([i in row for i, row in enumerate(ids)]) >= 0.9
     # Approximate inner products, but close to the exact ones.
-    exact = np.einsum("qd,qkd->qk", db[:20], db[ids])
+    exact = np.einsum("qd,qkd->qk", db[:50], db[ids])
     assert np.abs(sims - exact).max() < 0.25
+    # With exact re-ordering inside ScaNN (an option), every token finds itself first.
+    exact_index = ScannTokenIndex.build(db, 10, {"reorder": "float32"})
+    ids, sims = exact_index.search(db[:50], 10)
+    assert list(ids[:, 0]) == list(range(50))
+    np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", db[:50], db[ids]), atol=1e-5)
 
 
 def test_serialize_rename_load(tmp_path: Path) -> None:

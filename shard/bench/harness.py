@@ -1,0 +1,817 @@
+"""The benchmark run: dataset → ground truth → pipelines side by side → one result document.
+
+    run_benchmark(BenchConfig)
+      ├─ dataset (cached) + exact top-100 (cached)
+      ├─ job "bruteforce"   numpy exact MaxSim
+      ├─ job "faiss-hnsw"   build once, sweep (efSearch, k′), 2 clients on the best ≥ 0.90
+      ├─ job "faiss-ivf"    build once, sweep (nprobe, k′), 2 clients on the best ≥ 0.90
+      ├─ job "engine"       colshard ShardEngine in-process: import, maintenance, search,
+      │                      reopen from disk for resident memory
+      └─ http (optional)    `colshard serve` subprocess, JSON import and queries with httpx
+
+Each job runs in its own spawned process when ``isolate`` is set (the CLI's default), so peak
+RSS, resident memory and thread pools belong to one pipeline; tests run jobs in-process.
+Every measurement uses the same queries, k = 10 for timing, and a separate untimed k = 100 pass
+for recall@100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.types import F32, ObjectBatch, VectorColumn, VectorSearch
+from shard.bench import data as bench_data
+from shard.bench.baselines import (
+    BruteForce,
+    FaissConfig,
+    FaissTokenAnn,
+    Searcher,
+    SearchOutput,
+    default_sweep,
+    pin_threads,
+)
+from shard.bench.data import Dataset, doc_index, doc_uuid
+from shard.bench.truth import GroundTruth, ground_truth
+
+RECALL_BAR = 0.90  # faiss settings below this recall@10 do not count as "the best faiss"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    size: str = "tiny"
+    noise: float = 0.6
+    n_queries: int = 100
+    seed: int = 0
+    out_dir: Path = Path("bench-results")
+    cache_dir: Path | None = None
+    dataset: str = "synthetic"  # "synthetic" | "minilm"
+    n_docs: int | None = None  # override the size's document count (tests)
+    http: bool = False
+    skip_faiss: bool = False
+    faiss_kinds: tuple[str, ...] = ("hnsw", "ivf")
+    skip_bruteforce: bool = False
+    skip_engine: bool = False
+    threads: int = 1  # BLAS / OpenMP threads per client
+    isolate: bool = True  # one spawned process per pipeline
+    max_bruteforce_queries: int = 50
+    warmup: int = 5
+    repeat: int = 1  # timed single-client passes per setting; the fastest is reported
+    import_batch: int = 512  # documents per upsert
+    # "interleaved": maintenance() until False after every upsert batch, as the engine's
+    # background thread would (segments seal at seal_threshold_tokens); "end": only after the
+    # import (one big growing segment is sealed and indexed at once).
+    engine_seal: str = "interleaved"
+    engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
+    engine_kprime_sweep: tuple[int, ...] = ()  # extra candidates_per_token values (reopen)
+    http_batch: int = 128
+    http_timeout_s: float = 300.0
+    plot: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# memory and environment
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS / VmHWM / RssAnon / RssFile of a process in bytes (Linux); {} elsewhere."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM so the next reading is this phase's peak (Linux ≥ 4.0)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / f).stat().st_size
+    return total
+
+
+def environment() -> dict[str, Any]:
+    import numpy
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "numpy": numpy.__version__,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                         if k in os.environ},
+    }
+    from importlib import metadata
+
+    for dist in ("faiss-cpu", "scann", "httpx", "threadpoolctl"):
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[dist] = None
+    return env
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring one searcher
+
+
+def measure(
+    searcher: Searcher, dataset: Dataset, truth: GroundTruth, query_ids: list[int], *,
+    warmup: int = 5, concurrency: int = 2, recall100: bool = True, repeat: int = 1,
+) -> dict[str, Any]:
+    """Recall@10/@100, single-client latency/QPS and QPS with ``concurrency`` clients.
+
+    The timed single-client pass runs ``repeat`` times and the fastest pass is reported (other
+    tenants of a shared machine only ever make a pass slower).
+    """
+    for i in query_ids[:warmup]:
+        searcher.search(dataset.query(i), 10)
+    best: tuple[float, list[float]] | None = None
+    r10: list[float] = []
+    cands: list[int] = []
+    phases: dict[str, float] = {}
+    for rep in range(max(1, repeat)):
+        lat: list[float] = []
+        t_start = time.perf_counter()
+        for i in query_ids:
+            t0 = time.perf_counter()
+            out = searcher.search(dataset.query(i), 10)
+            lat.append(time.perf_counter() - t0)
+            if rep == 0:
+                r10.append(truth.recall(i, out.doc_ids, 10))
+                cands.append(out.n_candidates)
+                for name, s in out.timings_s.items():
+                    phases[name] = phases.get(name, 0.0) + s
+        wall = time.perf_counter() - t_start
+        if best is None or wall < best[0]:
+            best = (wall, lat)
+    assert best is not None
+    wall, lat = best
+    lat_ms = np.asarray(lat) * 1e3
+    result: dict[str, Any] = {
+        "n_queries": len(query_ids),
+        "recall_at_10": float(np.mean(r10)),
+        "qps_1": len(query_ids) / wall,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "mean_ms": float(lat_ms.mean()),
+        "candidates_mean": float(np.mean(cands)),
+        "candidates_max": int(np.max(cands)),
+        "timed_passes": max(1, repeat),
+    }
+    if phases:
+        result["phase_ms"] = {k: 1e3 * v / len(query_ids) for k, v in phases.items()}
+    if recall100:
+        k100 = min(100, truth.k)
+        r100 = [truth.recall(i, searcher.search(dataset.query(i), k100).doc_ids, k100)
+                for i in query_ids]
+        result["recall_at_100"] = float(np.mean(r100))
+    if concurrency > 1:
+        result.update(measure_concurrent(searcher, dataset, truth, query_ids, concurrency))
+    return result
+
+
+def measure_concurrent(
+    searcher: Searcher, dataset: Dataset, truth: GroundTruth, query_ids: list[int],
+    concurrency: int,
+) -> dict[str, Any]:
+    """Every query once, spread over ``concurrency`` client threads; recall re-checked."""
+    lock = threading.Lock()
+    pending = list(query_ids)
+    found: dict[int, SearchOutput] = {}
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                i = pending.pop()
+            out = searcher.search(dataset.query(i), 10)
+            with lock:
+                found[i] = out
+
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            for f in [pool.submit(client) for _ in range(concurrency)]:
+                f.result()
+    except Exception as exc:
+        return {f"qps_{concurrency}": None, f"error_{concurrency}": repr(exc)}
+    wall = time.perf_counter() - t0
+    r10 = [truth.recall(i, found[i].doc_ids, 10) for i in query_ids]
+    return {f"qps_{concurrency}": len(query_ids) / wall,
+            f"recall_at_10_{concurrency}_clients": float(np.mean(r10))}
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs (each may run in its own process)
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "bruteforce" | "faiss-hnsw" | "faiss-ivf" | "engine"
+    dataset_path: str
+    config: BenchConfig
+
+
+def run_job(job: Job) -> list[dict[str, Any]]:
+    """Entry point of one pipeline; returns result records (never raises for pipeline errors)."""
+    dataset = bench_data.load(Path(job.dataset_path))
+    truth = ground_truth(dataset)
+    cfg = job.config
+    reset_peak_rss()
+    rss0 = proc_status()
+    records: list[dict[str, Any]]
+    with pin_threads(cfg.threads) as threads:
+        try:
+            if job.kind == "bruteforce":
+                records = _job_bruteforce(dataset, truth, cfg)
+            elif job.kind.startswith("faiss-"):
+                records = _job_faiss(dataset, truth, cfg, job.kind.removeprefix("faiss-"))
+            elif job.kind == "engine":
+                records = _job_engine(dataset, truth, cfg)
+            else:
+                raise ValueError(f"unknown job {job.kind!r}")
+        except Exception as exc:
+            records = [{"pipeline": job.kind, "family": job.kind, "error": repr(exc)}]
+    rss1 = proc_status()
+    for r in records:
+        r.setdefault("threads", threads)
+        r["peak_rss_mb"] = rss1.get("VmHWM", 0) / 2**20
+        r["rss_start_mb"] = rss0.get("VmRSS", 0) / 2**20
+        r["isolated_process"] = cfg.isolate
+    return records
+
+
+def _query_ids(dataset: Dataset, limit: int | None = None) -> list[int]:
+    n = dataset.n_queries if limit is None else min(limit, dataset.n_queries)
+    return list(range(n))
+
+
+def _job_bruteforce(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dict[str, Any]]:
+    searcher = BruteForce(dataset)
+    ids = _query_ids(dataset, cfg.max_bruteforce_queries)
+    res = measure(searcher, dataset, truth, ids, warmup=min(cfg.warmup, 2), recall100=False,
+                  repeat=cfg.repeat)
+    res["recall_at_100"] = 1.0  # exact by construction (the same kernel as the truth)
+    return [{"pipeline": "numpy-bruteforce", "family": "bruteforce", "params": {},
+             "build_s": 0.0, "index_bytes_per_token": 0.0,
+             "memory_bytes_per_token": searcher.values.nbytes / dataset.n_tokens, **res}]
+
+
+def _job_faiss(
+    dataset: Dataset, truth: GroundTruth, cfg: BenchConfig, kind: str,
+) -> list[dict[str, Any]]:
+    ann = FaissTokenAnn(dataset, kind, seed=cfg.seed)
+    idx_bytes = ann.index_bytes()
+    common = {"family": f"faiss-{kind}", "build_s": ann.build_s,
+              "build_params": ann.build_params,
+              "index_bytes_per_token": idx_bytes / dataset.n_tokens,
+              # the rerank needs the float32 corpus next to the index
+              "memory_bytes_per_token": (idx_bytes + ann.values.nbytes) / dataset.n_tokens}
+    ids = _query_ids(dataset)
+    records: list[dict[str, Any]] = []
+    for config in default_sweep((kind,)):
+        ann.configure(config)
+        res = measure(ann, dataset, truth, ids, warmup=cfg.warmup, concurrency=1,
+                      repeat=cfg.repeat)
+        records.append({"pipeline": config.label, "params": config.to_dict(), **common, **res})
+    good = [r for r in records if r["recall_at_10"] >= RECALL_BAR]
+    if good:
+        best = max(good, key=lambda r: r["qps_1"])
+        ann.configure(FaissConfig(**best["params"]))
+        best.update(measure_concurrent(ann, dataset, truth, ids, 2))
+    return records
+
+
+def _engine_class() -> tuple[Any, str | None]:
+    """(ShardEngine, None) or (None, why it is not available)."""
+    if importlib.util.find_spec("shard.engine") is None:
+        return None, "shard/engine.py does not exist yet"
+    try:
+        module = importlib.import_module("shard.engine")
+    except Exception as exc:
+        return None, f"shard.engine failed to import: {exc!r}"
+    cls = getattr(module, "ShardEngine", None)
+    if cls is None:
+        return None, "shard.engine has no ShardEngine"
+    return cls, None
+
+
+def engine_available() -> str | None:
+    """None when the engine can be benchmarked, else the reason it cannot."""
+    return _engine_class()[1]
+
+
+class EngineSearcher:
+    """Adapter: ShardEngine.search → document indexes (uuid lower 64 bits)."""
+
+    def __init__(self, engine: Any, name: str = "colshard-engine") -> None:
+        self.engine = engine
+        self.name = name
+
+    def search(self, query: F32, k: int) -> SearchOutput:
+        res = self.engine.search(VectorSearch(target_vector="v", query=query, k=k))
+        ids = np.fromiter((doc_index(h.uuid) for h in res.hits), dtype=np.int64,
+                          count=len(res.hits))
+        return SearchOutput(ids, int(res.n_candidates))
+
+
+def collection_dict(dim: int, shard_count: int) -> dict[str, Any]:
+    return {"name": "Bench", "properties": [],
+            "vectors": [{"name": "v", "kind": "multi", "dim": dim, "metric": "dot"}],
+            "shard_count": shard_count}
+
+
+def batches(dataset: Dataset, batch_docs: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, dataset.n_docs, batch_docs):
+        yield start, min(start + batch_docs, dataset.n_docs)
+
+
+def object_batch(dataset: Dataset, start: int, stop: int) -> ObjectBatch:
+    t0, t1 = int(dataset.offsets[start]), int(dataset.offsets[stop])
+    values = np.ascontiguousarray(dataset.values[t0:t1], dtype=np.float32)
+    offsets = (dataset.offsets[start : stop + 1] - t0).astype(np.int64)
+    uuids = tuple(doc_uuid(i) for i in range(start, stop))
+    return ObjectBatch(uuids, tuple({} for _ in uuids), {"v": VectorColumn(values, offsets)})
+
+
+def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dict[str, Any]]:
+    from cluster.settings import ShardSettings
+    from cluster.spec import CollectionSpec
+
+    engine_cls, why = _engine_class()
+    if engine_cls is None:
+        return [{"pipeline": "colshard-engine", "family": "colshard", "skipped": why}]
+    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, 1))
+    settings = ShardSettings(**cfg.engine_settings)
+    record: dict[str, Any] = {"pipeline": "colshard-engine", "family": "colshard",
+                              "params": asdict(settings), "notes": []}
+    data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-engine-"))
+    try:
+        engine = engine_cls(spec, 0, data_dir, settings)
+        import_s = build_s = 0.0
+        failed = rounds = 0
+
+        def maintain() -> tuple[float, int]:
+            t0 = time.perf_counter()
+            n = 0
+            while engine.maintenance():
+                n += 1
+            return time.perf_counter() - t0, n
+
+        for start, stop in batches(dataset, cfg.import_batch):
+            batch = object_batch(dataset, start, stop)
+            t0 = time.perf_counter()
+            results = engine.upsert(batch)
+            import_s += time.perf_counter() - t0
+            failed += sum(1 for r in results if not r.ok)
+            if cfg.engine_seal == "interleaved":  # what the background thread would do
+                spent, n = maintain()
+                build_s += spent
+                rounds += n
+        spent, n = maintain()
+        build_s += spent
+        rounds += n
+        stats = engine.stats()
+        record.update({
+            "import_s": import_s, "import_tokens_per_s": dataset.n_tokens / import_s,
+            "ingest_tokens_per_s": dataset.n_tokens / (import_s + build_s),
+            "import_failed": failed, "build_s": build_s, "maintenance_rounds": rounds,
+            "seal_mode": cfg.engine_seal, "stats": _jsonable(stats),
+            "disk_bytes_per_token": dir_bytes(data_dir) / dataset.n_tokens,
+            "index_disk_bytes_per_token": _index_dir_bytes(data_dir) / dataset.n_tokens,
+        })
+        searcher = EngineSearcher(engine)
+        record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
+                              repeat=cfg.repeat))
+        engine.close()
+        del engine, searcher
+        record.update(_fresh_process(_engine_resident, str(dataset.path), spec.to_dict(),
+                                     asdict(settings), str(data_dir)))
+        # The candidate index's size: what the engine reports, else its serialized size
+        # (ScaNN loads the same arrays into memory). No index at all: every segment is exact.
+        reported = record.pop("engine_index_bytes", None)
+        record["index_bytes_per_token"] = (reported / dataset.n_tokens if reported is not None
+                                           else record["index_disk_bytes_per_token"])
+        if not record["index_disk_bytes_per_token"]:
+            record["notes"].append("no token index was built: every segment searched exactly "
+                                   "(corpus below seal_threshold_tokens / "
+                                   "brute_force_max_tokens?)")
+        records = [record]
+        for kp in cfg.engine_kprime_sweep:
+            settings_k = ShardSettings(**{**cfg.engine_settings, "candidates_per_token": kp})
+            engine = engine_cls(spec, 0, data_dir, settings_k)
+            res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
+                          warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
+            engine.close()
+            records.append({"pipeline": f"colshard-engine k'{kp}", "family": "colshard-sweep",
+                            "params": asdict(settings_k), **res})
+        return records
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _index_dir_bytes(data_dir: Path) -> int:
+    """Bytes of the engine's serialized token indexes (``index-*`` directories)."""
+    return sum(dir_bytes(p) for p in data_dir.rglob("index-*") if p.is_dir())
+
+
+def _fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a new spawned process: memory readings owe nothing to this one."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    except Exception as exc:
+        return {"resident_error": repr(exc)}
+
+
+def _engine_resident(dataset_path: str, spec_dict: dict[str, Any],
+                     settings_dict: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    """Open the engine from disk in this fresh process, warm it up with 20 queries, and report
+    how much memory it holds: anonymous (indexes and anything loaded into RAM) and file-backed
+    (memory-mapped segments) resident bytes per token."""
+    from cluster.settings import ShardSettings
+    from cluster.spec import CollectionSpec
+
+    dataset = bench_data.load(Path(dataset_path))
+    truth = ground_truth(dataset)
+    engine_cls, why = _engine_class()
+    if engine_cls is None:
+        return {"resident_error": why}
+    gc.collect()
+    before = proc_status()
+    t0 = time.perf_counter()
+    engine = engine_cls(CollectionSpec.from_dict(spec_dict), 0, Path(data_dir),
+                        ShardSettings(**settings_dict))
+    open_s = time.perf_counter() - t0
+    searcher = EngineSearcher(engine)
+    r10 = [truth.recall(i, searcher.search(dataset.query(i), 10).doc_ids, 10)
+           for i in _query_ids(dataset, 20)]
+    after = proc_status()
+    reported = None
+    fn = getattr(engine, "index_bytes", None)
+    if callable(fn):
+        with contextlib.suppress(Exception):
+            reported = float(fn())
+    engine.close()
+    n = dataset.n_tokens
+    return {
+        "reopen_s": open_s, "reopen_recall_at_10": float(np.mean(r10)),
+        "resident_anon_bytes_per_token": (after.get("RssAnon", 0) - before.get("RssAnon", 0)) / n,
+        "resident_file_bytes_per_token": (after.get("RssFile", 0) - before.get("RssFile", 0)) / n,
+        "engine_index_bytes": reported,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return repr(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# colshard end to end over HTTP
+
+
+class HttpSearcher:
+    """near_vector queries against a running colshard gateway (raw httpx, JSON)."""
+
+    name = "colshard-http"
+
+    def __init__(self, base_url: str, client_factory: Callable[[], Any] | None = None,
+                 collection: str = "Bench", timeout_s: float = 60.0) -> None:
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self.collection = collection
+        self._factory = client_factory or (lambda: httpx.Client(timeout=timeout_s))
+        self._local = threading.local()  # one connection pool per client thread
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._factory()
+        return client
+
+    def search(self, query: F32, k: int) -> SearchOutput:
+        body = {"near_vector": {"vector": query.tolist()}, "target_vector": "v", "limit": k,
+                "return_metadata": ["score"]}
+        resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
+                                   json=body)
+        _check(resp)
+        objects = resp.json()["objects"]
+        ids = np.fromiter((doc_index(o["id"]) for o in objects), dtype=np.int64,
+                          count=len(objects))
+        return SearchOutput(ids, 0)
+
+    def create(self, dim: int, shard_count: int = 2) -> None:
+        _check(self._client().post(f"{self.base_url}/v1/collections",
+                                   json=collection_dict(dim, shard_count)))
+
+    def import_dataset(self, dataset: Dataset, batch_docs: int) -> tuple[float, int]:
+        """JSON import; returns (seconds spent in requests, failed objects)."""
+        spent = 0.0
+        failed = 0
+        url = f"{self.base_url}/v1/collections/{self.collection}/objects"
+        for start, stop in batches(dataset, batch_docs):
+            objects = [{"id": doc_uuid(i), "properties": {},
+                        "vectors": {"v": dataset.doc(i).tolist()}} for i in range(start, stop)]
+            payload = json.dumps({"objects": objects}).encode()
+            t0 = time.perf_counter()
+            resp = self._client().post(url, content=payload,
+                                       headers={"content-type": "application/json"})
+            spent += time.perf_counter() - t0
+            _check(resp)
+            failed += _count_failed(resp.json())
+        return spent, failed
+
+    def cluster(self) -> Any:
+        resp = self._client().get(f"{self.base_url}/v1/cluster")
+        return resp.json() if resp.status_code == 200 else {"status": resp.status_code}
+
+
+def _check(resp: Any) -> None:
+    if resp.status_code >= 400:
+        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+
+
+def _count_failed(body: Any) -> int:
+    items = body.get("results", body.get("objects", [])) if isinstance(body, dict) else body
+    if not isinstance(items, list):
+        return 0
+    return sum(1 for r in items if isinstance(r, dict) and (
+        r.get("ok") is False or r.get("status") == "FAILED" or r.get("error")))
+
+
+def _free_port(pair: bool = False) -> int:
+    """A free loopback port (with ``pair``: one whose successor is free too, for etcd)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not pair:
+            return port
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def _session_rss(sid: int) -> dict[str, float]:
+    """Summed VmRSS and VmHWM (MB) of every process in session ``sid`` (the server tree)."""
+    rss = hwm = 0
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # fields after ")" : state ppid pgrp session ...
+                st = proc_status(p.name)
+                rss += st.get("VmRSS", 0)
+                hwm += st.get("VmHWM", 0)
+    return {"server_rss_mb": rss / 2**20, "server_peak_rss_mb_sum": hwm / 2**20}
+
+
+def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Start `colshard serve`, import over JSON, query, stop the server."""
+    exe = shutil.which("colshard")
+    if exe is None:
+        return [{"pipeline": "colshard-http", "family": "colshard-http",
+                 "skipped": "`colshard` CLI not on PATH"}]
+    import httpx
+
+    port = _free_port()
+    etcd_port = _free_port(pair=True)  # the embedded etcd's client and peer ports
+    data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-http-"))
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cfg.out_dir / "colshard-serve.log"
+    record: dict[str, Any] = {"pipeline": "colshard-http", "family": "colshard-http",
+                              "params": {"shard_count": 2, "port": port}, "log": str(log_path)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [exe, "serve", "--data-dir", str(data_dir), "--port", str(port),
+             "--etcd-port", str(etcd_port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + cfg.http_timeout_s
+        t0 = time.perf_counter()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"colshard serve exited with {proc.returncode}: "
+                                   f"{_tail(log_path)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"colshard serve not ready after {cfg.http_timeout_s} s")
+            time.sleep(0.5)
+        record["startup_s"] = time.perf_counter() - t0
+        searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
+        searcher.create(dataset.dim, 2)
+        spent, failed = searcher.import_dataset(dataset, cfg.http_batch)
+        record.update({"import_s": spent, "import_tokens_per_s": dataset.n_tokens / spent,
+                       "import_failed": failed})
+        record["build_wait_s"], record["cluster"] = _wait_settled(
+            searcher, proc.pid, time.monotonic() + cfg.http_timeout_s)
+        record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
+                              repeat=cfg.repeat))
+        record.update(_session_rss(proc.pid))
+        etcd_bytes = dir_bytes(data_dir / "_etcd")  # the embedded etcd's WAL, not the data
+        record["disk_bytes_per_token"] = (dir_bytes(data_dir) - etcd_bytes) / dataset.n_tokens
+    except Exception as exc:
+        record["error"] = f"{exc!r}; log tail: {_tail(log_path)}"
+    finally:
+        record["shutdown"] = _stop_server(proc)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return [record]
+
+
+def _session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session ``sid``."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def _wait_settled(searcher: HttpSearcher, sid: int, deadline: float,
+                  idle_cores: float = 0.3, window_s: float = 2.0) -> tuple[float, Any]:
+    """Wait until the server is idle: background seals and index builds have finished.
+
+    GET /v1/cluster does not report index state, so the signal is the server's CPU use:
+    three windows in a row below ``idle_cores``.
+    """
+    t0 = time.perf_counter()
+    quiet = 0
+    last = _session_cpu_s(sid)
+    while time.monotonic() < deadline and quiet < 3:
+        time.sleep(window_s)
+        now = _session_cpu_s(sid)
+        quiet = quiet + 1 if (now - last) / window_s < idle_cores else 0
+        last = now
+    return time.perf_counter() - t0, searcher.cluster()
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> str:
+    """SIGINT (graceful: Ray and etcd shut down), then SIGTERM / SIGKILL to its session.
+
+    Only the session created for the server is signalled, never processes by name.
+    """
+    steps = ((signal.SIGINT, 60.0), (signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0))
+    for sig, wait_s in steps:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if sig == signal.SIGINT:
+                proc.send_signal(sig)
+            else:
+                os.killpg(proc.pid, sig)  # the session we created for the server
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _session_alive(proc.pid):
+                return f"stopped after {sig.name}"
+            time.sleep(0.25)
+    return "processes left in its session"
+
+
+def _session_alive(sid: int) -> bool:
+    return _session_rss(sid)["server_rss_mb"] > 0
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")[-n:]
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+
+
+def load_dataset(cfg: BenchConfig) -> Dataset:
+    if cfg.dataset == "minilm":
+        return bench_data.minilm(n_queries=cfg.n_queries, seed=cfg.seed,
+                                 cache_dir=cfg.cache_dir)
+    return bench_data.synthetic(cfg.size, noise=cfg.noise, seed=cfg.seed,
+                                n_queries=cfg.n_queries, cache_dir=cfg.cache_dir,
+                                n_docs=cfg.n_docs)
+
+
+def _run_jobs(jobs: list[Job], isolate: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for job in jobs:
+        t0 = time.perf_counter()
+        log(f"[bench] {job.kind} ...")
+        if isolate:
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                try:
+                    records = pool.submit(run_job, job).result()
+                except Exception as exc:
+                    records = [{"pipeline": job.kind, "family": job.kind, "error": repr(exc)}]
+        else:
+            records = run_job(job)
+        for r in records:
+            r["job_wall_s"] = time.perf_counter() - t0
+        log(f"[bench] {job.kind} done in {time.perf_counter() - t0:.1f} s")
+        out.extend(records)
+    return out
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every selected pipeline on one dataset; returns the result document."""
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg)
+    t_data = time.perf_counter() - t0
+    log(f"[bench] dataset {dataset.key}: {dataset.n_docs} docs, {dataset.n_tokens} tokens "
+        f"({t_data:.1f} s)")
+    truth = ground_truth(dataset)
+    log(f"[bench] exact top-{truth.k} for {dataset.n_queries} queries ({truth.build_s:.1f} s "
+        f"when computed)")
+    assert dataset.path is not None
+    kinds: list[str] = []
+    if not cfg.skip_engine:
+        kinds.append("engine")
+    if not cfg.skip_bruteforce:
+        kinds.append("bruteforce")
+    if not cfg.skip_faiss:
+        kinds += [f"faiss-{k}" for k in cfg.faiss_kinds]
+    jobs = [Job(k, str(dataset.path), cfg) for k in kinds]
+    results = _run_jobs(jobs, cfg.isolate, log)
+    if cfg.http:
+        log("[bench] colshard over HTTP ...")
+        with pin_threads(cfg.threads):
+            results += run_http(dataset, truth, cfg)
+    from shard.bench.report import summarize
+
+    doc: dict[str, Any] = {
+        "config": cfg.to_dict(), "environment": environment(),
+        "dataset": {**dataset.describe(), "generate_s": t_data, "truth_s": truth.build_s},
+        "results": results,
+    }
+    doc["summary"] = summarize(doc)
+    doc["wall_s"] = time.perf_counter() - t0
+    return doc

@@ -1,0 +1,226 @@
+"""Turning a result document into a summary (ratios, targets), a table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from shard.bench.harness import RECALL_BAR
+
+# The benchmark issue's targets. "size" says which corpus a target is defined on; on other
+# sizes it is still computed, marked informational.
+TARGETS: tuple[dict[str, Any], ...] = (
+    {"name": "engine recall@10 ≥ 0.95", "size": "small,medium"},
+    {"name": "engine QPS ≥ 3× best faiss (recall@10 ≥ 0.90)", "size": "small"},
+    {"name": "engine QPS ≥ 30", "size": "medium"},
+    {"name": "HTTP adds ≤ 3 ms p50", "size": "small,medium"},
+    {"name": "index build no slower than faiss IVF", "size": "small,medium"},
+    {"name": "≤ 36 bytes/token resident for the candidate index", "size": "small,medium"},
+)
+
+
+def _first(results: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
+    for r in results:
+        if r.get("family") == family and "error" not in r and "skipped" not in r:
+            return r
+    return None
+
+
+def _ok(r: dict[str, Any]) -> bool:
+    return "error" not in r and "skipped" not in r and r.get("qps_1") is not None
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return float(a) / float(b)
+
+
+def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    results: list[dict[str, Any]] = doc["results"]
+    size = str(doc.get("config", {}).get("size", ""))
+    engine = _first(results, "colshard")
+    http = _first(results, "colshard-http")
+    brute = _first(results, "bruteforce")
+    faiss = [r for r in results if str(r.get("family", "")).startswith("faiss-") and _ok(r)]
+    eligible = [r for r in faiss if r["recall_at_10"] >= RECALL_BAR]
+    best = max(eligible, key=lambda r: r["qps_1"]) if eligible else None
+    ivf_build = next((r["build_s"] for r in faiss if r["family"] == "faiss-ivf"), None)
+    summary: dict[str, Any] = {
+        "best_faiss": None if best is None else {
+            k: best.get(k) for k in ("pipeline", "recall_at_10", "qps_1", "qps_2", "p50_ms",
+                                     "candidates_mean", "build_s")},
+        "faiss_ivf_build_s": ivf_build,
+        "skipped": {r["pipeline"]: r["skipped"] for r in results if "skipped" in r},
+        "errors": {r["pipeline"]: r["error"] for r in results if "error" in r},
+    }
+    ratios: dict[str, Any] = {}
+    if engine is not None:
+        if best is not None:
+            ratios["engine_qps_vs_best_faiss"] = _ratio(engine.get("qps_1"), best["qps_1"])
+            ratios["engine_qps2_vs_best_faiss_qps2"] = _ratio(engine.get("qps_2"),
+                                                              best.get("qps_2"))
+            ratios["engine_candidates_vs_best_faiss"] = _ratio(engine.get("candidates_mean"),
+                                                               best["candidates_mean"])
+        if brute is not None:
+            ratios["engine_qps_vs_bruteforce"] = _ratio(engine.get("qps_1"), brute["qps_1"])
+        ratios["engine_build_vs_faiss_ivf"] = _ratio(engine.get("build_s"), ivf_build)
+    if http is not None and engine is not None:
+        ratios["http_p50_overhead_ms"] = http["p50_ms"] - engine["p50_ms"]
+    summary["ratios"] = ratios
+    summary["targets"] = _targets(size, engine, ratios)
+    return summary
+
+
+def _targets(size: str, engine: dict[str, Any] | None,
+             ratios: dict[str, Any]) -> list[dict[str, Any]]:
+    e = engine or {}
+    values: list[tuple[Any, float, str]] = [
+        (e.get("recall_at_10"), 0.95, ">="),
+        (ratios.get("engine_qps_vs_best_faiss"), 3.0, ">="),
+        (e.get("qps_1"), 30.0, ">="),
+        (ratios.get("http_p50_overhead_ms"), 3.0, "<="),
+        (ratios.get("engine_build_vs_faiss_ivf"), 1.0, "<="),
+        (e.get("index_bytes_per_token"), 36.0, "<="),
+    ]
+    out = []
+    for target, (value, bound, op) in zip(TARGETS, values, strict=True):
+        passed = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        out.append({"target": target["name"], "value": value, "pass": passed,
+                    "applies": size in target["size"].split(",")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("pipeline", "pipeline", "s"),
+    ("recall_at_10", "R@10", ".3f"),
+    ("recall_at_100", "R@100", ".3f"),
+    ("qps_1", "QPS", ".1f"),
+    ("p50_ms", "p50 ms", ".1f"),
+    ("p99_ms", "p99 ms", ".1f"),
+    ("qps_2", "QPS 2cl", ".1f"),
+    ("candidates_mean", "cand/q", ".0f"),
+    ("build_s", "build s", ".1f"),
+    ("index_bytes_per_token", "idx B/tok", ".1f"),
+    ("disk_bytes_per_token", "disk B/tok", ".0f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
+    ("import_tokens_per_s", "import tok/s", ".0f"),
+)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec == "s":
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return format(value, spec)
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    rows = [[h for _, h, _ in _COLUMNS]]
+    notes: list[str] = []
+    for r in doc["results"]:
+        if "skipped" in r or "error" in r:
+            notes.append(f"{r['pipeline']}: " + (f"skipped ({r['skipped']})" if "skipped" in r
+                                                 else f"error: {r['error']}"))
+            continue
+        rows.append([_fmt(r.get(key), spec) for key, _, spec in _COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    ds = doc.get("dataset", {})
+    head = (f"dataset {ds.get('key')}: {ds.get('n_docs')} docs, {ds.get('n_tokens')} tokens, "
+            f"dim {ds.get('dim')}, {ds.get('n_queries')} queries; "
+            f"threads/client {doc.get('config', {}).get('threads')}")
+    out = [head, *lines]
+    summary = doc.get("summary") or {}
+    best = summary.get("best_faiss")
+    out.append("")
+    out.append("best faiss with recall@10 ≥ 0.90: " + (
+        f"{best['pipeline']} ({best['qps_1']:.1f} QPS, recall {best['recall_at_10']:.3f})"
+        if best else "none"))
+    for name, value in (summary.get("ratios") or {}).items():
+        out.append(f"  {name}: {_fmt(value, '.2f')}")
+    for t in summary.get("targets", []):
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+        scope = "" if t["applies"] else "  (informational on this size)"
+        out.append(f"  [{mark}] {t['target']}: {_fmt(t['value'], '.3g')}{scope}")
+    out += notes
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def write_json(doc: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str))
+    return path
+
+
+def plot(doc: dict[str, Any], path: Path) -> Path:
+    """QPS (log) against recall@10: one line per faiss index kind, points for the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in doc["results"]:
+        if _ok(r) and r.get("recall_at_10") is not None:
+            groups.setdefault(str(r.get("family")), []).append(r)
+    styles = {"faiss-hnsw": ("tab:blue", "o-"), "faiss-ivf": ("tab:green", "s-"),
+              "bruteforce": ("black", "x"), "colshard": ("tab:red", "*"),
+              "colshard-sweep": ("tab:red", "*--"), "colshard-http": ("tab:purple", "D")}
+    for family, rs in groups.items():
+        # Sweeps are listed cheap → expensive: connect them in that order.
+        color, style = styles.get(family, ("gray", "^"))
+        ax.plot([r["recall_at_10"] for r in rs], [r["qps_1"] for r in rs], style, color=color,
+                label=family, markersize=12 if "*" in style else 6)
+        if family.startswith("faiss") or family == "colshard-sweep":
+            for r in rs:
+                ax.annotate(str(r["pipeline"]).split(" ", 1)[-1], (r["recall_at_10"], r["qps_1"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(RECALL_BAR, color="gray", lw=0.8, ls=":")
+    recalls = [r["recall_at_10"] for rs in groups.values() for r in rs]
+    if recalls:
+        ax.set_xlim(min(min(recalls), RECALL_BAR) - 0.02, 1.005)
+    ax.set_yscale("log")
+    ax.set_xlabel("recall@10 vs exact MaxSim")
+    ax.set_ylabel("queries per second (1 client, log)")
+    ds = doc.get("dataset", {})
+    ax.set_title(f"{ds.get('key')} — {ds.get('n_docs')} docs, {ds.get('n_tokens')} tokens",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_all(doc: dict[str, Any], out_dir: Path, make_plot: bool = True) -> dict[str, Path]:
+    """results.json, results.txt (the table) and qps_recall.png under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": write_json(doc, out_dir / "results.json")}
+    table = out_dir / "results.txt"
+    table.write_text(format_table(doc) + "\n")
+    files["table"] = table
+    if make_plot:
+        try:
+            files["plot"] = plot(doc, out_dir / "qps_recall.png")
+        except ImportError as exc:
+            doc.setdefault("summary", {})["plot_error"] = f"matplotlib missing: {exc}"
+    return files

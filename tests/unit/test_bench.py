@@ -1,0 +1,343 @@
+"""The benchmark harness: seeded data, exact truth, baselines, an end-to-end tiny run, reports.
+
+Checks that the harness works and recall stays above a floor — never speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.ids import shard_for_uuid
+from shard.bench import data as bench_data
+from shard.bench import main as bench_main
+from shard.bench.baselines import BruteForce, gather_rows, ivf_nlist
+from shard.bench.data import Dataset, doc_index, doc_uuid
+from shard.bench.harness import (
+    BenchConfig,
+    HttpSearcher,
+    Job,
+    _run_jobs,
+    engine_available,
+    measure,
+)
+from shard.bench.report import format_table, summarize, write_all
+from shard.bench.truth import exact_scores, ground_truth, recall, top_k
+
+
+def _small(cache: Path, n_docs: int = 300, n_queries: int = 6, seed: int = 0,
+           noise: float = 0.6) -> Dataset:
+    return bench_data.synthetic("tiny", noise=noise, seed=seed, n_queries=n_queries,
+                                cache_dir=cache, n_docs=n_docs)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def test_synthetic_has_declared_shape(cache: Path) -> None:
+    ds = _small(cache)
+    assert ds.values.dtype == np.float16 and ds.values.shape == (ds.n_tokens, 128)
+    lengths = np.diff(ds.offsets)
+    assert ds.n_docs == 300 and lengths.min() >= 16 and lengths.max() <= 64
+    assert 26 <= lengths.mean() <= 38  # "≈ 32 tokens per document"
+    assert ds.n_queries == 6 and np.all(np.diff(ds.query_offsets) == 32)
+    assert ds.query_values.dtype == np.float32
+    norms = np.linalg.norm(ds.values.astype(np.float32), axis=1)
+    assert np.allclose(norms, 1.0, atol=2e-3)
+    assert np.all((ds.query_targets >= 0) & (ds.query_targets < ds.n_docs))
+
+
+def test_tiny_size_is_about_2k_docs() -> None:
+    spec = bench_data.SIZES["tiny"]
+    assert spec.n_docs == 2_000 and spec.dim == 128
+    small, medium = bench_data.SIZES["small"], bench_data.SIZES["medium"]
+    assert (small.n_docs, medium.n_docs) == (20_000, 200_000)
+    lengths = bench_data.doc_lengths(small, np.random.default_rng(0))
+    assert abs(lengths.sum() - 640_000) / 640_000 < 0.02  # ≈ 640k tokens
+
+
+def test_synthetic_is_seeded_and_cached(tmp_path: Path) -> None:
+    a = _small(tmp_path / "a")
+    b = _small(tmp_path / "b")
+    c = _small(tmp_path / "c", seed=1)
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.offsets, b.offsets)
+    assert np.array_equal(a.query_values, b.query_values)
+    assert not np.array_equal(a.offsets, c.offsets)
+    again = _small(tmp_path / "a")  # from the cache, memory-mapped
+    assert isinstance(again.values, np.memmap) and np.array_equal(again.values, a.values)
+    more = _small(tmp_path / "a", n_queries=9)  # more queries keep the first ones
+    assert np.array_equal(more.query_values[: len(a.query_values)], a.query_values)
+
+
+def test_noise_controls_spread(tmp_path: Path) -> None:
+    tight = _small(tmp_path, noise=0.1)
+    loose = _small(tmp_path, noise=1.0)
+
+    def best_other(ds: Dataset) -> float:
+        x = ds.values[:2000].astype(np.float32)
+        sims = x @ x.T
+        np.fill_diagonal(sims, -1)
+        return float(np.median(sims.max(axis=1)))
+
+    assert best_other(tight) > best_other(loose) + 0.1
+
+
+def test_stdlib_passages_for_the_real_set() -> None:
+    passages, queries, targets = bench_data.stdlib_passages(300)
+    assert 300 <= len(passages) < 400 and queries and len(queries) == len(targets)
+    assert all(len(p.split()) <= 60 for p in passages)
+    assert all(0 <= t < len(passages) for t in targets)
+    assert queries[0] not in passages[targets[0]]  # the query sentence is not in its target
+
+
+def test_minilm_missing_model_is_reported(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    with pytest.raises(bench_data.DatasetUnavailable, match="sentence-transformers"):
+        bench_data.minilm(max_docs=10, n_queries=2, cache_dir=tmp_path)
+    rc = bench_main(["--dataset", "minilm", "--cache-dir", str(tmp_path), "--out",
+                     str(tmp_path / "out"), "--queries", "2"])
+    assert rc == 2
+
+
+def test_uuid_roundtrip_and_spread() -> None:
+    ids = [doc_uuid(i) for i in range(200)]
+    assert [doc_index(u) for u in ids] == list(range(200))
+    assert len(set(ids)) == 200
+    shards = {shard_for_uuid(u, 2) for u in ids}
+    assert shards == {0, 1}
+
+
+# --------------------------------------------------------------------------------------------
+# truth
+
+
+def _naive_maxsim(ds: Dataset, qi: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+    q = ds.query(qi).astype(np.float64)
+    return np.array([(q @ ds.doc(d).astype(np.float64).T).max(axis=1).sum()
+                     for d in range(ds.n_docs)])
+
+
+def test_truth_matches_naive_reference(cache: Path) -> None:
+    ds = _small(cache)
+    scores = exact_scores(ds)
+    chunked = exact_scores(ds, chunk_tokens=500)
+    assert np.allclose(scores, chunked, atol=1e-4)
+    for qi in range(ds.n_queries):
+        ref = _naive_maxsim(ds, qi)
+        assert np.allclose(scores[qi], ref, atol=1e-3)
+    truth = ground_truth(ds, k=20)
+    ref_ids, _ = top_k(np.stack([_naive_maxsim(ds, q) for q in range(ds.n_queries)])
+                       .astype(np.float32), 20)
+    overlap = np.mean([recall(truth.ids[q], ref_ids[q], 10) for q in range(ds.n_queries)])
+    assert overlap == 1.0
+    assert np.all(np.diff(truth.scores, axis=1) <= 1e-6)  # best first
+    cached = ground_truth(ds, k=20)
+    assert np.array_equal(cached.ids, truth.ids)
+
+
+def test_recall_counts_ties() -> None:
+    from shard.bench.truth import GroundTruth
+
+    scores = np.array([[5.0, 4.0, 3.0, 3.0, 1.0]], dtype=np.float32)
+    truth = GroundTruth(np.array([[7, 8, 9, 10, 11]]), scores)
+    assert truth.recall(0, np.array([7, 8, 10]), 3) == 1.0  # 10 ties 9 at rank 3
+    assert truth.recall(0, np.array([7, 8, 11]), 3) == pytest.approx(2 / 3)
+    assert recall(np.array([1, 2]), np.array([2, 3]), 2) == 0.5
+
+
+def test_known_item_target_ranks_high(cache: Path) -> None:
+    ds = _small(cache)
+    truth = ground_truth(ds)
+    hits = [int(ds.query_targets[q]) in truth.ids[q][:10].tolist() for q in range(ds.n_queries)]
+    assert np.mean(hits) >= 0.8
+
+
+# --------------------------------------------------------------------------------------------
+# baselines
+
+
+def test_gather_rows() -> None:
+    offsets = np.array([0, 3, 5, 9], dtype=np.int64)
+    rows, local = gather_rows(offsets, np.diff(offsets), np.array([2, 0], dtype=np.int64))
+    assert rows.tolist() == [5, 6, 7, 8, 0, 1, 2] and local.tolist() == [0, 4, 7]
+    assert ivf_nlist(64_000) == 512 and ivf_nlist(640_000) == 2048
+
+
+def test_bruteforce_is_exact(cache: Path) -> None:
+    ds = _small(cache)
+    truth = ground_truth(ds)
+    res = measure(BruteForce(ds, chunk_tokens=1000), ds, truth, list(range(ds.n_queries)),
+                  warmup=1, concurrency=2)
+    assert res["recall_at_10"] == 1.0 and res["recall_at_100"] == 1.0
+    assert res["recall_at_10_2_clients"] == 1.0 and res["candidates_mean"] == ds.n_docs
+
+
+def test_faiss_rerank_recall_floor(cache: Path) -> None:
+    pytest.importorskip("faiss")
+    from shard.bench.baselines import FaissConfig, FaissTokenAnn
+
+    ds = _small(cache)
+    truth = ground_truth(ds)
+    ann = FaissTokenAnn(ds, "ivf")
+    ann.configure(FaissConfig("ivf", 64, nprobe=16))
+    res = measure(ann, ds, truth, list(range(ds.n_queries)), warmup=0, concurrency=1)
+    assert res["recall_at_10"] >= 0.9
+    assert 0 < res["candidates_mean"] <= ds.n_docs
+    assert set(res["phase_ms"]) == {"ann", "gather", "maxsim"}
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP client against a fake gateway (MockTransport): the wire shapes the harness uses
+
+
+class _FakeGateway:
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.docs: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
+        self.collections: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        path = request.url.path
+        if path == "/v1/collections":
+            self.collections.append(body)
+            return httpx.Response(200, json=body)
+        if path.endswith("/objects"):
+            for o in body["objects"]:
+                self.docs[o["id"]] = np.asarray(o["vectors"]["v"], dtype=np.float32)
+            return httpx.Response(200, json={"results": [
+                {"id": o["id"], "status": "SUCCESS", "error": None} for o in body["objects"]]})
+        if path.endswith("/query"):
+            q = np.asarray(body["near_vector"]["vector"], dtype=np.float32)
+            scored = sorted(((float((q @ d.T).max(axis=1).sum()), u)
+                             for u, d in self.docs.items()), reverse=True)[: body["limit"]]
+            return httpx.Response(200, json={"objects": [
+                {"id": u, "metadata": {"score": s}} for s, u in scored]})
+        return httpx.Response(404, json={"error": {"code": "not_found"}})
+
+
+def test_http_searcher_wire_shapes(cache: Path) -> None:
+    ds = _small(cache, n_docs=120)
+    truth = ground_truth(ds)
+    fake = _FakeGateway(ds.dim)
+    searcher = HttpSearcher("http://bench.test",
+                            client_factory=lambda: httpx.Client(transport=httpx.MockTransport(
+                                fake)))
+    searcher.create(ds.dim, 2)
+    assert fake.collections[0]["vectors"][0] == {"name": "v", "kind": "multi", "dim": 128,
+                                                 "metric": "dot"}
+    spent, failed = searcher.import_dataset(ds, batch_docs=50)
+    assert failed == 0 and len(fake.docs) == ds.n_docs and spent > 0
+    res = measure(searcher, ds, truth, list(range(ds.n_queries)), warmup=0, concurrency=2)
+    assert res["recall_at_10"] >= 0.99 and res["recall_at_10_2_clients"] >= 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: `colshard bench --size tiny` in-process, then the report files
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-out")
+    rc = bench_main(["--size", "tiny", "--queries", "8", "--out", str(out), "--cache-dir",
+                     str(cache), "--faiss", "ivf", "--no-isolate", "--bruteforce-queries", "4",
+                     # small segments, so the engine's token-index path runs on 64k tokens
+                     "--engine-setting", "seal_threshold_tokens=16384",
+                     "--engine-setting", "brute_force_max_tokens=8192", "--engine-kprime", "32"])
+    assert rc == 0
+    doc: dict[str, Any] = json.loads((out / "results.json").read_text())
+    doc["_out"] = str(out)
+    return doc
+
+
+def test_tiny_run_writes_reports(tiny_run: dict[str, Any]) -> None:
+    out = Path(tiny_run["_out"])
+    assert (out / "results.txt").read_text().startswith("dataset synthetic-v1-tiny")
+    png = out / "qps_recall.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tiny_run["dataset"]["n_docs"] == 2000 and tiny_run["dataset"]["n_queries"] == 8
+    assert {"environment", "summary", "config"} <= set(tiny_run)
+
+
+def test_tiny_run_recall_floors(tiny_run: dict[str, Any]) -> None:
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for r in tiny_run["results"]:
+        assert "error" not in r, r
+        by_family.setdefault(r["family"], []).append(r)
+    assert by_family["bruteforce"][0]["recall_at_10"] == 1.0
+    ivf = by_family["faiss-ivf"]
+    assert max(r["recall_at_10"] for r in ivf) >= 0.9
+    assert all(r["peak_rss_mb"] > 0 and r["build_s"] > 0 for r in ivf)
+    assert tiny_run["summary"]["best_faiss"] is not None
+
+
+def test_tiny_run_engine(tiny_run: dict[str, Any]) -> None:
+    engine = next(r for r in tiny_run["results"] if r["family"] == "colshard")
+    if "skipped" in engine:
+        pytest.skip(f"engine part skipped: {engine['skipped']}")
+    assert engine["recall_at_10"] >= 0.8  # a floor, not the target (0.95 on small)
+    assert engine["import_failed"] == 0 and engine["import_tokens_per_s"] > 0
+    assert engine["reopen_recall_at_10"] >= 0.8
+    assert 0 < engine["candidates_mean"] < 2000  # pruned by the token index
+    assert engine["index_disk_bytes_per_token"] > 0
+    sweep = [r for r in tiny_run["results"] if r["family"] == "colshard-sweep"]
+    assert len(sweep) == 1 and sweep[0]["recall_at_10"] >= 0.8
+
+
+def test_engine_skip_reason_is_stated() -> None:
+    why = engine_available()
+    assert why is None or "engine" in why
+
+
+def test_isolated_job_runs_in_a_child_process(cache: Path) -> None:
+    ds = _small(cache)
+    ground_truth(ds)
+    assert ds.path is not None
+    cfg = BenchConfig(n_queries=ds.n_queries, isolate=True, warmup=0,
+                      max_bruteforce_queries=3)
+    [rec] = _run_jobs([Job("bruteforce", str(ds.path), cfg)], isolate=True, log=lambda _: None)
+    assert rec["recall_at_10"] == 1.0 and rec["isolated_process"] and rec["peak_rss_mb"] > 0
+
+
+def test_report_from_synthetic_results(tmp_path: Path) -> None:
+    def rec(family: str, name: str, r10: float, qps: float, **kw: Any) -> dict[str, Any]:
+        return {"family": family, "pipeline": name, "recall_at_10": r10, "qps_1": qps,
+                "p50_ms": 1000 / qps, "candidates_mean": 100.0, "build_s": 10.0, **kw}
+
+    doc: dict[str, Any] = {"config": {"size": "small", "threads": 1},
+                           "dataset": {"key": "x", "n_docs": 1, "n_tokens": 1},
+                           "results": [
+        rec("faiss-hnsw", "faiss-hnsw a", 0.85, 100.0),
+        rec("faiss-hnsw", "faiss-hnsw b", 0.93, 40.0, qps_2=70.0),
+        rec("faiss-ivf", "faiss-ivf a", 0.95, 30.0),
+        rec("colshard", "colshard-engine", 0.96, 130.0, index_bytes_per_token=30.0,
+            build_s=5.0),
+        rec("colshard-http", "colshard-http", 0.96, 100.0),
+        {"family": "bruteforce", "pipeline": "numpy-bruteforce", "skipped": "test"},
+    ]}
+    doc["summary"] = summarize(doc)
+    s = doc["summary"]
+    assert s["best_faiss"]["pipeline"] == "faiss-hnsw b"
+    assert s["ratios"]["engine_qps_vs_best_faiss"] == pytest.approx(130 / 40)
+    assert s["ratios"]["engine_build_vs_faiss_ivf"] == pytest.approx(0.5)
+    assert s["ratios"]["http_p50_overhead_ms"] == pytest.approx(10.0 - 1000 / 130)
+    passed = {t["target"]: t["pass"] for t in s["targets"]}
+    assert passed["engine QPS ≥ 3× best faiss (recall@10 ≥ 0.90)"] is True
+    assert passed["HTTP adds ≤ 3 ms p50"] is True
+    files = write_all(doc, tmp_path)
+    assert set(files) == {"json", "table", "plot"}
+    assert "numpy-bruteforce: skipped (test)" in format_table(doc)
