@@ -39,10 +39,11 @@ def test_finds_near_duplicates() -> None:
     # Approximate inner products, but close to the exact ones.
     exact = np.einsum("qd,qkd->qk", db[:50], db[ids])
     assert np.abs(sims - exact).max() < 0.25
-    # With exact re-ordering inside ScaNN (an option), every token finds itself first.
+    # With exact re-ordering inside ScaNN (an option) a token finds itself first unless the
+    # approximate stages (tree, AH shortlist) missed it; the scores it returns are exact.
     exact_index = ScannTokenIndex.build(db, 10, {"reorder": "float32"})
     ids, sims = exact_index.search(db[:50], 10)
-    assert list(ids[:, 0]) == list(range(50))
+    assert np.mean(ids[:, 0] == np.arange(50)) >= 0.95
     np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", db[:50], db[ids]), atol=1e-5)
 
 
