@@ -1,4 +1,4 @@
-"""Property encoding shared by the WAL and sealed segments, and small durable-file helpers.
+"""Property encoding shared by the WAL and sealed segments, and small file helpers.
 
 Properties are stored as one compact JSON document per object. Values arrive type-checked; the
 only non-JSON types we expect are dates (``datetime``/``date``, stored as ISO-8601 strings, which
@@ -9,14 +9,18 @@ scalars (stored as the Python number).
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
+import shutil
 import uuid as uuid_mod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
+
+from cluster.errors import Unavailable
 
 
 def _json_default(value: Any) -> Any:
@@ -88,3 +92,22 @@ def dir_size_bytes(path: Path) -> int:
             except FileNotFoundError:  # removed by compaction meanwhile
                 continue
     return total
+
+
+def lock_dir(data_dir: Path, name: str) -> TextIO:
+    """One engine per data directory: two WAL writers would interleave records."""
+    f = open(data_dir / "LOCK", "a+")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        f.close()
+        raise Unavailable(f"shard {name}: {data_dir} is open in another engine",
+                          {"data_dir": str(data_dir)}) from exc
+    return f
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -25,6 +25,10 @@ state and is held only for short swaps and snapshots. Heavy work (segment files,
 compaction) runs outside ``_write_lock`` and ``_state_lock``; searches take a snapshot of segment
 views under ``_state_lock`` and score outside it, so queries and writes never wait for a build.
 
+Search (shard.search): a snapshot of every segment's view; the indexed segments are probed as
+one token index (a shard-wide k' threshold), the others scored exactly; exact MaxSim
+(shard.maxsim) on the candidates; per-segment top k merged here (score desc, uuid asc).
+
 Recovery: load the manifest's segments and tombstones, then replay every WAL generation from the
 manifest's one. Replay is last-writer-wins per uuid, so it is correct even when the persisted
 tombstones already reflect some of the replayed operations.
@@ -33,7 +37,6 @@ tombstones already reflect some of the replayed operations.
 from __future__ import annotations
 
 import bisect
-import fcntl
 import json
 import logging
 import os
@@ -60,7 +63,7 @@ from cluster.types import (
     VectorSearch,
     WriteResult,
 )
-from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, write_atomic
+from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_path, write_atomic
 from shard.index import ScannTokenIndex
 from shard.keyword import KeywordIndex, searchable_fields
 from shard.maxsim import maxsim_explain
@@ -113,7 +116,7 @@ class ShardEngine:
         self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
         self._keyword: KeywordIndex | None = None
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock_dir(self.data_dir, f"{spec.name}:{shard}")
+        self._lock_file = lock_dir(self.data_dir, f"{spec.name}:{shard}")
         try:
             self._recover()
         except BaseException:
@@ -178,7 +181,7 @@ class ShardEngine:
         self._persisted_masks[segment_id] = (seg.deleted, deleted_file)
         for entry in os.listdir(seg.directory):
             if entry.endswith(".tmp") or (entry.startswith("deleted-") and entry != deleted_file):
-                _remove(seg.directory / entry)
+                remove_path(seg.directory / entry)
         for v in self.spec.vectors:
             index_dir = seg.index_dir(v.name)
             if index_dir.is_dir():
@@ -297,6 +300,8 @@ class ShardEngine:
         vspec = self.spec.vector(req.target_vector)
         query = np.ascontiguousarray(req.query, dtype=np.float32)
         assert query.ndim == 2 and query.shape[1] == vspec.dim, "query shape"
+        if query.shape[0] == 0:
+            return ShardSearchResult(self.shard, (), 0, len(self._loc))
         with self._state_lock:
             views = [s.view() for s in self._sealed]
             views += [f.view() for f, _ in self._frozen]
@@ -472,7 +477,7 @@ class ShardEngine:
         for seg, _ in sealed:  # old tombstone files are garbage now
             prev = self._persisted_masks.get(seg.segment_id)
             if prev is not None and prev[1] and prev[1] != persisted[seg.segment_id][1]:
-                _remove(seg.directory / prev[1])
+                remove_path(seg.directory / prev[1])
         self._persisted_masks = persisted
         with self._write_lock:
             self._wal.remove_before(wal_gen)
@@ -640,22 +645,3 @@ def _allow_list(segment: Segment, n_objects: int, deleted: Bools, flt: Any) -> B
     for row in np.flatnonzero(~deleted).tolist():
         allowed[row] = bool(flt.matches(props[row]))
     return allowed
-
-
-def _lock_dir(data_dir: Path, name: str) -> Any:
-    """One engine per data directory: two WAL writers would interleave records."""
-    f = open(data_dir / "LOCK", "a+")  # noqa: SIM115 - held until close()
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        f.close()
-        raise Unavailable(f"shard {name}: {data_dir} is open in another engine",
-                          {"data_dir": str(data_dir)}) from exc
-    return f
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -55,6 +55,9 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
     p.add_argument("--engine-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ShardSettings field for the engine, e.g. "
                         "seal_threshold_tokens=32768 (repeatable)")
+    p.add_argument("--engine-shards", type=int, default=1,
+                   help="in-process shards for the engine run, routed and merged like the "
+                        "coordinator (use 2 with --http for a like-for-like overhead)")
     p.add_argument("--engine-seal", choices=("interleaved", "end"), default="interleaved",
                    help="run engine maintenance after every import batch (like its background "
                         "thread; default) or only at the end (one big segment)")
@@ -94,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         skip_engine=args.skip_engine, threads=args.threads, isolate=not args.no_isolate,
         max_bruteforce_queries=args.bruteforce_queries, repeat=max(1, args.repeat),
         engine_settings=parse_settings(args.engine_setting), engine_seal=args.engine_seal,
+        engine_shards=max(1, args.engine_shards),
         engine_kprime_sweep=tuple(int(k) for k in args.engine_kprime.split(",") if k.strip()),
         plot=not args.no_plot,
     )

@@ -82,6 +82,7 @@ class BenchConfig:
     # background thread would (segments seal at seal_threshold_tokens); "end": only after the
     # import (one big growing segment is sealed and indexed at once).
     engine_seal: str = "interleaved"
+    engine_shards: int = 1  # in-process shards (2 = the HTTP collection's layout)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
     engine_kprime_sweep: tuple[int, ...] = ()  # extra candidates_per_token values (reopen)
     http_batch: int = 128
@@ -173,12 +174,12 @@ def measure(
     """
     for i in query_ids[:warmup]:
         searcher.search(dataset.query(i), 10)
-    best: tuple[float, list[float]] | None = None
+    best: tuple[float, list[float], dict[str, float]] | None = None
     r10: list[float] = []
     cands: list[int] = []
-    phases: dict[str, float] = {}
     for rep in range(max(1, repeat)):
         lat: list[float] = []
+        phases: dict[str, float] = {}
         t_start = time.perf_counter()
         for i in query_ids:
             t0 = time.perf_counter()
@@ -187,13 +188,13 @@ def measure(
             if rep == 0:
                 r10.append(truth.recall(i, out.doc_ids, 10))
                 cands.append(out.n_candidates)
-                for name, s in out.timings_s.items():
-                    phases[name] = phases.get(name, 0.0) + s
+            for name, s in out.timings_s.items():
+                phases[name] = phases.get(name, 0.0) + s
         wall = time.perf_counter() - t_start
         if best is None or wall < best[0]:
-            best = (wall, lat)
+            best = (wall, lat, phases)
     assert best is not None
-    wall, lat = best
+    wall, lat, phases = best
     lat_ms = np.asarray(lat) * 1e3
     result: dict[str, Any] = {
         "n_queries": len(query_ids),
@@ -364,6 +365,62 @@ class EngineSearcher:
         return SearchOutput(ids, int(res.n_candidates))
 
 
+class ShardedEngine:
+    """N in-process ShardEngines routed like the coordinator does (jump hash of the uuid),
+    searched in parallel threads and merged (score desc, uuid asc). One shard: a passthrough.
+
+    This is the like-for-like reference for the HTTP path (same shard count, no Ray/HTTP).
+    """
+
+    def __init__(self, engine_cls: Any, spec: Any, data_dir: Path, settings: Any) -> None:
+        self.n_shards = int(spec.shard_count)
+        self.shards = [engine_cls(spec, s, data_dir / f"shard-{s}", settings)
+                       for s in range(self.n_shards)]
+        self._pool = ThreadPoolExecutor(self.n_shards) if self.n_shards > 1 else None
+
+    def upsert(self, batch: ObjectBatch) -> list[Any]:
+        if self.n_shards == 1:
+            return list(self.shards[0].upsert(batch))
+        from cluster.ids import shard_for_uuid
+
+        routes: dict[int, list[int]] = {}
+        for i, u in enumerate(batch.uuids):
+            routes.setdefault(shard_for_uuid(u, self.n_shards), []).append(i)
+        out: list[Any] = []
+        for s, idx in sorted(routes.items()):
+            out += self.shards[s].upsert(batch.take(idx))
+        return out
+
+    def maintenance(self) -> bool:
+        return any([e.maintenance() for e in self.shards])  # a list: every shard gets a turn
+
+    def search(self, req: VectorSearch) -> Any:
+        if self._pool is None:
+            return self.shards[0].search(req)
+        from cluster.types import ShardSearchResult
+
+        results = list(self._pool.map(lambda e: e.search(req), self.shards))
+        hits = sorted((h for r in results for h in r.hits), key=lambda h: (-h.score, h.uuid))
+        return ShardSearchResult(-1, tuple(hits[: req.k]),
+                                 sum(r.n_candidates for r in results),
+                                 sum(r.n_objects for r in results))
+
+    def stats(self) -> list[Any]:
+        return [e.stats() for e in self.shards]
+
+    def index_bytes(self) -> float | None:
+        fns = [getattr(e, "index_bytes", None) for e in self.shards]
+        if not all(callable(f) for f in fns):
+            return None
+        return float(sum(f() for f in fns if callable(f)))
+
+    def close(self) -> None:
+        for e in self.shards:
+            e.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
 def collection_dict(dim: int, shard_count: int) -> dict[str, Any]:
     return {"name": "Bench", "properties": [],
             "vectors": [{"name": "v", "kind": "multi", "dim": dim, "metric": "dot"}],
@@ -390,13 +447,15 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[
     engine_cls, why = _engine_class()
     if engine_cls is None:
         return [{"pipeline": "colshard-engine", "family": "colshard", "skipped": why}]
-    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, 1))
+    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, cfg.engine_shards))
     settings = ShardSettings(**cfg.engine_settings)
-    record: dict[str, Any] = {"pipeline": "colshard-engine", "family": "colshard",
-                              "params": asdict(settings), "notes": []}
+    name = "colshard-engine" + (f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else "")
+    record: dict[str, Any] = {"pipeline": name, "family": "colshard",
+                              "params": {**asdict(settings), "shards": cfg.engine_shards},
+                              "notes": []}
     data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-engine-"))
     try:
-        engine = engine_cls(spec, 0, data_dir, settings)
+        engine = ShardedEngine(engine_cls, spec, data_dir, settings)
         import_s = build_s = 0.0
         failed = rounds = 0
 
@@ -448,12 +507,13 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[
         records = [record]
         for kp in cfg.engine_kprime_sweep:
             settings_k = ShardSettings(**{**cfg.engine_settings, "candidates_per_token": kp})
-            engine = engine_cls(spec, 0, data_dir, settings_k)
+            engine = ShardedEngine(engine_cls, spec, data_dir, settings_k)
             res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
                           warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
             engine.close()
-            records.append({"pipeline": f"colshard-engine k'{kp}", "family": "colshard-sweep",
-                            "params": asdict(settings_k), **res})
+            records.append({"pipeline": f"{name} k'{kp}", "family": "colshard-sweep",
+                            "params": {**asdict(settings_k), "shards": cfg.engine_shards},
+                            **res})
         return records
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -489,18 +549,16 @@ def _engine_resident(dataset_path: str, spec_dict: dict[str, Any],
     gc.collect()
     before = proc_status()
     t0 = time.perf_counter()
-    engine = engine_cls(CollectionSpec.from_dict(spec_dict), 0, Path(data_dir),
-                        ShardSettings(**settings_dict))
+    engine = ShardedEngine(engine_cls, CollectionSpec.from_dict(spec_dict), Path(data_dir),
+                           ShardSettings(**settings_dict))
     open_s = time.perf_counter() - t0
     searcher = EngineSearcher(engine)
     r10 = [truth.recall(i, searcher.search(dataset.query(i), 10).doc_ids, 10)
            for i in _query_ids(dataset, 20)]
     after = proc_status()
     reported = None
-    fn = getattr(engine, "index_bytes", None)
-    if callable(fn):
-        with contextlib.suppress(Exception):
-            reported = float(fn())
+    with contextlib.suppress(Exception):
+        reported = engine.index_bytes()
     engine.close()
     n = dataset.n_tokens
     return {
@@ -555,10 +613,12 @@ class HttpSearcher:
         resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
                                    json=body)
         _check(resp)
-        objects = resp.json()["objects"]
+        body_out = resp.json()
+        objects = body_out["objects"]
         ids = np.fromiter((doc_index(o["id"]) for o in objects), dtype=np.int64,
                           count=len(objects))
-        return SearchOutput(ids, 0)
+        took = body_out.get("took_ms")  # the server's own time: the rest is HTTP + JSON
+        return SearchOutput(ids, 0, {"server": float(took) / 1e3} if took is not None else {})
 
     def create(self, dim: int, shard_count: int = 2) -> None:
         _check(self._client().post(f"{self.base_url}/v1/collections",
@@ -646,11 +706,18 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
     log_path = cfg.out_dir / "colshard-serve.log"
     record: dict[str, Any] = {"pipeline": "colshard-http", "family": "colshard-http",
                               "params": {"shard_count": 2, "port": port}, "log": str(log_path)}
+    # Serve the same source tree this harness runs from (an editable install may point at
+    # another checkout): its root goes first on the server's PYTHONPATH.
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[2]
+    if (root / "gateway").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+        record["server_code_root"] = str(root)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [exe, "serve", "--data-dir", str(data_dir), "--port", str(port),
              "--etcd-port", str(etcd_port)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + cfg.http_timeout_s

@@ -298,6 +298,51 @@ def test_tiny_run_engine(tiny_run: dict[str, Any]) -> None:
     assert len(sweep) == 1 and sweep[0]["recall_at_10"] >= 0.8
 
 
+class _FakeEngine:
+    """Exact MaxSim over what it was given: enough to check routing and the merge."""
+
+    def __init__(self, spec: Any, shard: int, data_dir: Path, settings: Any) -> None:
+        self.shard = shard
+        self.docs: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
+
+    def upsert(self, batch: Any) -> list[Any]:
+        from cluster.types import WriteResult
+
+        col = batch.vectors["v"]
+        for i, u in enumerate(batch.uuids):
+            self.docs[u] = col.rows(i)
+        return [WriteResult(u, True) for u in batch.uuids]
+
+    def search(self, req: Any) -> Any:
+        from cluster.types import Hit, ShardSearchResult
+
+        scored = sorted(((-float((req.query @ d.T).max(axis=1).sum()), u)
+                         for u, d in self.docs.items()))[: req.k]
+        return ShardSearchResult(self.shard, tuple(Hit(u, -s) for s, u in scored),
+                                 len(self.docs), len(self.docs))
+
+    def close(self) -> None:
+        pass
+
+
+def test_sharded_engine_routes_and_merges(cache: Path, tmp_path: Path) -> None:
+    from cluster.spec import CollectionSpec
+    from shard.bench.harness import EngineSearcher, ShardedEngine, collection_dict, object_batch
+
+    ds = _small(cache)
+    truth = ground_truth(ds)
+    spec = CollectionSpec.from_dict(collection_dict(ds.dim, 2))
+    engine = ShardedEngine(_FakeEngine, spec, tmp_path, None)
+    assert engine.index_bytes() is None
+    results = engine.upsert(object_batch(ds, 0, ds.n_docs))
+    assert len(results) == ds.n_docs and all(r.ok for r in results)
+    sizes = [len(e.docs) for e in engine.shards]
+    assert sum(sizes) == ds.n_docs and min(sizes) > 0.3 * ds.n_docs
+    res = measure(EngineSearcher(engine), ds, truth, list(range(ds.n_queries)), warmup=0)
+    assert res["recall_at_10"] == 1.0 and res["candidates_mean"] == ds.n_docs
+    engine.close()
+
+
 def test_engine_skip_reason_is_stated() -> None:
     why = engine_available()
     assert why is None or "engine" in why

@@ -329,6 +329,8 @@ def test_return_properties_include_vectors_and_explain(tmp_path: Path, spec: Any
     assert plain.vectors is None and plain.explain is None and plain.properties["title"] == "x"
     with pytest.raises(NotFound):
         engine.search(VectorSearch("nope", q, 1))
+    assert engine.search(VectorSearch("v", np.zeros((0, DIM), np.float32), 1)).hits == ()
+    assert engine.search(VectorSearch("v", q, 0)).hits == ()
     engine.close()
 
 
