@@ -9,6 +9,8 @@
     ├── AlreadyExists             already_exists  409
     ├── PayloadTooLarge           payload_too_large 413
     ├── Unavailable               unavailable     503  etcd down, shard without a live replica
+    ├── StorageError              storage_error   503  the shard could not make a write durable
+    │   └── InsufficientStorage   insufficient_storage 507  disk full / file size limit
     ├── DeadlineExceeded          deadline_exceeded 504
     └── InternalError             internal        500
 
@@ -69,6 +71,19 @@ class Unavailable(ColshardError):
     code = "unavailable"
 
 
+class StorageError(ColshardError):
+    """A write could not be made durable (I/O error on the shard's disk). Nothing of that write
+    was acknowledged or kept; earlier acknowledged writes are intact."""
+
+    code = "storage_error"
+
+
+class InsufficientStorage(StorageError):
+    """The shard's disk is full (or a file size limit was hit); retry once space is freed."""
+
+    code = "insufficient_storage"
+
+
 class DeadlineExceeded(ColshardError):
     code = "deadline_exceeded"
 
@@ -86,6 +101,8 @@ ALL_ERRORS: tuple[type[ColshardError], ...] = (
     AlreadyExists,
     PayloadTooLarge,
     Unavailable,
+    StorageError,
+    InsufficientStorage,
     DeadlineExceeded,
     InternalError,
 )

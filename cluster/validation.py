@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from cluster.errors import InvalidInput
 from cluster.ids import new_uuid, normalize_uuid
 from cluster.spec import CollectionSpec, PropertySpec
-from cluster.types import F32, ObjectBatch, VectorColumn, as_matrix, l2_normalize
+from cluster.types import F32, I64, ObjectBatch, VectorColumn, as_matrix, l2_normalize
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,55 @@ class ObjectInput:
     uuid: str | None
     properties: Mapping[str, Any] = field(default_factory=dict)
     vectors: Mapping[str, Any] = field(default_factory=dict)  # name -> 1-D or 2-D array
+
+
+@dataclass(frozen=True)
+class VectorInput:
+    """One named vector of a columnar batch: every row of every object in one flat float32
+    ``(n_rows, dim)`` array, object ``i`` owning rows ``offsets[i]:offsets[i+1]``.
+
+    ``multi``: the column was a list of vectors per object (else one flat vector per object,
+    one row). ``present``: which objects have the vector (``None``: all of them)."""
+
+    values: F32
+    offsets: I64
+    multi: bool = True
+    present: npt.NDArray[np.bool_] | None = None
+
+    def row_value(self, i: int) -> F32 | None:
+        """Object ``i``'s vector as the per-object decoder gives it (2-D multi, 1-D single)."""
+        if self.present is not None and not bool(self.present[i]):
+            return None
+        rows = self.values[int(self.offsets[i]) : int(self.offsets[i + 1])]
+        return rows if self.multi else rows.reshape(-1)
+
+
+@dataclass(frozen=True)
+class ColumnarInput:
+    """A batch of objects as columns (the Arrow import): ids, properties per object, and per
+    named vector one ``VectorInput``. It crosses Ray as a handful of numpy buffers instead of
+    thousands of small arrays; ``prepare_columnar`` validates it without per-object arrays."""
+
+    uuids: tuple[str | None, ...]
+    properties: tuple[Mapping[str, Any], ...]
+    vectors: Mapping[str, VectorInput] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.uuids)
+
+    def to_objects(self) -> list[ObjectInput]:
+        """The same batch as per-object inputs (the general validation path)."""
+        out = []
+        for i, (uuid, props) in enumerate(zip(self.uuids, self.properties, strict=True)):
+            vectors = {name: v for name, col in self.vectors.items()
+                       if (v := col.row_value(i)) is not None}
+            out.append(ObjectInput(uuid, props, vectors))
+        return out
+
+    def missing(self, name: str) -> bool:
+        """Some object lacks the named vector."""
+        col = self.vectors.get(name)
+        return col is None or (col.present is not None and not bool(col.present.all()))
 
 
 def parse_date(value: Any) -> datetime:
@@ -149,3 +201,65 @@ def prepare_batch(
         tuple(props),
         {v.name: VectorColumn.from_matrices(columns[v.name], v.dim) for v in spec.vectors},
     )
+
+
+class _Fallback(Exception):
+    """The columnar fast path cannot decide: validate object by object instead."""
+
+
+def prepare_columnar(spec: CollectionSpec, batch: ColumnarInput) -> ObjectBatch:
+    """``prepare_batch`` for a columnar batch: the same result (and, for any invalid batch, the
+    very same error: it is re-validated object by object, which names the first bad object)
+    with the vector checks (dims, NaN/Inf, empty rows) and cosine normalisation done once over
+    each flat array. Vectors still to be computed by a vectorizer are the caller's business
+    (it passes ``batch.to_objects()`` to ``prepare_batch`` then)."""
+    try:
+        return _prepare_columnar(spec, batch)
+    except (_Fallback, InvalidInput):
+        return prepare_batch(spec, batch.to_objects())
+
+
+def _prepare_columnar(spec: CollectionSpec, batch: ColumnarInput) -> ObjectBatch:
+    n = len(batch)
+    if n == 0 or len(batch.properties) != n:
+        raise _Fallback
+    names = {v.name for v in spec.vectors}
+    if set(batch.vectors) - names:
+        raise _Fallback
+    uuids: list[str] = []
+    seen: set[str] = set()
+    props: list[dict[str, Any]] = []
+    for raw_id, raw_props in zip(batch.uuids, batch.properties, strict=True):
+        oid = normalize_uuid(raw_id) if raw_id is not None else new_uuid()
+        if oid in seen:
+            raise _Fallback
+        seen.add(oid)
+        uuids.append(oid)
+        props.append(check_properties(spec, raw_props))
+    columns: dict[str, VectorColumn] = {}
+    for vec in spec.vectors:
+        col = batch.vectors.get(vec.name)
+        if col is None or batch.missing(vec.name) or col.multi != vec.multi:
+            raise _Fallback
+        values = col.values
+        offsets = np.asarray(col.offsets, dtype=np.int64)
+        if (values.ndim != 2 or values.shape[1] != vec.dim or vec.dim == 0
+                or len(offsets) != n + 1 or int(offsets[0]) != 0
+                or int(offsets[-1]) != values.shape[0]):
+            raise _Fallback
+        lengths = np.diff(offsets)
+        if (lengths <= 0).any() or (not vec.multi and (lengths != 1).any()):
+            raise _Fallback  # empty (or, for single vectors, several) rows
+        values = np.asarray(values, dtype=np.float32)
+        if vec.metric == "cosine":
+            # l2_normalize's arithmetic, once over the flat array (same bytes). A finite norm
+            # means a finite row; a non-finite one is NaN/Inf or a float32 overflow.
+            norms = np.linalg.norm(values, axis=1, keepdims=True)
+            if not np.isfinite(norms).all() and not np.isfinite(values).all():
+                raise _Fallback
+            norms[norms == 0] = 1.0
+            values = values / norms
+        elif not np.isfinite(values).all():
+            raise _Fallback
+        columns[vec.name] = VectorColumn(np.ascontiguousarray(values, dtype=np.float32), offsets)
+    return ObjectBatch(tuple(uuids), tuple(props), columns)

@@ -3,6 +3,10 @@
 One coordinator per colshard cluster, named ``colshard:coordinator`` in the cluster's Ray
 namespace, detached, so every gateway (``colshard serve`` or ``colshard gateway``) finds it by
 name. Its methods are the coordinator's verbs; errors cross back to gateways as colshard errors.
+
+It also runs the membership monitor (``coordinator.membership``): a node agent on every Ray
+node holds the node's ``members/<node_id>`` lease in etcd, and shards whose node left are shown
+``unavailable`` in ``cluster_info`` and make ``readiness`` report not ready.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from cluster.query import QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec
 from cluster.types import StoredObject, WriteResult
-from cluster.validation import ObjectInput
+from cluster.validation import ColumnarInput, ObjectInput
+from coordinator.membership import MembershipMonitor
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.node_agent import RayNodeAgents
 from coordinator.placement import RayPlacement
 from coordinator.service import Coordinator
-
-MEMBER_TTL_S = 10
 
 
 def ray_namespace(cluster_name: str) -> str:
@@ -35,8 +40,9 @@ class CoordinatorActor:
         self._settings = settings
         self._coordinator: Coordinator | None = None
         self._store: EtcdStore | None = None
-        self._member: Any = None
+        self._membership: MembershipMonitor | None = None
         self._start_lock = asyncio.Lock()
+        self._metrics = CoordinatorMetrics()
 
     async def _core(self) -> Coordinator:
         if self._coordinator is not None:
@@ -47,22 +53,29 @@ class CoordinatorActor:
             store = await EtcdStore.connect(self._settings.etcd_endpoints,
                                             self._settings.cluster_name,
                                             self._settings.etcd_timeout_s)
-            placement = RayPlacement(ray_namespace(self._settings.cluster_name),
-                                     self._settings.data_dir, self._settings.shard)
+            namespace = ray_namespace(self._settings.cluster_name)
+            placement = RayPlacement(namespace, self._settings.data_dir, self._settings.shard,
+                                     dict(self._settings.shard_resources),
+                                     self._settings.vectorizer_replicas)
             coordinator = Coordinator(store, placement, self._settings)
             await coordinator.start()
-            # This node's membership, bound to a lease: it disappears when the node dies.
-            self._member = await store.register_member(*self._member_info(), ttl_s=MEMBER_TTL_S)
-            self._store, self._coordinator = store, coordinator
+            coordinator.start_background()  # catch-up of stale replicas, placement rewrites
+            # Every Ray node's membership (node agents), before the first caller sees us.
+            membership = MembershipMonitor(store, RayNodeAgents(namespace, self._settings),
+                                           coordinator.shard_clients,
+                                           self._settings.membership_interval_s)
+            await membership.tick()
+            membership.start()
+            self._store, self._membership = store, membership
+            self._coordinator = coordinator
             return coordinator
 
     @staticmethod
-    def _member_info() -> tuple[str, dict[str, Any]]:
+    def _whereabouts() -> dict[str, Any]:
         import ray
 
-        node_id = ray.get_runtime_context().get_node_id()
-        return node_id, {"host": socket.gethostname(), "pid": os.getpid(),
-                         "roles": ["coordinator"], "started": time.time()}
+        return {"node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
 
     async def start(self) -> bool:
         await self._core()
@@ -83,30 +96,85 @@ class CoordinatorActor:
     async def delete_collection(self, name: str) -> None:
         await (await self._core()).delete_collection(name)
 
-    async def upsert(self, collection: str, objects: Sequence[ObjectInput],
-                     api_keys: Mapping[str, str] | None = None) -> list[WriteResult]:
-        return await (await self._core()).upsert(collection, objects, api_keys)
+    async def upsert(self, collection: str, objects: Sequence[ObjectInput] | ColumnarInput,
+                     api_keys: Mapping[str, str] | None = None,
+                     consistency_level: str | None = None) -> list[WriteResult]:
+        core = await self._core()
+        try:
+            results = await core.upsert(collection, objects, api_keys, consistency_level)
+        except Exception as exc:
+            self._metrics.record_writes(collection, None, exc, len(objects))
+            raise
+        self._metrics.record_writes(collection, results, None, len(objects))
+        return results
 
     async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
-                           dry_run: bool) -> dict[str, Any]:
-        return await (await self._core()).delete_where(collection, raw_filter, dry_run)
+                           dry_run: bool, consistency_level: str | None = None
+                           ) -> dict[str, Any]:
+        return await (await self._core()).delete_where(collection, raw_filter, dry_run,
+                                                       consistency_level)
 
     async def get_object(self, collection: str, uuid: str, include_vector: bool
                          ) -> StoredObject:
         return await (await self._core()).get_object(collection, uuid, include_vector)
 
-    async def delete_object(self, collection: str, uuid: str) -> bool:
-        return await (await self._core()).delete_object(collection, uuid)
+    async def delete_object(self, collection: str, uuid: str,
+                            consistency_level: str | None = None) -> bool:
+        return await (await self._core()).delete_object(collection, uuid, consistency_level)
+
+    async def repair_once(self) -> dict[str, Any]:
+        """One catch-up round now (the background loop runs it every second)."""
+        return await (await self._core()).repair_once()
 
     async def list_objects(self, collection: str, after: str | None, limit: int,
                            include_vector: bool) -> list[StoredObject]:
         return await (await self._core()).list_objects(collection, after, limit, include_vector)
 
     async def query(self, req: QueryRequest) -> QueryResult:
-        return await (await self._core()).query(req)
+        core = await self._core()
+        start = time.perf_counter()
+        try:
+            result = await core.query(req)
+        except Exception as exc:
+            self._metrics.record_query(req.collection, _kind(req), time.perf_counter() - start,
+                                       exc)
+            raise
+        self._metrics.record_query(req.collection, _kind(req), time.perf_counter() - start,
+                                   None, len(result.missing_shards))
+        return result
 
     async def cluster_info(self) -> dict[str, Any]:
-        return await (await self._core()).cluster_info()
+        """Members (the coordinator's node gets the ``coordinator`` role), placements with
+        availability and per-replica object/token counts, and the unavailable shards."""
+        info = await (await self._core()).cluster_info()
+        assert self._membership is not None
+        here = self._whereabouts()
+        members = {node: dict(m) for node, m in info.get("members", {}).items()}
+        if here["node_id"] in members:
+            roles = list(members[here["node_id"]].get("roles", []))
+            members[here["node_id"]]["roles"] = ["coordinator", *roles]
+        stats = await self._membership.shard_stats()
+        return self._membership.annotate({**info, "members": members, "coordinator": here},
+                                         stats)
 
     async def readiness(self) -> dict[str, Any]:
-        return await (await self._core()).readiness()
+        state = await (await self._core()).readiness()
+        assert self._membership is not None
+        down = self._membership.unavailable_shards()
+        if down:
+            unavailable = sorted({*state.get("unavailable_shards", []), *down})
+            state = {**state, "ready": False, "unavailable_shards": unavailable}
+        return state
+
+    async def membership_tick(self) -> dict[str, Any]:
+        """One membership round now (the background loop runs one every few seconds)."""
+        await self._core()
+        assert self._membership is not None
+        return await self._membership.tick()
+
+
+def _kind(req: QueryRequest) -> str:
+    try:
+        return req.kind()
+    except Exception:  # malformed request: the coordinator rejects it; still count it
+        return "invalid"

@@ -8,6 +8,7 @@ actor handle and maps Ray's exceptions to colshard's, naming the shard.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -87,7 +88,9 @@ class RayShardClient:
         self._what = f"shard {shard_id}"
         self._details: dict[str, Any] = {"shard": str(shard_id)}
 
-    async def _call(self, method: str, timeout_s: float, *args: Any) -> Any:
+    async def _call(self, method: str, timeout_s: float, *args: Any, retry: bool = True) -> Any:
+        """Reads pass ``retry=False``: the coordinator's ReplicaSet fails them over to another
+        replica (and retries the round itself), instead of waiting here for a restart."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         for attempt in range(len(self.RETRY_BACKOFF_S) + 1):
@@ -96,7 +99,7 @@ class RayShardClient:
                 return await call_remote(ref, max(0.001, deadline - loop.time()), self._what,
                                          dict(self._details))
             except Unavailable:
-                if attempt == len(self.RETRY_BACKOFF_S):
+                if not retry or attempt == len(self.RETRY_BACKOFF_S):
                     raise
                 pause = self.RETRY_BACKOFF_S[attempt]
                 if loop.time() + pause >= deadline:
@@ -118,25 +121,27 @@ class RayShardClient:
 
     async def get(self, uuid: str, include_vectors: bool, timeout_s: float
                   ) -> StoredObject | None:
-        result: StoredObject | None = await self._call("get", timeout_s, uuid, include_vectors)
+        result: StoredObject | None = await self._call("get", timeout_s, uuid, include_vectors,
+                                                       retry=False)
         return result
 
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await self._call("search", timeout_s, req)
+        result: ShardSearchResult = await self._call("search", timeout_s, req, retry=False)
         return result
 
     async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await self._call("keyword_search", timeout_s, req)
+        result: ShardSearchResult = await self._call("keyword_search", timeout_s, req,
+                                                     retry=False)
         return result
 
     async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
                            timeout_s: float) -> list[StoredObject]:
         result: list[StoredObject] = await self._call("list_objects", timeout_s, after, limit,
-                                                      include_vectors)
+                                                      include_vectors, retry=False)
         return result
 
     async def stats(self, timeout_s: float) -> ShardStats:
-        result: ShardStats = await self._call("stats", timeout_s)
+        result: ShardStats = await self._call("stats", timeout_s, retry=False)
         return result
 
     async def drop(self, timeout_s: float) -> None:
@@ -165,11 +170,23 @@ async def gather_shards(
 
 
 class RayVectorizerClient:
-    """A VectorizerClient over a VectorizerActor handle."""
+    """A VectorizerClient over a pool of VectorizerActor handles: each call goes to the next
+    actor (round-robin); ``parallelism`` tells callers how many calls to keep in flight."""
 
-    def __init__(self, handle: Any, name: str) -> None:
-        self._handle = handle
+    def __init__(self, handles: Sequence[Any], name: str) -> None:
+        if not handles:
+            raise ValueError("a vectorizer pool needs at least one actor")
+        self._handles = list(handles)
+        self._next = itertools.cycle(range(len(self._handles)))
         self._name = name
+
+    @property
+    def parallelism(self) -> int:
+        return len(self._handles)
+
+    @property
+    def _handle(self) -> Any:
+        return self._handles[next(self._next)]
 
     async def _call(self, ref: Any, timeout_s: float) -> Any:
         return await call_remote(

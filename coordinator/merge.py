@@ -23,10 +23,12 @@ def merge_top_k(per_shard: Iterable[Sequence[Hit]], offset: int, limit: int) -> 
     """
     if offset < 0 or limit < 0:
         raise ValueError("offset and limit must be non-negative")
+    wanted = offset + limit
+    if limit == 0:
+        return []
     lists = [sorted(hits, key=hit_key) for hits in per_shard]
     out: list[Hit] = []
     seen: set[str] = set()
-    wanted = offset + limit
     for hit in heapq.merge(*lists, key=hit_key):
         if hit.uuid in seen:
             continue

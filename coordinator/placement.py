@@ -40,8 +40,10 @@ class RayPlacement:
     """Creates shard actors in ``namespace``; ``resources`` can pin them to labelled nodes."""
 
     def __init__(self, namespace: str, data_dir: Path, shard_settings: ShardSettings,
-                 resources: dict[str, float] | None = None) -> None:
+                 resources: dict[str, float] | None = None, vectorizer_replicas: int = 1
+                 ) -> None:
         self._namespace = namespace
+        self._vectorizer_replicas = max(1, vectorizer_replicas)
         self._data_dir = data_dir
         self._settings = shard_settings
         self._resources = dict(resources or {})
@@ -51,7 +53,9 @@ class RayPlacement:
     def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> ShardClient:
         """Get the shard's actor by name, creating it when absent."""
         name = actor_name(spec, shard, replica)
-        data_dir = shard_data_dir(self._data_dir, spec, shard, replica)
+        # Relative to the data dir of the node the actor lands on (its COLSHARD_DATA_DIR, else
+        # the coordinator's data dir): each shard keeps its data on its own node.
+        subdir = shard_data_dir(Path(), spec, shard, replica).as_posix()
         handle = self._remote_cls.options(
             name=name,
             namespace=self._namespace,
@@ -61,9 +65,11 @@ class RayPlacement:
             resources=self._resources or None,
             max_restarts=SHARD_MAX_RESTARTS,
             max_concurrency=SHARD_MAX_CONCURRENCY,
-            # SPREAD puts a collection's shards on different nodes of a multi-node cluster.
+            # SPREAD puts a collection's shards on different nodes of a multi-node cluster;
+            # resources (Settings.shard_resources, e.g. {"colshard_shard": 1}) keep them on the
+            # nodes that advertise them, and cap how many each node takes.
             scheduling_strategy="SPREAD",
-        ).remote(spec.to_json(), shard, str(data_dir), self._settings)
+        ).remote(spec.to_json(), shard, str(self._data_dir), self._settings, subdir)
         return RayShardClient(handle, ShardId(spec.name, shard))
 
     def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None:
@@ -74,11 +80,17 @@ class RayPlacement:
         ray.kill(handle, no_restart=True)
 
     def open_vectorizer(self, spec: VectorizerSpec) -> RayVectorizerClient:
-        """One encoder actor per distinct vectorizer config, shared by every collection."""
+        """A pool of encoder actors per distinct vectorizer config, shared by every collection:
+        ``colshard:vectorizer:<digest>`` (and ``...:<i>`` for i >= 1), spread over nodes."""
         digest = hashlib.sha1(vectorizer_key(spec).encode()).hexdigest()[:12]
         name = f"{ACTOR_PREFIX}:vectorizer:{digest}"
-        handle = self._vectorizer_cls.options(
-            name=name, namespace=self._namespace, get_if_exists=True, lifetime="detached",
-            num_cpus=0, max_restarts=SHARD_MAX_RESTARTS, max_concurrency=2,
-        ).remote(spec.kind, dict(spec.options))
-        return RayVectorizerClient(handle, name)
+        handles = [
+            self._vectorizer_cls.options(
+                name=name if i == 0 else f"{name}:{i}", namespace=self._namespace,
+                get_if_exists=True, lifetime="detached", num_cpus=0,
+                max_restarts=SHARD_MAX_RESTARTS, max_concurrency=2,
+                scheduling_strategy="SPREAD",
+            ).remote(spec.kind, dict(spec.options))
+            for i in range(self._vectorizer_replicas)
+        ]
+        return RayVectorizerClient(handles, name)

@@ -8,28 +8,52 @@ Routing state is an in-memory snapshot (specs + shard clients); the query path n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, Protocol
 
-from cluster.errors import InvalidInput, NotFound, Unavailable
+from cluster.errors import ColshardError, DeadlineExceeded, InvalidInput, NotFound, Unavailable
 from cluster.ids import normalize_uuid, shard_for_uuid, validate_collection_name
 from cluster.query import QueryRequest, QueryResult, ResultObject
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec, VectorizerSpec
 from cluster.types import Hit, KeywordSearch, StoredObject, VectorSearch, WriteResult
-from cluster.validation import ObjectInput, prepare_batch, prepare_query_vector
+from cluster.validation import (
+    ColumnarInput,
+    ObjectInput,
+    prepare_batch,
+    prepare_columnar,
+    prepare_query_vector,
+)
 from coordinator.fanout import ShardClient, gather_shards
 from coordinator.fusion import fuse
 from coordinator.merge import merge_top_k
+from coordinator.replication import (
+    STALE,
+    ConsistencyLevel,
+    Replica,
+    ReplicaSet,
+    parse_consistency,
+)
 from coordinator.vectorize import VectorizerClient, Vectorizers
 
 log = logging.getLogger(__name__)
 HYBRID_MIN_CANDIDATES = 100
 DELETE_PAGE = 1000
+REPAIR_INTERVAL_S = 1.0
+MAX_QUERY_TIMEOUT_S = 300.0
+_TASKS: set[asyncio.Future[Any]] = set()
+# The running query's deadline (loop time); shard calls get what is left of it.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("colshard_deadline",
+                                                                         default=None)
+PLACEMENT_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 2.0
 
 
 class ClusterStore(Protocol):
@@ -52,6 +76,15 @@ class Placement(Protocol):
     def open_vectorizer(self, spec: VectorizerSpec) -> VectorizerClient: ...
 
 
+async def _list_page(after: str | None, limit: int, client: ShardClient, timeout_s: float
+                     ) -> list[StoredObject]:
+    return await client.list_objects(after, limit, False, timeout_s)
+
+
+async def _delete(uuids: Sequence[str], client: ShardClient, timeout_s: float) -> list[bool]:
+    return await client.delete(uuids, timeout_s)
+
+
 def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None
                 ) -> dict[str, Any] | None:
     """Vectors in the shape users stored them: ``single`` vectors flat, multi as (n, dim)."""
@@ -71,9 +104,13 @@ class Coordinator:
         self._vectorizers = vectorizers or Vectorizers(placement.open_vectorizer,
                                                        settings.write_timeout_s)
         self._specs: dict[str, CollectionSpec] = {}
-        # collection -> shard -> replicas
-        self._shards: dict[str, list[list[ShardClient]]] = {}
+        # collection -> shard -> replicas (coordinator/replication.py)
+        self._shards: dict[str, list[ReplicaSet]] = {}
         self._schema_lock = asyncio.Lock()
+        # placement infos to (re)write to etcd: written when it answers (after an outage too)
+        self._placement_info: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self._placement_dirty: set[tuple[str, int, int]] = set()
+        self._repair_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -89,17 +126,116 @@ class Coordinator:
                    for r in range(spec.replication_factor)]
                   for s in range(spec.shard_count)]
         infos = await asyncio.gather(*(c.ready(timeout_s) for reps in shards for c in reps))
+        # Replicas recorded as stale (they missed writes) stay stale until caught up.
+        known = await self._store.get_placements(spec.name)
+        sets = [ReplicaSet.of(spec.name, s, reps) for s, reps in enumerate(shards)]
         it = iter(infos)
         for s, reps in enumerate(shards):
             for r, client in enumerate(reps):
                 info = next(it)
-                await self._store.put_placement(spec.name, s, r, {
+                before = known.get((s, r), {})
+                replica = sets[s].replicas[r]
+                if before.get("state") == STALE:
+                    replica.state = STALE
+                replica.last_ok_seq = int(before.get("last_ok_seq", 0) or 0)
+                self._placement_info[(spec.name, s, r)] = {
                     "actor": client.shard_id.actor_name(
                         r if spec.replication_factor > 1 else None),
                     "node_id": info.get("node_id", ""), "host": info.get("host", ""),
-                    "pid": info.get("pid", 0), "state": "ready"})
+                    "pid": info.get("pid", 0)}
+                await self._store.put_placement(spec.name, s, r,
+                                                self._placement_record(spec.name, s, replica))
+            sets[s].on_state_change = self._replica_state_changed
         self._specs[spec.name] = spec
-        self._shards[spec.name] = shards
+        self._shards[spec.name] = sets
+
+    def _placement_record(self, collection: str, shard: int, replica: Replica
+                          ) -> dict[str, Any]:
+        return {**self._placement_info.get((collection, shard, replica.index), {}),
+                "state": replica.state, "last_ok_seq": replica.last_ok_seq}
+
+    def _replica_state_changed(self, rs: ReplicaSet, replica: Replica) -> None:
+        """A replica went stale or ready: mirror it into etcd, in the background (an etcd
+        outage must not hold up writes; the repair loop retries)."""
+        self._placement_dirty.add((rs.collection, rs.shard, replica.index))
+        task = asyncio.ensure_future(self.flush_placements())
+        _TASKS.add(task)
+        task.add_done_callback(_TASKS.discard)
+
+    async def flush_placements(self) -> int:
+        """Write every changed placement record to etcd; returns how many are still
+        pending (etcd unreachable)."""
+        for key in sorted(self._placement_dirty):
+            collection, shard, index = key
+            sets = self._shards.get(collection)
+            if sets is None or shard >= len(sets):
+                self._placement_dirty.discard(key)
+                continue
+            replica = sets[shard].replicas[index]
+            try:
+                await asyncio.wait_for(self._store.put_placement(
+                    collection, shard, index, self._placement_record(collection, shard,
+                                                                     replica)),
+                    PLACEMENT_TIMEOUT_S)
+            except (ColshardError, TimeoutError) as exc:
+                log.info("placement of %s:%d:%d not written yet: %s", collection, shard,
+                         index, exc)
+                break
+            self._placement_dirty.discard(key)
+        return len(self._placement_dirty)
+
+    # ---- repair ----------------------------------------------------------------------------
+
+    def start_background(self) -> None:
+        """Start the repair loop (catch-up of stale replicas, placement rewrites)."""
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.ensure_future(self._repair_loop())
+
+    async def stop_background(self) -> None:
+        if self._repair_task is not None:
+            self._repair_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._repair_task
+            self._repair_task = None
+
+    async def _repair_loop(self) -> None:
+        while True:
+            try:
+                await self.repair_once()
+            except Exception:
+                log.exception("repair round failed")
+            await asyncio.sleep(REPAIR_INTERVAL_S)
+
+    async def repair_once(self) -> dict[str, Any]:
+        """One round: catch up every stale replica that answers, then rewrite placement
+        records etcd has not seen yet. Returns what was caught up."""
+        caught: dict[str, Any] = {}
+        for name, sets in list(self._shards.items()):
+            spec = self._specs[name]
+            for rs in sets:
+                rs.promote_if_all_stale()
+                for replica in rs.stale():
+                    try:
+                        await replica.client.ready(PROBE_TIMEOUT_S)
+                    except ColshardError:
+                        # Dead for good (killed, restarts exhausted)? Placement recreates the
+                        # actor by name (or returns the one that is restarting); it recovers
+                        # from its data dir and is caught up on a later round.
+                        with contextlib.suppress(Exception):
+                            replica.client = self._placement.open_shard(spec, rs.shard,
+                                                                        replica.index)
+                        continue
+                    try:
+                        stats = await rs.catch_up(replica, self._settings.write_timeout_s)
+                    except ColshardError as exc:
+                        log.warning("catch-up of %s:%d failed: %s", rs.name, replica.index,
+                                    exc.message)
+                        continue
+                    if stats is not None:
+                        caught[f"{name}:{rs.shard}:{replica.index}"] = stats
+        if self._placement_dirty:
+            await self.flush_placements()
+        return caught
 
     # ---- schema ----------------------------------------------------------------------------
 
@@ -146,14 +282,21 @@ class Coordinator:
     async def delete_collection(self, name: str) -> None:
         async with self._schema_lock:
             spec = self.spec(name)
+            # Fail fast (503) while etcd is unreachable, before any data is dropped.
+            if not await self._store.ping():
+                raise Unavailable(f"cannot delete collection {name!r}: etcd is unreachable",
+                                  {"collection": name})
             await self._drop_shards(spec)
             self._specs.pop(name, None)
             self._shards.pop(name, None)
+            self._placement_dirty = {k for k in self._placement_dirty if k[0] != name}
+            for key in [k for k in self._placement_info if k[0] == name]:
+                del self._placement_info[key]
             await self._store.delete_collection(name)
 
     async def _drop_shards(self, spec: CollectionSpec) -> None:
-        for reps in self._shards.get(spec.name, []):
-            for client in reps:
+        for rs in self._shards.get(spec.name, []):
+            for client in rs.clients():
                 try:
                     await client.drop(self._settings.write_timeout_s)
                 except Exception:
@@ -166,12 +309,14 @@ class Coordinator:
         spec = self.spec(name)
         shards = self._shards[name]
         stats, failures = await gather_shards(
-            {s: reps[0].stats(self._settings.query_timeout_s) for s, reps in enumerate(shards)},
+            {s: rs.read(lambda c, t: c.stats(t), self._settings.query_timeout_s)
+             for s, rs in enumerate(shards)},
             allow_partial=True)
         return {
             "spec": spec,
             "shards": [
-                {"shard": s, "replicas": len(shards[s]),
+                {"shard": s, "replicas": len(shards[s].replicas),
+                 "replica_states": [r.state for r in shards[s].replicas],
                  "stats": stats.get(s), "error": failures[s].to_dict() if s in failures else None}
                 for s in range(spec.shard_count)
             ],
@@ -179,23 +324,42 @@ class Coordinator:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    async def upsert(self, collection: str, objects: Sequence[ObjectInput],
-                     api_keys: Mapping[str, str] | None = None) -> list[WriteResult]:
+    async def upsert(self, collection: str, objects: Sequence[ObjectInput] | ColumnarInput,
+                     api_keys: Mapping[str, str] | None = None,
+                     consistency_level: str | None = None) -> list[WriteResult]:
+        """Upsert a batch; each shard's part is acknowledged once ``consistency_level``
+        replicas applied it (coordinator/replication.py). Objects of a shard that missed its
+        quorum come back failed (``unavailable``, naming the shard); when *every* object
+        failed that way the whole call raises Unavailable (503) naming the shards."""
         spec = self.spec(collection)
+        level = parse_consistency(consistency_level)
         if len(objects) > self._settings.max_batch_objects:
             raise InvalidInput(
                 f"batch of {len(objects)} objects exceeds the limit of "
                 f"{self._settings.max_batch_objects}", {"limit": self._settings.max_batch_objects})
-        vectorized = await self._vectorize_objects(spec, objects, api_keys or {})
-        batch = prepare_batch(spec, objects, vectorized=vectorized)
+        if isinstance(objects, ColumnarInput):  # the Arrow import: vectors stay columnar
+            if any(v.vectorizer.kind != "none" and objects.missing(v.name)
+                   for v in spec.vectors):
+                objects = objects.to_objects()  # some vectors are still to be computed
+            else:
+                batch = prepare_columnar(spec, objects)
+        if not isinstance(objects, ColumnarInput):
+            vectorized = await self._vectorize_objects(spec, objects, api_keys or {})
+            batch = prepare_batch(spec, objects, vectorized=vectorized)
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, oid in enumerate(batch.uuids):
             by_shard[shard_for_uuid(oid, spec.shard_count)].append(i)
         shards = self._shards[collection]
         timeout_s = self._settings.write_timeout_s
-        calls = {s: self._write_replicas(shards[s], batch.take(idx), timeout_s)
+        calls = {s: self._write_replicas(shards[s], batch.take(idx) if len(by_shard) > 1
+                                         else batch, level, timeout_s)
                  for s, idx in by_shard.items()}
         done, failed = await gather_shards(calls, allow_partial=True)
+        if failed and not done and all(isinstance(e, Unavailable) for e in failed.values()):
+            names = [f"{collection}:{s}" for s in sorted(failed)]
+            first = failed[min(failed)]
+            raise Unavailable(f"write failed on shard(s) {', '.join(names)}: {first.message}",
+                              {**first.details, "shards": names})
         results: list[WriteResult | None] = [None] * len(batch)
         for s, idx in by_shard.items():
             for pos, i in enumerate(idx):
@@ -205,10 +369,11 @@ class Coordinator:
                     results[i] = WriteResult(batch.uuids[i], False, failed[s].to_dict())
         return [r for r in results if r is not None]
 
-    async def _write_replicas(self, replicas: Sequence[ShardClient], batch: Any,
+    async def _write_replicas(self, rs: ReplicaSet, batch: Any, level: ConsistencyLevel,
                               timeout_s: float) -> list[WriteResult]:
-        outcomes = await asyncio.gather(*(c.upsert(batch, timeout_s) for c in replicas))
-        return outcomes[0]
+        outcome = await rs.write(lambda c, t: c.upsert(batch, t), level, timeout_s)
+        result: list[WriteResult] = outcome.result
+        return result
 
     async def _vectorize_objects(self, spec: CollectionSpec, objects: Sequence[ObjectInput],
                                  api_keys: Mapping[str, str]) -> dict[str, list[Any]] | None:
@@ -218,32 +383,35 @@ class Coordinator:
             return None
         return await self._vectorizers.documents(spec, needs, objects, api_keys)
 
-    async def delete_object(self, collection: str, uuid: str) -> bool:
+    async def delete_object(self, collection: str, uuid: str,
+                            consistency_level: str | None = None) -> bool:
         spec = self.spec(collection)
+        level = parse_consistency(consistency_level)
         oid = normalize_uuid(uuid)
-        replicas = self._shards[collection][shard_for_uuid(oid, spec.shard_count)]
-        outcomes = await asyncio.gather(
-            *(c.delete([oid], self._settings.write_timeout_s) for c in replicas))
-        return any(o[0] for o in outcomes)
+        rs = self._shards[collection][shard_for_uuid(oid, spec.shard_count)]
+        outcome = await rs.write(lambda c, t: c.delete([oid], t), level,
+                                 self._settings.write_timeout_s)
+        return bool(outcome.result[0])
 
     async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
-                           dry_run: bool = False) -> dict[str, Any]:
+                           dry_run: bool = False, consistency_level: str | None = None
+                           ) -> dict[str, Any]:
         """Delete every object matching a filter. Each shard is paged through by id and the
         filter is evaluated on the properties, so the cost is one pass over the collection."""
         spec = self.spec(collection)
+        level = parse_consistency(consistency_level)
         filt = self._parse_filter(spec, raw_filter)
         timeout_s = self._settings.write_timeout_s
         matched = deleted = 0
-        for s, replicas in enumerate(self._shards[collection]):
+        for s, rs in enumerate(self._shards[collection]):
             after: str | None = None
             while True:
-                page = await replicas[0].list_objects(after, DELETE_PAGE, False, timeout_s)
+                page = await rs.read(partial(_list_page, after, DELETE_PAGE), timeout_s)
                 ids = [o.uuid for o in page if filt.matches(o.properties)]
                 matched += len(ids)
                 if ids and not dry_run:
-                    outcomes = await asyncio.gather(*(c.delete(ids, timeout_s)
-                                                      for c in replicas))
-                    deleted += sum(outcomes[0])
+                    outcome = await rs.write(partial(_delete, ids), level, timeout_s)
+                    deleted += sum(outcome.result)
                 if len(page) < DELETE_PAGE:
                     break
                 after = page[-1].uuid
@@ -252,14 +420,26 @@ class Coordinator:
 
     # ---- reads -----------------------------------------------------------------------------
 
-    def _replica(self, collection: str, shard: int) -> ShardClient:
-        return self._shards[collection][shard][0]
+    def _replicas(self, collection: str, shard: int) -> ReplicaSet:
+        return self._shards[collection][shard]
+
+    def _query_timeout(self, requested: float | None) -> float:
+        """The query deadline: the request's ``timeout`` within (0, max_query_timeout_s], or
+        the configured default."""
+        if requested is None:
+            return self._settings.query_timeout_s
+        cap = max(self._settings.query_timeout_s, MAX_QUERY_TIMEOUT_S)
+        if not 0 < requested <= cap:
+            raise InvalidInput(f"timeout must be in (0, {cap:g}] seconds",
+                               {"timeout": requested})
+        return float(requested)
 
     async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
         spec = self.spec(collection)
         oid = normalize_uuid(uuid)
-        client = self._replica(collection, shard_for_uuid(oid, spec.shard_count))
-        obj = await client.get(oid, include_vector, self._settings.query_timeout_s)
+        rs = self._replicas(collection, shard_for_uuid(oid, spec.shard_count))
+        obj = await rs.read(lambda c, t: c.get(oid, include_vector, t),
+                            self._settings.query_timeout_s)
         if obj is None:
             raise NotFound(f"object {oid} not found in {collection!r}",
                            {"collection": collection, "id": oid})
@@ -271,8 +451,9 @@ class Coordinator:
         cursor = normalize_uuid(after) if after else None
         self._check_limit(limit, 0)
         pages, _ = await gather_shards(
-            {s: self._replica(collection, s).list_objects(
-                cursor, limit, include_vector, self._settings.query_timeout_s)
+            {s: self._replicas(collection, s).read(
+                lambda c, t: c.list_objects(cursor, limit, include_vector, t),
+                self._settings.query_timeout_s)
              for s in range(spec.shard_count)}, allow_partial=False)
         merged = sorted((o for page in pages.values() for o in page), key=lambda o: o.uuid)
         return [replace(o, vectors=user_shaped(spec, o.vectors)) for o in merged[:limit]]
@@ -286,6 +467,25 @@ class Coordinator:
 
     async def query(self, req: QueryRequest) -> QueryResult:
         start = time.perf_counter()
+        timeout_s = self._query_timeout(req.timeout_s)
+        token = _DEADLINE.set(asyncio.get_running_loop().time() + timeout_s)
+        try:
+            return await self._query(req, start)
+        finally:
+            _DEADLINE.reset(token)
+
+    def _remaining(self, req: QueryRequest) -> float:
+        """Seconds left of the running query's deadline (DeadlineExceeded if none)."""
+        deadline = _DEADLINE.get()
+        if deadline is None:
+            return self._query_timeout(req.timeout_s)
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DeadlineExceeded("the query's deadline passed before the shards were asked",
+                                   {"collection": req.collection})
+        return remaining
+
+    async def _query(self, req: QueryRequest, start: float) -> QueryResult:
         spec = self.spec(req.collection)
         kind = req.kind()
         self._check_limit(req.limit, req.offset)
@@ -336,9 +536,10 @@ class Coordinator:
         search = KeywordSearch(query=text, k=k, properties=properties, filter=filt,
                                return_properties=req.return_properties,
                                include_vectors=req.include_vector)
-        timeout_s = self._settings.query_timeout_s
+        timeout_s = self._remaining(req)
         results, failed = await gather_shards(
-            {s: self._replica(spec.name, s).keyword_search(search, timeout_s)
+            {s: self._replicas(spec.name, s).read(lambda c, t: c.keyword_search(search, t),
+                                                  timeout_s)
              for s in range(spec.shard_count)}, allow_partial=req.partial)
         return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
 
@@ -383,7 +584,7 @@ class Coordinator:
             return None
         from cluster.filters import parse_filter
 
-        return parse_filter(raw, spec)
+        return parse_filter(raw, spec, self._settings.max_filter_depth)
 
     async def _vector_hits(self, spec: CollectionSpec, req: QueryRequest, query: Any,
                            filt: Any, k: int) -> tuple[list[Hit], list[int]]:
@@ -393,9 +594,9 @@ class Coordinator:
             target_vector=vec.name, query=query, k=k, filter=filt,
             return_properties=req.return_properties, include_vectors=req.include_vector,
             explain="explain" in req.return_metadata)
-        timeout_s = self._settings.query_timeout_s
+        timeout_s = self._remaining(req)
         results, failed = await gather_shards(
-            {s: self._replica(spec.name, s).search(search, timeout_s)
+            {s: self._replicas(spec.name, s).read(lambda c, t: c.search(search, t), timeout_s)
              for s in range(spec.shard_count)}, allow_partial=req.partial)
         return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
 
@@ -413,6 +614,11 @@ class Coordinator:
         return ResultObject(hit.uuid, hit.properties, metadata, user_shaped(spec, hit.vectors))
 
     # ---- cluster ---------------------------------------------------------------------------
+
+    def shard_clients(self) -> dict[str, list[list[ShardClient]]]:
+        """collection -> shard -> replica clients (a copy of the routing table), for the
+        membership monitor (coordinator.membership)."""
+        return {name: [rs.clients() for rs in sets] for name, sets in self._shards.items()}
 
     async def cluster_info(self) -> dict[str, Any]:
         collections: dict[str, Any] = {}
@@ -436,6 +642,7 @@ class Coordinator:
         unplaced: list[str] = []
         for name, shards in self._shards.items():
             _, failed = await gather_shards(
-                {s: reps[0].ready(5.0) for s, reps in enumerate(shards)}, allow_partial=True)
+                {s: rs.read(lambda c, t: c.ready(t), 5.0) for s, rs in enumerate(shards)},
+                allow_partial=True)
             unplaced += [f"{name}:{s}" for s in failed]
         return {"ready": etcd_ok and not unplaced, "etcd": etcd_ok, "unavailable_shards": unplaced}

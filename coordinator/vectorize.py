@@ -8,6 +8,7 @@ through fanout) in a real cluster, or in-process encoders in unit tests; both sa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -61,17 +62,29 @@ class Vectorizers:
         for vec in vectors:
             missing = [i for i, o in enumerate(objects) if o.vectors.get(vec.name) is None]
             column: list[F32 | None] = [None] * len(objects)
-            client = self._client(vec.vectorizer)
-            key = self._key_for(vec.vectorizer, api_keys)
-            for start in range(0, len(missing), self._batch_size):
-                chunk = missing[start : start + self._batch_size]
-                texts = [text_for(objects[i].properties, vec.vectorizer.source_properties)
-                         for i in chunk]
-                encoded = await client.encode_documents(texts, key, self._timeout_s)
-                for i, matrix in zip(chunk, encoded, strict=True):
-                    column[i] = matrix
+            await self._encode_into(column, vec, objects, missing, api_keys)
             out[vec.name] = column
         return out
+
+    async def _encode_into(self, column: list[F32 | None], vec: NamedVectorSpec,
+                           objects: Sequence[ObjectInput], missing: Sequence[int],
+                           api_keys: Mapping[str, str]) -> None:
+        """Encode ``objects[i]`` for every i in ``missing`` into ``column[i]``: batches go to
+        the client's pool in parallel, at most one in flight per encoder actor."""
+        client = self._client(vec.vectorizer)
+        key = self._key_for(vec.vectorizer, api_keys)
+        slots = asyncio.Semaphore(max(1, int(getattr(client, "parallelism", 1))))
+
+        async def encode(chunk: Sequence[int]) -> None:
+            texts = [text_for(objects[i].properties, vec.vectorizer.source_properties)
+                     for i in chunk]
+            async with slots:
+                encoded = await client.encode_documents(texts, key, self._timeout_s)
+            for i, matrix in zip(chunk, encoded, strict=True):
+                column[i] = matrix
+
+        await asyncio.gather(*(encode(missing[start : start + self._batch_size])
+                               for start in range(0, len(missing), self._batch_size)))
 
     async def query(self, vec: NamedVectorSpec, text: str, api_keys: Mapping[str, str]) -> F32:
         client = self._client(vec.vectorizer)

@@ -288,7 +288,8 @@ cmd_start() {
             --ray-address "${RAY_ADDRESS}" \
             --etcd "${ETCD_ENDPOINT}" \
             --host "${HOST}" --port "${GATEWAY_PORT}" \
-            --cluster-name "${CLUSTER_NAME}"
+            --cluster-name "${CLUSTER_NAME}" \
+            --shard-resources '{"colshard_shard": 1}'
         wait_for gateway "serving http://${HOST}:${GATEWAY_PORT}" \
             http_ok "http://${HOST}:${GATEWAY_PORT}/healthz"
     fi
@@ -299,7 +300,7 @@ cmd_start() {
         log "gateway: http://${HOST}:${GATEWAY_PORT}  (GET /readyz, /v1/...)"
     else
         log "no gateway; run one with:"
-        log "  ${COLSHARD_BIN} gateway --ray-address ${RAY_ADDRESS} --etcd ${ETCD_ENDPOINT} --host ${HOST} --port ${GATEWAY_PORT} --cluster-name ${CLUSTER_NAME}"
+        log "  ${COLSHARD_BIN} gateway --ray-address ${RAY_ADDRESS} --etcd ${ETCD_ENDPOINT} --host ${HOST} --port ${GATEWAY_PORT} --cluster-name ${CLUSTER_NAME} --shard-resources '{\"colshard_shard\": 1}'"
     fi
     log "stop with: $0 stop"
 }

@@ -3,8 +3,10 @@ and Ray, creates the coordinator actor, and serves the HTTP gateway until Ctrl-C
 everything it started.
 
     colshard serve    [--data-dir D] [--host H] [--port P] [--etcd HOSTS] [--ray-address A]
-    colshard gateway  --etcd HOSTS --ray-address A [--host H] [--port P]
-    colshard status   [--url URL]
+                      [--api-keys-file F] [--ssl-certfile C --ssl-keyfile K] [limit flags]
+    colshard gateway  --etcd HOSTS --ray-address A [--host H] [--port P] [same flags as serve]
+    colshard load     [--url URL] [--duration-s S] [--clients N] [--json]
+    colshard status   [--url URL] [--json]
     colshard import   FILE.parquet --collection NAME [--url URL]
     colshard query    NAME --near-text TEXT | --bm25 TEXT [--limit N] [--url URL]
     colshard bench    [bench options, see `colshard bench --help`]
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ids import COORDINATOR_ACTOR_NAME
-from cluster.settings import Settings
+from cluster.settings import Settings, ShardSettings
 
 log = logging.getLogger("colshard")
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -46,7 +48,80 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_batch_objects=args.max_batch_objects,
+        max_limit=args.max_limit,
+        max_tokens_per_object=args.max_tokens_per_object,
+        max_query_tokens=args.max_query_tokens,
+        max_dim=args.max_dim,
+        max_filter_depth=args.max_filter_depth,
+        max_filter_nodes=args.max_filter_nodes,
+        max_shards=args.max_shards,
+        query_timeout_s=args.query_timeout_s,
+        write_timeout_s=args.write_timeout_s,
+        shard_resources=parse_resources(args.shard_resources
+                                        or _env("COLSHARD_SHARD_RESOURCES") or ""),
+        vectorizer_replicas=args.vectorizer_replicas
+        or int(_env("COLSHARD_VECTORIZER_REPLICAS", "1") or "1"),
+        shard=_shard_settings(args),
     )
+
+
+def _shard_settings(args: argparse.Namespace) -> ShardSettings:
+    """Engine settings of the shards this coordinator creates (defaults unless given)."""
+    shard = ShardSettings()
+    seal = args.seal_threshold_tokens or _env("COLSHARD_SEAL_THRESHOLD_TOKENS")
+    if seal:
+        shard = replace(shard, seal_threshold_tokens=_positive_int(str(seal)))
+    return shard
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``--shard-resources`` / COLSHARD_SHARD_RESOURCES: a JSON object of Ray resource
+    amounts, e.g. ``{"colshard_shard": 1}``; empty: none."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return {str(k): float(v) for k, v in value.items()}
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"colshard: --shard-resources must be a JSON object of numbers "
+                         f"({exc}): {text!r}") from exc
+
+
+def security_from_args(args: argparse.Namespace, host: str) -> tuple[Any, ...] | None:
+    """API keys (empty: auth off) and TLS sanity; None (after printing why) to refuse to
+    start: a keys file that cannot be read, or a non-loopback ``host`` without keys and without
+    ``--allow-insecure``."""
+    from gateway.auth import KeyFileError, is_loopback, load_api_keys
+
+    try:
+        keys = load_api_keys(args.api_keys_file)
+    except KeyFileError as exc:
+        print(f"colshard: {exc}", file=sys.stderr)
+        return None
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        print("colshard: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return None
+    if not keys and not is_loopback(host) and not args.allow_insecure:
+        print(f"colshard: refusing to serve on {host} without API keys: give --api-keys-file "
+              f"(or COLSHARD_API_KEYS_FILE / COLSHARD_API_KEYS), bind 127.0.0.1, or pass "
+              f"--allow-insecure", file=sys.stderr)
+        return None
+    if keys:
+        log.info("API-key auth on: %d key(s) (%s)", len(keys),
+                 ", ".join(sorted({k.role.name for k in keys})))
+    else:
+        log.warning("API-key auth off: every client reaching %s may read and write", host)
+    return keys
 
 
 def init_ray(address: str | None, *, local_dashboard: bool = True) -> bool:
@@ -60,6 +135,9 @@ def init_ray(address: str | None, *, local_dashboard: bool = True) -> bool:
     # the local dashboard is then reachable only from this machine, so its token is optional.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts workers at nice 15: the shard and coordinator actors would then yield the
+    # CPU to any other process (and to this gateway) on a busy machine.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(include_dashboard=local_dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=False)
     return True
@@ -67,34 +145,61 @@ def init_ray(address: str | None, *, local_dashboard: bool = True) -> bool:
 
 def get_or_create_coordinator(settings: Settings) -> Any:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from coordinator.actor import CoordinatorActor, ray_namespace
 
+    # The head node: it holds Ray's GCS, so the cluster lives exactly as long as it does.
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    node_id = next((n["NodeID"] for n in nodes
+                    if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})),
+                   None)
     actor_cls: Any = ray.remote(CoordinatorActor)
     handle = actor_cls.options(
         name=COORDINATOR_ACTOR_NAME, namespace=ray_namespace(settings.cluster_name),
         get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
         max_concurrency=1000,
+        # On the head when it can (soft: elsewhere otherwise), not on a worker that may leave.
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True)
+        if node_id else "DEFAULT",
     ).remote(settings)
     ray.get(handle.start.remote(), timeout=120)
     return handle
 
 
-def run_gateway(settings: Settings, handle: Any) -> None:
+def gateway_config(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
+                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+                   log_level: str = "info") -> Any:
+    """The uvicorn config of a gateway (TLS when both ssl files are given)."""
     import uvicorn
 
     from gateway.app import create_app
     from gateway.backend import RayBackend
 
-    app = create_app(RayBackend(handle, settings.query_timeout_s), settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=10)
+    app = create_app(RayBackend(handle, settings.query_timeout_s), settings, api_keys)
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                          timeout_graceful_shutdown=10, ssl_certfile=ssl_certfile,
+                          ssl_keyfile=ssl_keyfile)
+
+
+def run_gateway(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
+                ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    import uvicorn
+
+    # ray.init() installed its own SIGTERM handler (sys.exit(15)); uvicorn restores whatever it
+    # finds here once it has drained, so put ours back: SIGTERM then ends like Ctrl-C, exit 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    uvicorn.Server(gateway_config(settings, handle, api_keys=api_keys,
+                                  ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)).run()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.embedded_etcd import EmbeddedEtcd
 
     settings = settings_from_args(args)
+    api_keys = security_from_args(args, settings.host)
+    if api_keys is None:
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     etcd: EmbeddedEtcd | None = None
     started_ray = False
@@ -106,12 +211,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             endpoint = etcd.start()
             log.info("embedded etcd on %s (pid %s)", endpoint, etcd.pid)
             settings = replace(settings, etcd_endpoints=(endpoint,))
+        if not settings.ray_address:
+            # Our local Ray's workers (the shard actors) inherit this: data under --data-dir.
+            os.environ["COLSHARD_DATA_DIR"] = str(settings.data_dir)
         started_ray = init_ray(settings.ray_address)
         handle = get_or_create_coordinator(settings)
-        print(f"colshard serving on http://{settings.host}:{settings.port} "
+        scheme = "https" if args.ssl_certfile else "http"
+        print(f"colshard serving on {scheme}://{settings.host}:{settings.port} "
               f"(data {settings.data_dir}, etcd {','.join(settings.etcd_endpoints)})",
               flush=True)
-        run_gateway(settings, handle)
+        run_gateway(settings, handle, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
+                    ssl_keyfile=args.ssl_keyfile)
     finally:
         if started_ray:
             import ray
@@ -127,8 +237,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if not settings.etcd_endpoints or not settings.ray_address:
         print("colshard gateway needs --etcd and --ray-address", file=sys.stderr)
         return 2
+    api_keys = security_from_args(args, settings.host)
+    if api_keys is None:
+        return 2
     init_ray(settings.ray_address)
-    run_gateway(settings, get_or_create_coordinator(settings))
+    run_gateway(settings, get_or_create_coordinator(settings), api_keys=api_keys,
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 
@@ -139,10 +253,30 @@ def _client(url: str) -> Any:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args.url) as http:
-        response = http.get("/v1/cluster")
-        print(json.dumps(response.json(), indent=2))
-        return 0 if response.status_code == 200 else 1
+    """Members, collections and shard placements with health; exit 0 only when ready."""
+    import httpx
+
+    from gateway.status import format_status
+
+    key = args.api_key or _env("COLSHARD_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with httpx.Client(base_url=args.url, timeout=60.0, headers=headers) as http:
+            response = http.get("/v1/cluster")
+            ready = http.get("/readyz")
+    except httpx.HTTPError as exc:
+        print(f"colshard: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code != 200:
+        print(json.dumps(response.json(), indent=2), file=sys.stderr)
+        return 1
+    readiness = ready.json() if ready.headers.get("content-type", "").startswith(
+        "application/json") else None
+    if args.json:
+        print(json.dumps({"cluster": response.json(), "readiness": readiness}, indent=2))
+    else:
+        print(format_status(response.json(), readiness, args.url))
+    return 0 if readiness is not None and readiness.get("ready") else 1
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -169,6 +303,21 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 0 if result.n_failed == 0 else 1
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.loadtest import LoadConfig, run_load
+
+    cfg = LoadConfig(url=args.url, api_key=args.api_key or _env("COLSHARD_API_KEY"),
+                     duration_s=args.duration_s, warmup_s=min(args.warmup_s, args.duration_s),
+                     clients=args.clients, write_fraction=args.write_fraction, dim=args.dim,
+                     batch_size=args.batch_size, shard_count=args.shard_count,
+                     gateway_pids=tuple(args.pid or ()))
+    report = asyncio.run(run_load(cfg))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.errors == 0 else 1
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     # The CLI is the composition root: the benchmark drives the shard engine in-process.
     from shard.bench.__main__ import main as bench_main
@@ -189,7 +338,41 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(env COLSHARD_ETCD); default: start one")
         p.add_argument("--ray-address", help="join this Ray cluster (env COLSHARD_RAY_ADDRESS)")
         p.add_argument("--cluster-name", help="colshard cluster name (env COLSHARD_CLUSTER_NAME)")
-        p.add_argument("--max-body-mb", type=int, default=64)
+        p.add_argument("--max-body-mb", type=int, default=64, help="413 above this")
+        p.add_argument("--api-keys-file", help="API keys, one per line: KEY[:ROLE[:COLL,...]] "
+                                               "(env COLSHARD_API_KEYS_FILE; also "
+                                               "COLSHARD_API_KEYS); none: auth off")
+        p.add_argument("--allow-insecure", action="store_true",
+                       help="serve a non-loopback --host without API keys")
+        p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
+        p.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
+        d = Settings()
+        p.add_argument("--max-batch-objects", type=int, default=d.max_batch_objects)
+        p.add_argument("--max-limit", type=int, default=d.max_limit,
+                       help="largest query/list limit and offset")
+        p.add_argument("--max-tokens-per-object", type=int, default=d.max_tokens_per_object,
+                       help="rows of one object's multi-vector (0: no limit)")
+        p.add_argument("--max-query-tokens", type=int, default=d.max_query_tokens)
+        p.add_argument("--max-dim", type=int, default=d.max_dim,
+                       help="largest vector dimension of objects, queries, new collections")
+        p.add_argument("--max-filter-depth", type=int, default=d.max_filter_depth)
+        p.add_argument("--max-filter-nodes", type=int, default=d.max_filter_nodes)
+        p.add_argument("--max-shards", type=int, default=d.max_shards,
+                       help="most shards a new collection may have")
+        p.add_argument("--query-timeout-s", type=float, default=d.query_timeout_s,
+                       help="504 when the coordinator does not answer a read in time")
+        p.add_argument("--write-timeout-s", type=float, default=d.write_timeout_s)
+        p.add_argument("--shard-resources",
+                       help='Ray resources every shard actor requests, JSON, e.g. '
+                            '\'{"colshard_shard": 1}\' (env COLSHARD_SHARD_RESOURCES)')
+        p.add_argument("--seal-threshold-tokens", type=_positive_int, default=None,
+                       help="tokens a shard's growing segment holds before it is sealed to an "
+                            "immutable, indexed segment (default "
+                            f"{ShardSettings().seal_threshold_tokens}; env "
+                            "COLSHARD_SEAL_THRESHOLD_TOKENS)")
+        p.add_argument("--vectorizer-replicas", type=_positive_int, default=None,
+                       help="encoder actors per vectorizer config; import batches run on them "
+                            "in parallel (default 1; env COLSHARD_VECTORIZER_REPLICAS)")
 
     serve = sub.add_parser("serve", help="run etcd + Ray + coordinator + gateway")
     server_flags(serve)
@@ -208,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import":
             p.add_argument("file")
             p.add_argument("--collection", required=True)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="the raw /v1/cluster and /readyz")
+            p.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
+    load = sub.add_parser("load", help="drive a running gateway with concurrent clients")
+    load.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
+    load.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
+    load.add_argument("--duration-s", type=float, default=60.0)
+    load.add_argument("--warmup-s", type=float, default=10.0,
+                      help="RSS growth is measured from the end of the warm-up")
+    load.add_argument("--clients", type=int, default=8)
+    load.add_argument("--write-fraction", type=float, default=0.3)
+    load.add_argument("--dim", type=int, default=32)
+    load.add_argument("--batch-size", type=int, default=16)
+    load.add_argument("--shard-count", type=int, default=2)
+    load.add_argument("--pid", type=int, action="append",
+                      help="also sample this process's RSS (e.g. the gateway's)")
+    load.add_argument("--json", action="store_true")
     sub.add_parser("bench", help="run the benchmark (colshard bench --help)", add_help=False)
     return parser
 
@@ -226,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, Kubernetes) shuts down like Ctrl-C: uvicorn drains, then we clean up.
     signal.signal(signal.SIGTERM, _interrupt)
     commands = {"serve": cmd_serve, "gateway": cmd_gateway, "status": cmd_status,
-                "query": cmd_query, "import": cmd_import}
+                "query": cmd_query, "import": cmd_import, "load": cmd_load}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

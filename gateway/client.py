@@ -15,19 +15,46 @@ tutorial users know::
                                     limit=3, return_metadata=["score"])
 
 HTTP errors come back as the same typed exceptions the server raises (``cluster.errors``):
-the SDK inverts the gateway's error table.
+the SDK inverts the gateway's error table (401 -> ``Unauthorized``, 403 -> ``Forbidden``, 413 ->
+``PayloadTooLarge``, ...). ``Client(url, api_key=KEY)`` sends ``Authorization: Bearer KEY``
+(default: ``$COLSHARD_API_KEY``).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import ssl
+import uuid as uuid_mod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from cluster.errors import ColshardError, InternalError, error_from_dict
+from cluster.errors import (
+    ColshardError,
+    Forbidden,
+    InternalError,
+    PayloadTooLarge,
+    Unauthorized,
+    error_from_dict,
+)
+
+__all__ = [
+    "BatchResult",
+    "Client",
+    "Collection",
+    "ColshardError",
+    "Forbidden",
+    "NamedVector",
+    "Object",
+    "PayloadTooLarge",
+    "Property",
+    "QueryReturn",
+    "Unauthorized",
+    "connect_to_local",
+]
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
@@ -97,6 +124,8 @@ class QueryReturn:
     objects: list[Object]
     missing_shards: list[int]
     took_ms: float
+    # True when shards did not answer in time and the query allowed partial results.
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,24 @@ class BatchResult:
 
 def _tolist(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _distinct_ids(table: Any) -> bool:
+    """No uuid twice in the table's ``id`` column (rows without an id get fresh ones)."""
+    if "id" not in table.column_names:
+        return True
+    seen: set[int] = set()
+    for value in table.column("id").to_pylist():
+        if value is None:
+            continue
+        try:
+            key = uuid_mod.UUID(str(value)).int
+        except ValueError:
+            return False  # the server rejects it; keep the one-at-a-time behaviour
+        if key in seen:
+            return False
+        seen.add(key)
+    return True
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -135,9 +182,11 @@ class _Http:
 
 
 class _Data:
-    def __init__(self, http: _Http, name: str) -> None:
+    def __init__(self, http: _Http, name: str, consistency_level: str | None = None) -> None:
         self._http = http
         self._name = name
+        # Sent as ?consistency_level= on every write (one / quorum / all; server default quorum).
+        self._params = {"consistency_level": consistency_level} if consistency_level else {}
 
     def insert(self, properties: Mapping[str, Any] | None = None,
                vector: Mapping[str, Any] | None = None, uuid: str | None = None) -> str:
@@ -162,7 +211,7 @@ class _Data:
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
                 out = self._http.request("POST", f"/v1/collections/{self._name}/objects",
-                                         json={"objects": chunk})
+                                         json={"objects": chunk}, params=self._params)
                 results.extend(out["results"])
                 if bar is not None:
                     bar.update(len(chunk))
@@ -183,12 +232,19 @@ class _Data:
             out["id"] = str(oid)
         return out
 
-    def insert_arrow(self, table: Any, *, batch_rows: int = 2000,
-                     progress: bool = False) -> BatchResult:
+    def insert_arrow(self, table: Any, *, batch_rows: int = 2000, progress: bool = False,
+                     concurrency: int = 2) -> BatchResult:
         """Import a ``pyarrow.Table`` (columns ``id``, properties, and one list<list<float>>
-        column per named vector) as Arrow IPC streams."""
-        import pyarrow as pa
+        column per named vector) as Arrow IPC streams of ``batch_rows`` objects.
 
+        ``concurrency`` batches are in flight at once (the next one is encoded and sent while
+        the server writes the previous one); results come back in table order. Only when the
+        table's ids are all distinct (or absent): otherwise two batches holding the same id
+        could land in either order, so they are sent one at a time. If a batch fails, the
+        error is raised once the batches already in flight have finished (those may have
+        been applied)."""
+        if concurrency > 1 and not _distinct_ids(table):
+            concurrency = 1
         bar = None
         if progress:
             from tqdm import tqdm
@@ -196,55 +252,95 @@ class _Data:
             bar = tqdm(total=table.num_rows, unit="obj", desc=f"import {self._name}")
         results: list[dict[str, Any]] = []
         try:
-            for batch in table.to_batches(max_chunksize=batch_rows):
-                sink = io.BytesIO()
-                with pa.ipc.new_stream(sink, batch.schema) as writer:
-                    writer.write_batch(batch)
-                out = self._http.request(
-                    "POST", f"/v1/collections/{self._name}/objects", content=sink.getvalue(),
-                    headers={"content-type": ARROW_STREAM})
-                results.extend(out["results"])
-                if bar is not None:
-                    bar.update(batch.num_rows)
+            if concurrency <= 1:
+                for batch in table.to_batches(max_chunksize=batch_rows):
+                    results.extend(self._post_arrow(batch))
+                    if bar is not None:
+                        bar.update(batch.num_rows)
+            else:
+                self._insert_arrow_pipelined(table, batch_rows, concurrency, results, bar)
         finally:
             if bar is not None:
                 bar.close()
         n_ok = sum(1 for r in results if r["status"] == "SUCCESS")
         return BatchResult(n_ok, len(results) - n_ok, results)
 
-    def import_parquet(self, path: str, *, batch_rows: int = 2000,
-                       progress: bool = True) -> BatchResult:
+    def _insert_arrow_pipelined(self, table: Any, batch_rows: int, concurrency: int,
+                                results: list[dict[str, Any]], bar: Any) -> None:
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+        in_flight: deque[tuple[Future[list[dict[str, Any]]], int]] = deque()
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="colshard-import") as pool:
+            try:
+                for batch in table.to_batches(max_chunksize=batch_rows):
+                    if len(in_flight) >= concurrency:
+                        self._collect(in_flight.popleft(), results, bar)
+                    in_flight.append((pool.submit(self._post_arrow, batch), batch.num_rows))
+                while in_flight:
+                    self._collect(in_flight.popleft(), results, bar)
+            except BaseException:
+                wait([f for f, _ in in_flight])  # nothing left running behind the caller
+                raise
+
+    @staticmethod
+    def _collect(item: tuple[Any, int], results: list[dict[str, Any]], bar: Any) -> None:
+        future, n_rows = item
+        results.extend(future.result())
+        if bar is not None:
+            bar.update(n_rows)
+
+    def _post_arrow(self, batch: Any) -> list[dict[str, Any]]:
+        import pyarrow as pa
+
+        sink = io.BytesIO()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        out = self._http.request(
+            "POST", f"/v1/collections/{self._name}/objects", content=sink.getvalue(),
+            headers={"content-type": ARROW_STREAM}, params=self._params)
+        rows: list[dict[str, Any]] = out["results"]
+        return rows
+
+    def import_parquet(self, path: str, *, batch_rows: int = 2000, progress: bool = True,
+                       concurrency: int = 2) -> BatchResult:
         import pyarrow.parquet as pq
 
-        return self.insert_arrow(pq.read_table(path), batch_rows=batch_rows, progress=progress)
+        return self.insert_arrow(pq.read_table(path), batch_rows=batch_rows, progress=progress,
+                                 concurrency=concurrency)
 
     def delete_many(self, where: Mapping[str, Any], *, dry_run: bool = False
                     ) -> dict[str, Any]:
         out: dict[str, Any] = self._http.request(
             "POST", f"/v1/collections/{self._name}/objects/delete",
-            json={"filters": dict(where), "dry_run": dry_run})
+            json={"filters": dict(where), "dry_run": dry_run}, params=self._params)
         return out
 
     def delete_by_id(self, uuid: str) -> None:
-        self._http.request("DELETE", f"/v1/collections/{self._name}/objects/{uuid}")
+        self._http.request("DELETE", f"/v1/collections/{self._name}/objects/{uuid}",
+                           params=self._params)
 
     def replace(self, uuid: str, properties: Mapping[str, Any],
                 vector: Mapping[str, Any] | None = None) -> None:
         self._http.request("PUT", f"/v1/collections/{self._name}/objects/{uuid}",
                            json={"properties": dict(properties),
-                                 "vectors": {k: _tolist(v) for k, v in (vector or {}).items()}})
+                                 "vectors": {k: _tolist(v) for k, v in (vector or {}).items()}},
+                           params=self._params)
 
     def update(self, uuid: str, properties: Mapping[str, Any] | None = None,
                vector: Mapping[str, Any] | None = None) -> None:
         self._http.request("PATCH", f"/v1/collections/{self._name}/objects/{uuid}",
                            json={"properties": dict(properties or {}),
-                                 "vectors": {k: _tolist(v) for k, v in (vector or {}).items()}})
+                                 "vectors": {k: _tolist(v) for k, v in (vector or {}).items()}},
+                           params=self._params)
 
 
 class _Query:
-    def __init__(self, http: _Http, name: str) -> None:
+    def __init__(self, http: _Http, name: str,
+                 options: Mapping[str, Any] | None = None) -> None:
         self._http = http
         self._name = name
+        self._options = dict(options or {})  # timeout / allow_partial, added to every query
 
     def fetch_object_by_id(self, uuid: str, include_vector: bool = False) -> Object:
         out = self._http.request("GET", f"/v1/collections/{self._name}/objects/{uuid}",
@@ -265,7 +361,7 @@ class _Query:
              return_metadata: Sequence[str] | None, return_properties: Sequence[str] | None,
              include_vector: bool) -> QueryReturn:
         body.update({"limit": limit, "offset": offset, "include_vector": include_vector,
-                     "return_metadata": list(return_metadata or [])})
+                     "return_metadata": list(return_metadata or []), **self._options})
         if target_vector is not None:
             body["target_vector"] = target_vector
         if filters is not None:
@@ -275,7 +371,8 @@ class _Query:
         out = self._http.request("POST", f"/v1/collections/{self._name}/query", json=body)
         return QueryReturn([Object(o["id"], o["properties"], o.get("metadata") or {},
                                    o.get("vectors") or {}) for o in out["objects"]],
-                           out.get("missing_shards", []), out.get("took_ms", 0.0))
+                           out.get("missing_shards", []), out.get("took_ms", 0.0),
+                           bool(out.get("partial", False)))
 
     def near_vector(self, near_vector: Any, *, target_vector: str | None = None,
                     limit: int = 10, offset: int = 0, filters: Mapping[str, Any] | None = None,
@@ -327,11 +424,35 @@ class _Query:
 
 
 class Collection:
-    def __init__(self, http: _Http, name: str) -> None:
+    def __init__(self, http: _Http, name: str, *, consistency_level: str | None = None,
+                 query_options: Mapping[str, Any] | None = None) -> None:
         self.name = name
         self._http = http
-        self.data = _Data(http, name)
-        self.query = _Query(http, name)
+        self._consistency_level = consistency_level
+        self._query_options = dict(query_options or {})
+        self.data = _Data(http, name, consistency_level)
+        self.query = _Query(http, name, self._query_options)
+
+    def with_consistency_level(self, level: str) -> Collection:
+        """This collection with writes acknowledged by ``one``, ``quorum`` (the server's
+        default) or ``all`` replicas, as in Weaviate's ``with_consistency_level``."""
+        if level not in ("one", "quorum", "all"):
+            raise ValueError("consistency level must be 'one', 'quorum' or 'all'")
+        return Collection(self._http, self.name, consistency_level=level,
+                          query_options=self._query_options)
+
+    def with_query_options(self, *, timeout: float | None = None,
+                           allow_partial: bool | None = None) -> Collection:
+        """This collection with a query deadline in seconds (504 naming the slow shard when it
+        passes) and, with ``allow_partial``, results from the shards that answered in time
+        (``QueryReturn.partial`` and ``missing_shards`` then say what is missing)."""
+        options = dict(self._query_options)
+        if timeout is not None:
+            options["timeout"] = timeout
+        if allow_partial is not None:
+            options["allow_partial"] = allow_partial
+        return Collection(self._http, self.name, consistency_level=self._consistency_level,
+                          query_options=options)
 
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = self._http.request("GET", f"/v1/collections/{self.name}")
@@ -377,13 +498,22 @@ class _Collections:
 
 
 class Client:
-    """``Client(url)``; ``transport`` lets tests run over ASGI or a mock transport."""
+    """``Client(url, api_key=...)``; ``api_key`` defaults to ``$COLSHARD_API_KEY`` (none: no
+    Authorization header). ``verify`` is httpx's TLS verification (``True``, ``False`` or a CA
+    bundle path) for ``https://`` gateways; ``transport`` lets tests run over ASGI."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8080", *, timeout_s: float = 120.0,
-                 headers: Mapping[str, str] | None = None,
+    def __init__(self, url: str = "http://127.0.0.1:8080", *, api_key: str | None = None,
+                 timeout_s: float = 120.0, headers: Mapping[str, str] | None = None,
+                 verify: bool | str | ssl.SSLContext = True,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self._http_client = httpx.Client(base_url=url, timeout=timeout_s,
-                                         headers=dict(headers or {}), transport=transport)
+        if isinstance(verify, str):  # a CA bundle, e.g. a self-signed gateway certificate
+            verify = ssl.create_default_context(cafile=verify)
+        all_headers = dict(headers or {})
+        key = api_key if api_key is not None else os.environ.get("COLSHARD_API_KEY")
+        if key:
+            all_headers["Authorization"] = f"Bearer {key}"
+        self._http_client = httpx.Client(base_url=url, timeout=timeout_s, headers=all_headers,
+                                         verify=verify, transport=transport)
         http = _Http(self._http_client)
         self.collections = _Collections(http)
         self._http = http

@@ -8,10 +8,12 @@ from cluster.errors import (
     ColshardError,
     DeadlineExceeded,
     Forbidden,
+    InsufficientStorage,
     InternalError,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    StorageError,
     Unauthorized,
     Unavailable,
 )
@@ -25,6 +27,8 @@ STATUS_BY_ERROR: dict[type[ColshardError], int] = {
     AlreadyExists: 409,
     PayloadTooLarge: 413,
     Unavailable: 503,
+    StorageError: 503,
+    InsufficientStorage: 507,
     DeadlineExceeded: 504,
     InternalError: 500,
 }

@@ -69,11 +69,17 @@ class ObjectIn(Strict):
 
 class BatchIn(Strict):
     objects: list[ObjectIn]
+    consistency_level: Literal["one", "quorum", "all"] | None = Field(
+        None, description="Replicas that must apply the write before it is acknowledged: "
+                          "one, quorum (default: a majority), all. Also a query parameter.")
 
 
 class DeleteManyIn(Strict):
     filters: dict[str, Any]
     dry_run: bool = False
+    consistency_level: Literal["one", "quorum", "all"] | None = Field(
+        None, description="Replicas that must apply the write before it is acknowledged: "
+                          "one, quorum (default: a majority), all. Also a query parameter.")
 
 
 class DeleteManyOut(BaseModel):
@@ -140,6 +146,13 @@ class QueryIn(Strict):
     return_metadata: list[Literal["score", "distance", "explain"]] = []
     include_vector: bool = False
     partial: bool = False
+    allow_partial: bool = Field(
+        False, description="Same as partial: when a shard fails or misses the deadline, "
+                           "return the other shards' results with partial: true and "
+                           "missing_shards, instead of 503/504.")
+    timeout: float | None = Field(
+        None, gt=0, description="The query's deadline in seconds (default: the server's "
+                                "query timeout; at most max(that, 300)).")
 
 
 class ResultOut(BaseModel):
@@ -151,6 +164,7 @@ class ResultOut(BaseModel):
 
 class QueryOut(BaseModel):
     objects: list[ResultOut]
+    partial: bool = False
     missing_shards: list[int] = []
     took_ms: float
 

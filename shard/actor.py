@@ -4,18 +4,24 @@ Placement wraps this class with ``ray.remote`` and names the actor
 ``colshard:<collection>:<shard>[:<replica>]`` so it shows in the Ray dashboard. The actor is
 threaded (``max_concurrency`` > 1): queries run while a write or the engine's background
 maintenance is in progress; the engine is thread-safe.
+
+Fault injection (tests and drills only): ``set_delay(seconds)`` makes every read verb (get,
+search, keyword_search, list_objects, stats) sleep that long before answering, simulating a slow
+shard; ``set_delay(0)`` turns it off. The env var ``COLSHARD_FAULT_READ_DELAY_S`` sets it at actor
+start. The delay lives in the actor process only (a restart clears it).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.settings import ShardSettings
+from cluster.settings import ShardSettings, node_data_dir
 from cluster.spec import CollectionSpec
 from cluster.types import (
     KeywordSearch,
@@ -29,16 +35,47 @@ from cluster.types import (
 from shard.engine import ShardEngine
 from shard.metrics import ShardMetrics
 
+GAUGE_INTERVAL_S = 10.0
+
 
 class ShardActor:
-    def __init__(self, spec_json: str, shard: int, data_dir: str, settings: ShardSettings) -> None:
+    def __init__(self, spec_json: str, shard: int, data_dir: str, settings: ShardSettings,
+                 subdir: str | None = None) -> None:
+        """With ``subdir`` the shard's data lives in ``<node data dir>/<subdir>``, where the
+        node data dir is this Ray node's ``COLSHARD_DATA_DIR`` (else ``data_dir``): on a
+        multi-node cluster each shard keeps its data on the node it runs on."""
         spec = CollectionSpec.from_json(spec_json)
         self._spec = spec
         self._shard = shard
-        self._engine = ShardEngine(spec, shard, Path(data_dir), settings)
+        path = node_data_dir(data_dir) / subdir if subdir else Path(data_dir)
+        self._data_dir = path
+        self._engine = ShardEngine(spec, shard, path, settings)
         self._engine.start_background()
         self._metrics = ShardMetrics(spec.name, shard)
         self._started = time.time()
+        self._read_delay_s = float(os.environ.get("COLSHARD_FAULT_READ_DELAY_S", "0") or 0)
+        # Size gauges (objects, tokens, segments) stay fresh without anyone asking for stats.
+        self._stop = threading.Event()
+        if self._metrics.enabled:
+            threading.Thread(target=self._refresh_gauges, name="colshard-gauges",
+                             daemon=True).start()
+
+    def _refresh_gauges(self) -> None:
+        while not self._stop.wait(GAUGE_INTERVAL_S):
+            try:
+                self._metrics.record_stats(self._engine.stats())
+            except Exception:  # engine dropped or closing: the next round (if any) retries
+                continue
+
+    def set_delay(self, seconds: float) -> float:
+        """Fault-injection hook (see the module docstring): delay every read by ``seconds``.
+        Returns the previous delay."""
+        previous, self._read_delay_s = self._read_delay_s, max(0.0, float(seconds))
+        return previous
+
+    def _fault_delay(self) -> None:
+        if self._read_delay_s > 0:
+            time.sleep(self._read_delay_s)
 
     def ready(self) -> dict[str, Any]:
         node_id = ""
@@ -49,7 +86,8 @@ class ShardActor:
         except Exception:  # outside Ray (unit tests): no node id
             node_id = ""
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node_id,
-                "started": self._started, "objects": self._engine.count()}
+                "started": self._started, "objects": self._engine.count(),
+                "data_dir": str(self._data_dir)}
 
     def upsert(self, batch: ObjectBatch) -> list[WriteResult]:
         results = self._engine.upsert(batch)
@@ -60,25 +98,31 @@ class ShardActor:
         return self._engine.delete(uuids)
 
     def get(self, uuid: str, include_vectors: bool) -> StoredObject | None:
+        self._fault_delay()
         return self._engine.get(uuid, include_vectors)
 
     def search(self, req: VectorSearch) -> ShardSearchResult:
+        self._fault_delay()
         start = time.perf_counter()
         result = self._engine.search(req)
         self._metrics.record_search(time.perf_counter() - start, result.n_candidates)
         return result
 
     def keyword_search(self, req: KeywordSearch) -> ShardSearchResult:
+        self._fault_delay()
         return self._engine.keyword_search(req)
 
     def list_objects(self, after: str | None, limit: int, include_vectors: bool
                      ) -> list[StoredObject]:
+        self._fault_delay()
         return self._engine.list_objects(after, limit, include_vectors)
 
     def stats(self) -> ShardStats:
+        self._fault_delay()
         stats = self._engine.stats()
         self._metrics.record_stats(stats)
         return stats
 
     def drop(self) -> None:
+        self._stop.set()
         self._engine.drop()

@@ -16,7 +16,11 @@ Life of a write::
            frozen (still searched) ──write+fsync+rename──> sealed (mmap) ──> manifest ──> old
                                                               │                WAL removed
                                      maintenance(): build ScaNN index (>= brute_force_max_tokens)
-                                     maintenance(): compact small / tombstone-heavy segments
+                                     maintenance(): compact (size-tiered merges, tombstone-heavy)
+
+Idle (no write for ``seal_idle_s``): the growing segment is sealed and indexed even below
+seal_threshold_tokens once it holds brute_force_max_tokens, and merges become eager, so a shard
+converges to a few big indexed segments after an import settles (``plan_merge``).
 
 Locks (always taken in this order): ``_maint_lock`` serialises maintenance units (seal, index
 build, compaction, manifest writes); ``_write_lock`` serialises writers so WAL order is apply
@@ -32,16 +36,24 @@ one token index (a shard-wide k' threshold), the others scored exactly; exact Ma
 Recovery: load the manifest's segments and tombstones, then replay every WAL generation from the
 manifest's one. Replay is last-writer-wins per uuid, so it is correct even when the persisted
 tombstones already reflect some of the replayed operations.
+
+Storage failures (disk full, I/O errors): a write whose WAL append fails changes nothing (the WAL
+cuts the partial record away, see shard.wal) and raises ``InsufficientStorage`` /
+``StorageError``; the next write can succeed once space is back. A failed seal, index build or
+compaction removes its temporary files, keeps the frozen segment served and its WAL generation,
+and is retried by the background loop (with backoff); a failed checkpoint is retried first.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -77,7 +89,7 @@ from shard.segment import (
     gather_live,
     write_segment,
 )
-from shard.wal import WriteAheadLog
+from shard.wal import WriteAheadLog, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +98,12 @@ MANIFEST = "manifest.json"
 WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # Rewrite a sealed segment whose share of tombstoned objects reaches this.
 COMPACT_DEAD_FRACTION = 0.3
+# Eager merges (segments below the seal size, or an idle shard): the merged segment holds at
+# least this many times the tokens of its largest input (see ``plan_merge``).
+EAGER_MERGE_GROWTH = 1.5
 BACKGROUND_INTERVAL_S = 0.5
+# How much nicer than the shard's writers and searches its background maintenance thread runs.
+MAINTENANCE_NICE = 5
 
 
 class ShardEngine:
@@ -112,6 +129,8 @@ class ShardEngine:
         self._manifest_seq = 0
         self._next_segment_id = 0
         self._persisted_masks: dict[int, tuple[Any, str | None]] = {}
+        self._checkpoint_due = False
+        self._last_write_at = time.monotonic()  # idle detection (ShardSettings.seal_idle_s)
         self._segments_dir = self.data_dir / "segments"
         self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
         self._keyword: KeywordIndex | None = None
@@ -207,6 +226,7 @@ class ShardEngine:
         return old
 
     def _apply_upsert(self, batch: ObjectBatch) -> None:
+        self._last_write_at = time.monotonic()
         base = self._growing.append(batch)
         kills: dict[Segment, list[int]] = {}
         for i, uuid in enumerate(batch.uuids):
@@ -217,6 +237,7 @@ class ShardEngine:
             seg.mark_deleted(rows)
 
     def _apply_delete(self, uuids: Sequence[str]) -> list[bool]:
+        self._last_write_at = time.monotonic()
         kills: dict[Segment, list[int]] = {}
         existed = []
         for uuid in uuids:
@@ -246,7 +267,10 @@ class ShardEngine:
             return []
         with self._write_lock:
             self._check_open()
-            self._wal.append_upsert(batch)
+            try:
+                self._wal.append_upsert(batch)
+            except OSError as exc:  # nothing of this batch was kept; nothing else changed
+                raise self._storage_error(exc) from exc
             with self._state_lock:
                 self._apply_upsert(batch)
                 seal_due = self._growing.n_tokens() >= self.settings.seal_threshold_tokens
@@ -260,12 +284,20 @@ class ShardEngine:
             self._check_open()
             present = [u for u in dict.fromkeys(uuids) if u in self._loc]
             if present:  # only writers change the key set, and we are the writer
-                self._wal.append_delete(present)
+                try:
+                    self._wal.append_delete(present)
+                except OSError as exc:
+                    raise self._storage_error(exc) from exc
             with self._state_lock:
                 existed = self._apply_delete(uuids)
             if self._keyword is not None:
                 self._keyword.delete(present)
             return existed
+
+    def _storage_error(self, exc: OSError) -> Exception:
+        logger.error("shard %s:%d: write failed: %s", self.spec.name, self.shard, exc)
+        return storage_error(exc, f"shard {self.spec.name}:{self.shard}",
+                             {"collection": self.spec.name, "shard": self.shard})
 
     # ------------------------------------------------------------------ reads
 
@@ -311,12 +343,14 @@ class ShardEngine:
             views = [_without_index(v) for v in views]
         k_prime = int(vspec.index.options.get("candidates_per_token",
                                               self.settings.candidates_per_token))
+        rerank = int(vspec.index.options.get("rerank_docs", self.settings.rerank_docs))
         allowed = [None if req.filter is None
                    else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
         found: list[tuple[float, str, Segment, int]] = []
         n_candidates = 0
         for hits in search_segments(views, vspec.name, query, req.k, allowed=allowed,
-                                    k_prime=k_prime):
+                                    k_prime=k_prime,
+                                    rerank_docs=max(rerank, 4 * req.k) if rerank > 0 else 0):
             n_candidates += hits.n_candidates
             seg = hits.view.segment
             found.extend((float(s), seg.uuids[r], seg, r)
@@ -392,11 +426,19 @@ class ShardEngine:
 
     # ------------------------------------------------------------------ maintenance
 
+    def idle(self) -> bool:
+        """No write for ``seal_idle_s`` (never when it is 0)."""
+        idle_s = self.settings.seal_idle_s
+        return idle_s > 0 and time.monotonic() - self._last_write_at >= idle_s
+
     def maintenance(self) -> bool:
         """One unit of background work: seal, else build one index, else compact once."""
         with self._maint_lock:
             if self._closed:
                 return False
+            if self._checkpoint_due:  # a checkpoint failed earlier (e.g. disk full): retry
+                self._checkpoint()
+                return True
             return self._maybe_seal() or self._maybe_build_index() or self._maybe_compact()
 
     def _maybe_seal(self) -> bool:
@@ -404,14 +446,18 @@ class ShardEngine:
             if not self._frozen:  # else: retry a seal that failed earlier
                 g = self._growing
                 due = (g.n_tokens() >= self.settings.seal_threshold_tokens
-                       or self._wal.size_bytes() >= WAL_CHECKPOINT_BYTES)
+                       or self._wal.size_bytes() >= WAL_CHECKPOINT_BYTES
+                       # idle: the newest writes are indexed instead of scanned exactly
+                       or (g.n_tokens() >= max(1, self.settings.brute_force_max_tokens)
+                           and self.idle()))
                 if not due or (g.n_objects == 0 and self._wal.size_bytes() == 0):
                     return False
+                new_gen = self._wal.rotate()  # first: if it fails, nothing has changed
                 if g.n_objects:
                     g.frozen = True
                     self._frozen.append((g, self._growing_gen))
                     self._growing = GrowingSegment(self.spec)
-                self._growing_gen = self._wal.rotate()
+                self._growing_gen = new_gen
             pending = [f for f, _ in self._frozen]
         for frozen in pending:
             self._seal(frozen)
@@ -424,8 +470,12 @@ class ShardEngine:
         final = self._segment_dir(segment_id)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        frozen.write(tmp, fsync=self.settings.fsync)
-        os.rename(tmp, final)
+        try:
+            frozen.write(tmp, fsync=self.settings.fsync)
+            os.rename(tmp, final)
+        except BaseException:  # e.g. disk full: free the space; the frozen segment stays
+            shutil.rmtree(tmp, ignore_errors=True)  # served and in the WAL, and is retried
+            raise
         if self.settings.fsync:
             fsync_dir(self._segments_dir)
         sealed = SealedSegment(segment_id, final, self.spec)
@@ -446,6 +496,7 @@ class ShardEngine:
 
     def _checkpoint(self) -> None:
         """Persist tombstones + the manifest, then drop WAL generations it covers."""
+        self._checkpoint_due = True  # until this one succeeds
         with self._state_lock:
             sealed = [(s, s.deleted) for s in self._sealed]
             wal_gen = min([gen for _, gen in self._frozen] + [self._growing_gen])
@@ -479,6 +530,7 @@ class ShardEngine:
             if prev is not None and prev[1] and prev[1] != persisted[seg.segment_id][1]:
                 remove_path(seg.directory / prev[1])
         self._persisted_masks = persisted
+        self._checkpoint_due = False
         with self._write_lock:
             self._wal.remove_before(wal_gen)
 
@@ -505,28 +557,31 @@ class ShardEngine:
         final = seg.index_dir(v.name)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        index.serialize(tmp)
-        if self.settings.fsync:
-            fsync_tree(tmp)
-        os.rename(tmp, final)  # the directory's presence is the "index is complete" marker
+        try:
+            tmp.mkdir()
+            index.serialize(tmp)
+            if self.settings.fsync:
+                fsync_tree(tmp)
+            os.rename(tmp, final)  # the directory's presence is the "index is complete" marker
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.settings.fsync:
             fsync_dir(seg.directory)
         return index
 
     def _maybe_compact(self) -> bool:
-        threshold = self.settings.seal_threshold_tokens
+        """Merge the smallest sealed segments (``plan_merge``: size-tiered, eager when the shard
+        is idle), else rewrite one tombstone-heavy segment. The merged segment is written and
+        indexed before it is swapped in; writes and searches go on meanwhile."""
+        st = self.settings
+        idle = self.idle()
         with self._state_lock:
             sealed = list(self._sealed)
-            group: list[SealedSegment] = []
-            small = [s for s in sealed if s.total_tokens() < threshold]
-            if len(small) >= 2:
-                budget = 0
-                for s in small:
-                    if group and budget + s.total_tokens() > 4 * threshold:
-                        break
-                    group.append(s)
-                    budget += s.total_tokens()
+            sizes = [sum(s.live_tokens(v.name) for v in self.spec.vectors) for s in sealed]
+            chosen = set(plan_merge(sizes, st.max_segment_tokens, st.merge_factor - 0.5,
+                                    st.seal_threshold_tokens, eager=idle))
+            group = [s for i, s in enumerate(sealed) if i in chosen]  # oldest first
             if len(group) < 2:
                 group = [s for s in sealed
                          if s.n_objects and s.n_live() <= (1 - COMPACT_DEAD_FRACTION)
@@ -570,15 +625,23 @@ class ShardEngine:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         uuids, props, vectors = gather_live(sources, self.spec)
-        write_segment(tmp, self.spec, uuids, props, vectors, fsync=self.settings.fsync)
-        os.rename(tmp, final)
+        try:
+            write_segment(tmp, self.spec, uuids, props, vectors, fsync=self.settings.fsync)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.settings.fsync:
             fsync_dir(self._segments_dir)
-        merged = SealedSegment(segment_id, final, self.spec)
-        # Index before the swap, so a compacted segment is never searched exhaustively.
-        for v in self.spec.vectors:
-            if self._needs_index(merged, v):
-                merged.indexes[v.name] = self._build_index(merged, v)
+        try:
+            merged = SealedSegment(segment_id, final, self.spec)
+            # Index before the swap, so a compacted segment is never searched exhaustively.
+            for v in self.spec.vectors:
+                if self._needs_index(merged, v):
+                    merged.indexes[v.name] = self._build_index(merged, v)
+        except BaseException:  # not referenced anywhere yet: give the space back
+            shutil.rmtree(final, ignore_errors=True)
+            raise
         return merged
 
     # ------------------------------------------------------------------ lifecycle
@@ -593,6 +656,12 @@ class ShardEngine:
         self._thread.start()
 
     def _background(self) -> None:
+        # Below the writers and searches: seals, index builds and compactions use the CPU
+        # those leave (Linux: per thread; the threads a build starts inherit it).
+        with contextlib.suppress(AttributeError, OSError):
+            tid = threading.get_native_id()
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + MAINTENANCE_NICE))
         delay = BACKGROUND_INTERVAL_S
         while not self._stop.is_set():
             try:
@@ -627,6 +696,30 @@ class ShardEngine:
     def drop(self) -> None:
         self.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def plan_merge(sizes: Sequence[int], max_tokens: int, growth: float, small_tokens: int, *,
+               eager: bool = False) -> list[int]:
+    """Which sealed segments to merge (indexes into ``sizes``, live tokens each); [] = none.
+
+    The longest run (≥ 2) of the smallest segments whose merged size stays within
+    ``max_tokens`` and reaches ``growth`` × the largest of them -- ≈ ``growth`` similar-sized
+    segments (size-tiered). Below ``small_tokens`` (the seal size), or when ``eager`` (an idle
+    shard: converge to few big segments), ``EAGER_MERGE_GROWTH`` suffices. Either way a merge
+    at least multiplies the size of the segment a token lives in by 1.5, so a token is
+    re-written and re-indexed at most log1.5(max_tokens / its first segment's size) times."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+    best: list[int] = []
+    total = 0
+    for m, i in enumerate(order, 1):
+        total += sizes[i]
+        if total > max_tokens:
+            break
+        need = EAGER_MERGE_GROWTH if eager or sizes[i] < small_tokens else max(
+            growth, EAGER_MERGE_GROWTH)
+        if m >= 2 and total >= need * sizes[i]:
+            best = order[:m]
+    return best
 
 
 def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:

@@ -6,12 +6,17 @@ A ``ScannTokenIndex`` answers "for each query token, which k' segment tokens are
 re-scores the candidates exactly, so the index only has to find the right *documents*.
 
 Parameters follow the segment size (``choose_params``): ``num_leaves ≈ sqrt(n_tokens)``, 5 % of
-the leaves searched per query token, anisotropic hashing with 4-dim blocks (2 for dim < 64):
-16 centres per block, so a 128-d token costs 32 bytes of codes plus 4 for its leaf. No ScaNN
-re-ordering by default: the engine re-scores candidate *documents* exactly from the segment's own
-tokens, so a float copy inside the index would multiply its memory for little recall. (Measured
-on the benchmark's small synthetic set, 640k tokens × 128 d: 2-dim blocks and 10 % of the leaves
-gave the same recall@10 at ~25 % lower QPS, 64 bytes/token and a 35 % slower build.)
+the leaves searched per query token, anisotropic hashing with 5-dim blocks (2 for dim < 64):
+16 centres per block, so a 128-d token costs 26 bytes of codes (ScaNN serializes one byte per
+block) plus 4 for its leaf: ~33 bytes/token with the leaf centres. No ScaNN re-ordering by
+default: the engine re-scores candidate *documents* exactly from the segment's own tokens, so a
+float copy inside the index would multiply its memory for little recall. Measured on the
+benchmark's small synthetic set (635k tokens × 128 d, 8 segments, k' 512, 300 documents
+re-scored): 4-dim blocks 38.8 bytes/token and recall@10 0.974, 5-dim 33.0 and 0.963, 6-dim 29.1
+and 0.956, 8-dim 23.2 and 0.933 at about the same query time — the approximate pre-scoring
+(shard.search) ranks by these scores, so coarser codes cost recall. 2.5 % of the leaves instead
+of 5 % was ~8 % faster at the same recall there but lost 5-10 points on the engine test's 64-d
+corpus.
 Per-vector overrides come from the spec's ``index.options``: ``num_leaves``,
 ``leaves_to_search``, ``leaves_to_search_fraction``, ``dims_per_block``, ``reorder`` (``"none"`` |
 ``"int8"`` | ``"float32"``), ``reorder_multiplier``, ``training_sample_size``, ``build_threads``.
@@ -59,13 +64,15 @@ def choose_params(n_tokens: int, options: Mapping[str, Any] | None = None,
         fraction = float(opts.get("leaves_to_search_fraction", 0.05))
         to_search = max(4, math.ceil(num_leaves * fraction))
     # k-means and the AH codebooks train on a sample: 64 points per leaf (at least 20k) keeps
-    # recall and builds ~3× faster than training on a whole 100k-token segment.
+    # recall and builds ~3× faster than training on a whole 100k-token segment. (A 10k sample
+    # builds a 70k-token segment in 0.83 s instead of 1.10 s but cost the engine test's
+    # 50k-token corpus 5-8 points of recall@10.)
     sample = int(opts.get("training_sample_size", max(20_000, 64 * num_leaves)))
     return IndexParams(
         num_leaves=num_leaves,
         leaves_to_search=max(1, min(to_search, num_leaves)),
         training_sample_size=max(num_leaves, min(sample, n_tokens)),
-        dims_per_block=max(1, int(opts.get("dims_per_block", 4 if dim >= 64 else 2))),
+        dims_per_block=max(1, int(opts.get("dims_per_block", 5 if dim >= 64 else 2))),
         reorder=str(opts.get("reorder", "none")),
         reorder_multiplier=max(1, int(opts.get("reorder_multiplier", 2))),
         build_threads=max(1, int(opts.get("build_threads", 1))),

@@ -51,6 +51,15 @@ def gather(tokens: Tokens, offsets: I64, docs: I64) -> tuple[Tokens, I64]:
     return cast(Tokens, rows), new_offsets
 
 
+def gather_into(tokens: Tokens, offsets: I64, docs: I64, out: Tokens) -> None:
+    """``gather``'s rows written into ``out`` (exactly as many rows as the documents own)."""
+    starts = offsets[docs]
+    lengths = offsets[docs + 1] - starts
+    ends = np.cumsum(lengths)
+    idx = np.repeat(starts - (ends - lengths), lengths) + np.arange(len(out), dtype=np.int64)
+    np.take(tokens, idx, axis=0, out=out, mode="clip")  # "raise" would buffer the output
+
+
 def maxsim_docs(query: F32, tokens: Tokens, offsets: I64, docs: I64) -> F64:
     """MaxSim of ``query`` against the documents ``docs`` (indices into ``offsets``)."""
     gathered, new_offsets = gather(tokens, offsets, docs)

@@ -32,6 +32,10 @@ class ShardMetrics:
         except Exception:  # not inside a Ray worker (unit tests): metrics off
             self._latency = None
 
+    @property
+    def enabled(self) -> bool:
+        return self._latency is not None
+
     def record_search(self, seconds: float, n_candidates: int) -> None:
         if self._latency is not None:
             self._latency.observe(seconds, tags=self._tags)

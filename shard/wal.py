@@ -16,10 +16,18 @@ Generations: sealing the growing segment *rotates* the log (appends go to a new 
 once the sealed segment and the manifest naming the new generation are durable, older
 generations are removed. Replay reads every generation from the manifest's one upward, so a
 crash anywhere in between loses nothing.
+
+Failed appends (disk full, file size limit, I/O error): the record is written with ``pwrite`` at
+the known end of the file (no user-space buffer that could flush stale bytes later), and on any
+error the file is cut back to that end, so a failed write leaves nothing behind and the writer
+is told it failed (``StorageError`` / ``InsufficientStorage``). If even the cut fails, the file is
+abandoned: the next append opens a new generation, and replay drops the abandoned file's torn
+tail and goes on with the next generation, so no later acknowledged record sits behind garbage.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,10 +37,11 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from cluster.errors import InsufficientStorage, StorageError
 from cluster.types import ObjectBatch, VectorColumn
 from shard.codec import encode_json, fsync_dir
 
@@ -43,6 +52,20 @@ _HEADER_LEN = struct.Struct("<I")
 OP_UPSERT = 1
 OP_DELETE = 2
 _NAME_RE = re.compile(r"^wal-(\d{12})\.log$")
+# errno values that mean "no room": the writer should free space (or raise a limit) and retry.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_error(exc: OSError, what: str, details: dict[str, Any] | None = None
+                  ) -> StorageError:
+    """The colshard error for an ``OSError`` that kept a write from becoming durable."""
+    info = {**(details or {}), "errno": exc.errno, "os_error": exc.strerror or str(exc)}
+    if exc.errno in NO_SPACE_ERRNOS:
+        return InsufficientStorage(
+            f"{what}: insufficient storage ({exc.strerror or exc}); the write was not applied, "
+            "retry once space is freed", info)
+    return StorageError(f"{what}: storage error ({exc.strerror or exc}); the write was not "
+                        "applied", info)
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,11 @@ class WalRecord:
 
 
 def encode_upsert(batch: ObjectBatch) -> bytes:
+    return b"".join(encode_upsert_parts(batch))
+
+
+def encode_upsert_parts(batch: ObjectBatch) -> list[Any]:
+    """The upsert payload as buffers (the vectors' own arrays, not copies of them)."""
     names = sorted(batch.vectors)
     header = {
         "uuids": list(batch.uuids),
@@ -60,12 +88,12 @@ def encode_upsert(batch: ObjectBatch) -> bytes:
         "vectors": [[n, batch.vectors[n].dim, batch.vectors[n].n_rows] for n in names],
     }
     head = encode_json(header).encode()
-    parts = [bytes([OP_UPSERT]), _HEADER_LEN.pack(len(head)), head]
+    parts: list[Any] = [bytes([OP_UPSERT]), _HEADER_LEN.pack(len(head)), head]
     for n in names:
         col = batch.vectors[n]
-        parts.append(np.ascontiguousarray(col.offsets, dtype="<i8").tobytes())
-        parts.append(np.ascontiguousarray(col.values, dtype="<f4").tobytes())
-    return b"".join(parts)
+        parts.append(np.ascontiguousarray(col.offsets, dtype="<i8"))
+        parts.append(np.ascontiguousarray(col.values, dtype="<f4"))
+    return parts
 
 
 def encode_delete(uuids: Sequence[str]) -> bytes:
@@ -106,7 +134,9 @@ class WriteAheadLog:
         self.directory = directory
         self.fsync = fsync
         directory.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO | None = None
+        self._fd: int | None = None
+        self._size = 0  # end of the last complete record in the open file
+        self._abandoned = False  # a failed append could not be rolled back: roll on next append
         self.generation = -1
 
     def generations(self) -> list[int]:
@@ -162,45 +192,71 @@ class WriteAheadLog:
         self._open_generation(gens[-1] if gens else min_generation)
 
     def _open_generation(self, generation: int) -> None:
+        """Make ``generation`` the file appended to. On failure the current file stays open."""
         path = self.path(generation)
         created = not path.exists()
-        self._file = open(path, "ab")  # noqa: SIM115 - held open for appends
-        self.generation = generation
-        if created and self.fsync:
-            fsync_dir(self.directory)
-
-    def append(self, payload: bytes) -> None:
-        f = self._file
-        assert f is not None, "WAL not open"
-        before = f.tell()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            f.write(_RECORD.pack(len(payload), zlib.crc32(payload)) + payload)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
+            size = os.fstat(fd).st_size
+            if created and self.fsync:
+                fsync_dir(self.directory)
         except BaseException:
-            # Never leave a partial record in front of later ones.
-            try:
-                f.truncate(before)
-                f.seek(before)
-            except OSError:
-                logger.exception("WAL %s: could not roll back a failed append", f.name)
+            os.close(fd)
             raise
+        self.close()
+        self._fd, self._size, self.generation = fd, size, generation
+        self._abandoned = False
+
+    def append(self, payload: bytes | Sequence[Any]) -> None:
+        """Write one record and (with ``fsync``) make it durable, or raise ``OSError`` having
+        written nothing that replay would see. ``payload``: bytes, or the buffers (bytes,
+        C-contiguous arrays) that concatenated form it; they are copied once, into the
+        record."""
+        if self._abandoned:
+            logger.warning("WAL %s: continuing in a new generation after a failed append",
+                           self.path(self.generation))
+            self._open_generation(self.generation + 1)
+        fd = self._fd
+        assert fd is not None, "WAL not open"
+        parts: Sequence[Any] = [payload] if isinstance(payload, bytes) else payload
+        length = crc = 0
+        for part in parts:
+            length += memoryview(part).nbytes
+            crc = zlib.crc32(part, crc)
+        record = memoryview(b"".join([_RECORD.pack(length, crc), *parts]))
+        start = self._size
+        try:
+            done = 0
+            while done < len(record):
+                done += os.pwrite(fd, record[done:], start + done)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            # Never leave a partial (or not durably written) record in front of later ones.
+            try:
+                os.ftruncate(fd, start)
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                logger.exception("WAL %s: could not roll back a failed append; the next append "
+                                 "starts a new generation", self.path(self.generation))
+                self._abandoned = True
+            raise
+        self._size = start + len(record)
 
     def append_upsert(self, batch: ObjectBatch) -> None:
-        self.append(encode_upsert(batch))
+        self.append(encode_upsert_parts(batch))
 
     def append_delete(self, uuids: Sequence[str]) -> None:
         self.append(encode_delete(uuids))
 
     def rotate(self) -> int:
-        """Start the next generation; returns it."""
-        self.close()
+        """Start the next generation; returns it. On failure nothing changes."""
         self._open_generation(self.generation + 1)
         return self.generation
 
     def size_bytes(self) -> int:
-        return 0 if self._file is None else self._file.tell()
+        return 0 if self._fd is None else self._size
 
     def remove_before(self, generation: int) -> None:
         removed = False
@@ -212,6 +268,6 @@ class WriteAheadLog:
             fsync_dir(self.directory)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

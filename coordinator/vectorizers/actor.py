@@ -18,6 +18,7 @@ class VectorizerActor:
     def __init__(self, kind: str, options: dict[str, Any]) -> None:
         self._spec = VectorizerSpec(kind, (), dict(options))
         self._by_key: dict[str | None, Any] = {}
+        self._encoded = {"documents": 0, "queries": 0}
         if kind == LOCAL_KIND:
             self._get(None)  # load the model now, not on the first request
 
@@ -31,8 +32,14 @@ class VectorizerActor:
 
     def encode_documents(self, texts: Sequence[str], api_key: str | None) -> list[F32]:
         result: list[F32] = self._get(api_key).encode_documents(list(texts))
+        self._encoded["documents"] += len(result)
         return result
 
     def encode_query(self, text: str, api_key: str | None) -> F32:
         result: F32 = self._get(api_key).encode_query(text)
+        self._encoded["queries"] += 1
         return result
+
+    def stats(self) -> dict[str, int]:
+        """Texts this actor encoded since it started (documents, queries)."""
+        return dict(self._encoded)

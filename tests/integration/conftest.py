@@ -1,19 +1,28 @@
 """Integration fixtures: one real local Ray per test session (all sockets on 127.0.0.1), and a
 colshard gateway (real uvicorn on a free loopback port) in front of a real coordinator actor,
-real shard actors and the session's real etcd."""
+real shard actors and the session's real etcd.
+
+Also helpers for ``colshard serve`` as a real subprocess (its own etcd and Ray): start it, stop
+it with Ctrl-C, or SIGKILL every process it started at once (a whole-server crash), found by
+session id, parentage and the data/Ray temp directories on their command lines."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cluster.settings import Settings, ShardSettings
@@ -56,7 +65,7 @@ def kill_namespace(namespace: str) -> None:
 
 
 def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None = None,
-                 cluster_name: str | None = None) -> tuple[Server, Any]:
+                 cluster_name: str | None = None, **overrides: Any) -> tuple[Server, Any]:
     import uvicorn
 
     from coordinator.actor import ray_namespace  # noqa: F401 (import check)
@@ -68,7 +77,7 @@ def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None
     settings = Settings(data_dir=data_dir, cluster_name=cluster_name or
                         f"t{uuid.uuid4().hex[:10]}", etcd_endpoints=(etcd_endpoint,),
                         host="127.0.0.1", port=port, max_body_bytes=8 * 1024 * 1024,
-                        shard=shard or ShardSettings())
+                        shard=shard or ShardSettings(), **overrides)
     handle = get_or_create_coordinator(settings)
     app = create_app(RayBackend(handle, settings.query_timeout_s), settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -102,3 +111,146 @@ def colshard_server(etcd_endpoint: str, ray_session: None,
         yield srv
     finally:
         stop_server(srv, running)
+
+
+# ---- `colshard serve` as a subprocess ------------------------------------------------------
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_serve(data_dir: Path, port: int, etcd_port: int, log: Path, *,
+                ray_tmp: Path | None = None, timeout_s: float = 180.0,
+                extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """``colshard serve`` in a new session, ready (``/healthz`` answers) on return. ``ray_tmp``
+    gives its Ray a temp dir of its own (keep the path short: Ray puts sockets under it)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir),
+         "--port", str(port), "--etcd-port", str(etcd_port), *extra_args],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"colshard serve exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"colshard serve did not come up: {log.read_text()[-3000:]}")
+
+
+def stop_serve(proc: subprocess.Popen[bytes]) -> int:
+    """Ctrl-C, as a user stops it; its exit status."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    sid: int
+    state: str
+    cmdline: str
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process from /proc (Linux)."""
+    table: dict[int, ProcInfo] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        table[int(entry)] = ProcInfo(int(entry), int(fields[1]), int(fields[3]), fields[0],
+                                     cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return table
+
+
+def server_processes(root_pid: int, markers: Iterable[str]) -> set[int]:
+    """Live (non-zombie) processes of a server started as ``root_pid`` in a new session: the
+    root, everything in its session, its descendants (etcd runs in a session of its own), and
+    anything whose command line names one of ``markers`` (its data dir, its Ray temp dir), which
+    still finds children re-parented after the root died."""
+    table = process_table()
+    marks = [m for m in markers if m]
+    found = {p.pid for p in table.values()
+             if p.pid == root_pid or p.sid == root_pid or any(m in p.cmdline for m in marks)}
+    grew = True
+    while grew:
+        more = {p.pid for p in table.values() if p.ppid in found} - found
+        found |= more
+        grew = bool(more)
+    found.discard(os.getpid())
+    return {pid for pid in found if table[pid].state not in ("Z", "X")}
+
+
+def kill_serve_hard(proc: subprocess.Popen[bytes], markers: Iterable[str], *,
+                    timeout_s: float = 60.0) -> set[int]:
+    """A whole-server crash: freeze every process of the server (SIGSTOP, repeated until no new
+    one appears), then SIGKILL them all, so none of them runs a shutdown step. Returns the PIDs
+    killed; raises if any of them is still alive after ``timeout_s``."""
+    marks = list(markers)
+    frozen: set[int] = set()
+    for _ in range(50):
+        new = server_processes(proc.pid, marks) - frozen
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= new
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=timeout_s)
+    deadline = time.time() + timeout_s
+    while left := server_processes(proc.pid, marks):
+        if time.time() > deadline:
+            raise RuntimeError(f"processes of the killed server still alive: {sorted(left)}")
+        for pid in left:  # started between the last scan and the kill
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    return frozen
+
+
+def wait_processes_gone(root_pid: int, markers: Iterable[str], timeout_s: float = 60.0
+                        ) -> dict[int, str]:
+    """Wait for a stopped server's processes to exit; returns those still alive (pid ->
+    command line) after ``timeout_s``."""
+    marks = list(markers)
+    deadline = time.time() + timeout_s
+    while left := server_processes(root_pid, marks):
+        if time.time() > deadline:
+            table = process_table()
+            return {pid: table[pid].cmdline[:300] for pid in left if pid in table}
+        time.sleep(0.2)
+    return {}
+
+
+def wait_ports_closed(ports: Iterable[int], timeout_s: float = 60.0) -> None:
+    deadline = time.time() + timeout_s
+    ports = list(ports)
+    while busy := [p for p in ports if port_open(p)]:
+        if time.time() > deadline:
+            raise RuntimeError(f"ports still open: {busy}")
+        time.sleep(0.2)

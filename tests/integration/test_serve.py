@@ -3,12 +3,6 @@ everything it started; a restart on the same data dir keeps collections and obje
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -17,44 +11,9 @@ import numpy as np
 import pytest
 
 from cluster.embedded_etcd import find_free_ports
+from tests.integration.conftest import port_open, start_serve, stop_serve
 
 pytestmark = pytest.mark.integration
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def start_serve(data_dir: Path, port: int, etcd_port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir),
-         "--port", str(port), "--etcd-port", str(etcd_port)],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"colshard serve exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"colshard serve did not come up: {log.read_text()[-3000:]}")
-
-
-def stop_serve(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
 
 
 def test_serve_restart_keeps_collections_and_objects(tmp_path: Path) -> None:

@@ -6,13 +6,15 @@ over real HTTP, real Ray actors (shards and the encoder actor) and real etcd."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+from cluster.settings import ShardSettings
 from gateway.client import Client, NamedVector, Property
-from tests.integration.conftest import Server
+from tests.integration.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +31,20 @@ def sentences() -> list[str]:
             "Quantum computers use qubits to explore many states at once.",
             "The stock market fell sharply after the interest rate decision."]
     return out
+
+
+@pytest.fixture(scope="module")
+def colshard_server(etcd_endpoint: str, ray_session: None,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """This module's server runs a pool of two encoder actors per vectorizer config."""
+    srv, running = start_server(
+        etcd_endpoint, tmp_path_factory.mktemp("data"),
+        ShardSettings(seal_threshold_tokens=4096, brute_force_max_tokens=20_000),
+        vectorizer_replicas=2)
+    try:
+        yield srv
+    finally:
+        stop_server(srv, running)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +74,22 @@ def test_vectorized_import_and_shape(demo: Any) -> None:
     matrix = np.asarray(obj.vector["multi_vector"])
     assert matrix.ndim == 2 and matrix.shape[1] == 384 and matrix.shape[0] >= 3
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
+
+
+def test_import_is_spread_over_the_encoder_pool(demo: Any, colshard_server: Server) -> None:
+    import ray
+
+    from coordinator.actor import ray_namespace
+
+    namespace = ray_namespace(colshard_server.settings.cluster_name)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == namespace and a["name"].startswith("colshard:vectorizer:")]
+    assert len(names) == 2, names
+    stats = [ray.get(ray.get_actor(n, namespace=namespace).stats.remote(), timeout=60)
+             for n in sorted(names)]
+    # 243 texts in batches of 64 (the coordinator's batch size): both actors encoded some.
+    assert sum(s["documents"] for s in stats) >= len(sentences())
+    assert all(s["documents"] > 0 for s in stats), stats
 
 
 def test_near_text_finds_shared_words_and_meaning(demo: Any) -> None:

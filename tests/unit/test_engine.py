@@ -576,7 +576,8 @@ def test_several_indexed_segments_share_k_prime(tmp_path: Path) -> None:
         docs.append((t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
     spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=4_000,
-                         brute_force_max_tokens=1_000, candidates_per_token=32)
+                         brute_force_max_tokens=1_000, candidates_per_token=32,
+                         max_segment_tokens=6_000)  # no merges: several segments
     for s in range(0, 1600, 100):
         engine.upsert(batch(range(s, s + 100), {"v": docs[s : s + 100]}))
         drain(engine)

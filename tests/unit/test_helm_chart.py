@@ -16,6 +16,7 @@ import copy
 import json
 import re
 import shlex
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -477,6 +478,10 @@ def test_raycluster_head_and_worker_group(chart: helm_python.Chart) -> None:
     (word,) = shlex.split(params["resources"])
     assert json.loads(word) == {"colshard_shard": 64}
     assert "colshard_shard" not in json.dumps(head["rayStartParams"])
+    # ... and every shard replica asks for one unit, so shards never land on the head.
+    assert json.loads(config["data"]["COLSHARD_SHARD_RESOURCES"]) == {"colshard_shard": 1}
+    assert config["data"]["COLSHARD_VECTORIZER_REPLICAS"] == "1"
+    assert "JINAAI_APIKEY" not in env_of(head_container)  # no Jina secret configured
 
     pod = group["template"]["spec"]
     worker = container(pod, "ray-worker")
@@ -492,6 +497,16 @@ def test_raycluster_head_and_worker_group(chart: helm_python.Chart) -> None:
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert pod["securityContext"]["fsGroup"] == 1000  # makes the data volume writable
+
+
+def test_jina_key_secret_reaches_the_ray_pods(chart: helm_python.Chart) -> None:
+    values = {"vectorizers": {"jinaai": {"existingSecret": "jina", "existingSecretKey": "key"}}}
+    (raycluster,) = by_kind(render(chart, values), "RayCluster")
+    spec = raycluster["spec"]
+    ray_containers = [container(spec["headGroupSpec"]["template"]["spec"], "ray-head"),
+                      container(spec["workerGroupSpecs"][0]["template"]["spec"], "ray-worker")]
+    for c in ray_containers:
+        assert env_of(c)["JINAAI_APIKEY"] == {"secretKeyRef": {"name": "jina", "key": "key"}}
 
 
 def test_worker_extras_and_shared_claim(chart: helm_python.Chart) -> None:
@@ -611,6 +626,27 @@ def test_auth_disabled_mounts_no_keys(chart: helm_python.Chart) -> None:
     spec = gateway(manifests)["spec"]["template"]["spec"]
     assert "COLSHARD_API_KEYS_FILE" not in env_of(container(spec, "gateway"))
     assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+
+
+def test_gateway_reads_the_charts_keys_file(chart: helm_python.Chart) -> None:
+    """The Secret's file is what gateway.auth loads (bare keys: admin), and a gateway
+    without keys is told --allow-insecure (it binds 0.0.0.0 and refuses otherwise)."""
+    from gateway.auth import Role, load_api_keys
+
+    manifests = render(chart, {"auth": {"apiKeys": ["key-one-0123456789", "key-two"]}})
+    keys_text = base64.b64decode(one(manifests, "Secret")["data"]["api-keys"]).decode()
+    gw = container(gateway(manifests)["spec"]["template"]["spec"], "gateway")
+    assert "--allow-insecure" not in gw["args"]
+    path = env_of(gw)["COLSHARD_API_KEYS_FILE"]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        local.write_text(keys_text)
+        keys = load_api_keys(None, {"COLSHARD_API_KEYS_FILE": str(local)})
+    assert [(k.key, k.role, k.collections) for k in keys] == [
+        ("key-one-0123456789", Role.admin, None), ("key-two", Role.admin, None)]
+    open_gw = container(gateway(render(chart, {"auth": {"enabled": False}}))["spec"]["template"]
+                        ["spec"], "gateway")
+    assert "--allow-insecure" in open_gw["args"]
 
 
 def test_notes_show_port_forwards(chart: helm_python.Chart) -> None:

@@ -23,7 +23,8 @@ def test_params_follow_segment_size() -> None:
     assert large.num_leaves == 800  # ≈ sqrt(n)
     assert small.training_sample_size <= 2_000
     assert small.reorder == "none"  # the engine re-scores documents exactly itself
-    assert large.dims_per_block == 4 and choose_params(2_000, dim=32).dims_per_block == 2
+    # 5-dim blocks: 26 codes + a 4-byte leaf id per 128-d token (≤ 36 bytes/token).
+    assert large.dims_per_block == 5 and choose_params(2_000, dim=32).dims_per_block == 2
     custom = choose_params(10_000, {"num_leaves": 50, "leaves_to_search": 7})
     assert (custom.num_leaves, custom.leaves_to_search) == (50, 7)
 

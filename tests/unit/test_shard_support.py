@@ -30,7 +30,8 @@ def make_spec(vectors: Sequence[Mapping[str, Any]] | None = None,
 
 def settings(**kw: Any) -> ShardSettings:
     base: dict[str, Any] = {"seal_threshold_tokens": 1_000_000, "brute_force_max_tokens": 1_000_000,
-                            "candidates_per_token": 32, "fsync": False}
+                            "candidates_per_token": 32, "fsync": False,
+                            "seal_idle_s": 0.0}  # idle sealing/merging: only where a test asks
     base.update(kw)
     return ShardSettings(**base)
 

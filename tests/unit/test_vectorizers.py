@@ -418,3 +418,57 @@ def test_unsupported_sentence_transformers_module(tmp_path: Path) -> None:
         encoding="utf-8")
     with pytest.raises(InvalidInput, match="unsupported"):
         inspect_model_dir(tmp_path)
+
+
+# --- coordinator dispatch over an encoder pool (fake client behind the VectorizerClient API) -----
+
+
+class _PoolClient:
+    """Records how many encode calls are in flight at once; encodes text i as one row [i]."""
+
+    def __init__(self, parallelism: int) -> None:
+        self.parallelism = parallelism
+        self.in_flight = self.max_in_flight = self.calls = 0
+
+    async def dim(self, timeout_s: float) -> int:
+        return 1
+
+    async def encode_documents(self, texts: Any, api_key: str | None,
+                               timeout_s: float) -> list[Any]:
+        import asyncio
+
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)
+        self.in_flight -= 1
+        return [np.array([[float(t)]], dtype=np.float32) for t in texts]
+
+    async def encode_query(self, text: str, api_key: str | None, timeout_s: float) -> Any:
+        return np.array([[float(text)]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_import_batches_run_in_parallel_over_the_pool_in_order(parallelism: int) -> None:
+    import asyncio
+
+    from cluster.spec import NamedVectorSpec
+    from cluster.validation import ObjectInput
+    from coordinator.vectorize import Vectorizers
+
+    client = _PoolClient(parallelism)
+    vectorizers = Vectorizers(lambda spec: client, timeout_s=10, batch_size=4)
+    vec = NamedVectorSpec("mv", "multi", 1, vectorizer=VectorizerSpec(
+        "text2colbert-local", ("t",), {}))
+    given = np.array([[-1.0]], dtype=np.float32)
+    objects = [ObjectInput(None, {"t": str(i)}, {"mv": given} if i % 5 == 0 else {})
+               for i in range(30)]
+    out = asyncio.run(vectorizers.documents(None, [vec], objects, {}))  # type: ignore[arg-type]
+    column = out["mv"]
+    for i, matrix in enumerate(column):
+        if i % 5 == 0:
+            assert matrix is None  # has its own vector: not encoded
+        else:
+            assert matrix is not None and float(matrix[0, 0]) == i
+    assert client.calls == 6  # 24 texts in batches of 4
+    assert client.max_in_flight == parallelism

@@ -193,6 +193,14 @@ env:
     valueFrom:
       fieldRef:
         fieldPath: metadata.name
+  {{- with .ctx.Values.vectorizers.jinaai.existingSecret }}
+  {{- /* text2colbert-jinaai runs in Ray workers: the server-side key when no header has one. */}}
+  - name: JINAAI_APIKEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . | quote }}
+        key: {{ $.ctx.Values.vectorizers.jinaai.existingSecretKey | quote }}
+  {{- end }}
   {{- range $name, $value := .extraEnv }}
   - name: {{ $name }}
     value: {{ $value | toString | quote }}

@@ -1,0 +1,215 @@
+"""MembershipMonitor with an in-memory store, fake node agents and fake shard clients; the
+``colshard status`` text; node roles; --shard-resources parsing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from cluster.errors import NotFound, Unavailable
+from cluster.ids import ShardId
+from cluster.settings import Settings
+from cluster.types import ShardStats
+from coordinator.membership import MembershipMonitor
+from coordinator.node_agent import member_info, node_roles
+from gateway.cli import parse_resources
+from gateway.status import format_status
+
+pytestmark = pytest.mark.anyio
+
+
+class Store:
+    def __init__(self) -> None:
+        self.members: dict[str, dict[str, Any]] = {}
+        self.placements: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+        self.writes = 0
+
+    async def list_members(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.members.items()}
+
+    async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]:
+        if collection not in self.placements:
+            raise NotFound(collection)
+        return {k: dict(v) for k, v in self.placements[collection].items()}
+
+    async def put_placement(self, collection: str, shard: int, replica: int,
+                            info: Mapping[str, Any]) -> None:
+        self.writes += 1
+        self.placements[collection][(shard, replica)] = dict(info)
+
+
+class Agents:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.started: list[str] = []
+        self.broken: set[str] = set()
+
+    async def alive_nodes(self) -> dict[str, dict[str, Any]]:
+        return dict(self.nodes)
+
+    async def ensure(self, node_id: str, node: Mapping[str, Any]) -> None:
+        if node_id in self.broken:
+            raise Unavailable("no worker")
+        self.started.append(node_id)
+        self.store.members[node_id] = {"roles": ["shards"]}
+
+
+class Client:
+    def __init__(self, shard: int, node_id: str | None) -> None:
+        self.shard_id = ShardId("C", shard)
+        self.node_id = node_id  # None: does not answer
+
+    async def ready(self, timeout_s: float) -> Mapping[str, Any]:
+        if self.node_id is None:
+            raise Unavailable("restarting")
+        return {"node_id": self.node_id, "host": "h", "pid": 1}
+
+    async def stats(self, timeout_s: float) -> ShardStats:
+        return ShardStats(shard=self.shard_id.shard, n_objects=5, n_tokens={"v": 20},
+                          n_segments=1)
+
+
+@pytest.fixture
+def world() -> tuple[Store, Agents, list[Client], MembershipMonitor]:
+    store = Store()
+    agents = Agents(store)
+    agents.nodes = {"node-a": {}, "node-b": {}}
+    clients = [Client(0, "node-a"), Client(1, "node-b")]
+    store.placements["C"] = {(s, 0): {"actor": f"colshard:C:{s}", "node_id": c.node_id,
+                                      "state": "ready"} for s, c in enumerate(clients)}
+    monitor = MembershipMonitor(store, agents, lambda: {"C": [[c] for c in clients]})
+    return store, agents, clients, monitor
+
+
+async def test_agents_started_on_nodes_that_are_not_members(world: Any) -> None:
+    store, agents, _, monitor = world
+    store.members["node-a"] = {}
+    result = await monitor.tick()
+    assert agents.started == ["node-b"] and result["members"] == ["node-a", "node-b"]
+    assert result["unavailable"] == [] and store.writes == 0  # healthy: no probe, no write
+    agents.broken.add("node-c")
+    agents.nodes["node-c"] = {}
+    assert (await monitor.tick())["agents_started"] == []  # retried next round, no crash
+
+
+async def test_node_loss_marks_shard_unavailable_then_ready_again(world: Any) -> None:
+    store, agents, clients, monitor = world
+    await monitor.tick()
+    # node-b dies: Ray no longer lists it, its member key expired, its shard does not answer.
+    del agents.nodes["node-b"], store.members["node-b"]
+    clients[1].node_id = None
+    result = await monitor.tick()
+    assert result["unavailable"] == ["C:1:0"] and result["changed"] == ["C:1:0"]
+    record = store.placements["C"][(1, 0)]
+    assert record["state"] == "unavailable" and "node-b" in record["reason"]
+    assert monitor.unavailable_shards() == ["C:1"]
+    writes = store.writes
+    await monitor.tick()
+    assert store.writes == writes  # already recorded
+
+    info = {"members": await store.list_members(), "collections": {"C": {
+        "shard_count": 2, "replication_factor": 1,
+        "placements": [{"shard": s, "replica": r, **p}
+                       for (s, r), p in sorted(store.placements["C"].items())]}}}
+    view = monitor.annotate(info, await monitor.shard_stats())
+    states = [p["state"] for p in view["collections"]["C"]["placements"]]
+    assert states == ["ready", "unavailable"] and view["unavailable_shards"] == ["C:1"]
+    assert view["collections"]["C"]["objects"] == 5
+    assert view["collections"]["C"]["placements"][0]["tokens"] == 20
+
+    # Ray restarts the actor on node-a (or node-b comes back): ready again, on that node.
+    clients[1].node_id = "node-a"
+    result = await monitor.tick()
+    assert result["unavailable"] == [] and result["changed"] == ["C:1:0"]
+    record = store.placements["C"][(1, 0)]
+    assert record["state"] == "ready" and record["node_id"] == "node-a"
+    assert "reason" not in record and monitor.unavailable_shards() == []
+
+
+async def test_stale_state_survives_an_outage(world: Any) -> None:
+    store, agents, clients, monitor = world
+    store.placements["C"][(1, 0)]["state"] = "stale"
+    await monitor.tick()
+    del store.members["node-b"], agents.nodes["node-b"]
+    clients[1].node_id = None
+    await monitor.tick()
+    clients[1].node_id = "node-a"
+    await monitor.tick()
+    assert store.placements["C"][(1, 0)]["state"] == "stale"
+
+
+async def test_dropped_collection_is_forgotten(world: Any) -> None:
+    store, agents, clients, monitor = world
+    await monitor.tick()
+    del store.members["node-b"], agents.nodes["node-b"]
+    clients[1].node_id = None
+    await monitor.tick()
+    del store.placements["C"]
+    monitor._shards = lambda: {}
+    await monitor.tick()
+    assert monitor.outages == {}
+
+
+def test_node_roles_and_member_info(tmp_path: Any) -> None:
+    head = {"node:__internal_head__": 1.0, "CPU": 1.0}
+    assert node_roles(head, {}) == ["head", "shards"]
+    assert node_roles(head, {"colshard_shard": 1}) == ["head"]
+    assert node_roles({"colshard_shard": 2.0}, {"colshard_shard": 1}) == ["shards"]
+    assert node_roles({}, {"colshard_shard": 1}) == ["worker"]
+    info = member_info("abc", {"address": "10.0.0.2", "resources": {"CPU": 2, "node:x": 1}},
+                       Settings(data_dir=tmp_path))
+    assert info["resources"] == {"CPU": 2.0} and info["address"] == "10.0.0.2"
+    assert info["node_id"] == "abc" and info["roles"] == ["shards"]
+
+
+def test_parse_resources() -> None:
+    assert parse_resources("") == {}
+    assert parse_resources('{"colshard_shard": 1}') == {"colshard_shard": 1.0}
+    with pytest.raises(SystemExit):
+        parse_resources("[1]")
+
+
+def test_status_text() -> None:
+    cluster = {
+        "coordinator": {"node_id": "aaaaaaaa1111", "host": "host-a", "pid": 7},
+        "members": {"aaaaaaaa1111": {"host": "host-a", "address": "10.0.0.1",
+                                     "roles": ["coordinator", "head"],
+                                     "resources": {"CPU": 1.0, "memory": 1e9}}},
+        "collections": {"Demo": {"shard_count": 2, "replication_factor": 1, "objects": 7,
+                                 "placements": [
+                                     {"shard": 0, "replica": 0, "actor": "colshard:Demo:0",
+                                      "node_id": "aaaaaaaa1111", "host": "host-a",
+                                      "state": "ready", "objects": 7, "tokens": 70},
+                                     {"shard": 1, "replica": 0, "actor": "colshard:Demo:1",
+                                      "node_id": "bbbbbbbb2222", "host": "host-b",
+                                      "state": "unavailable"}]}},
+    }
+    text = format_status(cluster, {"ready": False, "etcd": True,
+                                   "unavailable_shards": ["Demo:1"]}, "prod")
+    lines = text.splitlines()
+    assert lines[0] == "cluster prod: NOT READY  (etcd ok; unavailable shards: Demo:1)"
+    assert "coordinator on node aaaaaaaa (host-a, pid 7)" in text
+    member = next(line for line in lines if line.startswith("aaaaaaaa"))
+    assert member.split() == ["aaaaaaaa", "host-a", "10.0.0.1", "coordinator,head", "1",
+                              "CPU=1"]
+    gone = next(line for line in lines if line.startswith("1 "))
+    assert "host-b (gone)" in gone and "unavailable" in gone and gone.split()[-2:] == ["-", "-"]
+    assert "COLLECTION Demo  shards=2  replication=1  objects=7" in text
+    assert format_status({}, None).endswith("no collections")
+
+
+def test_vectorizer_replicas_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import build_parser, settings_from_args
+
+    parser = build_parser()
+    monkeypatch.delenv("COLSHARD_VECTORIZER_REPLICAS", raising=False)
+    assert settings_from_args(parser.parse_args(["gateway"])).vectorizer_replicas == 1
+    monkeypatch.setenv("COLSHARD_VECTORIZER_REPLICAS", "3")
+    assert settings_from_args(parser.parse_args(["gateway"])).vectorizer_replicas == 3
+    args = parser.parse_args(["gateway", "--vectorizer-replicas", "2"])
+    assert settings_from_args(args).vectorizer_replicas == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gateway", "--vectorizer-replicas", "0"])
