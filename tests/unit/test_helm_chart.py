@@ -5,8 +5,9 @@
 - Core Kubernetes objects: kubernetes-validate in strict mode (unknown fields are errors) against
   the pinned Kubernetes version below.
 - The RayCluster: jsonschema against the KubeRay CRD's openAPIV3Schema in
-  `<repo>/../shared/k8s/ray.io_rayclusters.yaml`, as is and with unknown fields forbidden (the
-  API server would silently prune them); its pod templates also go through kubernetes-validate.
+  `tests/data/kuberay/ray.io_rayclusters.yaml` (vendored, see its README), as is and with
+  unknown fields forbidden (the API server would silently prune them); its pod templates also
+  go through kubernetes-validate.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm" / "colshard"
-CRD_PATH = REPO.parent / "shared" / "k8s" / "ray.io_rayclusters.yaml"
+CRD_PATH = REPO / "tests" / "data" / "kuberay" / "ray.io_rayclusters.yaml"  # vendored
 K8S_VERSION = "1.30.0"
 RELEASE = "demo"
 NAMESPACE = "search"
@@ -194,8 +195,6 @@ def strict_schema(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def raycluster_validators() -> list[jsonschema.protocols.Validator]:
-    if not CRD_PATH.is_file():
-        pytest.skip(f"KubeRay CRD not found at {CRD_PATH} (the shared/ dir beside the repo)")
     crd = yaml.safe_load(CRD_PATH.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = version["schema"]["openAPIV3Schema"]
