@@ -159,8 +159,9 @@ def get_or_create_coordinator(settings: Settings) -> Any:
         name=COORDINATOR_ACTOR_NAME, namespace=ray_namespace(settings.cluster_name),
         get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
         max_concurrency=1000,
-        # On the head when it can (soft: elsewhere otherwise), not on a worker that may leave.
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True)
+        # On the head (hard affinity): the head holds Ray's GCS, so it lives as long as the
+        # cluster; a soft affinity let Ray spill the actor to a busy worker node that may leave.
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
         if node_id else "DEFAULT",
     ).remote(settings)
     ray.get(handle.start.remote(), timeout=120)

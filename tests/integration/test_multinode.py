@@ -199,8 +199,9 @@ def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
     assert len(members) == 2, members
     node_b = next(n for n, m in members.items() if "colshard_node_b" in m["resources"])
     head = next(n for n in members if n != node_b)
-    assert "head" in members[head]["roles"] and "coordinator" in members[head]["roles"]
-    assert cluster["coordinator"]["node_id"] == head
+    where = (cluster.get("coordinator"), members)
+    assert cluster["coordinator"]["node_id"] == head, where
+    assert "head" in members[head]["roles"] and "coordinator" in members[head]["roles"], where
     assert members[node_b]["data_dir"] == str(multinode.root / "data-b")
     placements = cluster["collections"][name]["placements"]
     assert {p["node_id"] for p in placements} == {head, node_b}
