@@ -254,8 +254,13 @@ cmd_start() {
     # stays on this host); every address this script and the gateway dial is 127.0.0.1.
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: how long a node drains on SIGTERM (Ray's default
     # is 30 s, which only slows `stop` here).
+    # RAY_AUTH_MODE is set explicitly for every process: left unset, a Ray head may pick token
+    # auth (e.g. when ~/.ray/auth_token exists) while the joining node and the gateway do not,
+    # and node 2 then fails to join with InvalidAuthToken. Set RAY_AUTH_MODE=token and
+    # RAY_AUTH_TOKEN_PATH in the caller's environment to run the local cluster with tokens.
     local -a common_env=(
         env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+        "RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}"
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_DRAIN_TIMEOUT_S}"
         "COLSHARD_ETCD=${ETCD_ENDPOINT}"
         "COLSHARD_CLUSTER_NAME=${CLUSTER_NAME}"
@@ -283,7 +288,7 @@ cmd_start() {
     wait_for ray-node2 "joined ${RAY_ADDRESS}" log_has ray-node2 "Ray runtime started"
 
     if ((with_gateway)); then
-        launch gateway env "COLSHARD_DATA_DIR=${DATA_DIR}/gateway" \
+        launch gateway env "COLSHARD_DATA_DIR=${DATA_DIR}/gateway" "RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}" \
             "${COLSHARD_BIN}" gateway \
             --ray-address "${RAY_ADDRESS}" \
             --etcd "${ETCD_ENDPOINT}" \
