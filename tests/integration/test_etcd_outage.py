@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ import numpy as np
 import pytest
 
 from cluster.embedded_etcd import EmbeddedEtcd, find_free_ports
-from cluster.settings import Settings, ShardSettings
-from tests.integration.conftest import Server, stop_server
+from cluster.settings import ShardSettings
+from tests.integration.conftest import Server, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 OUTAGE_S = float(os.environ.get("COLSHARD_ETCD_OUTAGE_S", "30"))
@@ -38,27 +37,9 @@ DIM = 8
 
 def _start(etcd_endpoint: str, data_dir: Path) -> tuple[Server, Any]:
     """tests/integration/conftest.start_server with a short etcd timeout."""
-    import uvicorn
-
-    from gateway.app import create_app
-    from gateway.backend import RayBackend
-    from gateway.cli import get_or_create_coordinator
-
-    port = find_free_ports(1)[0]
-    settings = Settings(data_dir=data_dir, cluster_name=f"o{uuid.uuid4().hex[:10]}",
-                        etcd_endpoints=(etcd_endpoint,), host="127.0.0.1", port=port,
-                        etcd_timeout_s=ETCD_TIMEOUT_S, query_timeout_s=10.0,
-                        shard=ShardSettings(fsync=False))
-    handle = get_or_create_coordinator(settings)
-    app = create_app(RayBackend(handle, settings.query_timeout_s), settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "gateway did not start"
-        time.sleep(0.05)
-    return Server(f"http://127.0.0.1:{port}", settings, handle), (server, thread)
+    return start_server(etcd_endpoint, data_dir, ShardSettings(fsync=False),
+                        cluster_name=f"o{uuid.uuid4().hex[:10]}",
+                        etcd_timeout_s=ETCD_TIMEOUT_S, query_timeout_s=10.0)
 
 
 @pytest.fixture
