@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shard.index import ScannTokenIndex, choose_params
+from shard.index import ScannTokenIndex, choose_params, default_leaves_to_search
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -27,6 +27,17 @@ def test_params_follow_segment_size() -> None:
     assert large.dims_per_block == 5 and choose_params(2_000, dim=32).dims_per_block == 2
     custom = choose_params(10_000, {"num_leaves": 50, "leaves_to_search": 7})
     assert (custom.num_leaves, custom.leaves_to_search) == (50, 7)
+    assert choose_params(10_000, {"num_leaves": 200,
+                                  "leaves_to_search_fraction": 0.5}).leaves_to_search == 100
+
+
+def test_default_leaves_to_search_schedule() -> None:
+    # 5 % up to 400 leaves (at least 4), then 2.5 % once that is more than 20.
+    assert [default_leaves_to_search(n) for n in (10, 100, 224, 400, 800, 2_000)] == [
+        4, 5, 12, 20, 20, 50]
+    assert choose_params(640_000).leaves_to_search == 20
+    values = [default_leaves_to_search(n) for n in range(1, 5_000)]
+    assert values == sorted(values)  # never fewer leaves for a larger segment
 
 
 def test_finds_near_duplicates() -> None:
