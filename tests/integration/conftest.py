@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,12 +65,9 @@ def kill_namespace(namespace: str) -> None:
 
 def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None = None,
                  cluster_name: str | None = None, **overrides: Any) -> tuple[Server, Any]:
-    import uvicorn
-
     from coordinator.actor import ray_namespace  # noqa: F401 (import check)
-    from gateway.app import create_app
-    from gateway.backend import RayBackend
-    from gateway.cli import get_or_create_coordinator
+    from gateway.cli import gateway_config, get_or_create_coordinator
+    from tests.integration.gateways import serve_in_thread
 
     port = _free_port()
     settings = Settings(data_dir=data_dir, cluster_name=cluster_name or
@@ -79,24 +75,15 @@ def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None
                         host="127.0.0.1", port=port, max_body_bytes=8 * 1024 * 1024,
                         shard=shard or ShardSettings(), **overrides)
     handle = get_or_create_coordinator(settings)
-    app = create_app(RayBackend(handle, settings.query_timeout_s), settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("gateway did not start")
-        time.sleep(0.05)
-    return Server(f"http://127.0.0.1:{port}", settings, handle), (server, thread)
+    running = serve_in_thread(gateway_config(settings, handle, log_level="warning"))
+    return Server(f"http://127.0.0.1:{port}", settings, handle), running
 
 
 def stop_server(srv: Server, running: Any) -> None:
     from coordinator.actor import ray_namespace
+    from tests.integration.gateways import stop_thread
 
-    server, thread = running
-    server.should_exit = True
-    thread.join(timeout=15)
+    stop_thread(running)
     kill_namespace(ray_namespace(srv.settings.cluster_name))
 
 
