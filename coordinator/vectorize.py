@@ -96,16 +96,12 @@ class LocalVectorizerClient:
     """In-process client (unit tests, single-process embedding)."""
 
     def __init__(self, spec: VectorizerSpec) -> None:
-        from coordinator.vectorizers.base import make_vectorizer
+        from coordinator.vectorizers.base import VectorizerCache
 
-        self._spec = spec
-        self._make = make_vectorizer
-        self._by_key: dict[str | None, Any] = {}
+        self._vectorizers = VectorizerCache(spec)
 
     def _get(self, api_key: str | None) -> Any:
-        if api_key not in self._by_key:
-            self._by_key[api_key] = self._make(self._spec, api_key=api_key)
-        return self._by_key[api_key]
+        return self._vectorizers.get(api_key)
 
     async def dim(self, timeout_s: float) -> int:
         return int(self._get(None).dim)

@@ -11,21 +11,18 @@ from typing import Any
 
 from cluster.spec import VectorizerSpec
 from cluster.types import F32
-from coordinator.vectorizers.base import LOCAL_KIND, make_vectorizer
+from coordinator.vectorizers.base import LOCAL_KIND, VectorizerCache
 
 
 class VectorizerActor:
     def __init__(self, kind: str, options: dict[str, Any]) -> None:
-        self._spec = VectorizerSpec(kind, (), dict(options))
-        self._by_key: dict[str | None, Any] = {}
+        self._vectorizers = VectorizerCache(VectorizerSpec(kind, (), dict(options)))
         self._encoded = {"documents": 0, "queries": 0}
         if kind == LOCAL_KIND:
             self._get(None)  # load the model now, not on the first request
 
     def _get(self, api_key: str | None) -> Any:
-        if api_key not in self._by_key:
-            self._by_key[api_key] = make_vectorizer(self._spec, api_key=api_key)
-        return self._by_key[api_key]
+        return self._vectorizers.get(api_key)
 
     def dim(self) -> int:
         return int(self._get(None).dim)

@@ -161,3 +161,17 @@ class Options:
     def get_str(self, name: str, default: str, *, choices: Sequence[str] | None = None) -> str:
         value = self.optional_str(name, choices=choices)
         return default if value is None else value
+
+
+class VectorizerCache:
+    """One vectorizer per API key for one spec, built on first use (remote providers take the
+    caller's key per request; local models ignore it, so they load once)."""
+
+    def __init__(self, spec: VectorizerSpec) -> None:
+        self.spec = spec
+        self._by_key: dict[str | None, TextVectorizer] = {}
+
+    def get(self, api_key: str | None) -> TextVectorizer:
+        if api_key not in self._by_key:
+            self._by_key[api_key] = make_vectorizer(self.spec, api_key=api_key)
+        return self._by_key[api_key]
