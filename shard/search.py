@@ -16,8 +16,9 @@ For one named vector and one query (all query tokens at once):
    ``MAX_KPRIME_BOOST``×), and if the candidates still cannot fill k, the exact path is taken.
 3. **Approximate pre-scoring** (``rerank_docs`` > 0, XTR/WARP-style missing-similarity
    imputation): every candidate document gets, per query token, its best hit or, where it has
-   none, an imputed similarity below ``τ`` (``_imputed``); only the ``rerank_docs`` best
-   documents by that sum go on. One pass over the hits (numpy, no loop per document).
+   none, an imputed similarity below ``τ`` (``_imputed``), a little higher for long documents
+   (``_length_shift``); only the ``rerank_docs`` best documents by that sum go on. One pass
+   over the hits (numpy, no loop per document).
 4. **Exact MaxSim** (shard.maxsim) on the remaining candidates of every indexed segment,
    gathered into one matrix and scored with one matmul, and on every eligible document of the
    unindexed segments in place; top k per segment (score desc, uuid asc). The engine merges
@@ -57,6 +58,8 @@ SHARE_SIGMAS_IMPUTED = 1.0
 # Imputed similarity for a query token a document has no hit for: the k'-th similarity minus
 # this fraction of the spread between the best hit and the k'-th (see ``_imputed``).
 IMPUTE_DROP = 0.5
+# How much the imputed similarity rises per unit of ln(document length) (``_length_shift``).
+IMPUTE_LENGTH = 0.1
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,10 @@ def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
     if len(docs_u) < min(k, sum(p.n_eligible for p in plans)):
         return {}  # filters/tombstones left too few: exact over the eligible objects
     if 0 < rerank_docs < len(docs_u):
-        approx = _imputed_sums(len(docs_u), len(query), inv, q_all, sims_all,
-                               _imputed(tau, all_sims))
+        lengths = np.concatenate([np.diff(pr.plan.vec.offsets) for pr in probes])[docs_u]
+        imputed, spread = _imputed(tau, all_sims)
+        approx = _imputed_sums(len(docs_u), len(query), inv, q_all, sims_all, imputed,
+                               (_length_shift(lengths), spread))
         best = np.argpartition(-approx, rerank_docs - 1)[:rerank_docs]
         docs_u = np.sort(docs_u[best])
     owner = np.searchsorted(bases, docs_u, side="right") - 1
@@ -237,45 +242,67 @@ def _unique(keys: I64, n_keys: int) -> tuple[I64, I64]:
     return u.astype(np.int64), pos[keys]
 
 
-def impute_scores(n_query: int, q_rows: I64, docs: I64, sims: F32,
-                  imputed: F32) -> tuple[I64, F64]:
+def impute_scores(n_query: int, q_rows: I64, docs: I64, sims: F32, imputed: F32,
+                  shift: tuple[F32, F32] | None = None) -> tuple[I64, F64]:
     """Approximate MaxSim of every document that has token-index hits (XTR-style imputation).
 
     Hit ``j`` says: query row ``q_rows[j]`` has similarity ``sims[j]`` with a token of document
     ``docs[j]``. A document's approximate score sums, per query row, its best hit, or
     ``imputed[row]`` where it has none (or none better): the hits are the row's top k' tokens,
     so a missing similarity is at most the k'-th one. With every token of every document among
-    the hits this is exact MaxSim. Returns ``(documents ascending, approximate scores)``.
+    the hits this is exact MaxSim. ``shift`` = ``(per document, per query row)``: the imputed
+    value of document ``d`` and row ``q`` is ``imputed[q] + shift[0][d] * shift[1][q]``
+    (``_length_shift``; documents in ascending order). Returns ``(documents ascending,
+    approximate scores)``.
     """
     docs_u, inv = np.unique(docs, return_inverse=True)
-    approx = _imputed_sums(len(docs_u), n_query, inv.reshape(-1), q_rows, sims, imputed)
+    approx = _imputed_sums(len(docs_u), n_query, inv.reshape(-1), q_rows, sims, imputed, shift)
     return docs_u.astype(np.int64), approx
 
 
 def _imputed_sums(n_docs: int, n_query: int, doc_of_hit: I64, q_rows: I64, sims: F32,
-                  imputed: F32) -> F64:
+                  imputed: F32, shift: tuple[F32, F32] | None = None) -> F64:
     best = np.empty((n_docs, n_query), dtype=np.float32)
     best[:] = imputed[None, :]
+    if shift is not None:
+        best += shift[0][:, None] * shift[1][None, :]
     np.maximum.at(best, (doc_of_hit, q_rows), sims)
     out: F64 = best.sum(axis=1, dtype=np.float64)
     return out
 
 
-def _imputed(tau: F32, sims: F32) -> F32:
-    """Per query row, the similarity imputed where a document has no hit: below the k'-th
-    similarity ``tau`` by ``IMPUTE_DROP`` × (best hit − ``tau``) — a missing token is at most
-    ``tau`` and usually well below it (measured on the small synthetic set: +5 points of
-    recall@10 at 300 re-scored documents over imputing ``tau`` itself). Where fewer than k' hits
-    exist (``tau`` is -inf) the row's worst hit stands in for ``tau``; a row without hits gets
-    0. ``sims``: every probed similarity, (n_query, hits), -inf for padding/ineligible."""
+def _imputed(tau: F32, sims: F32) -> tuple[F32, F32]:
+    """Per query row, the similarity imputed where a document has no hit, and the row's spread.
+
+    The imputed value is below the k'-th similarity ``tau`` by ``IMPUTE_DROP`` × the spread
+    (best hit − ``tau``) — a missing token is at most ``tau`` and usually well below it
+    (measured on the small synthetic set: +5 points of recall@10 at 300 re-scored documents over
+    imputing ``tau`` itself). Where fewer than k' hits exist (``tau`` is -inf) the row's worst
+    hit stands in for ``tau``; a row without hits gets 0 and spread 0. ``sims``: every probed
+    similarity, (n_query, hits), -inf for padding/ineligible."""
     finite = np.isfinite(sims)
     best = np.where(finite, sims, -np.inf).max(axis=1)
     worst = np.where(finite, sims, np.inf).min(axis=1)
     base = np.where(np.isfinite(tau), tau, worst)
-    out = base - np.float32(IMPUTE_DROP) * (best - base)
-    out[~np.isfinite(best)] = 0.0
-    imputed: F32 = out.astype(np.float32)
-    return imputed
+    spread = best - base
+    none = ~np.isfinite(best)
+    spread[none] = 0.0
+    out = base - np.float32(IMPUTE_DROP) * spread
+    out[none] = 0.0
+    return out.astype(np.float32), spread.astype(np.float32)
+
+
+def _length_shift(lengths: I64) -> F32:
+    """Per candidate document, how far its imputed similarities move, in units of each query
+    row's spread (``_imputed``): ``IMPUTE_LENGTH`` × (ln L − mean ln L over the candidates). The
+    best of L tokens grows with ln L (the maximum of L draws), so a long document's missing
+    similarity is likely higher than a short one's; centring on the mean re-orders documents
+    without moving the average. Measured with 300 / 200 re-scored documents (k' 384): recall@10
+    0.971 → 0.975 / 0.933 → 0.952 on the small synthetic set (noise 0.6), 0.847 → 0.857 / 0.815
+    → 0.826 at noise 0.1, unchanged (0.998) on MiniLM docstrings."""
+    log_len = np.log(np.maximum(lengths, 1)).astype(np.float32)
+    shift: F32 = (np.float32(IMPUTE_LENGTH) * (log_len - log_len.mean())).astype(np.float32)
+    return shift
 
 
 def _n_tokens(plan: _Plan) -> int:

@@ -81,6 +81,28 @@ def test_imputed_value_fills_missing_query_rows() -> None:
     np.testing.assert_allclose(approx, [0.1 + 0.4, 0.9 + 0.2], rtol=1e-6)
 
 
+def test_length_shift_raises_long_documents_missing_similarities() -> None:
+    from shard.search import IMPUTE_LENGTH, _length_shift
+
+    shift = _length_shift(np.array([16, 64], dtype=np.int64))
+    assert shift[1] > 0 > shift[0] and abs(float(shift.sum())) < 1e-6  # centred
+    np.testing.assert_allclose(shift[1] - shift[0], IMPUTE_LENGTH * np.log(4), rtol=1e-5)
+    # Same hit for both documents on row 0, none on row 1: the longer one (doc 9) ranks first,
+    # by its shift × row 1's spread.
+    spread = np.array([0.0, 0.5], dtype=np.float32)
+    docs, approx = impute_scores(
+        2, np.array([0, 0]), np.array([3, 9]), np.array([0.5, 0.5], dtype=np.float32),
+        np.array([0.1, 0.2], dtype=np.float32), (shift, spread))
+    assert list(docs) == [3, 9]
+    np.testing.assert_allclose(approx, [0.5 + 0.2 + shift[0] * 0.5, 0.5 + 0.2 + shift[1] * 0.5],
+                               rtol=1e-6)
+    # A hit above the shifted imputed value still wins (max).
+    _, approx = impute_scores(1, np.array([0]), np.array([9]), np.array([0.9], dtype=np.float32),
+                              np.array([0.1], dtype=np.float32),
+                              (np.array([0.5], dtype=np.float32), np.array([0.2], np.float32)))
+    np.testing.assert_allclose(approx, [0.9], rtol=1e-6)
+
+
 def test_kprime_covering_every_token_gives_the_exact_ranking() -> None:
     rng = np.random.default_rng(1)
     docs, tokens, offsets = _corpus(rng, 300, 16)
