@@ -28,6 +28,17 @@ VectorKind = Literal["multi", "single"]
 StorageDtype = Literal["float32", "float16"]
 VECTORIZERS: tuple[str, ...] = ("none", "text2colbert-local", "text2colbert-jinaai")
 INDEX_KINDS: tuple[str, ...] = ("scann", "muvera", "flat")
+# ``muvera`` index options (shard.muvera): default and inclusive integer range of each. The
+# defaults were measured on the benchmark's small synthetic set (docs/bench.md, "MUVERA").
+MUVERA_DEFAULTS: Mapping[str, Any] = {"repetitions": 20, "k_sim": 2, "d_proj": 16,
+                                      "fill_empty_partitions": True, "seed": 0,
+                                      "candidates": 500}
+MUVERA_RANGES: Mapping[str, tuple[int, int]] = {
+    "repetitions": (1, 64), "k_sim": (0, 10), "d_proj": (0, 4096), "seed": (0, 2**32 - 1),
+    "candidates": (1, 100_000)}
+# Upper bound on the FDE dimension repetitions·2^k_sim·(d_proj or dim): 2 bytes per dimension
+# per document are stored and scanned per query.
+MUVERA_MAX_FDE_DIM = 65_536
 MAX_DIM = 65536
 MAX_SHARDS = 256
 
@@ -113,10 +124,34 @@ class IndexSpec:
         _require(kind in INDEX_KINDS, f"index kind must be one of {list(INDEX_KINDS)}", kind=kind)
         options = raw.get("options", {})
         _require(isinstance(options, Mapping), "index.options must be an object")
+        if kind == "muvera":
+            _check_muvera_options(options)
         return cls(str(kind), dict(options))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "options": dict(self.options)}
+
+
+def _check_muvera_options(options: Mapping[str, Any]) -> None:
+    allowed = set(MUVERA_DEFAULTS)
+    unknown = sorted(set(options) - allowed)
+    _require(not unknown, f"unknown muvera index option(s) {unknown}; known: {sorted(allowed)}",
+             options=unknown)
+    for name, value in options.items():
+        if name == "fill_empty_partitions":
+            _require(isinstance(value, bool),
+                     "muvera index option fill_empty_partitions must be a boolean", option=name)
+            continue
+        lo, hi = MUVERA_RANGES[name]
+        _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+                 f"muvera index option {name} must be an integer in {lo}..{hi}", option=name)
+
+
+def muvera_fde_dim(options: Mapping[str, Any], dim: int) -> int:
+    """The FDE dimension of a muvera vector: repetitions·2^k_sim·(d_proj, or dim if 0)."""
+    opts = {**MUVERA_DEFAULTS, **options}
+    width = int(opts["d_proj"]) or dim
+    return int(opts["repetitions"]) * (1 << int(opts["k_sim"])) * width
 
 
 @dataclass(frozen=True)
@@ -158,8 +193,15 @@ class NamedVectorSpec:
         dtype = raw.get("dtype", "float32")
         _require(dtype in ("float32", "float16"),
                  f"vector {name!r}: dtype must be float32 or float16", vector=name)
+        index = IndexSpec.from_dict(raw.get("index"))
+        if index.kind == "muvera":
+            fde_dim = muvera_fde_dim(index.options, int(cast(int, dim)))
+            _require(fde_dim <= MUVERA_MAX_FDE_DIM,
+                     f"vector {name!r}: muvera FDE dimension repetitions·2^k_sim·(d_proj or "
+                     f"dim) = {fde_dim} exceeds {MUVERA_MAX_FDE_DIM}", vector=name,
+                     fde_dim=fde_dim)
         return cls(name, cast(VectorKind, kind), int(cast(int, dim)), cast(Metric, metric),
-                   cast(StorageDtype, dtype), vectorizer, IndexSpec.from_dict(raw.get("index")))
+                   cast(StorageDtype, dtype), vectorizer, index)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "dim": self.dim, "metric": self.metric,

@@ -92,3 +92,62 @@ def test_recall_with_scann_indexes(indexed_server: Server) -> None:
         assert np.allclose(fetched.vector["mv"], docs[5], atol=1e-6)
         assert fetched.properties == {"n": 5}
         client.collections.delete("Recall")
+
+
+def test_muvera_collection_recall_filters_and_bad_options(indexed_server: Server) -> None:
+    """A named vector with ``index.kind = "muvera"``: FDEs instead of ScaNN in the sealed
+    segments (reported as such), recall against exact MaxSim, filters, and 422 for bad options."""
+    import httpx
+
+    bad = {"name": "MuveraBad", "vectors": [{"name": "mv", "dim": DIM, "index": {
+        "kind": "muvera", "options": {"k_sim": 11}}}]}
+    resp = httpx.post(f"{indexed_server.url}/v1/collections", json=bad, timeout=30)
+    assert resp.status_code == 422, resp.text
+    assert "k_sim must be an integer in 0..10" in resp.json()["error"]["message"]
+    bad["vectors"][0]["index"]["options"] = {"num_leaves": 8}  # a ScaNN option
+    resp = httpx.post(f"{indexed_server.url}/v1/collections", json=bad, timeout=30)
+    assert resp.status_code == 422 and "unknown muvera index option" in resp.text
+
+    rng = np.random.default_rng(12)
+    ids, docs, _ = clustered_corpus(rng, 2000)
+    with Client(indexed_server.url) as client:
+        col = client.collections.create(
+            "Muvera", properties=[Property("n", "int")],
+            vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine",
+                                 index={"kind": "muvera", "options": {"candidates": 200}})],
+            shard_count=2)
+        table = pa.table({
+            "id": ids,
+            "n": list(range(len(ids))),
+            "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
+        })
+        result = col.data.insert_arrow(table, batch_rows=500)
+        assert (result.n_ok, result.n_failed) == (2000, 0)
+        deadline = time.time() + 300
+        while True:  # sealed (and idle-sealed) segments get their FDEs in the background
+            shards = col.config()["shards"]
+            states = [s["stats"]["index_state"]["mv"] for s in shards]
+            if all("building=0" in st and "indexed=0" not in st for st in states):
+                break
+            assert time.time() < deadline, states
+            time.sleep(1)
+        assert all(st.startswith("muvera: ") for st in states), states
+
+        recalls = []
+        for i in rng.choice(len(docs), size=20, replace=False):
+            d = docs[int(i)]
+            rows = rng.choice(len(d), size=min(8, len(d)), replace=False)
+            q = d[rows] + 0.2 * rng.normal(size=(len(rows), DIM)).astype(np.float32) / np.sqrt(DIM)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            truth = exact_top(q, docs, ids, 10)
+            got = [o.uuid for o in col.query.near_vector(q, target_vector="mv", limit=10).objects]
+            recalls.append(len(set(got) & set(truth)) / 10)
+        # 200 of ~1,000 documents per shard re-scored: measured 0.935 (random candidates of
+        # the same count: ~0.2).
+        assert float(np.mean(recalls)) >= 0.8, recalls
+        flt = {"path": "n", "operator": "less_than", "value": 1000}
+        res = col.query.near_vector(docs[3], target_vector="mv", limit=10, filters=flt,
+                                    return_properties=["n"])
+        assert len(res.objects) == 10 and all(o.properties["n"] < 1000 for o in res.objects)
+        assert res.objects[0].uuid == ids[3]
+        client.collections.delete("Muvera")
