@@ -100,6 +100,30 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
+async def read_body(request: Request, max_bytes: int) -> bytes | memoryview:
+    """The request body. With a Content-Length within ``max_bytes`` (what the SDK sends), the
+    chunks are copied into one buffer of that size as they arrive instead of being kept in a
+    list and joined at the end (Starlette's ``Request.body``): for a 32 MB Arrow import body,
+    one full copy into fresh memory and 32 MB of peak memory less."""
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else 0
+    if not 0 < size <= max_bytes:
+        return await request.body()
+    view = np.empty(size, dtype=np.uint8).data  # not zeroed: the bytes below overwrite it
+    pos = 0
+    overflow: list[bytes] = []  # beyond the declared length (the server's parser forbids it)
+    async for chunk in request.stream():
+        n = len(chunk)
+        if not overflow and pos + n <= size:
+            view[pos : pos + n] = chunk
+            pos += n
+        else:
+            overflow.append(chunk)
+    if overflow:
+        return b"".join([view[:pos], *overflow])
+    return view[:pos]
+
+
 class FastJSONResponse(JSONResponse):
     """``JSONResponse`` encoded with orjson (compact UTF-8 like Starlette's); anything orjson
     does not take (integers beyond 64 bits, ...) goes through Starlette's encoder."""
@@ -378,12 +402,12 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     async def insert_objects(name: str, request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "application/json").split(";")[0]
         level = request.query_params.get("consistency_level")  # or the JSON body's field
-        raw = await request.body()
         if content_type == ARROW_STREAM:
             from gateway.arrow_import import batch_from_arrow
 
-            inputs = batch_from_arrow(raw)
+            inputs = batch_from_arrow(await read_body(request, settings.max_body_bytes))
         else:
+            raw = await request.body()
             try:
                 batch = wire.BatchIn.model_validate_json(raw)
             except ValidationError as exc:

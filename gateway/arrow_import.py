@@ -33,7 +33,7 @@ def _leaf_and_depth(t: pa.DataType) -> tuple[pa.DataType, int]:
 
 def _vector_column(name: str, col: pa.ChunkedArray, depth: int) -> list[Any]:
     """Per-row numpy arrays (1-D for single, 2-D for multi) or None for nulls."""
-    arr = col.combine_chunks()
+    arr = _one_array(col)
     rows: list[Any] = []
     if depth == 1:
         for i in range(len(arr)):
@@ -66,9 +66,9 @@ def _vector_column(name: str, col: pa.ChunkedArray, depth: int) -> list[Any]:
     return rows
 
 
-def _read_table(body: bytes) -> pa.Table:
+def _read_table(body: bytes | memoryview) -> pa.Table:
     try:
-        reader = pa.ipc.open_stream(body)
+        reader = pa.ipc.open_stream(pa.py_buffer(body))  # zero-copy: columns view ``body``
         return reader.read_all()
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise BadRequest(f"body is not a readable Arrow IPC stream: {exc}") from exc
@@ -91,10 +91,16 @@ def _flat_floats(arr: pa.Array) -> Any:
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
+def _one_array(col: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: its only chunk as it is (``combine_chunks`` copies even a
+    single chunk: a full copy of every vector of the batch)."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def _columnar_vector(col: pa.ChunkedArray, depth: int) -> VectorInput | None:
     """The column as flat values + offsets, or None when it is not rectangular (the
     per-object decoder then reports it)."""
-    arr = col.combine_chunks()
+    arr = _one_array(col)
     n = len(arr)
     present = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
     per_object = _list_lengths(arr)  # tokens (multi) or floats (single) per object
@@ -127,7 +133,7 @@ def _columnar_vector(col: pa.ChunkedArray, depth: int) -> VectorInput | None:
     return VectorInput(flat.reshape(-1, dim), offsets, multi=True, present=present)
 
 
-def batch_from_arrow(body: bytes) -> ColumnarInput | list[ObjectInput]:
+def batch_from_arrow(body: bytes | memoryview) -> ColumnarInput | list[ObjectInput]:
     """The body as a ``ColumnarInput`` when its vector columns are rectangular, else as
     per-object inputs (``objects_from_arrow``)."""
     table = _read_table(body)
@@ -157,7 +163,7 @@ def batch_from_arrow(body: bytes) -> ColumnarInput | list[ObjectInput]:
                          vectors)
 
 
-def objects_from_arrow(body: bytes) -> list[ObjectInput]:
+def objects_from_arrow(body: bytes | memoryview) -> list[ObjectInput]:
     return _objects_from_table(_read_table(body))
 
 

@@ -171,11 +171,32 @@ def _raise_for(response: httpx.Response) -> None:
     raise error_from_dict(payload)
 
 
+# Request bodies larger than this are handed to httpx in slices of this size (with their
+# Content-Length, so they still go out as one plain body): httpcore sends a bytes body with
+# ``buffer = buffer[sent:]`` after every partial socket send, copying what is left of a 32 MB
+# Arrow batch again after each of its many sends. Slices bound each copy to one slice.
+SEND_SLICE_BYTES = 1 << 20
+
+
+def sliced_body(content: bytes) -> tuple[Any, dict[str, str]]:
+    """``content`` as httpx ``content`` plus the headers it needs: large bodies as a list of
+    memoryview slices (re-iterable, so a retried request can send it again)."""
+    if len(content) <= SEND_SLICE_BYTES:
+        return content, {}
+    view = memoryview(content)
+    return ([view[i : i + SEND_SLICE_BYTES] for i in range(0, len(view), SEND_SLICE_BYTES)],
+            {"content-length": str(len(view))})
+
+
 class _Http:
     def __init__(self, http: httpx.Client) -> None:
         self.http = http
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        content = kwargs.get("content")
+        if isinstance(content, bytes) and len(content) > SEND_SLICE_BYTES:
+            kwargs["content"], extra = sliced_body(content)
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), **extra}
         response = self.http.request(method, path, **kwargs)
         _raise_for(response)
         return response.json()

@@ -123,6 +123,34 @@ def decode(payload: bytes) -> WalRecord:
     return WalRecord("upsert", ObjectBatch(uuids, tuple(header["properties"]), vectors))
 
 
+_IOV_MAX = 1024  # buffers per pwritev call (Linux's IOV_MAX)
+
+
+def _byte_view(part: Any) -> memoryview:
+    """A C-contiguous buffer as flat bytes, without copying it."""
+    view = memoryview(part)
+    if view.nbytes == 0:
+        return memoryview(b"")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
+    """Write ``buffers`` (flat byte views) back to back at ``offset``: one ``pwritev`` call
+    for the whole record (no concatenated copy of it), continuing after short writes."""
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        if hasattr(os, "pwritev"):
+            done = os.pwritev(fd, pending[:_IOV_MAX], offset)
+        else:  # pragma: no cover - platforms without pwritev
+            done = os.pwrite(fd, pending[0], offset)
+        offset += done
+        while pending and done >= pending[0].nbytes:
+            done -= pending[0].nbytes
+            pending.pop(0)
+        if done:
+            pending[0] = pending[0][done:]
+
+
 def _file_name(generation: int) -> str:
     return f"wal-{generation:012d}.log"
 
@@ -210,8 +238,8 @@ class WriteAheadLog:
     def append(self, payload: bytes | Sequence[Any]) -> None:
         """Write one record and (with ``fsync``) make it durable, or raise ``OSError`` having
         written nothing that replay would see. ``payload``: bytes, or the buffers (bytes,
-        C-contiguous arrays) that concatenated form it; they are copied once, into the
-        record."""
+        C-contiguous arrays) that concatenated form it; they are written as they are (one
+        ``pwritev``), never copied into one record first."""
         if self._abandoned:
             logger.warning("WAL %s: continuing in a new generation after a failed append",
                            self.path(self.generation))
@@ -219,16 +247,15 @@ class WriteAheadLog:
         fd = self._fd
         assert fd is not None, "WAL not open"
         parts: Sequence[Any] = [payload] if isinstance(payload, bytes) else payload
+        views = [_byte_view(part) for part in parts]
         length = crc = 0
-        for part in parts:
-            length += memoryview(part).nbytes
-            crc = zlib.crc32(part, crc)
-        record = memoryview(b"".join([_RECORD.pack(length, crc), *parts]))
+        for view in views:
+            length += view.nbytes
+            crc = zlib.crc32(view, crc)
+        record = [memoryview(_RECORD.pack(length, crc)), *views]
         start = self._size
         try:
-            done = 0
-            while done < len(record):
-                done += os.pwrite(fd, record[done:], start + done)
+            _pwrite_all(fd, record, start)
             if self.fsync:
                 os.fsync(fd)
         except BaseException:
@@ -242,7 +269,7 @@ class WriteAheadLog:
                                  "starts a new generation", self.path(self.generation))
                 self._abandoned = True
             raise
-        self._size = start + len(record)
+        self._size = start + _RECORD.size + length
 
     def append_upsert(self, batch: ObjectBatch) -> None:
         self.append(encode_upsert_parts(batch))

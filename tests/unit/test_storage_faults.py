@@ -249,15 +249,16 @@ def test_failed_rollback_moves_appends_to_a_new_generation(
     wal.append_upsert(batch([0], {"v": random_docs(rng, 1, DIM)}))
     real_pwrite = os.pwrite
 
-    def half_then_full(fd: int, data: Any, offset: int) -> int:
+    def half_then_full(fd: int, buffers: Any, offset: int) -> int:
+        data = b"".join(bytes(b) for b in buffers)  # the record, written with one pwritev
         if len(data) > 1:
-            real_pwrite(fd, bytes(data[: len(data) // 2]), offset)
+            real_pwrite(fd, data[: len(data) // 2], offset)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     def broken_truncate(fd: int, size: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(wal_mod.os, "pwrite", half_then_full)
+    monkeypatch.setattr(wal_mod.os, "pwritev", half_then_full)
     monkeypatch.setattr(wal_mod.os, "ftruncate", broken_truncate)
     with pytest.raises(OSError):
         wal.append_upsert(batch([1], {"v": random_docs(rng, 1, DIM)}))
@@ -282,6 +283,7 @@ def test_engine_write_on_full_disk_is_refused_and_changes_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(wal_mod.os, "pwrite", full)
+    monkeypatch.setattr(wal_mod.os, "pwritev", full)
     with pytest.raises(InsufficientStorage) as info:
         engine.upsert(batch([2], {"v": random_docs(rng, 1, DIM)}))
     assert info.value.details["shard"] == 0 and "insufficient storage" in info.value.message
