@@ -34,6 +34,10 @@ class ShardSettings:
     # approximate score (ANN hits, imputed similarity where a query token has no hit) are
     # re-scored with exact MaxSim; 0 re-scores every candidate (then k' ≈ 128 is enough).
     rerank_docs: int = 300
+    # Both are the values for a shard of up to 640k tokens / 20k objects (of the searched
+    # vector); a larger shard uses value × (size / reference) ** candidates_scale_exponent
+    # (shard.search.scaled_candidates). 0: no scaling.
+    candidates_scale_exponent: float = 0.6
     fsync: bool = True
 
 

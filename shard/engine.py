@@ -5,7 +5,8 @@ Storage is LSM-style under ``data_dir``::
     manifest.json          sealed segments, their tombstone files, the WAL generation to replay
                            from (replaced atomically: write temp, fsync, rename, fsync dir)
     wal/wal-<gen>.log      acknowledged writes not yet in a sealed segment (shard.wal)
-    segments/seg-<id>/     immutable Arrow IPC segments + ScaNN indexes (shard.segment)
+    segments/seg-<id>/     immutable Arrow IPC segments + ScaNN indexes, or MUVERA FDEs for
+                           ``index.kind == "muvera"`` vectors (shard.segment, shard.muvera)
     bm25/                  tantivy BM25 over the searchable text properties (shard.keyword)
 
 Life of a write::
@@ -31,7 +32,10 @@ views under ``_state_lock`` and score outside it, so queries and writes never wa
 
 Search (shard.search): a snapshot of every segment's view; the indexed segments are probed as
 one token index (a shard-wide k' threshold), the others scored exactly; exact MaxSim
-(shard.maxsim) on the candidates; per-segment top k merged here (score desc, uuid asc).
+(shard.maxsim) on the candidates; per-segment top k merged here (score desc, uuid asc). A
+``muvera`` vector's sealed segments carry per-document FDEs instead of a token index: the
+shard-wide top ``candidates`` eligible documents by FDE score become the allow-lists of those
+segments (shard.muvera.fde_allow_lists), which search_segments then scores exactly.
 
 Recovery: load the manifest's segments and tombstones, then replay every WAL generation from the
 manifest's one. Replay is last-writer-wins per uuid, so it is correct even when the persisted
@@ -79,7 +83,8 @@ from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_
 from shard.index import ScannTokenIndex
 from shard.keyword import KeywordIndex, searchable_fields
 from shard.maxsim import maxsim_explain
-from shard.search import search_segments
+from shard.muvera import MuveraIndex, candidates_option, fde_allow_lists
+from shard.search import EXACT_FILTER_MAX_OBJECTS, scaled_candidates, search_segments
 from shard.segment import (
     Bools,
     GrowingSegment,
@@ -120,7 +125,7 @@ class ShardEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._growing = GrowingSegment(spec)
+        self._growing = GrowingSegment(spec, settings.seal_threshold_tokens)
         self._growing_gen = 0  # oldest WAL generation holding the growing segment's writes
         self._frozen: list[tuple[GrowingSegment, int]] = []  # (segment, its WAL generation)
         self._sealed: list[SealedSegment] = []
@@ -205,7 +210,7 @@ class ShardEngine:
             index_dir = seg.index_dir(v.name)
             if index_dir.is_dir():
                 try:
-                    seg.indexes[v.name] = ScannTokenIndex.load(index_dir)
+                    seg.indexes[v.name] = _load_index(index_dir, v, seg.n_objects)
                 except Exception:  # a bad index is rebuilt, never fatal
                     logger.warning("segment %s: cannot load index for %r; rebuilding",
                                    seg.directory, v.name, exc_info=True)
@@ -344,8 +349,19 @@ class ShardEngine:
         k_prime = int(vspec.index.options.get("candidates_per_token",
                                               self.settings.candidates_per_token))
         rerank = int(vspec.index.options.get("rerank_docs", self.settings.rerank_docs))
-        allowed = [None if req.filter is None
-                   else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
+        n_tokens = sum(int(vv.offsets[-1]) for v in views
+                       if (vv := v.vectors.get(vspec.name)) is not None)
+        k_prime, rerank = scaled_candidates(
+            k_prime, rerank, n_tokens, n_live,
+            float(vspec.index.options.get("candidates_scale_exponent",
+                                          self.settings.candidates_scale_exponent)))
+        allowed: list[Bools | None] = [
+            None if req.filter is None
+            else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
+        if vspec.index.kind == "muvera":  # FDE candidates, re-scored exactly below
+            allowed = fde_allow_lists(views, vspec.name, query, req.k, allowed,
+                                      candidates_option(vspec.index.options),
+                                      EXACT_FILTER_MAX_OBJECTS)
         found: list[tuple[float, str, Segment, int]] = []
         n_candidates = 0
         for hits in search_segments(views, vspec.name, query, req.k, allowed=allowed,
@@ -412,14 +428,15 @@ class ShardEngine:
             n_index = sum(1 for s in sealed if v.name in s.indexes)
             n_pending = sum(1 for s in sealed if self._needs_index(s, v))
             n_exact = len(sealed) - n_index - n_pending
-            index_state[v.name] = (f"{v.index.kind if v.index.kind == 'flat' else 'scann'}: "
+            index_state[v.name] = (f"{v.index.kind}: "
                                    f"indexed={n_index} building={n_pending} exact={n_exact} "
                                    f"growing={len(others)}")
         return ShardStats(self.shard, n_objects, n_tokens, len(sealed) + len(others),
                           index_state, dir_size_bytes(self.data_dir))
 
     def index_bytes(self) -> int:
-        """Bytes of the token indexes (their serialized size; ScaNN loads the same arrays)."""
+        """Bytes of the token indexes and FDEs (their serialized size; ScaNN loads the same
+        arrays, the FDEs are memory-mapped)."""
         with self._state_lock:
             dirs = [s.index_dir(name) for s in self._sealed for name in s.indexes]
         return sum(dir_size_bytes(d) for d in dirs)
@@ -456,7 +473,8 @@ class ShardEngine:
                 if g.n_objects:
                     g.frozen = True
                     self._frozen.append((g, self._growing_gen))
-                    self._growing = GrowingSegment(self.spec)
+                    self._growing = GrowingSegment(self.spec,
+                                                   self.settings.seal_threshold_tokens)
                 self._growing_gen = new_gen
             pending = [f for f, _ in self._frozen]
         for frozen in pending:
@@ -550,10 +568,15 @@ class ShardEngine:
             seg.indexes[v.name] = index
         return True
 
-    def _build_index(self, seg: SealedSegment, v: NamedVectorSpec) -> ScannTokenIndex:
-        k_prime = int(v.index.options.get("candidates_per_token",
-                                          self.settings.candidates_per_token))
-        index = ScannTokenIndex.build(seg.tokens(v.name), k_prime, v.index.options)
+    def _build_index(self, seg: SealedSegment, v: NamedVectorSpec
+                     ) -> ScannTokenIndex | MuveraIndex:
+        index: ScannTokenIndex | MuveraIndex
+        if v.index.kind == "muvera":
+            index = MuveraIndex.build(seg.tokens(v.name), seg.offsets(v.name), v.index.options)
+        else:
+            k_prime = int(v.index.options.get("candidates_per_token",
+                                              self.settings.candidates_per_token))
+            index = ScannTokenIndex.build(seg.tokens(v.name), k_prime, v.index.options)
         final = seg.index_dir(v.name)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -568,6 +591,8 @@ class ShardEngine:
             raise
         if self.settings.fsync:
             fsync_dir(seg.directory)
+        if isinstance(index, MuveraIndex):  # serve the file's pages (mmap), not the build copy
+            index = MuveraIndex.load(final)
         return index
 
     def _maybe_compact(self) -> bool:
@@ -725,6 +750,22 @@ def plan_merge(sizes: Sequence[int], max_tokens: int, growth: float, small_token
 def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:
     """Named vectors the object has (zero rows = no vector under that name)."""
     return {name: m for name, m in vectors.items() if m.shape[0] > 0}
+
+
+def _load_index(directory: Path, v: NamedVectorSpec, n_objects: int
+                ) -> ScannTokenIndex | MuveraIndex:
+    """A persisted index of the kind the spec asks for (else ValueError: it is rebuilt)."""
+    if MuveraIndex.is_muvera_dir(directory):
+        if v.index.kind != "muvera":
+            raise ValueError(f"a MUVERA index, but the index kind is {v.index.kind!r}")
+        fde = MuveraIndex.load(directory)
+        if fde.n_docs != n_objects or fde.params.dim != v.dim:
+            raise ValueError(f"FDEs of {fde.n_docs} documents, dim {fde.params.dim}; the "
+                             f"segment has {n_objects}, dim {v.dim}")
+        return fde
+    if v.index.kind != "scann":
+        raise ValueError(f"a ScaNN index, but the index kind is {v.index.kind!r}")
+    return ScannTokenIndex.load(directory)
 
 
 def _without_index(view: SegmentView) -> SegmentView:

@@ -6,15 +6,16 @@ A ``ScannTokenIndex`` answers "for each query token, which k' segment tokens are
 re-scores the candidates exactly, so the index only has to find the right *documents*.
 
 Parameters follow the segment size (``choose_params``): ``num_leaves ≈ sqrt(n_tokens)``; 5 % of up
-to 400 leaves and 2.5 % of more are searched per query token (``default_leaves_to_search``);
-anisotropic hashing with 5-dim blocks (2 for dim < 64): 16 centres per block, so a 128-d token
-costs 26 bytes of codes (ScaNN serializes one byte per block) plus 4 for its leaf: ~33 bytes/token
-with the leaf centres. No ScaNN re-ordering by default: the engine re-scores candidate *documents*
-exactly from the segment's own tokens, so a float copy inside the index would multiply its memory
-for little recall. Measured on the benchmark's small synthetic set (635k tokens × 128 d, 8
-segments, k' 512, 300 documents re-scored): 4-dim blocks 38.8 bytes/token and recall@10 0.974,
-5-dim 33.0 and 0.963, 6-dim 29.1 and 0.956, 8-dim 23.2 and 0.933 at about the same query time — the
-approximate pre-scoring (shard.search) ranks by these scores, so coarser codes cost recall.
+to 400 leaves, 0.7·sqrt(leaves) above that, are searched per query token
+(``default_leaves_to_search``); anisotropic hashing with 5-dim blocks (2 for dim < 64): 16 centres
+per block, so a 128-d token costs 26 bytes of codes (ScaNN serializes one byte per block) plus 4
+for its leaf: ~33 bytes/token with the leaf centres. No ScaNN re-ordering by default: the engine
+re-scores candidate *documents* exactly from the segment's own tokens, so a float copy inside the
+index would multiply its memory for little recall. Measured on the benchmark's small synthetic set
+(635k tokens × 128 d, 8 segments, k' 512, 300 documents re-scored): 4-dim blocks 38.8 bytes/token
+and recall@10 0.974, 5-dim 33.0 and 0.963, 6-dim 29.1 and 0.956, 8-dim 23.2 and 0.933 at about the
+same query time — the approximate pre-scoring (shard.search) ranks by these scores, so coarser
+codes cost recall.
 
 Per-vector overrides come from the spec's ``index.options``: ``num_leaves``,
 ``leaves_to_search``, ``leaves_to_search_fraction``, ``dims_per_block``, ``reorder`` (``"none"`` |
@@ -80,15 +81,19 @@ def choose_params(n_tokens: int, options: Mapping[str, Any] | None = None,
 
 
 def default_leaves_to_search(num_leaves: int) -> int:
-    """Leaves searched per query token by default: 5 % of up to 400 leaves (20), then 2.5 % of
-    the leaves once that is more than 20 (a 635k-token segment: 20 of 797 instead of 40).
+    """Leaves searched per query token by default: 5 % of up to 400 leaves (at least 4); above
+    400 leaves 0.7·sqrt(leaves) when that is more (a 635k-token segment: 20 of 797; 6.4M
+    tokens: 36 of 2,525). The share falls as segments grow: a query token's neighbours
+    concentrate in relatively fewer leaves.
 
-    Measured (in-engine, k' 384, 300 re-scored documents): on the small synthetic sets (635k
-    tokens, noise 0.6 and 0.1) and MiniLM docstrings (221k tokens, 384-d) recall@10 is the same
+    Measured in-engine: on the small synthetic sets (635k tokens, noise 0.6 and 0.1; k' 384,
+    300 re-scored documents) and MiniLM docstrings (221k tokens, 384-d) recall@10 is the same
     within ±0.003 from 12 to 40 leaves, while ScaNN's share of a query drops from ~3.7 to ~2.6
-    ms. Below 400 leaves the fraction stays at 5 %: the engine test's 64-d corpus (224 leaves)
-    lost 5-10 points of recall at 2.5 %."""
-    return max(4, math.ceil(0.05 * min(num_leaves, 400)), math.ceil(0.025 * num_leaves))
+    ms; on the medium set (6.37M tokens, k' 2048, 1,200 re-scored) 32 leaves gave 0.955 and 64
+    (2.5 %) 0.956 in 9 % less time. Below 400 leaves the fraction stays at 5 %: the engine
+    test's 64-d corpus (224 leaves) lost 5-10 points of recall at 2.5 %."""
+    wide = math.ceil(0.7 * math.sqrt(num_leaves)) if num_leaves > 400 else 0
+    return max(4, math.ceil(0.05 * min(num_leaves, 400)), wide)
 
 
 class ScannTokenIndex:

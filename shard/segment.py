@@ -7,8 +7,9 @@ Sealed segment directory ``seg-<id>/``::
                         "ntok:<vector>" int32 per named vector (rows of that object)
     vec-<vector>.arrow  row int32 (owning object, = token→doc map), vector FixedSizeList<float32|
                         float16, dim>; object i's tokens are contiguous, in object order
-    index-<vector>/     ScaNN searcher (built in the background; absent below the brute-force
-                        threshold or until built)
+    index-<vector>/     ScaNN searcher, or for an ``index.kind == "muvera"`` vector the
+                        documents' FDEs (shard.muvera); built in the background, absent below
+                        the brute-force threshold or until built
     deleted-<n>.bits    tombstones (np.packbits), named by the manifest that references them
 
 A segment's data never changes once written; only its tombstone mask does, copy-on-write: a write
@@ -33,6 +34,7 @@ from cluster.types import ObjectBatch
 from shard.codec import decode_properties, encode_properties, fsync_tree
 from shard.index import ScannTokenIndex
 from shard.maxsim import Tokens, gather
+from shard.muvera import MuveraIndex
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -53,6 +55,7 @@ class VectorView:
     offsets: I64  # (n_objects + 1,)
     tok2doc: npt.NDArray[np.integer[Any]] | None  # (n_rows,), only where an index exists
     index: ScannTokenIndex | None
+    fde: MuveraIndex | None = None  # muvera vectors: per-document FDEs instead of ``index``
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,19 @@ class Segment:
         raise NotImplementedError
 
 
+# The most a growing segment reserves per named vector (virtual memory: pages are only backed
+# once rows are written).
+GROWING_RESERVE_BYTES = 128 * 1024 * 1024
+
+
 class _TokenBuffer:
     """Append-only rows + offsets with amortised doubling. Views handed out stay valid: growth
     allocates a new array and rows below ``n_rows`` are never rewritten."""
 
-    def __init__(self, dim: int, dtype: type[np.floating[Any]]) -> None:
-        self.values: Tokens = np.zeros((256, dim), dtype=dtype)
+    def __init__(self, dim: int, dtype: type[np.floating[Any]], capacity_rows: int = 256) -> None:
+        # np.zeros of a large array maps untouched zero pages: capacity costs no memory until
+        # rows are written, and appends up to it never copy the rows already there.
+        self.values: Tokens = np.zeros((max(1, capacity_rows), dim), dtype=dtype)
         self.n_rows = 0
         self.offsets: I64 = np.zeros(65, dtype=np.int64)
         self.n_objects = 0
@@ -138,12 +148,19 @@ class _TokenBuffer:
 class GrowingSegment(Segment):
     """Recent writes, in memory (and in the WAL). Searched exactly. Frozen while being sealed."""
 
-    def __init__(self, spec: CollectionSpec) -> None:
+    def __init__(self, spec: CollectionSpec, capacity_tokens: int = 0) -> None:
+        """``capacity_tokens``: rows reserved per named vector up front (the seal threshold),
+        at most ``GROWING_RESERVE_BYTES`` each; beyond them a buffer doubles."""
         self.spec = spec
         self.uuids: list[str] = []
         self._props: list[dict[str, Any]] = []
         self.deleted = np.zeros(0, dtype=np.bool_)
-        self._buffers = {v.name: _TokenBuffer(v.dim, _np_dtype(v.dtype)) for v in spec.vectors}
+        self._buffers: dict[str, _TokenBuffer] = {}
+        for v in spec.vectors:
+            dtype = _np_dtype(v.dtype)
+            cap = min(capacity_tokens,
+                      GROWING_RESERVE_BYTES // max(1, v.dim * np.dtype(dtype).itemsize))
+            self._buffers[v.name] = _TokenBuffer(v.dim, dtype, max(256, cap))
         self.frozen = False
 
     @property
@@ -255,7 +272,7 @@ class SealedSegment(Segment):
         self._tokens: dict[str, Tokens] = {}
         self._offsets: dict[str, I64] = {}
         self._tok2doc: dict[str, npt.NDArray[np.int32]] = {}
-        self.indexes: dict[str, ScannTokenIndex] = {}
+        self.indexes: dict[str, ScannTokenIndex | MuveraIndex] = {}
         n = len(self.uuids)
         for v in spec.vectors:
             offsets = np.zeros(n + 1, dtype=np.int64)
@@ -314,9 +331,13 @@ class SealedSegment(Segment):
         return int(self.lengths(vector)[~self.deleted].sum())
 
     def view(self) -> SegmentView:
-        vectors = {name: VectorView(self._tokens[name], self._offsets[name],
-                                    self._tok2doc[name], self.indexes.get(name))
-                   for name in self._tokens}
+        vectors = {}
+        for name in self._tokens:
+            index = self.indexes.get(name)
+            vectors[name] = VectorView(
+                self._tokens[name], self._offsets[name], self._tok2doc[name],
+                index if isinstance(index, ScannTokenIndex) else None,
+                index if isinstance(index, MuveraIndex) else None)
         return SegmentView(self, self.n_objects, self.deleted, vectors)
 
     def index_dir(self, vector: str) -> Path:

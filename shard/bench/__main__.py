@@ -2,6 +2,8 @@
 
     colshard bench --size tiny|small|medium --noise F --queries N --out DIR
                    [--http] [--skip-faiss] [--seed S] [--cache-dir DIR] [--threads T]
+                   [--engine-index scann,muvera] [--engine-index-option KEY=VALUE]
+                   [--engine-candidates 300,1000]
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
                    help="cap on queries for the (slow) brute force (default 50)")
     p.add_argument("--engine-kprime", default="",
                    help="extra candidates_per_token values to sweep the engine at, e.g. 32,64")
+    p.add_argument("--engine-index", default="scann",
+                   help="index kinds to run the engine with, one engine run each: scann "
+                        "(default), muvera (FDE candidates + exact re-score), flat; e.g. "
+                        "scann,muvera")
+    p.add_argument("--engine-index-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a muvera index option for the muvera run, e.g. k_sim=4, d_proj=16, "
+                        "repetitions=20, candidates=500, fill_empty_partitions=false "
+                        "(repeatable)")
+    p.add_argument("--engine-candidates", default="",
+                   help="extra muvera `candidates` values to measure the muvera run at "
+                        "(reopened), e.g. 300,1000")
     p.add_argument("--engine-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ShardSettings field for the engine, e.g. "
                         "seal_threshold_tokens=32768 (repeatable)")
@@ -86,6 +99,33 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def parse_index_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` muvera index options: integers, or true/false; checked by the spec."""
+    from cluster.errors import InvalidInput
+    from cluster.spec import CollectionSpec
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-index-option: expected KEY=VALUE, got {item!r}")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(raw)
+            except ValueError:
+                raise SystemExit(f"--engine-index-option {key}: not an integer or "
+                                 f"true/false: {raw!r}") from None
+    try:
+        CollectionSpec.from_dict({"name": "Bench", "vectors": [
+            {"name": "v", "dim": 128, "index": {"kind": "muvera", "options": out}}]})
+    except InvalidInput as exc:
+        raise SystemExit(f"--engine-index-option: {exc.message}") from None
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     kinds = tuple(k.strip() for k in args.faiss.split(",") if k.strip())
     unknown = set(kinds) - {"hnsw", "ivf"}
@@ -93,6 +133,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit(f"--faiss: unknown index kind(s) {sorted(unknown)}")
     if args.queries < 1:
         raise SystemExit("--queries must be ≥ 1")
+    indexes = tuple(dict.fromkeys(k.strip() for k in args.engine_index.split(",") if k.strip()))
+    bad = set(indexes) - {"scann", "muvera", "flat"}
+    if bad or not indexes:
+        raise SystemExit(f"--engine-index: expected scann, muvera and/or flat, got "
+                         f"{args.engine_index!r}")
     return BenchConfig(
         size=args.size, noise=args.noise, n_queries=args.queries, seed=args.seed,
         out_dir=args.out, cache_dir=args.cache_dir, dataset=args.dataset, http=args.http,
@@ -103,6 +148,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         engine_settings=parse_settings(args.engine_setting), engine_seal=args.engine_seal,
         engine_shards=max(1, args.engine_shards),
         engine_kprime_sweep=tuple(int(k) for k in args.engine_kprime.split(",") if k.strip()),
+        engine_indexes=indexes,
+        engine_index_options=parse_index_options(args.engine_index_option),
+        engine_candidates_sweep=tuple(int(c) for c in args.engine_candidates.split(",")
+                                      if c.strip()),
         plot=not args.no_plot,
     )
 

@@ -7,6 +7,8 @@
       ├─ job "faiss-ivf"    build once, sweep (nprobe, k′), 2 clients on the best ≥ 0.90
       ├─ job "engine"       colshard ShardEngine in-process: import, maintenance, search,
       │                      reopen from disk for resident memory
+      ├─ job "engine-muvera" the same engine with ``index.kind = "muvera"`` (FDE candidates,
+      │                      exact re-score), optionally swept over ``candidates``
       └─ http (optional)    `colshard serve` subprocess, JSON import and queries with httpx
 
 Each job runs in its own spawned process when ``isolate`` is set (the CLI's default), so peak
@@ -86,6 +88,12 @@ class BenchConfig:
     engine_shards: int = 1  # in-process shards (2 = the HTTP collection's layout)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
     engine_kprime_sweep: tuple[int, ...] = ()  # extra candidates_per_token values (reopen)
+    # Index kinds of the engine runs, one job each: "scann" (the default engine), "muvera",
+    # "flat". ``engine_index_options`` go into the muvera runs' ``index.options``; the muvera
+    # run is also measured (reopened) at each ``engine_candidates_sweep`` value.
+    engine_indexes: tuple[str, ...] = ("scann",)
+    engine_index_options: dict[str, Any] = field(default_factory=dict)
+    engine_candidates_sweep: tuple[int, ...] = ()
     http_batch: int = 128  # objects per JSON import request
     http_import: str = "arrow"  # "arrow": IPC streams of http_arrow_batch objects; or "json"
     http_arrow_batch: int = 2000
@@ -255,6 +263,79 @@ def measure_concurrent(
             f"recall_at_10_{concurrency}_clients": float(np.mean(r10))}
 
 
+# A hit's explain sums to its score: the per-token similarities come from the document's own
+# float32 rows, the score from the engine's batched float32 matmul summed in float64, so the
+# two agree to float32 rounding (|difference| ≤ this × max(1, Σ|sim|)).
+EXPLAIN_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExplainedHit:
+    doc: int  # document index (uuid lower 64 bits)
+    score: float
+    tokens: list[dict[str, Any]] | None  # explain: per query token {query_token, doc_token, sim}
+
+
+def measure_explain(searcher: Any, dataset: Dataset, query_ids: list[int], *, k: int = 10,
+                    warmup: int = 2, repeat: int = 1, example_tokens: int = 5
+                    ) -> dict[str, Any]:
+    """``return_metadata: ["explain"]`` (per query token: the best-matching document token and
+    its similarity): p50 latency of the same queries with explain off and on, interleaved query
+    by query; a check that every hit's token similarities sum to its MaxSim score (one entry
+    per query token); and one example (the first query's top hit).
+
+    ``searcher.search_hits(query, k, explain)`` returns ``ExplainedHit`` s."""
+    for i in query_ids[:warmup]:
+        searcher.search_hits(dataset.query(i), k, True)
+    lat: dict[bool, list[float]] = {False: [], True: []}
+    checked = mismatches = 0
+    max_diff = 0.0
+    example: dict[str, Any] | None = None
+    for rep in range(max(1, repeat)):
+        for n, i in enumerate(query_ids):
+            query = dataset.query(i)
+            for explain in ((False, True) if (n + rep) % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                hits = searcher.search_hits(query, k, explain)
+                lat[explain].append(time.perf_counter() - t0)
+                if not explain or rep:
+                    continue
+                for h in hits:
+                    checked += 1
+                    tokens = h.tokens or []
+                    sims = [float(t["sim"]) for t in tokens]
+                    diff = abs(sum(sims) - h.score)
+                    max_diff = max(max_diff, diff)
+                    if (len(tokens) != len(query) or diff > EXPLAIN_TOLERANCE
+                            * max(1.0, sum(abs(x) for x in sims))):
+                        mismatches += 1
+                if example is None and hits:
+                    top = hits[0]
+                    example = {"query": i, "doc": top.doc, "score": top.score,
+                               "n_query_tokens": len(query),
+                               "tokens": [{"query_token": int(t["query_token"]),
+                                           "doc_token": int(t["doc_token"]),
+                                           "sim": float(t["sim"])}
+                                          for t in (top.tokens or [])[:example_tokens]]}
+    p50 = {e: float(np.percentile(np.asarray(v) * 1e3, 50)) for e, v in lat.items()}
+    return {"k": k, "n_queries": len(query_ids), "passes": max(1, repeat),
+            "p50_ms_off": p50[False], "p50_ms_on": p50[True],
+            "overhead_p50_ms": p50[True] - p50[False],
+            "hits_checked": checked, "score_mismatches": mismatches,
+            "max_abs_score_diff": max_diff, "tolerance": EXPLAIN_TOLERANCE,
+            "example": example}
+
+
+def _explain_or_error(searcher: Any, dataset: Dataset, query_ids: list[int], *,
+                      repeat: int) -> dict[str, Any]:
+    """``measure_explain``, or ``{"error": ...}``: a failing explain pass keeps the pipeline's
+    other numbers."""
+    try:
+        return measure_explain(searcher, dataset, query_ids, repeat=repeat)
+    except Exception as exc:
+        return {"error": repr(exc)}
+
+
 # ---------------------------------------------------------------------------------------------
 # jobs (each may run in its own process)
 
@@ -280,8 +361,9 @@ def run_job(job: Job) -> list[dict[str, Any]]:
                 records = _job_bruteforce(dataset, truth, cfg)
             elif job.kind.startswith("faiss-"):
                 records = _job_faiss(dataset, truth, cfg, job.kind.removeprefix("faiss-"))
-            elif job.kind == "engine":
-                records = _job_engine(dataset, truth, cfg)
+            elif job.kind == "engine" or job.kind.startswith("engine-"):
+                records = _job_engine(dataset, truth, cfg,
+                                      job.kind.partition("-")[2] or "scann")
             else:
                 raise ValueError(f"unknown job {job.kind!r}")
         except Exception as exc:
@@ -368,6 +450,13 @@ class EngineSearcher:
                           count=len(res.hits))
         return SearchOutput(ids, int(res.n_candidates))
 
+    def search_hits(self, query: F32, k: int, explain: bool) -> list[ExplainedHit]:
+        res = self.engine.search(VectorSearch(target_vector="v", query=query, k=k,
+                                              explain=explain))
+        return [ExplainedHit(doc_index(h.uuid), float(h.score),
+                             list(h.explain["tokens"]) if h.explain else None)
+                for h in res.hits]
+
 
 class ShardedEngine:
     """N in-process ShardEngines routed like the coordinator does (jump hash of the uuid),
@@ -425,10 +514,20 @@ class ShardedEngine:
             self._pool.shutdown()
 
 
-def collection_dict(dim: int, shard_count: int) -> dict[str, Any]:
-    return {"name": "Bench", "properties": [],
-            "vectors": [{"name": "v", "kind": "multi", "dim": dim, "metric": "dot"}],
-            "shard_count": shard_count}
+def collection_dict(dim: int, shard_count: int,
+                    index: dict[str, Any] | None = None) -> dict[str, Any]:
+    vector: dict[str, Any] = {"name": "v", "kind": "multi", "dim": dim, "metric": "dot"}
+    if index is not None:
+        vector["index"] = index
+    return {"name": "Bench", "properties": [], "vectors": [vector], "shard_count": shard_count}
+
+
+def engine_index(cfg: BenchConfig, kind: str, **extra: Any) -> dict[str, Any] | None:
+    """The ``index`` of the bench collection for an engine run of index ``kind``."""
+    if kind == "scann":
+        return None  # the default: the spec exactly as before
+    options = {**cfg.engine_index_options, **extra} if kind == "muvera" else {}
+    return {"kind": kind, "options": options}
 
 
 def batches(dataset: Dataset, batch_docs: int) -> Iterator[tuple[int, int]]:
@@ -444,19 +543,29 @@ def object_batch(dataset: Dataset, start: int, stop: int) -> ObjectBatch:
     return ObjectBatch(uuids, tuple({} for _ in uuids), {"v": VectorColumn(values, offsets)})
 
 
-def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dict[str, Any]]:
+def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
+                index_kind: str = "scann") -> list[dict[str, Any]]:
     from cluster.settings import ShardSettings
     from cluster.spec import CollectionSpec
 
+    family = "colshard" if index_kind == "scann" else f"colshard-{index_kind}"
+    name = "colshard-engine" + ("" if index_kind == "scann" else f" {index_kind}")
     engine_cls, why = _engine_class()
     if engine_cls is None:
-        return [{"pipeline": "colshard-engine", "family": "colshard", "skipped": why}]
-    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, cfg.engine_shards))
+        return [{"pipeline": name, "family": family, "skipped": why}]
+    index = engine_index(cfg, index_kind)
+    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, cfg.engine_shards, index))
     settings = ShardSettings(**cfg.engine_settings)
-    name = "colshard-engine" + (f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else "")
-    record: dict[str, Any] = {"pipeline": name, "family": "colshard",
-                              "params": {**asdict(settings), "shards": cfg.engine_shards},
+    name += f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else ""
+    record: dict[str, Any] = {"pipeline": name, "family": family,
+                              "params": {**asdict(settings), "shards": cfg.engine_shards,
+                                         "index": spec.vectors[0].index.to_dict()},
                               "notes": []}
+    if index_kind == "muvera":
+        from cluster.spec import MUVERA_DEFAULTS
+
+        record["params"]["candidates"] = spec.vectors[0].index.options.get(
+            "candidates", MUVERA_DEFAULTS["candidates"])
     data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-engine-"))
     try:
         # During the import the shard is never idle: this loop runs maintenance between
@@ -511,6 +620,8 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[
         searcher = EngineSearcher(engine)
         record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
                               repeat=cfg.repeat))
+        record["explain"] = _explain_or_error(searcher, dataset, _query_ids(dataset),
+                                              repeat=cfg.repeat)
         engine.close()
         del engine, searcher
         record.update(_fresh_process(_engine_resident, str(dataset.path), spec.to_dict(),
@@ -525,7 +636,18 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[
                                    "(corpus below seal_threshold_tokens / "
                                    "brute_force_max_tokens?)")
         records = [record]
-        for kp in cfg.engine_kprime_sweep:
+        for c in cfg.engine_candidates_sweep if index_kind == "muvera" else ():
+            spec_c = CollectionSpec.from_dict(collection_dict(
+                dataset.dim, cfg.engine_shards, engine_index(cfg, index_kind, candidates=c)))
+            engine = ShardedEngine(engine_cls, spec_c, data_dir, settings)
+            res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
+                          warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
+            engine.close()
+            records.append({"pipeline": f"{name} C{c}", "family": f"{family}-sweep",
+                            "params": {**asdict(settings), "shards": cfg.engine_shards,
+                                       "index": spec_c.vectors[0].index.to_dict(),
+                                       "candidates": c}, **res})
+        for kp in cfg.engine_kprime_sweep if index_kind == "scann" else ():
             settings_k = ShardSettings(**{**cfg.engine_settings, "candidates_per_token": kp})
             engine = ShardedEngine(engine_cls, spec, data_dir, settings_k)
             res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
@@ -643,6 +765,22 @@ class HttpSearcher:
         took = body_out.get("took_ms")  # the server's own time: the rest is HTTP + JSON
         return SearchOutput(ids, 0, {"server": float(took) / 1e3} if took is not None else {})
 
+    def search_hits(self, query: F32, k: int, explain: bool) -> list[ExplainedHit]:
+        metadata = ["score", "explain"] if explain else ["score"]
+        body = orjson.dumps({"near_vector": {"vector": np.ascontiguousarray(query)},
+                             "target_vector": "v", "limit": k, "return_metadata": metadata},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+        resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
+                                   content=body, headers={"content-type": "application/json"})
+        _check(resp)
+        hits = []
+        for o in orjson.loads(resp.content)["objects"]:
+            meta = o.get("metadata") or {}
+            tokens = (meta.get("explain") or {}).get("tokens")
+            hits.append(ExplainedHit(doc_index(o["id"]), float(meta["score"]),
+                                     list(tokens) if tokens is not None else None))
+        return hits
+
     def create(self, dim: int, shard_count: int = 2) -> None:
         _check(self._client().post(f"{self.base_url}/v1/collections",
                                    json=collection_dict(dim, shard_count)))
@@ -687,9 +825,14 @@ class HttpSearcher:
             bodies.append(sink.getvalue().to_pybytes())
 
         def post(payload: bytes) -> int:
-            resp = self._client().post(url, content=payload,
+            # 1 MB slices with the body's Content-Length, as the SDK sends it: httpcore would
+            # copy the rest of a 32 MB bytes body again after every partial socket send.
+            view = memoryview(payload)
+            resp = self._client().post(url, content=[view[i : i + (1 << 20)]
+                                                     for i in range(0, len(view), 1 << 20)],
                                        headers={"content-type": "application/vnd.apache."
-                                                               "arrow.stream"})
+                                                               "arrow.stream",
+                                                "content-length": str(len(view))})
             _check(resp)
             return _count_failed(resp.json())
 
@@ -806,6 +949,8 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
             searcher, proc.pid, time.monotonic() + cfg.http_timeout_s)
         record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
                               repeat=cfg.repeat))
+        record["explain"] = _explain_or_error(searcher, dataset, _query_ids(dataset),
+                                              repeat=cfg.repeat)
         record.update(_session_rss(proc.pid))
         etcd_bytes = dir_bytes(data_dir / "_etcd")  # the embedded etcd's WAL, not the data
         record["disk_bytes_per_token"] = (dir_bytes(data_dir) - etcd_bytes) / dataset.n_tokens
@@ -925,7 +1070,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     assert dataset.path is not None
     kinds: list[str] = []
     if not cfg.skip_engine:
-        kinds.append("engine")
+        kinds += ["engine" if k == "scann" else f"engine-{k}" for k in cfg.engine_indexes]
     if not cfg.skip_bruteforce:
         kinds.append("bruteforce")
     if not cfg.skip_faiss:

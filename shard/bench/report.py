@@ -94,7 +94,44 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
             ratios["http_outside_coordinator_ms"] = http["mean_ms"] - server_ms
     summary["ratios"] = ratios
     summary["targets"] = _targets(size, engine, ratios)
+    explain = {r["pipeline"]: {k: r["explain"][k] for k in (
+        "p50_ms_off", "p50_ms_on", "overhead_p50_ms", "hits_checked", "score_mismatches")}
+        for r in results if r.get("explain") and "error" not in r and "skipped" not in r
+        and "error" not in r["explain"]}
+    if explain:
+        summary["explain"] = explain
+    muvera = [r for r in results if str(r.get("family", "")).startswith("colshard-muvera")
+              and _ok(r)]
+    if muvera:
+        summary["muvera"] = _muvera_summary(muvera, engine, best)
     return summary
+
+
+def _muvera_summary(rows: list[dict[str, Any]], engine: dict[str, Any] | None,
+                    best: dict[str, Any] | None) -> dict[str, Any]:
+    """The muvera engine run(s) next to the ScaNN engine and the best faiss setting."""
+    main = next((r for r in rows if r.get("family") == "colshard-muvera"), rows[0])
+    out: dict[str, Any] = {
+        "settings": [{k: r.get(k) for k in ("pipeline", "recall_at_10", "recall_at_100",
+                                             "qps_1", "p50_ms", "candidates_mean")}
+                     for r in rows],
+        "index_bytes_per_token": main.get("index_bytes_per_token"),
+        "build_s": main.get("build_s"),
+    }
+    if engine is not None:
+        out["qps_vs_scann_engine"] = _ratio(main.get("qps_1"), engine.get("qps_1"))
+        out["index_bytes_vs_scann_engine"] = _ratio(main.get("index_bytes_per_token"),
+                                                    engine.get("index_bytes_per_token"))
+        out["build_vs_scann_engine"] = _ratio(main.get("build_s"), engine.get("build_s"))
+        er = engine.get("recall_at_10")
+        matched = [r for r in rows if er is not None and r["recall_at_10"] >= er]
+        if matched:  # the fastest muvera setting at least as accurate as the ScaNN engine
+            m = max(matched, key=lambda r: r["qps_1"])
+            out["at_scann_recall"] = {k: m.get(k) for k in ("pipeline", "recall_at_10",
+                                                            "qps_1")}
+    if best is not None:
+        out["qps_vs_best_faiss"] = _ratio(main.get("qps_1"), best["qps_1"])
+    return out
 
 
 def _targets(size: str, engine: dict[str, Any] | None,
@@ -177,12 +214,50 @@ def format_table(doc: dict[str, Any]) -> str:
     for key in ("http_note", "engine_note"):
         if summary.get(key):
             out.append(f"  note: {summary[key]}")
+    mv = summary.get("muvera")
+    if mv:
+        out.append(f"muvera: {_fmt(mv.get('index_bytes_per_token'), '.1f')} index bytes/token, "
+                   f"build {_fmt(mv.get('build_s'), '.1f')} s")
+        for key in ("qps_vs_scann_engine", "qps_vs_best_faiss", "index_bytes_vs_scann_engine",
+                    "build_vs_scann_engine"):
+            if mv.get(key) is not None:
+                out.append(f"  muvera_{key}: {_fmt(mv[key], '.2f')}")
+        if mv.get("at_scann_recall"):
+            m = mv["at_scann_recall"]
+            out.append(f"  fastest muvera setting at the ScaNN engine's recall@10: "
+                       f"{m['pipeline']} ({m['qps_1']:.1f} QPS, {m['recall_at_10']:.3f})")
+    out += _explain_lines(doc["results"])
     for t in summary.get("targets", []):
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
         scope = "" if t["applies"] else "  (informational on this size)"
         out.append(f"  [{mark}] {t['target']}: {_fmt(t['value'], '.3g')}{scope}")
     out += notes
     return "\n".join(out)
+
+
+def _explain_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per pipeline with an explain measurement: latency off → on, the score check, and the
+    example's first query tokens (query token → matched document token position, similarity)."""
+    out: list[str] = []
+    for r in results:
+        e = r.get("explain")
+        if not e or "skipped" in r or "error" in r:
+            continue
+        if "error" in e:
+            out.append(f"explain ({r['pipeline']}): error: {e['error']}")
+            continue
+        out.append(f"explain ({r['pipeline']}): p50 {e['p50_ms_off']:.1f} ms off → "
+                   f"{e['p50_ms_on']:.1f} ms on ({e['overhead_p50_ms']:+.1f} ms); token sims "
+                   f"sum to the score for {e['hits_checked'] - e['score_mismatches']}/"
+                   f"{e['hits_checked']} hits ({e['score_mismatches']} mismatches, max "
+                   f"|diff| {e['max_abs_score_diff']:.1e})")
+        ex = e.get("example")
+        if ex:
+            tokens = ", ".join(f"q{t['query_token']}→d{t['doc_token']} {t['sim']:.3f}"
+                               for t in ex["tokens"])
+            out.append(f"  e.g. query {ex['query']}, top hit doc {ex['doc']} (score "
+                       f"{ex['score']:.3f}, {ex['n_query_tokens']} query tokens): {tokens}, ...")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +287,15 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         merged = groups.pop("colshard-sweep") + groups["colshard"]
         groups["colshard"] = sorted(merged, key=lambda r: r.get("params", {}).get(
             "candidates_per_token", 0))
+    if "colshard-muvera-sweep" in groups and "colshard-muvera" in groups:
+        merged = groups.pop("colshard-muvera-sweep") + groups["colshard-muvera"]
+        groups["colshard-muvera"] = sorted(merged, key=lambda r: r.get("params", {}).get(
+            "candidates", 0))
     styles = {"faiss-hnsw": ("tab:blue", "o-"), "faiss-ivf": ("tab:green", "s-"),
               "bruteforce": ("black", "x"), "colshard": ("tab:red", "*--"),
-              "colshard-sweep": ("tab:red", "*--"), "colshard-http": ("tab:purple", "D")}
+              "colshard-sweep": ("tab:red", "*--"), "colshard-http": ("tab:purple", "D"),
+              "colshard-muvera": ("tab:orange", "P--"),
+              "colshard-muvera-sweep": ("tab:orange", "P--")}
     for family, rs in groups.items():
         # Sweeps are listed cheap → expensive: connect them in that order.
         color, style = styles.get(family, ("gray", "^"))
@@ -223,6 +304,8 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         for r in rs:
             if family.startswith("faiss"):
                 label = str(r["pipeline"]).split(" ", 1)[-1]
+            elif family.startswith("colshard-muvera") and "candidates" in r.get("params", {}):
+                label = f"C{r['params']['candidates']}"
             elif family.startswith("colshard") and "candidates_per_token" in r.get("params", {}):
                 label = f"k'{r['params']['candidates_per_token']}"
             else:

@@ -25,6 +25,7 @@ from shard.bench.harness import (
     _run_jobs,
     engine_available,
     measure,
+    measure_explain,
 )
 from shard.bench.report import format_table, summarize, write_all
 from shard.bench.truth import exact_scores, ground_truth, recall, top_k
@@ -225,9 +226,17 @@ class _FakeGateway:
             q = np.asarray(body["near_vector"]["vector"], dtype=np.float32)
             scored = sorted(((float((q @ d.T).max(axis=1).sum()), u)
                              for u, d in self.docs.items()), reverse=True)[: body["limit"]]
+            explain = "explain" in body.get("return_metadata", [])
             return httpx.Response(200, json={"objects": [
-                {"id": u, "metadata": {"score": s}} for s, u in scored]})
+                {"id": u, "metadata": {"score": s, **({"explain": self.explain(q, u)}
+                                                      if explain else {})}}
+                for s, u in scored]})
         return httpx.Response(404, json={"error": {"code": "not_found"}})
+
+    def explain(self, q: np.ndarray[Any, np.dtype[np.float32]], uuid: str) -> dict[str, Any]:
+        sims = self.docs[uuid] @ q.T  # what the engine's maxsim_explain returns
+        return {"tokens": [{"query_token": i, "doc_token": int(j), "sim": float(sims[j, i])}
+                           for i, j in enumerate(sims.argmax(axis=0))]}
 
 
 def test_http_searcher_wire_shapes(cache: Path) -> None:
@@ -244,6 +253,41 @@ def test_http_searcher_wire_shapes(cache: Path) -> None:
     assert failed == 0 and len(fake.docs) == ds.n_docs and spent > 0
     res = measure(searcher, ds, truth, list(range(ds.n_queries)), warmup=0, concurrency=2)
     assert res["recall_at_10"] >= 0.99 and res["recall_at_10_2_clients"] >= 0.99
+    ex = measure_explain(searcher, ds, list(range(ds.n_queries)), k=5, warmup=0)
+    assert ex["hits_checked"] == 5 * ds.n_queries and ex["score_mismatches"] == 0
+    assert ex["p50_ms_on"] > 0 and ex["p50_ms_off"] > 0
+    assert ex["example"]["query"] == 0 and len(ex["example"]["tokens"]) == 5
+
+
+def test_explain_check_counts_mismatches(cache: Path) -> None:
+    """A hit whose token similarities do not add up to its score, or that lacks a query
+    token, is counted."""
+    from shard.bench.harness import ExplainedHit
+
+    ds = _small(cache, n_docs=120)
+    n_q = len(ds.query(0))
+
+    class Wrong:
+        def search_hits(self, query: Any, k: int, explain: bool) -> list[ExplainedHit]:
+            tokens = [{"query_token": i, "doc_token": 0, "sim": 0.5} for i in range(n_q)]
+            return [ExplainedHit(1, 0.5 * n_q, tokens if explain else None),  # right
+                    ExplainedHit(2, 0.5 * n_q + 0.1, tokens if explain else None),  # off
+                    ExplainedHit(3, 0.5 * (n_q - 1), tokens[1:] if explain else None)]
+
+    ex = measure_explain(Wrong(), ds, [0, 1], warmup=0)
+    assert ex["hits_checked"] == 6 and ex["score_mismatches"] == 4
+
+    class Broken:
+        def search_hits(self, query: Any, k: int, explain: bool) -> list[ExplainedHit]:
+            raise RuntimeError("HTTP 422")
+
+    from shard.bench.harness import _explain_or_error
+    from shard.bench.report import _explain_lines
+
+    err = _explain_or_error(Broken(), ds, [0], repeat=1)
+    assert "HTTP 422" in err["error"]
+    lines = _explain_lines([{"pipeline": "p", "explain": err}, {"pipeline": "q", "explain": ex}])
+    assert lines[0].startswith("explain (p): error") and "4 mismatches" in lines[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +340,25 @@ def test_tiny_run_engine(tiny_run: dict[str, Any]) -> None:
     assert engine["index_disk_bytes_per_token"] > 0
     sweep = [r for r in tiny_run["results"] if r["family"] == "colshard-sweep"]
     assert len(sweep) == 1 and sweep[0]["recall_at_10"] >= 0.8
+
+
+def test_tiny_run_explain(tiny_run: dict[str, Any]) -> None:
+    """The engine run measures explain on vs off, checks every hit's explain against its
+    score, and keeps one example (results.json and the text report)."""
+    engine = next(r for r in tiny_run["results"] if r["family"] == "colshard")
+    if "skipped" in engine:
+        pytest.skip(f"engine part skipped: {engine['skipped']}")
+    ex = engine["explain"]
+    assert ex["p50_ms_off"] > 0 and ex["p50_ms_on"] > 0 and ex["overhead_p50_ms"] is not None
+    assert ex["hits_checked"] == 10 * tiny_run["dataset"]["n_queries"]
+    assert ex["score_mismatches"] == 0
+    example = ex["example"]
+    assert example["query"] == 0 and example["n_query_tokens"] == 32
+    assert len(example["tokens"]) == 5 and all(
+        {"query_token", "doc_token", "sim"} <= set(t) for t in example["tokens"])
+    assert tiny_run["summary"]["explain"][engine["pipeline"]]["score_mismatches"] == 0
+    text = (Path(tiny_run["_out"]) / "results.txt").read_text()
+    assert f"explain ({engine['pipeline']})" in text and "0 mismatches" in text
 
 
 class _FakeEngine:

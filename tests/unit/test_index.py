@@ -32,11 +32,11 @@ def test_params_follow_segment_size() -> None:
 
 
 def test_default_leaves_to_search_schedule() -> None:
-    # 5 % up to 400 leaves (at least 4), then 2.5 % once that is more than 20.
-    assert [default_leaves_to_search(n) for n in (10, 100, 224, 400, 800, 2_000)] == [
-        4, 5, 12, 20, 20, 50]
+    # 5 % up to 400 leaves (at least 4), above that 0.7·sqrt(leaves) once that is more.
+    assert [default_leaves_to_search(n) for n in (10, 100, 224, 400, 800, 2_525, 10_000)] == [
+        4, 5, 12, 20, 20, 36, 70]
     assert choose_params(640_000).leaves_to_search == 20
-    values = [default_leaves_to_search(n) for n in range(1, 5_000)]
+    values = [default_leaves_to_search(n) for n in range(1, 20_000)]
     assert values == sorted(values)  # never fewer leaves for a larger segment
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import numpy as np
@@ -101,6 +102,22 @@ def test_length_shift_raises_long_documents_missing_similarities() -> None:
                               np.array([0.1], dtype=np.float32),
                               (np.array([0.5], dtype=np.float32), np.array([0.2], np.float32)))
     np.testing.assert_allclose(approx, [0.9], rtol=1e-6)
+
+
+def test_candidates_scale_with_shard_size_above_the_reference() -> None:
+    from shard.search import scaled_candidates
+
+    # At or below 640k tokens / 20k objects: as given (also for tiny shards).
+    assert scaled_candidates(512, 300, 635_300, 20_000, 0.6) == (512, 300)
+    assert scaled_candidates(512, 300, 1_000, 10, 0.6) == (512, 300)
+    # 10× larger: ~4× (10 ** 0.6 = 3.98).
+    k, r = scaled_candidates(512, 300, 6_400_000, 200_000, 0.6)
+    assert (k, r) == (math.ceil(512 * 10**0.6), math.ceil(300 * 10**0.6))
+    assert 2000 < k < 2100 and 1150 < r < 1250
+    # Tokens and objects scale separately; exponent 0 and rerank 0 (re-score all) stay put.
+    assert scaled_candidates(512, 300, 6_400_000, 20_000, 0.6)[1] == 300
+    assert scaled_candidates(512, 300, 6_400_000, 200_000, 0.0) == (512, 300)
+    assert scaled_candidates(512, 0, 6_400_000, 200_000, 0.6)[1] == 0
 
 
 def test_kprime_covering_every_token_gives_the_exact_ranking() -> None:
