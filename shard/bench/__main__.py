@@ -56,7 +56,8 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
     p.add_argument("--bruteforce-queries", type=int, default=50,
                    help="cap on queries for the (slow) brute force (default 50)")
     p.add_argument("--engine-kprime", default="",
-                   help="extra candidates_per_token values to sweep the engine at, e.g. 32,64")
+                   help="extra candidates_per_token values to sweep the engine at, each "
+                        "optionally /rerank_docs, e.g. 384,512/200")
     p.add_argument("--engine-index", default="scann",
                    help="index kinds to run the engine with, one engine run each: scann "
                         "(default), muvera (FDE candidates + exact re-score), flat; e.g. "
@@ -81,6 +82,22 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
                    help="run every pipeline in this process (peak RSS is then shared)")
     p.add_argument("--no-plot", action="store_true")
     return p
+
+
+def parse_kprime_sweep(text: str) -> tuple[tuple[int, int | None], ...]:
+    """``"384,512/200"`` → ``((384, None), (512, 200))``: k' values, each optionally with the
+    number of documents re-scored exactly (``rerank_docs``)."""
+    out: list[tuple[int, int | None]] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        kp, _, rerank = item.partition("/")
+        try:
+            out.append((int(kp), int(rerank) if rerank.strip() else None))
+        except ValueError:
+            raise SystemExit(
+                f"--engine-kprime: expected K or K/R (integers), got {item!r}") from None
+    return tuple(out)
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, Any]:
@@ -147,7 +164,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_bruteforce_queries=args.bruteforce_queries, repeat=max(1, args.repeat),
         engine_settings=parse_settings(args.engine_setting), engine_seal=args.engine_seal,
         engine_shards=max(1, args.engine_shards),
-        engine_kprime_sweep=tuple(int(k) for k in args.engine_kprime.split(",") if k.strip()),
+        engine_kprime_sweep=parse_kprime_sweep(args.engine_kprime),
         engine_indexes=indexes,
         engine_index_options=parse_index_options(args.engine_index_option),
         engine_candidates_sweep=tuple(int(c) for c in args.engine_candidates.split(",")

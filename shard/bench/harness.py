@@ -87,7 +87,8 @@ class BenchConfig:
     engine_seal: str = "interleaved"
     engine_shards: int = 1  # in-process shards (2 = the HTTP collection's layout)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
-    engine_kprime_sweep: tuple[int, ...] = ()  # extra candidates_per_token values (reopen)
+    # extra (candidates_per_token, rerank_docs or None = the engine's) settings (reopen)
+    engine_kprime_sweep: tuple[tuple[int, int | None], ...] = ()
     # Index kinds of the engine runs, one job each: "scann" (the default engine), "muvera",
     # "flat". ``engine_index_options`` go into the muvera runs' ``index.options``; the muvera
     # run is also measured (reopened) at each ``engine_candidates_sweep`` value.
@@ -647,13 +648,17 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
                             "params": {**asdict(settings), "shards": cfg.engine_shards,
                                        "index": spec_c.vectors[0].index.to_dict(),
                                        "candidates": c}, **res})
-        for kp in cfg.engine_kprime_sweep if index_kind == "scann" else ():
-            settings_k = ShardSettings(**{**cfg.engine_settings, "candidates_per_token": kp})
+        for kp, rerank in cfg.engine_kprime_sweep if index_kind == "scann" else ():
+            extra: dict[str, Any] = {"candidates_per_token": kp}
+            if rerank is not None:
+                extra["rerank_docs"] = rerank
+            settings_k = ShardSettings(**{**cfg.engine_settings, **extra})
             engine = ShardedEngine(engine_cls, spec, data_dir, settings_k)
             res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
                           warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
             engine.close()
-            records.append({"pipeline": f"{name} k'{kp}", "family": "colshard-sweep",
+            label = f"k'{kp}" + (f"/r{rerank}" if rerank is not None else "")
+            records.append({"pipeline": f"{name} {label}", "family": "colshard-sweep",
                             "params": {**asdict(settings_k), "shards": cfg.engine_shards},
                             **res})
         return records

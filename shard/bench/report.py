@@ -307,7 +307,9 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
             elif family.startswith("colshard-muvera") and "candidates" in r.get("params", {}):
                 label = f"C{r['params']['candidates']}"
             elif family.startswith("colshard") and "candidates_per_token" in r.get("params", {}):
-                label = f"k'{r['params']['candidates_per_token']}"
+                suffix = str(r["pipeline"]).rsplit(" ", 1)[-1]
+                label = (suffix if suffix.startswith("k'")
+                         else f"k'{r['params']['candidates_per_token']}")
             else:
                 continue
             ax.annotate(label, (r["recall_at_10"], r["qps_1"]), fontsize=7, xytext=(3, 3),

@@ -449,3 +449,12 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
     files = write_all(doc, tmp_path)
     assert set(files) == {"json", "table", "plot"}
     assert "numpy-bruteforce: skipped (test)" in format_table(doc)
+
+
+def test_kprime_sweep_parses_optional_rerank() -> None:
+    from shard.bench.__main__ import parse_kprime_sweep
+
+    assert parse_kprime_sweep("384, 512/200,") == ((384, None), (512, 200))
+    assert parse_kprime_sweep("") == ()
+    with pytest.raises(SystemExit):
+        parse_kprime_sweep("384/x")
