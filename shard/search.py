@@ -241,16 +241,22 @@ def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
     if len(docs_u) < min(k, sum(p.n_eligible for p in plans)):
         return {}  # filters/tombstones left too few: exact over the eligible objects
     if 0 < rerank_docs < len(docs_u):
-        lengths = np.concatenate([np.diff(pr.plan.vec.offsets) for pr in probes])[docs_u]
+        lengths = np.concatenate([_plan_lengths(pr.plan, rows) for pr, rows in
+                                  zip(probes, _rows_by_plan(docs_u, bases), strict=True)])
         imputed, spread = _imputed(tau, all_sims)
         approx = _imputed_sums(len(docs_u), len(query), inv, q_all, sims_all, imputed,
                                (_length_shift(lengths), spread))
         best = np.argpartition(-approx, rerank_docs - 1)[:rerank_docs]
         docs_u = np.sort(docs_u[best])
-    owner = np.searchsorted(bases, docs_u, side="right") - 1
-    cuts = np.searchsorted(owner, np.arange(len(probes) + 1))
-    return {id(pr.plan): docs_u[cuts[i] : cuts[i + 1]] - bases[i]
-            for i, pr in enumerate(probes)}
+    return {id(pr.plan): rows
+            for pr, rows in zip(probes, _rows_by_plan(docs_u, bases), strict=True)}
+
+
+def _rows_by_plan(keys: I64, bases: I64) -> list[I64]:
+    """Sorted shard-wide document keys (plan ``i`` owns ``bases[i]:bases[i+1]``) as each
+    plan's own rows."""
+    cuts = np.searchsorted(keys, bases)
+    return [keys[cuts[i] : cuts[i + 1]] - bases[i] for i in range(len(bases) - 1)]
 
 
 def _unique(keys: I64, n_keys: int) -> tuple[I64, I64]:
