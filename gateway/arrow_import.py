@@ -137,41 +137,34 @@ def batch_from_arrow(body: bytes | memoryview) -> ColumnarInput | list[ObjectInp
     """The body as a ``ColumnarInput`` when its vector columns are rectangular, else as
     per-object inputs (``objects_from_arrow``)."""
     table = _read_table(body)
-    n = table.num_rows
-    if n == 0:
-        return _objects_from_table(table)
-    ids: list[Any] = [None] * n
-    props: list[dict[str, Any]] = [{} for _ in range(n)]
+    parts = _split_columns(table)
+    if table.num_rows == 0:
+        return _objects_from_parts(parts)
+    ids, props, vector_columns = parts
     vectors: dict[str, VectorInput] = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if name == "id":
-            ids = col.to_pylist()
-            continue
-        leaf, depth = _leaf_and_depth(col.type)
-        if depth >= 1 and pa.types.is_floating(leaf):
-            vec = _columnar_vector(col, depth)
-            if vec is None or name.removeprefix("vectors.") in vectors:
-                return _objects_from_table(table)
-            vectors[name.removeprefix("vectors.")] = vec
-        else:
-            prop_name = name.removeprefix("properties.")
-            for i, value in enumerate(col.to_pylist()):
-                if value is not None:
-                    props[i][prop_name] = value
+    for vec_name, _, col, depth in vector_columns:
+        vec = _columnar_vector(col, depth)
+        if vec is None or vec_name in vectors:
+            return _objects_from_parts(parts)
+        vectors[vec_name] = vec
     return ColumnarInput(tuple(None if i is None else str(i) for i in ids), tuple(props),
                          vectors)
 
 
 def objects_from_arrow(body: bytes | memoryview) -> list[ObjectInput]:
-    return _objects_from_table(_read_table(body))
+    return _objects_from_parts(_split_columns(_read_table(body)))
 
 
-def _objects_from_table(table: pa.Table) -> list[ObjectInput]:
+_Parts = tuple[list[Any], list[dict[str, Any]], list[tuple[str, str, Any, int]]]
+
+
+def _split_columns(table: pa.Table) -> _Parts:
+    """One walk over the columns: the ids, every object's properties, and the vector columns
+    as ``(vector name, column name, column, list depth)`` (float leaves at depth ≥ 1)."""
     n = table.num_rows
     ids: list[Any] = [None] * n
     props: list[dict[str, Any]] = [{} for _ in range(n)]
-    vectors: list[dict[str, Any]] = [{} for _ in range(n)]
+    vector_columns: list[tuple[str, str, Any, int]] = []
     for name in table.column_names:
         col = table.column(name)
         if name == "id":
@@ -179,14 +172,22 @@ def _objects_from_table(table: pa.Table) -> list[ObjectInput]:
             continue
         leaf, depth = _leaf_and_depth(col.type)
         if depth >= 1 and pa.types.is_floating(leaf):
-            vec_name = name.removeprefix("vectors.")
-            for i, value in enumerate(_vector_column(name, col, depth)):
-                if value is not None:
-                    vectors[i][vec_name] = value
+            vector_columns.append((name.removeprefix("vectors."), name, col, depth))
         else:
             prop_name = name.removeprefix("properties.")
             for i, value in enumerate(col.to_pylist()):
                 if value is not None:
                     props[i][prop_name] = value
+    return ids, props, vector_columns
+
+
+def _objects_from_parts(parts: _Parts) -> list[ObjectInput]:
+    ids, props, vector_columns = parts
+    n = len(ids)
+    vectors: list[dict[str, Any]] = [{} for _ in range(n)]
+    for vec_name, name, col, depth in vector_columns:
+        for i, value in enumerate(_vector_column(name, col, depth)):
+            if value is not None:
+                vectors[i][vec_name] = value
     return [ObjectInput(None if ids[i] is None else str(ids[i]), props[i], vectors[i])
             for i in range(n)]
