@@ -19,6 +19,7 @@ from shard.index import ScannTokenIndex
 from shard.segment import GrowingSegment
 from tests.unit.test_shard_support import (
     batch,
+    clustered_docs,
     drain,
     exact_top,
     make_spec,
@@ -448,18 +449,6 @@ def _settled(state: str) -> bool:
 ANN_N, ANN_DIM = 2500, 64
 
 
-def _clustered_docs(rng: np.random.Generator, n: int, dim: int) -> list[np.ndarray]:
-    centers = rng.standard_normal((200, dim)).astype(np.float32)
-    docs = []
-    for _ in range(n):
-        topics = rng.integers(0, 200, 3)
-        m = int(rng.integers(16, 25))
-        t = centers[rng.choice(topics, m)] + 0.35 * rng.standard_normal((m, dim)).astype(
-            np.float32)
-        docs.append((t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
-    return docs
-
-
 def _ann_settings(**kw: Any) -> dict[str, Any]:
     base = {"seal_threshold_tokens": 200_000, "brute_force_max_tokens": 5_000,
             "candidates_per_token": 128}
@@ -471,7 +460,7 @@ def _ann_settings(**kw: Any) -> dict[str, Any]:
 def ann_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[Any]]]:
     """One indexed shard (built once per module), closed; tests copy or reopen it."""
     rng = np.random.default_rng(3)
-    docs = _clustered_docs(rng, ANN_N, ANN_DIM)
+    docs = clustered_docs(rng, ANN_N, ANN_DIM, min_len=16)
     spec = make_spec([{"name": "v", "kind": "multi", "dim": ANN_DIM, "metric": "cosine"}])
     root = tmp_path_factory.mktemp("ann")
     engine = open_engine(root, spec, **_ann_settings())

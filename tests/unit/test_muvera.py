@@ -18,7 +18,15 @@ from shard import search as search_mod
 from shard.engine import ShardEngine
 from shard.index import ScannTokenIndex
 from shard.muvera import FdeEncoder, FdeParams, MuveraIndex, fde_scores, from_bf16, to_bf16
-from tests.unit.test_shard_support import batch, drain, exact_top, make_spec, open_engine, uid
+from tests.unit.test_shard_support import (
+    batch,
+    clustered_docs,
+    drain,
+    exact_top,
+    make_spec,
+    open_engine,
+    uid,
+)
 
 N_DOCS, DIM = 3000, 64
 
@@ -198,18 +206,6 @@ def test_scann_options_are_not_checked_as_muvera() -> None:
 # --------------------------------------------------------------------------- engine
 
 
-def _clustered(rng: np.random.Generator, n: int, dim: int) -> list[np.ndarray]:
-    centers = rng.standard_normal((200, dim)).astype(np.float32)
-    docs = []
-    for _ in range(n):
-        topics = rng.integers(0, 200, 3)
-        m = int(rng.integers(8, 25))
-        t = centers[rng.choice(topics, m)] + 0.35 * rng.standard_normal((m, dim)).astype(
-            np.float32)
-        docs.append((t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
-    return docs
-
-
 def _query(rng: np.random.Generator, doc: np.ndarray) -> np.ndarray:
     q = doc[rng.choice(len(doc), min(8, len(doc)), replace=False)]
     q = q + 0.3 * rng.standard_normal(q.shape).astype(np.float32)
@@ -234,7 +230,7 @@ def _engine(root: Path, options: Mapping[str, Any] = MUVERA_OPTIONS, **kw: Any) 
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[Any]]]:
     """One shard with one sealed muvera segment (built once per module), closed."""
     rng = np.random.default_rng(3)
-    docs = _clustered(rng, N_DOCS, DIM)
+    docs = clustered_docs(rng, N_DOCS, DIM)
     root = tmp_path_factory.mktemp("muvera")
     engine = _engine(root, seal_threshold_tokens=10_000_000)
     props = [{"title": f"doc {i}", "n": i % 100} for i in range(N_DOCS)]
@@ -355,7 +351,7 @@ def test_growing_and_several_sealed_segments(tmp_path: Path) -> None:
     """FDE candidates are shard-wide over several sealed segments; the growing segment stays
     exact; a compaction re-encodes the merged segment."""
     rng = np.random.default_rng(7)
-    docs = _clustered(rng, 900, DIM)
+    docs = clustered_docs(rng, 900, DIM)
     engine = _engine(tmp_path, {"candidates": 60}, seal_threshold_tokens=4_000,
                      max_segment_tokens=6_000)
     for s in range(0, 900, 100):
