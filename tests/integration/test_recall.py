@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +54,44 @@ def exact_top(q: np.ndarray, docs: list[np.ndarray], ids: list[str], k: int) -> 
     return [ids[i] for i in order]
 
 
+def _insert(col: Any, ids: list[str], docs: list[np.ndarray]) -> Any:
+    """Import ``docs`` (property ``n`` = position) over Arrow, 500 rows per request."""
+    table = pa.table({
+        "id": ids,
+        "n": list(range(len(ids))),
+        "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
+    })
+    return col.data.insert_arrow(table, batch_rows=500)
+
+
+def _wait_indexed(col: Any, timeout_s: float = 300) -> tuple[list[Any], list[str]]:
+    """Wait until every shard has an indexed segment and builds nothing; (shards, states)."""
+    deadline = time.time() + timeout_s
+    while True:
+        shards = col.config()["shards"]
+        states = [s["stats"]["index_state"]["mv"] for s in shards]
+        if all("building=0" in st and "indexed=0" not in st for st in states):
+            return shards, states
+        assert time.time() < deadline, states
+        time.sleep(1)
+
+
+def _recalls(col: Any, rng: np.random.Generator, ids: list[str], docs: list[np.ndarray],
+             n_queries: int) -> list[float]:
+    """recall@10 against exact MaxSim of near_vector queries: 8 noisy tokens of a random
+    document each."""
+    recalls = []
+    for i in rng.choice(len(docs), size=n_queries, replace=False):
+        d = docs[int(i)]
+        rows = rng.choice(len(d), size=min(8, len(d)), replace=False)
+        q = d[rows] + 0.2 * rng.normal(size=(len(rows), DIM)).astype(np.float32) / np.sqrt(DIM)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        truth = exact_top(q, docs, ids, 10)
+        got = [o.uuid for o in col.query.near_vector(q, target_vector="mv", limit=10).objects]
+        recalls.append(len(set(got) & set(truth)) / 10)
+    return recalls
+
+
 def test_recall_with_scann_indexes(indexed_server: Server) -> None:
     rng = np.random.default_rng(11)
     ids, docs, _ = clustered_corpus(rng, 3000)
@@ -60,33 +99,13 @@ def test_recall_with_scann_indexes(indexed_server: Server) -> None:
         col = client.collections.create(
             "Recall", properties=[Property("n", "int")],
             vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine")], shard_count=2)
-        table = pa.table({
-            "id": ids,
-            "n": list(range(len(ids))),
-            "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
-        })
-        result = col.data.insert_arrow(table, batch_rows=500)
+        result = _insert(col, ids, docs)
         assert (result.n_ok, result.n_failed) == (3000, 0)
 
-        deadline = time.time() + 300
-        while True:  # wait until the background maintenance has sealed and indexed
-            shards = col.config()["shards"]
-            states = [s["stats"]["index_state"]["mv"] for s in shards]
-            if all("building=0" in st and "indexed=0" not in st for st in states):
-                break
-            assert time.time() < deadline, states
-            time.sleep(1)
+        shards, _ = _wait_indexed(col)  # the background maintenance has sealed and indexed
         assert sum(s["stats"]["n_objects"] for s in shards) == 3000
 
-        recalls = []
-        for i in rng.choice(len(docs), size=25, replace=False):
-            d = docs[int(i)]
-            rows = rng.choice(len(d), size=min(8, len(d)), replace=False)
-            q = d[rows] + 0.2 * rng.normal(size=(len(rows), DIM)).astype(np.float32) / np.sqrt(DIM)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            truth = exact_top(q, docs, ids, 10)
-            got = [o.uuid for o in col.query.near_vector(q, target_vector="mv", limit=10).objects]
-            recalls.append(len(set(got) & set(truth)) / 10)
+        recalls = _recalls(col, rng, ids, docs, 25)
         assert float(np.mean(recalls)) >= 0.95, recalls
         fetched = col.query.fetch_object_by_id(ids[5], include_vector=True)
         assert np.allclose(fetched.vector["mv"], docs[5], atol=1e-6)
@@ -116,32 +135,13 @@ def test_muvera_collection_recall_filters_and_bad_options(indexed_server: Server
             vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine",
                                  index={"kind": "muvera", "options": {"candidates": 200}})],
             shard_count=2)
-        table = pa.table({
-            "id": ids,
-            "n": list(range(len(ids))),
-            "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
-        })
-        result = col.data.insert_arrow(table, batch_rows=500)
+        result = _insert(col, ids, docs)
         assert (result.n_ok, result.n_failed) == (2000, 0)
-        deadline = time.time() + 300
-        while True:  # sealed (and idle-sealed) segments get their FDEs in the background
-            shards = col.config()["shards"]
-            states = [s["stats"]["index_state"]["mv"] for s in shards]
-            if all("building=0" in st and "indexed=0" not in st for st in states):
-                break
-            assert time.time() < deadline, states
-            time.sleep(1)
+        # sealed (and idle-sealed) segments get their FDEs in the background
+        _, states = _wait_indexed(col)
         assert all(st.startswith("muvera: ") for st in states), states
 
-        recalls = []
-        for i in rng.choice(len(docs), size=20, replace=False):
-            d = docs[int(i)]
-            rows = rng.choice(len(d), size=min(8, len(d)), replace=False)
-            q = d[rows] + 0.2 * rng.normal(size=(len(rows), DIM)).astype(np.float32) / np.sqrt(DIM)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            truth = exact_top(q, docs, ids, 10)
-            got = [o.uuid for o in col.query.near_vector(q, target_vector="mv", limit=10).objects]
-            recalls.append(len(set(got) & set(truth)) / 10)
+        recalls = _recalls(col, rng, ids, docs, 20)
         # 200 of ~1,000 documents per shard re-scored: measured 0.935 (random candidates of
         # the same count: ~0.2).
         assert float(np.mean(recalls)) >= 0.8, recalls
