@@ -23,6 +23,7 @@ from tests.unit.test_shard_support import (
     drain,
     exact_top,
     make_spec,
+    noisy_query,
     open_engine,
     random_docs,
     settings,
@@ -480,13 +481,6 @@ def _ann_engine(root: Path) -> ShardEngine:
     return open_engine(root, spec, **_ann_settings())
 
 
-def _noisy_query(rng: np.random.Generator, doc: np.ndarray) -> np.ndarray:
-    q = doc[rng.choice(len(doc), 8, replace=False)]
-    q = q + 0.3 * rng.standard_normal(q.shape).astype(np.float32)
-    out: np.ndarray = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-    return out
-
-
 def test_scann_recall_at_10(ann_corpus: tuple[Path, list[Any]]) -> None:
     root, docs = ann_corpus
     engine = _ann_engine(root)
@@ -494,7 +488,7 @@ def test_scann_recall_at_10(ann_corpus: tuple[Path, list[Any]]) -> None:
     truth_docs = {uid(i): d for i, d in enumerate(docs)}
     recalls, candidates = [], []
     for _ in range(30):
-        q = _noisy_query(rng, docs[int(rng.integers(len(docs)))])
+        q = noisy_query(rng, docs[int(rng.integers(len(docs)))])
         res = engine.search(VectorSearch("v", q, 10))
         want = {u for u, _ in exact_top(q, truth_docs, 10)}
         recalls.append(len(want & {h.uuid for h in res.hits}) / 10)
@@ -530,7 +524,7 @@ def test_selective_filter_with_index_loses_nothing(ann_corpus: tuple[Path, list[
     rng = np.random.default_rng(5)
     flt = PropEquals("n", {17})  # 25 objects of 2500
     allowed = {uid(i): d for i, d in enumerate(docs) if i % 100 == 17}
-    q = _noisy_query(rng, docs[3])  # a query far from most allowed objects
+    q = noisy_query(rng, docs[3])  # a query far from most allowed objects
     got = _hits(engine, q, 10, filter=flt)
     _assert_same_ranking(got, exact_top(q, allowed, 10))
     # Force the ANN path for filters: k' grows with 1/selectivity (filter and tombstones).
@@ -575,7 +569,7 @@ def test_several_indexed_segments_share_k_prime(tmp_path: Path) -> None:
     truth_docs = {uid(i): d for i, d in enumerate(docs)}
     recalls, candidates = [], []
     for _ in range(20):
-        q = _noisy_query(rng, docs[int(rng.integers(1600))])
+        q = noisy_query(rng, docs[int(rng.integers(1600))])
         res = engine.search(VectorSearch("v", q, 10))
         want = {u for u, _ in exact_top(q, truth_docs, 10)}
         recalls.append(len(want & {h.uuid for h in res.hits}) / 10)

@@ -24,6 +24,7 @@ from tests.unit.test_shard_support import (
     drain,
     exact_top,
     make_spec,
+    noisy_query,
     open_engine,
     uid,
 )
@@ -206,13 +207,6 @@ def test_scann_options_are_not_checked_as_muvera() -> None:
 # --------------------------------------------------------------------------- engine
 
 
-def _query(rng: np.random.Generator, doc: np.ndarray) -> np.ndarray:
-    q = doc[rng.choice(len(doc), min(8, len(doc)), replace=False)]
-    q = q + 0.3 * rng.standard_normal(q.shape).astype(np.float32)
-    out: np.ndarray = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-    return out
-
-
 MUVERA_OPTIONS = {"candidates": 100}
 
 
@@ -252,7 +246,7 @@ def _recall(engine: ShardEngine, docs: list[np.ndarray], n: int = 30, seed: int 
     truth = {uid(i): d for i, d in enumerate(docs)}
     got, rand, cands = [], [], []
     for _ in range(n):
-        q = _query(rng, docs[int(rng.integers(len(docs)))])
+        q = noisy_query(rng, docs[int(rng.integers(len(docs)))])
         res = engine.search(VectorSearch("v", q, 10))
         want = {u for u, _ in exact_top(q, truth, 10)}
         got.append(len(want & {h.uuid for h in res.hits}) / 10)
@@ -282,7 +276,7 @@ def test_reopen_loads_fdes_and_searches_the_same(corpus: tuple[Path, list[Any]],
     shutil.copytree(root, tmp_path / "copy")
     engine = _engine(tmp_path / "copy")
     rng = np.random.default_rng(5)
-    queries = [_query(rng, docs[int(rng.integers(N_DOCS))]) for _ in range(5)]
+    queries = [noisy_query(rng, docs[int(rng.integers(N_DOCS))]) for _ in range(5)]
     before = [[(h.uuid, h.score) for h in engine.search(VectorSearch("v", q, 10)).hits]
               for q in queries]
     engine.close()
@@ -310,7 +304,7 @@ def test_filters_and_deletes_are_respected(corpus: tuple[Path, list[Any]], tmp_p
     shutil.copytree(root, tmp_path / "copy")
     engine = _engine(tmp_path / "copy")
     rng = np.random.default_rng(6)
-    q = _query(rng, docs[42])
+    q = noisy_query(rng, docs[42])
     top = [h.uuid for h in engine.search(VectorSearch("v", q, 10)).hits]
     assert uid(42) in top
     engine.delete(top[:5])
@@ -365,7 +359,7 @@ def test_growing_and_several_sealed_segments(tmp_path: Path) -> None:
     growing = engine._growing.n_objects
     recalls = []
     for _ in range(10):
-        q = _query(rng, docs[int(rng.integers(900))])
+        q = noisy_query(rng, docs[int(rng.integers(900))])
         res = engine.search(VectorSearch("v", q, 10))
         assert res.n_candidates == 60 + growing
         want = {u for u, _ in exact_top(q, truth, 10)}
@@ -377,7 +371,7 @@ def test_growing_and_several_sealed_segments(tmp_path: Path) -> None:
     drain(engine)  # idle: the tail is sealed, everything merged into one segment
     state = engine.stats().index_state["v"]
     assert state.startswith("muvera: indexed=1 building=0 exact=0 growing=0"), state
-    q = _query(rng, docs[3])
+    q = noisy_query(rng, docs[3])
     assert uid(3) in {h.uuid for h in engine.search(VectorSearch("v", q, 10)).hits}
     engine.close()
 

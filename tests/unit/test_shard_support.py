@@ -72,6 +72,14 @@ def clustered_docs(rng: np.random.Generator, n: int, dim: int, min_len: int = 8
     return docs
 
 
+def noisy_query(rng: np.random.Generator, doc: np.ndarray) -> np.ndarray:
+    """8 of ``doc``'s tokens (all when it has fewer) plus noise 0.3, unit-norm."""
+    q = doc[rng.choice(len(doc), min(8, len(doc)), replace=False)]
+    q = q + 0.3 * rng.standard_normal(q.shape).astype(np.float32)
+    out: np.ndarray = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
 def exact_top(query: np.ndarray, docs: Mapping[str, np.ndarray | None], k: int
               ) -> list[tuple[str, float]]:
     """Ground truth: reference MaxSim over every doc, score desc then uuid asc."""
