@@ -72,7 +72,19 @@ def _shard_settings(args: argparse.Namespace) -> ShardSettings:
     seal = args.seal_threshold_tokens or _env("COLSHARD_SEAL_THRESHOLD_TOKENS")
     if seal:
         shard = replace(shard, seal_threshold_tokens=_positive_int(str(seal)))
+    defer = args.index_defer_tokens
+    if defer is None and _env("COLSHARD_INDEX_DEFER_TOKENS"):
+        defer = _non_negative_int(str(_env("COLSHARD_INDEX_DEFER_TOKENS")))
+    if defer is not None:
+        shard = replace(shard, index_defer_tokens=defer)
     return shard
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -371,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "immutable, indexed segment (default "
                             f"{ShardSettings().seal_threshold_tokens}; env "
                             "COLSHARD_SEAL_THRESHOLD_TOKENS)")
+        p.add_argument("--index-defer-tokens", type=_non_negative_int, default=None,
+                       help="while writes keep arriving, sealed segments wait unindexed (scored "
+                            "exactly) until together they hold this many tokens, then are "
+                            "merged and indexed once; 0 = index each segment when sealed "
+                            f"(default {ShardSettings().index_defer_tokens}; env "
+                            "COLSHARD_INDEX_DEFER_TOKENS)")
         p.add_argument("--vectorizer-replicas", type=_positive_int, default=None,
                        help="encoder actors per vectorizer config; import batches run on them "
                             "in parallel (default 1; env COLSHARD_VECTORIZER_REPLICAS)")

@@ -571,7 +571,10 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
     try:
         # During the import the shard is never idle: this loop runs maintenance between
         # batches, but a real shard's background thread merges while writes keep arriving.
-        import_settings = ShardSettings(**{**cfg.engine_settings, "seal_idle_s": 0.0})
+        # (An idle time that never passes, not 0: seal_idle_s 0 also turns deferred indexing
+        # off.)
+        never_idle = 1e9 if settings.seal_idle_s > 0 else 0.0
+        import_settings = ShardSettings(**{**cfg.engine_settings, "seal_idle_s": never_idle})
         engine = ShardedEngine(engine_cls, spec, data_dir, import_settings)
         import_s = build_s = 0.0
         failed = rounds = 0

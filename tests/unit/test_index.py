@@ -20,7 +20,9 @@ def test_params_follow_segment_size() -> None:
     small, large = choose_params(2_000), choose_params(640_000)
     assert small.num_leaves < large.num_leaves
     assert 1 <= small.leaves_to_search <= small.num_leaves
-    assert large.num_leaves == 800  # ≈ sqrt(n)
+    assert choose_params(100_000).num_leaves == 316  # ≈ sqrt(n) up to 400 leaves
+    assert large.num_leaves == 400  # then 400 up to 640k tokens, then sqrt(n) / 2
+    assert choose_params(6_400_000).num_leaves == 1_265
     assert small.training_sample_size <= 2_000
     assert small.reorder == "none"  # the engine re-scores documents exactly itself
     # 5-dim blocks: 26 codes + a 4-byte leaf id per 128-d token (≤ 36 bytes/token).
@@ -35,9 +37,23 @@ def test_default_leaves_to_search_schedule() -> None:
     # 5 % up to 400 leaves (at least 4), above that 0.7·sqrt(leaves) once that is more.
     assert [default_leaves_to_search(n) for n in (10, 100, 224, 400, 800, 2_525, 10_000)] == [
         4, 5, 12, 20, 20, 36, 70]
-    assert choose_params(640_000).leaves_to_search == 20
     values = [default_leaves_to_search(n) for n in range(1, 20_000)]
     assert values == sorted(values)  # never fewer leaves for a larger segment
+
+
+def test_larger_leaves_scan_the_same_share_of_tokens() -> None:
+    """Above 400 leaves the partition is coarser than √n, and a query token searches the share
+    of the tokens the √n partition would: 20 of 800 leaves = 10 of 400 (640k tokens)."""
+    assert choose_params(640_000).leaves_to_search == 10
+    assert choose_params(6_400_000).leaves_to_search == 18  # 36 of √n = 2,530
+    assert choose_params(100_000).leaves_to_search == 16  # 5 % of 316: unchanged
+    for n in range(150_000, 8_000_000, 50_000):
+        p = choose_params(n)
+        ref = round(n ** 0.5)
+        share = p.leaves_to_search / p.num_leaves
+        assert abs(share - default_leaves_to_search(ref) / ref) <= 0.5 / p.num_leaves + 1e-9, n
+    # an explicit num_leaves keeps the same share
+    assert choose_params(640_000, {"num_leaves": 1_600}).leaves_to_search == 40
 
 
 def test_finds_near_duplicates() -> None:

@@ -100,3 +100,20 @@ def test_every_limit_has_a_cli_flag() -> None:
     s = settings_from_args(args)
     assert (s.max_dim, s.max_filter_depth, s.max_filter_nodes, s.max_shards,
             s.max_query_tokens, s.max_tokens_per_object) == (64, 4, 9, 3, 7, 0)
+
+
+def test_shard_engine_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import build_parser, settings_from_args
+
+    parse = build_parser().parse_args
+    default = settings_from_args(parse(["gateway"])).shard
+    assert default.index_defer_tokens == 1_048_576
+    s = settings_from_args(parse(["gateway", "--index-defer-tokens", "0",
+                                  "--seal-threshold-tokens", "4096"])).shard
+    assert (s.index_defer_tokens, s.seal_threshold_tokens) == (0, 4096)
+    monkeypatch.setenv("COLSHARD_INDEX_DEFER_TOKENS", "5000")
+    assert settings_from_args(parse(["gateway"])).shard.index_defer_tokens == 5000
+    assert settings_from_args(parse(["gateway", "--index-defer-tokens", "7"])
+                              ).shard.index_defer_tokens == 7  # the flag wins
+    with pytest.raises(SystemExit):
+        parse(["gateway", "--index-defer-tokens", "-1"])

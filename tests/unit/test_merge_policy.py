@@ -172,3 +172,95 @@ def test_merged_segment_is_indexed_before_the_swap_and_loaded_at_restart(
     for i in (0, 123, 399):
         assert engine.search(VectorSearch("v", docs[i], 1)).hits[0].uuid == uid(i)
     engine.close()
+
+
+def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch ScannTokenIndex.build to record the token count of every build."""
+    built: list[int] = []
+    real = ScannTokenIndex.build.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: Any, tokens: Any, *args: Any, **kwargs: Any) -> ScannTokenIndex:
+        built.append(len(tokens))
+        return real(cls, tokens, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ScannTokenIndex, "build", classmethod(counting))
+    return built
+
+
+def _bulk_import(engine: ShardEngine, docs: list[np.ndarray], step: int = 25) -> list[str]:
+    """Import in batches with maintenance after each (a busy shard); the index states seen."""
+    states = []
+    for start in range(0, len(docs), step):
+        ids = range(start, min(start + step, len(docs)))
+        engine.upsert(batch(ids, {"v": [docs[i] for i in ids]}))
+        drain(engine)
+        states.append(engine.stats().index_state["v"])
+    return states
+
+
+def test_deferred_indexing_builds_each_token_once_per_burst(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While writes arrive, sealed segments wait unindexed (and are scored exactly) until they
+    add up to index_defer_tokens; then they are merged and indexed once. Idle: what waits is
+    merged and indexed. With deferral off every seal and merge tier indexes its tokens."""
+    rng = np.random.default_rng(7)
+    dim = 16
+    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
+    docs = random_docs(rng, 600, dim, 8, 12, normalise=True)  # ~6,000 tokens
+    total = sum(len(d) for d in docs)
+    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
+                          "candidates_per_token": 64, "seal_idle_s": 0.3,
+                          "index_defer_tokens": 2_000}
+    built = _count_builds(monkeypatch)
+    engine = open_engine(tmp_path, spec, **kw)
+    states = _bulk_import(engine, docs)
+    # Before 2,000 tokens were sealed nothing was indexed; the first build covered them all.
+    assert built and built[0] >= 2_000 and all(n >= 2_000 for n in built), built
+    assert "indexed=0" in states[0] and "building=" in states[0]
+    assert max(int(s.split("building=")[1].split()[0]) for s in states) >= 3  # waiting
+    # queries during the burst are exact over the waiting segments
+    for i in (0, 301, len(docs) - 1):
+        assert engine.search(VectorSearch("v", docs[i], 1)).hits[0].uuid == uid(i)
+    busy_builds = len(built)
+    busy = list(built)
+    time.sleep(0.35)
+    drain(engine)
+    state = engine.stats().index_state["v"]
+    assert "building=0" in state and "exact=0" in state and "growing=0" in state, state
+    assert len(built) > busy_builds  # the idle shard indexed what waited
+    assert sum(busy) <= total, busy  # while busy each token was indexed at most once
+    for i in (0, 301, len(docs) - 1):
+        assert engine.search(VectorSearch("v", docs[i], 1)).hits[0].uuid == uid(i)
+    engine.close()
+
+    # Deferral off (index_defer_tokens 0, or no idle detection): every seal and merge indexes.
+    for off in ({"index_defer_tokens": 0}, {"seal_idle_s": 0.0}):
+        built.clear()
+        engine = open_engine(tmp_path / str(len(off)) / next(iter(off)), spec, **{**kw, **off})
+        states = _bulk_import(engine, docs)
+        assert "indexed=1" in states[1] or "indexed=2" in states[1], states[:3]
+        assert min(built) < 2_000 and sum(built) > 1.5 * total, (built, total)
+        engine.close()
+
+
+def test_merge_of_indexed_segments_is_indexed_before_the_swap_while_busy(
+        tmp_path: Path) -> None:
+    """With deferral on, a size-tiered merge of indexed segments is still indexed before it
+    replaces them (never a step back to exact scoring)."""
+    rng = np.random.default_rng(8)
+    dim = 16
+    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
+    docs = random_docs(rng, 900, dim, 8, 12, normalise=True)
+    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
+                          "candidates_per_token": 64, "seal_idle_s": 60.0,
+                          "index_defer_tokens": 600, "merge_factor": 3}
+    engine = open_engine(tmp_path, spec, **kw)
+    states = _bulk_import(engine, docs)
+    indexed = [int(s.split("indexed=")[1].split()[0]) for s in states]
+    assert max(indexed) >= 3  # several indexed segments appeared ...
+    final = engine.stats().index_state["v"]
+    assert int(final.split("indexed=")[1].split()[0]) < max(indexed), states  # ... and merged
+    # every merge output was indexed: never more waiting tokens than one deferral batch
+    for s in states:
+        assert int(s.split("exact=")[1].split()[0]) == 0
+    engine.close()

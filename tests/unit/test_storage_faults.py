@@ -372,9 +372,10 @@ def test_compaction_is_invisible_to_concurrent_queries(
     real_write_merged = ShardEngine._write_merged
     merges = [0]
 
-    def slow_write_merged(self: ShardEngine, segment_id: int, sources: Any) -> Any:
+    def slow_write_merged(self: ShardEngine, segment_id: int, sources: Any,
+                          **kwargs: Any) -> Any:
         wait_for_queries(10)  # queries against the sources
-        merged = real_write_merged(self, segment_id, sources)
+        merged = real_write_merged(self, segment_id, sources, **kwargs)
         wait_for_queries(10)  # merged segment on disk, not yet swapped in
         # Writes that land mid-merge: a delete and a replace of objects being merged.
         victims = [uid(i) for i in range(1, 160, 4)][merges[0] * 2 : merges[0] * 2 + 2]
