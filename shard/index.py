@@ -129,7 +129,10 @@ class ScannTokenIndex:
         builder = (
             scann.scann_ops_pybind.builder(db, k, "dot_product")
             .tree(num_leaves=params.num_leaves, num_leaves_to_search=params.leaves_to_search,
-                  training_sample_size=params.training_sample_size)
+                  training_sample_size=params.training_sample_size,
+                  # k-means++ seeding: ScaNN's random initialisation is not seeded, so two
+                  # builds of the same tokens partitioned them differently
+                  random_init=False)
             .score_ah(params.dims_per_block, anisotropic_quantization_threshold=0.2,
                       training_sample_size=params.training_sample_size)
         )

@@ -33,7 +33,7 @@ from cluster.spec import CollectionSpec
 from cluster.types import ObjectBatch
 from shard.codec import decode_properties, encode_properties, fsync_tree
 from shard.index import ScannTokenIndex
-from shard.maxsim import Tokens, gather
+from shard.maxsim import Tokens, gather_into
 from shard.muvera import MuveraIndex
 
 F32 = npt.NDArray[np.float32]
@@ -349,21 +349,23 @@ def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSp
     """Rows of several sealed segments, concatenated (compaction input)."""
     uuids: list[str] = []
     props: list[str] = []
-    parts: dict[str, list[tuple[Tokens, I64]]] = {v.name: [] for v in spec.vectors}
     for seg, rows in sources:
         uuids.extend(seg.uuids[int(r)] for r in rows)
         props.extend(seg.props_json(rows))
-        for v in spec.vectors:
-            tokens, offsets = gather(seg.tokens(v.name), seg.offsets(v.name), rows)
-            parts[v.name].append((tokens, np.diff(offsets)))
     vectors: dict[str, tuple[Tokens, I64]] = {}
     for v in spec.vectors:
-        chunks = parts[v.name]
-        dtype = _np_dtype(v.dtype)
-        tokens_all = (np.concatenate([t for t, _ in chunks]) if chunks
-                      else np.zeros((0, v.dim), dtype=dtype))
-        lengths_all = (np.concatenate([n for _, n in chunks]) if chunks
-                       else np.zeros(0, dtype=np.int64))
-        vectors[v.name] = (tokens_all, lengths_all)
+        lengths = [seg.lengths(v.name)[rows] for seg, rows in sources]
+        lengths_all = (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64))
+        # One output buffer, each source's rows gathered straight into it: no per-source
+        # copy plus a concatenation (a 4M-token merge allocated its tokens twice).
+        tokens_all = np.empty((int(lengths_all.sum()), v.dim), dtype=_np_dtype(v.dtype))
+        start = 0
+        for (seg, rows), n in zip(sources, lengths, strict=True):
+            stop = start + int(n.sum())
+            if stop > start:
+                gather_into(seg.tokens(v.name), seg.offsets(v.name), rows,
+                            tokens_all[start:stop])
+            start = stop
+        vectors[v.name] = (tokens_all, lengths_all.astype(np.int64, copy=False))
     return uuids, props, vectors
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -483,19 +484,20 @@ def _ann_engine(root: Path) -> ShardEngine:
 
 def test_scann_recall_at_10(ann_corpus: tuple[Path, list[Any]]) -> None:
     root, docs = ann_corpus
-    engine = _ann_engine(root)
     rng = np.random.default_rng(11)
     truth_docs = {uid(i): d for i, d in enumerate(docs)}
     recalls, candidates = [], []
-    for _ in range(30):
-        q = noisy_query(rng, docs[int(rng.integers(len(docs)))])
-        res = engine.search(VectorSearch("v", q, 10))
-        want = {u for u, _ in exact_top(q, truth_docs, 10)}
-        recalls.append(len(want & {h.uuid for h in res.hits}) / 10)
-        candidates.append(res.n_candidates)
+    with contextlib.closing(_ann_engine(root)) as engine:
+        for _ in range(30):
+            q = noisy_query(rng, docs[int(rng.integers(len(docs)))])
+            res = engine.search(VectorSearch("v", q, 10))
+            want = {u for u, _ in exact_top(q, truth_docs, 10)}
+            recalls.append(len(want & {h.uuid for h in res.hits}) / 10)
+            candidates.append(res.n_candidates)
+    # The build is deterministic (shard.index: k-means++ seeding), so this is one fixed value
+    # (0.983 when written), not a draw from ScaNN's random initialisation (0.947-0.993 before).
     assert np.mean(recalls) >= 0.95
     assert np.mean(candidates) < 0.5 * ANN_N  # the index prunes: not an exhaustive scan
-    engine.close()
 
 
 def test_index_loaded_without_rebuild(ann_corpus: tuple[Path, list[Any]],
