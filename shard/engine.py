@@ -430,13 +430,18 @@ class ShardEngine:
         n_tokens = {v.name: sum(s.live_tokens(v.name) for s in [*sealed, *others])
                     for v in self.spec.vectors}
         index_state = {}
+        # waiting: held back by deferred indexing (writes still arriving, too few tokens)
+        defer = self._defer_tokens()
+        held = bool(defer) and not self.idle() and sum(
+            self._segment_tokens(s) for s in sealed if self._waits_for_index(s)) < defer
         for v in self.spec.vectors:
             n_index = sum(1 for s in sealed if v.name in s.indexes)
-            n_pending = sum(1 for s in sealed if self._needs_index(s, v))
-            n_exact = len(sealed) - n_index - n_pending
+            pending = [s for s in sealed if self._needs_index(s, v)]
+            n_waiting = len(pending) if held else 0
+            n_exact = len(sealed) - n_index - len(pending)
             index_state[v.name] = (f"{v.index.kind}: "
-                                   f"indexed={n_index} building={n_pending} exact={n_exact} "
-                                   f"growing={len(others)}")
+                                   f"indexed={n_index} building={len(pending) - n_waiting} "
+                                   f"exact={n_exact} growing={len(others)} waiting={n_waiting}")
         return ShardStats(self.shard, n_objects, n_tokens, len(sealed) + len(others),
                           index_state, dir_size_bytes(self.data_dir))
 

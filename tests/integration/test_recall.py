@@ -70,7 +70,8 @@ def _wait_indexed(col: Any, timeout_s: float = 300) -> tuple[list[Any], list[str
     while True:
         shards = col.config()["shards"]
         states = [s["stats"]["index_state"]["mv"] for s in shards]
-        if all("building=0" in st and "indexed=0" not in st for st in states):
+        if all("building=0" in st and "waiting=0" in st and "indexed=0" not in st
+               for st in states):
             return shards, states
         assert time.time() < deadline, states
         time.sleep(1)
