@@ -27,13 +27,14 @@ class ShardSettings:
     # No writes for this long = idle: the growing segment is sealed (and indexed) if it holds at
     # least brute_force_max_tokens tokens, and segments merge eagerly (above). 0: never idle.
     seal_idle_s: float = 3.0
-    # Deferred indexing during write bursts: while the shard is not idle, sealed segments wait
-    # without a token index (scored exactly, like the growing segment) until together they hold
-    # this many tokens; then they are merged into one segment, which is indexed once. An idle
-    # shard merges what waits (eagerly, above) and indexes the result. A bulk import then
-    # indexes each token once below this size instead of once per merge tier; the price is
-    # that queries during the burst scan up to this many tokens exactly. 0, or seal_idle_s 0
-    # (no idle to wait for): every sealed segment is indexed at once.
+    # Deferred indexing during write bursts: while the shard is not idle and has not been
+    # searched for 30 s (shard.engine.DEFER_UNLESS_SEARCHED_S), sealed segments wait without a
+    # token index (scored exactly, like the growing segment) until together they hold this
+    # many tokens; then they are merged into one segment, which is indexed once. An idle shard
+    # merges what waits (eagerly, above) and indexes the result. A bulk import then indexes
+    # each token once below this size instead of once per merge tier. A search turns it off
+    # (its queries would scan the waiting segments exactly). 0, or seal_idle_s 0 (no idle to
+    # wait for): every sealed segment is indexed at once.
     index_defer_tokens: int = 1_048_576
     # Hits kept per query token (k') when generating candidates from the token index (shard-wide
     # top k', not per segment). Deep, because only rerank_docs of the candidates are re-scored.

@@ -384,9 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{ShardSettings().seal_threshold_tokens}; env "
                             "COLSHARD_SEAL_THRESHOLD_TOKENS)")
         p.add_argument("--index-defer-tokens", type=_non_negative_int, default=None,
-                       help="while writes keep arriving, sealed segments wait unindexed (scored "
-                            "exactly) until together they hold this many tokens, then are "
-                            "merged and indexed once; 0 = index each segment when sealed "
+                       help="while writes keep arriving and nobody searches a shard, its "
+                            "sealed segments wait unindexed (scored exactly) until together "
+                            "they hold this many tokens, then are merged and indexed once; 0 = "
+                            "index each segment when sealed "
                             f"(default {ShardSettings().index_defer_tokens}; env "
                             "COLSHARD_INDEX_DEFER_TOKENS)")
         p.add_argument("--vectorizer-replicas", type=_positive_int, default=None,

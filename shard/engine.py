@@ -23,9 +23,10 @@ Idle (no write for ``seal_idle_s``): the growing segment is sealed and indexed e
 seal_threshold_tokens once it holds brute_force_max_tokens, and merges become eager, so a shard
 converges to a few big indexed segments after an import settles (``plan_merge``).
 
-Deferred indexing (``index_defer_tokens``): while writes keep arriving, sealed segments wait
-unindexed (scored exactly) until together they hold that many tokens, then are merged into one
-segment that is indexed once; an idle shard merges what waits and indexes it. Without it a bulk
+Deferred indexing (``index_defer_tokens``): while writes keep arriving and nobody searches the
+shard, sealed segments wait unindexed (scored exactly) until together they hold that many tokens,
+then are merged into one segment that is indexed once; an idle shard merges what waits and
+indexes it. A vector search turns deferral off for ``DEFER_UNLESS_SEARCHED_S``. Without it a bulk
 import indexed every token at each merge tier (the 635k-token benchmark shard: ~3.7 ScaNN builds
 of its tokens instead of one).
 
@@ -60,6 +61,7 @@ import bisect
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -113,6 +115,9 @@ COMPACT_DEAD_FRACTION = 0.3
 # least this many times the tokens of its largest input (see ``plan_merge``).
 EAGER_MERGE_GROWTH = 1.5
 BACKGROUND_INTERVAL_S = 0.5
+# A shard with a vector search in this many seconds indexes its sealed segments at once instead
+# of deferring (``ShardSettings.index_defer_tokens``).
+DEFER_UNLESS_SEARCHED_S = 30.0
 # How much nicer than the shard's writers and searches its background maintenance thread runs.
 MAINTENANCE_NICE = 5
 
@@ -142,6 +147,7 @@ class ShardEngine:
         self._persisted_masks: dict[int, tuple[Any, str | None]] = {}
         self._checkpoint_due = False
         self._last_write_at = time.monotonic()  # idle detection (ShardSettings.seal_idle_s)
+        self._last_search_at = -math.inf  # deferred indexing only while nobody searches
         self._segments_dir = self.data_dir / "segments"
         self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
         self._keyword: KeywordIndex | None = None
@@ -340,6 +346,7 @@ class ShardEngine:
 
     def search(self, req: VectorSearch) -> ShardSearchResult:
         self._check_open()
+        self._last_search_at = time.monotonic()
         vspec = self.spec.vector(req.target_vector)
         query = np.ascontiguousarray(req.query, dtype=np.float32)
         assert query.ndim == 2 and query.shape[1] == vspec.dim, "query shape"
@@ -571,9 +578,14 @@ class ShardEngine:
         return any(self._needs_index(seg, v) for v in self.spec.vectors)
 
     def _defer_tokens(self) -> int:
-        """``index_defer_tokens``, or 0 when the shard can never become idle."""
+        """``index_defer_tokens``, or 0 when the shard can never become idle or was searched in
+        the last ``DEFER_UNLESS_SEARCHED_S`` (its queries would scan the waiting segments
+        exactly: query latency comes first)."""
         st = self.settings
-        return max(0, st.index_defer_tokens) if st.seal_idle_s > 0 else 0
+        if st.seal_idle_s <= 0 or (time.monotonic() - self._last_search_at
+                                   < DEFER_UNLESS_SEARCHED_S):
+            return 0
+        return max(0, st.index_defer_tokens)
 
     def _segment_tokens(self, seg: SealedSegment) -> int:
         return sum(seg.live_tokens(v.name) for v in self.spec.vectors)

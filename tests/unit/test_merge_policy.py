@@ -265,3 +265,29 @@ def test_merge_of_indexed_segments_is_indexed_before_the_swap_while_busy(
     for s in states:
         assert int(s.split("exact=")[1].split()[0]) == 0
     engine.close()
+
+
+def test_a_searched_shard_indexes_at_once(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deferral is for bulk loads nobody queries: after a vector search the shard indexes each
+    sealed segment at once (its queries would otherwise scan the waiting ones exactly)."""
+    rng = np.random.default_rng(9)
+    dim = 16
+    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
+    docs = random_docs(rng, 300, dim, 8, 12, normalise=True)
+    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
+                          "candidates_per_token": 64, "seal_idle_s": 60.0,
+                          "index_defer_tokens": 1_000_000}
+    built = _count_builds(monkeypatch)
+    engine = open_engine(tmp_path, spec, **kw)
+    states = _bulk_import(engine, docs[:150])
+    assert not built and "waiting=0" not in states[-1], states[-1]  # a bulk load: waits
+    engine.search(VectorSearch("v", docs[0], 1))
+    assert "waiting=0" in engine.stats().index_state["v"]
+    drain(engine)  # the waiting segments are due now, and indexed one by one
+    assert built and max(built) < 1_000_000
+    state = engine.stats().index_state["v"]
+    assert "indexed=0" not in state and "building=0 exact=0" in state, state
+    assert state.endswith("waiting=0"), state
+    assert engine.search(VectorSearch("v", docs[7], 1)).hits[0].uuid == uid(7)
+    engine.close()
