@@ -198,19 +198,25 @@ def _bulk_import(engine: ShardEngine, docs: list[np.ndarray], step: int = 25) ->
     return states
 
 
+def _deferral_case(seed: int, n_docs: int, **settings_kw: Any
+                   ) -> tuple[Any, list[np.ndarray], dict[str, Any]]:
+    """A cosine 16-d collection, ``n_docs`` documents of 8-12 tokens, and engine settings with
+    small seals (300 tokens) and deferral on (idle after ``seal_idle_s``)."""
+    rng = np.random.default_rng(seed)
+    spec = make_spec([{"name": "v", "kind": "multi", "dim": 16, "metric": "cosine"}])
+    docs = random_docs(rng, n_docs, 16, 8, 12, normalise=True)
+    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
+                          "candidates_per_token": 64, **settings_kw}
+    return spec, docs, kw
+
+
 def test_deferred_indexing_builds_each_token_once_per_burst(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While writes arrive, sealed segments wait unindexed (and are scored exactly) until they
     add up to index_defer_tokens; then they are merged and indexed once. Idle: what waits is
     merged and indexed. With deferral off every seal and merge tier indexes its tokens."""
-    rng = np.random.default_rng(7)
-    dim = 16
-    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
-    docs = random_docs(rng, 600, dim, 8, 12, normalise=True)  # ~6,000 tokens
-    total = sum(len(d) for d in docs)
-    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
-                          "candidates_per_token": 64, "seal_idle_s": 0.3,
-                          "index_defer_tokens": 2_000}
+    spec, docs, kw = _deferral_case(7, 600, seal_idle_s=0.3, index_defer_tokens=2_000)
+    total = sum(len(d) for d in docs)  # ~6,000 tokens
     built = _count_builds(monkeypatch)
     engine = open_engine(tmp_path, spec, **kw)
     states = _bulk_import(engine, docs)
@@ -248,13 +254,8 @@ def test_merge_of_indexed_segments_is_indexed_before_the_swap_while_busy(
         tmp_path: Path) -> None:
     """With deferral on, a size-tiered merge of indexed segments is still indexed before it
     replaces them (never a step back to exact scoring)."""
-    rng = np.random.default_rng(8)
-    dim = 16
-    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
-    docs = random_docs(rng, 900, dim, 8, 12, normalise=True)
-    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
-                          "candidates_per_token": 64, "seal_idle_s": 60.0,
-                          "index_defer_tokens": 600, "merge_factor": 3}
+    spec, docs, kw = _deferral_case(8, 900, seal_idle_s=60.0, index_defer_tokens=600,
+                                    merge_factor=3)
     engine = open_engine(tmp_path, spec, **kw)
     states = _bulk_import(engine, docs)
     indexed = [int(s.split("indexed=")[1].split()[0]) for s in states]
@@ -271,13 +272,7 @@ def test_a_searched_shard_indexes_at_once(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Deferral is for bulk loads nobody queries: after a vector search the shard indexes each
     sealed segment at once (its queries would otherwise scan the waiting ones exactly)."""
-    rng = np.random.default_rng(9)
-    dim = 16
-    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
-    docs = random_docs(rng, 300, dim, 8, 12, normalise=True)
-    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
-                          "candidates_per_token": 64, "seal_idle_s": 60.0,
-                          "index_defer_tokens": 1_000_000}
+    spec, docs, kw = _deferral_case(9, 300, seal_idle_s=60.0, index_defer_tokens=1_000_000)
     built = _count_builds(monkeypatch)
     engine = open_engine(tmp_path, spec, **kw)
     states = _bulk_import(engine, docs[:150])
