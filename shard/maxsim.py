@@ -60,6 +60,24 @@ def gather_into(tokens: Tokens, offsets: I64, docs: I64, out: Tokens) -> None:
     np.take(tokens, idx, axis=0, out=out, mode="clip")  # "raise" would buffer the output
 
 
+def gather_many(parts: Sequence[tuple[Tokens, I64, I64]], dim: int,
+                dtype: npt.DTypeLike) -> tuple[Tokens, I64]:
+    """The rows of documents ``docs`` of several flat token matrices (``(tokens, offsets,
+    docs)`` each), one part after another, gathered straight into one new matrix (no copy per
+    part plus a concatenation), and every gathered document's row count."""
+    lengths = [offsets[docs + 1] - offsets[docs] for _, offsets, docs in parts]
+    lengths_all: I64 = (np.concatenate(lengths).astype(np.int64, copy=False) if lengths
+                        else np.zeros(0, dtype=np.int64))
+    out: Tokens = np.empty((int(lengths_all.sum()), dim), dtype=dtype)
+    start = 0
+    for (tokens, offsets, docs), n in zip(parts, lengths, strict=True):
+        stop = start + int(n.sum())
+        if stop > start:
+            gather_into(tokens, offsets, docs, out[start:stop])
+        start = stop
+    return out, lengths_all
+
+
 def maxsim_docs(query: F32, tokens: Tokens, offsets: I64, docs: I64) -> F64:
     """MaxSim of ``query`` against the documents ``docs`` (indices into ``offsets``)."""
     gathered, new_offsets = gather(tokens, offsets, docs)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from shard.maxsim import gather_into, maxsim_flat, top_k_order
+from shard.maxsim import gather_many, maxsim_flat, top_k_order
 from shard.segment import SegmentView, VectorView
 
 F32 = npt.NDArray[np.float32]
@@ -163,22 +163,17 @@ def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64]) -> list[F64
         else:
             small.append(i)
     if small:
-        lengths = [_plan_lengths(plans[i], chosen[i]) for i in small]
-        offsets = np.zeros(sum(len(n) for n in lengths) + 1, dtype=np.int64)
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
         first = plans[small[0]].vec.tokens
-        tokens = np.empty((int(offsets[-1]), first.shape[1]), dtype=first.dtype)
-        start = 0
-        for i, n in zip(small, lengths, strict=True):
-            vec = plans[i].vec
-            stop = start + int(n.sum())
-            gather_into(vec.tokens, vec.offsets, chosen[i], tokens[start:stop])
-            start = stop
+        tokens, lengths = gather_many(
+            [(plans[i].vec.tokens, plans[i].vec.offsets, chosen[i]) for i in small],
+            first.shape[1], first.dtype)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
         scores = maxsim_flat(query, tokens, offsets)
         at = 0
-        for i, n in zip(small, lengths, strict=True):
-            out[i] = scores[at : at + len(n)]
-            at += len(n)
+        for i in small:
+            out[i] = scores[at : at + len(chosen[i])]
+            at += len(chosen[i])
     return [s if s is not None else np.zeros(0, dtype=np.float64) for s in out]
 
 
@@ -297,9 +292,8 @@ def _imputed_sums(n_docs: int, n_query: int, doc_of_hit: I64, q_rows: I64, sims:
     # product instead of a broadcast fill plus a broadcast product, and ``maximum.at`` with one
     # flat index (numpy's fast path) instead of a (row, column) pair.
     if shift is not None:
-        best = np.multiply.outer(shift[0].astype(np.float32, copy=False),
-                                 shift[1].astype(np.float32, copy=False))
-        best += imputed.astype(np.float32, copy=False)
+        best = np.multiply.outer(shift[0], shift[1])
+        best += imputed
     else:
         best = np.empty((n_docs, n_query), dtype=np.float32)
         best[:] = imputed[None, :]

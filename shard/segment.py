@@ -33,7 +33,7 @@ from cluster.spec import CollectionSpec
 from cluster.types import ObjectBatch
 from shard.codec import decode_properties, encode_properties, fsync_tree
 from shard.index import ScannTokenIndex
-from shard.maxsim import Tokens, gather_into
+from shard.maxsim import Tokens, gather_many
 from shard.muvera import MuveraIndex
 
 F32 = npt.NDArray[np.float32]
@@ -354,18 +354,9 @@ def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSp
         props.extend(seg.props_json(rows))
     vectors: dict[str, tuple[Tokens, I64]] = {}
     for v in spec.vectors:
-        lengths = [seg.lengths(v.name)[rows] for seg, rows in sources]
-        lengths_all = (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64))
-        # One output buffer, each source's rows gathered straight into it: no per-source
-        # copy plus a concatenation (a 4M-token merge allocated its tokens twice).
-        tokens_all = np.empty((int(lengths_all.sum()), v.dim), dtype=_np_dtype(v.dtype))
-        start = 0
-        for (seg, rows), n in zip(sources, lengths, strict=True):
-            stop = start + int(n.sum())
-            if stop > start:
-                gather_into(seg.tokens(v.name), seg.offsets(v.name), rows,
-                            tokens_all[start:stop])
-            start = stop
-        vectors[v.name] = (tokens_all, lengths_all.astype(np.int64, copy=False))
+        # one buffer for all sources (a 4M-token merge used to allocate its tokens twice)
+        vectors[v.name] = gather_many(
+            [(seg.tokens(v.name), seg.offsets(v.name), rows) for seg, rows in sources],
+            v.dim, _np_dtype(v.dtype))
     return uuids, props, vectors
 

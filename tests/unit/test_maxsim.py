@@ -4,7 +4,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shard.maxsim import gather, maxsim_explain, maxsim_flat, maxsim_reference, top_k_order
+from shard.maxsim import (
+    gather,
+    gather_many,
+    maxsim_explain,
+    maxsim_flat,
+    maxsim_reference,
+    top_k_order,
+)
 
 
 def _flat(docs: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +69,20 @@ def test_gather_picks_the_right_rows() -> None:
     got, got_offsets = gather(tokens, offsets, pick)
     for j, i in enumerate(pick):
         np.testing.assert_array_equal(got[got_offsets[j] : got_offsets[j + 1]], docs[i])
+
+
+def test_gather_many_concatenates_the_parts_rows() -> None:
+    rng = np.random.default_rng(6)
+    a_docs, b_docs = _ragged(rng, 20, 4), _ragged(rng, 10, 4)
+    a, b = _flat(a_docs, 4), _flat(b_docs, 4)
+    picks = [np.array([3, 0, 19], dtype=np.int64), np.zeros(0, dtype=np.int64),
+             np.array([9, 9], dtype=np.int64)]
+    got, lengths = gather_many([(*a, picks[0]), (*b, picks[1]), (*b, picks[2])], 4, np.float32)
+    want = [a_docs[i] for i in picks[0]] + [b_docs[i] for i in picks[2]]
+    assert lengths.dtype == np.int64 and list(lengths) == [len(d) for d in want]
+    np.testing.assert_array_equal(got, np.concatenate(want))
+    empty, none = gather_many([], 4, np.float16)
+    assert empty.shape == (0, 4) and empty.dtype == np.float16 and len(none) == 0
 
 
 def test_single_vector_maxsim_is_the_dot_product() -> None:
