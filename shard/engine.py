@@ -428,19 +428,18 @@ class ShardEngine:
                    _present_vectors(vectors) if req.include_vectors else None, explain)
 
     def stats(self) -> ShardStats:
+        idle = self.idle()
         with self._state_lock:
             sealed = list(self._sealed)
             others: list[Segment] = [f for f, _ in self._frozen]
             if self._growing.n_objects:
                 others.append(self._growing)
             n_objects = len(self._loc)
+            # waiting: held back by deferred indexing (writes still arriving, too few tokens)
+            held = not self._index_due(self._waiting()[1], idle)
         n_tokens = {v.name: sum(s.live_tokens(v.name) for s in [*sealed, *others])
                     for v in self.spec.vectors}
         index_state = {}
-        # waiting: held back by deferred indexing (writes still arriving, too few tokens)
-        defer = self._defer_tokens()
-        held = bool(defer) and not self.idle() and sum(
-            self._segment_tokens(s) for s in sealed if self._waits_for_index(s)) < defer
         for v in self.spec.vectors:
             n_index = sum(1 for s in sealed if v.name in s.indexes)
             pending = [s for s in sealed if self._needs_index(s, v)]
@@ -574,8 +573,12 @@ class ShardEngine:
         return (v.index.kind != "flat" and v.name not in seg.indexes
                 and seg.n_tokens(v.name) >= max(1, self.settings.brute_force_max_tokens))
 
-    def _waits_for_index(self, seg: SealedSegment) -> bool:
-        return any(self._needs_index(seg, v) for v in self.spec.vectors)
+    def _waiting(self) -> tuple[list[SealedSegment], int]:
+        """The sealed segments that still need an index (oldest first) and their live tokens.
+        Caller holds ``_state_lock``."""
+        waiting = [s for s in self._sealed
+                   if any(self._needs_index(s, v) for v in self.spec.vectors)]
+        return waiting, sum(map(self._segment_tokens, waiting))
 
     def _defer_tokens(self) -> int:
         """``index_defer_tokens``, or 0 when the shard can never become idle or was searched in
@@ -602,8 +605,8 @@ class ShardEngine:
         sealed = self._sealed
         defer = self._defer_tokens()
         if defer and not idle:
-            waiting = [s for s in sealed if self._waits_for_index(s)]
-            if sum(self._segment_tokens(s) for s in waiting) >= defer:
+            waiting, waiting_tokens = self._waiting()
+            if waiting_tokens >= defer:
                 group: list[SealedSegment] = []
                 total = 0
                 for seg in waiting:
@@ -613,7 +616,8 @@ class ShardEngine:
                     group.append(seg)
                 if len(group) >= 2:
                     return group
-            sealed = [s for s in sealed if not self._waits_for_index(s)]
+            waiting_ids = {id(s) for s in waiting}
+            sealed = [s for s in sealed if id(s) not in waiting_ids]
         sizes = [self._segment_tokens(s) for s in sealed]
         chosen = set(plan_merge(sizes, st.max_segment_tokens, st.merge_factor - 0.5,
                                 st.seal_threshold_tokens, eager=idle))
@@ -632,12 +636,13 @@ class ShardEngine:
             todo = [(s, v) for s in self._sealed for v in self.spec.vectors
                     if self._needs_index(s, v)]
             if todo and self._defer_tokens():
-                # What the next compaction merges is indexed once, after the merge; while
-                # writes arrive, the waiting segments are indexed once they add up.
-                merging = {id(s) for s in self._merge_group(idle)}
-                waiting = {id(s): s for s, _ in todo}
-                due = self._index_due(sum(map(self._segment_tokens, waiting.values())), idle)
-                todo = [(s, v) for s, v in todo if due and id(s) not in merging]
+                # While writes arrive, the waiting segments are indexed once they add up; what
+                # the next compaction merges is indexed once, after the merge.
+                if self._index_due(self._waiting()[1], idle):
+                    merging = {id(s) for s in self._merge_group(idle)}
+                    todo = [(s, v) for s, v in todo if id(s) not in merging]
+                else:
+                    todo = []
         if not todo:
             return False
         seg, v = todo[0]
