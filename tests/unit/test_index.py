@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from shard.index import ScannTokenIndex, choose_params, default_leaves_to_search
+from shard.index import (
+    COARSE_SCAN_SHARE,
+    ScannTokenIndex,
+    choose_params,
+    coarse_scan_factor,
+    default_leaves_to_search,
+)
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -41,19 +49,31 @@ def test_default_leaves_to_search_schedule() -> None:
     assert values == sorted(values)  # never fewer leaves for a larger segment
 
 
-def test_larger_leaves_scan_the_same_share_of_tokens() -> None:
+def test_larger_leaves_scan_a_smaller_share_of_tokens() -> None:
     """Above 400 leaves the partition is coarser than √n, and a query token searches the share
-    of the tokens the √n partition would: 20 of 800 leaves = 10 of 400 (640k tokens)."""
-    assert choose_params(640_000).leaves_to_search == 10
-    assert choose_params(6_400_000).leaves_to_search == 18  # 36 of √n = 2,530
+    of the tokens the √n partition would, times ``coarse_scan_factor``: 20 of 800 leaves = 10 of
+    400 at √n, × 0.6 = 6 of 400 (640k tokens)."""
+    assert choose_params(640_000).leaves_to_search == 6
+    assert choose_params(6_400_000).leaves_to_search == 11  # 36 of √n = 2,530, × 1,265/2,530 × 0.6
     assert choose_params(100_000).leaves_to_search == 16  # 5 % of 316: unchanged
+    assert choose_params(160_000).leaves_to_search == 20  # √n = 400 leaves: unchanged
     for n in range(150_000, 8_000_000, 50_000):
         p = choose_params(n)
         ref = round(n ** 0.5)
         share = p.leaves_to_search / p.num_leaves
-        assert abs(share - default_leaves_to_search(ref) / ref) <= 0.5 / p.num_leaves + 1e-9, n
-    # an explicit num_leaves keeps the same share
+        expected = default_leaves_to_search(ref) / ref * coarse_scan_factor(p.num_leaves, ref)
+        assert abs(share - expected) <= 0.5 / p.num_leaves + 1e-9, n
+    # an explicit num_leaves at √n or finer keeps the √n share
     assert choose_params(640_000, {"num_leaves": 1_600}).leaves_to_search == 40
+
+
+def test_coarse_scan_factor_is_continuous() -> None:
+    assert coarse_scan_factor(400, 400) == 1.0 and coarse_scan_factor(800, 400) == 1.0
+    assert coarse_scan_factor(400, 800) == pytest.approx(COARSE_SCAN_SHARE)
+    assert coarse_scan_factor(1_265, 3_000) == pytest.approx(COARSE_SCAN_SHARE)
+    values = [coarse_scan_factor(400, ref) for ref in range(400, 900)]
+    assert values == sorted(values, reverse=True)  # falls with the leaf size, never jumps
+    assert max(a - b for a, b in itertools.pairwise(values)) < 0.01
 
 
 def test_finds_near_duplicates() -> None:
