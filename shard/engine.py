@@ -42,7 +42,7 @@ one token index (a shard-wide k' threshold), the others scored exactly; exact Ma
 (shard.maxsim) on the candidates; per-segment top k merged here (score desc, uuid asc). A
 ``muvera`` vector's sealed segments carry per-document FDEs instead of a token index: the
 shard-wide top ``candidates`` eligible documents by FDE score become the allow-lists of those
-segments (shard.muvera.fde_allow_lists), which search_segments then scores exactly.
+segments (shard.search.fde_allow_lists), which search_segments then scores exactly.
 
 Recovery: load the manifest's segments and tombstones, then replay every WAL generation from the
 manifest's one. Replay is last-writer-wins per uuid, so it is correct even when the persisted
@@ -91,8 +91,8 @@ from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_
 from shard.index import ScannTokenIndex
 from shard.keyword import KeywordIndex, searchable_fields
 from shard.maxsim import maxsim_explain
-from shard.muvera import MuveraIndex, candidates_option, fde_allow_lists
-from shard.search import EXACT_FILTER_MAX_OBJECTS, scaled_candidates, search_segments
+from shard.muvera import MuveraIndex, candidates_option
+from shard.search import fde_allow_lists, scaled_candidates, search_segments
 from shard.segment import (
     Bools,
     GrowingSegment,
@@ -373,8 +373,7 @@ class ShardEngine:
             else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
         if vspec.index.kind == "muvera":  # FDE candidates, re-scored exactly below
             allowed = fde_allow_lists(views, vspec.name, query, req.k, allowed,
-                                      candidates_option(vspec.index.options),
-                                      EXACT_FILTER_MAX_OBJECTS)
+                                      candidates_option(vspec.index.options))
         found: list[tuple[float, str, Segment, int]] = []
         n_candidates = 0
         for hits in search_segments(views, vspec.name, query, req.k, allowed=allowed,

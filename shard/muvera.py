@@ -32,9 +32,10 @@ patterns, memory-mapped on load): 2 bytes per dimension like float16, but wideni
 is an integer shift (``fde_scores``), ~25× faster in numpy than the float16 cast, and its 8
 mantissa bits lose no measurable recall against float32 for ranking candidates.
 
-Search (``fde_allow_lists``, called by the engine): the query's FDE against every eligible
-document's FDE of every FDE-indexed segment, the shard-wide top ``max(candidates, 4·k)`` become
-those segments' allow-lists for shard.search, which re-scores them with exact MaxSim.
+Search (``shard.search.fde_allow_lists``, called by the engine; ``top_candidates`` here): the
+query's FDE against every eligible document's FDE of every FDE-indexed segment, the shard-wide
+top ``max(candidates, 4·k)`` become those segments' allow-lists for shard.search, which
+re-scores them with exact MaxSim.
 
 Index options (``index.options`` of a ``muvera`` vector; defaults and ranges in
 cluster.spec.MUVERA_DEFAULTS / MUVERA_RANGES, checked when a collection is created):
@@ -52,15 +53,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cluster.spec import MUVERA_DEFAULTS
-
-if TYPE_CHECKING:  # shard.segment imports this module
-    from shard.segment import SegmentView
 
 U16 = npt.NDArray[np.uint16]  # bfloat16 bit patterns
 F32 = npt.NDArray[np.float32]
@@ -412,40 +410,4 @@ def top_candidates(query: F32, segments: Sequence[FdeSegment], n: int) -> list[I
     for rows, _ in per_seg:
         out.append(rows[keep[at : at + len(rows)]])
         at += len(rows)
-    return out
-
-
-def fde_allow_lists(views: Sequence[SegmentView], vector: str, query: F32, k: int,
-                    allowed: Sequence[Bools | None], candidates: int,
-                    exact_max_objects: int) -> list[Bools | None]:
-    """Allow-lists for ``shard.search.search_segments`` on a muvera vector.
-
-    Every segment with FDEs is restricted to its share of the shard-wide top
-    ``max(candidates, 4·k)`` eligible documents by FDE score (tombstones, documents without
-    this vector and the filter's allow-list excluded), which search_segments then re-scores
-    with exact MaxSim. A filtered segment with at most ``exact_max_objects`` allowed objects,
-    and every segment without FDEs (growing, small, not yet indexed), keeps its allow-list:
-    scored exactly, as on the token-index path."""
-    out = list(allowed)
-    segs: list[FdeSegment] = []
-    where: list[int] = []
-    for i, (view, allow) in enumerate(zip(views, allowed, strict=True)):
-        vec = view.vectors.get(vector)
-        if vec is None or vec.fde is None or view.n_objects == 0:
-            continue
-        assert vec.fde.n_docs == view.n_objects, "FDE rows do not match the segment"
-        eligible = ~view.deleted & (np.diff(vec.offsets) > 0)
-        if allow is not None:
-            eligible &= allow
-            if int(np.count_nonzero(eligible)) <= exact_max_objects:
-                continue
-        segs.append(FdeSegment(vec.fde, eligible))
-        where.append(i)
-    if not segs:
-        return out
-    chosen = top_candidates(query, segs, max(1, candidates, 4 * k))
-    for i, rows in zip(where, chosen, strict=True):
-        mask = np.zeros(views[i].n_objects, dtype=np.bool_)
-        mask[rows] = True
-        out[i] = mask
     return out

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shard.maxsim import gather_many, maxsim_flat, top_k_order
+from shard.muvera import FdeSegment, top_candidates
 from shard.segment import SegmentView, VectorView
 
 F32 = npt.NDArray[np.float32]
@@ -88,6 +89,62 @@ def scaled_candidates(k_prime: int, rerank_docs: int, n_tokens: int, n_docs: int
 
 
 @dataclass(frozen=True)
+class Eligibility:
+    """Which objects of one segment a search on one vector may return."""
+
+    vec: VectorView
+    eligible: Bools  # not tombstoned, has tokens for the vector, allowed by the filter
+    n_eligible: int
+    n_with_rows: int  # objects with tokens for the vector (tombstoned or not)
+    exact_by_filter: bool  # a filter leaves so few objects that scoring them all is cheaper
+
+
+def eligibility(view: SegmentView, vector: str, allow: Bools | None) -> Eligibility | None:
+    """The eligibility rule every candidate generator shares (token index and MUVERA); None
+    when the segment has no objects or no rows for ``vector``."""
+    vec = view.vectors.get(vector)
+    if vec is None or view.n_objects == 0:
+        return None
+    has_rows = np.diff(vec.offsets) > 0
+    eligible = ~view.deleted & has_rows
+    if allow is not None:
+        eligible &= allow
+    n_eligible = int(np.count_nonzero(eligible))
+    return Eligibility(vec, eligible, n_eligible, int(np.count_nonzero(has_rows)),
+                       allow is not None and n_eligible <= EXACT_FILTER_MAX_OBJECTS)
+
+
+def fde_allow_lists(views: Sequence[SegmentView], vector: str, query: F32, k: int,
+                    allowed: Sequence[Bools | None], candidates: int) -> list[Bools | None]:
+    """Allow-lists for ``search_segments`` on a muvera vector (``index.kind == "muvera"``).
+
+    Every segment with FDEs is restricted to its share of the shard-wide top
+    ``max(candidates, 4·k)`` eligible documents by FDE score (``eligibility``), which
+    search_segments then re-scores with exact MaxSim. A filtered segment with at most
+    ``EXACT_FILTER_MAX_OBJECTS`` allowed objects, and every segment without FDEs (growing,
+    small, not yet indexed), keeps its allow-list: scored exactly, as on the token-index
+    path."""
+    out = list(allowed)
+    segs: list[FdeSegment] = []
+    where: list[int] = []
+    for i, (view, allow) in enumerate(zip(views, allowed, strict=True)):
+        el = eligibility(view, vector, allow)
+        if el is None or el.vec.fde is None or el.exact_by_filter:
+            continue
+        assert el.vec.fde.n_docs == view.n_objects, "FDE rows do not match the segment"
+        segs.append(FdeSegment(el.vec.fde, el.eligible))
+        where.append(i)
+    if not segs:
+        return out
+    chosen = top_candidates(query, segs, max(1, candidates, 4 * k))
+    for i, rows in zip(where, chosen, strict=True):
+        mask = np.zeros(views[i].n_objects, dtype=np.bool_)
+        mask[rows] = True
+        out[i] = mask
+    return out
+
+
+@dataclass(frozen=True)
 class SegmentHits:
     view: SegmentView
     rows: I64  # best first
@@ -125,20 +182,12 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
         return []
     plans = []
     for view, allow in zip(views, allowed, strict=True):
-        vec = view.vectors.get(vector)
-        if vec is None or view.n_objects == 0:
+        el = eligibility(view, vector, allow)
+        if el is None or el.n_eligible == 0:
             continue
-        has_rows = np.diff(vec.offsets) > 0
-        eligible = ~view.deleted & has_rows
-        if allow is not None:
-            eligible &= allow
-        n_eligible = int(np.count_nonzero(eligible))
-        if n_eligible == 0:
-            continue
-        use_index = vec.index is not None and vec.tok2doc is not None and not (
-            allow is not None and n_eligible <= EXACT_FILTER_MAX_OBJECTS)
-        plans.append(_Plan(view, vec, eligible, n_eligible, int(np.count_nonzero(has_rows)),
-                           use_index))
+        use_index = (el.vec.index is not None and el.vec.tok2doc is not None
+                     and not el.exact_by_filter)
+        plans.append(_Plan(view, el.vec, el.eligible, el.n_eligible, el.n_with_rows, use_index))
     candidates = _ann_candidates([p for p in plans if p.use_index], query, k, k_prime,
                                  rerank_docs)
     chosen = []

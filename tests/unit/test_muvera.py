@@ -321,9 +321,9 @@ def test_filters_and_deletes_are_respected(corpus: tuple[Path, list[Any]], tmp_p
     rare = {uid(i): d for i, d in enumerate(docs) if i % 100 == 17 and i not in deleted}
     assert [h.uuid for h in res.hits] == [u for u, _ in exact_top(q, rare, 10)]
     assert res.n_candidates == 30
-    # Below, filters go through the FDEs (in the engine and in search_segments).
+    # Below, filters go through the FDEs (one eligibility rule for fde_allow_lists and
+    # search_segments).
     monkeypatch.setattr(search_mod, "EXACT_FILTER_MAX_OBJECTS", 10)
-    monkeypatch.setattr("shard.engine.EXACT_FILTER_MAX_OBJECTS", 10)
     res = engine.search(VectorSearch("v", q, 10, filter=Rare()))
     assert len(res.hits) == 10 and res.n_candidates == 30  # fewer eligible than candidates
     assert [h.uuid for h in res.hits] == [u for u, _ in exact_top(q, rare, 10)]
