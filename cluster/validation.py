@@ -189,6 +189,10 @@ def prepare_batch(
                                        {"vector": vec.name})
                 if matrix is not None and vec.metric == "cosine":
                     matrix = l2_normalize(matrix)
+                if matrix is not None and vec.dtype == "float16" and _beyond_float16(matrix):
+                    raise InvalidInput(
+                        f"vector {vec.name!r} stores float16: values must lie within ±65504",
+                        {"vector": vec.name})
                 columns[vec.name].append(matrix)
             uuids.append(oid)
         except InvalidInput as exc:
@@ -201,6 +205,15 @@ def prepare_batch(
         tuple(props),
         {v.name: VectorColumn.from_matrices(columns[v.name], v.dim) for v in spec.vectors},
     )
+
+
+# The smallest magnitude float16 rounds to infinity (its largest finite value is 65504).
+FLOAT16_OVERFLOW = 65520.0
+
+
+def _beyond_float16(values: F32) -> bool:
+    """Whether some value would be stored as ±Inf by a float16 vector."""
+    return values.size > 0 and float(np.abs(values).max()) >= FLOAT16_OVERFLOW
 
 
 class _Fallback(Exception):
@@ -260,6 +273,8 @@ def _prepare_columnar(spec: CollectionSpec, batch: ColumnarInput) -> ObjectBatch
             norms[norms == 0] = 1.0
             values = values / norms
         elif not np.isfinite(values).all():
+            raise _Fallback
+        if vec.dtype == "float16" and _beyond_float16(values):
             raise _Fallback
         columns[vec.name] = VectorColumn(np.ascontiguousarray(values, dtype=np.float32), offsets)
     return ObjectBatch(tuple(uuids), tuple(props), columns)

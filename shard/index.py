@@ -45,6 +45,8 @@ import numpy as np
 import numpy.typing as npt
 import scann
 
+from shard.maxsim import widen
+
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
@@ -144,7 +146,7 @@ class ScannTokenIndex:
     @classmethod
     def build(cls, tokens: npt.NDArray[np.floating], k_default: int,
               options: Mapping[str, Any] | None = None) -> ScannTokenIndex:
-        db = np.ascontiguousarray(tokens, dtype=np.float32)
+        db = np.ascontiguousarray(widen(tokens))
         n = int(db.shape[0])
         assert n > 0, "cannot index an empty segment"
         params = choose_params(n, options, dim=int(db.shape[1]))

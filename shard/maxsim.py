@@ -27,6 +27,34 @@ Tokens = npt.NDArray[np.float32] | npt.NDArray[np.float16]
 BLOCK_SIMS = 131_072
 
 
+# float16 → float32 by bit arithmetic (``widen``): after a shift by 13, the sign-extended int16
+# holds the sign in bit 31 (bits 28-30 are copies of it: masked off) and the exponent and
+# mantissa in bits 13-27; multiplying by 2^112 moves the exponent bias from 15 to 127, which
+# also turns float16 subnormals into the right float32 normals.
+_F16_BITS_MASK = np.uint32(0x8FFFE000).view(np.int32)
+_F16_REBIAS = np.float32(2.0**112)
+
+
+def widen(tokens: npt.NDArray[np.floating]) -> F32:
+    """``tokens`` as float32: itself when it already is, the same values otherwise.
+
+    float16 (a vector's storage ``dtype``) is widened with four in-place integer/float passes,
+    ~8× faster than numpy's float16 cast on this machine kind (0.28 vs 2.2 ms for the 1.34M
+    values of 300 re-scored documents). Exact for every finite float16, including subnormals
+    and -0.0; Inf/NaN are never stored (ingest rejects them, and values beyond float16's range
+    for a float16 vector)."""
+    if tokens.dtype == np.float32:
+        return cast(F32, tokens)
+    if tokens.dtype != np.float16:
+        return tokens.astype(np.float32)
+    bits = np.ascontiguousarray(tokens).view(np.int16).astype(np.int32)
+    np.left_shift(bits, 13, out=bits)
+    np.bitwise_and(bits, _F16_BITS_MASK, out=bits)
+    out = bits.view(np.float32)
+    out *= _F16_REBIAS
+    return cast(F32, out)
+
+
 def maxsim_reference(query: F32, docs: Sequence[npt.NDArray[np.floating]]) -> F64:
     """Straightforward per-document loop; the tests' ground truth."""
     out = np.full(len(docs), -np.inf, dtype=np.float64)
@@ -113,9 +141,7 @@ def _score_block(query: F32, tokens: Tokens, offsets: I64, out: F64) -> None:
     lo, hi = int(offsets[0]), int(offsets[-1])
     if hi == lo:
         return
-    block = tokens[lo:hi]
-    if block.dtype != np.float32:
-        block = block.astype(np.float32)
+    block = widen(tokens[lo:hi])
     # (rows, n_query): measured ~25 % faster single-threaded than query @ block.T with the
     # reduction along contiguous rows, once the block fits L2 (BLOCK_SIMS).
     sims = block @ query.T

@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cluster.spec import MUVERA_DEFAULTS
+from shard.maxsim import widen
 
 U16 = npt.NDArray[np.uint16]  # bfloat16 bit patterns
 F32 = npt.NDArray[np.float32]
@@ -164,7 +165,7 @@ class FdeEncoder:
         """Per repetition: SimHash codes (R, n) and the projected tokens (n, proj_dim) (the
         tokens themselves, shared, without a projection)."""
         p = self.params
-        x = np.ascontiguousarray(tokens, dtype=np.float32)
+        x = np.ascontiguousarray(widen(tokens))
         n = x.shape[0]
         both = x @ self._combined  # (n, R·k_sim [+ R·d_proj])
         n_bits = p.repetitions * p.k_sim

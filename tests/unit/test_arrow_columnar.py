@@ -25,8 +25,8 @@ from shard.wal import WriteAheadLog, encode_upsert, encode_upsert_parts
 DIM = 8
 
 
-def spec(metric: str = "cosine", single: bool = False) -> CollectionSpec:
-    vectors = [{"name": "mv", "kind": "multi", "dim": DIM, "metric": metric}]
+def spec(metric: str = "cosine", single: bool = False, dtype: str = "float32") -> CollectionSpec:
+    vectors = [{"name": "mv", "kind": "multi", "dim": DIM, "metric": metric, "dtype": dtype}]
     if single:
         vectors.append({"name": "sv", "kind": "single", "dim": DIM, "metric": metric})
     return CollectionSpec.from_dict({
@@ -134,6 +134,23 @@ def test_same_error(case: str) -> None:
                 prepare_batch(spec(), decoded)
         errors.append((info.value.message, dict(info.value.details)))
     assert errors[0] == errors[1]
+
+
+def test_float16_range_same_error_and_same_batch() -> None:
+    """A float16 dot vector must fit float16 (a value ≥ 65520 would be stored as Inf): the
+    columnar path and the per-object path reject the same object; 65504 is kept."""
+    f16 = spec("dot", dtype="float16")
+    too_big = {"vectors.mv": multi([[[0.5] * DIM]] * 4 + [[[7e4] + [0.0] * 7]] * 2)}
+    fast, slow = both(f16, table(**too_big))
+    assert fast == slow
+    assert fast[0] is InvalidInput and "float16" in fast[1] and fast[2]["index"] == 4
+    fits = {"vectors.mv": multi([[[65504.0] + [-65504.0] * 7]] * 6)}
+    fast, slow = both(f16, table(**fits))
+    assert fast.vectors["mv"].values.tobytes() == slow.vectors["mv"].values.tobytes()
+    # the same values are fine for a float32 vector, and cosine rows are unit length anyway
+    for ok in (spec("dot"), spec("cosine", dtype="float16")):
+        fast, slow = both(ok, table(**too_big))
+        assert fast.vectors["mv"].values.tobytes() == slow.vectors["mv"].values.tobytes()
 
 
 def test_limits_name_the_same_object() -> None:

@@ -11,6 +11,7 @@ from shard.maxsim import (
     maxsim_flat,
     maxsim_reference,
     top_k_order,
+    widen,
 )
 
 
@@ -59,6 +60,20 @@ def test_float16_tokens_are_scored_as_float32() -> None:
     got = maxsim_flat(query, tokens.astype(np.float16), offsets)
     want = maxsim_reference(query, docs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_widen_equals_numpys_float16_cast_for_every_finite_value() -> None:
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = values[np.isfinite(values)].reshape(-1, 8)  # subnormals, ±0 and ±65504 included
+    got = widen(finite)
+    assert got.dtype == np.float32 and got.shape == finite.shape
+    assert np.array_equal(got.view(np.uint32), finite.astype(np.float32).view(np.uint32))
+    strided = finite[::3, 1::2]  # not contiguous: copied first
+    assert np.array_equal(widen(strided).view(np.uint32),
+                          strided.astype(np.float32).view(np.uint32))
+    f32 = np.ones((2, 3), dtype=np.float32)
+    assert widen(f32) is f32
+    assert widen(np.ones((2, 3))).dtype == np.float32
 
 
 def test_gather_picks_the_right_rows() -> None:

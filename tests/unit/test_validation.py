@@ -84,3 +84,15 @@ def test_query_vector_validation() -> None:
         prepare_query_vector(SPEC, None, np.ones((3, 4)))
     with pytest.raises(InvalidInput):
         prepare_query_vector(SPEC, "mv", np.ones((3, 2)))
+
+
+def test_float16_vectors_must_fit_float16() -> None:
+    spec = CollectionSpec.from_dict({"name": "H", "vectors": [
+        {"name": "mv", "kind": "multi", "dim": 4, "metric": "dot", "dtype": "float16"}]})
+    kept = prepare_batch(spec, [ObjectInput(None, {}, {"mv": np.full((2, 4), -65504.0)})])
+    assert kept.vectors["mv"].values.min() == -65504.0  # float16's largest finite magnitude
+    with pytest.raises(InvalidInput, match="float16") as info:
+        prepare_batch(spec, [ObjectInput(None, {}, {"mv": np.ones((2, 4))}),
+                             ObjectInput(None, {}, {"mv": [[1.0, 2.0, 3.0, 65520.0]]})])
+    assert info.value.details == {"vector": "mv", "index": 1}
+
