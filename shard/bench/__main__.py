@@ -75,6 +75,9 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
     p.add_argument("--engine-shards", type=int, default=1,
                    help="in-process shards for the engine run, routed and merged like the "
                         "coordinator (use 2 with --http for a like-for-like overhead)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of the bench vector, engine and HTTP (default float32; "
+                        "float16 halves the tokens on disk)")
     p.add_argument("--engine-seal", choices=("interleaved", "end"), default="interleaved",
                    help="run engine maintenance after every import batch (like its background "
                         "thread; default) or only at the end (one big segment)")
@@ -163,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         skip_engine=args.skip_engine, threads=args.threads, isolate=not args.no_isolate,
         max_bruteforce_queries=args.bruteforce_queries, repeat=max(1, args.repeat),
         engine_settings=parse_settings(args.engine_setting), engine_seal=args.engine_seal,
-        engine_shards=max(1, args.engine_shards),
+        engine_shards=max(1, args.engine_shards), dtype=args.dtype,
         engine_kprime_sweep=parse_kprime_sweep(args.engine_kprime),
         engine_indexes=indexes,
         engine_index_options=parse_index_options(args.engine_index_option),

@@ -86,6 +86,7 @@ class BenchConfig:
     # import (one big growing segment is sealed and indexed at once).
     engine_seal: str = "interleaved"
     engine_shards: int = 1  # in-process shards (2 = the HTTP collection's layout)
+    dtype: str = "float32"  # the bench vector's storage dtype (engine and HTTP collections)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
     # extra (candidates_per_token, rerank_docs or None = the engine's) settings (reopen)
     engine_kprime_sweep: tuple[tuple[int, int | None], ...] = ()
@@ -515,9 +516,10 @@ class ShardedEngine:
             self._pool.shutdown()
 
 
-def collection_dict(dim: int, shard_count: int,
-                    index: dict[str, Any] | None = None) -> dict[str, Any]:
-    vector: dict[str, Any] = {"name": "v", "kind": "multi", "dim": dim, "metric": "dot"}
+def collection_dict(dim: int, shard_count: int, index: dict[str, Any] | None = None,
+                    dtype: str = "float32") -> dict[str, Any]:
+    vector: dict[str, Any] = {"name": "v", "kind": "multi", "dim": dim, "metric": "dot",
+                              "dtype": dtype}
     if index is not None:
         vector["index"] = index
     return {"name": "Bench", "properties": [], "vectors": [vector], "shard_count": shard_count}
@@ -555,12 +557,15 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
     if engine_cls is None:
         return [{"pipeline": name, "family": family, "skipped": why}]
     index = engine_index(cfg, index_kind)
-    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, cfg.engine_shards, index))
+    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, cfg.engine_shards, index,
+                                                    cfg.dtype))
     settings = ShardSettings(**cfg.engine_settings)
     name += f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else ""
+    name += f" {cfg.dtype}" if cfg.dtype != "float32" else ""
     record: dict[str, Any] = {"pipeline": name, "family": family,
                               "params": {**asdict(settings), "shards": cfg.engine_shards,
-                                         "index": spec.vectors[0].index.to_dict()},
+                                         "index": spec.vectors[0].index.to_dict(),
+                                         "dtype": cfg.dtype},
                               "notes": []}
     if index_kind == "muvera":
         from cluster.spec import MUVERA_DEFAULTS
@@ -642,7 +647,8 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
         records = [record]
         for c in cfg.engine_candidates_sweep if index_kind == "muvera" else ():
             spec_c = CollectionSpec.from_dict(collection_dict(
-                dataset.dim, cfg.engine_shards, engine_index(cfg, index_kind, candidates=c)))
+                dataset.dim, cfg.engine_shards, engine_index(cfg, index_kind, candidates=c),
+                cfg.dtype))
             engine = ShardedEngine(engine_cls, spec_c, data_dir, settings)
             res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
                           warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
@@ -789,9 +795,9 @@ class HttpSearcher:
                                      list(tokens) if tokens is not None else None))
         return hits
 
-    def create(self, dim: int, shard_count: int = 2) -> None:
+    def create(self, dim: int, shard_count: int = 2, dtype: str = "float32") -> None:
         _check(self._client().post(f"{self.base_url}/v1/collections",
-                                   json=collection_dict(dim, shard_count)))
+                                   json=collection_dict(dim, shard_count, dtype=dtype)))
 
     def import_dataset(self, dataset: Dataset, batch_docs: int) -> tuple[float, int]:
         """JSON import; returns (seconds spent in requests, failed objects)."""
@@ -942,7 +948,7 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
             time.sleep(0.5)
         record["startup_s"] = time.perf_counter() - t0
         searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
-        searcher.create(dataset.dim, 2)
+        searcher.create(dataset.dim, 2, cfg.dtype)
         if cfg.http_import == "arrow":
             spent, failed = searcher.import_arrow(dataset, cfg.http_arrow_batch,
                                                   cfg.http_arrow_in_flight)

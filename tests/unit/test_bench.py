@@ -458,3 +458,23 @@ def test_kprime_sweep_parses_optional_rerank() -> None:
     assert parse_kprime_sweep("") == ()
     with pytest.raises(SystemExit):
         parse_kprime_sweep("384/x")
+
+
+def test_float16_engine_run_stores_half_the_bytes(cache: Path) -> None:
+    """`--dtype float16`: the engine's collection stores float16 tokens (half the disk of a
+    float32 run over the same data) and still finds the exact top 10 of this small set."""
+    from shard.bench.__main__ import build_parser, config_from_args
+    from shard.bench.harness import _job_engine
+
+    assert config_from_args(build_parser().parse_args(["--dtype", "float16"])).dtype == "float16"
+    ds = _small(cache, n_docs=400, n_queries=6)
+    truth = ground_truth(ds)
+    records = {}
+    for dtype in ("float32", "float16"):
+        cfg = BenchConfig(n_queries=ds.n_queries, warmup=0, dtype=dtype, isolate=False)
+        [records[dtype], *_] = _job_engine(ds, truth, cfg)
+    f16, f32 = records["float16"], records["float32"]
+    assert "skipped" not in f16 and f16["pipeline"] == "colshard-engine float16"
+    assert f16["params"]["dtype"] == "float16" and f32["params"]["dtype"] == "float32"
+    assert f16["recall_at_10"] == f32["recall_at_10"] == 1.0  # scored exactly at this size
+    assert f16["disk_bytes_per_token"] < 0.7 * f32["disk_bytes_per_token"]
