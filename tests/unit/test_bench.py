@@ -248,7 +248,7 @@ def test_http_searcher_wire_shapes(cache: Path) -> None:
                                 fake)))
     searcher.create(ds.dim, 2)
     assert fake.collections[0]["vectors"][0] == {"name": "v", "kind": "multi", "dim": 128,
-                                                 "metric": "dot"}
+                                                 "metric": "dot", "dtype": "float32"}
     spent, failed = searcher.import_dataset(ds, batch_docs=50)
     assert failed == 0 and len(fake.docs) == ds.n_docs and spent > 0
     res = measure(searcher, ds, truth, list(range(ds.n_queries)), warmup=0, concurrency=2)
