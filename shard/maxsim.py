@@ -69,14 +69,10 @@ def maxsim_reference(query: F32, docs: Sequence[npt.NDArray[np.floating]]) -> F6
 
 def gather(tokens: Tokens, offsets: I64, docs: I64) -> tuple[Tokens, I64]:
     """Rows of ``docs`` (indices into ``offsets``) as one flat matrix plus new offsets."""
-    starts = offsets[docs]
-    lengths = offsets[docs + 1] - starts
+    rows, lengths = gather_many([(tokens, offsets, docs)], tokens.shape[1], tokens.dtype)
     new_offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
-    total = int(new_offsets[-1])
-    idx = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(total, dtype=np.int64)
-    rows = np.take(tokens, idx, axis=0)  # np.take: ~2× faster than tokens[idx]
-    return cast(Tokens, rows), new_offsets
+    return rows, new_offsets
 
 
 def gather_into(tokens: Tokens, offsets: I64, docs: I64, out: Tokens) -> None:
@@ -85,7 +81,8 @@ def gather_into(tokens: Tokens, offsets: I64, docs: I64, out: Tokens) -> None:
     lengths = offsets[docs + 1] - starts
     ends = np.cumsum(lengths)
     idx = np.repeat(starts - (ends - lengths), lengths) + np.arange(len(out), dtype=np.int64)
-    np.take(tokens, idx, axis=0, out=out, mode="clip")  # "raise" would buffer the output
+    # np.take: ~2× faster than tokens[idx]; mode "raise" would buffer the output
+    np.take(tokens, idx, axis=0, out=out, mode="clip")
 
 
 def gather_many(parts: Sequence[tuple[Tokens, I64, I64]], dim: int,
