@@ -4,6 +4,11 @@ One coordinator per colshard cluster, named ``colshard:coordinator`` in the clus
 namespace, detached, so every gateway (``colshard serve`` or ``colshard gateway``) finds it by
 name. Its methods are the coordinator's verbs; errors cross back to gateways as colshard errors.
 
+It can also host a server in its own event loop (``host``): ``colshard serve`` runs the HTTP
+gateway this way, so a request costs no Ray call between gateway and coordinator. The server
+object comes from the composition root (``gateway.server.EmbeddedGateway``); this module only
+knows the ``HostedServer`` protocol.
+
 It also runs the membership monitor (``coordinator.membership``): a node agent on every Ray
 node holds the node's ``members/<node_id>`` lease in etcd, and shards whose node left are shown
 ``unavailable`` in ``cluster_info`` and make ``readiness`` report not ready.
@@ -12,12 +17,14 @@ node holds the node's ``members/<node_id>`` lease in etcd, and shards whose node
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from cluster.errors import DeadlineExceeded, InternalError
 from cluster.etcd_store import EtcdStore
 from cluster.query import QueryRequest, QueryResult
 from cluster.settings import Settings
@@ -35,6 +42,19 @@ def ray_namespace(cluster_name: str) -> str:
     return f"colshard-{cluster_name}"
 
 
+class HostedServer(Protocol):
+    """A server the coordinator runs in its event loop. ``run(target, started)`` serves
+    ``target`` (the actor itself) until ``stop()``, and sets ``started`` once it accepts
+    connections; an error before that (e.g. its port is taken) is raised by ``run``."""
+
+    async def run(self, target: Any, started: asyncio.Event) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+HOST_START_TIMEOUT_S = 60.0
+
+
 class CoordinatorActor:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -43,6 +63,7 @@ class CoordinatorActor:
         self._membership: MembershipMonitor | None = None
         self._start_lock = asyncio.Lock()
         self._metrics = CoordinatorMetrics()
+        self._hosted: tuple[str, HostedServer, asyncio.Task[None]] | None = None
 
     async def _core(self) -> Coordinator:
         if self._coordinator is not None:
@@ -80,6 +101,58 @@ class CoordinatorActor:
     async def start(self) -> bool:
         await self._core()
         return True
+
+    async def whereabouts(self) -> dict[str, Any]:
+        """This actor's node id, host name and pid."""
+        return self._whereabouts()
+
+    async def host(self, server: HostedServer, owner: str) -> dict[str, Any]:
+        """Run ``server`` in this actor's event loop, replacing (and draining) the one hosted
+        before; returns where it runs once it accepts connections. ``owner`` names who asked
+        (``hosting`` reports it; ``unhost(owner)`` stops only its own). A server that fails to
+        start raises its error here."""
+        await self._core()  # serve only once the coordinator can answer
+        await self._stop_hosted()
+        started = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(server.run(self, started))
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({task, waiter}, timeout=HOST_START_TIMEOUT_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not started.is_set():
+            waiter.cancel()
+            if task.done():
+                task.result()  # its error: the port is taken, a bad certificate, ...
+                raise InternalError("the hosted server ended before it started")
+            server.stop()
+            task.cancel()
+            raise DeadlineExceeded(f"the hosted server did not start in "
+                                   f"{HOST_START_TIMEOUT_S:.0f} s")
+        self._hosted = (owner, server, task)
+        return {**self._whereabouts(), "owner": owner}
+
+    async def unhost(self, owner: str | None = None) -> bool:
+        """Stop the hosted server and wait until it has drained (only if ``owner`` hosted it,
+        when given). False when there was nothing of theirs to stop."""
+        if self._hosted is None or (owner is not None and self._hosted[0] != owner):
+            return False
+        await self._stop_hosted()
+        return True
+
+    async def hosting(self) -> str | None:
+        """The owner of the running hosted server; None when none runs (none was hosted since
+        this actor started, it was stopped, or it failed)."""
+        if self._hosted is None or self._hosted[2].done():
+            return None
+        return self._hosted[0]
+
+    async def _stop_hosted(self) -> None:
+        if self._hosted is None:
+            return
+        _, server, task = self._hosted
+        self._hosted = None
+        server.stop()
+        with contextlib.suppress(Exception):  # its failure was the caller's to see earlier
+            await task
 
     async def create_collection(self, raw: Mapping[str, Any]) -> CollectionSpec:
         return await (await self._core()).create_collection(raw)

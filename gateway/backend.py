@@ -1,7 +1,8 @@
 """How the gateway reaches the coordinator: one ``call(method, *args)`` seam.
 
 ``RayBackend`` calls the named ``CoordinatorActor`` (all of the gateway's Ray calls live here);
-``LocalBackend`` calls an in-process object with the same async methods (tests, embedding).
+``LocalBackend`` calls an in-process object with the same async methods (unit tests, and the
+gateway embedded in the coordinator actor, ``gateway.server.EmbeddedGateway``).
 Errors come back as colshard errors whatever the transport.
 """
 
@@ -21,11 +22,22 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    def __init__(self, target: Any) -> None:
+    """Calls ``target``'s async methods directly. With ``detach`` a call the gateway stops
+    waiting for (its timeout, or the request task cancelled) runs on to its end, as a call
+    across Ray would: the embedded gateway must not cancel the coordinator's work halfway."""
+
+    def __init__(self, target: Any, *, detach: bool = False) -> None:
         self._target = target
+        self._detach = detach
 
     async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        return await asyncio.wait_for(getattr(self._target, method)(*args), timeout_s)
+        work = getattr(self._target, method)(*args)
+        if self._detach:
+            work = asyncio.shield(work)
+        try:
+            return await asyncio.wait_for(work, timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"coordinator did not answer {method} in time") from exc
 
 
 class RayBackend:

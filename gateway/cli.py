@@ -1,9 +1,11 @@
 """The ``colshard`` command line. ``serve`` is the composition root: it starts (or joins) etcd
 and Ray, creates the coordinator actor, and serves the HTTP gateway until Ctrl-C, then stops
-everything it started.
+everything it started. The gateway runs inside the coordinator actor when that actor is on this
+node (no Ray call per request), else (or with ``--separate-gateway``) in this process.
 
     colshard serve    [--data-dir D] [--host H] [--port P] [--etcd HOSTS] [--ray-address A]
                       [--api-keys-file F] [--ssl-certfile C --ssl-keyfile K] [limit flags]
+                      [--separate-gateway]
     colshard gateway  --etcd HOSTS --ray-address A [--host H] [--port P] [same flags as serve]
     colshard load     [--url URL] [--duration-s S] [--clients N] [--json]
     colshard status   [--url URL] [--json]
@@ -19,7 +21,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -183,16 +188,14 @@ def get_or_create_coordinator(settings: Settings) -> Any:
 def gateway_config(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
                    ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
                    log_level: str = "info") -> Any:
-    """The uvicorn config of a gateway (TLS when both ssl files are given)."""
-    import uvicorn
-
-    from gateway.app import create_app
+    """The uvicorn config of a gateway process that reaches the coordinator over Ray (TLS when
+    both ssl files are given)."""
     from gateway.backend import RayBackend
+    from gateway.server import uvicorn_config
 
-    app = create_app(RayBackend(handle, settings.query_timeout_s), settings, api_keys)
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                          timeout_graceful_shutdown=10, ssl_certfile=ssl_certfile,
-                          ssl_keyfile=ssl_keyfile)
+    return uvicorn_config(RayBackend(handle, settings.query_timeout_s), settings,
+                          api_keys=api_keys, ssl_certfile=ssl_certfile,
+                          ssl_keyfile=ssl_keyfile, log_level=log_level)
 
 
 def run_gateway(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
@@ -204,6 +207,62 @@ def run_gateway(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = ()
     signal.signal(signal.SIGTERM, _interrupt)
     uvicorn.Server(gateway_config(settings, handle, api_keys=api_keys,
                                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)).run()
+
+
+def coordinator_is_local(handle: Any) -> bool:
+    """Whether the coordinator actor runs on this process's Ray node (it can then serve the
+    HTTP port this process was asked to serve)."""
+    import ray
+
+    where = ray.get(handle.whereabouts.remote(), timeout=60)
+    return bool(where["node_id"] == ray.get_runtime_context().get_node_id())
+
+
+def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0) -> None:
+    """Have the coordinator actor serve ``gateway`` in its event loop until Ctrl-C / SIGTERM,
+    then drain it. Keeps it hosted: Ray restarts a crashed coordinator, and its server with it
+    is gone, so it is hosted again (``keep_hosted``)."""
+    import ray
+
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    try:
+        where = ray.get(handle.host.remote(gateway, owner), timeout=120)
+    except ray.exceptions.RayTaskError as exc:  # e.g. the port is taken: say so, exit 1
+        raise SystemExit(f"colshard: {exc.cause}") from None
+    log.info("gateway %s runs inside the coordinator actor (pid %s)", gateway.address,
+             where["pid"])
+    # ray.init() installed its own SIGTERM handler (sys.exit(15)): SIGTERM ends like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        keep_hosted(handle, gateway, owner, poll_s)
+    finally:
+        try:  # drain: requests in flight finish (up to 10 s), new connections are refused
+            ray.get(handle.unhost.remote(owner), timeout=60)
+        except Exception as exc:  # the coordinator is gone already: nothing left to drain
+            log.warning("could not stop the gateway in the coordinator: %r", exc)
+
+
+def keep_hosted(handle: Any, gateway: Any, owner: str, poll_s: float,
+                stop: threading.Event | None = None) -> None:
+    """Every ``poll_s`` until ``stop`` (or Ctrl-C): host ``gateway`` again if the coordinator
+    no longer runs it (the actor was restarted). Returns if another owner took the coordinator's
+    server over (a second ``colshard serve`` against the same cluster)."""
+    import ray
+
+    stop = stop or threading.Event()
+    while not stop.wait(poll_s):
+        try:
+            current = ray.get(handle.hosting.remote(), timeout=30)
+            if current is None:
+                log.warning("the coordinator runs no gateway (it was restarted): hosting "
+                            "%s again", gateway.address)
+                ray.get(handle.host.remote(gateway, owner), timeout=120)
+            elif current != owner:
+                log.warning("another colshard serve (%s) now runs the coordinator's gateway",
+                            current)
+                return
+        except Exception as exc:  # the actor is restarting, or the port is not free yet
+            log.warning("gateway check failed, retrying: %r", exc)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -229,12 +288,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ["COLSHARD_DATA_DIR"] = str(settings.data_dir)
         started_ray = init_ray(settings.ray_address)
         handle = get_or_create_coordinator(settings)
+        embedded = not args.separate_gateway and coordinator_is_local(handle)
         scheme = "https" if args.ssl_certfile else "http"
         print(f"colshard serving on {scheme}://{settings.host}:{settings.port} "
-              f"(data {settings.data_dir}, etcd {','.join(settings.etcd_endpoints)})",
+              f"(data {settings.data_dir}, etcd {','.join(settings.etcd_endpoints)}, gateway "
+              f"{'inside the coordinator actor' if embedded else 'in this process'})",
               flush=True)
-        run_gateway(settings, handle, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
-                    ssl_keyfile=args.ssl_keyfile)
+        if embedded:
+            from gateway.server import EmbeddedGateway
+
+            serve_in_coordinator(handle, EmbeddedGateway(
+                settings, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile))
+        else:
+            run_gateway(settings, handle, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
+                        ssl_keyfile=args.ssl_keyfile)
     finally:
         if started_ray:
             import ray
@@ -397,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run etcd + Ray + coordinator + gateway")
     server_flags(serve)
     serve.add_argument("--etcd-port", type=int, default=2379, help="embedded etcd client port")
+    serve.add_argument("--separate-gateway", action="store_true",
+                       default=_env("COLSHARD_SEPARATE_GATEWAY", "") not in ("", "0"),
+                       help="serve HTTP from this process, one Ray call to the coordinator "
+                            "per request, instead of inside the coordinator actor (the "
+                            "default when the coordinator runs on this node; env "
+                            "COLSHARD_SEPARATE_GATEWAY=1)")
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a running cluster")
     server_flags(gw)
     for name, helptext in (("status", "show cluster state"), ("query", "run a query"),

@@ -65,9 +65,12 @@ def kill_namespace(namespace: str) -> None:
 
 def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None = None,
                  cluster_name: str | None = None, **overrides: Any) -> tuple[Server, Any]:
-    from coordinator.actor import ray_namespace  # noqa: F401 (import check)
-    from gateway.cli import gateway_config, get_or_create_coordinator
-    from tests.integration.gateways import serve_in_thread
+    """A coordinator actor serving the HTTP gateway in its own event loop, as ``colshard
+    serve`` runs it (``extra_gateway`` starts a separate gateway process-style)."""
+    import ray
+
+    from gateway.cli import get_or_create_coordinator
+    from gateway.server import EmbeddedGateway
 
     port = _free_port()
     settings = Settings(data_dir=data_dir, cluster_name=cluster_name or
@@ -75,15 +78,19 @@ def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None
                         host="127.0.0.1", port=port, max_body_bytes=8 * 1024 * 1024,
                         shard=shard or ShardSettings(), **overrides)
     handle = get_or_create_coordinator(settings)
-    running = serve_in_thread(gateway_config(settings, handle, log_level="warning"))
-    return Server(f"http://127.0.0.1:{port}", settings, handle), running
+    ray.get(handle.host.remote(EmbeddedGateway(settings, log_level="warning"), "tests"),
+            timeout=120)
+    return Server(f"http://127.0.0.1:{port}", settings, handle), handle
 
 
 def stop_server(srv: Server, running: Any) -> None:
-    from coordinator.actor import ray_namespace
-    from tests.integration.gateways import stop_thread
+    """Drain the gateway, then kill the cluster's actors."""
+    import ray
 
-    stop_thread(running)
+    from coordinator.actor import ray_namespace
+
+    with contextlib.suppress(Exception):  # the coordinator may be gone already
+        ray.get(running.unhost.remote(), timeout=60)
     kill_namespace(ray_namespace(srv.settings.cluster_name))
 
 

@@ -1,5 +1,7 @@
 """`colshard serve` as a user runs it: a real process with its own etcd and Ray; Ctrl-C stops
-everything it started; a restart on the same data dir keeps collections and objects."""
+everything it started; a restart on the same data dir keeps collections and objects. The first
+run serves HTTP from inside the coordinator actor (the default), the restart from the serve
+process itself (``--separate-gateway``)."""
 
 from __future__ import annotations
 
@@ -43,8 +45,11 @@ def test_serve_restart_keeps_collections_and_objects(tmp_path: Path) -> None:
     # Everything it started is gone: gateway and etcd ports closed.
     assert not port_open(port) and not port_open(etcd_port)
 
-    proc = start_serve(data_dir, port, etcd_port, log)
+    assert "gateway inside the coordinator actor" in log.read_text()
+
+    proc = start_serve(data_dir, port, etcd_port, log, extra_args=["--separate-gateway"])
     try:
+        assert "gateway in this process" in log.read_text()
         with httpx.Client(base_url=url, timeout=60) as http:
             names = [c["name"] for c in http.get("/v1/collections").json()["collections"]]
             assert names == ["Keep"]

@@ -1,0 +1,119 @@
+"""The HTTP gateway hosted inside a real coordinator actor (real Ray, real etcd, real HTTP):
+``host`` / ``hosting`` / ``unhost`` with owners, a taken port refused with its address, and
+``keep_hosted`` bringing the gateway back after Ray restarts a crashed coordinator."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cluster.embedded_etcd import find_free_ports
+from cluster.settings import Settings, ShardSettings
+from tests.integration.conftest import kill_namespace, port_open
+
+pytestmark = pytest.mark.integration
+
+
+def _coordinator(etcd_endpoint: str, data_dir: Path, port: int) -> tuple[Settings, Any]:
+    from gateway.cli import get_or_create_coordinator
+
+    settings = Settings(data_dir=data_dir, cluster_name=f"emb{uuid.uuid4().hex[:8]}",
+                        etcd_endpoints=(etcd_endpoint,), host="127.0.0.1", port=port,
+                        shard=ShardSettings())
+    return settings, get_or_create_coordinator(settings)
+
+
+def _roundtrip(url: str) -> None:
+    """Create a collection, write two objects, find one by MaxSim: the whole path works."""
+    name = f"E{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/collections", json={
+            "name": name, "vectors": [{"name": "v", "dim": 4}], "shard_count": 2})
+        assert r.status_code == 201, r.text
+        r = http.post(f"/v1/collections/{name}/objects", json={"objects": [
+            {"id": str(uuid.UUID(int=i + 1)), "vectors": {"v": [[1.0, 0, 0, float(i)]]}}
+            for i in range(2)]})
+        assert r.json()["n_ok"] == 2, r.text
+        r = http.post(f"/v1/collections/{name}/query", json={
+            "near_vector": {"vector": [[0.0, 0.0, 0.0, 1.0]]}, "limit": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["objects"][0]["id"] == str(uuid.UUID(int=2))
+
+
+def test_host_hosting_unhost_and_a_taken_port(etcd_endpoint: str, ray_session: None,
+                                              tmp_path: Path) -> None:
+    import ray
+
+    from gateway.server import EmbeddedGateway
+
+    port = find_free_ports(1)[0]
+    settings, handle = _coordinator(etcd_endpoint, tmp_path / "data", port)
+    try:
+        assert ray.get(handle.hosting.remote()) is None
+        where = ray.get(handle.host.remote(EmbeddedGateway(settings, log_level="warning"),
+                                           "me"), timeout=120)
+        assert where["owner"] == "me" and where["pid"] != 0
+        assert ray.get(handle.hosting.remote()) == "me"
+        _roundtrip(f"http://127.0.0.1:{port}")
+        # Another owner's unhost leaves it running; the owner's own drains and closes it.
+        assert ray.get(handle.unhost.remote("someone-else")) is False
+        assert port_open(port)
+        assert ray.get(handle.unhost.remote("me")) is True
+        assert not port_open(port)
+        assert ray.get(handle.hosting.remote()) is None
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            gateway = EmbeddedGateway(replace(settings, port=busy))
+            with pytest.raises(ray.exceptions.RayTaskError) as info:
+                ray.get(handle.host.remote(gateway, "me"), timeout=120)
+            assert isinstance(info.value.cause, OSError)
+            assert f"cannot serve HTTP on 127.0.0.1:{busy}" in str(info.value.cause)
+        assert ray.get(handle.hosting.remote()) is None
+    finally:
+        kill_namespace(f"colshard-{settings.cluster_name}")
+
+
+def test_keep_hosted_brings_the_gateway_back_after_a_coordinator_crash(
+        etcd_endpoint: str, ray_session: None, tmp_path: Path) -> None:
+    import ray
+
+    from gateway.cli import keep_hosted
+    from gateway.server import EmbeddedGateway
+
+    port = find_free_ports(1)[0]
+    settings, handle = _coordinator(etcd_endpoint, tmp_path / "data", port)
+    gateway = EmbeddedGateway(settings, log_level="warning")
+    stop = threading.Event()
+    watcher = threading.Thread(target=keep_hosted, args=(handle, gateway, "me", 0.5, stop),
+                               daemon=True)
+    try:
+        before = ray.get(handle.host.remote(gateway, "me"), timeout=120)
+        watcher.start()
+        _roundtrip(f"http://127.0.0.1:{port}")
+        ray.kill(handle, no_restart=False)  # a crash: Ray restarts the actor, without server
+        deadline = time.time() + 120
+        while True:
+            try:
+                where = ray.get(handle.whereabouts.remote(), timeout=10)
+                if where["pid"] != before["pid"] and ray.get(handle.hosting.remote()) == "me":
+                    break
+            except ray.exceptions.RayError:
+                pass  # restarting
+            assert time.time() < deadline, "the gateway was not hosted again"
+            time.sleep(0.5)
+        _roundtrip(f"http://127.0.0.1:{port}")
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        kill_namespace(f"colshard-{settings.cluster_name}")
