@@ -637,7 +637,8 @@ class ShardEngine:
             if todo and self._defer_tokens():
                 # While writes arrive, the waiting segments are indexed once they add up; what
                 # the next compaction merges is indexed once, after the merge.
-                if self._index_due(self._waiting()[1], idle):
+                waiting = {id(s): s for s, _ in todo}.values()  # what _waiting() would list
+                if self._index_due(sum(map(self._segment_tokens, waiting)), idle):
                     merging = {id(s) for s in self._merge_group(idle)}
                     todo = [(s, v) for s, v in todo if id(s) not in merging]
                 else:

@@ -154,12 +154,28 @@ class SegmentHits:
 
 @dataclass
 class _Plan:
+    """One segment's part of a search: its view, its eligibility, and whether its token index
+    generates the candidates (else every eligible object is scored exactly)."""
+
     view: SegmentView
-    vec: VectorView
-    eligible: Bools
-    n_eligible: int
-    n_with_rows: int
+    el: Eligibility
     use_index: bool
+
+    @property
+    def vec(self) -> VectorView:
+        return self.el.vec
+
+    @property
+    def eligible(self) -> Bools:
+        return self.el.eligible
+
+    @property
+    def n_eligible(self) -> int:
+        return self.el.n_eligible
+
+    @property
+    def n_with_rows(self) -> int:
+        return self.el.n_with_rows
 
 
 @dataclass
@@ -187,7 +203,7 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
             continue
         use_index = (el.vec.index is not None and el.vec.tok2doc is not None
                      and not el.exact_by_filter)
-        plans.append(_Plan(view, el.vec, el.eligible, el.n_eligible, el.n_with_rows, use_index))
+        plans.append(_Plan(view, el, use_index))
     candidates = _ann_candidates([p for p in plans if p.use_index], query, k, k_prime,
                                  rerank_docs)
     chosen = []

@@ -33,7 +33,7 @@ from cluster.spec import CollectionSpec
 from cluster.types import ObjectBatch
 from shard.codec import decode_properties, encode_properties, fsync_tree
 from shard.index import ScannTokenIndex
-from shard.maxsim import Tokens, gather_many
+from shard.maxsim import Tokens, gather_many, widen
 from shard.muvera import MuveraIndex
 
 F32 = npt.NDArray[np.float32]
@@ -104,6 +104,12 @@ class Segment:
 
     def live_tokens(self, vector: str) -> int:
         raise NotImplementedError
+
+
+def owned_float32(tokens: Tokens) -> F32:
+    """A float32 copy of stored rows that the caller owns (the rows are memory-mapped or live in
+    a growing buffer): float16 widened like the re-score (``maxsim.widen``, a new array)."""
+    return widen(tokens) if tokens.dtype == np.float16 else tokens.astype(np.float32)
 
 
 # The most a growing segment reserves per named vector (virtual memory: pages are only backed
@@ -194,7 +200,7 @@ class GrowingSegment(Segment):
         return self._props
 
     def vectors_of(self, row: int) -> dict[str, F32]:
-        return {name: buf.rows(row).astype(np.float32) for name, buf in self._buffers.items()}
+        return {name: owned_float32(buf.rows(row)) for name, buf in self._buffers.items()}
 
     def live_tokens(self, vector: str) -> int:
         buf = self._buffers[vector]
@@ -324,8 +330,9 @@ class SealedSegment(Segment):
         return self._props_cache
 
     def vectors_of(self, row: int) -> dict[str, F32]:
-        return {name: tokens[int(self._offsets[name][row]) : int(self._offsets[name][row + 1])]
-                .astype(np.float32) for name, tokens in self._tokens.items()}
+        return {name: owned_float32(
+                    tokens[int(self._offsets[name][row]) : int(self._offsets[name][row + 1])])
+                for name, tokens in self._tokens.items()}
 
     def live_tokens(self, vector: str) -> int:
         return int(self.lengths(vector)[~self.deleted].sum())

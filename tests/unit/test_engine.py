@@ -371,6 +371,9 @@ def test_float16_storage(tmp_path: Path, rng: np.random.Generator) -> None:
     stored = {uid(i): d.astype(np.float16).astype(np.float32) for i, d in enumerate(docs)}
     q = rng.standard_normal((2, DIM)).astype(np.float32)
     growing = _hits(engine, q, 10)
+    in_growing = engine.get(uid(49), include_vectors=True)
+    assert in_growing is not None and in_growing.vectors is not None
+    np.testing.assert_array_equal(in_growing.vectors["v"], stored[uid(49)])
     drain(engine)
     _assert_same_ranking(_hits(engine, q, 10), growing)
     _assert_same_ranking(growing, exact_top(q, stored, 10))
@@ -378,7 +381,21 @@ def test_float16_storage(tmp_path: Path, rng: np.random.Generator) -> None:
     assert obj is not None and obj.vectors is not None
     np.testing.assert_array_equal(obj.vectors["v"], stored[uid(3)])
     assert obj.vectors["v"].dtype == np.float32
+    obj.vectors["v"][:] = 0  # the caller's own copy: the stored rows are untouched
+    again = engine.get(uid(3), include_vectors=True)
+    assert again is not None and again.vectors is not None
+    np.testing.assert_array_equal(again.vectors["v"], stored[uid(3)])
     engine.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_owned_float32_is_a_float32_copy(dtype: Any, rng: np.random.Generator) -> None:
+    from shard.segment import owned_float32
+
+    rows = rng.standard_normal((5, DIM)).astype(dtype)
+    out = owned_float32(rows)
+    assert out.dtype == np.float32 and not np.shares_memory(out, rows)
+    np.testing.assert_array_equal(out, rows.astype(np.float32))
 
 
 def test_closed_engine_refuses_and_drop_removes(tmp_path: Path, rng: np.random.Generator,
