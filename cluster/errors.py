@@ -9,6 +9,7 @@
     ├── AlreadyExists             already_exists  409
     ├── PayloadTooLarge           payload_too_large 413
     ├── Unavailable               unavailable     503  etcd down, shard without a live replica
+    ├── DataLost                  shard_data_lost 503  a shard replica restarted without its data
     ├── StorageError              storage_error   503  the shard could not make a write durable
     │   └── InsufficientStorage   insufficient_storage 507  disk full / file size limit
     ├── DeadlineExceeded          deadline_exceeded 504
@@ -71,6 +72,15 @@ class Unavailable(ColshardError):
     code = "unavailable"
 
 
+class DataLost(ColshardError):
+    """A shard replica that Ray restarted where its data directory is empty (another node, or
+    the directory was wiped): it serves and accepts nothing until a catch-up from another
+    replica refilled it (``ShardActor.clear_lost``). Not retried like ``Unavailable``: waiting
+    does not bring the data back."""
+
+    code = "shard_data_lost"
+
+
 class StorageError(ColshardError):
     """A write could not be made durable (I/O error on the shard's disk). Nothing of that write
     was acknowledged or kept; earlier acknowledged writes are intact."""
@@ -101,6 +111,7 @@ ALL_ERRORS: tuple[type[ColshardError], ...] = (
     AlreadyExists,
     PayloadTooLarge,
     Unavailable,
+    DataLost,
     StorageError,
     InsufficientStorage,
     DeadlineExceeded,

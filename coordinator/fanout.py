@@ -46,6 +46,7 @@ class ShardClient(Protocol):
     ) -> list[StoredObject]: ...
     async def stats(self, timeout_s: float) -> ShardStats: ...
     async def drop(self, timeout_s: float) -> None: ...
+    async def clear_lost(self, timeout_s: float) -> str | None: ...
 
 
 def map_ray_error(exc: BaseException, what: str, details: dict[str, Any]) -> ColshardError:
@@ -146,6 +147,10 @@ class RayShardClient:
 
     async def drop(self, timeout_s: float) -> None:
         await self._call("drop", timeout_s)
+
+    async def clear_lost(self, timeout_s: float) -> str | None:
+        result: str | None = await self._call("clear_lost", timeout_s)
+        return result
 
 
 async def gather_shards(

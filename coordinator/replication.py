@@ -51,6 +51,12 @@ Catch-up (``sync_replica``, driven by ``Coordinator.repair_once``)
     A replica whose actor merely restarted (SIGKILL, Ray ``max_restarts``) without missing a
     write needs no catch-up: it recovers every write it acknowledged from its WAL, and the
     shard client re-sends the write that was in flight when it died.
+
+A replica that Ray restarted without its data (``DataLost``: an empty data directory, e.g. on
+another node) refuses reads and writes. Reads fail over and mark it stale when another replica
+is ready; writes treat it like a replica out of storage. Its catch-up first tells it to serve
+again (``clear_lost``), then refills it. With no other replica, reads and writes answer
+``DataLost`` (503) at once, naming the node and directory.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ import numpy as np
 
 from cluster.errors import (
     ColshardError,
+    DataLost,
     DeadlineExceeded,
     InvalidInput,
     NotFound,
@@ -93,9 +100,10 @@ READ_RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 SYNC_PAGE = 256
 # Errors that reject the request itself: every replica answers the same, none missed a write.
 REJECTIONS = (InvalidInput, NotFound, PayloadTooLarge)
-# A replica that refused a write for lack of storage kept nothing of it (shard.engine): it
-# missed the write only if another replica applied it.
-REFUSALS = (StorageError,)
+# A replica that refused a write for lack of storage, or because it was restarted without its
+# data (shard.actor), kept nothing of it: it missed the write only if another replica applied
+# it.
+REFUSALS = (StorageError, DataLost)
 _BACKGROUND: set[asyncio.Future[Any]] = set()
 
 
@@ -225,6 +233,13 @@ class ReplicaSet:
                 share = remaining / (len(order) - pos)
                 try:
                     return await call(replica.client, max(0.001, share))
+                except DataLost as exc:
+                    # Restarted without its data: the others serve; a catch-up refills it.
+                    errors[replica.index] = exc
+                    if any(r is not replica for r in self.ready()):
+                        log.warning("%s; marking replica %s:%d stale", exc.message, self.name,
+                                    replica.index)
+                        self.set_state(replica, STALE)
                 except (Unavailable, DeadlineExceeded) as exc:
                     replica.last_failure = time.monotonic()
                     replica.failures += 1
@@ -234,6 +249,9 @@ class ReplicaSet:
                              replica.index, exc.message)
             if timed_out:
                 break
+            lost = [e for e in errors.values() if isinstance(e, DataLost)]
+            if lost and len(lost) == len(errors):  # waiting does not bring the data back
+                raise lost[0]
             pause = READ_RETRY_BACKOFF_S[min(attempt, len(READ_RETRY_BACKOFF_S) - 1)]
             if loop.time() + pause >= deadline:
                 break
@@ -374,6 +392,12 @@ class ReplicaSet:
             if not sources:
                 return None
             source = sources[0]
+            # A replica restarted without its data refuses everything until told that this
+            # full copy refills it; it stays stale (no reads, no writes) until the copy is done.
+            lost = await replica.client.clear_lost(timeout_s)
+            if lost:
+                log.warning("replica %s:%d lost its data (%s); refilling it from replica %d",
+                            self.name, replica.index, lost, source.index)
             stats = await sync_replica(source.client, replica.client, timeout_s)
             replica.last_ok_seq = source.last_ok_seq
             self.set_state(replica, READY)

@@ -137,6 +137,9 @@ class Coordinator:
                 replica = sets[s].replicas[r]
                 if before.get("state") == STALE:
                     replica.state = STALE
+                elif info.get("data_lost") and spec.replication_factor > 1:
+                    log.warning("%s", info["data_lost"])
+                    replica.state = STALE  # the repair loop refills it from a ready replica
                 replica.last_ok_seq = int(before.get("last_ok_seq", 0) or 0)
                 self._placement_info[(spec.name, s, r)] = {
                     "actor": client.shard_id.actor_name(

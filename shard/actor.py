@@ -5,6 +5,15 @@ Placement wraps this class with ``ray.remote`` and names the actor
 threaded (``max_concurrency`` > 1): queries run while a write or the engine's background
 maintenance is in progress; the engine is thread-safe.
 
+**Data lost on restart.** Ray restarts a crashed shard actor, possibly on another node, where
+the shard's node-local data directory is empty. An actor that Ray restarted (not created) and
+that finds its data directory empty (missing, or without any file) does not serve an empty
+shard as if nothing happened: every read and write raises ``DataLost`` naming the node and the
+directory, and ``ready()`` reports it. The state survives further restarts (a ``LOST_DATA``
+file in the data directory). The coordinator fails reads over to another replica and refills
+this one with a catch-up, which calls ``clear_lost`` first; with one replica, an operator
+brings the data back (or accepts the loss) and deletes the file (docs/deploy.md).
+
 Fault injection (tests and drills only): ``set_delay(seconds)`` makes every read verb (get,
 search, keyword_search, list_objects, stats) sleep that long before answering, simulating a slow
 shard; ``set_delay(0)`` turns it off. The env var ``COLSHARD_FAULT_READ_DELAY_S`` sets it at actor
@@ -21,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import DataLost
 from cluster.settings import ShardSettings, node_data_dir
 from cluster.spec import CollectionSpec
 from cluster.types import (
@@ -36,20 +46,55 @@ from shard.engine import ShardEngine
 from shard.metrics import ShardMetrics
 
 GAUGE_INTERVAL_S = 10.0
+LOST_MARKER = "LOST_DATA"
+
+
+def restarted_by_ray() -> bool:
+    """Whether Ray restarted this actor (False outside Ray, or when Ray cannot tell)."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:
+        return False
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # outside Ray (unit tests): no node id
+        return ""
+
+
+def _holds_data(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
 
 
 class ShardActor:
     def __init__(self, spec_json: str, shard: int, data_dir: str, settings: ShardSettings,
-                 subdir: str | None = None) -> None:
+                 subdir: str | None = None, restarted: bool | None = None) -> None:
         """With ``subdir`` the shard's data lives in ``<node data dir>/<subdir>``, where the
         node data dir is this Ray node's ``COLSHARD_DATA_DIR`` (else ``data_dir``): on a
-        multi-node cluster each shard keeps its data on the node it runs on."""
+        multi-node cluster each shard keeps its data on the node it runs on. ``restarted``:
+        whether this is a restart (None: ask Ray)."""
         spec = CollectionSpec.from_json(spec_json)
         self._spec = spec
         self._shard = shard
         path = node_data_dir(data_dir) / subdir if subdir else Path(data_dir)
         self._data_dir = path
+        had_data = _holds_data(path)
         self._engine = ShardEngine(spec, shard, path, settings)
+        self._lost: str | None = None
+        marker = path / LOST_MARKER
+        if marker.exists():
+            self._lost = marker.read_text().strip() or "data lost"
+        elif not had_data and (restarted if restarted is not None else restarted_by_ray()):
+            self._lost = (f"shard {spec.name}:{shard} was restarted on node "
+                          f"{_node_id()[:12] or '?'} ({socket.gethostname()}) with an empty "
+                          f"data directory {path}: its data is where it ran before")
+            marker.write_text(self._lost + "\n")
         self._engine.start_background()
         self._metrics = ShardMetrics(spec.name, shard)
         self._started = time.time()
@@ -77,32 +122,41 @@ class ShardActor:
         if self._read_delay_s > 0:
             time.sleep(self._read_delay_s)
 
-    def ready(self) -> dict[str, Any]:
-        node_id = ""
-        try:
-            import ray
+    def _serving(self) -> None:
+        if self._lost is not None:
+            raise DataLost(self._lost, {"shard": f"{self._spec.name}:{self._shard}",
+                                        "data_dir": str(self._data_dir)})
 
-            node_id = ray.get_runtime_context().get_node_id()
-        except Exception:  # outside Ray (unit tests): no node id
-            node_id = ""
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": node_id,
+    def clear_lost(self) -> str | None:
+        """Serve again after a data loss (the coordinator calls it before a catch-up refills
+        this replica). Returns what was lost (None if nothing was)."""
+        lost, self._lost = self._lost, None
+        (self._data_dir / LOST_MARKER).unlink(missing_ok=True)
+        return lost
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": _node_id(),
                 "started": self._started, "objects": self._engine.count(),
-                "data_dir": str(self._data_dir)}
+                "data_dir": str(self._data_dir), "data_lost": self._lost}
 
     def upsert(self, batch: ObjectBatch) -> list[WriteResult]:
+        self._serving()
         results = self._engine.upsert(batch)
         self._metrics.record_import(batch)
         return results
 
     def delete(self, uuids: Sequence[str]) -> list[bool]:
+        self._serving()
         return self._engine.delete(uuids)
 
     def get(self, uuid: str, include_vectors: bool) -> StoredObject | None:
         self._fault_delay()
+        self._serving()
         return self._engine.get(uuid, include_vectors)
 
     def search(self, req: VectorSearch) -> ShardSearchResult:
         self._fault_delay()
+        self._serving()
         start = time.perf_counter()
         result = self._engine.search(req)
         self._metrics.record_search(time.perf_counter() - start, result.n_candidates)
@@ -110,11 +164,13 @@ class ShardActor:
 
     def keyword_search(self, req: KeywordSearch) -> ShardSearchResult:
         self._fault_delay()
+        self._serving()
         return self._engine.keyword_search(req)
 
     def list_objects(self, after: str | None, limit: int, include_vectors: bool
                      ) -> list[StoredObject]:
         self._fault_delay()
+        self._serving()
         return self._engine.list_objects(after, limit, include_vectors)
 
     def stats(self) -> ShardStats:

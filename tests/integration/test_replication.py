@@ -273,3 +273,63 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
         assert r.status_code == 200 and r.json()["partial"] is False
         assert len(r.json()["objects"]) == 40
         assert http.delete("/v1/collections/Slow").status_code == 200
+
+
+def _restart_without_data(server: Server, actor_name: str) -> str:
+    """Freeze the replica's worker, delete its data directory, SIGKILL it: Ray restarts it on
+    this node with an empty directory, as it would on a node that never had its data."""
+    import shutil
+
+    import ray
+
+    actor = _actor(server, actor_name)
+    info = ray.get(actor.ready.remote(), timeout=60)
+    os.kill(info["pid"], signal.SIGSTOP)
+    shutil.rmtree(info["data_dir"])
+    os.kill(info["pid"], signal.SIGKILL)
+    deadline = time.time() + 120
+    while True:
+        try:
+            again = ray.get(actor.ready.remote(), timeout=10)
+            if again["pid"] != info["pid"]:
+                assert again["data_lost"], again
+                return str(again["data_lost"])
+        except ray.exceptions.RayError:
+            pass  # restarting
+        assert time.time() < deadline, "the replica did not come back"
+        time.sleep(0.3)
+
+
+def test_a_replica_restarted_without_its_data_is_refilled_not_served(
+        colshard_server: Server) -> None:
+    import ray
+
+    rng = np.random.default_rng(31)
+    with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
+        _create(http, "RepLost", shards=1, rf=2)
+        objs = _objects(rng, 40, 0)
+        assert http.post("/v1/collections/RepLost/objects",
+                         json={"objects": objs}).json()["n_ok"] == 40
+        lost = _restart_without_data(colshard_server, "colshard:RepLost:0:1")
+        assert "with an empty data directory" in lost
+        q = {"near_vector": {"vector": rng.normal(size=(2, DIM)).tolist()}, "limit": 100}
+        for _ in range(4):  # never an empty or short answer from the replica that lost it
+            r = http.post("/v1/collections/RepLost/query", json=q)
+            assert r.status_code == 200 and len(r.json()["objects"]) == 40, r.text[:300]
+        _wait_ready(http, "RepLost")  # marked stale, then refilled by the repair loop
+        assert (_replica_listing(colshard_server, "colshard:RepLost:0:1")
+                == _replica_listing(colshard_server, "colshard:RepLost:0:0"))
+        ray.kill(_actor(colshard_server, "colshard:RepLost:0:0"), no_restart=True)
+        r = http.post("/v1/collections/RepLost/query", json=q)
+        assert r.status_code == 200 and len(r.json()["objects"]) == 40, r.text[:300]
+
+        _create(http, "RepLost1", shards=1, rf=1)
+        assert http.post("/v1/collections/RepLost1/objects",
+                         json={"objects": objs[:5]}).json()["n_ok"] == 5
+        _restart_without_data(colshard_server, "colshard:RepLost1:0")
+        start = time.time()
+        r = http.post("/v1/collections/RepLost1/query", json=q)
+        assert r.status_code == 503, r.text[:300]
+        error = r.json()["error"]
+        assert error["code"] == "shard_data_lost" and "empty data directory" in error["message"]
+        assert time.time() - start < 5.0  # answered at once, not after the query deadline

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.errors import AlreadyExists, InvalidInput, NotFound, Unavailable
+from cluster.errors import AlreadyExists, DataLost, InvalidInput, NotFound, Unavailable
 from cluster.ids import ShardId, shard_for_uuid
 from cluster.query import QueryRequest
 from cluster.settings import Settings, ShardSettings
@@ -65,39 +65,42 @@ class EngineClient:
         self.engine = engine
         self.shard_id = shard_id
         self.down = False
+        self.lost: str | None = None  # like ShardActor after a restart without its data
 
-    def _check(self) -> None:
+    def _check(self, serving: bool = False) -> None:
         if self.down:
             raise Unavailable(f"shard {self.shard_id} is unavailable",
                               {"shard": str(self.shard_id)})
+        if serving and self.lost is not None:
+            raise DataLost(self.lost, {"shard": str(self.shard_id)})
 
     async def ready(self, timeout_s: float) -> Mapping[str, Any]:
         self._check()
-        return {"pid": 0, "node_id": "local"}
+        return {"pid": 0, "node_id": "local", "data_lost": self.lost}
 
     async def upsert(self, batch: ObjectBatch, timeout_s: float) -> Any:
-        self._check()
+        self._check(serving=True)
         return self.engine.upsert(batch)
 
     async def delete(self, uuids: Sequence[str], timeout_s: float) -> list[bool]:
-        self._check()
+        self._check(serving=True)
         return self.engine.delete(uuids)
 
     async def get(self, uuid: str, include_vectors: bool, timeout_s: float) -> Any:
-        self._check()
+        self._check(serving=True)
         return self.engine.get(uuid, include_vectors)
 
     async def search(self, req: VectorSearch, timeout_s: float) -> Any:
-        self._check()
+        self._check(serving=True)
         return self.engine.search(req)
 
     async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> Any:
-        self._check()
+        self._check(serving=True)
         return self.engine.keyword_search(req)
 
     async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
                            timeout_s: float) -> Any:
-        self._check()
+        self._check(serving=True)
         return self.engine.list_objects(after, limit, include_vectors)
 
     async def stats(self, timeout_s: float) -> Any:
@@ -106,6 +109,11 @@ class EngineClient:
 
     async def drop(self, timeout_s: float) -> None:
         self.engine.drop()
+
+    async def clear_lost(self, timeout_s: float) -> str | None:
+        self._check()
+        lost, self.lost = self.lost, None
+        return lost
 
 
 class EnginePlacement:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.errors import DeadlineExceeded, InvalidInput, Unavailable
+from cluster.errors import DataLost, DeadlineExceeded, InvalidInput, Unavailable
 from cluster.ids import ShardId, shard_for_uuid
 from cluster.query import QueryRequest
 from cluster.settings import Settings, ShardSettings
@@ -272,6 +272,69 @@ async def test_catch_up_copies_updates_and_propagates_deletes(tmp_path: Path) ->
                 | {o.uuid for o in fresh[:10]})
     assert total == expected
     assert await c.coord.repair_once() == {}  # nothing left to do
+
+
+def lose_data(c: Cluster, root: Path, shard: int, replica: int) -> None:
+    """What ShardActor does when Ray restarts it on a node without its data: an empty engine,
+    refusing everything (DataLost) until cleared."""
+    client = c.client(shard, replica)
+    client.engine.close()
+    client.engine = ShardEngine(c.coord.spec("Rep"), shard, root / f"elsewhere-{shard}",
+                                ShardSettings(fsync=False))
+    client.lost = f"shard Rep:{shard} was restarted on node n2 with an empty data directory"
+
+
+@pytest.mark.anyio
+async def test_a_replica_restarted_without_its_data_fails_over_and_is_refilled(
+        tmp_path: Path) -> None:
+    c = Cluster(tmp_path, rf=2, shards=1)
+    await c.create()
+    objs = c.objects(30)
+    assert all(r.ok for r in await c.coord.upsert("Rep", objs))
+    lose_data(c, tmp_path, 0, 1)
+    q = np.ones((1, DIM), dtype=np.float32)
+    for _ in range(3):  # whichever replica the round-robin picks: all 30, never an empty shard
+        res = await c.coord.query(QueryRequest("Rep", near_vector=q, limit=50))
+        assert len(res.objects) == 30 and res.missing_shards == ()
+    assert [r.state for r in c.replicas(0).replicas] == [READY, STALE]
+    # The repair round clears the flag and refills it from replica 0; then it serves again.
+    caught = await c.coord.repair_once()
+    assert caught["Rep:0:1"]["copied"] == 30
+    assert c.client(0, 1).lost is None
+    assert [r.state for r in c.replicas(0).replicas] == [READY, READY]
+    assert c.listing(0, 1) == c.listing(0, 0)
+    c.client(0, 0).down = True
+    res = await c.coord.query(QueryRequest("Rep", near_vector=q, limit=50))
+    assert len(res.objects) == 30
+
+
+@pytest.mark.anyio
+async def test_a_write_marks_a_replica_without_its_data_stale(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, rf=3, shards=1)
+    await c.create()
+    lose_data(c, tmp_path, 0, 2)
+    assert all(r.ok for r in await c.coord.upsert("Rep", c.objects(5)))  # quorum: 2 of 3
+    await asyncio.sleep(0.05)  # the refusing replica settles after the acknowledgement
+    assert [r.state for r in c.replicas(0).replicas] == [READY, READY, STALE]
+
+
+@pytest.mark.anyio
+async def test_a_single_replica_without_its_data_answers_data_lost_at_once(
+        tmp_path: Path) -> None:
+    c = Cluster(tmp_path, rf=1, shards=1, query_timeout_s=20.0)
+    await c.create()
+    assert all(r.ok for r in await c.coord.upsert("Rep", c.objects(5)))
+    lose_data(c, tmp_path, 0, 0)
+    q = np.ones((1, DIM), dtype=np.float32)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(DataLost, match="restarted on node n2 with an empty data directory"):
+        await c.coord.query(QueryRequest("Rep", near_vector=q, limit=5))
+    assert loop.time() - start < 1.0  # no retrying until the deadline: the data is elsewhere
+    [result] = await c.coord.upsert("Rep", c.objects(1))
+    assert not result.ok and (result.error or {}).get("code") == "shard_data_lost"
+    assert [r.state for r in c.replicas(0).replicas] == [READY]  # nothing to catch up from
+    assert await c.coord.repair_once() == {}
 
 
 @pytest.mark.anyio
