@@ -18,7 +18,14 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Protocol
 
-from cluster.errors import ColshardError, DeadlineExceeded, InvalidInput, NotFound, Unavailable
+from cluster.errors import (
+    ColshardError,
+    DataLost,
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 from cluster.ids import normalize_uuid, shard_for_uuid, validate_collection_name
 from cluster.query import QueryRequest, QueryResult, ResultObject
 from cluster.settings import Settings
@@ -636,7 +643,8 @@ class Coordinator:
         return {"members": await self._store.list_members(), "collections": collections}
 
     async def readiness(self) -> dict[str, Any]:
-        """etcd reachable and every shard of every collection answers."""
+        """etcd reachable and every shard of every collection has a replica that answers and
+        holds its data."""
         etcd_ok = False
         try:
             etcd_ok = await self._store.ping()
@@ -645,7 +653,15 @@ class Coordinator:
         unplaced: list[str] = []
         for name, shards in self._shards.items():
             _, failed = await gather_shards(
-                {s: rs.read(lambda c, t: c.ready(t), 5.0) for s, rs in enumerate(shards)},
+                {s: rs.read(_serving_ready, 5.0) for s, rs in enumerate(shards)},
                 allow_partial=True)
             unplaced += [f"{name}:{s}" for s in failed]
         return {"ready": etcd_ok and not unplaced, "etcd": etcd_ok, "unavailable_shards": unplaced}
+
+
+async def _serving_ready(client: ShardClient, timeout_s: float) -> Mapping[str, Any]:
+    """``ready()``, counting a replica restarted without its data as not serving."""
+    info = await client.ready(timeout_s)
+    if info.get("data_lost"):
+        raise DataLost(str(info["data_lost"]), {"shard": str(client.shard_id)})
+    return info

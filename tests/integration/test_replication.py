@@ -333,3 +333,6 @@ def test_a_replica_restarted_without_its_data_is_refilled_not_served(
         error = r.json()["error"]
         assert error["code"] == "shard_data_lost" and "empty data directory" in error["message"]
         assert time.time() - start < 5.0  # answered at once, not after the query deadline
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and "RepLost1:0" in ready.json()["unavailable_shards"]
+        assert http.delete("/v1/collections/RepLost1").status_code == 200

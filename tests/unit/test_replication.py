@@ -292,6 +292,7 @@ async def test_a_replica_restarted_without_its_data_fails_over_and_is_refilled(
     objs = c.objects(30)
     assert all(r.ok for r in await c.coord.upsert("Rep", objs))
     lose_data(c, tmp_path, 0, 1)
+    assert (await c.coord.readiness())["ready"]  # replica 0 serves the shard
     q = np.ones((1, DIM), dtype=np.float32)
     for _ in range(3):  # whichever replica the round-robin picks: all 30, never an empty shard
         res = await c.coord.query(QueryRequest("Rep", near_vector=q, limit=50))
@@ -335,6 +336,8 @@ async def test_a_single_replica_without_its_data_answers_data_lost_at_once(
     assert not result.ok and (result.error or {}).get("code") == "shard_data_lost"
     assert [r.state for r in c.replicas(0).replicas] == [READY]  # nothing to catch up from
     assert await c.coord.repair_once() == {}
+    assert await c.coord.readiness() == {"ready": False, "etcd": True,
+                                         "unavailable_shards": ["Rep:0"]}
 
 
 @pytest.mark.anyio
