@@ -117,3 +117,32 @@ def test_keep_hosted_brings_the_gateway_back_after_a_coordinator_crash(
         stop.set()
         watcher.join(timeout=10)
         kill_namespace(f"colshard-{settings.cluster_name}")
+
+
+def test_api_keys_and_tls_inside_the_coordinator(etcd_endpoint: str, ray_session: None,
+                                                 tmp_path: Path) -> None:
+    """What ``colshard serve --api-keys-file F --ssl-certfile C --ssl-keyfile K`` hosts: the
+    keys and the certificate travel to the coordinator actor with the gateway."""
+    import ray
+
+    from gateway.auth import parse_api_keys
+    from gateway.server import EmbeddedGateway
+    from tests.integration.test_auth import KEYS_FILE, READER, self_signed
+
+    port = find_free_ports(1)[0]
+    settings, handle = _coordinator(etcd_endpoint, tmp_path / "data", port)
+    cert, key = self_signed(tmp_path)
+    gateway = EmbeddedGateway(settings, api_keys=parse_api_keys(KEYS_FILE), ssl_certfile=cert,
+                              ssl_keyfile=key, log_level="warning")
+    try:
+        ray.get(handle.host.remote(gateway, "me"), timeout=120)
+        url = f"https://127.0.0.1:{port}"
+        assert gateway.address == url
+        with httpx.Client(base_url=url, verify=cert, timeout=30) as http:
+            assert http.get("/v1/collections").status_code == 401
+            ok = http.get("/v1/collections", headers={"Authorization": f"Bearer {READER}"})
+            assert ok.status_code == 200 and ok.json() == {"collections": []}
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    finally:
+        kill_namespace(f"colshard-{settings.cluster_name}")
