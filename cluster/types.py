@@ -209,3 +209,4 @@ class ShardStats:
     n_segments: int
     index_state: Mapping[str, str] = field(default_factory=dict)
     bytes_on_disk: int = 0
+    data_lost: str | None = None  # restarted without its data (shard.actor); serves nothing

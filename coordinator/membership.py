@@ -38,6 +38,7 @@ from coordinator.fanout import ShardClient
 log = logging.getLogger(__name__)
 
 UNAVAILABLE = "unavailable"
+DATA_LOST = "data_lost"  # shown (never stored): the replica answers, without its data
 PROBE_TIMEOUT_S = 2.0
 STATS_TIMEOUT_S = 2.0
 
@@ -227,6 +228,8 @@ class MembershipMonitor:
                 continue
             out[key] = {"objects": stats.n_objects, "tokens": sum(stats.n_tokens.values()),
                         "segments": stats.n_segments, "bytes_on_disk": stats.bytes_on_disk}
+            if stats.data_lost:  # restarted without its data: shown as such, whatever state
+                out[key].update(state=DATA_LOST, reason=stats.data_lost)
         return out
 
     def annotate(self, info: Mapping[str, Any], stats: Mapping[Key, Mapping[str, Any]]

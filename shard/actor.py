@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ class ShardActor:
         self._fault_delay()
         stats = self._engine.stats()
         self._metrics.record_stats(stats)
-        return stats
+        return stats if self._lost is None else replace(stats, data_lost=self._lost)
 
     def drop(self) -> None:
         self._stop.set()

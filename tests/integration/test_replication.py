@@ -335,4 +335,6 @@ def test_a_replica_restarted_without_its_data_is_refilled_not_served(
         assert time.time() - start < 5.0  # answered at once, not after the query deadline
         ready = http.get("/readyz")
         assert ready.status_code == 503 and "RepLost1:0" in ready.json()["unavailable_shards"]
+        [placement] = http.get("/v1/cluster").json()["collections"]["RepLost1"]["placements"]
+        assert placement["state"] == "data_lost" and "empty data directory" in placement["reason"]
         assert http.delete("/v1/collections/RepLost1").status_code == 200

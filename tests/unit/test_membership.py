@@ -61,6 +61,7 @@ class Client:
     def __init__(self, shard: int, node_id: str | None) -> None:
         self.shard_id = ShardId("C", shard)
         self.node_id = node_id  # None: does not answer
+        self.data_lost: str | None = None
 
     async def ready(self, timeout_s: float) -> Mapping[str, Any]:
         if self.node_id is None:
@@ -68,8 +69,8 @@ class Client:
         return {"node_id": self.node_id, "host": "h", "pid": 1}
 
     async def stats(self, timeout_s: float) -> ShardStats:
-        return ShardStats(shard=self.shard_id.shard, n_objects=5, n_tokens={"v": 20},
-                          n_segments=1)
+        return ShardStats(shard=self.shard_id.shard, n_objects=0 if self.data_lost else 5,
+                          n_tokens={"v": 20}, n_segments=1, data_lost=self.data_lost)
 
 
 @pytest.fixture
@@ -127,6 +128,21 @@ async def test_node_loss_marks_shard_unavailable_then_ready_again(world: Any) ->
     record = store.placements["C"][(1, 0)]
     assert record["state"] == "ready" and record["node_id"] == "node-a"
     assert "reason" not in record and monitor.unavailable_shards() == []
+
+
+async def test_a_replica_without_its_data_shows_as_data_lost(world: Any) -> None:
+    store, _, clients, monitor = world
+    await monitor.tick()
+    clients[1].data_lost = "shard C:1 was restarted on node n9 with an empty data directory"
+    info = {"members": await store.list_members(), "collections": {"C": {
+        "shard_count": 2, "replication_factor": 1,
+        "placements": [{"shard": s, "replica": r, **p}
+                       for (s, r), p in sorted(store.placements["C"].items())]}}}
+    view = monitor.annotate(info, await monitor.shard_stats())
+    placements = view["collections"]["C"]["placements"]
+    assert [p["state"] for p in placements] == ["ready", "data_lost"]
+    assert "empty data directory" in placements[1]["reason"]
+    assert store.placements["C"][(1, 0)]["state"] == "ready"  # shown, never stored
 
 
 async def test_stale_state_survives_an_outage(world: Any) -> None:

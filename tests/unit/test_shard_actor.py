@@ -48,7 +48,8 @@ def test_restart_with_an_empty_data_dir_refuses_until_cleared(tmp_path: Path) ->
     for call in calls:
         with pytest.raises(DataLost, match="restarted on node"):
             call()
-    assert actor.stats().n_objects == 0  # stats and ready still answer
+    stats = actor.stats()  # stats and ready still answer, and say what happened
+    assert stats.n_objects == 0 and stats.data_lost == lost
     # Another restart on this node: the dir is no longer empty, but the loss is remembered.
     actor._engine.close()
     again = _actor(path, restarted=True)
@@ -56,6 +57,7 @@ def test_restart_with_an_empty_data_dir_refuses_until_cleared(tmp_path: Path) ->
     assert (path / LOST_MARKER).exists()
     assert again.clear_lost() == lost
     assert not (path / LOST_MARKER).exists() and again.ready()["data_lost"] is None
+    assert again.stats().data_lost is None
     again.upsert(batch([1], {"v": random_docs(rng, 1, 8)}))
     assert [h.uuid for h in again.search(VectorSearch("v", q, 5)).hits] == [uid(1)]
     assert again.clear_lost() is None
