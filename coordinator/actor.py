@@ -64,6 +64,7 @@ class CoordinatorActor:
         self._start_lock = asyncio.Lock()
         self._metrics = CoordinatorMetrics()
         self._hosted: tuple[str, HostedServer, asyncio.Task[None]] | None = None
+        self._host_lock = asyncio.Lock()  # one host/unhost at a time: one server, one port
 
     async def _core(self) -> Coordinator:
         if self._coordinator is not None:
@@ -112,6 +113,10 @@ class CoordinatorActor:
         (``hosting`` reports it; ``unhost(owner)`` stops only its own). A server that fails to
         start raises its error here."""
         await self._core()  # serve only once the coordinator can answer
+        async with self._host_lock:
+            return await self._host(server, owner)
+
+    async def _host(self, server: HostedServer, owner: str) -> dict[str, Any]:
         await self._stop_hosted()
         started = asyncio.Event()
         task = asyncio.get_running_loop().create_task(server.run(self, started))
@@ -133,10 +138,11 @@ class CoordinatorActor:
     async def unhost(self, owner: str | None = None) -> bool:
         """Stop the hosted server and wait until it has drained (only if ``owner`` hosted it,
         when given). False when there was nothing of theirs to stop."""
-        if self._hosted is None or (owner is not None and self._hosted[0] != owner):
-            return False
-        await self._stop_hosted()
-        return True
+        async with self._host_lock:
+            if self._hosted is None or (owner is not None and self._hosted[0] != owner):
+                return False
+            await self._stop_hosted()
+            return True
 
     async def hosting(self) -> str | None:
         """The owner of the running hosted server; None when none runs (none was hosted since

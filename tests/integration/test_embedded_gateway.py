@@ -80,6 +80,15 @@ def test_host_hosting_unhost_and_a_taken_port(etcd_endpoint: str, ray_session: N
             assert isinstance(info.value.cause, OSError)
             assert f"cannot serve HTTP on 127.0.0.1:{busy}" in str(info.value.cause)
         assert ray.get(handle.hosting.remote()) is None
+
+        # Two at once: one server, one port; the other is drained and closed.
+        ports = dict(zip("ab", find_free_ports(2), strict=True))
+        ray.get([handle.host.remote(EmbeddedGateway(replace(settings, port=p),
+                                                    log_level="warning"), owner)
+                 for owner, p in ports.items()], timeout=120)
+        owner = ray.get(handle.hosting.remote())
+        assert owner in ports
+        assert {o: port_open(p) for o, p in ports.items()} == {o: o == owner for o in ports}
     finally:
         kill_namespace(f"colshard-{settings.cluster_name}")
 
