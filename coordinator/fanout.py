@@ -8,7 +8,11 @@ actor handle and maps Ray's exceptions to colshard's, naming the shard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import os
+import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -17,6 +21,7 @@ import ray.exceptions
 
 from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unavailable
 from cluster.ids import ShardId
+from cluster.localrpc import body_length, frame, unframe
 from cluster.types import (
     KeywordSearch,
     ObjectBatch,
@@ -28,6 +33,7 @@ from cluster.types import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ShardClient(Protocol):
@@ -73,6 +79,69 @@ async def call_remote(ref: Any, timeout_s: float, what: str, details: dict[str, 
         raise map_ray_error(exc, what, details) from exc
 
 
+class FastPathDown(Exception):
+    """The fast path's socket failed (the actor died, restarted, or closed it)."""
+
+
+class FastPathClient:
+    """Calls a shard's same-node fast path (``cluster.localrpc``); a few pooled connections, one
+    call per connection at a time. Transport failures raise ``FastPathDown`` (the caller goes
+    over Ray instead); a missed deadline raises ``DeadlineExceeded``; the shard's own errors are
+    raised as they are."""
+
+    MAX_IDLE = 8
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def call(self, method: str, args: tuple[Any, ...], timeout_s: float, what: str,
+                   details: dict[str, Any]) -> Any:
+        conn = self._idle.pop() if self._idle else None
+        done = False
+        try:
+            if conn is None:
+                conn = await asyncio.wait_for(asyncio.open_unix_connection(self.path),
+                                              timeout_s)
+            reader, writer = conn
+            writer.write(frame((method, args)))
+
+            async def exchange() -> Any:
+                await writer.drain()
+                header = await reader.readexactly(4)
+                return unframe(await reader.readexactly(body_length(header)))
+
+            ok, value = await asyncio.wait_for(exchange(), timeout_s)
+            done = True
+        except TimeoutError:
+            raise DeadlineExceeded(f"{what} did not answer in time", details) from None
+        except (OSError, EOFError, ValueError) as exc:  # IncompleteReadError is an EOFError
+            raise FastPathDown(repr(exc)) from exc
+        finally:
+            if conn is not None:
+                if done and len(self._idle) < self.MAX_IDLE:
+                    self._idle.append(conn)
+                elif not done:  # mid-call (deadline, cancel, error): never reuse it
+                    conn[1].close()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+def _this_node() -> str:
+    if not ray.is_initialized():  # (get_runtime_context would start a local Ray)
+        return ""
+    try:
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
+
+
 class RayShardClient:
     """A ShardClient over a ShardActor handle.
 
@@ -83,11 +152,55 @@ class RayShardClient:
 
     RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
+    FAST_PATH_RETRY_S = 5.0
+
     def __init__(self, handle: Any, shard_id: ShardId) -> None:
         self._handle = handle
         self.shard_id = shard_id
         self._what = f"shard {shard_id}"
         self._details: dict[str, Any] = {"shard": str(shard_id)}
+        self._fast: FastPathClient | None = None
+        self._fast_checked = 0.0
+        self._refresh: asyncio.Task[Any] | None = None
+
+    def _learn(self, info: Mapping[str, Any]) -> None:
+        """Use the replica's fast path when it runs on this node (see ``cluster.localrpc``)."""
+        self._fast_checked = time.monotonic()
+        path = info.get("fast_path")
+        usable = (bool(path) and info.get("node_id") == _this_node()
+                  and os.environ.get("COLSHARD_FAST_PATH", "1") != "0")
+        if not usable:
+            self._drop_fast()
+        elif self._fast is None or self._fast.path != path:
+            self._drop_fast()
+            self._fast = FastPathClient(str(path))
+
+    def _drop_fast(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
+
+    async def _read(self, method: str, timeout_s: float, *args: Any) -> Any:
+        """A read verb: over the fast path when there is one, else (and when it fails) over
+        Ray. Without a fast path, one is looked for again now and then (``ready()`` in the
+        background), e.g. after the actor restarted."""
+        fast = self._fast
+        if fast is not None:
+            try:
+                return await fast.call(method, args, timeout_s, self._what, dict(self._details))
+            except FastPathDown as exc:
+                log.info("%s: fast path down (%s); over Ray", self._what, exc)
+                self._drop_fast()
+                self._fast_checked = time.monotonic()
+        elif (time.monotonic() - self._fast_checked > self.FAST_PATH_RETRY_S
+              and (self._refresh is None or self._refresh.done())):
+            self._fast_checked = time.monotonic()
+            self._refresh = asyncio.ensure_future(self._quiet_ready())
+        return await self._call(method, timeout_s, *args, retry=False)
+
+    async def _quiet_ready(self) -> None:
+        with contextlib.suppress(ColshardError):
+            await self.ready(5.0)
 
     async def _call(self, method: str, timeout_s: float, *args: Any, retry: bool = True) -> Any:
         """Reads pass ``retry=False``: the coordinator's ReplicaSet fails them over to another
@@ -110,6 +223,7 @@ class RayShardClient:
 
     async def ready(self, timeout_s: float) -> Mapping[str, Any]:
         result: Mapping[str, Any] = await self._call("ready", timeout_s)
+        self._learn(result)
         return result
 
     async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]:
@@ -127,12 +241,11 @@ class RayShardClient:
         return result
 
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await self._call("search", timeout_s, req, retry=False)
+        result: ShardSearchResult = await self._read("search", timeout_s, req)
         return result
 
     async def keyword_search(self, req: KeywordSearch, timeout_s: float) -> ShardSearchResult:
-        result: ShardSearchResult = await self._call("keyword_search", timeout_s, req,
-                                                     retry=False)
+        result: ShardSearchResult = await self._read("keyword_search", timeout_s, req)
         return result
 
     async def list_objects(self, after: str | None, limit: int, include_vectors: bool,

@@ -14,6 +14,11 @@ file in the data directory). The coordinator fails reads over to another replica
 this one with a catch-up, which calls ``clear_lost`` first; with one replica, an operator
 brings the data back (or accepts the loss) and deletes the file (docs/deploy.md).
 
+**Same-node fast path.** Besides its Ray methods the actor serves ``search`` and
+``keyword_search`` on a Unix socket (``shard.fastpath``, ``cluster.localrpc``; its path is in
+``ready()``), which a coordinator on the same node uses instead of a Ray call (~1.5 ms less per
+query here). ``COLSHARD_FAST_PATH=0`` turns it off.
+
 Fault injection (tests and drills only): ``set_delay(seconds)`` makes every read verb (get,
 search, keyword_search, list_objects, stats) sleep that long before answering, simulating a slow
 shard; ``set_delay(0)`` turns it off. The env var ``COLSHARD_FAULT_READ_DELAY_S`` sets it at actor
@@ -22,6 +27,7 @@ start. The delay lives in the actor process only (a restart clears it).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -44,6 +50,7 @@ from cluster.types import (
     WriteResult,
 )
 from shard.engine import ShardEngine
+from shard.fastpath import FastPathServer
 from shard.metrics import ShardMetrics
 
 GAUGE_INTERVAL_S = 10.0
@@ -55,6 +62,8 @@ def restarted_by_ray() -> bool:
     try:
         import ray
 
+        if not ray.is_initialized():  # (get_runtime_context would start a local Ray)
+            return False
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:
         return False
@@ -64,6 +73,8 @@ def _node_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():
+            return ""
         return str(ray.get_runtime_context().get_node_id())
     except Exception:  # outside Ray (unit tests): no node id
         return ""
@@ -102,6 +113,14 @@ class ShardActor:
         self._read_delay_s = float(os.environ.get("COLSHARD_FAULT_READ_DELAY_S", "0") or 0)
         # Size gauges (objects, tokens, segments) stay fresh without anyone asking for stats.
         self._stop = threading.Event()
+        self._fast: FastPathServer | None = None
+        if os.environ.get("COLSHARD_FAST_PATH", "1") != "0":
+            try:
+                self._fast = FastPathServer({"search": self.search,
+                                             "keyword_search": self.keyword_search})
+            except OSError as exc:  # no usable socket directory: Ray calls only
+                self._fast = None
+                logging.getLogger(__name__).warning("no fast path: %s", exc)
         if self._metrics.enabled:
             threading.Thread(target=self._refresh_gauges, name="colshard-gauges",
                              daemon=True).start()
@@ -138,7 +157,9 @@ class ShardActor:
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": _node_id(),
                 "started": self._started, "objects": self._engine.count(),
-                "data_dir": str(self._data_dir), "data_lost": self._lost}
+                "data_dir": str(self._data_dir), "data_lost": self._lost,
+                "fast_path": str(self._fast.path) if self._fast is not None else None,
+                "fast_path_served": self._fast.served if self._fast is not None else 0}
 
     def upsert(self, batch: ObjectBatch) -> list[WriteResult]:
         self._serving()
@@ -182,4 +203,6 @@ class ShardActor:
 
     def drop(self) -> None:
         self._stop.set()
+        if self._fast is not None:
+            self._fast.close()
         self._engine.drop()

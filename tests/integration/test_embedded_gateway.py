@@ -63,6 +63,13 @@ def test_host_hosting_unhost_and_a_taken_port(etcd_endpoint: str, ray_session: N
         assert where["owner"] == "me" and where["pid"] != 0
         assert ray.get(handle.hosting.remote()) == "me"
         _roundtrip(f"http://127.0.0.1:{port}")
+        # The coordinator searched its (same-node) shards over their Unix sockets, not Ray.
+        shards = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == f"colshard-{settings.cluster_name}"
+                  and a["name"].startswith("colshard:E")]
+        served = [ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).ready.remote())
+                  ["fast_path_served"] for a in shards]
+        assert len(served) == 2 and sum(served) >= 1, served
         # Another owner's unhost leaves it running; the owner's own drains and closes it.
         assert ray.get(handle.unhost.remote("someone-else")) is False
         assert port_open(port)

@@ -1,0 +1,148 @@
+"""The same-node fast path for shard reads (``cluster.localrpc``, ``shard.fastpath``, the client
+in ``coordinator.fanout``): real Unix sockets, the Ray handle faked behind the same
+``.remote().future()`` shape."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.errors import DeadlineExceeded, InternalError, NotFound
+from cluster.ids import ShardId
+from cluster.localrpc import socket_dir
+from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient
+from shard.fastpath import FastPathServer
+
+pytestmark = pytest.mark.anyio
+WHAT, DETAILS = "shard C:0", {"shard": "C:0"}
+
+
+def _missing(uuid: str) -> None:
+    raise NotFound(f"object {uuid} not found", {"id": uuid})
+
+
+def _broken() -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    srv = FastPathServer({"echo": lambda *a: a, "missing": _missing, "broken": _broken,
+                          "slow": lambda s: time.sleep(s) or "late"}, directory=tmp_path)
+    yield srv
+    srv.close()
+
+
+async def test_round_trip_errors_and_connection_reuse(server: FastPathServer) -> None:
+    client = FastPathClient(str(server.path))
+    assert await client.call("echo", (1, "two", [3.0]), 5.0, WHAT, DETAILS) == (1, "two", [3.0])
+    assert len(client._idle) == 1
+    for _ in range(3):  # the same connection, one call at a time
+        assert await client.call("echo", ("x",), 5.0, WHAT, DETAILS) == ("x",)
+    assert len(client._idle) == 1
+    with pytest.raises(NotFound, match="object u1 not found"):  # the shard's own error
+        await client.call("missing", ("u1",), 5.0, WHAT, DETAILS)
+    with pytest.raises(InternalError, match="boom"):
+        await client.call("broken", (), 5.0, WHAT, DETAILS)
+    with pytest.raises(InternalError, match="unknown verb"):
+        await client.call("drop", (), 5.0, WHAT, DETAILS)
+    # concurrent calls open more connections; all answer
+    results = await asyncio.gather(*(client.call("echo", (i,), 5.0, WHAT, DETAILS)
+                                     for i in range(5)))
+    assert results == [(i,) for i in range(5)]
+    client.close()
+
+
+async def test_deadline_and_a_closed_server(server: FastPathServer) -> None:
+    client = FastPathClient(str(server.path))
+    with pytest.raises(DeadlineExceeded, match="shard C:0 did not answer in time"):
+        await client.call("slow", (0.5,), 0.05, WHAT, DETAILS)
+    assert client._idle == []  # a connection left mid-call is never reused
+    assert await client.call("echo", (1,), 5.0, WHAT, DETAILS) == (1,)
+    server.close()
+    assert not server.path.exists()
+    with pytest.raises(FastPathDown):
+        await client.call("echo", (1,), 5.0, WHAT, DETAILS)  # the pooled connection is gone
+    with pytest.raises(FastPathDown):
+        await client.call("echo", (1,), 5.0, WHAT, DETAILS)  # and nobody listens any more
+
+
+def test_socket_dir_is_private_and_stale_sockets_are_removed(tmp_path: Path) -> None:
+    directory = socket_dir()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    dead = tmp_path / "999999999-dead.sock"  # no such pid
+    dead.touch()
+    mine = tmp_path / f"{os.getpid()}-alive.sock"
+    mine.touch()
+    srv = FastPathServer({}, directory=tmp_path)
+    try:
+        assert not dead.exists() and mine.exists()
+        assert stat.S_IMODE(srv.path.stat().st_mode) == 0o600
+    finally:
+        srv.close()
+
+
+class FakeRef:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def future(self) -> concurrent.futures.Future[Any]:
+        f: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        f.set_result(self.value)
+        return f
+
+
+class FakeHandle:
+    """A Ray actor handle's shape: ``handle.verb.remote(*args).future()``; records calls."""
+
+    def __init__(self, verbs: dict[str, Callable[..., Any]]) -> None:
+        self.calls: list[str] = []
+        for name, fn in verbs.items():
+            setattr(self, name, self._method(name, fn))
+
+    def _method(self, name: str, fn: Callable[..., Any]) -> Any:
+        calls = self.calls
+
+        class Method:
+            @staticmethod
+            def remote(*args: Any) -> FakeRef:
+                calls.append(name)
+                return FakeRef(fn(*args))
+
+        return Method
+
+
+async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
+        tmp_path: Path) -> None:
+    srv = FastPathServer({"search": lambda req: f"fast:{req}"}, directory=tmp_path)
+    info: dict[str, Any] = {"node_id": "", "fast_path": str(srv.path)}  # "" = this node here
+    handle = FakeHandle({"ready": lambda: dict(info), "search": lambda req: f"ray:{req}"})
+    client = RayShardClient(handle, ShardId("C", 0))
+    assert await client.search("q", 5.0) == "ray:q"  # nothing learned yet: over Ray
+    await client.ready(5.0)
+    handle.calls.clear()
+    assert await client.search("q", 5.0) == "fast:q"
+    assert handle.calls == []
+    srv.close()  # the actor died: this call and the next go over Ray
+    assert await client.search("q", 5.0) == "ray:q"
+    assert await client.search("q", 5.0) == "ray:q"
+    assert handle.calls == ["search", "search"]
+    info["node_id"] = "another-node"  # a replica elsewhere: never the fast path
+    srv2 = FastPathServer({"search": lambda req: f"fast:{req}"}, directory=tmp_path)
+    info["fast_path"] = str(srv2.path)
+    try:
+        await client.ready(5.0)
+        assert await client.search("q", 5.0) == "ray:q"
+        info["node_id"] = ""
+        await client.ready(5.0)  # back on this node (a restart): learned again
+        assert await client.search("q", 5.0) == "fast:q"
+    finally:
+        srv2.close()
