@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import http.client
 import importlib
 import importlib.util
 import json
@@ -33,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -756,6 +758,14 @@ class HttpSearcher:
         self.collection = collection
         self._factory = client_factory or (lambda: httpx.Client(timeout=timeout_s))
         self._local = threading.local()  # one connection pool per client thread
+        # Queries go over the standard library's keep-alive http.client: ~0.4 ms less client
+        # CPU per request than httpx (0.71–0.96 vs 1.16–1.24 ms against a gateway with a fake
+        # coordinator), which is the client's cost, not colshard's. Tests inject httpx mocks.
+        url = urllib.parse.urlsplit(self.base_url)
+        self._stdlib = client_factory is None and url.scheme == "http"
+        self._host, self._port = url.hostname or "127.0.0.1", url.port or 80
+        self._timeout_s = timeout_s
+        self._query_path = f"{url.path}/v1/collections/{collection}/query"
 
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
@@ -763,16 +773,40 @@ class HttpSearcher:
             client = self._local.client = self._factory()
         return client
 
+    def _query(self, body: bytes) -> Any:
+        """POST a query body; the decoded JSON answer (RuntimeError on an HTTP error)."""
+        if not self._stdlib:
+            resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
+                                       content=body, headers={"content-type": "application/json"})
+            _check(resp)
+            return orjson.loads(resp.content)
+        for attempt in (0, 1):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._timeout_s)
+            try:
+                conn.request("POST", self._query_path, body=body,
+                             headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                break
+            except (http.client.HTTPException, OSError):
+                conn.close()  # the server closed the kept-alive connection: once more
+                self._local.conn = None
+                if attempt:
+                    raise
+        if resp.status >= 400:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:500].decode(errors='replace')}")
+        return orjson.loads(data)
+
     def search(self, query: F32, k: int) -> SearchOutput:
         # orjson writes the 32x128 float32 matrix in ~0.1 ms; json.dumps(query.tolist()) takes
         # ~2 ms per query, which is the client's cost, not colshard's.
         body = orjson.dumps({"near_vector": {"vector": np.ascontiguousarray(query)},
                              "target_vector": "v", "limit": k, "return_metadata": ["score"]},
                             option=orjson.OPT_SERIALIZE_NUMPY)
-        resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
-                                   content=body, headers={"content-type": "application/json"})
-        _check(resp)
-        body_out = orjson.loads(resp.content)
+        body_out = self._query(body)
         objects = body_out["objects"]
         ids = np.fromiter((doc_index(o["id"]) for o in objects), dtype=np.int64,
                           count=len(objects))
@@ -784,11 +818,8 @@ class HttpSearcher:
         body = orjson.dumps({"near_vector": {"vector": np.ascontiguousarray(query)},
                              "target_vector": "v", "limit": k, "return_metadata": metadata},
                             option=orjson.OPT_SERIALIZE_NUMPY)
-        resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
-                                   content=body, headers={"content-type": "application/json"})
-        _check(resp)
         hits = []
-        for o in orjson.loads(resp.content)["objects"]:
+        for o in self._query(body)["objects"]:
             meta = o.get("metadata") or {}
             tokens = (meta.get("explain") or {}).get("tokens")
             hits.append(ExplainedHit(doc_index(o["id"]), float(meta["score"]),

@@ -259,6 +259,53 @@ def test_http_searcher_wire_shapes(cache: Path) -> None:
     assert ex["example"]["query"] == 0 and len(ex["example"]["tokens"]) == 5
 
 
+def test_http_searcher_queries_over_keep_alive_http_client() -> None:
+    """Without an injected client, queries go over the standard library's http.client on one
+    kept-alive connection, reconnect once when the server closed it, and raise on 4xx."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, int]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            seen.append((self.path, self.client_address[1]))
+            status, out = 200, {"objects": [{"id": doc_uuid(7), "metadata": {"score": 1.0}}],
+                                "took_ms": 1.5}
+            if body["limit"] == 99:
+                status, out = 422, {"error": {"code": "invalid_input"}}
+            data = json.dumps(out).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            if len(seen) == 2:
+                self.send_header("connection", "close")  # the next query must reconnect
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        searcher = HttpSearcher(f"http://127.0.0.1:{server.server_address[1]}")
+        q = np.ones((2, 4), dtype=np.float32)
+        for _ in range(3):
+            out = searcher.search(q, 10)
+            assert out.doc_ids.tolist() == [7] and out.timings_s == {"server": 0.0015}
+        assert [p for p, _ in seen] == ["/v1/collections/Bench/query"] * 3
+        assert seen[0][1] == seen[1][1] != seen[2][1]  # kept alive, then a new connection
+        with pytest.raises(RuntimeError, match="HTTP 422"):
+            searcher.search(q, 99)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_explain_check_counts_mismatches(cache: Path) -> None:
     """A hit whose token similarities do not add up to its score, or that lacks a query
     token, is counted."""
