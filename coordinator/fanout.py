@@ -89,14 +89,26 @@ class FastPathClient:
     over Ray instead); a missed deadline raises ``DeadlineExceeded``; the shard's own errors are
     raised as they are."""
 
-    MAX_IDLE = 8
+    MAX_CALLS = 8  # in flight per shard, like the actor's max_concurrency over Ray
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(self.MAX_CALLS)
 
     async def call(self, method: str, args: tuple[Any, ...], timeout_s: float, what: str,
                    details: dict[str, Any]) -> Any:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{what} did not answer in time", details) from None
+        try:
+            return await self._call(method, args, timeout_s, what, details)
+        finally:
+            self._slots.release()
+
+    async def _call(self, method: str, args: tuple[Any, ...], timeout_s: float, what: str,
+                    details: dict[str, Any]) -> Any:
         conn = self._idle.pop() if self._idle else None
         done = False
         try:
@@ -119,7 +131,7 @@ class FastPathClient:
             raise FastPathDown(repr(exc)) from exc
         finally:
             if conn is not None:
-                if done and len(self._idle) < self.MAX_IDLE:
+                if done:
                     self._idle.append(conn)
                 elif not done:  # mid-call (deadline, cancel, error): never reuse it
                     conn[1].close()

@@ -61,6 +61,18 @@ async def test_round_trip_errors_and_connection_reuse(server: FastPathServer) ->
     client.close()
 
 
+async def test_at_most_eight_calls_in_flight_per_shard(server: FastPathServer) -> None:
+    client = FastPathClient(str(server.path))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    out = await asyncio.gather(*(client.call("slow", (0.2,), 10.0, WHAT, DETAILS)
+                                 for _ in range(16)))
+    assert out == ["late"] * 16
+    assert loop.time() - start >= 0.38  # two waves of 8, not 16 at once
+    assert len(client._idle) == 8
+    client.close()
+
+
 async def test_deadline_and_a_closed_server(server: FastPathServer) -> None:
     client = FastPathClient(str(server.path))
     with pytest.raises(DeadlineExceeded, match="shard C:0 did not answer in time"):
