@@ -18,7 +18,7 @@ import pytest
 from cluster.errors import DeadlineExceeded, InternalError, NotFound
 from cluster.ids import ShardId
 from cluster.localrpc import socket_dir
-from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient
+from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient, _this_node
 from shard.fastpath import FastPathServer
 
 pytestmark = pytest.mark.anyio
@@ -135,7 +135,8 @@ class FakeHandle:
 async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
         tmp_path: Path) -> None:
     srv = FastPathServer({"search": lambda req: f"fast:{req}"}, directory=tmp_path)
-    info: dict[str, Any] = {"node_id": "", "fast_path": str(srv.path)}  # "" = this node here
+    here = _this_node()  # "" unless this test session started Ray (the integration tests do)
+    info: dict[str, Any] = {"node_id": here, "fast_path": str(srv.path)}
     handle = FakeHandle({"ready": lambda: dict(info), "search": lambda req: f"ray:{req}"})
     client = RayShardClient(handle, ShardId("C", 0))
     assert await client.search("q", 5.0) == "ray:q"  # nothing learned yet: over Ray
@@ -153,7 +154,7 @@ async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
     try:
         await client.ready(5.0)
         assert await client.search("q", 5.0) == "ray:q"
-        info["node_id"] = ""
+        info["node_id"] = here
         await client.ready(5.0)  # back on this node (a restart): learned again
         assert await client.search("q", 5.0) == "fast:q"
     finally:
