@@ -133,7 +133,7 @@ class FastPathClient:
             if conn is not None:
                 if done:
                     self._idle.append(conn)
-                elif not done:  # mid-call (deadline, cancel, error): never reuse it
+                else:  # mid-call (deadline, cancel, error): never reuse it
                     conn[1].close()
         if not ok:
             raise value
@@ -202,7 +202,8 @@ class RayShardClient:
                 return await fast.call(method, args, timeout_s, self._what, dict(self._details))
             except FastPathDown as exc:
                 log.info("%s: fast path down (%s); over Ray", self._what, exc)
-                self._drop_fast()
+                if self._fast is fast:  # not one learned meanwhile
+                    self._drop_fast()
                 self._fast_checked = time.monotonic()
         elif (time.monotonic() - self._fast_checked > self.FAST_PATH_RETRY_S
               and (self._refresh is None or self._refresh.done())):
