@@ -22,6 +22,13 @@ from typing import Any
 
 HEADER = struct.Struct("!I")
 MAX_FRAME_BYTES = 1 << 30
+ENABLE_ENV = "COLSHARD_FAST_PATH"
+
+
+def enabled() -> bool:
+    """Off where ``COLSHARD_FAST_PATH=0`` (read by the shard that would serve it and by the
+    coordinator that would use it)."""
+    return os.environ.get(ENABLE_ENV, "1") != "0"
 
 
 def socket_dir() -> Path:

@@ -87,6 +87,19 @@ class Settings:
 DATA_DIR_ENV = "COLSHARD_DATA_DIR"
 
 
+def ray_node_id() -> str:
+    """The id of the Ray node this process runs on; "" outside Ray (without starting one:
+    ``ray.get_runtime_context()`` would start a local Ray when none is initialised)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return ""
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return ""
+
+
 def node_data_dir(default: Path | str) -> Path:
     """The data directory of the Ray node this process runs on: the node's own
     ``COLSHARD_DATA_DIR`` (set where ``ray start`` runs; workers inherit it), else ``default``

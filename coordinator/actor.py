@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from cluster.errors import DeadlineExceeded, InternalError
 from cluster.etcd_store import EtcdStore
 from cluster.query import QueryRequest, QueryResult
-from cluster.settings import Settings
+from cluster.settings import Settings, ray_node_id
 from cluster.spec import CollectionSpec
 from cluster.types import StoredObject, WriteResult
 from cluster.validation import ColumnarInput, ObjectInput
@@ -94,9 +94,7 @@ class CoordinatorActor:
 
     @staticmethod
     def _whereabouts() -> dict[str, Any]:
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(),
+        return {"node_id": ray_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
 
     async def start(self) -> bool:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -19,9 +18,11 @@ from typing import Any, Protocol, TypeVar
 import ray
 import ray.exceptions
 
+from cluster import localrpc
 from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unavailable
 from cluster.ids import ShardId
 from cluster.localrpc import body_length, frame, unframe
+from cluster.settings import ray_node_id
 from cluster.types import (
     KeywordSearch,
     ObjectBatch,
@@ -145,15 +146,6 @@ class FastPathClient:
         self._idle.clear()
 
 
-def _this_node() -> str:
-    if not ray.is_initialized():  # (get_runtime_context would start a local Ray)
-        return ""
-    try:
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:
-        return ""
-
-
 class RayShardClient:
     """A ShardClient over a ShardActor handle.
 
@@ -179,8 +171,7 @@ class RayShardClient:
         """Use the replica's fast path when it runs on this node (see ``cluster.localrpc``)."""
         self._fast_checked = time.monotonic()
         path = info.get("fast_path")
-        usable = (bool(path) and info.get("node_id") == _this_node()
-                  and os.environ.get("COLSHARD_FAST_PATH", "1") != "0")
+        usable = bool(path) and info.get("node_id") == ray_node_id() and localrpc.enabled()
         if not usable:
             self._drop_fast()
         elif self._fast is None or self._fast.path != path:

@@ -214,8 +214,10 @@ def coordinator_is_local(handle: Any) -> bool:
     HTTP port this process was asked to serve)."""
     import ray
 
+    from cluster.settings import ray_node_id
+
     where = ray.get(handle.whereabouts.remote(), timeout=60)
-    return bool(where["node_id"] == ray.get_runtime_context().get_node_id())
+    return bool(where["node_id"] == ray_node_id())
 
 
 def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0) -> None:

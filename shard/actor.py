@@ -37,8 +37,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cluster import localrpc
 from cluster.errors import DataLost
-from cluster.settings import ShardSettings, node_data_dir
+from cluster.settings import ShardSettings, node_data_dir, ray_node_id
 from cluster.spec import CollectionSpec
 from cluster.types import (
     KeywordSearch,
@@ -69,17 +70,6 @@ def restarted_by_ray() -> bool:
         return False
 
 
-def _node_id() -> str:
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            return ""
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:  # outside Ray (unit tests): no node id
-        return ""
-
-
 def _holds_data(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
@@ -104,7 +94,7 @@ class ShardActor:
             self._lost = marker.read_text().strip() or "data lost"
         elif not had_data and (restarted if restarted is not None else restarted_by_ray()):
             self._lost = (f"shard {spec.name}:{shard} was restarted on node "
-                          f"{_node_id()[:12] or '?'} ({socket.gethostname()}) with an empty "
+                          f"{ray_node_id()[:12] or '?'} ({socket.gethostname()}) with an empty "
                           f"data directory {path}: its data is where it ran before")
             marker.write_text(self._lost + "\n")
         self._engine.start_background()
@@ -114,12 +104,11 @@ class ShardActor:
         # Size gauges (objects, tokens, segments) stay fresh without anyone asking for stats.
         self._stop = threading.Event()
         self._fast: FastPathServer | None = None
-        if os.environ.get("COLSHARD_FAST_PATH", "1") != "0":
+        if localrpc.enabled():
             try:
                 self._fast = FastPathServer({"search": self.search,
                                              "keyword_search": self.keyword_search})
             except OSError as exc:  # no usable socket directory: Ray calls only
-                self._fast = None
                 logging.getLogger(__name__).warning("no fast path: %s", exc)
         if self._metrics.enabled:
             threading.Thread(target=self._refresh_gauges, name="colshard-gauges",
@@ -155,7 +144,7 @@ class ShardActor:
         return lost
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": _node_id(),
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray_node_id(),
                 "started": self._started, "objects": self._engine.count(),
                 "data_dir": str(self._data_dir), "data_lost": self._lost,
                 "fast_path": str(self._fast.path) if self._fast is not None else None,

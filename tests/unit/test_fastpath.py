@@ -18,7 +18,8 @@ import pytest
 from cluster.errors import DeadlineExceeded, InternalError, NotFound
 from cluster.ids import ShardId
 from cluster.localrpc import socket_dir
-from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient, _this_node
+from cluster.settings import ray_node_id
+from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient
 from shard.fastpath import FastPathServer
 
 pytestmark = pytest.mark.anyio
@@ -135,7 +136,7 @@ class FakeHandle:
 async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
         tmp_path: Path) -> None:
     srv = FastPathServer({"search": lambda req: f"fast:{req}"}, directory=tmp_path)
-    here = _this_node()  # "" unless this test session started Ray (the integration tests do)
+    here = ray_node_id()  # "" unless this test session started Ray (the integration tests do)
     info: dict[str, Any] = {"node_id": here, "fast_path": str(srv.path)}
     handle = FakeHandle({"ready": lambda: dict(info), "search": lambda req: f"ray:{req}"})
     client = RayShardClient(handle, ShardId("C", 0))
