@@ -100,7 +100,10 @@ class FastPathClient:
     async def call(self, method: str, args: tuple[Any, ...], timeout_s: float, what: str,
                    details: dict[str, Any]) -> Any:
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout_s)
+            if self._slots.locked():  # else acquire() returns at once: no timer, no task
+                await asyncio.wait_for(self._slots.acquire(), timeout_s)
+            else:
+                await self._slots.acquire()
         except TimeoutError:
             raise DeadlineExceeded(f"{what} did not answer in time", details) from None
         try:
@@ -118,13 +121,11 @@ class FastPathClient:
                                               timeout_s)
             reader, writer = conn
             writer.write(frame((method, args)))
-
-            async def exchange() -> Any:
+            # asyncio.timeout, not wait_for: the exchange runs in this task (no task per call).
+            async with asyncio.timeout(timeout_s):
                 await writer.drain()
                 header = await reader.readexactly(4)
-                return unframe(await reader.readexactly(body_length(header)))
-
-            ok, value = await asyncio.wait_for(exchange(), timeout_s)
+                ok, value = unframe(await reader.readexactly(body_length(header)))
             done = True
         except TimeoutError:
             raise DeadlineExceeded(f"{what} did not answer in time", details) from None

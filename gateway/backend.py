@@ -24,7 +24,13 @@ class Backend(Protocol):
 class LocalBackend:
     """Calls ``target``'s async methods directly. With ``detach`` a call the gateway stops
     waiting for (its timeout, or the request task cancelled) runs on to its end, as a call
-    across Ray would: the embedded gateway must not cancel the coordinator's work halfway."""
+    across Ray would: the embedded gateway must not cancel the coordinator's work halfway.
+
+    A ``query`` is never detached: it changes nothing, so one the gateway gives up on is
+    cancelled (its shard calls are dropped, freeing the coordinator), and it runs in the
+    request's own task, one task switch less per query than a shielded call."""
+
+    READ_ONLY = frozenset({"query"})
 
     def __init__(self, target: Any, *, detach: bool = False) -> None:
         self._target = target
@@ -32,10 +38,11 @@ class LocalBackend:
 
     async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         work = getattr(self._target, method)(*args)
-        if self._detach:
-            work = asyncio.shield(work)
         try:
-            return await asyncio.wait_for(work, timeout_s)
+            if self._detach and method not in self.READ_ONLY:
+                return await asyncio.wait_for(asyncio.shield(work), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await work
         except TimeoutError as exc:
             raise DeadlineExceeded(f"coordinator did not answer {method} in time") from exc
 

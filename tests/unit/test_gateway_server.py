@@ -148,3 +148,18 @@ async def test_local_backend_timeout_is_a_deadline_and_detach_lets_the_work_fini
     await asyncio.sleep(0.4)
     assert target.finished.is_set() is detach  # not detached: the work was cancelled
     assert await backend.call("work", timeout_s=5) == "done"
+
+
+class SlowQuery(Slow):
+    async def query(self) -> str:
+        return await self.work()
+
+
+async def test_local_backend_cancels_a_query_it_gives_up_on_even_when_detaching() -> None:
+    target = SlowQuery()
+    backend = LocalBackend(target, detach=True)
+    with pytest.raises(DeadlineExceeded, match="did not answer query in time"):
+        await backend.call("query", timeout_s=0.01)
+    await asyncio.sleep(0.4)
+    assert not target.finished.is_set()  # read-only: cancelled, not left running
+    assert await backend.call("query", timeout_s=5) == "done"
