@@ -29,6 +29,7 @@ from prometheus_client import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster import vector_wire
 from cluster.errors import (
     BadRequest,
     ColshardError,
@@ -213,12 +214,15 @@ def _vectors_out(vectors: Any) -> dict[str, Any] | None:
     return {name: _matrix_list(v) for name, v in vectors.items()}
 
 
-def _array_or_raw(value: Any) -> Any:
+def _array_or_raw(value: Any, what: str) -> Any:
     """``value`` as a numpy array when it converts, so the limit check reads its shape and
     ``_to_array`` does not convert the lists again; else unchanged (``_to_array`` then rejects
-    it with its own message, after the limit checks, as before)."""
+    it with its own message, after the limit checks, as before). A binary-form vector
+    (``cluster.vector_wire``) is decoded, or rejected at once when malformed."""
     if value is None:
         return None
+    if vector_wire.is_encoded(value):
+        return vector_wire.decode(value, what)
     try:
         return np.asarray(value)
     except (ValueError, TypeError):
@@ -229,6 +233,8 @@ def _to_array(value: Any, what: str) -> Any:
     """Structural check only (rectangular numbers); dims are checked against the spec later."""
     if value is None:
         return None
+    if vector_wire.is_encoded(value):
+        return vector_wire.decode(value, what)
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
@@ -238,7 +244,7 @@ def _to_array(value: Any, what: str) -> Any:
         raise InvalidInput(f"{what}: a vector holds numbers only", {"vector": what})
     # Out-of-range values become inf here and are rejected with the NaN/Inf check later.
     with np.errstate(over="ignore", invalid="ignore"):
-        return array.astype(np.float32)
+        return array.astype(np.float32, copy=False)
 
 
 def object_out(collection: str, obj: StoredObject) -> dict[str, Any]:
@@ -494,8 +500,9 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     async def query(name: str, body: wire.QueryIn, request: Request) -> JSONResponse:
         limits.check_page(body.limit, body.offset, settings)
         limits.check_filter(body.filters, settings)
-        near = _array_or_raw(body.near_vector.vector) if body.near_vector else None
-        hybrid_vector = _array_or_raw(body.hybrid.vector) if body.hybrid else None
+        near = (_array_or_raw(body.near_vector.vector, "near_vector.vector")
+                if body.near_vector else None)
+        hybrid_vector = _array_or_raw(body.hybrid.vector, "hybrid.vector") if body.hybrid else None
         if body.near_vector is not None:
             limits.check_query_vector(near, "near_vector.vector", settings)
         if hybrid_vector is not None:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from cluster import vector_wire
 from cluster.types import F32, ObjectBatch, VectorColumn, VectorSearch
 from shard.bench import data as bench_data
 from shard.bench.baselines import (
@@ -746,7 +747,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 class HttpSearcher:
-    """near_vector queries against a running colshard gateway (raw httpx, JSON)."""
+    """near_vector queries against a running colshard gateway (JSON bodies, the query matrix
+    in binary form as the SDK sends it)."""
 
     name = "colshard-http"
 
@@ -801,11 +803,10 @@ class HttpSearcher:
         return orjson.loads(data)
 
     def search(self, query: F32, k: int) -> SearchOutput:
-        # orjson writes the 32x128 float32 matrix in ~0.1 ms; json.dumps(query.tolist()) takes
-        # ~2 ms per query, which is the client's cost, not colshard's.
-        body = orjson.dumps({"near_vector": {"vector": np.ascontiguousarray(query)},
-                             "target_vector": "v", "limit": k, "return_metadata": ["score"]},
-                            option=orjson.OPT_SERIALIZE_NUMPY)
+        # The binary form the SDK sends (cluster.vector_wire): 25 µs to write, where decimal
+        # text takes ~75 µs with orjson and ~2 ms with json.dumps(query.tolist()).
+        body = orjson.dumps({"near_vector": {"vector": vector_wire.encode(query)},
+                             "target_vector": "v", "limit": k, "return_metadata": ["score"]})
         body_out = self._query(body)
         objects = body_out["objects"]
         ids = np.fromiter((doc_index(o["id"]) for o in objects), dtype=np.int64,
@@ -815,9 +816,8 @@ class HttpSearcher:
 
     def search_hits(self, query: F32, k: int, explain: bool) -> list[ExplainedHit]:
         metadata = ["score", "explain"] if explain else ["score"]
-        body = orjson.dumps({"near_vector": {"vector": np.ascontiguousarray(query)},
-                             "target_vector": "v", "limit": k, "return_metadata": metadata},
-                            option=orjson.OPT_SERIALIZE_NUMPY)
+        body = orjson.dumps({"near_vector": {"vector": vector_wire.encode(query)},
+                             "target_vector": "v", "limit": k, "return_metadata": metadata})
         hits = []
         for o in self._query(body)["objects"]:
             meta = o.get("metadata") or {}

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cluster import vector_wire
 from cluster.errors import AlreadyExists, InvalidInput, NotFound
 from cluster.etcd_store import EtcdStore
 from gateway.client import Client, NamedVector, Property
@@ -184,6 +185,14 @@ def test_bad_input_is_rejected_and_changes_nothing(colshard_server: Server) -> N
             "unknown property": insert(good, nope=1),
             "wrong property type": insert(good, rank="x"),
             "strings": insert([["a"] * DIM]),
+            # the binary form (cluster.vector_wire), checked like lists
+            "binary wrong dim": insert(vector_wire.encode(np.ones((3, DIM - 1)))),
+            "binary NaN": insert(vector_wire.encode(np.full((2, DIM), np.nan))),
+            "binary short": insert({"base64": vector_wire.encode(good)["base64"],
+                                    "shape": [5, DIM]}),
+            "binary bad base64": insert({"base64": "not base64!", "shape": [1, DIM]}),
+            "binary extra key": insert({**vector_wire.encode(good), "dtype": "f4"}),
+            "binary empty": insert(vector_wire.encode(np.zeros((0, DIM)))),
         }
         for what, response in cases.items():
             assert response.status_code == 422, (what, response.text)
@@ -207,10 +216,23 @@ def test_bad_input_is_rejected_and_changes_nothing(colshard_server: Server) -> N
 
         # Queries
         q = {"near_vector": {"vector": good}, "target_vector": "multi_vector"}
-        assert http.post("/v1/collections/BadInput/query", json=q).status_code == 200
+        as_list = http.post("/v1/collections/BadInput/query", json=q)
+        assert as_list.status_code == 200
+        binary = {**q, "near_vector": {"vector": vector_wire.encode(good)}}
+        as_binary = http.post("/v1/collections/BadInput/query", json=binary)
+        assert as_binary.status_code == 200
+        assert ([o["id"] for o in as_binary.json()["objects"]]
+                == [o["id"] for o in as_list.json()["objects"]])
         bad_queries = [
             ({**q, "target_vector": "nope"}, 404),
             ({"near_vector": {"vector": [[0.1] * 3]}, "target_vector": "multi_vector"}, 422),
+            ({"near_vector": {"vector": vector_wire.encode(np.ones((2, 3)))},
+              "target_vector": "multi_vector"}, 422),
+            ({"near_vector": {"vector": {"base64": "AAAA", "shape": [2, DIM]}},
+              "target_vector": "multi_vector"}, 422),
+            ({"near_vector": {"vector": vector_wire.encode(
+                np.ones((colshard_server.settings.max_query_tokens + 1, DIM)))},
+              "target_vector": "multi_vector"}, 422),
             ({**q, "limit": 0}, 422),
             ({**q, "near_text": {"query": "x"}}, 422),
             ({}, 422),

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cluster import vector_wire
 from cluster.ids import shard_for_uuid
 from shard.bench import data as bench_data
 from shard.bench import main as bench_main
@@ -223,7 +224,8 @@ class _FakeGateway:
             return httpx.Response(200, json={"results": [
                 {"id": o["id"], "status": "SUCCESS", "error": None} for o in body["objects"]]})
         if path.endswith("/query"):
-            q = np.asarray(body["near_vector"]["vector"], dtype=np.float32)
+            raw = body["near_vector"]["vector"]  # the binary form, as the harness sends it
+            q = vector_wire.decode(raw, "near_vector.vector")
             scored = sorted(((float((q @ d.T).max(axis=1).sum()), u)
                              for u, d in self.docs.items()), reverse=True)[: body["limit"]]
             explain = "explain" in body.get("return_metadata", [])
