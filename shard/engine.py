@@ -736,6 +736,10 @@ class ShardEngine:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # The gathered rows are on disk now: free them before the index build, which reads the
+        # new segment's memory-mapped file (a 6.4M-token float32 merge held 3.3 GB of copies
+        # through its ScaNN build).
+        del uuids, props, vectors
         if self.settings.fsync:
             fsync_dir(self._segments_dir)
         try:

@@ -596,3 +596,47 @@ def test_several_indexed_segments_share_k_prime(tmp_path: Path) -> None:
     assert np.mean(recalls) >= 0.95
     assert np.mean(candidates) < 400
     engine.close()
+
+
+def test_a_merge_frees_its_gathered_rows_before_building_the_merged_index(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    dim = 64
+    spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
+    docs = random_docs(rng, 1_600, dim, lo=8, hi=24, normalise=True)
+    engine = open_engine(tmp_path, spec, seal_threshold_tokens=1_000,
+                         brute_force_max_tokens=1_000, merge_factor=2)
+    n_tokens = 0
+    for start in range(0, 1_600, 400):  # four sealed, indexed segments
+        engine.upsert(batch(range(start, start + 400), {"v": docs[start : start + 400]}))
+        n_tokens += sum(len(d) for d in docs[start : start + 400])
+        while engine._maybe_seal():
+            pass
+        while engine._maybe_build_index():
+            pass
+    gathered_bytes = n_tokens * dim * 4
+    seen: list[tuple[int, int]] = []  # (segment tokens, traced bytes when its build starts)
+    build = engine._build_index
+
+    def traced_build(seg: Any, v: Any) -> Any:
+        seen.append((int(seg.offsets(v.name)[-1]), tracemalloc.get_traced_memory()[0]))
+        return build(seg, v)
+
+    monkeypatch.setattr(engine, "_build_index", traced_build)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        drain(engine)
+    finally:
+        tracemalloc.stop()
+    merged = [(tokens, traced) for tokens, traced in seen if tokens > n_tokens // 4 + 1]
+    assert merged, f"no merged segment was indexed: {seen}"
+    for tokens, traced in merged:
+        # Before the fix the merge's gathered copy (tokens × dim × 4 bytes) was still held.
+        assert traced - baseline < tokens * dim * 4 // 2, (tokens, traced - baseline)
+    assert gathered_bytes > 2_000_000  # big enough to tell apart from bookkeeping
+    q = docs[5][:3]
+    got = _hits(engine, q, 5)
+    assert got[0][0] == uid(5)
+    engine.close()
