@@ -50,6 +50,7 @@ from cluster.types import (
     VectorSearch,
     WriteResult,
 )
+from shard import kernels
 from shard.engine import ShardEngine
 from shard.fastpath import FastPathServer
 from shard.metrics import ShardMetrics
@@ -98,6 +99,7 @@ class ShardActor:
                           f"data directory {path}: its data is where it ran before")
             marker.write_text(self._lost + "\n")
         self._engine.start_background()
+        kernels.warm()  # compile or load the MaxSim kernels now, not in the first query
         self._metrics = ShardMetrics(spec.name, shard)
         self._started = time.time()
         self._read_delay_s = float(os.environ.get("COLSHARD_FAULT_READ_DELAY_S", "0") or 0)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from shard.maxsim import gather_many, maxsim_flat, top_k_order
+from shard.maxsim import gather_many, maxsim_docs, maxsim_flat, top_k_order
 from shard.muvera import FdeSegment, top_candidates
 from shard.segment import SegmentView, VectorView
 
@@ -218,13 +218,16 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
 
 def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64]) -> list[F64]:
     """Exact MaxSim of the chosen rows of every plan. A plan whose rows are most of its segment
-    is scored in place (no gather copy); the other plans' rows are gathered into one matrix and
-    scored with one matmul (one call instead of one per segment)."""
+    is scored in one pass over the segment; a float32 plan's few chosen rows are scored where
+    they lie (``maxsim_docs``: no gather copy); the other plans' (float16) rows are gathered
+    into one matrix and scored with one matmul (one call instead of one per segment)."""
     out: list[F64 | None] = [None] * len(plans)
     small: list[int] = []
     for i, (plan, rows) in enumerate(zip(plans, chosen, strict=True)):
         if len(rows) * 2 > plan.view.n_objects:
             out[i] = maxsim_flat(query, plan.vec.tokens, plan.vec.offsets)[rows]
+        elif plan.vec.tokens.dtype == np.float32:
+            out[i] = maxsim_docs(query, plan.vec.tokens, plan.vec.offsets, rows)
         else:
             small.append(i)
     if small:
