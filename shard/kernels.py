@@ -12,13 +12,18 @@ and ``reduceat`` takes ~0.4 ms for 300 boundaries × 32 query rows. Here:
 - ``segment_max_sum`` is the max-then-sum over document boundaries of a similarity block.
 
 Both release the GIL. Compiled on first use and cached on disk (numba's cache: beside this file,
-else the user's cache directory); ``warm()`` does it ahead of the first query.
+else the user's cache directory, or ``NUMBA_CACHE_DIR``); where none of those is writable (a
+read-only image with a read-only home) they are compiled in each process instead, ~1 s.
+``warm()`` does it ahead of the first query.
 
 Scores match the numpy path: the same float32 dot products, maxima summed in float64 in query
 row order. NaN never reaches them (ingest and queries reject it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,8 +34,14 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]
-def _maxsim_rows(tokens: F32, starts: I64, ends: I64, qt: F32, out: F64) -> None:
+def _jit(fn: Callable[..., Any]) -> Any:
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(nogil=True)(fn)
+
+
+def _maxsim_rows_py(tokens: F32, starts: I64, ends: I64, qt: F32, out: F64) -> None:
     n_query = qt.shape[1]
     best = np.empty(n_query, np.float32)
     for d in range(len(starts)):
@@ -52,8 +63,7 @@ def _maxsim_rows(tokens: F32, starts: I64, ends: I64, qt: F32, out: F64) -> None
         out[d] = total
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]
-def _segment_max_sum(sims: F32, offsets: I64, out: F64) -> None:
+def _segment_max_sum_py(sims: F32, offsets: I64, out: F64) -> None:
     n_query = sims.shape[1]
     best = np.empty(n_query, np.float32)
     for d in range(len(offsets) - 1):
@@ -72,6 +82,10 @@ def _segment_max_sum(sims: F32, offsets: I64, out: F64) -> None:
         for j in range(n_query):
             total += best[j]
         out[d] = total
+
+
+_maxsim_rows = _jit(_maxsim_rows_py)
+_segment_max_sum = _jit(_segment_max_sum_py)
 
 
 def maxsim_rows(query: F32, tokens: F32, starts: I64, ends: I64) -> F64:

@@ -94,3 +94,20 @@ def test_no_documents_or_no_query_rows() -> None:
     got = kernels.maxsim_rows(np.zeros((0, 4), np.float32), tokens, np.array([0]), np.array([3]))
     assert np.isneginf(got).all()
     kernels.warm()
+
+
+def test_without_a_writable_cache_the_kernels_are_compiled_per_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[dict[str, object]] = []
+
+    def njit(**options: object) -> object:
+        asked.append(options)
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return lambda fn: ("compiled", fn)
+
+    def f() -> None: ...
+
+    monkeypatch.setattr(kernels, "njit", njit)
+    assert kernels._jit(f) == ("compiled", f)
+    assert asked == [{"cache": True, "nogil": True}, {"nogil": True}]
