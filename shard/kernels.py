@@ -84,7 +84,46 @@ def _segment_max_sum_py(sims: F32, offsets: I64, out: F64) -> None:
         out[d] = total
 
 
+def _mark_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
+                  seen: npt.NDArray[np.bool_]) -> None:
+    n_query, width = ids.shape
+    for q in range(n_query):
+        t = tau[q]
+        for j in range(width):
+            s = sims[q, j]
+            if s >= t and -np.inf < s < np.inf:  # kept: finite and not below the threshold
+                seen[tok2doc[ids[q, j]] + base] = True
+
+
+def _add_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
+                 slot_of: I64,
+                 imputed: F64, spread: F64, shift: F64, last_row: I64, best_hit: F64,
+                 approx: F64) -> None:
+    n_query, width = ids.shape
+    for q in range(n_query):
+        t = tau[q]
+        for j in range(width):
+            s = sims[q, j]
+            if not (s >= t and -np.inf < s < np.inf):
+                continue
+            slot = slot_of[tok2doc[ids[q, j]] + base]
+            imp = imputed[q] + shift[slot] * spread[q]
+            hit = float(s)
+            if last_row[slot] != q:  # the document's first hit for this query row
+                last_row[slot] = q
+                best_hit[slot] = hit
+                if hit > imp:
+                    approx[slot] += hit - imp
+            elif hit > best_hit[slot]:  # a better hit for the same row: only the best counts
+                before = best_hit[slot] if best_hit[slot] > imp else imp
+                best_hit[slot] = hit
+                if hit > before:
+                    approx[slot] += hit - before
+
+
 _maxsim_rows = _jit(_maxsim_rows_py)
+_mark_hits = _jit(_mark_hits_py)
+_add_hits = _jit(_add_hits_py)
 _segment_max_sum = _jit(_segment_max_sum_py)
 
 
@@ -107,9 +146,60 @@ def segment_max_sum(sims: F32, offsets: I64, out: F64) -> None:
                      np.ascontiguousarray(offsets, dtype=np.int64), out)
 
 
+class HitTable:
+    """Approximate document scores from token-index hits (XTR-style imputation, see
+    ``shard.search.impute_scores`` for the rule), compiled: no (documents × query rows)
+    matrix, no sort. Documents are keys ``base + row`` in ``range(n_keys)``; hits come as
+    ``(ids, sims)`` blocks of (n_query, width) with a token → row table each, and count where
+    ``sims`` is finite and at least ``tau`` of their query row.
+
+    ``mark`` every block, then ``documents()`` (ascending keys), then ``scores`` with the
+    per-row imputed values and per-document shifts."""
+
+    def __init__(self, n_keys: int, tau: F32) -> None:
+        self._seen = np.zeros(n_keys, dtype=np.bool_)
+        self._tau = np.ascontiguousarray(tau, dtype=np.float32)
+        self._blocks: list[tuple[I64, F32, npt.NDArray[np.integer], int]] = []
+        self._docs: I64 | None = None
+
+    def mark(self, ids: I64, sims: F32, tok2doc: npt.NDArray[np.integer], base: int) -> None:
+        block = (np.ascontiguousarray(ids, dtype=np.int64),
+                 np.ascontiguousarray(sims, dtype=np.float32),
+                 np.ascontiguousarray(tok2doc), int(base))  # int32 in segments: no copy
+        self._blocks.append(block)
+        _mark_hits(block[0], block[1], self._tau, block[2], block[3], self._seen)
+
+    def documents(self) -> I64:
+        if self._docs is None:
+            self._docs = np.flatnonzero(self._seen).astype(np.int64)
+        return self._docs
+
+    def scores(self, imputed: F32, spread: F32, shift: F32) -> F64:
+        """Per document of ``documents()``: the sum over query rows of its best hit, or of the
+        imputed value ``imputed[row] + shift[document] * spread[row]`` where that is higher
+        (or it has no hit)."""
+        docs = self.documents()
+        imputed64 = np.asarray(imputed, dtype=np.float64)
+        spread64 = np.asarray(spread, dtype=np.float64)
+        shift64 = np.ascontiguousarray(shift, dtype=np.float64)
+        approx: F64 = np.ascontiguousarray(imputed64.sum() + shift64 * spread64.sum())
+        slot_of = np.empty(len(self._seen), dtype=np.int64)
+        slot_of[docs] = np.arange(len(docs), dtype=np.int64)
+        last_row = np.full(len(docs), -1, dtype=np.int64)
+        best_hit = np.empty(len(docs), dtype=np.float64)
+        for ids, sims, tok2doc, base in self._blocks:
+            _add_hits(ids, sims, self._tau, tok2doc, base, slot_of, imputed64, spread64,
+                      shift64, last_row, best_hit, approx)
+        return approx
+
+
 def warm() -> None:
     """Compile (or load from the cache) both kernels for the argument types searches use."""
     tokens = np.zeros((4, 2), dtype=np.float32)
     query = np.ones((2, 2), dtype=np.float32)
     maxsim_rows(query, tokens, np.array([0, 2]), np.array([2, 4]))
     segment_max_sum(tokens, np.array([0, 2, 4]), np.zeros(2))
+    table = HitTable(2, np.full(1, -np.inf, dtype=np.float32))
+    table.mark(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32),
+               np.zeros(1, dtype=np.int32), 0)
+    table.scores(np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32))

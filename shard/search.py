@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from shard.kernels import HitTable
 from shard.maxsim import gather_many, maxsim_docs, maxsim_flat, top_k_order
 from shard.muvera import FdeSegment, top_candidates
 from shard.segment import SegmentView, VectorView
@@ -285,30 +286,25 @@ def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
         if not widened:
             break
         tau = _threshold(probes, k_prime)
-    # Every kept hit as (query row, shard-wide document key, similarity); a plan's documents
-    # are keyed base[plan] + row.
+    # Every kept hit (finite, not below its row's threshold) names a document by its
+    # shard-wide key base[plan] + row; the compiled HitTable marks and scores them.
     bases = np.zeros(len(probes) + 1, dtype=np.int64)
-    keys = []
     for i, pr in enumerate(probes):
-        tok2doc = pr.plan.vec.tok2doc
-        assert tok2doc is not None
-        keys.append(tok2doc[np.maximum(pr.ids, 0)] + bases[i])  # padding: sim -inf, dropped
         bases[i + 1] = bases[i] + pr.plan.view.n_objects
-    all_sims = np.concatenate([pr.sims for pr in probes], axis=1)
-    keep = all_sims >= tau[:, None]
-    keep &= np.isfinite(all_sims)
-    q_all, cols = np.nonzero(keep)
-    docs_all = np.concatenate(keys, axis=1)[q_all, cols]
-    sims_all = all_sims[q_all, cols]
-    docs_u, inv = _unique(docs_all, int(bases[-1]))
+    table = HitTable(int(bases[-1]), tau)
+    for i, pr in enumerate(probes):
+        assert pr.plan.vec.tok2doc is not None
+        table.mark(pr.ids, pr.sims, pr.plan.vec.tok2doc, int(bases[i]))
+    docs_u = table.documents()
     if len(docs_u) < min(k, sum(p.n_eligible for p in plans)):
         return {}  # filters/tombstones left too few: exact over the eligible objects
     if 0 < rerank_docs < len(docs_u):
         lengths = np.concatenate([_plan_lengths(pr.plan, rows) for pr, rows in
                                   zip(probes, _rows_by_plan(docs_u, bases), strict=True)])
+        all_sims = (probes[0].sims if len(probes) == 1
+                    else np.concatenate([pr.sims for pr in probes], axis=1))
         imputed, spread = _imputed(tau, all_sims)
-        approx = _imputed_sums(len(docs_u), len(query), inv, q_all, sims_all, imputed,
-                               (_length_shift(lengths), spread))
+        approx = table.scores(imputed, spread, _length_shift(lengths))
         best = np.argpartition(-approx, rerank_docs - 1)[:rerank_docs]
         docs_u = np.sort(docs_u[best])
     return {id(pr.plan): rows
@@ -320,20 +316,6 @@ def _rows_by_plan(keys: I64, bases: I64) -> list[I64]:
     plan's own rows."""
     cuts = np.searchsorted(keys, bases)
     return [keys[cuts[i] : cuts[i + 1]] - bases[i] for i in range(len(bases) - 1)]
-
-
-def _unique(keys: I64, n_keys: int) -> tuple[I64, I64]:
-    """``np.unique(keys, return_inverse=True)``; by marking a dense table when the key space is
-    small next to the hits (sorting 20k hits costs ~10× more than marking 20k slots)."""
-    if n_keys > 16 * len(keys) + 65_536:
-        u, inv = np.unique(keys, return_inverse=True)
-        return u.astype(np.int64), inv.reshape(-1).astype(np.int64)
-    seen = np.zeros(n_keys, dtype=np.bool_)
-    seen[keys] = True
-    u = np.flatnonzero(seen)
-    pos = np.empty(n_keys, dtype=np.int64)
-    pos[u] = np.arange(len(u), dtype=np.int64)
-    return u.astype(np.int64), pos[keys]
 
 
 def impute_scores(n_query: int, q_rows: I64, docs: I64, sims: F32, imputed: F32,

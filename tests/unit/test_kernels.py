@@ -111,3 +111,48 @@ def test_without_a_writable_cache_the_kernels_are_compiled_per_process(
     monkeypatch.setattr(kernels, "njit", njit)
     assert kernels._jit(f) == ("compiled", f)
     assert asked == [{"cache": True, "nogil": True}, {"nogil": True}]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hit_table_scores_like_the_reference_imputation(seed: int) -> None:
+    """Two blocks (plans) of hits with duplicates, unsorted rows, padding, ineligible (-inf)
+    hits and a per-row threshold, against ``shard.search.impute_scores`` fed the kept hits."""
+    from shard.search import impute_scores
+
+    rng = np.random.default_rng(seed)
+    n_query, width = 6, 40
+    n_docs = (50, 30)
+    blocks = []
+    for n in n_docs:
+        n_tokens = n * 3
+        tok2doc = np.repeat(np.arange(n), 3).astype(np.int32)
+        ids = rng.integers(0, n_tokens, (n_query, width)).astype(np.int64)
+        sims = rng.standard_normal((n_query, width)).astype(np.float32)
+        ids[:, -3:] = -1  # padding
+        sims[:, -3:] = -np.inf
+        sims[rng.random((n_query, width)) < 0.1] = -np.inf  # ineligible
+        blocks.append((ids, sims, tok2doc))
+    tau = rng.normal(-0.5, 0.3, n_query).astype(np.float32)
+    tau[0] = -np.inf  # fewer hits than k': every finite hit counts
+    table = kernels.HitTable(sum(n_docs), tau)
+    base = 0
+    q_rows, keys, kept = [], [], []
+    for (ids, sims, tok2doc), n in zip(blocks, n_docs, strict=True):
+        table.mark(ids, sims, tok2doc, base)
+        keep = np.isfinite(sims) & (sims >= tau[:, None])
+        q, c = np.nonzero(keep)
+        q_rows.append(q)
+        keys.append(tok2doc[ids[q, c]].astype(np.int64) + base)
+        kept.append(sims[q, c])
+        base += n
+    want_docs, _ = impute_scores(n_query, np.concatenate(q_rows), np.concatenate(keys),
+                                 np.concatenate(kept), np.zeros(n_query, np.float32))
+    docs = table.documents()
+    np.testing.assert_array_equal(docs, want_docs)
+    imputed = rng.normal(-1.0, 0.2, n_query).astype(np.float32)
+    spread = rng.uniform(0, 1, n_query).astype(np.float32)
+    shift = rng.normal(0, 0.1, len(docs)).astype(np.float32)
+    got = table.scores(imputed, spread, shift)
+    _, want = impute_scores(n_query, np.concatenate(q_rows), np.concatenate(keys),
+                            np.concatenate(kept), imputed, (shift, spread))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
