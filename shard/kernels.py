@@ -41,47 +41,37 @@ def _jit(fn: Callable[..., Any]) -> Any:
         return njit(nogil=True)(fn)
 
 
+def _rows_max_sum_py(sims: F32, lo: int, hi: int, best: F32) -> float:
+    """Sum over columns of the column-wise max of ``sims[lo:hi]`` (``hi > lo``); ``best`` is
+    scratch space of one row."""
+    n_query = sims.shape[1]
+    for j in range(n_query):
+        best[j] = sims[lo, j]
+    for r in range(lo + 1, hi):
+        for j in range(n_query):
+            v = sims[r, j]
+            if v > best[j]:
+                best[j] = v
+    total = 0.0
+    for j in range(n_query):
+        total += best[j]
+    return total
+
+
 def _maxsim_rows_py(tokens: F32, starts: I64, ends: I64, qt: F32, out: F64) -> None:
-    n_query = qt.shape[1]
-    best = np.empty(n_query, np.float32)
+    best = np.empty(qt.shape[1], np.float32)
     for d in range(len(starts)):
         lo = starts[d]
         hi = ends[d]
-        if hi <= lo:
-            continue  # no vector: stays -inf
-        sims = np.dot(tokens[lo:hi], qt)
-        for j in range(n_query):
-            best[j] = sims[0, j]
-        for r in range(1, hi - lo):
-            for j in range(n_query):
-                v = sims[r, j]
-                if v > best[j]:
-                    best[j] = v
-        total = 0.0
-        for j in range(n_query):
-            total += best[j]
-        out[d] = total
+        if hi > lo:  # else no vector: stays -inf
+            out[d] = _rows_max_sum(np.dot(tokens[lo:hi], qt), 0, hi - lo, best)
 
 
 def _segment_max_sum_py(sims: F32, offsets: I64, out: F64) -> None:
-    n_query = sims.shape[1]
-    best = np.empty(n_query, np.float32)
+    best = np.empty(sims.shape[1], np.float32)
     for d in range(len(offsets) - 1):
-        lo = offsets[d]
-        hi = offsets[d + 1]
-        if hi <= lo:
-            continue
-        for j in range(n_query):
-            best[j] = sims[lo, j]
-        for r in range(lo + 1, hi):
-            for j in range(n_query):
-                v = sims[r, j]
-                if v > best[j]:
-                    best[j] = v
-        total = 0.0
-        for j in range(n_query):
-            total += best[j]
-        out[d] = total
+        if offsets[d + 1] > offsets[d]:
+            out[d] = _rows_max_sum(sims, offsets[d], offsets[d + 1], best)
 
 
 def _mark_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
@@ -121,6 +111,7 @@ def _add_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer]
                     approx[slot] += hit - before
 
 
+_rows_max_sum = _jit(_rows_max_sum_py)
 _maxsim_rows = _jit(_maxsim_rows_py)
 _mark_hits = _jit(_mark_hits_py)
 _add_hits = _jit(_add_hits_py)
