@@ -74,46 +74,46 @@ def _segment_max_sum_py(sims: F32, offsets: I64, out: F64) -> None:
             out[d] = _rows_max_sum(sims, offsets[d], offsets[d + 1], best)
 
 
-def _mark_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
-                  seen: npt.NDArray[np.bool_]) -> None:
+def _kept_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
+                  keys: I64, rows: I64, kept: F64) -> int:
+    """Writes every kept hit (finite, not below its query row's ``tau``) as (document key
+    ``base + tok2doc[id]``, query row, similarity); returns how many."""
     n_query, width = ids.shape
+    n = 0
     for q in range(n_query):
         t = tau[q]
         for j in range(width):
             s = sims[q, j]
-            if s >= t and -np.inf < s < np.inf:  # kept: finite and not below the threshold
-                seen[tok2doc[ids[q, j]] + base] = True
+            if s >= t and -np.inf < s < np.inf:
+                keys[n] = tok2doc[ids[q, j]] + base
+                rows[n] = q
+                kept[n] = s
+                n += 1
+    return n
 
 
-def _add_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
-                 slot_of: I64,
-                 imputed: F64, spread: F64, shift: F64, last_row: I64, best_hit: F64,
-                 approx: F64) -> None:
-    n_query, width = ids.shape
-    for q in range(n_query):
-        t = tau[q]
-        for j in range(width):
-            s = sims[q, j]
-            if not (s >= t and -np.inf < s < np.inf):
-                continue
-            slot = slot_of[tok2doc[ids[q, j]] + base]
-            imp = imputed[q] + shift[slot] * spread[q]
-            hit = float(s)
-            if last_row[slot] != q:  # the document's first hit for this query row
-                last_row[slot] = q
-                best_hit[slot] = hit
-                if hit > imp:
-                    approx[slot] += hit - imp
-            elif hit > best_hit[slot]:  # a better hit for the same row: only the best counts
-                before = best_hit[slot] if best_hit[slot] > imp else imp
-                best_hit[slot] = hit
-                if hit > before:
-                    approx[slot] += hit - before
+def _add_hits_py(slots: I64, rows: I64, kept: F64, imputed: F64, spread: F64, shift: F64,
+                 last_row: I64, best_hit: F64, approx: F64) -> None:
+    for i in range(len(slots)):
+        slot = slots[i]
+        q = rows[i]
+        hit = kept[i]
+        imp = imputed[q] + shift[slot] * spread[q]
+        if last_row[slot] != q:  # the document's first hit for this query row
+            last_row[slot] = q
+            best_hit[slot] = hit
+            if hit > imp:
+                approx[slot] += hit - imp
+        elif hit > best_hit[slot]:  # a better hit for the same row: only the best counts
+            before = best_hit[slot] if best_hit[slot] > imp else imp
+            best_hit[slot] = hit
+            if hit > before:
+                approx[slot] += hit - before
 
 
 _rows_max_sum = _jit(_rows_max_sum_py)
 _maxsim_rows = _jit(_maxsim_rows_py)
-_mark_hits = _jit(_mark_hits_py)
+_kept_hits = _jit(_kept_hits_py)
 _add_hits = _jit(_add_hits_py)
 _segment_max_sum = _jit(_segment_max_sum_py)
 
@@ -137,50 +137,76 @@ def segment_max_sum(sims: F32, offsets: I64, out: F64) -> None:
                      np.ascontiguousarray(offsets, dtype=np.int64), out)
 
 
+def unique_keys(keys: I64, n_keys: int) -> tuple[I64, I64]:
+    """``np.unique(keys, return_inverse=True)`` for keys in ``range(n_keys)``; by marking a
+    dense table when the key space is small next to the keys (sorting 20k hits costs ~10× more
+    than marking 20k slots), by sorting when it is not (a table per query would cost its size)."""
+    if n_keys > 16 * len(keys) + 65_536:
+        u, inv = np.unique(keys, return_inverse=True)
+        return u.astype(np.int64), inv.reshape(-1).astype(np.int64)
+    seen = np.zeros(n_keys, dtype=np.bool_)
+    seen[keys] = True
+    u = np.flatnonzero(seen)
+    pos = np.empty(n_keys, dtype=np.int64)
+    pos[u] = np.arange(len(u), dtype=np.int64)
+    return u.astype(np.int64), pos[keys]
+
+
 class HitTable:
     """Approximate document scores from token-index hits (XTR-style imputation, see
     ``shard.search.impute_scores`` for the rule), compiled: no (documents × query rows)
-    matrix, no sort. Documents are keys ``base + row`` in ``range(n_keys)``; hits come as
-    ``(ids, sims)`` blocks of (n_query, width) with a token → row table each, and count where
-    ``sims`` is finite and at least ``tau`` of their query row.
+    matrix. Documents are keys ``base + row`` in ``range(n_keys)``; hits come as ``(ids,
+    sims)`` blocks of (n_query, width) with a token → row table each, and count where ``sims``
+    is finite and at least ``tau`` of their query row.
 
     ``mark`` every block, then ``documents()`` (ascending keys), then ``scores`` with the
     per-row imputed values and per-document shifts."""
 
     def __init__(self, n_keys: int, tau: F32) -> None:
-        self._seen = np.zeros(n_keys, dtype=np.bool_)
+        self._n_keys = n_keys
         self._tau = np.ascontiguousarray(tau, dtype=np.float32)
-        self._blocks: list[tuple[I64, F32, npt.NDArray[np.integer], int]] = []
-        self._docs: I64 | None = None
+        self._hits: list[tuple[I64, I64, F64]] = []  # kept (keys, query rows, similarities)
+        self._docs: tuple[I64, I64] | None = None  # (documents, slot of every kept hit)
 
     def mark(self, ids: I64, sims: F32, tok2doc: npt.NDArray[np.integer], base: int) -> None:
-        block = (np.ascontiguousarray(ids, dtype=np.int64),
-                 np.ascontiguousarray(sims, dtype=np.float32),
-                 np.ascontiguousarray(tok2doc), int(base))  # int32 in segments: no copy
-        self._blocks.append(block)
-        _mark_hits(block[0], block[1], self._tau, block[2], block[3], self._seen)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        keys = np.empty(ids.size, dtype=np.int64)
+        rows = np.empty(ids.size, dtype=np.int64)
+        kept = np.empty(ids.size, dtype=np.float64)
+        n = _kept_hits(ids, np.ascontiguousarray(sims, dtype=np.float32), self._tau,
+                       np.ascontiguousarray(tok2doc), int(base),  # int32 in segments: no copy
+                       keys, rows, kept)
+        self._hits.append((keys[:n], rows[:n], kept[:n]))
+        self._docs = None
+
+    def _documents(self) -> tuple[I64, I64]:
+        if self._docs is None:
+            keys = (np.concatenate([h[0] for h in self._hits]) if self._hits
+                    else np.zeros(0, dtype=np.int64))
+            self._docs = unique_keys(keys, self._n_keys)
+        return self._docs
 
     def documents(self) -> I64:
-        if self._docs is None:
-            self._docs = np.flatnonzero(self._seen).astype(np.int64)
-        return self._docs
+        return self._documents()[0]
 
     def scores(self, imputed: F32, spread: F32, shift: F32) -> F64:
         """Per document of ``documents()``: the sum over query rows of its best hit, or of the
         imputed value ``imputed[row] + shift[document] * spread[row]`` where that is higher
         (or it has no hit)."""
-        docs = self.documents()
+        docs, slots = self._documents()
         imputed64 = np.asarray(imputed, dtype=np.float64)
         spread64 = np.asarray(spread, dtype=np.float64)
         shift64 = np.ascontiguousarray(shift, dtype=np.float64)
         approx: F64 = np.ascontiguousarray(imputed64.sum() + shift64 * spread64.sum())
-        slot_of = np.empty(len(self._seen), dtype=np.int64)
-        slot_of[docs] = np.arange(len(docs), dtype=np.int64)
-        last_row = np.full(len(docs), -1, dtype=np.int64)
-        best_hit = np.empty(len(docs), dtype=np.float64)
-        for ids, sims, tok2doc, base in self._blocks:
-            _add_hits(ids, sims, self._tau, tok2doc, base, slot_of, imputed64, spread64,
-                      shift64, last_row, best_hit, approx)
+        if not self._hits:
+            return approx
+        if len(self._hits) == 1:
+            rows, kept = self._hits[0][1], self._hits[0][2]
+        else:
+            rows = np.concatenate([h[1] for h in self._hits])
+            kept = np.concatenate([h[2] for h in self._hits])
+        _add_hits(slots, rows, kept, imputed64, spread64, shift64,
+                  np.full(len(docs), -1, dtype=np.int64), np.empty(len(docs)), approx)
         return approx
 
 

@@ -113,10 +113,12 @@ def test_without_a_writable_cache_the_kernels_are_compiled_per_process(
     assert asked == [{"cache": True, "nogil": True}, {"nogil": True}]
 
 
+@pytest.mark.parametrize("extra_keys", [0, 1_000_000])  # dense table; sorted (large space)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_hit_table_scores_like_the_reference_imputation(seed: int) -> None:
+def test_hit_table_scores_like_the_reference_imputation(seed: int, extra_keys: int) -> None:
     """Two blocks (plans) of hits with duplicates, unsorted rows, padding, ineligible (-inf)
-    hits and a per-row threshold, against ``shard.search.impute_scores`` fed the kept hits."""
+    hits and a per-row threshold, against ``shard.search.impute_scores`` fed the kept hits.
+    A key space far larger than the hits takes the sorting path instead of a dense table."""
     from shard.search import impute_scores
 
     rng = np.random.default_rng(seed)
@@ -134,7 +136,7 @@ def test_hit_table_scores_like_the_reference_imputation(seed: int) -> None:
         blocks.append((ids, sims, tok2doc))
     tau = rng.normal(-0.5, 0.3, n_query).astype(np.float32)
     tau[0] = -np.inf  # fewer hits than k': every finite hit counts
-    table = kernels.HitTable(sum(n_docs), tau)
+    table = kernels.HitTable(sum(n_docs) + extra_keys, tau)
     base = 0
     q_rows, keys, kept = [], [], []
     for (ids, sims, tok2doc), n in zip(blocks, n_docs, strict=True):
@@ -156,3 +158,23 @@ def test_hit_table_scores_like_the_reference_imputation(seed: int) -> None:
     _, want = impute_scores(n_query, np.concatenate(q_rows), np.concatenate(keys),
                             np.concatenate(kept), imputed, (shift, spread))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unique_keys_is_numpy_unique_on_both_paths() -> None:
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 5_000, 3_000).astype(np.int64)
+    for n_keys in (5_000, 10_000_000):  # dense table; sorting
+        u, inv = kernels.unique_keys(keys, n_keys)
+        want_u, want_inv = np.unique(keys, return_inverse=True)
+        np.testing.assert_array_equal(u, want_u)
+        np.testing.assert_array_equal(inv, want_inv)
+        assert u.dtype == inv.dtype == np.int64
+
+
+def test_a_hit_table_without_kept_hits_has_no_documents() -> None:
+    table = kernels.HitTable(10, np.zeros(2, dtype=np.float32))
+    table.mark(np.zeros((2, 3), dtype=np.int64), np.full((2, 3), -1.0, dtype=np.float32),
+               np.zeros(1, dtype=np.int32), 0)  # every hit below its row's threshold
+    assert len(table.documents()) == 0
+    assert len(table.scores(np.zeros(2, np.float32), np.zeros(2, np.float32),
+                            np.zeros(0, np.float32))) == 0
