@@ -39,7 +39,7 @@ from typing import Any
 
 from cluster import localrpc
 from cluster.errors import DataLost
-from cluster.settings import ShardSettings, node_data_dir, ray_node_id
+from cluster.settings import ShardSettings, node_data_dir, ray_node_id, ray_runtime_context
 from cluster.spec import CollectionSpec
 from cluster.types import (
     KeywordSearch,
@@ -61,12 +61,9 @@ LOST_MARKER = "LOST_DATA"
 
 def restarted_by_ray() -> bool:
     """Whether Ray restarted this actor (False outside Ray, or when Ray cannot tell)."""
+    ctx = ray_runtime_context()
     try:
-        import ray
-
-        if not ray.is_initialized():  # (get_runtime_context would start a local Ray)
-            return False
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        return ctx is not None and bool(ctx.was_current_actor_reconstructed)
     except Exception:
         return False
 
