@@ -1,4 +1,4 @@
-"""Compiled (numba) kernels for the exact MaxSim re-score.
+"""Compiled (numba) kernels for the exact MaxSim re-score and the candidate scores.
 
 numpy scores many documents with one matmul over their tokens gathered into one matrix, then a
 ``maximum.reduceat`` over the document boundaries. Two of those steps cost more than the
@@ -9,11 +9,14 @@ and ``reduceat`` takes ~0.4 ms for 300 boundaries × 32 query rows. Here:
 - ``maxsim_rows`` scores documents straight from the (memory-mapped) token matrix: one small
   BLAS matmul per document on its own contiguous rows (numba calls scipy's BLAS, without
   Python in between), then the max and the sum — no gather copy;
-- ``segment_max_sum`` is the max-then-sum over document boundaries of a similarity block.
+- ``segment_max_sum`` is the max-then-sum over document boundaries of a similarity block;
+- ``HitTable`` scores candidate documents from their token-index hits (the imputation rule of
+  ``shard.search.impute_scores``) in two passes over the kept hits.
 
-Both release the GIL. Compiled on first use and cached on disk (numba's cache: beside this file,
-else the user's cache directory, or ``NUMBA_CACHE_DIR``); where none of those is writable (a
-read-only image with a read-only home) they are compiled in each process instead, ~1 s.
+The kernels release the GIL. They are compiled on first use and cached on disk (numba's cache:
+beside this file, else the user's cache directory, or ``NUMBA_CACHE_DIR``); where none of those
+is writable (a read-only image with a read-only home) they are compiled in each process
+instead, ~1 s.
 ``warm()`` does it ahead of the first query.
 
 Scores match the numpy path: the same float32 dot products, maxima summed in float64 in query
@@ -211,7 +214,7 @@ class HitTable:
 
 
 def warm() -> None:
-    """Compile (or load from the cache) both kernels for the argument types searches use."""
+    """Compile (or load from the cache) the kernels for the argument types searches use."""
     tokens = np.zeros((4, 2), dtype=np.float32)
     query = np.ones((2, 2), dtype=np.float32)
     maxsim_rows(query, tokens, np.array([0, 2]), np.array([2, 4]))
