@@ -8,7 +8,10 @@ Wire/etcd form of a collection::
                   "dtype": "float32",
                   "vectorizer": {"kind": "none", "source_properties": [], "options": {}},
                   "index": {"kind": "scann", "options": {}}}],
-     "shard_count": 2, "replication_factor": 1}
+     "shard_count": 2, "replication_factor": 1, "routing": 2}
+
+``routing`` is the routing-hash version (``cluster.ids``): new collections get the latest; a
+stored spec without it predates versions and keeps version 1, so its objects stay where they are.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from cluster.errors import InvalidInput, NotFound
-from cluster.ids import validate_collection_name, validate_field_name
+from cluster.ids import (
+    ROUTING_LATEST,
+    ROUTING_LEGACY,
+    ROUTING_VERSIONS,
+    shard_for_uuid,
+    validate_collection_name,
+    validate_field_name,
+)
 
 DataType = Literal["text", "text[]", "int", "number", "boolean", "date", "uuid"]
 DATA_TYPES: tuple[str, ...] = ("text", "text[]", "int", "number", "boolean", "date", "uuid")
@@ -216,12 +226,14 @@ class CollectionSpec:
     vectors: tuple[NamedVectorSpec, ...]
     shard_count: int = 2
     replication_factor: int = 1
+    routing: int = ROUTING_LATEST
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CollectionSpec:
         _require(isinstance(raw, Mapping), "a collection must be an object")
         _check_keys("collection", raw,
-                    {"name", "properties", "vectors", "shard_count", "replication_factor"})
+                    {"name", "properties", "vectors", "shard_count", "replication_factor",
+                     "routing"})
         name = validate_collection_name(raw.get("name", ""))
         props_raw = raw.get("properties", [])
         vecs_raw = raw.get("vectors", [])
@@ -241,24 +253,36 @@ class CollectionSpec:
         rf = raw.get("replication_factor", 1)
         _require(isinstance(rf, int) and not isinstance(rf, bool) and 1 <= rf <= 3,
                  "replication_factor must be an integer in 1..3")
+        routing = raw.get("routing", ROUTING_LATEST)
+        _require(isinstance(routing, int) and not isinstance(routing, bool)
+                 and routing in ROUTING_VERSIONS,
+                 f"routing must be one of {list(ROUTING_VERSIONS)}", routing=routing)
         prop_names = {p.name for p in props}
         for v in vecs:
             missing = [s for s in v.vectorizer.source_properties if s not in prop_names]
             _require(not missing, f"vector {v.name!r}: unknown source properties {missing}",
                      vector=v.name, properties=missing)
-        return cls(name, props, vecs, int(shard_count), int(rf))
+        return cls(name, props, vecs, int(shard_count), int(rf), int(routing))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "properties": [p.to_dict() for p in self.properties],
                 "vectors": [v.to_dict() for v in self.vectors], "shard_count": self.shard_count,
-                "replication_factor": self.replication_factor}
+                "replication_factor": self.replication_factor, "routing": self.routing}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CollectionSpec:
-        return cls.from_dict(json.loads(text))
+        """A stored spec. One written before routing versions existed was routed with 1."""
+        raw = json.loads(text)
+        if isinstance(raw, dict):
+            raw.setdefault("routing", ROUTING_LEGACY)
+        return cls.from_dict(raw)
+
+    def shard_for(self, object_id: str) -> int:
+        """The shard that holds ``object_id`` (a canonical UUID string)."""
+        return shard_for_uuid(object_id, self.shard_count, self.routing)
 
     def vector(self, name: str | None) -> NamedVectorSpec:
         """The named vector; ``None`` picks the only one (error if there are several)."""

@@ -26,7 +26,7 @@ from cluster.errors import (
     NotFound,
     Unavailable,
 )
-from cluster.ids import normalize_uuid, shard_for_uuid, validate_collection_name
+from cluster.ids import normalize_uuid, validate_collection_name
 from cluster.query import QueryRequest, QueryResult, ResultObject
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec, VectorizerSpec
@@ -358,7 +358,7 @@ class Coordinator:
             batch = prepare_batch(spec, objects, vectorized=vectorized)
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, oid in enumerate(batch.uuids):
-            by_shard[shard_for_uuid(oid, spec.shard_count)].append(i)
+            by_shard[spec.shard_for(oid)].append(i)
         shards = self._shards[collection]
         timeout_s = self._settings.write_timeout_s
         calls = {s: self._write_replicas(shards[s], batch.take(idx) if len(by_shard) > 1
@@ -398,7 +398,7 @@ class Coordinator:
         spec = self.spec(collection)
         level = parse_consistency(consistency_level)
         oid = normalize_uuid(uuid)
-        rs = self._shards[collection][shard_for_uuid(oid, spec.shard_count)]
+        rs = self._shards[collection][spec.shard_for(oid)]
         outcome = await rs.write(lambda c, t: c.delete([oid], t), level,
                                  self._settings.write_timeout_s)
         return bool(outcome.result[0])
@@ -447,7 +447,7 @@ class Coordinator:
     async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
         spec = self.spec(collection)
         oid = normalize_uuid(uuid)
-        rs = self._replicas(collection, shard_for_uuid(oid, spec.shard_count))
+        rs = self._replicas(collection, spec.shard_for(oid))
         obj = await rs.read(lambda c, t: c.get(oid, include_vector, t),
                             self._settings.query_timeout_s)
         if obj is None:

@@ -65,6 +65,9 @@ class CollectionCreate(Strict):
     vectors: list[NamedVectorModel]
     shard_count: int = 2
     replication_factor: int = 1
+    routing: int | None = Field(
+        None, description="Routing-hash version (1: upper 64 id bits, legacy; 2: all 128 "
+                          "bits). Default: the latest. Fixed for the collection's life.")
 
     def to_spec_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

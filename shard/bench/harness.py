@@ -471,6 +471,7 @@ class ShardedEngine:
     """
 
     def __init__(self, engine_cls: Any, spec: Any, data_dir: Path, settings: Any) -> None:
+        self.spec = spec
         self.n_shards = int(spec.shard_count)
         self.shards = [engine_cls(spec, s, data_dir / f"shard-{s}", settings)
                        for s in range(self.n_shards)]
@@ -479,11 +480,9 @@ class ShardedEngine:
     def upsert(self, batch: ObjectBatch) -> list[Any]:
         if self.n_shards == 1:
             return list(self.shards[0].upsert(batch))
-        from cluster.ids import shard_for_uuid
-
         routes: dict[int, list[int]] = {}
         for i, u in enumerate(batch.uuids):
-            routes.setdefault(shard_for_uuid(u, self.n_shards), []).append(i)
+            routes.setdefault(self.spec.shard_for(u), []).append(i)
         out: list[Any] = []
         for s, idx in sorted(routes.items()):
             out += self.shards[s].upsert(batch.take(idx))

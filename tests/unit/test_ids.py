@@ -6,6 +6,8 @@ import pytest
 
 from cluster.errors import InvalidInput
 from cluster.ids import (
+    ROUTING_LATEST,
+    ROUTING_LEGACY,
     ShardId,
     jump_hash,
     normalize_uuid,
@@ -39,6 +41,9 @@ def test_shard_for_uuid_is_deterministic() -> None:
     assert 0 <= shard_for_uuid(u, 4) < 4
 
 
+PINNED_ROUTES = [12, 11, 11, 3, 0, 8, 2, 11, 4, 0]
+
+
 @pytest.mark.parametrize("name", ["A", "Demo_Collection", "a" + "b" * 63])
 def test_valid_collection_names(name: str) -> None:
     assert validate_collection_name(name) == name
@@ -60,3 +65,42 @@ def test_uuid_normalisation() -> None:
 def test_actor_names() -> None:
     assert ShardId("Demo", 1).actor_name() == "colshard:Demo:1"
     assert ShardId("Demo", 1).actor_name(2) == "colshard:Demo:1:2"
+
+
+def _spread(ids: list[str], routing: int, shards: int = 4) -> list[int]:
+    counts = [0] * shards
+    for oid in ids:
+        counts[shard_for_uuid(oid, shards, routing)] += 1
+    return counts
+
+
+@pytest.mark.parametrize("scheme", ["sequential-int", "uuid4", "uuid1", "high-bits-only"])
+def test_latest_routing_spreads_every_id_scheme_evenly(scheme: str) -> None:
+    n = 10_000
+    make = {
+        "sequential-int": lambda i: uuid.UUID(int=i),
+        "uuid4": lambda i: uuid.uuid4(),
+        "uuid1": lambda i: uuid.uuid1(),
+        "high-bits-only": lambda i: uuid.UUID(int=i << 64),
+    }[scheme]
+    counts = _spread([str(make(i)) for i in range(n)], ROUTING_LATEST)
+    mean = n / 4
+    assert all(abs(c - mean) <= 0.10 * mean for c in counts), counts
+
+
+def test_legacy_routing_is_unchanged() -> None:
+    """Version 1 keeps the placement of collections created before versions: the upper 64
+    bits (so ``uuid.UUID(int=i)`` ids all land on shard 0 - the skew version 2 fixes)."""
+    ids = [str(uuid.UUID(int=i)) for i in range(1000)]
+    assert _spread(ids, ROUTING_LEGACY) == [1000, 0, 0, 0]
+    oid = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    assert shard_for_uuid(oid, 7, ROUTING_LEGACY) == jump_hash(uuid.UUID(oid).int >> 64, 7)
+    # Pinned values: a change to either function would move stored objects.
+    pinned = [shard_for_uuid(str(uuid.UUID(int=(i * 0x9E3779B97F4A7C15) << 32)), 16, r)
+              for r in (ROUTING_LEGACY, ROUTING_LATEST) for i in range(1, 6)]
+    assert pinned == PINNED_ROUTES
+
+
+def test_unknown_routing_version_is_refused() -> None:
+    with pytest.raises(ValueError):
+        shard_for_uuid(str(uuid.uuid4()), 4, 3)

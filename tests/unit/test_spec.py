@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -202,3 +203,21 @@ def test_vector_and_property_lookup() -> None:
     with pytest.raises(InvalidInput) as info:
         two.vector(None)
     assert info.value.details == {"vectors": ["a", "b"]}
+
+
+def test_routing_version_new_collections_latest_stored_specs_keep_theirs() -> None:
+    from cluster.ids import ROUTING_LATEST, ROUTING_LEGACY
+
+    raw = {"name": "R", "vectors": [{"name": "v", "dim": 4}], "shard_count": 4}
+    new = CollectionSpec.from_dict(raw)
+    assert new.routing == ROUTING_LATEST
+    assert CollectionSpec.from_json(new.to_json()).routing == ROUTING_LATEST
+    # A spec stored before routing versions existed has no "routing": it keeps version 1.
+    old_json = json.dumps({k: v for k, v in new.to_dict().items() if k != "routing"})
+    old = CollectionSpec.from_json(old_json)
+    assert old.routing == ROUTING_LEGACY
+    ids = [str(uuid.UUID(int=i)) for i in range(400)]
+    assert {old.shard_for(i) for i in ids} == {0}
+    assert {new.shard_for(i) for i in ids} == {0, 1, 2, 3}
+    with pytest.raises(InvalidInput):
+        CollectionSpec.from_dict({**raw, "routing": 9})
