@@ -58,6 +58,11 @@ LOG_DIR="${STATE_DIR}/logs"
 DATA_DIR="${STATE_DIR}/data"
 ETCD_ENDPOINT="${HOST}:${ETCD_CLIENT_PORT}"
 RAY_ADDRESS="${HOST}:${RAY_PORT}"
+# Ray token auth is on unless the caller sets RAY_AUTH_MODE=disabled: with clusters enabled
+# Ray listens on this host's primary address too, so without a token anyone who can reach it
+# could run code. The token is generated once, readable by this user only.
+RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-${STATE_DIR}/ray_auth_token}"
 # Stop order: the reverse of start.
 COMPONENTS=(gateway ray-node2 ray-head etcd)
 
@@ -199,7 +204,18 @@ print_env() {
 export COLSHARD_ETCD=${ETCD_ENDPOINT}
 export COLSHARD_RAY_ADDRESS=${RAY_ADDRESS}
 export COLSHARD_CLUSTER_NAME=${CLUSTER_NAME}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE}
+export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH}
 EOF
+}
+
+ensure_auth_token() {
+    [[ "${RAY_AUTH_MODE}" == "token" ]] || return 0
+    [[ -s "${RAY_AUTH_TOKEN_PATH}" ]] && return 0
+    mkdir -p "$(dirname "${RAY_AUTH_TOKEN_PATH}")"
+    (umask 077 && "${PYTHON}" -c 'import secrets; print(secrets.token_hex(32))' \
+        >"${RAY_AUTH_TOKEN_PATH}") || die "cannot write the Ray auth token ${RAY_AUTH_TOKEN_PATH}"
+    log "generated a Ray auth token in ${RAY_AUTH_TOKEN_PATH}"
 }
 
 # ---------------------------------------------------------------- commands
@@ -232,6 +248,7 @@ cmd_start() {
     local etcd
     etcd="$(etcd_bin)"
     mkdir -p "${PID_DIR}" "${LOG_DIR}" "${DATA_DIR}/etcd" "${DATA_DIR}/node1" "${DATA_DIR}/node2"
+    ensure_auth_token
 
     # Anything started below is stopped again if start fails half way (die exits non-zero).
     trap 'rc=$?; if ((rc != 0)); then log "start failed; stopping what was started"; cmd_stop; fi' EXIT
@@ -254,13 +271,14 @@ cmd_start() {
     # stays on this host); every address this script and the gateway dial is 127.0.0.1.
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: how long a node drains on SIGTERM (Ray's default
     # is 30 s, which only slows `stop` here).
-    # RAY_AUTH_MODE is set explicitly for every process: left unset, a Ray head may pick token
-    # auth (e.g. when ~/.ray/auth_token exists) while the joining node and the gateway do not,
-    # and node 2 then fails to join with InvalidAuthToken. Set RAY_AUTH_MODE=token and
-    # RAY_AUTH_TOKEN_PATH in the caller's environment to run the local cluster with tokens.
+    # RAY_AUTH_MODE and the token path are set explicitly for every process (token by default,
+    # see above): a head and a joining node or gateway that disagree fail with
+    # InvalidAuthToken.
+    local -a auth_env=("RAY_AUTH_MODE=${RAY_AUTH_MODE}")
+    [[ "${RAY_AUTH_MODE}" == "token" ]] && auth_env+=("RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH}")
     local -a common_env=(
         env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
-        "RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}"
+        "${auth_env[@]}"
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_DRAIN_TIMEOUT_S}"
         "COLSHARD_ETCD=${ETCD_ENDPOINT}"
         "COLSHARD_CLUSTER_NAME=${CLUSTER_NAME}"
@@ -288,7 +306,7 @@ cmd_start() {
     wait_for ray-node2 "joined ${RAY_ADDRESS}" log_has ray-node2 "Ray runtime started"
 
     if ((with_gateway)); then
-        launch gateway env "COLSHARD_DATA_DIR=${DATA_DIR}/gateway" "RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}" \
+        launch gateway env "COLSHARD_DATA_DIR=${DATA_DIR}/gateway" "${auth_env[@]}" \
             "${COLSHARD_BIN}" gateway \
             --ray-address "${RAY_ADDRESS}" \
             --etcd "${ETCD_ENDPOINT}" \

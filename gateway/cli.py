@@ -141,22 +141,42 @@ def security_from_args(args: argparse.Namespace, host: str) -> tuple[Any, ...] |
     return keys
 
 
-def init_ray(address: str | None, *, local_dashboard: bool = True) -> bool:
-    """Join ``address`` or start a local Ray bound to 127.0.0.1. True if we started it."""
-    import ray
+# Ray reads this when ``ray`` is first imported: off, it takes 127.0.0.1 as the node's address,
+# and its gRPC servers (GCS, raylet, every worker), agents and dashboard bind loopback only. On,
+# ``_node_ip_address="127.0.0.1"`` is silently "resolved" to the machine's address and most of
+# them listen on every interface (docs/security.md).
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
+
+def init_ray(address: str | None, *, local_dashboard: bool = True,
+             num_cpus: int | None = None) -> bool:
+    """Join ``address`` or start a local Ray with every socket on 127.0.0.1. True if we
+    started it. A local Ray that would not be on loopback is stopped again and refused."""
     if address:
+        import ray
+
         ray.init(address=address, log_to_driver=False)
         return False
-    # Keep every Ray socket on loopback (Ray otherwise binds the machine's public address);
-    # the local dashboard is then reachable only from this machine, so its token is optional.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.update(LOOPBACK_RAY_ENV)
+    # Nothing but this machine reaches a loopback-only Ray, so its token is optional (kept if
+    # asked for with RAY_AUTH_MODE=token).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray starts workers at nice 15: the shard and coordinator actors would then yield the
     # CPU to any other process (and to this gateway) on a busy machine.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    import ray
+    from ray._private import ray_constants
+
+    # Already imported before the environment was set (a test session, an embedding program):
+    # the constant was read then.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(include_dashboard=local_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+             _node_ip_address="127.0.0.1", log_to_driver=False, num_cpus=num_cpus)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in ("127.0.0.1", "::1"):
+        ray.shutdown()
+        raise SystemExit(f"colshard: the local Ray took node address {node_ip}, not loopback: "
+                         f"refusing to run it (it would listen beyond this machine)")
     return True
 
 

@@ -29,12 +29,11 @@ from cluster.settings import Settings, ShardSettings
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             num_cpus=2)
+    from gateway.cli import init_ray
+
+    init_ray(None, local_dashboard=False, num_cpus=2)
     try:
         yield
     finally:
@@ -121,8 +120,9 @@ def start_serve(data_dir: Path, port: int, etcd_port: int, log: Path, *,
                 extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """``colshard serve`` in a new session, ready (``/healthz`` answers) on return. ``ray_tmp``
     gives its Ray a temp dir of its own (keep the path short: Ray puts sockets under it)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    # As a user runs it: serve itself keeps its Ray on loopback (test_serve checks the sockets).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS")}
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
     proc = subprocess.Popen(

@@ -136,6 +136,10 @@ def one(manifests: list[Manifest], kind: str, name_suffix: str = "") -> Manifest
     return found[0]
 
 
+def api_key_secrets(manifests: list[Manifest]) -> list[Manifest]:
+    return [s for s in by_kind(manifests, "Secret") if s["metadata"]["name"].endswith("-api-keys")]
+
+
 def gateway(manifests: list[Manifest]) -> Manifest:
     return one(manifests, "Deployment", "-gateway")
 
@@ -349,6 +353,7 @@ def test_default_install_objects(chart: helm_python.Chart) -> None:
             ("Pod", "demo-colshard-test-connection"),
             ("RayCluster", "demo-colshard"),
             ("Secret", "demo-colshard-api-keys"),
+            ("Secret", "demo-colshard-ray-auth"),
             ("Service", "demo-colshard-etcd"),
             ("Service", "demo-colshard-etcd-headless"),
             ("Service", "demo-colshard-gateway"),
@@ -508,6 +513,39 @@ def test_jina_key_secret_reaches_the_ray_pods(chart: helm_python.Chart) -> None:
         assert env_of(c)["JINAAI_APIKEY"] == {"secretKeyRef": {"name": "jina", "key": "key"}}
 
 
+def _ray_and_gateway_containers(manifests: list[Manifest]) -> list[dict[str, Any]]:
+    (raycluster,) = by_kind(manifests, "RayCluster")
+    spec = raycluster["spec"]
+    return [container(spec["headGroupSpec"]["template"]["spec"], "ray-head"),
+            container(spec["workerGroupSpecs"][0]["template"]["spec"], "ray-worker"),
+            container(gateway(manifests)["spec"]["template"]["spec"], "gateway")]
+
+
+def test_ray_token_auth_on_by_default(chart: helm_python.Chart) -> None:
+    manifests = render(chart, {})
+    secret = one(manifests, "Secret", "-ray-auth")
+    token = base64.b64decode(secret["data"]["auth_token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", token)
+    for c in _ray_and_gateway_containers(manifests):
+        env = env_of(c)
+        assert env["RAY_AUTH_MODE"] == "token", c["name"]
+        assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {
+            "name": secret["metadata"]["name"], "key": "auth_token"}}, c["name"]
+
+
+def test_ray_token_from_existing_secret_or_off(chart: helm_python.Chart) -> None:
+    manifests = render(chart, {"ray": {"auth": {"existingSecret": "ray-tok",
+                                                "existingSecretKey": "tok"}}})
+    assert not [s for s in by_kind(manifests, "Secret")
+                if s["metadata"]["name"].endswith("-ray-auth")]
+    for c in _ray_and_gateway_containers(manifests):
+        assert env_of(c)["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "ray-tok", "key": "tok"}}
+    manifests = render(chart, {"ray": {"auth": {"enabled": False}}})
+    for c in _ray_and_gateway_containers(manifests):
+        assert env_of(c)["RAY_AUTH_MODE"] == "disabled"
+        assert "RAY_AUTH_TOKEN" not in env_of(c)
+
+
 def test_worker_extras_and_shared_claim(chart: helm_python.Chart) -> None:
     (raycluster,) = by_kind(render(chart, VALUE_SETS["shared-pvc-extras"]), "RayCluster")
     (group,) = raycluster["spec"]["workerGroupSpecs"]
@@ -598,7 +636,7 @@ def test_ingress_hpa_and_pdb(chart: helm_python.Chart) -> None:
 
 def test_api_keys_from_existing_secret(chart: helm_python.Chart) -> None:
     manifests = render(chart, VALUE_SETS["existing-secret"])
-    assert not by_kind(manifests, "Secret")
+    assert not api_key_secrets(manifests)
     spec = gateway(manifests)["spec"]["template"]["spec"]
     volume = next(v for v in spec["volumes"] if v["name"] == "api-keys")
     assert volume["secret"]["secretName"] == "my-keys"
@@ -611,7 +649,7 @@ def test_api_keys_from_existing_secret(chart: helm_python.Chart) -> None:
 
 def test_api_keys_secret_given_or_generated(chart: helm_python.Chart) -> None:
     def keys_file(values: dict[str, Any]) -> str:
-        secret = one(render(chart, values), "Secret")
+        secret = one(render(chart, values), "Secret", "-api-keys")
         return base64.b64decode(secret["data"]["api-keys"]).decode()
 
     assert keys_file({"auth": {"apiKeys": ["key-one", "key-two"]}}) == "key-one\nkey-two\n"
@@ -621,7 +659,7 @@ def test_api_keys_secret_given_or_generated(chart: helm_python.Chart) -> None:
 
 def test_auth_disabled_mounts_no_keys(chart: helm_python.Chart) -> None:
     manifests = render(chart, {"auth": {"enabled": False}})
-    assert not by_kind(manifests, "Secret")
+    assert not api_key_secrets(manifests)
     spec = gateway(manifests)["spec"]["template"]["spec"]
     assert "COLSHARD_API_KEYS_FILE" not in env_of(container(spec, "gateway"))
     assert [v["name"] for v in spec["volumes"]] == ["tmp"]
@@ -633,7 +671,7 @@ def test_gateway_reads_the_charts_keys_file(chart: helm_python.Chart) -> None:
     from gateway.auth import Role, load_api_keys
 
     manifests = render(chart, {"auth": {"apiKeys": ["key-one-0123456789", "key-two"]}})
-    keys_text = base64.b64decode(one(manifests, "Secret")["data"]["api-keys"]).decode()
+    keys_text = base64.b64decode(one(manifests, "Secret", "-api-keys")["data"]["api-keys"]).decode()
     gw = container(gateway(manifests)["spec"]["template"]["spec"], "gateway")
     assert "--allow-insecure" not in gw["args"]
     path = env_of(gw)["COLSHARD_API_KEYS_FILE"]

@@ -187,12 +187,33 @@ securityContext:
 {{- end }}
 
 {{/* Environment of the Ray containers (shard actors inherit it from the raylet); pass (dict "ctx" $ "extraEnv" map). */}}
+{{- define "colshard.ray.authSecretName" -}}
+{{- default (printf "%s-ray-auth" (include "colshard.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{- /* Ray token auth for a container that runs or joins Ray (Ray pods, the gateway). */}}
+{{- define "colshard.ray.authEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "colshard.ray.authSecretName" . | quote }}
+      key: {{ .Values.ray.auth.existingSecretKey | quote }}
+{{- else }}
+- name: RAY_AUTH_MODE
+  value: disabled
+{{- end }}
+{{- end }}
+
 {{- define "colshard.ray.env" -}}
 env:
   - name: COLSHARD_POD_NAME
     valueFrom:
       fieldRef:
         fieldPath: metadata.name
+  {{- include "colshard.ray.authEnv" .ctx | nindent 2 }}
   {{- with .ctx.Values.vectorizers.jinaai.existingSecret }}
   {{- /* text2colbert-jinaai runs in Ray workers: the server-side key when no header has one. */}}
   - name: JINAAI_APIKEY
