@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -246,6 +247,8 @@ class RayShardClient:
         return result
 
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
+        # The shard stops its own work once this caller has given up (shard.search.Deadline).
+        req = dataclasses.replace(req, budget_s=timeout_s)
         result: ShardSearchResult = await self._read("search", timeout_s, req)
         return result
 

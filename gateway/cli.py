@@ -172,7 +172,7 @@ def init_ray(address: str | None, *, local_dashboard: bool = True,
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(include_dashboard=local_dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=False, num_cpus=num_cpus)
-    node_ip = ray.util.get_node_ip_address()
+    node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
     if node_ip not in ("127.0.0.1", "::1"):
         ray.shutdown()
         raise SystemExit(f"colshard: the local Ray took node address {node_ip}, not loopback: "

@@ -92,7 +92,7 @@ from shard.index import ScannTokenIndex
 from shard.keyword import KeywordIndex, searchable_fields
 from shard.maxsim import maxsim_explain
 from shard.muvera import MuveraIndex, candidates_option
-from shard.search import fde_allow_lists, scaled_candidates, search_segments
+from shard.search import Deadline, fde_allow_lists, scaled_candidates, search_segments
 from shard.segment import (
     Bools,
     GrowingSegment,
@@ -346,6 +346,7 @@ class ShardEngine:
 
     def search(self, req: VectorSearch) -> ShardSearchResult:
         self._check_open()
+        deadline = Deadline.after(req.budget_s)
         self._last_search_at = time.monotonic()
         vspec = self.spec.vector(req.target_vector)
         query = np.ascontiguousarray(req.query, dtype=np.float32)
@@ -378,7 +379,8 @@ class ShardEngine:
         n_candidates = 0
         for hits in search_segments(views, vspec.name, query, req.k, allowed=allowed,
                                     k_prime=k_prime,
-                                    rerank_docs=max(rerank, 4 * req.k) if rerank > 0 else 0):
+                                    rerank_docs=max(rerank, 4 * req.k) if rerank > 0 else 0,
+                                    deadline=deadline):
             n_candidates += hits.n_candidates
             seg = hits.view.segment
             found.extend((float(s), seg.uuids[r], seg, r)

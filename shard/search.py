@@ -27,13 +27,16 @@ For one named vector and one query (all query tokens at once):
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from cluster.errors import DeadlineExceeded
 from shard.kernels import HitTable
 from shard.maxsim import gather_many, maxsim_docs, maxsim_flat, top_k_order
 from shard.muvera import FdeSegment, top_candidates
@@ -62,6 +65,32 @@ SHARE_SIGMAS_IMPUTED = 1.0
 IMPUTE_DROP = 0.5
 # How much the imputed similarity rises per unit of ln(document length) (``_length_shift``).
 IMPUTE_LENGTH = 0.1
+
+
+# With a deadline, exact MaxSim runs in steps of at most this many multiply-adds (query rows ×
+# document rows × dim; ~10-30 ms on one core), with the deadline checked between steps, so a
+# query the coordinator gave up on stops within one step. A step is split by documents and, for
+# long documents and long queries, by query rows (MaxSim is a sum over the query rows).
+CHECK_MACS = 1 << 27
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the search must stop (``time.monotonic()``); ``None``: never."""
+
+    at: float | None = None
+
+    @classmethod
+    def after(cls, budget_s: float | None) -> Deadline:
+        return cls(None if budget_s is None else time.monotonic() + budget_s)
+
+    def check(self) -> None:
+        if self.at is not None and time.monotonic() > self.at:
+            raise DeadlineExceeded("the search ran past its deadline and was stopped",
+                                   {"overrun_s": round(time.monotonic() - self.at, 3)})
+
+
+NO_DEADLINE = Deadline()
 
 
 # Shard size up to which candidates_per_token and rerank_docs apply as given
@@ -190,11 +219,13 @@ class _Probe:
 
 def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: int, *,
                     allowed: Sequence[Bools | None], k_prime: int,
-                    rerank_docs: int = 0) -> list[SegmentHits]:
+                    rerank_docs: int = 0, deadline: Deadline = NO_DEADLINE
+                    ) -> list[SegmentHits]:
     """Per segment: its top ``k`` (rows, exact MaxSim scores). See the module docstring.
 
     ``rerank_docs`` > 0: of the token index's candidate documents only the ``rerank_docs`` best
-    by approximate score (``impute_scores``) are re-scored exactly; 0: all of them."""
+    by approximate score (``impute_scores``) are re-scored exactly; 0: all of them. Past
+    ``deadline`` it raises ``DeadlineExceeded`` (checked between steps of the work)."""
     if k <= 0:
         return []
     plans = []
@@ -207,28 +238,33 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
         plans.append(_Plan(view, el, use_index))
     candidates = _ann_candidates([p for p in plans if p.use_index], query, k, k_prime,
                                  rerank_docs)
+    deadline.check()
     chosen = []
     for plan in plans:
         rows = candidates.get(id(plan))
         if rows is None:
             rows = np.flatnonzero(plan.eligible).astype(np.int64)
         chosen.append(rows)
-    scores = _exact_scores(plans, query, chosen)
+    scores = _exact_scores(plans, query, chosen, deadline)
     return [_top(plan, rows, sc, k) for plan, rows, sc in zip(plans, chosen, scores, strict=True)]
 
 
-def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64]) -> list[F64]:
+def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64],
+                  deadline: Deadline = NO_DEADLINE) -> list[F64]:
     """Exact MaxSim of the chosen rows of every plan. A plan whose rows are most of its segment
     is scored in one pass over the segment; a float32 plan's few chosen rows are scored where
     they lie (``maxsim_docs``: no gather copy); the other plans' (float16) rows are gathered
-    into one matrix and scored with one matmul (one call instead of one per segment)."""
+    into one matrix and scored with one matmul (one call instead of one per segment). With a
+    deadline, each of these runs in steps (``in_steps``)."""
     out: list[F64 | None] = [None] * len(plans)
     small: list[int] = []
     for i, (plan, rows) in enumerate(zip(plans, chosen, strict=True)):
+        tokens, offsets = plan.vec.tokens, plan.vec.offsets
         if len(rows) * 2 > plan.view.n_objects:
-            out[i] = maxsim_flat(query, plan.vec.tokens, plan.vec.offsets)[rows]
-        elif plan.vec.tokens.dtype == np.float32:
-            out[i] = maxsim_docs(query, plan.vec.tokens, plan.vec.offsets, rows)
+            out[i] = in_steps(query, np.diff(offsets), deadline, _flat_range(tokens, offsets))[rows]
+        elif tokens.dtype == np.float32:
+            out[i] = in_steps(query, offsets[rows + 1] - offsets[rows], deadline,
+                              _docs_range(tokens, offsets, rows))
         else:
             small.append(i)
     if small:
@@ -238,12 +274,58 @@ def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64]) -> list[F64
             first.shape[1], first.dtype)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        scores = maxsim_flat(query, tokens, offsets)
+        scores = in_steps(query, lengths, deadline, _flat_range(tokens, offsets))
         at = 0
         for i in small:
             out[i] = scores[at : at + len(chosen[i])]
             at += len(chosen[i])
     return [s if s is not None else np.zeros(0, dtype=np.float64) for s in out]
+
+
+StepScorer = Callable[[F32, int, int], F64]
+
+
+def _flat_range(tokens: npt.NDArray[np.floating], offsets: I64) -> StepScorer:
+    """Scores documents ``lo:hi`` of a flat token matrix (``maxsim_flat`` on their rows)."""
+    def score(q: F32, lo: int, hi: int) -> F64:
+        a, b = int(offsets[lo]), int(offsets[hi])
+        return maxsim_flat(q, tokens[a:b], offsets[lo : hi + 1] - a)
+    return score
+
+
+def _docs_range(tokens: npt.NDArray[np.floating], offsets: I64, rows: I64) -> StepScorer:
+    """Scores the documents ``rows[lo:hi]`` where they lie (``maxsim_docs``)."""
+    def score(q: F32, lo: int, hi: int) -> F64:
+        return maxsim_docs(q, tokens, offsets, rows[lo:hi])
+    return score
+
+
+def in_steps(query: F32, lengths: I64, deadline: Deadline, score: StepScorer) -> F64:
+    """MaxSim of ``query`` against documents of ``lengths`` rows, ``score(q, lo, hi)`` giving
+    documents ``lo:hi`` against query rows ``q``. Without a deadline, or when all of it is at
+    most ``CHECK_MACS``, in one call; else in steps of at most ``CHECK_MACS`` multiply-adds
+    (documents, and query rows for long documents), checking ``deadline`` before each."""
+    n_docs = len(lengths)
+    n_query, dim = query.shape
+    total = int(lengths.sum()) if n_docs else 0
+    if deadline.at is None or n_docs == 0 or n_query * total * dim <= CHECK_MACS:
+        return score(query, 0, n_docs)
+    longest = max(1, int(lengths.max()))
+    q_step = max(1, min(n_query, CHECK_MACS // (longest * dim)))
+    budget = max(1, CHECK_MACS // (q_step * dim))  # document rows per step
+    ends = np.cumsum(lengths)
+    cuts = [0]
+    while cuts[-1] < n_docs:
+        before = int(ends[cuts[-1] - 1]) if cuts[-1] else 0
+        nxt = int(np.searchsorted(ends, before + budget, side="right"))
+        cuts.append(max(nxt, cuts[-1] + 1))
+    out = np.zeros(n_docs, dtype=np.float64)
+    for q0 in range(0, n_query, q_step):
+        q = np.ascontiguousarray(query[q0 : q0 + q_step])
+        for lo, hi in itertools.pairwise(cuts):
+            deadline.check()
+            out[lo:hi] += score(q, lo, hi)
+    return out
 
 
 def _plan_lengths(plan: _Plan, rows: I64) -> I64:

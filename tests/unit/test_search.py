@@ -211,3 +211,58 @@ def test_light_tombstones_never_return_deleted_documents() -> None:
                           rerank_docs=40)
     live = [i for i in np.argsort(-scores, kind="stable") if not deleted[i]]
     assert list(out[0].rows) == live[:10]
+
+
+def test_in_steps_equals_one_call_and_checks_the_deadline(monkeypatch: Any) -> None:
+    """With a deadline, exact MaxSim runs in steps of at most CHECK_MACS multiply-adds (split
+    by documents and by query rows) and gives the same scores; a passed deadline stops it
+    between steps."""
+    import pytest
+
+    from cluster.errors import DeadlineExceeded
+    from shard.search import Deadline, in_steps
+
+    rng = np.random.default_rng(3)
+    docs, tokens, offsets = _corpus(rng, 60, 16)
+    docs[7] = docs[7][:0]  # an empty document stays -inf
+    tokens = np.concatenate(docs)
+    offsets = np.zeros(61, dtype=np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    query = rng.standard_normal((37, 16)).astype(np.float32)
+    expected = maxsim_reference(query, docs)
+    flat = search_mod._flat_range(tokens, offsets)
+    calls: list[tuple[int, int, int]] = []
+
+    def counted(q: Any, lo: int, hi: int) -> Any:
+        calls.append((len(q), lo, hi))
+        return flat(q, lo, hi)
+
+    lengths = np.diff(offsets)
+    np.testing.assert_allclose(in_steps(query, lengths, Deadline(), counted), expected,
+                               rtol=1e-5)
+    assert len(calls) == 1  # no deadline: one call
+    monkeypatch.setattr(search_mod, "CHECK_MACS", 16 * 16 * 8)  # tiny steps
+    calls.clear()
+    far = Deadline.after(60.0)
+    np.testing.assert_allclose(in_steps(query, lengths, far, counted), expected, rtol=1e-5)
+    assert len(calls) > 10
+    assert all(n_q * int(lengths[lo:hi].sum()) * 16 <= 16 * 16 * 8 or hi - lo == 1
+               for n_q, lo, hi in calls)
+    with pytest.raises(DeadlineExceeded):
+        in_steps(query, lengths, Deadline.after(-1.0), counted)
+
+
+def test_search_segments_stops_at_its_deadline() -> None:
+    import pytest
+
+    from cluster.errors import DeadlineExceeded
+    from shard.search import Deadline
+
+    rng = np.random.default_rng(4)
+    _, tokens, offsets = _corpus(rng, 200, 16)
+    view = _view(tokens, offsets, indexed=False)
+    query = rng.standard_normal((8, 16)).astype(np.float32)
+    kwargs: dict[str, Any] = {"allowed": [None], "k_prime": 32}
+    assert search_segments([view], "v", query, 5, deadline=Deadline.after(60.0), **kwargs)
+    with pytest.raises(DeadlineExceeded):
+        search_segments([view], "v", query, 5, deadline=Deadline.after(-1.0), **kwargs)
