@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid as uuid_mod
 from dataclasses import dataclass
@@ -76,27 +77,21 @@ def jump_hash(key: int, num_buckets: int) -> int:
 # created with for life: changing it would move existing objects to other shards.
 # 1: the upper 64 bits of the UUID (ids that differ only in their lower half, e.g.
 #    ``uuid.UUID(int=i)``, all land on one shard). Specs stored without a version are 1.
-# 2: all 128 bits, mixed (splitmix64) before the jump hash. New collections use it.
+# 2: a BLAKE2b digest (8 bytes) of all 16 bytes of the id, so no structure in the id (halves
+#    derived from each other, sequential integers, time-based uuid1) survives into the key.
+#    New collections use it.
 ROUTING_LEGACY = 1
 ROUTING_LATEST = 2
 ROUTING_VERSIONS = (ROUTING_LEGACY, ROUTING_LATEST)
-_MASK64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def routing_key(object_id: str, routing: int) -> int:
     """The 64-bit jump-hash key of an object id under routing-hash version ``routing``."""
-    value = uuid_mod.UUID(object_id).int
+    value = uuid_mod.UUID(object_id)
     if routing == ROUTING_LEGACY:
-        return value >> 64
+        return value.int >> 64
     if routing == ROUTING_LATEST:
-        return _splitmix64((value >> 64) ^ _splitmix64(value & _MASK64))
+        return int.from_bytes(hashlib.blake2b(value.bytes, digest_size=8).digest(), "little")
     raise ValueError(f"unknown routing-hash version {routing!r}")
 
 
