@@ -69,6 +69,13 @@ class Settings:
     max_filter_depth: int = 16
     max_filter_nodes: int = 1_024
     max_shards: int = 256
+    # A collection's spec is one etcd value (etcd's default request limit: 1.5 MiB): these keep
+    # it far below that (a property is ~100 bytes of JSON, a named vector ~300).
+    max_properties: int = 1_024
+    max_vectors: int = 64
+    # Objects a vectorizer encodes for one write request (413 above it): bounds its run time
+    # within the write timeout; its memory is bounded by encoding in chunks. 0: no limit.
+    max_vectorize_objects: int = 2_000
     query_timeout_s: float = 30.0
     write_timeout_s: float = 120.0
     etcd_timeout_s: float = 5.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -24,13 +25,21 @@ from cluster.errors import (
     DeadlineExceeded,
     InvalidInput,
     NotFound,
+    PayloadTooLarge,
     Unavailable,
 )
 from cluster.ids import normalize_uuid, validate_collection_name
 from cluster.query import QueryRequest, QueryResult, ResultObject
 from cluster.settings import Settings
-from cluster.spec import CollectionSpec, VectorizerSpec
-from cluster.types import Hit, KeywordSearch, StoredObject, VectorSearch, WriteResult
+from cluster.spec import CollectionSpec, NamedVectorSpec, VectorizerSpec
+from cluster.types import (
+    Hit,
+    KeywordSearch,
+    ObjectBatch,
+    StoredObject,
+    VectorSearch,
+    WriteResult,
+)
 from cluster.validation import (
     ColumnarInput,
     ObjectInput,
@@ -55,6 +64,9 @@ HYBRID_MIN_CANDIDATES = 100
 DELETE_PAGE = 1000
 REPAIR_INTERVAL_S = 1.0
 MAX_QUERY_TIMEOUT_S = 300.0
+# Objects encoded and written together when a vectorizer computes their vectors: what one
+# import request holds in embeddings at a time (e.g. MiniLM: ≤ 128 × 256 tokens × 384 × 4 B).
+VECTORIZE_CHUNK = 128
 _TASKS: set[asyncio.Future[Any]] = set()
 # The running query's deadline (loop time); shard calls get what is left of it.
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("colshard_deadline",
@@ -352,10 +364,56 @@ class Coordinator:
                    for v in spec.vectors):
                 objects = objects.to_objects()  # some vectors are still to be computed
             else:
-                batch = prepare_columnar(spec, objects)
-        if not isinstance(objects, ColumnarInput):
-            vectorized = await self._vectorize_objects(spec, objects, api_keys or {})
-            batch = prepare_batch(spec, objects, vectorized=vectorized)
+                return await self._write_batch(spec, prepare_columnar(spec, objects), level)
+        needs = [v for v in spec.vectors if v.vectorizer.kind != "none"
+                 and any(o.vectors.get(v.name) is None for o in objects)]
+        if not needs:
+            return await self._write_batch(spec, prepare_batch(spec, objects), level)
+        return await self._upsert_vectorized(spec, objects, needs, api_keys or {}, level)
+
+    async def _upsert_vectorized(self, spec: CollectionSpec, objects: Sequence[ObjectInput],
+                                 needs: Sequence[NamedVectorSpec], api_keys: Mapping[str, str],
+                                 level: ConsistencyLevel) -> list[WriteResult]:
+        """Objects some of whose vectors a vectorizer computes: validated whole first (bad input
+        writes nothing; ids are fixed for every object), then encoded and written
+        ``VECTORIZE_CHUNK`` objects at a time, so the coordinator holds one chunk's embeddings,
+        never the request's. Past the write deadline the rest is not written
+        (``DeadlineExceeded``; the chunks before it are, and a retry with the same ids
+        overwrites them)."""
+        n_vectorize = sum(1 for o in objects if any(o.vectors.get(v.name) is None
+                                                     for v in needs))
+        cap = self._settings.max_vectorize_objects
+        if cap and n_vectorize > cap:
+            raise PayloadTooLarge(
+                f"{n_vectorize} objects to vectorize in one request exceed the limit of {cap}; "
+                f"split the batch", {"limit": "max_vectorize_objects", "max": cap,
+                                     "got": n_vectorize})
+        checked = prepare_batch(spec, objects)
+        objects = [dataclasses.replace(o, uuid=oid)
+                   for o, oid in zip(objects, checked.uuids, strict=True)]
+        del checked
+        deadline = time.monotonic() + self._settings.write_timeout_s
+        results: list[WriteResult] = []
+        for start in range(0, len(objects), VECTORIZE_CHUNK):
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"the write ran past its deadline after {start} of {len(objects)} objects; "
+                    f"those were written, the rest were not (retrying with the same ids is "
+                    f"safe)", {"written": start, "objects": len(objects)})
+            part = objects[start : start + VECTORIZE_CHUNK]
+            vectorized = await self._vectorizers.documents(spec, needs, part, api_keys)
+            batch = prepare_batch(spec, part, vectorized=vectorized)
+            del vectorized
+            results += await self._write_batch(spec, batch, level, raise_unavailable=not results)
+        return results
+
+    async def _write_batch(self, spec: CollectionSpec, batch: ObjectBatch,
+                           level: ConsistencyLevel, raise_unavailable: bool = True
+                           ) -> list[WriteResult]:
+        """Route a validated batch to its shards and write each part to its replicas. When
+        every object failed for want of replicas (and ``raise_unavailable``), raise
+        Unavailable naming the shards."""
+        collection = spec.name
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, oid in enumerate(batch.uuids):
             by_shard[spec.shard_for(oid)].append(i)
@@ -365,7 +423,8 @@ class Coordinator:
                                          else batch, level, timeout_s)
                  for s, idx in by_shard.items()}
         done, failed = await gather_shards(calls, allow_partial=True)
-        if failed and not done and all(isinstance(e, Unavailable) for e in failed.values()):
+        if (raise_unavailable and failed and not done
+                and all(isinstance(e, Unavailable) for e in failed.values())):
             names = [f"{collection}:{s}" for s in sorted(failed)]
             first = failed[min(failed)]
             raise Unavailable(f"write failed on shard(s) {', '.join(names)}: {first.message}",
@@ -384,14 +443,6 @@ class Coordinator:
         outcome = await rs.write(lambda c, t: c.upsert(batch, t), level, timeout_s)
         result: list[WriteResult] = outcome.result
         return result
-
-    async def _vectorize_objects(self, spec: CollectionSpec, objects: Sequence[ObjectInput],
-                                 api_keys: Mapping[str, str]) -> dict[str, list[Any]] | None:
-        needs = [v for v in spec.vectors if v.vectorizer.kind != "none"
-                 and any(o.vectors.get(v.name) is None for o in objects)]
-        if not needs:
-            return None
-        return await self._vectorizers.documents(spec, needs, objects, api_keys)
 
     async def delete_object(self, collection: str, uuid: str,
                             consistency_level: str | None = None) -> bool:

@@ -61,6 +61,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_filter_depth=args.max_filter_depth,
         max_filter_nodes=args.max_filter_nodes,
         max_shards=args.max_shards,
+        max_properties=args.max_properties,
+        max_vectors=args.max_vectors,
+        max_vectorize_objects=args.max_vectorize_objects,
         query_timeout_s=args.query_timeout_s,
         write_timeout_s=args.write_timeout_s,
         shard_resources=parse_resources(args.shard_resources
@@ -462,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-filter-nodes", type=int, default=d.max_filter_nodes)
         p.add_argument("--max-shards", type=int, default=d.max_shards,
                        help="most shards a new collection may have")
+        p.add_argument("--max-properties", type=int, default=d.max_properties,
+                       help="most properties a collection may have")
+        p.add_argument("--max-vectors", type=int, default=d.max_vectors,
+                       help="most named vectors a collection may have")
+        p.add_argument("--max-vectorize-objects", type=int, default=d.max_vectorize_objects,
+                       help="most objects a vectorizer encodes for one write request "
+                            "(0: no limit)")
         p.add_argument("--query-timeout-s", type=float, default=d.query_timeout_s,
                        help="504 when the coordinator does not answer a read in time")
         p.add_argument("--write-timeout-s", type=float, default=d.write_timeout_s)

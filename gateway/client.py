@@ -159,6 +159,21 @@ def _wire_vector(value: Any) -> Any:
         return vector_wire.encode(array)
 
 
+def _with_ids(table: Any) -> Any:
+    """``table`` with an id on every row: fresh uuid4s where the ``id`` column is missing or
+    null, fixed client-side so that a retried batch overwrites instead of duplicating."""
+    import pyarrow as pa
+
+    if "id" in table.column_names:
+        ids = table.column("id").to_pylist()
+        if all(v is not None for v in ids):
+            return table
+        filled = [str(v) if v is not None else str(uuid_mod.uuid4()) for v in ids]
+        return table.set_column(table.column_names.index("id"), "id", pa.array(filled))
+    return table.append_column("id", pa.array([str(uuid_mod.uuid4())
+                                              for _ in range(table.num_rows)]))
+
+
 def _distinct_ids(table: Any) -> bool:
     """No uuid twice in the table's ``id`` column (rows without an id get fresh ones)."""
     if "id" not in table.column_names:
@@ -265,8 +280,9 @@ class _Data:
                                "vectors": {k: _wire_vector(v)
                                            for k, v in (obj.get("vectors") or
                                                         obj.get("vector") or {}).items()}}
-        if oid is not None:
-            out["id"] = str(oid)
+        # The id is fixed here, not by the server: a batch retried after a timeout or a lost
+        # answer overwrites the objects it wrote the first time instead of duplicating them.
+        out["id"] = str(oid) if oid is not None else str(uuid_mod.uuid4())
         return out
 
     def insert_arrow(self, table: Any, *, batch_rows: int = 2000, progress: bool = False,
@@ -280,6 +296,7 @@ class _Data:
         could land in either order, so they are sent one at a time. If a batch fails, the
         error is raised once the batches already in flight have finished (those may have
         been applied)."""
+        table = _with_ids(table)
         if concurrency > 1 and not _distinct_ids(table):
             concurrency = 1
         bar = None

@@ -14,6 +14,10 @@ tokens per query vector    max_query_tokens             422    4,096
 ``limit`` / ``offset``     max_limit                    422    10,000
 filter depth / nodes       max_filter_depth / _nodes    422    16 / 1,024
 shards per collection      max_shards                   422    256
+properties / named vectors max_properties / max_vectors 422    1,024 / 64
+objects to vectorize       max_vectorize_objects        413    2,000 (checked by the
+                                                               coordinator, which knows the
+                                                               schema)
 coordinator call           query_timeout_s /            504    30 s / 120 s
                            write_timeout_s
 =========================  ===========================  =====  ==============================
@@ -124,6 +128,12 @@ def check_filter(raw: Any, settings: Settings) -> None:
 
 
 def check_collection(body: dict[str, Any], settings: Settings) -> None:
+    for key, cap, limit in (("properties", settings.max_properties, "max_properties"),
+                            ("vectors", settings.max_vectors, "max_vectors")):
+        n = len(body.get(key) or [])
+        if n > cap:
+            raise InvalidInput(f"{n} {key} exceed the limit of {cap} per collection",
+                               {"limit": limit, "max": cap, "got": n})
     shards = body.get("shard_count")
     if isinstance(shards, int) and shards > settings.max_shards:
         raise InvalidInput(f"shard_count {shards} exceeds the limit of {settings.max_shards}",

@@ -158,3 +158,87 @@ def test_examples_tutorial_runs_verbatim(colshard_server: Server) -> None:
     assert "This embedding's shape is (" in out.stdout and ", 384)" in out.stdout
     assert out.stdout.split("near_text: ")[1].startswith("A very nice cat")
     assert "near_vector: ['A very nice cat'" in out.stdout
+
+
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+class PeakRss:
+    """Samples a process's RSS every 20 ms in a thread; ``peak`` in MiB."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak = pid, _rss_mb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# docs/security.md: one write request costs the coordinator at most this much memory above
+# what it held before (the request's objects, then one chunk of embeddings at a time).
+COORDINATOR_REQUEST_BUDGET_MB = 512
+
+
+def test_one_huge_vectorized_import_is_refused_and_memory_stays_bounded(
+        colshard_server: Server, demo: Any) -> None:
+    """A 52 MB body of 9,000 texts for a vectorizer (within the body and batch limits) is a
+    clear 413 naming max_vectorize_objects, writes nothing, and costs the coordinator less
+    than the documented budget; a batch within the limit completes, encoded in chunks."""
+    from dataclasses import replace
+
+    import httpx
+    import ray
+
+    from tests.integration.gateways import extra_gateway
+
+    pid = int(ray.get(colshard_server.handle.whereabouts.remote(), timeout=60)["pid"])
+    settings = replace(colshard_server.settings, max_body_bytes=64 * 2**20)
+    words = " ".join(f"word{i % 997}" for i in range(740))  # ~5.8 kB of text
+    body = {"objects": [{"properties": {"text": f"{i} {words}", "idx": i}}
+                        for i in range(9000)]}
+    with extra_gateway(settings, colshard_server.handle) as url, \
+            httpx.Client(base_url=url, timeout=300) as http:
+        before = http.get("/v1/collections/TextDemo").json()
+        count = sum(s["stats"]["n_objects"] for s in before["shards"])
+        content = httpx.Request("POST", "/", json=body).content
+        assert 50 * 2**20 < len(content) < 64 * 2**20
+        baseline = _rss_mb(pid)
+        with PeakRss(pid) as rss:
+            r = http.post("/v1/collections/TextDemo/objects", content=content,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text[:500]
+        assert r.json()["error"]["details"]["limit"] == "max_vectorize_objects"
+        assert rss.peak - baseline < COORDINATOR_REQUEST_BUDGET_MB, (baseline, rss.peak)
+        refused_mb = rss.peak - baseline
+        after = http.get("/v1/collections/TextDemo").json()
+        assert sum(s["stats"]["n_objects"] for s in after["shards"]) == count
+
+        small = {"objects": [{"properties": {"text": f"{i} " + " ".join(
+            ADJECTIVES[(i + j) % 8] for j in range(40)), "idx": 10_000 + i}}
+            for i in range(300)]}
+        baseline = _rss_mb(pid)
+        with PeakRss(pid) as rss:
+            r = http.post("/v1/collections/TextDemo/objects", json=small)
+        assert r.status_code == 200 and r.json()["n_ok"] == 300, r.text[:500]
+        assert rss.peak - baseline < COORDINATOR_REQUEST_BUDGET_MB, (baseline, rss.peak)
+        print(f"coordinator RSS peak: +{refused_mb:.0f} MiB for the refused 52 MB request, "
+              f"+{rss.peak - baseline:.0f} MiB for 300 texts encoded in chunks")
+        ids = [o["id"] for o in r.json()["results"]]
+        assert http.post("/v1/collections/TextDemo/objects/delete", json={"filters": {
+            "path": "idx", "operator": "greater_than_equal", "value": 10_000}}
+        ).json()["deleted"] == len(ids)

@@ -260,3 +260,125 @@ def test_cluster_info_lists_members_and_placements(coordinator: Coordinator) -> 
     placements = info["collections"]["Docs"]["placements"]
     assert [(p["shard"], p["replica"], p["state"]) for p in placements] == [
         (0, 0, "ready"), (1, 0, "ready"), (2, 0, "ready")]
+
+
+# ---- writes that a vectorizer encodes: validated whole, encoded and written in chunks --------
+
+VEC_SPEC = {"name": "Vec", "properties": [{"name": "text", "data_type": "text"},
+                                          {"name": "n", "data_type": "int"}],
+            "vectors": [{"name": "mv", "dim": 8, "metric": "dot", "vectorizer": {
+                "kind": "text2colbert-local", "source_properties": ["text"]}}],
+            "shard_count": 2}
+
+
+class LoggingVectorizer:
+    """A vectorizer client that logs what it encodes into a shared event log."""
+
+    parallelism = 1
+
+    def __init__(self, events: list[tuple[str, int]]) -> None:
+        self.events = events
+
+    async def dim(self, timeout_s: float) -> int:
+        return 8
+
+    async def encode_documents(self, texts: Sequence[str], api_key: str | None,
+                               timeout_s: float) -> list[np.ndarray]:
+        self.events.append(("encode", len(texts)))
+        return [np.full((3, 8), float(len(t)), dtype=np.float32) for t in texts]
+
+    async def encode_query(self, text: str, api_key: str | None, timeout_s: float) -> Any:
+        return np.ones((2, 8), dtype=np.float32)
+
+
+@pytest.fixture
+def vectorizing(tmp_path: Path) -> tuple[Coordinator, list[tuple[str, int]]]:
+    events: list[tuple[str, int]] = []
+
+    class Placement(EnginePlacement):
+        def open_vectorizer(self, spec: VectorizerSpec) -> Any:
+            return LoggingVectorizer(events)
+
+        def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> EngineClient:
+            client = super().open_shard(spec, shard, replica)
+            inner = client.upsert
+
+            async def upsert(batch: ObjectBatch, timeout_s: float) -> Any:
+                events.append(("write", len(batch)))
+                return await inner(batch, timeout_s)
+
+            client.upsert = upsert  # type: ignore[method-assign]
+            return client
+
+    placement = Placement(tmp_path)
+    coord = Coordinator(MemoryStore(), placement,
+                        Settings(data_dir=tmp_path, max_vectorize_objects=400))
+    coord.placement = placement  # type: ignore[attr-defined]
+    run(coord.create_collection(VEC_SPEC))
+    return coord, events
+
+
+def _texts(n: int) -> list[ObjectInput]:
+    return [ObjectInput(None, {"text": f"text number {i}", "n": i}) for i in range(n)]
+
+
+def test_vectorized_import_is_encoded_and_written_in_chunks(
+        vectorizing: tuple[Coordinator, list[tuple[str, int]]]) -> None:
+    from coordinator import service
+
+    coord, events = vectorizing
+    results = run(coord.upsert("Vec", _texts(350)))
+    assert len(results) == 350 and all(r.ok for r in results)
+    assert len({r.uuid for r in results}) == 350
+    # Never more than one chunk of embeddings encoded and not yet written.
+    held = peak = 0
+    for kind, n in events:
+        held = held + n if kind == "encode" else max(0, held - n)
+        peak = max(peak, held)
+    assert peak <= service.VECTORIZE_CHUNK
+    assert sum(n for kind, n in events if kind == "encode") == 350
+    assert sum(n for kind, n in events if kind == "write") == 350
+    placement = coord.placement  # type: ignore[attr-defined]
+    stored = sum(c.engine.count() for c in placement.clients.values())
+    assert stored == 350
+
+
+def test_vectorized_import_over_the_limit_or_with_a_bad_object_writes_nothing(
+        vectorizing: tuple[Coordinator, list[tuple[str, int]]]) -> None:
+    from cluster.errors import PayloadTooLarge
+
+    coord, events = vectorizing
+    with pytest.raises(PayloadTooLarge) as too_many:
+        run(coord.upsert("Vec", _texts(401)))
+    assert too_many.value.details["limit"] == "max_vectorize_objects"
+    objects = _texts(300)
+    objects[290] = ObjectInput(None, {"text": "bad", "n": "not a number"})
+    with pytest.raises(InvalidInput) as bad:
+        run(coord.upsert("Vec", objects))
+    assert bad.value.details["index"] == 290
+    assert events == []  # nothing encoded, nothing written
+    placement = coord.placement  # type: ignore[attr-defined]
+    assert sum(c.engine.count() for c in placement.clients.values()) == 0
+
+
+def test_vectorized_import_past_its_deadline_stops(
+        vectorizing: tuple[Coordinator, list[tuple[str, int]]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the write deadline the rest of the batch is not encoded or written: the chunks
+    before it are (the error says how many), and a retry with the same ids overwrites them."""
+    from dataclasses import replace
+
+    from cluster.errors import DeadlineExceeded
+
+    coord, events = vectorizing
+    coord._settings = replace(coord._settings, write_timeout_s=0.0)
+    objects = [ObjectInput(str(uuid.uuid4()), o.properties) for o in _texts(300)]
+    with pytest.raises(DeadlineExceeded) as late:
+        run(coord.upsert("Vec", objects))
+    written = late.value.details["written"]
+    assert written == 0 and events == []
+    coord._settings = replace(coord._settings, write_timeout_s=120.0)
+    assert all(r.ok for r in run(coord.upsert("Vec", objects)))
+    assert all(r.ok for r in run(coord.upsert("Vec", objects)))  # the retry: no duplicates
+    placement = coord.placement  # type: ignore[attr-defined]
+    assert sum(c.engine.count() for c in placement.clients.values()) == 300

@@ -13,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cluster.errors import DeadlineExceeded, InternalError, NotFound
 from cluster.ids import ShardId
 from cluster.localrpc import socket_dir
 from cluster.settings import ray_node_id
+from cluster.types import VectorSearch
 from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient
 from shard.fastpath import FastPathServer
 
@@ -103,6 +105,10 @@ def test_socket_dir_is_private_and_stale_sockets_are_removed(tmp_path: Path) -> 
         srv.close()
 
 
+# A search request; the shard client hands each shard its deadline budget (budget_s).
+Q = VectorSearch(target_vector="q", query=np.zeros((1, 2), dtype=np.float32), k=1)
+
+
 class FakeRef:
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -135,28 +141,28 @@ class FakeHandle:
 
 async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
         tmp_path: Path) -> None:
-    srv = FastPathServer({"search": lambda req: f"fast:{req}"}, directory=tmp_path)
+    srv = FastPathServer({"search": lambda req: f"fast:{req.target_vector}:{req.budget_s}"}, directory=tmp_path)
     here = ray_node_id()  # "" unless this test session started Ray (the integration tests do)
     info: dict[str, Any] = {"node_id": here, "fast_path": str(srv.path)}
-    handle = FakeHandle({"ready": lambda: dict(info), "search": lambda req: f"ray:{req}"})
+    handle = FakeHandle({"ready": lambda: dict(info), "search": lambda req: f"ray:{req.target_vector}:{req.budget_s}"})
     client = RayShardClient(handle, ShardId("C", 0))
-    assert await client.search("q", 5.0) == "ray:q"  # nothing learned yet: over Ray
+    assert await client.search(Q, 5.0) == "ray:q:5.0"  # nothing learned yet: over Ray
     await client.ready(5.0)
     handle.calls.clear()
-    assert await client.search("q", 5.0) == "fast:q"
+    assert await client.search(Q, 5.0) == "fast:q:5.0"
     assert handle.calls == []
     srv.close()  # the actor died: this call and the next go over Ray
-    assert await client.search("q", 5.0) == "ray:q"
-    assert await client.search("q", 5.0) == "ray:q"
+    assert await client.search(Q, 5.0) == "ray:q:5.0"
+    assert await client.search(Q, 5.0) == "ray:q:5.0"
     assert handle.calls == ["search", "search"]
     info["node_id"] = "another-node"  # a replica elsewhere: never the fast path
-    srv2 = FastPathServer({"search": lambda req: f"fast:{req}"}, directory=tmp_path)
+    srv2 = FastPathServer({"search": lambda req: f"fast:{req.target_vector}:{req.budget_s}"}, directory=tmp_path)
     info["fast_path"] = str(srv2.path)
     try:
         await client.ready(5.0)
-        assert await client.search("q", 5.0) == "ray:q"
+        assert await client.search(Q, 5.0) == "ray:q:5.0"
         info["node_id"] = here
         await client.ready(5.0)  # back on this node (a restart): learned again
-        assert await client.search("q", 5.0) == "fast:q"
+        assert await client.search(Q, 5.0) == "fast:q:5.0"
     finally:
         srv2.close()
