@@ -109,6 +109,10 @@ def test_socket_dir_is_private_and_stale_sockets_are_removed(tmp_path: Path) -> 
 Q = VectorSearch(target_vector="q", query=np.zeros((1, 2), dtype=np.float32), k=1)
 
 
+def _answer(via: str) -> Callable[[VectorSearch], str]:
+    return lambda req: f"{via}:{req.target_vector}:{req.budget_s}"
+
+
 class FakeRef:
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -141,10 +145,10 @@ class FakeHandle:
 
 async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
         tmp_path: Path) -> None:
-    srv = FastPathServer({"search": lambda req: f"fast:{req.target_vector}:{req.budget_s}"}, directory=tmp_path)
+    srv = FastPathServer({"search": _answer("fast")}, directory=tmp_path)
     here = ray_node_id()  # "" unless this test session started Ray (the integration tests do)
     info: dict[str, Any] = {"node_id": here, "fast_path": str(srv.path)}
-    handle = FakeHandle({"ready": lambda: dict(info), "search": lambda req: f"ray:{req.target_vector}:{req.budget_s}"})
+    handle = FakeHandle({"ready": lambda: dict(info), "search": _answer("ray")})
     client = RayShardClient(handle, ShardId("C", 0))
     assert await client.search(Q, 5.0) == "ray:q:5.0"  # nothing learned yet: over Ray
     await client.ready(5.0)
@@ -156,7 +160,7 @@ async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
     assert await client.search(Q, 5.0) == "ray:q:5.0"
     assert handle.calls == ["search", "search"]
     info["node_id"] = "another-node"  # a replica elsewhere: never the fast path
-    srv2 = FastPathServer({"search": lambda req: f"fast:{req.target_vector}:{req.budget_s}"}, directory=tmp_path)
+    srv2 = FastPathServer({"search": _answer("fast")}, directory=tmp_path)
     info["fast_path"] = str(srv2.path)
     try:
         await client.ready(5.0)
