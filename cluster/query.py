@@ -56,6 +56,12 @@ class QueryRequest:
         if len(kinds) != 1:
             raise InvalidInput("set exactly one of near_vector, near_text, bm25, hybrid",
                                {"given": kinds})
+        # Empty text would be vectorized to padding tokens only and rank arbitrary objects.
+        text = (self.near_text if kinds[0] == "near_text"
+                else self.hybrid.query if self.hybrid is not None and self.hybrid.vector is None
+                else None)
+        if text is not None and not text.strip():
+            raise InvalidInput(f"{kinds[0]}: the query text is empty", {"field": kinds[0]})
         return kinds[0]
 
 

@@ -78,6 +78,14 @@ class Settings:
     max_vectorize_objects: int = 2_000
     query_timeout_s: float = 30.0
     write_timeout_s: float = 120.0
+    # HTTP connections (gateway/server.py): a request's headers must arrive within the header
+    # timeout of its first byte (or of the connection opening), its body within the body
+    # timeout of its headers; an idle keep-alive connection is closed after the idle timeout;
+    # at most max_connections connections and requests at once (503 beyond).
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 120.0
+    http_idle_timeout_s: float = 5.0
+    max_connections: int = 1_024
     etcd_timeout_s: float = 5.0
     shard: ShardSettings = field(default_factory=ShardSettings)
     # Custom Ray resources every shard actor requests (e.g. {"colshard_shard": 1}): shards then

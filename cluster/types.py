@@ -213,3 +213,4 @@ class ShardStats:
     index_state: Mapping[str, str] = field(default_factory=dict)
     bytes_on_disk: int = 0
     data_lost: str | None = None  # restarted without its data (shard.actor); serves nothing
+    pid: int = 0  # the shard actor's process (0 outside an actor): current after a restart

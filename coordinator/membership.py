@@ -228,6 +228,8 @@ class MembershipMonitor:
                 continue
             out[key] = {"objects": stats.n_objects, "tokens": sum(stats.n_tokens.values()),
                         "segments": stats.n_segments, "bytes_on_disk": stats.bytes_on_disk}
+            if stats.pid:  # the live process: the placement record's may predate a restart
+                out[key]["pid"] = stats.pid
             if stats.data_lost:  # restarted without its data: shown as such, whatever state
                 out[key].update(state=DATA_LOST, reason=stats.data_lost)
         return out

@@ -61,6 +61,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+# An over-limit body is read and discarded up to this many bytes before the 413 goes out, so
+# that a client which sends its whole body before reading (urllib, curl without Expect: 100-
+# continue) gets the 413 instead of a broken pipe. Beyond it the connection is closed after the
+# 413. A client that sends ``Expect: 100-continue`` gets the 413 without sending its body.
+DISCARD_MAX_BYTES = 256 * 1024 * 1024
+
+
 class BodyLimit:
     """Reject bodies over ``max_bytes`` with 413 before they are parsed (Content-Length or the
     streamed byte count, whichever shows it first)."""
@@ -76,6 +83,8 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if not _expects_continue(headers) and int(declared) <= DISCARD_MAX_BYTES:
+                await _discard(receive, int(declared))
             await self._reject(send)
             return
         seen = 0
@@ -86,6 +95,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _discard(receive, DISCARD_MAX_BYTES - seen)
                     raise PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes",
                                           {"max_bytes": self.max_bytes})
             return message
@@ -99,6 +110,21 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
+
+
+def _expects_continue(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"expect", b"").lower() == b"100-continue"
+
+
+async def _discard(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a request body, at most ``budget`` bytes (none kept)."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes | memoryview:
@@ -149,7 +175,28 @@ class FastJSONRequest(Request):
                 self._json = orjson.loads(body)
             except orjson.JSONDecodeError:
                 self._json = json.loads(body)
+                # The standard library takes "\ud800" (a lone surrogate): no valid text, and
+                # it would fail later (etcd, the index, the answer) as a 500. orjson, the
+                # insert route's pydantic parser and this all refuse it the same way: 400.
+                _reject_lone_surrogates(self._json)
         return self._json
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("invalid JSON: a string holds a lone UTF-16 surrogate "
+                                 "(not valid Unicode text)", {}) from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 class FastJSONRoute(APIRoute):
@@ -543,7 +590,28 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     if keys:  # outermost: a request without a key is turned away before its body is read
         app.add_middleware(ApiKeyAuth, keys=keys,  # type: ignore[arg-type]
                            on_reject=lambda status: auth_rejections.labels(str(status)).inc())
+    _add_schemas(app, {"BatchIn": wire.BatchIn})
     return app
+
+
+def _add_schemas(app: FastAPI, models: dict[str, type[Any]]) -> None:
+    """Put ``models`` (bodies that routes parse themselves, e.g. the insert route that also
+    takes Arrow) into the OpenAPI components, so that every ``$ref`` resolves."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, model in models.items():
+                extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for sub, definition in extra.pop("$defs", {}).items():
+                    components.setdefault(sub, definition)
+                components.setdefault(name, extra)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _check_body_id(body: wire.ObjectIn, object_id: str) -> None:

@@ -10,7 +10,8 @@ entries), ``#`` starts a comment::
 
 Roles nest: ``reader`` may call every ``GET``/``HEAD`` route and ``POST .../query``; ``writer``
 may also write objects (``POST/PUT/PATCH/DELETE /v1/collections/{name}/objects...``); ``admin``
-may do everything else (create and drop collections, any non-GET cluster route). A key scoped
+may do everything else (create and drop collections, every ``/v1/cluster`` route: it shows
+data directories, pids and addresses, so a reader does not see it). A key scoped
 to collections reaches only ``/v1/collections/{name}...`` for those names (``GET
 /v1/collections`` lists only them; ``/v1/cluster`` needs an unscoped key).
 
@@ -186,6 +187,8 @@ def required_role(method: str, path: str) -> Role | None:
     """The least role a route needs; None for the open paths."""
     if path in OPEN_PATHS:
         return None
+    if path == "/v1/cluster" or path.startswith("/v1/cluster/"):
+        return Role.admin  # node addresses, pids and data directories
     if method in ("GET", "HEAD", "OPTIONS"):
         return Role.reader
     if method == "POST" and _QUERY_PATH.match(path):

@@ -66,6 +66,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_vectorize_objects=args.max_vectorize_objects,
         query_timeout_s=args.query_timeout_s,
         write_timeout_s=args.write_timeout_s,
+        http_header_timeout_s=args.http_header_timeout_s,
+        http_body_timeout_s=args.http_body_timeout_s,
+        http_idle_timeout_s=args.http_idle_timeout_s,
+        max_connections=args.max_connections,
         shard_resources=parse_resources(args.shard_resources
                                         or _env("COLSHARD_SHARD_RESOURCES") or ""),
         vectorizer_replicas=args.vectorizer_replicas
@@ -475,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--query-timeout-s", type=float, default=d.query_timeout_s,
                        help="504 when the coordinator does not answer a read in time")
         p.add_argument("--write-timeout-s", type=float, default=d.write_timeout_s)
+        p.add_argument("--http-header-timeout-s", type=float, default=d.http_header_timeout_s,
+                       help="close a connection whose request headers take longer")
+        p.add_argument("--http-body-timeout-s", type=float, default=d.http_body_timeout_s,
+                       help="close a connection whose request body takes longer after its "
+                            "headers")
+        p.add_argument("--http-idle-timeout-s", type=float, default=d.http_idle_timeout_s,
+                       help="close an idle keep-alive connection after this long")
+        p.add_argument("--max-connections", type=int, default=d.max_connections,
+                       help="connections and requests at once; 503 beyond (0: no cap)")
         p.add_argument("--shard-resources",
                        help='Ray resources every shard actor requests, JSON, e.g. '
                             '\'{"colshard_shard": 1}\' (env COLSHARD_SHARD_RESOURCES)')

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cluster.settings import Settings
 from gateway.app import create_app
@@ -30,7 +31,62 @@ def uvicorn_config(backend: Backend, settings: Settings, *, api_keys: Sequence[A
     app = create_app(backend, settings, api_keys)
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                          http=timed_protocol(settings.http_header_timeout_s,
+                                              settings.http_body_timeout_s),
+                          timeout_keep_alive=max(1, round(settings.http_idle_timeout_s)),
+                          limit_concurrency=settings.max_connections or None)
+
+
+def timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with read deadlines it lacks: a connection whose request
+    headers are not complete ``header_timeout_s`` after it opened (or after the request's first
+    byte), or whose body is not complete ``body_timeout_s`` after its headers, is closed. So
+    slow-header / slow-body clients cannot hold connections open (uvicorn only times out idle
+    keep-alive connections, after a response)."""
+
+    class TimedHttpToolsProtocol(HttpToolsProtocol):
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(header_timeout_s)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm(header_timeout_s)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._arm(body_timeout_s)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()
+
+    return TimedHttpToolsProtocol
 
 
 def bind(host: str, port: int) -> socket.socket:

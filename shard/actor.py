@@ -185,7 +185,7 @@ class ShardActor:
 
     def stats(self) -> ShardStats:
         self._fault_delay()
-        stats = self._engine.stats()
+        stats = replace(self._engine.stats(), pid=os.getpid())
         self._metrics.record_stats(stats)
         return stats if self._lost is None else replace(stats, data_lost=self._lost)
 

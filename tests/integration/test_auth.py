@@ -87,7 +87,7 @@ def test_roles(auth_url: str) -> None:
     # reader: GET and queries only.
     assert call(READER, "GET", "/v1/collections").status_code == 200
     assert call(READER, "GET", "/v1/collections/AuthA").status_code == 200
-    assert call(READER, "GET", "/v1/cluster").status_code == 200
+    assert call(READER, "GET", "/v1/cluster").status_code == 403  # pids, dirs, addresses
     assert call(READER, "POST", "/v1/collections/AuthA/query", json=QUERY).status_code == 200
     r = call(READER, "POST", "/v1/collections/AuthA/objects", json={"objects": [OBJ]})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"

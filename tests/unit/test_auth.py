@@ -103,7 +103,7 @@ def test_a_named_file_must_exist_and_hold_a_key(tmp_path: Path) -> None:
     ("GET", "/openapi.json", None), ("GET", "/docs", None),
     ("GET", "/v1/collections", Role.reader), ("GET", "/v1/collections/A", Role.reader),
     ("GET", "/v1/collections/A/objects", Role.reader),
-    ("GET", "/v1/collections/A/objects/x", Role.reader), ("GET", "/v1/cluster", Role.reader),
+    ("GET", "/v1/collections/A/objects/x", Role.reader), ("GET", "/v1/cluster", Role.admin),
     ("HEAD", "/v1/collections", Role.reader),
     ("POST", "/v1/collections/A/query", Role.reader),
     ("POST", "/v1/collections/A/objects", Role.writer),
@@ -134,8 +134,10 @@ def test_roles_nest_and_scopes_bind() -> None:
     authorize(admin_a, "DELETE", "/v1/collections/A")
     authorize(admin_a, "POST", "/v1/collections")  # the route checks the body's name
     authorize(writer, "GET", "/v1/collections")  # the route filters the list
-    with pytest.raises(Forbidden, match="unscoped key"):
+    with pytest.raises(Forbidden, match="needs the admin role"):
         authorize(writer, "GET", "/v1/cluster")
+    with pytest.raises(Forbidden, match="unscoped key"):
+        authorize(admin_a, "GET", "/v1/cluster")
 
 
 def test_key_table_finds_exactly_the_configured_keys() -> None:
