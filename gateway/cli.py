@@ -10,7 +10,9 @@ node (no Ray call per request), else (or with ``--separate-gateway``) in this pr
     colshard load     [--url URL] [--duration-s S] [--clients N] [--json]
     colshard status   [--url URL] [--json]
     colshard import   FILE.parquet --collection NAME [--url URL]
-    colshard query    NAME --near-text TEXT | --bm25 TEXT [--limit N] [--url URL]
+    colshard query    NAME --near-text TEXT | --bm25 TEXT | --hybrid TEXT [--alpha A] |
+                      --near-vector JSON [--target-vector V] [--filter JSON] [--limit N]
+                      [--url URL] [--api-key KEY]
     colshard bench    [bench options, see `colshard bench --help`]
 """
 
@@ -356,22 +358,14 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(url: str) -> Any:
-    import httpx
-
-    return httpx.Client(base_url=url, timeout=60.0)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Members, collections and shard placements with health; exit 0 only when ready."""
     import httpx
 
     from gateway.status import format_status
 
-    key = args.api_key or _env("COLSHARD_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(base_url=args.url, timeout=60.0, headers=headers) as http:
+        with httpx.Client(base_url=args.url, timeout=60.0, headers=_api_headers(args)) as http:
             response = http.get("/v1/cluster")
             ready = http.get("/readyz")
     except httpx.HTTPError as exc:
@@ -389,28 +383,82 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if readiness is not None and readiness.get("ready") else 1
 
 
-def cmd_query(args: argparse.Namespace) -> int:
+def _api_headers(args: argparse.Namespace) -> dict[str, str]:
+    key = args.api_key or _env("COLSHARD_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def query_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The /query body of ``colshard query``'s flags; SystemExit(2) with one line when they
+    name no query kind, or more than one."""
+    kinds = [name for name, value in (("--near-text", args.near_text), ("--bm25", args.bm25),
+                                      ("--hybrid", args.hybrid),
+                                      ("--near-vector", args.near_vector)) if value is not None]
+    if len(kinds) != 1:
+        raise SystemExit("colshard query: give exactly one of --near-text, --bm25, --hybrid, "
+                         f"--near-vector (got {', '.join(kinds) or 'none'})")
     body: dict[str, Any] = {"limit": args.limit, "return_metadata": ["score"]}
-    if args.near_text:
+    if args.near_text is not None:
         body["near_text"] = {"query": args.near_text}
-    elif args.bm25:
+    elif args.bm25 is not None:
         body["bm25"] = {"query": args.bm25}
+    elif args.hybrid is not None:
+        body["hybrid"] = {"query": args.hybrid, "alpha": args.alpha}
     else:
-        print("give --near-text or --bm25", file=sys.stderr)
+        try:
+            body["near_vector"] = {"vector": json.loads(args.near_vector)}
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"colshard query: --near-vector is not JSON ({exc})") from None
+    if args.target_vector:
+        body["target_vector"] = args.target_vector
+    if args.filter:
+        try:
+            body["filters"] = json.loads(args.filter)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"colshard query: --filter is not JSON ({exc})") from None
+    return body
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import httpx
+
+    body = query_body(args)
+    try:
+        with httpx.Client(base_url=args.url, timeout=120.0, headers=_api_headers(args)) as http:
+            response = http.post(f"/v1/collections/{args.collection}/query", json=body)
+    except httpx.HTTPError as exc:
+        print(f"colshard: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
-    with _client(args.url) as http:
-        response = http.post(f"/v1/collections/{args.collection}/query", json=body)
-        print(json.dumps(response.json(), indent=2))
-        return 0 if response.status_code == 200 else 1
+    print(json.dumps(response.json(), indent=2),
+          file=sys.stdout if response.status_code == 200 else sys.stderr)
+    return 0 if response.status_code == 200 else 1
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    import httpx
+
+    from cluster.errors import ColshardError
     from gateway.client import Client
 
-    with Client(args.url) as client:
-        result = client.collections.get(args.collection).data.import_parquet(args.file)
-        print(json.dumps({"n_ok": result.n_ok, "n_failed": result.n_failed}))
-        return 0 if result.n_failed == 0 else 1
+    if not Path(args.file).is_file():
+        print(f"colshard import: no such file: {args.file}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key) as client:
+            collection = client.collections.get(args.collection)
+            collection.config()  # a missing collection: one line, before any progress bar
+            result = collection.data.import_parquet(args.file)
+    except ColshardError as exc:
+        print(f"colshard import: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"colshard import: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # not Parquet, unreadable, wrong columns
+        print(f"colshard import: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"n_ok": result.n_ok, "n_failed": result.n_failed}))
+    return 0 if result.n_failed == 0 else 1
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -522,17 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
                            ("import", "import a Parquet file")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
+        p.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
         if name == "query":
             p.add_argument("collection")
-            p.add_argument("--near-text")
-            p.add_argument("--bm25")
+            p.add_argument("--near-text", help="text, vectorized by the collection")
+            p.add_argument("--bm25", help="keyword query")
+            p.add_argument("--hybrid", help="text for hybrid (BM25 + vector) search")
+            p.add_argument("--alpha", type=float, default=0.75,
+                           help="hybrid weight of the vector part (0: BM25 only, 1: vector)")
+            p.add_argument("--near-vector", help="a vector or multi-vector as JSON, e.g. "
+                                                 "'[[0.1, 0.2], [0.3, 0.4]]'")
+            p.add_argument("--target-vector", help="named vector to search")
+            p.add_argument("--filter", help="filter as JSON, e.g. "
+                                            '\'{"path": "year", "operator": "equal", '
+                                            '"value": 2020}\'')
             p.add_argument("--limit", type=int, default=10)
         if name == "import":
             p.add_argument("file")
             p.add_argument("--collection", required=True)
         if name == "status":
             p.add_argument("--json", action="store_true", help="the raw /v1/cluster and /readyz")
-            p.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
     load = sub.add_parser("load", help="drive a running gateway with concurrent clients")
     load.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
     load.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")

@@ -208,3 +208,17 @@ def test_tls_gateway(colshard_server: Server, tmp_path: Path) -> None:
             httpx.get(f"{url}/healthz", timeout=10)
         with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
             httpx.get(url.replace("https://", "http://") + "/healthz", timeout=10)
+
+
+def test_cli_query_sends_the_api_key(auth_url: str, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    monkeypatch.delenv("COLSHARD_API_KEY", raising=False)
+    argv = ["query", "AuthA", "--bm25", "anything", "--url", auth_url]
+    assert main(argv) == 1  # no key: 401
+    assert "unauthorized" in capsys.readouterr().err
+    assert main([*argv, "--api-key", READER]) == 0
+    assert '"objects"' in capsys.readouterr().out
+    monkeypatch.setenv("COLSHARD_API_KEY", READER)
+    assert main(argv) == 0

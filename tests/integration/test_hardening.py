@@ -205,3 +205,37 @@ def test_cluster_shows_a_restarted_shards_live_pid(gateway_url: str,
     while time.monotonic() < deadline and placement().get("pid") != new:
         time.sleep(0.5)
     assert placement()["pid"] == new
+
+
+def test_cli_query_options_and_one_line_import_errors(
+        gateway_url: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from gateway.cli import main
+
+    base = ["query", "Hard", "--url", gateway_url]
+    with pytest.raises(SystemExit, match="exactly one of"):
+        main([*base, "--near-text", "cat", "--bm25", "cat"])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        main(base)
+    assert main([*base, "--near-vector", "[[1, 0, 0, 0]]", "--target-vector", "mv",
+                 "--filter", '{"path": "text", "operator": "like", "value": "*cat*"}']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["properties"]["text"] for o in out["objects"]] == ["a nice cat"]
+    assert main([*base, "--hybrid", "cat", "--alpha", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["objects"]
+    assert main([*base, "--near-vector", "[[1, 0, 0, 0]]", "--target-vector", "nope"]) == 1
+    assert "not_found" in capsys.readouterr().err
+
+    assert main(["import", str(tmp_path / "missing.parquet"), "--collection", "Hard",
+                 "--url", gateway_url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file" in err
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["x"]}), path)
+    assert main(["import", str(path), "--collection", "Nope", "--url", gateway_url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not_found" in err, err
