@@ -19,6 +19,7 @@ node (no Ray call per request), else (or with ``--separate-gateway``) in this pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -37,6 +39,9 @@ from cluster.settings import Settings, ShardSettings
 
 log = logging.getLogger("colshard")
 DEFAULT_URL = "http://127.0.0.1:8080"
+# From Ctrl-C / SIGTERM to exit: drain the gateway (gateway.server.GRACEFUL_SHUTDOWN_S), stop
+# the local Ray and etcd; whatever serve started that is still alive then is killed.
+EXIT_BUDGET_S = 10.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -249,7 +254,8 @@ def coordinator_is_local(handle: Any) -> bool:
     return bool(where["node_id"] == ray_node_id())
 
 
-def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0) -> None:
+def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0,
+                         stopping: Any = None) -> None:
     """Have the coordinator actor serve ``gateway`` in its event loop until Ctrl-C / SIGTERM,
     then drain it. Keeps it hosted: Ray restarts a crashed coordinator, and its server with it
     is gone, so it is hosted again (``keep_hosted``)."""
@@ -267,7 +273,9 @@ def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0) -> N
     try:
         keep_hosted(handle, gateway, owner, poll_s)
     finally:
-        try:  # drain: requests in flight finish (up to 10 s), new connections are refused
+        if stopping is not None:
+            stopping.start()
+        try:  # drain: requests in flight finish (up to 5 s), new connections are refused
             ray.get(handle.unhost.remote(owner), timeout=60)
         except Exception as exc:  # the coordinator is gone already: nothing left to drain
             log.warning("could not stop the gateway in the coordinator: %r", exc)
@@ -306,6 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     etcd: EmbeddedEtcd | None = None
     started_ray = False
+    stopping = _StopClock()
     try:
         if not settings.etcd_endpoints:
             # "_etcd" cannot collide with a collection directory (names start with a letter).
@@ -330,18 +339,77 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             serve_in_coordinator(handle, EmbeddedGateway(
                 settings, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile))
+                ssl_keyfile=args.ssl_keyfile), stopping=stopping)
         else:
             run_gateway(settings, handle, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
                         ssl_keyfile=args.ssl_keyfile)
     finally:
+        stopping.start()
+        started = descendants(os.getpid())  # Ray's GCS, raylet, agents, workers; etcd
         if started_ray:
             import ray
 
-            ray.shutdown()  # our local Ray: takes the coordinator and shard actors with it
+            # Our local Ray: takes the coordinator and shard actors with it. Bounded: what is
+            # left of it when the budget runs out is killed below.
+            stopper = threading.Thread(target=ray.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(max(0.5, stopping.left() - 1.5))
         if etcd is not None:
-            etcd.stop()
+            etcd.stop(timeout_s=max(0.2, min(5.0, stopping.left() - 0.5)))
+        kill_leftovers(started)
     return 0
+
+
+class _StopClock:
+    """When serve began to stop (the first call of ``start``) and the budget left."""
+
+    def __init__(self, budget_s: float = EXIT_BUDGET_S) -> None:
+        self.budget_s = budget_s
+        self.at: float | None = None
+
+    def start(self) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+
+    def left(self) -> float:
+        return self.budget_s if self.at is None else self.budget_s - (time.monotonic() - self.at)
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_leftovers(pids: Sequence[int]) -> None:
+    """SIGKILL whichever of ``pids`` (processes serve started) are still alive."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone
+        if state == "Z":
+            continue  # exited, not yet reaped by its parent
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            alive.append(pid)
+    if alive:
+        log.warning("killed %d process(es) still running at exit: %s", len(alive), alive)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ from cluster.settings import Settings
 from gateway.app import create_app
 from gateway.backend import Backend, LocalBackend
 
-GRACEFUL_SHUTDOWN_S = 10
+# Requests in flight get this long to finish when a gateway stops (Ctrl-C, SIGTERM): `colshard
+# serve` then has the rest of its 10 s exit budget (gateway.cli.EXIT_BUDGET_S) to stop Ray.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def uvicorn_config(backend: Backend, settings: Settings, *, api_keys: Sequence[Any] = (),
