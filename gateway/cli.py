@@ -44,6 +44,31 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_BUDGET_S = 10.0
 
 
+# Request limits, deadlines and HTTP connection bounds of serve and gateway: one flag per
+# Settings field (``--max-batch-objects`` sets ``max_batch_objects``), default from Settings.
+LIMIT_FLAGS: tuple[tuple[str, type, str | None], ...] = (
+    ("max_batch_objects", int, None),
+    ("max_limit", int, "largest query/list limit and offset"),
+    ("max_tokens_per_object", int, "rows of one object's multi-vector (0: no limit)"),
+    ("max_query_tokens", int, None),
+    ("max_dim", int, "largest vector dimension of objects, queries, new collections"),
+    ("max_filter_depth", int, None),
+    ("max_filter_nodes", int, None),
+    ("max_shards", int, "most shards a new collection may have"),
+    ("max_properties", int, "most properties a collection may have"),
+    ("max_vectors", int, "most named vectors a collection may have"),
+    ("max_vectorize_objects", int,
+     "most objects a vectorizer encodes for one write request (0: no limit)"),
+    ("query_timeout_s", float, "504 when the coordinator does not answer a read in time"),
+    ("write_timeout_s", float, None),
+    ("http_header_timeout_s", float, "close a connection whose request headers take longer"),
+    ("http_body_timeout_s", float,
+     "close a connection whose request body takes longer after its headers"),
+    ("http_idle_timeout_s", float, "close an idle keep-alive connection after this long"),
+    ("max_connections", int, "connections and requests at once; 503 beyond (0: no cap)"),
+)
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
@@ -60,23 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_mb * 1024 * 1024,
-        max_batch_objects=args.max_batch_objects,
-        max_limit=args.max_limit,
-        max_tokens_per_object=args.max_tokens_per_object,
-        max_query_tokens=args.max_query_tokens,
-        max_dim=args.max_dim,
-        max_filter_depth=args.max_filter_depth,
-        max_filter_nodes=args.max_filter_nodes,
-        max_shards=args.max_shards,
-        max_properties=args.max_properties,
-        max_vectors=args.max_vectors,
-        max_vectorize_objects=args.max_vectorize_objects,
-        query_timeout_s=args.query_timeout_s,
-        write_timeout_s=args.write_timeout_s,
-        http_header_timeout_s=args.http_header_timeout_s,
-        http_body_timeout_s=args.http_body_timeout_s,
-        http_idle_timeout_s=args.http_idle_timeout_s,
-        max_connections=args.max_connections,
+        **{field_name: getattr(args, field_name) for field_name, _, _ in LIMIT_FLAGS},
         shard_resources=parse_resources(args.shard_resources
                                         or _env("COLSHARD_SHARD_RESOURCES") or ""),
         vectorizer_replicas=args.vectorizer_replicas
@@ -573,37 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
         p.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
         d = Settings()
-        p.add_argument("--max-batch-objects", type=int, default=d.max_batch_objects)
-        p.add_argument("--max-limit", type=int, default=d.max_limit,
-                       help="largest query/list limit and offset")
-        p.add_argument("--max-tokens-per-object", type=int, default=d.max_tokens_per_object,
-                       help="rows of one object's multi-vector (0: no limit)")
-        p.add_argument("--max-query-tokens", type=int, default=d.max_query_tokens)
-        p.add_argument("--max-dim", type=int, default=d.max_dim,
-                       help="largest vector dimension of objects, queries, new collections")
-        p.add_argument("--max-filter-depth", type=int, default=d.max_filter_depth)
-        p.add_argument("--max-filter-nodes", type=int, default=d.max_filter_nodes)
-        p.add_argument("--max-shards", type=int, default=d.max_shards,
-                       help="most shards a new collection may have")
-        p.add_argument("--max-properties", type=int, default=d.max_properties,
-                       help="most properties a collection may have")
-        p.add_argument("--max-vectors", type=int, default=d.max_vectors,
-                       help="most named vectors a collection may have")
-        p.add_argument("--max-vectorize-objects", type=int, default=d.max_vectorize_objects,
-                       help="most objects a vectorizer encodes for one write request "
-                            "(0: no limit)")
-        p.add_argument("--query-timeout-s", type=float, default=d.query_timeout_s,
-                       help="504 when the coordinator does not answer a read in time")
-        p.add_argument("--write-timeout-s", type=float, default=d.write_timeout_s)
-        p.add_argument("--http-header-timeout-s", type=float, default=d.http_header_timeout_s,
-                       help="close a connection whose request headers take longer")
-        p.add_argument("--http-body-timeout-s", type=float, default=d.http_body_timeout_s,
-                       help="close a connection whose request body takes longer after its "
-                            "headers")
-        p.add_argument("--http-idle-timeout-s", type=float, default=d.http_idle_timeout_s,
-                       help="close an idle keep-alive connection after this long")
-        p.add_argument("--max-connections", type=int, default=d.max_connections,
-                       help="connections and requests at once; 503 beyond (0: no cap)")
+        for field_name, kind, helptext in LIMIT_FLAGS:
+            p.add_argument("--" + field_name.replace("_", "-"), type=kind,
+                           default=getattr(d, field_name), help=helptext)
         p.add_argument("--shard-resources",
                        help='Ray resources every shard actor requests, JSON, e.g. '
                             '\'{"colshard_shard": 1}\' (env COLSHARD_SHARD_RESOURCES)')

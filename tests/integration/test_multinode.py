@@ -15,8 +15,9 @@ private, so nothing here touches the session's own Ray or ``/tmp/ray``.
 
 Multi-node Ray on one host needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` (with ``0`` a second
 ``ray start`` refuses to join); Ray then advertises the host's primary IP for its nodes and
-binds some of its ports on all interfaces. colshard's own sockets (gateway, etcd) stay on
-127.0.0.1, which the test checks.
+binds some of its ports on all interfaces, so the cluster runs with Ray's token auth (a client
+without the token is refused, which the test checks). colshard's own sockets (gateway, etcd)
+stay on 127.0.0.1, which the test checks too.
 """
 
 from __future__ import annotations
@@ -114,7 +115,13 @@ def multinode(etcd_endpoint: str) -> Iterator[MultiNode]:
     root.mkdir()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "COLSHARD_"))}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled",
+    # With clusters enabled Ray listens beyond loopback: token auth, as the Helm chart and
+    # deploy/local-cluster.sh run it (docs/security.md).
+    token = root / "ray_auth_token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+    token.chmod(0o600)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(token),
                RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",
                COLSHARD_TEST_MARKER=marker, PYTHONPATH=str(REPO))
     cluster = MultiNode(root, marker, env)
@@ -174,6 +181,12 @@ def raylet_pid(session_leader: int) -> int:
 
 
 def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
+    # Without the token nobody joins the cluster (and so nobody runs code in it).
+    env = {k: v for k, v in multinode.env.items() if not k.startswith("RAY_AUTH")}
+    joined = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address={multinode.gcs!r}); print('in')"],
+        env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    assert joined.returncode != 0 and "in" not in joined.stdout.split(), joined.stdout
     http = httpx.Client(base_url=multinode.url, timeout=60)
     name = "MultiNode"
     created = http.post("/v1/collections", json={
