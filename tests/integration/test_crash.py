@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,21 @@ from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
 DIM = 16
+
+
+def live_pid(actor: Any, timeout_s: float = 120.0) -> int:
+    """The actor's pid once it answers: a call that reaches it while Ray restarts it after the
+    previous kill fails with ActorUnavailableError, so ask again."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(ray.get(actor.ready.remote(), timeout=timeout_s)["pid"])
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
@@ -65,7 +81,7 @@ def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
         try:
             for _ in range(3):  # three kill points
                 time.sleep(1.5)
-                pid = ray.get(actor.ready.remote(), timeout=120)["pid"]
+                pid = live_pid(actor)
                 os.kill(pid, signal.SIGKILL)
             time.sleep(2.0)
         finally:
