@@ -46,6 +46,7 @@ class QueryRequest:
     return_metadata: tuple[str, ...] = ()
     include_vector: bool = False
     partial: bool = False  # allow results from the shards that answered
+    exact: bool = False  # vector part by exact MaxSim over every object (no token index)
     timeout_s: float | None = None  # the query's deadline; None: Settings.query_timeout_s
     api_keys: Mapping[str, str] = field(default_factory=dict)  # vectorizer keys from headers
 

@@ -170,6 +170,7 @@ class VectorSearch:
     return_properties: tuple[str, ...] | None = None  # None = all properties
     include_vectors: bool = False
     explain: bool = False
+    exact: bool = False  # exact MaxSim over every eligible object (no token index, no FDE)
     # Seconds the shard may work on it from when it starts (the caller's remaining deadline,
     # set by the shard client): past it the shard stops and raises DeadlineExceeded.
     budget_s: float | None = None

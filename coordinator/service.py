@@ -654,7 +654,7 @@ class Coordinator:
         search = VectorSearch(
             target_vector=vec.name, query=query, k=k, filter=filt,
             return_properties=req.return_properties, include_vectors=req.include_vector,
-            explain="explain" in req.return_metadata)
+            explain="explain" in req.return_metadata, exact=req.exact)
         timeout_s = self._remaining(req)
         results, failed = await gather_shards(
             {s: self._replicas(spec.name, s).read(lambda c, t: c.search(search, t), timeout_s)

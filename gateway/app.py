@@ -576,6 +576,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
             return_metadata=tuple(body.return_metadata),
             include_vector=body.include_vector,
             partial=body.partial or body.allow_partial,
+            exact=body.exact,
             timeout_s=body.timeout,
             api_keys=api_keys_from(request),
         )

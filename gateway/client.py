@@ -498,15 +498,19 @@ class Collection:
                           query_options=self._query_options)
 
     def with_query_options(self, *, timeout: float | None = None,
-                           allow_partial: bool | None = None) -> Collection:
+                           allow_partial: bool | None = None,
+                           exact: bool | None = None) -> Collection:
         """This collection with a query deadline in seconds (504 naming the slow shard when it
         passes) and, with ``allow_partial``, results from the shards that answered in time
-        (``QueryReturn.partial`` and ``missing_shards`` then say what is missing)."""
+        (``QueryReturn.partial`` and ``missing_shards`` then say what is missing). ``exact``:
+        vector searches by exact MaxSim over every object, not the index (spot checks)."""
         options = dict(self._query_options)
         if timeout is not None:
             options["timeout"] = timeout
         if allow_partial is not None:
             options["allow_partial"] = allow_partial
+        if exact is not None:
+            options["exact"] = exact
         return Collection(self._http, self.name, consistency_level=self._consistency_level,
                           query_options=options)
 

@@ -158,6 +158,10 @@ class QueryIn(Strict):
     return_metadata: list[Literal["score", "distance", "explain"]] = []
     include_vector: bool = False
     partial: bool = False
+    exact: bool = Field(
+        False, description="Answer the vector part by exact MaxSim over every object (no "
+                           "token index): for spot checks of what the index returns. Costs a "
+                           "scan of the collection; bounded by the query's timeout.")
     allow_partial: bool = Field(
         False, description="Same as partial: when a shard fails or misses the deadline, "
                            "return the other shards' results with partial: true and "

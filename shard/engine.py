@@ -358,7 +358,8 @@ class ShardEngine:
             views += [f.view() for f, _ in self._frozen]
             views.append(self._growing.view())
             n_live = len(self._loc)
-        if vspec.index.kind == "flat":  # exact search requested for this vector
+        exact = req.exact or vspec.index.kind == "flat"  # for this query / this vector
+        if exact:
             views = [_without_index(v) for v in views]
         k_prime = int(vspec.index.options.get("candidates_per_token",
                                               self.settings.candidates_per_token))
@@ -372,7 +373,7 @@ class ShardEngine:
         allowed: list[Bools | None] = [
             None if req.filter is None
             else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
-        if vspec.index.kind == "muvera":  # FDE candidates, re-scored exactly below
+        if vspec.index.kind == "muvera" and not exact:  # FDE candidates, re-scored below
             allowed = fde_allow_lists(views, vspec.name, query, req.k, allowed,
                                       candidates_option(vspec.index.options))
         found: list[tuple[float, str, Segment, int]] = []

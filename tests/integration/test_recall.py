@@ -152,3 +152,39 @@ def test_muvera_collection_recall_filters_and_bad_options(indexed_server: Server
         assert len(res.objects) == 10 and all(o.properties["n"] < 1000 for o in res.objects)
         assert res.objects[0].uuid == ids[3]
         client.collections.delete("Muvera")
+
+
+def test_exact_queries_match_numpy_maxsim_where_the_index_does_not(
+        indexed_server: Server) -> None:
+    """``"exact": true`` answers by exact MaxSim over every object, on every shard: the same
+    top 10 as numpy, in the same order, even for a vector whose index settings are far too
+    shallow to find them."""
+    import httpx
+
+    rng = np.random.default_rng(17)
+    ids, docs, _ = clustered_corpus(rng, 1500)
+    with Client(indexed_server.url) as client, \
+            httpx.Client(base_url=indexed_server.url, timeout=120) as http:
+        r = http.post("/v1/collections", json={
+            "name": "Exact", "properties": [{"name": "n", "data_type": "int"}], "shard_count": 2,
+            "vectors": [{"name": "mv", "dim": DIM, "metric": "cosine", "index": {
+                "kind": "scann", "options": {"candidates_per_token": 4, "rerank_docs": 10}}}]})
+        assert r.status_code == 201, r.text
+        col = client.collections.get("Exact")
+        assert _insert(col, ids, docs).n_ok == 1500
+        _wait_indexed(col)
+        exact_col = col.with_query_options(exact=True)
+        approx_recall, exact_hits = [], 0
+        for i in rng.choice(len(docs), size=12, replace=False):
+            d = docs[int(i)]
+            q = d[rng.choice(len(d), size=min(8, len(d)), replace=False)]
+            q = q + 0.3 * rng.normal(size=q.shape).astype(np.float32) / np.sqrt(DIM)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            truth = exact_top(q, docs, ids, 10)
+            got = [o.uuid for o in exact_col.query.near_vector(q, limit=10).objects]
+            exact_hits += got == truth
+            approx = [o.uuid for o in col.query.near_vector(q, limit=10).objects]
+            approx_recall.append(len(set(approx) & set(truth)) / 10)
+        assert exact_hits == 12
+        assert float(np.mean(approx_recall)) < 1.0  # the shallow index alone misses some
+        client.collections.delete("Exact")
