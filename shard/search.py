@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -261,9 +262,10 @@ def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64],
     for i, (plan, rows) in enumerate(zip(plans, chosen, strict=True)):
         tokens, offsets = plan.vec.tokens, plan.vec.offsets
         if len(rows) * 2 > plan.view.n_objects:
-            out[i] = in_steps(query, np.diff(offsets), deadline, _flat_range(tokens, offsets))[rows]
+            out[i] = in_steps(query, len(offsets) - 1, partial(np.diff, offsets), deadline,
+                              _flat_range(tokens, offsets))[rows]
         elif tokens.dtype == np.float32:
-            out[i] = in_steps(query, offsets[rows + 1] - offsets[rows], deadline,
+            out[i] = in_steps(query, len(rows), partial(_plan_lengths, plan, rows), deadline,
                               _docs_range(tokens, offsets, rows))
         else:
             small.append(i)
@@ -274,7 +276,8 @@ def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64],
             first.shape[1], first.dtype)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        scores = in_steps(query, lengths, deadline, _flat_range(tokens, offsets))
+        scores = in_steps(query, len(lengths), lambda: lengths, deadline,
+                          _flat_range(tokens, offsets))
         at = 0
         for i in small:
             out[i] = scores[at : at + len(chosen[i])]
@@ -300,15 +303,19 @@ def _docs_range(tokens: npt.NDArray[np.floating], offsets: I64, rows: I64) -> St
     return score
 
 
-def in_steps(query: F32, lengths: I64, deadline: Deadline, score: StepScorer) -> F64:
-    """MaxSim of ``query`` against documents of ``lengths`` rows, ``score(q, lo, hi)`` giving
-    documents ``lo:hi`` against query rows ``q``. Without a deadline, or when all of it is at
-    most ``CHECK_MACS``, in one call; else in steps of at most ``CHECK_MACS`` multiply-adds
-    (documents, and query rows for long documents), checking ``deadline`` before each."""
-    n_docs = len(lengths)
+def in_steps(query: F32, n_docs: int, row_counts: Callable[[], I64], deadline: Deadline,
+             score: StepScorer) -> F64:
+    """MaxSim of ``query`` against ``n_docs`` documents, ``score(q, lo, hi)`` giving documents
+    ``lo:hi`` against query rows ``q`` and ``row_counts()`` each document's row count (asked
+    only with a deadline: the hot path without one computes nothing extra). Without a
+    deadline, or when all of it is at most ``CHECK_MACS``, in one call; else in steps of at
+    most ``CHECK_MACS`` multiply-adds (documents, and query rows for long documents), checking
+    ``deadline`` before each."""
+    if deadline.at is None or n_docs == 0:
+        return score(query, 0, n_docs)
+    lengths = row_counts()
     n_query, dim = query.shape
-    total = int(lengths.sum()) if n_docs else 0
-    if deadline.at is None or n_docs == 0 or n_query * total * dim <= CHECK_MACS:
+    if n_query * int(lengths.sum()) * dim <= CHECK_MACS:
         return score(query, 0, n_docs)
     longest = max(1, int(lengths.max()))
     q_step = max(1, min(n_query, CHECK_MACS // (longest * dim)))

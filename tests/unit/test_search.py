@@ -238,18 +238,21 @@ def test_in_steps_equals_one_call_and_checks_the_deadline(monkeypatch: Any) -> N
         return flat(q, lo, hi)
 
     lengths = np.diff(offsets)
-    np.testing.assert_allclose(in_steps(query, lengths, Deadline(), counted), expected,
-                               rtol=1e-5)
+
+    def steps(deadline: Any) -> Any:
+        return in_steps(query, len(lengths), lambda: lengths, deadline, counted)
+
+    np.testing.assert_allclose(steps(Deadline()), expected, rtol=1e-5)
     assert len(calls) == 1  # no deadline: one call
     monkeypatch.setattr(search_mod, "CHECK_MACS", 16 * 16 * 8)  # tiny steps
     calls.clear()
     far = Deadline.after(60.0)
-    np.testing.assert_allclose(in_steps(query, lengths, far, counted), expected, rtol=1e-5)
+    np.testing.assert_allclose(steps(far), expected, rtol=1e-5)
     assert len(calls) > 10
     assert all(n_q * int(lengths[lo:hi].sum()) * 16 <= 16 * 16 * 8 or hi - lo == 1
                for n_q, lo, hi in calls)
     with pytest.raises(DeadlineExceeded):
-        in_steps(query, lengths, Deadline.after(-1.0), counted)
+        steps(Deadline.after(-1.0))
 
 
 def test_search_segments_stops_at_its_deadline() -> None:
