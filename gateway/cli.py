@@ -264,7 +264,7 @@ def coordinator_is_local(handle: Any) -> bool:
 
 
 def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0,
-                         stopping: Any = None) -> None:
+                         stopping: _StopClock | None = None) -> None:
     """Have the coordinator actor serve ``gateway`` in its event loop until Ctrl-C / SIGTERM,
     then drain it. Keeps it hosted: Ray restarts a crashed coordinator, and its server with it
     is gone, so it is hosted again (``keep_hosted``)."""
@@ -384,18 +384,21 @@ class _StopClock:
         return self.budget_s if self.at is None else self.budget_s - (time.monotonic() - self.at)
 
 
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...); None
+    once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     """PIDs of every live descendant of ``pid`` (from /proc; empty where there is none)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit() and (stat := _proc_stat(entry.name)) is not None:
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
     out, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -408,12 +411,9 @@ def kill_leftovers(pids: Sequence[int]) -> None:
     """SIGKILL whichever of ``pids`` (processes serve started) are still alive."""
     alive = []
     for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue  # gone
-        if state == "Z":
-            continue  # exited, not yet reaped by its parent
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] == "Z":
+            continue  # gone, or exited and not yet reaped by its parent
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
             alive.append(pid)
