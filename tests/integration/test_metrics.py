@@ -80,7 +80,11 @@ def test_coordinator_and_shard_metrics_reach_prometheus(colshard_server: Server)
         text = ""
         while time.time() < deadline:
             text = _scrape(port)
-            if all(_sample(text, m, **labels) is not None for m, labels in wanted.items()):
+            # Each shard refreshes its own size gauges on its own period: wait until both
+            # have reported the import, not just the first to come.
+            if (all(_sample(text, m, **labels) is not None for m, labels in wanted.items())
+                    and sum(_sample(text, "ray_colshard_shard_objects", collection=name,
+                                    shard=str(s)) or 0 for s in range(2)) >= 50):
                 break
             time.sleep(2)
         missing = [m for m, labels in wanted.items() if _sample(text, m, **labels) is None]
