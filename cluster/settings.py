@@ -48,6 +48,10 @@ class ShardSettings:
     # vector); a larger shard uses value × (size / reference) ** candidates_scale_exponent
     # (shard.search.scaled_candidates). 0: no scaling.
     candidates_scale_exponent: float = 0.6
+    # Recall calibration (shard.calibrate): queries per calibration sample (0: off, the depth
+    # stays 1), and the share of one core a calibration may use (it sleeps between queries).
+    calibration_queries: int = 128
+    calibration_duty: float = 0.5
     fsync: bool = True
 
 

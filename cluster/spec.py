@@ -134,12 +134,37 @@ class IndexSpec:
         _require(kind in INDEX_KINDS, f"index kind must be one of {list(INDEX_KINDS)}", kind=kind)
         options = raw.get("options", {})
         _require(isinstance(options, Mapping), "index.options must be an object")
+        _check_recall_options(options, str(kind))
         if kind == "muvera":
-            _check_muvera_options(options)
+            _check_muvera_options({k: v for k, v in options.items() if k not in RECALL_OPTIONS})
         return cls(str(kind), dict(options))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "options": dict(self.options)}
+
+
+# Recall target of an approximate index (shard.calibrate): recall@recall_k the shard's search
+# must reach against exact MaxSim, measured and met by its calibration.
+RECALL_OPTIONS: tuple[str, ...] = ("target_recall", "recall_k")
+TARGET_RECALL_RANGE = (0.5, 0.999)
+RECALL_KS: tuple[int, ...] = (10, 100)
+
+
+def _check_recall_options(options: Mapping[str, Any], kind: str) -> None:
+    if "target_recall" in options:
+        value = options["target_recall"]
+        lo, hi = TARGET_RECALL_RANGE
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and lo <= value <= hi,
+                 f"index option target_recall must be a number in {lo}..{hi}",
+                 option="target_recall")
+    if "recall_k" in options:
+        _require(options["recall_k"] in RECALL_KS and not isinstance(options["recall_k"], bool),
+                 f"index option recall_k must be one of {list(RECALL_KS)}", option="recall_k")
+    if kind == "flat":
+        present = sorted(set(options) & set(RECALL_OPTIONS))
+        _require(not present, f"a flat index is exact: {present} do not apply",
+                 options=present)
 
 
 def _check_muvera_options(options: Mapping[str, Any]) -> None:

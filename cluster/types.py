@@ -215,3 +215,6 @@ class ShardStats:
     bytes_on_disk: int = 0
     data_lost: str | None = None  # restarted without its data (shard.actor); serves nothing
     pid: int = 0  # the shard actor's process (0 outside an actor): current after a restart
+    # Per vector: recall calibration state, figures and search parameters in use
+    # (ShardEngine.calibration_report).
+    calibration: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

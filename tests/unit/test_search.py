@@ -34,9 +34,9 @@ class ExactIndex:
         self.tokens = tokens
         self.n_tokens = len(tokens)
 
-    def search(self, queries: npt.NDArray[np.float32], k: int
+    def search(self, queries: npt.NDArray[np.float32], k: int, leaves_factor: float = 1.0
                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        k = min(k, self.n_tokens)
+        k = min(k, self.n_tokens)  # exact: every leaf is searched whatever leaves_factor
         sims = queries @ self.tokens.T
         ids = np.argsort(-sims, axis=1, kind="stable")[:, :k].astype(np.int64)
         return ids, np.take_along_axis(sims, ids, axis=1).astype(np.float32)
