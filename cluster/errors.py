@@ -72,6 +72,12 @@ class Unavailable(ColshardError):
     code = "unavailable"
 
 
+class TooManyRequests(ColshardError):
+    """A costly operation that runs one at a time is already running (e.g. a recall report)."""
+
+    code = "too_many_requests"
+
+
 class DataLost(ColshardError):
     """A shard replica that Ray restarted where its data directory is empty (another node, or
     the directory was wiped): it serves and accepts nothing until a catch-up from another

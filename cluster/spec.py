@@ -30,6 +30,7 @@ from cluster.ids import (
     validate_collection_name,
     validate_field_name,
 )
+from cluster.recall import RECALL_KS, TARGET_RECALL_RANGE
 
 DataType = Literal["text", "text[]", "int", "number", "boolean", "date", "uuid"]
 DATA_TYPES: tuple[str, ...] = ("text", "text[]", "int", "number", "boolean", "date", "uuid")
@@ -146,8 +147,6 @@ class IndexSpec:
 # Recall target of an approximate index (shard.calibrate): recall@recall_k the shard's search
 # must reach against exact MaxSim, measured and met by its calibration.
 RECALL_OPTIONS: tuple[str, ...] = ("target_recall", "recall_k")
-TARGET_RECALL_RANGE = (0.5, 0.999)
-RECALL_KS: tuple[int, ...] = (10, 100)
 
 
 def _check_recall_options(options: Mapping[str, Any], kind: str) -> None:

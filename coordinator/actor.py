@@ -167,6 +167,10 @@ class CoordinatorActor:
     async def describe_collection(self, name: str) -> dict[str, Any]:
         return await (await self._core()).describe_collection(name)
 
+    async def quality(self, name: str, vector: str | None, k: int | None, queries: int,
+                      seed: int | None, detail: bool = False) -> dict[str, Any]:
+        return await (await self._core()).quality(name, vector, k, queries, seed, detail)
+
     async def list_collections(self) -> list[CollectionSpec]:
         return await (await self._core()).list_collections()
 

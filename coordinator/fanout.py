@@ -25,6 +25,7 @@ from cluster.ids import ShardId
 from cluster.localrpc import body_length, frame, unframe
 from cluster.settings import ray_node_id
 from cluster.types import (
+    F32,
     KeywordSearch,
     ObjectBatch,
     ShardSearchResult,
@@ -53,6 +54,8 @@ class ShardClient(Protocol):
         self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
     ) -> list[StoredObject]: ...
     async def stats(self, timeout_s: float) -> ShardStats: ...
+    async def sample_queries(self, vector: str, n: int, seed: int,
+                             timeout_s: float) -> list[F32]: ...
     async def drop(self, timeout_s: float) -> None: ...
     async def clear_lost(self, timeout_s: float) -> str | None: ...
 
@@ -264,6 +267,12 @@ class RayShardClient:
 
     async def stats(self, timeout_s: float) -> ShardStats:
         result: ShardStats = await self._call("stats", timeout_s, retry=False)
+        return result
+
+    async def sample_queries(self, vector: str, n: int, seed: int,
+                             timeout_s: float) -> list[F32]:
+        result: list[F32] = await self._call("sample_queries", timeout_s, vector, n, seed,
+                                             retry=False)
         return result
 
     async def drop(self, timeout_s: float) -> None:

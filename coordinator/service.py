@@ -26,6 +26,7 @@ from cluster.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
     Unavailable,
 )
 from cluster.ids import normalize_uuid, validate_collection_name
@@ -47,6 +48,7 @@ from cluster.validation import (
     prepare_columnar,
     prepare_query_vector,
 )
+from coordinator import quality
 from coordinator.fanout import ShardClient, gather_shards
 from coordinator.fusion import fuse
 from coordinator.merge import merge_top_k
@@ -126,6 +128,7 @@ class Coordinator:
         # collection -> shard -> replicas (coordinator/replication.py)
         self._shards: dict[str, list[ReplicaSet]] = {}
         self._schema_lock = asyncio.Lock()
+        self._quality_lock = asyncio.Lock()  # one recall report at a time
         # placement infos to (re)write to etcd: written when it answers (after an outage too)
         self._placement_info: dict[tuple[str, int, int], dict[str, Any]] = {}
         self._placement_dirty: set[tuple[str, int, int]] = set()
@@ -343,6 +346,21 @@ class Coordinator:
                 for s in range(spec.shard_count)
             ],
         }
+
+    async def quality(self, name: str, vector: str | None = None, k: int | None = None,
+                      queries: int = quality.DEFAULT_QUERIES, seed: int | None = None,
+                      detail: bool = False) -> dict[str, Any]:
+        """The recall report (coordinator.quality): recall@k of the search as served, per shard
+        and collection-wide, measured now against exact MaxSim on sample queries."""
+        spec = self.spec(name)
+        vector, k = quality.check_request(spec, vector, k, queries)
+        seed = int(time.time()) if seed is None else seed
+        if self._quality_lock.locked():  # each one runs exact MaxSim over every object
+            raise TooManyRequests("a recall report is being measured; one runs at a time, "
+                                  "try again when it is done", {"collection": name})
+        async with self._quality_lock:
+            return await quality.measure(spec, vector, k, queries, seed, self._shards[name],
+                                         self._settings.query_timeout_s, detail)
 
     # ---- writes ----------------------------------------------------------------------------
 

@@ -434,6 +434,26 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
                   for s in info["shards"]]
         return {**info["spec"].to_dict(), "shards": shards}
 
+    @app.get("/v1/collections/{name}/quality", tags=["collections"])
+    async def collection_quality(
+        name: str,
+        vector: str | None = Query(None, description="named vector (needed when the "
+                                   "collection has several)"),
+        k: int | None = Query(None, description="recall@k (default: the vector's recall_k)"),
+        queries: int = Query(50, description="sample queries (1..500)"),
+        seed: int | None = Query(None, description="sample seed (default: the time)"),
+        detail: bool = Query(False, description="also every sample query, its served and "
+                             "exact top k and its recall"),
+    ) -> dict[str, Any]:
+        """Recall@k of the search as served, measured now per shard and collection-wide
+        against exact MaxSim on sample queries (recent real queries, else queries made from
+        stored objects), with one-sided 95 % bounds and each shard's calibration. Costly
+        (exact MaxSim over every object per query): one runs at a time (429 otherwise)."""
+        report: dict[str, Any] = await backend.call(
+            "quality", name, vector, k, queries, seed, detail,
+            timeout_s=settings.write_timeout_s)
+        return report
+
     @app.delete("/v1/collections/{name}", tags=["collections"])
     async def delete_collection(name: str) -> dict[str, Any]:
         await backend.call("delete_collection", name, timeout_s=settings.write_timeout_s)

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -511,6 +511,56 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 200 else 1
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    """The recall report of a collection: measured recall@k, collection-wide and per shard."""
+    import httpx
+
+    params: dict[str, Any] = {"queries": args.queries}
+    for key in ("vector", "k", "seed"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    try:
+        with httpx.Client(base_url=args.url, timeout=600.0, headers=_api_headers(args)) as http:
+            response = http.get(f"/v1/collections/{args.collection}/quality", params=params)
+    except httpx.HTTPError as exc:
+        print(f"colshard: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code != 200:
+        print(json.dumps(response.json(), indent=2), file=sys.stderr)
+        return 1
+    report = response.json()
+    print(json.dumps(report, indent=2) if args.json else format_quality(report))
+    return 0
+
+
+def format_quality(report: Mapping[str, Any]) -> str:
+    """The recall report as a few lines of text."""
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    head = (f"{report['collection']}.{report['vector']}: recall@{report['k']} "
+            f"{pct(report['recall'])} (95 % bounds {pct(report['ci_low'])}.."
+            f"{pct(report['ci_high'])}, {report['queries']} queries); target "
+            f"{report['target']:.3f} at k={report['target_k']}")
+    if report.get("meets_target") is not None:
+        head += ", met" if report["meets_target"] else ", NOT met"
+    lines = [head, "shard  objects  recall  bounds        calibration"]
+    for s in report["shards"]:
+        cal = s.get("calibration") or {}
+        measured = cal.get("measured") or {}
+        note = cal.get("state", "-")
+        if measured:
+            note += (f": depth {cal.get('depth')}, measured {pct(measured.get('recall'))} "
+                     f"on {measured.get('queries')} queries ({measured.get('real_queries')} "
+                     f"real)")
+        lines.append(f"{s['shard']:>5}  {s['objects'] if s['objects'] is not None else '-':>7}"
+                     f"  {pct(s['recall']):>6}  {pct(s['ci_low'])}..{pct(s['ci_high'])}"
+                     f"  {note}")
+    if report.get("failed_shards"):
+        lines.append(f"failed shards: {report['failed_shards']}")
+    return "\n".join(lines)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     import httpx
 
@@ -616,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a running cluster")
     server_flags(gw)
     for name, helptext in (("status", "show cluster state"), ("query", "run a query"),
-                           ("import", "import a Parquet file")):
+                           ("import", "import a Parquet file"),
+                           ("quality", "measure a collection's recall@k against exact "
+                                       "MaxSim")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
         p.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
@@ -639,6 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--collection", required=True)
         if name == "status":
             p.add_argument("--json", action="store_true", help="the raw /v1/cluster and /readyz")
+        if name == "quality":
+            p.add_argument("collection")
+            p.add_argument("--vector", help="named vector (needed when there are several)")
+            p.add_argument("--k", type=int, help="recall@k (default: the vector's recall_k)")
+            p.add_argument("--queries", type=int, default=50, help="sample queries (1..500)")
+            p.add_argument("--seed", type=int, help="sample seed (default: the time)")
+            p.add_argument("--json", action="store_true", help="the raw report")
     load = sub.add_parser("load", help="drive a running gateway with concurrent clients")
     load.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
     load.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
@@ -673,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, Kubernetes) shuts down like Ctrl-C: uvicorn drains, then we clean up.
     signal.signal(signal.SIGTERM, _interrupt)
     commands = {"serve": cmd_serve, "gateway": cmd_gateway, "status": cmd_status,
-                "query": cmd_query, "import": cmd_import, "load": cmd_load}
+                "query": cmd_query, "import": cmd_import, "load": cmd_load,
+                "quality": cmd_quality}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -518,6 +518,20 @@ class Collection:
         out: dict[str, Any] = self._http.request("GET", f"/v1/collections/{self.name}")
         return out
 
+    def quality(self, *, vector: str | None = None, k: int | None = None, queries: int = 50,
+                seed: int | None = None, detail: bool = False) -> dict[str, Any]:
+        """The recall report: recall@k of the search as served, per shard and collection-wide,
+        measured now against exact MaxSim (``GET /v1/collections/{name}/quality``)."""
+        params: dict[str, Any] = {"queries": queries}
+        if detail:
+            params["detail"] = "true"
+        for key, value in (("vector", vector), ("k", k), ("seed", seed)):
+            if value is not None:
+                params[key] = value
+        out: dict[str, Any] = self._http.request(
+            "GET", f"/v1/collections/{self.name}/quality", params=params)
+        return out
+
 
 class _Collections:
     def __init__(self, http: _Http) -> None:

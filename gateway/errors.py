@@ -15,6 +15,7 @@ from cluster.errors import (
     NotFound,
     PayloadTooLarge,
     StorageError,
+    TooManyRequests,
     Unauthorized,
     Unavailable,
 )
@@ -27,6 +28,7 @@ STATUS_BY_ERROR: dict[type[ColshardError], int] = {
     NotFound: 404,
     AlreadyExists: 409,
     PayloadTooLarge: 413,
+    TooManyRequests: 429,
     Unavailable: 503,
     DataLost: 503,
     StorageError: 503,

@@ -42,6 +42,7 @@ from cluster.errors import DataLost
 from cluster.settings import ShardSettings, node_data_dir, ray_node_id, ray_runtime_context
 from cluster.spec import CollectionSpec
 from cluster.types import (
+    F32,
     KeywordSearch,
     ObjectBatch,
     ShardSearchResult,
@@ -182,6 +183,12 @@ class ShardActor:
         self._fault_delay()
         self._serving()
         return self._engine.list_objects(after, limit, include_vectors)
+
+    def sample_queries(self, vector: str, n: int, seed: int) -> list[F32]:
+        """Queries for measuring recall (the recall report): ShardEngine.sample_queries."""
+        self._fault_delay()
+        self._serving()
+        return self._engine.sample_queries(vector, n, seed)
 
     def stats(self) -> ShardStats:
         self._fault_delay()

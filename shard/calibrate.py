@@ -37,16 +37,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cluster.recall import (  # re-exported: the calibration's statistics
+    DEFAULT_TARGET_RECALL,
+    RECALL_KS,
+    Z_LOWER,
+    interval,
+    recall_at,
+    target_of,
+)
+
+__all__ = ["DEFAULT_TARGET_RECALL", "RECALL_KS", "Z_LOWER", "interval", "recall_at",
+           "target_of"]
+
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
 # Search depth factors, cheapest first (√2 steps). 1.0 is the configured setting.
 DEPTHS: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.3,
                              16.0)
-# One-sided 95 % normal quantile: the lower bound of mean recall that must reach the target.
-Z_LOWER = 1.645
-DEFAULT_TARGET_RECALL = 0.95
-RECALL_KS: tuple[int, ...] = (10, 100)
 # Lengths of synthetic queries when no real query has been seen (log-uniform).
 SYNTH_MIN_LEN, SYNTH_MAX_LEN = 4, 40
 # Relative noise added to each synthetic query token (uniform per query): ‖noise‖ ≈ σ·‖token‖.
@@ -101,39 +109,6 @@ class Calibration:
                    tuple(int(s) for s in raw["segments"]), float(raw["at"]),
                    float(raw["seconds"]), float(raw["cpu_s"]),
                    {str(d): float(r) for d, r in dict(raw.get("tried", {})).items()})
-
-
-def target_of(options: Mapping[str, Any]) -> tuple[float, int]:
-    """``(target_recall, recall_k)`` of a vector's index options (validated in cluster.spec)."""
-    return (float(options.get("target_recall", DEFAULT_TARGET_RECALL)),
-            int(options.get("recall_k", RECALL_KS[0])))
-
-
-def recall_at(found: Sequence[float] | F64, truth: Sequence[float] | F64, k: int) -> float:
-    """recall@k of one query: the share of the exact top k (``truth``: exact scores, best
-    first) that ``found`` (the exact scores of the returned hits) reaches. A hit scoring at
-    least the k-th exact score counts (ties at the cut are not misses); 1.0 when nothing is
-    eligible."""
-    truth = np.asarray(truth, dtype=np.float64)[:k]
-    if len(truth) == 0:
-        return 1.0
-    kth = float(truth[-1])
-    tol = 1e-5 * max(1.0, abs(kth))
-    hits = int(np.count_nonzero(np.asarray(found, dtype=np.float64)[:k] >= kth - tol))
-    return min(hits, len(truth)) / len(truth)
-
-
-def interval(recalls: Sequence[float] | F64) -> tuple[float, float, float]:
-    """``(mean, low, high)``: mean recall and its one-sided 95 % bounds (normal approximation;
-    with one query the bounds are 0 and 1)."""
-    r = np.asarray(recalls, dtype=np.float64)
-    if len(r) == 0:
-        return 0.0, 0.0, 1.0
-    mean = float(r.mean())
-    if len(r) < 2:
-        return mean, 0.0, 1.0
-    half = Z_LOWER * float(r.std(ddof=1)) / math.sqrt(len(r))
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def choose_depth(evaluate: Callable[[float], Sequence[float]], target: float,

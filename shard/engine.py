@@ -129,6 +129,8 @@ CALIBRATION_FILE = "calibration.json"
 # Index options that fix a vector's search depth by hand (no calibration).
 FIXED_DEPTH_OPTIONS = ("candidates_per_token", "rerank_docs", "candidates", "leaves_to_search",
                        "leaves_to_search_fraction")
+# An idle shard recalibrates when its tokens changed by this fraction (or its index did).
+RECALIBRATE_IDLE_CHANGE = 0.05
 # Real queries start counting for a calibration's sample once the reservoir holds this many.
 REAL_LENGTHS_MIN = 16
 # Checkpoint (seal, even if small) once the WAL holds this much, e.g. after many deletes.
@@ -478,7 +480,9 @@ class ShardEngine:
         """Why ``vspec`` should be (re)calibrated now, or None: never calibrated (once it has
         an indexed segment), its target changed, its tokens changed by ``RECALIBRATE_GROWTH``,
         its indexed segments changed and the shard is idle (after an import settles), or the
-        reservoir now holds many more real queries than the last sample used."""
+        reservoir now holds many more real queries than the last sample used. Once the shard is
+        idle (an import settled), any change of its indexed segments, or of its tokens by
+        ``RECALIBRATE_IDLE_CHANGE``, is enough."""
         if not self._calibrates(vspec):
             return None
         with self._state_lock:
@@ -493,8 +497,9 @@ class ShardEngine:
             return "target changed"
         if abs(n_tokens - cal.n_tokens) >= RECALIBRATE_GROWTH * max(1, cal.n_tokens):
             return f"tokens {cal.n_tokens} -> {n_tokens}"
-        if segs != cal.segments and self.idle():
-            return "index changed"
+        if self.idle() and (segs != cal.segments or abs(n_tokens - cal.n_tokens)
+                            >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)):
+            return "index changed" if segs != cal.segments else "tokens changed"
         n = self.settings.calibration_queries
         usable = min(len(self._reservoirs[vspec.name]), n)
         if usable > cal.real_queries and usable >= max(min(RESERVOIR_MIN, n),
@@ -632,7 +637,7 @@ class ShardEngine:
             depth = self._depth(v)
             k_prime, rerank, leaves, fde = self._search_params(v, n_tokens, n_live, depth)
             entry: dict[str, Any] = {"state": state, "target": target, "k": k,
-                                     "depth": depth}
+                                     "depth": depth, "due": self.calibration_due(v)}
             if v.index.kind == "scann":
                 entry.update(k_prime=k_prime, rerank_docs=rerank,
                              leaves_factor=round(leaves, 4))
