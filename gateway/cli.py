@@ -105,6 +105,11 @@ def _shard_settings(args: argparse.Namespace) -> ShardSettings:
         defer = _non_negative_int(str(_env("COLSHARD_INDEX_DEFER_TOKENS")))
     if defer is not None:
         shard = replace(shard, index_defer_tokens=defer)
+    calibration = args.calibration_queries
+    if calibration is None and _env("COLSHARD_CALIBRATION_QUERIES"):
+        calibration = _non_negative_int(str(_env("COLSHARD_CALIBRATION_QUERIES")))
+    if calibration is not None:
+        shard = replace(shard, calibration_queries=calibration)
     return shard
 
 
@@ -650,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "index each segment when sealed "
                             f"(default {ShardSettings().index_defer_tokens}; env "
                             "COLSHARD_INDEX_DEFER_TOKENS)")
+        p.add_argument("--calibration-queries", type=_non_negative_int, default=None,
+                       help="sample queries per recall calibration of a shard; 0 turns "
+                            "calibration off (search depth 1) (default "
+                            f"{ShardSettings().calibration_queries}; env "
+                            "COLSHARD_CALIBRATION_QUERIES)")
         p.add_argument("--vectorizer-replicas", type=_positive_int, default=None,
                        help="encoder actors per vectorizer config; import batches run on them "
                             "in parallel (default 1; env COLSHARD_VECTORIZER_REPLICAS)")

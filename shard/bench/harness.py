@@ -924,6 +924,13 @@ class HttpSearcher:
             failed = sum(pool.map(post, bodies))
         return time.perf_counter() - t0, failed
 
+    def calibration(self) -> list[dict[str, Any]]:
+        """Each shard's calibration report for the bench vector (collection stats)."""
+        resp = self._client().get(f"{self.base_url}/v1/collections/{self.collection}")
+        _check(resp)
+        return [dict((s.get("stats") or {}).get("calibration", {}).get("v", {}))
+                for s in resp.json()["shards"]]
+
     def cluster(self) -> Any:
         resp = self._client().get(f"{self.base_url}/v1/cluster")
         return resp.json() if resp.status_code == 200 else {"status": resp.status_code}
@@ -997,9 +1004,10 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
         record["server_code_root"] = str(root)
     with open(log_path, "wb") as log:
+        calibration = ["--calibration-queries", "0"] if cfg.calibrate == "off" else []
         proc = subprocess.Popen(
             [exe, "serve", "--data-dir", str(data_dir), "--port", str(port),
-             "--etcd-port", str(etcd_port)],
+             "--etcd-port", str(etcd_port), *calibration],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -1030,6 +1038,14 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
                        "import_failed": failed})
         record["build_wait_s"], record["cluster"] = _wait_settled(
             searcher, proc.pid, time.monotonic() + cfg.http_timeout_s)
+        if cfg.calibrate != "off":
+            record["calibration"] = _wait_calibrated(searcher, 0, cfg.http_timeout_s)
+            if cfg.calibrate == "warm":
+                # Warm queries first: the shards recalibrate on them before they see a
+                # measured query (the in-engine run also reports the synthetic calibration).
+                for q in warm_queries(cfg):
+                    searcher.search(q, 10)
+                record["calibration_warm"] = _wait_calibrated(searcher, 1, cfg.http_timeout_s)
         record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
                               repeat=cfg.repeat))
         record["explain"] = _explain_or_error(searcher, dataset, _query_ids(dataset),
@@ -1043,6 +1059,22 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
         record["shutdown"] = _stop_server(proc)
         shutil.rmtree(data_dir, ignore_errors=True)
     return [record]
+
+
+def _wait_calibrated(searcher: HttpSearcher, min_real: int, timeout_s: float
+                     ) -> list[dict[str, Any]]:
+    """Until every shard has calibrated (on at least ``min_real`` real queries) and has no
+    calibration due; each shard's report."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cals = searcher.calibration()
+        if all(c.get("state") != "pending" and c.get("due") is None
+               and (c.get("state") != "calibrated"
+                    or c["measured"]["real_queries"] >= min_real) for c in cals):
+            return cals
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"shards not calibrated after {timeout_s} s: {cals}")
+        time.sleep(1.0)
 
 
 def _session_cpu_s(sid: int) -> float:

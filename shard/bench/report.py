@@ -346,3 +346,67 @@ def write_all(doc: dict[str, Any], out_dir: Path, make_plot: bool = True) -> dic
         except ImportError as exc:
             doc.setdefault("summary", {})["plot_error"] = f"matplotlib missing: {exc}"
     return files
+
+
+# The recall-calibration targets (issue #17), checked per corpus of a suite.
+SUITE_RECALL_SLACK = 0.005
+SUITE_VS_EXACT = 10.0
+
+
+def suite_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """One corpus of a suite: the engine's recall@10 and QPS (as calibrated, and on the
+    synthetic calibration alone), the target, faiss IVF at its best, numpy exact."""
+    results: list[dict[str, Any]] = doc["results"]
+    engine = _first(results, "colshard")
+    synthetic = _first(results, "colshard-calibration")
+    http = _first(results, "colshard-http")
+    brute = _first(results, "bruteforce")
+    faiss = [r for r in results if str(r.get("family", "")).startswith("faiss-") and _ok(r)]
+    best = max(faiss, key=lambda r: (r["recall_at_10"] >= RECALL_BAR, r["qps_1"]),
+               default=None)
+    target = 0.95
+    cal = (engine or {}).get("calibration_warm") or (engine or {}).get("calibration") or {}
+    shards = cal.get("shards") or [{}]
+    first_cal = ((engine or {}).get("calibration") or {})
+    row: dict[str, Any] = {
+        "dataset": doc["dataset"]["key"].split("/")[0], "n_tokens": doc["dataset"]["n_tokens"],
+        "dim": doc["dataset"]["dim"], "target": target,
+        "engine_r10": (engine or {}).get("recall_at_10"), "engine_qps": (engine or {}).get(
+            "qps_1"),
+        "depth": [s.get("v", {}).get("depth") for s in shards],
+        "synthetic_r10": (synthetic or {}).get("recall_at_10"),
+        "synthetic_qps": (synthetic or {}).get("qps_1"),
+        "calibration_cpu_s": first_cal.get("cpu_s"),
+        "http_r10": (http or {}).get("recall_at_10"), "http_qps": (http or {}).get("qps_1"),
+        "faiss": None if best is None else best["pipeline"],
+        "faiss_r10": None if best is None else best["recall_at_10"],
+        "faiss_qps": None if best is None else best["qps_1"],
+        "exact_qps": (brute or {}).get("qps_1"),
+    }
+    row["vs_exact"] = _ratio(row["engine_qps"], row["exact_qps"])
+    row["vs_faiss"] = _ratio(row["engine_qps"], row["faiss_qps"])
+    rec = [r for r in (row["engine_r10"], row["synthetic_r10"], row["http_r10"])
+           if r is not None]
+    row["recall_ok"] = bool(rec) and min(rec) >= target - SUITE_RECALL_SLACK
+    row["speed_ok"] = row["vs_exact"] is not None and row["vs_exact"] >= SUITE_VS_EXACT
+    return row
+
+
+def format_suite(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'dataset':<22} {'tokens':>9} {'dim':>4}  {'R@10':>5} {'QPS':>6} {'depth':>9}  "
+            f"{'synth R@10':>10} {'QPS':>6}  {'HTTP R@10':>9} {'QPS':>6}  {'faiss IVF R@10':>14}"
+            f" {'QPS':>6}  {'exact QPS':>9}  {'×exact':>6} {'×faiss':>6}  targets")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        depth = ",".join(f"{d:g}" for d in r["depth"] if d is not None) or "-"
+        ok = ("recall " + ("PASS" if r["recall_ok"] else "FAIL") + ", ≥10× exact "
+              + ("PASS" if r["speed_ok"] else "FAIL"))
+        lines.append(
+            f"{r['dataset']:<22} {r['n_tokens']:>9} {r['dim']:>4}"
+            f"  {_fmt(r['engine_r10'], '.3f'):>5} {_fmt(r['engine_qps'], '.1f'):>6} {depth:>9}"
+            f"  {_fmt(r['synthetic_r10'], '.3f'):>10}"
+            f" {_fmt(r['synthetic_qps'], '.1f'):>6}  {_fmt(r['http_r10'], '.3f'):>9}"
+            f" {_fmt(r['http_qps'], '.1f'):>6}  {_fmt(r['faiss_r10'], '.3f'):>14}"
+            f" {_fmt(r['faiss_qps'], '.1f'):>6}  {_fmt(r['exact_qps'], '.1f'):>9}"
+            f"  {_fmt(r['vs_exact'], '.1f'):>6} {_fmt(r['vs_faiss'], '.2f'):>6}  {ok}")
+    return "\n".join(lines)

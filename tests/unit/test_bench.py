@@ -389,6 +389,40 @@ def test_tiny_run_engine(tiny_run: dict[str, Any]) -> None:
     assert engine["index_disk_bytes_per_token"] > 0
     sweep = [r for r in tiny_run["results"] if r["family"] == "colshard-sweep"]
     assert len(sweep) == 1 and sweep[0]["recall_at_10"] >= 0.8
+    # calibrated on synthetic queries after the import, then again on 128 warm-up queries
+    # that are not the measured ones
+    first = engine["calibration"]["shards"][0]["v"]
+    warm = engine["calibration_warm"]["shards"][0]["v"]
+    assert first["state"] == warm["state"] == "calibrated"
+    assert first["measured"]["real_queries"] == 0 and warm["measured"]["real_queries"] == 128
+    assert engine["calibration"]["cpu_s"] > 0
+    synthetic = [r for r in tiny_run["results"] if r["family"] == "colshard-calibration"]
+    assert len(synthetic) == 1 and synthetic[0]["recall_at_10"] >= 0.8
+
+
+@pytest.mark.parametrize("name", sorted(bench_data.GENERATORS))
+def test_generators_have_their_declared_shape(tmp_path: Path, name: str) -> None:
+    spec = bench_data.GENERATORS[name]
+    n_docs = 120 if name == "colpali" else 600
+    ds = bench_data.generated(name, n_queries=5, cache_dir=tmp_path, n_docs=n_docs)
+    lengths = np.diff(ds.offsets)
+    assert ds.dim == spec.dim and ds.n_docs == n_docs and ds.n_queries == 5
+    assert lengths.max() <= spec.max_len and lengths.min() >= 1
+    assert np.allclose(np.linalg.norm(ds.values[:500].astype(np.float32), axis=1), 1, atol=1e-2)
+    q_lengths = np.diff(ds.query_offsets)
+    assert q_lengths.min() >= spec.q_min and q_lengths.max() <= spec.q_max
+    if name == "colpali":
+        assert 1_000 <= lengths.mean() <= 1_060
+    elif spec.len_sigma >= 0.8:  # long-tailed: the longest far above the median
+        assert lengths.max() > 4 * np.median(lengths)
+    # seeded and cached: the same numbers again, and more queries keep the first ones
+    again = bench_data.generated(name, n_queries=8, cache_dir=tmp_path, n_docs=n_docs)
+    assert np.array_equal(again.values, ds.values)
+    assert np.array_equal(again.query_values[: len(ds.query_values)], ds.query_values)
+    if spec.anisotropy > 0:  # a few directions carry most of the variance
+        x = ds.values[:5_000].astype(np.float32)
+        ev = np.linalg.eigvalsh(np.cov((x - x.mean(0)).T))[::-1]
+        assert ev[: spec.dim // 8].sum() / ev.sum() > 0.3
 
 
 def test_tiny_run_explain(tiny_run: dict[str, Any]) -> None:

@@ -117,3 +117,16 @@ def test_shard_engine_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
                               ).shard.index_defer_tokens == 7  # the flag wins
     with pytest.raises(SystemExit):
         parse(["gateway", "--index-defer-tokens", "-1"])
+
+
+def test_calibration_queries_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import build_parser, settings_from_args
+
+    parse = build_parser().parse_args
+    assert settings_from_args(parse(["serve"])).shard.calibration_queries == 128
+    assert settings_from_args(parse(["serve", "--calibration-queries", "0"])
+                              ).shard.calibration_queries == 0
+    monkeypatch.setenv("COLSHARD_CALIBRATION_QUERIES", "64")
+    assert settings_from_args(parse(["gateway"])).shard.calibration_queries == 64
+    with pytest.raises(SystemExit):
+        parse(["serve", "--calibration-queries", "-3"])
