@@ -171,6 +171,9 @@ class VectorSearch:
     include_vectors: bool = False
     explain: bool = False
     exact: bool = False  # exact MaxSim over every eligible object (no token index, no FDE)
+    # A measurement (the recall report), not a user's query: not kept as a sample of real
+    # queries for the shard's calibration.
+    probe: bool = False
     # Seconds the shard may work on it from when it starts (the caller's remaining deadline,
     # set by the shard client): past it the shard stops and raises DeadlineExceeded.
     budget_s: float | None = None

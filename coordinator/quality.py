@@ -99,7 +99,7 @@ async def measure(spec: CollectionSpec, vector: str, k: int, n_queries: int, see
         for s in stats:
             for exact in (False, True):
                 req = VectorSearch(target_vector=vector, query=query, k=k,
-                                   return_properties=(), exact=exact)
+                                   return_properties=(), exact=exact, probe=True)
                 calls[(s, exact)] = shards[s].read(_searcher(req), timeout_s)
         keys = list(calls)
         outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)

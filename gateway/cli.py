@@ -501,15 +501,26 @@ def query_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def cmd_query(args: argparse.Namespace) -> int:
+def _request(args: argparse.Namespace, method: str, path: str, timeout_s: float,
+             **kwargs: Any) -> Any:
+    """One request to ``--url`` with ``--api-key``; None (after saying why) when the gateway
+    cannot be reached."""
     import httpx
 
-    body = query_body(args)
     try:
-        with httpx.Client(base_url=args.url, timeout=120.0, headers=_api_headers(args)) as http:
-            response = http.post(f"/v1/collections/{args.collection}/query", json=body)
+        with httpx.Client(base_url=args.url, timeout=timeout_s,
+                          headers=_api_headers(args)) as http:
+            return http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         print(f"colshard: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    body = query_body(args)
+    response = _request(args, "POST", f"/v1/collections/{args.collection}/query", 120.0,
+                        json=body)
+    if response is None:
         return 2
     print(json.dumps(response.json(), indent=2),
           file=sys.stdout if response.status_code == 200 else sys.stderr)
@@ -518,17 +529,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_quality(args: argparse.Namespace) -> int:
     """The recall report of a collection: measured recall@k, collection-wide and per shard."""
-    import httpx
-
     params: dict[str, Any] = {"queries": args.queries}
     for key in ("vector", "k", "seed"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
-    try:
-        with httpx.Client(base_url=args.url, timeout=600.0, headers=_api_headers(args)) as http:
-            response = http.get(f"/v1/collections/{args.collection}/quality", params=params)
-    except httpx.HTTPError as exc:
-        print(f"colshard: cannot reach {args.url}: {exc}", file=sys.stderr)
+    response = _request(args, "GET", f"/v1/collections/{args.collection}/quality", 600.0,
+                        params=params)
+    if response is None:
         return 2
     if response.status_code != 200:
         print(json.dumps(response.json(), indent=2), file=sys.stderr)

@@ -393,7 +393,7 @@ class ShardEngine:
         exact = req.exact or vspec.index.kind == "flat"  # for this query / this vector
         found, n_candidates = self._ranked(views, n_live, vspec, query, req.k, req.filter,
                                            exact, self._depth(vspec), deadline)
-        if not exact:
+        if not exact and not req.probe:  # a sample of the real workload (shard.calibrate)
             self._reservoirs[vspec.name].offer(query)
         hits_out = tuple(self._hit(req, vspec, query, *f) for f in found)
         return ShardSearchResult(self.shard, hits_out, n_candidates, n_live)

@@ -271,10 +271,13 @@ def test_recalibration_triggers(tmp_path: Path, corpus: list[np.ndarray]) -> Non
         assert "real queries" in (engine.calibration_due(vspec) or "")
         assert engine.recalibrate()
         assert engine.calibration_report()["v"]["measured"]["real_queries"] == 48
-        # exact queries are not workload samples of the index
+        # exact queries and the recall report's probes are not workload samples
         engine.forget_queries()
         engine.search(VectorSearch("v", corpus[0], 10, exact=True))
+        engine.search(VectorSearch("v", corpus[0], 10, probe=True))
         assert len(engine._reservoirs["v"]) == 0
+        engine.search(VectorSearch("v", corpus[0], 10))
+        assert len(engine._reservoirs["v"]) == 1
         # growth by RECALIBRATE_GROWTH
         engine.upsert(batch(range(1_000, 1_500), {"v": corpus[1_000:]}))
         assert (engine.calibration_due(vspec) or "").startswith("tokens ")
