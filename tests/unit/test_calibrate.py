@@ -175,9 +175,10 @@ def corpus() -> list[np.ndarray]:
     return clustered_docs(np.random.default_rng(11), N_DOCS, DIM, min_len=4)
 
 
-def _indexed_engine(root: Path, docs: list[np.ndarray], **opts: Any) -> ShardEngine:
+def _indexed_engine(root: Path, docs: list[np.ndarray], kind: str = "scann",
+                    **opts: Any) -> ShardEngine:
     spec = make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "cosine",
-                       "index": {"kind": "scann", "options": opts}}])
+                       "index": {"kind": kind, "options": opts}}])
     engine = open_engine(root, spec, **_settings())
     engine.upsert(batch(range(len(docs)), {"v": docs}))
     engine.close()
@@ -281,6 +282,21 @@ def test_recalibration_triggers(tmp_path: Path, corpus: list[np.ndarray]) -> Non
         # growth by RECALIBRATE_GROWTH
         engine.upsert(batch(range(1_000, 1_500), {"v": corpus[1_000:]}))
         assert (engine.calibration_due(vspec) or "").startswith("tokens ")
+    finally:
+        engine.close()
+
+
+def test_muvera_vectors_calibrate_their_fde_candidates(
+        tmp_path: Path, corpus: list[np.ndarray]) -> None:
+    engine = _indexed_engine(tmp_path, corpus, kind="muvera")
+    try:
+        assert engine.calibration_report()["v"]["fde_candidates"] == 500
+        assert engine.recalibrate()
+        report = engine.calibration_report()["v"]
+        assert report["state"] == "calibrated" and report["measured"]["met"]
+        assert report["fde_candidates"] == max(1, int(np.ceil(500 * report["depth"])))
+        rng = np.random.default_rng(8)
+        assert _recall_vs_numpy(engine, corpus, _queries(rng, corpus, 40)) >= 0.93
     finally:
         engine.close()
 
