@@ -371,7 +371,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if etcd is not None:
             etcd.stop(timeout_s=max(0.2, min(5.0, stopping.left() - 0.5)))
         kill_leftovers(started)
+        # Ray's own exit hook (atexit: ray.shutdown) may wait on the processes just killed, or
+        # on a shutdown still running in the thread above: past the budget, exit regardless.
+        exit_after(max(0.5, stopping.left()), _exit_code(sys.exc_info()[1]))
     return 0
+
+
+def _exit_code(pending: BaseException | None) -> int:
+    """The status serve exits with when ``pending`` is propagating (None: normal return)."""
+    if pending is None or isinstance(pending, KeyboardInterrupt):
+        return 0
+    if isinstance(pending, SystemExit):
+        return pending.code if isinstance(pending.code, int) else 1
+    return 1
+
+
+def exit_after(seconds: float, code: int) -> None:
+    """End the process with ``code`` in ``seconds`` unless it has exited by then (a daemon
+    thread: it keeps running while the interpreter's exit hooks do)."""
+    def hard_exit() -> None:
+        time.sleep(seconds)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=hard_exit, name="colshard-exit", daemon=True).start()
 
 
 class _StopClock:

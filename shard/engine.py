@@ -129,6 +129,8 @@ CALIBRATION_FILE = "calibration.json"
 # Index options that fix a vector's search depth by hand (no calibration).
 FIXED_DEPTH_OPTIONS = ("candidates_per_token", "rerank_docs", "candidates", "leaves_to_search",
                        "leaves_to_search_fraction")
+# A shard that is not idle (writes arriving) calibrates at most this often.
+BUSY_CALIBRATE_S = 60.0
 # An idle shard recalibrates when its tokens changed by this fraction (or its index did).
 RECALIBRATE_IDLE_CHANGE = 0.05
 # Real queries start counting for a calibration's sample once the reservoir holds this many.
@@ -184,6 +186,7 @@ class ShardEngine:
         # the real queries it has served.
         self._calibrations: dict[str, Calibration] = {}
         self._reservoirs = {v.name: Reservoir(seed=shard) for v in spec.vectors}
+        self._calibrated_at = time.monotonic()  # while writes arrive: one per BUSY_CALIBRATE_S
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = lock_dir(self.data_dir, f"{spec.name}:{shard}")
         try:
@@ -482,13 +485,16 @@ class ShardEngine:
         its indexed segments changed and the shard is idle (after an import settles), or the
         reservoir now holds many more real queries than the last sample used. Once the shard is
         idle (an import settled), any change of its indexed segments, or of its tokens by
-        ``RECALIBRATE_IDLE_CHANGE``, is enough."""
+        ``RECALIBRATE_IDLE_CHANGE``, is enough. While writes keep arriving, at most one
+        calibration per ``BUSY_CALIBRATE_S`` (from the shard's start)."""
         if not self._calibrates(vspec):
             return None
         with self._state_lock:
             segs, n_tokens = self._indexed(vspec)
         if not segs:
             return None  # searched exactly: nothing to calibrate
+        if not self.idle() and time.monotonic() - self._calibrated_at < BUSY_CALIBRATE_S:
+            return None  # an import is running: calibrate once it settles, or now and then
         target, k = target_of(vspec.index.options)
         cal = self._calibrations.get(vspec.name)
         if cal is None:
@@ -588,6 +594,7 @@ class ShardEngine:
                           {f"{d:g}": round(r, 4) for d, r in tried.items()})
         with self._state_lock:
             self._calibrations[vspec.name] = cal
+            self._calibrated_at = time.monotonic()
         self._persist_calibrations()
         logger.info("shard %s:%d: calibrated %r (%s): depth %g, recall@%d %.3f (≥ %.3f at 95 %%, "
                     "target %.3f%s), %d queries, %.1f s", self.spec.name, self.shard, vector,

@@ -165,7 +165,9 @@ N_DOCS = 1_500
 def _settings(**kw: Any) -> dict[str, Any]:
     base = {"seal_threshold_tokens": 200_000, "brute_force_max_tokens": 2_000,
             "candidates_per_token": 64, "rerank_docs": 60, "calibration_queries": 48,
-            "calibration_duty": 1.0}
+            "calibration_duty": 1.0,
+            # idle 50 ms after a write: shards calibrate once writes settle
+            "seal_idle_s": 0.05, "index_defer_tokens": 0}
     base.update(kw)
     return base
 
@@ -185,6 +187,7 @@ def _indexed_engine(root: Path, docs: list[np.ndarray], kind: str = "scann",
     engine = open_engine(root, spec, **_settings(seal_threshold_tokens=1_000))
     drain(engine)
     assert "indexed=1" in engine.stats().index_state["v"]
+    time.sleep(0.1)  # idle
     return engine
 
 
@@ -279,8 +282,10 @@ def test_recalibration_triggers(tmp_path: Path, corpus: list[np.ndarray]) -> Non
         assert len(engine._reservoirs["v"]) == 0
         engine.search(VectorSearch("v", corpus[0], 10))
         assert len(engine._reservoirs["v"]) == 1
-        # growth by RECALIBRATE_GROWTH
+        # growth by RECALIBRATE_GROWTH, once the writes settle
         engine.upsert(batch(range(1_000, 1_500), {"v": corpus[1_000:]}))
+        assert engine.calibration_due(vspec) is None  # writes are arriving
+        time.sleep(0.1)
         assert (engine.calibration_due(vspec) or "").startswith("tokens ")
     finally:
         engine.close()
