@@ -283,14 +283,18 @@ def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0,
     log.info("gateway %s runs inside the coordinator actor (pid %s)", gateway.address,
              where["pid"])
     # ray.init() installed its own SIGTERM handler (sys.exit(15)): SIGTERM ends like Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Either one also arms a hard exit past the exit budget: a Ray call that does not return
+    # (a coordinator that stopped answering) cannot keep serve running.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt_and_arm)
     try:
         keep_hosted(handle, gateway, owner, poll_s)
     finally:
         if stopping is not None:
             stopping.start()
+        drain_s = 60.0 if stopping is None else max(1.0, stopping.left() - 3.0)
         try:  # drain: requests in flight finish (up to 5 s), new connections are refused
-            ray.get(handle.unhost.remote(owner), timeout=60)
+            ray.get(handle.unhost.remote(owner), timeout=drain_s)
         except Exception as exc:  # the coordinator is gone already: nothing left to drain
             log.warning("could not stop the gateway in the coordinator: %r", exc)
 
@@ -759,6 +763,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+_armed = threading.Event()
+
+
+def _interrupt_and_arm(signum: int, frame: Any) -> None:
+    """Ctrl-C / SIGTERM for serve: stop like Ctrl-C, and exit (status 0) regardless once the
+    exit budget and a grace second have passed since the first signal."""
+    if not _armed.is_set():
+        _armed.set()
+        exit_after(EXIT_BUDGET_S + 1.0, 0)
     raise KeyboardInterrupt
 
 
