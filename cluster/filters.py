@@ -1,4 +1,4 @@
-"""Property filters: one small language, parsed at the gateway, evaluated in shards.
+"""Property filters: one small language, parsed by the coordinator, evaluated in shards.
 
 Wire form (JSON)
 ----------------

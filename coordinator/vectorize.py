@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from cluster.spec import CollectionSpec, NamedVectorSpec, VectorizerSpec
 from cluster.types import F32
@@ -90,27 +90,3 @@ class Vectorizers:
         client = self._client(vec.vectorizer)
         return await client.encode_query(text, self._key_for(vec.vectorizer, api_keys),
                                          self._timeout_s)
-
-
-class LocalVectorizerClient:
-    """In-process client (unit tests, single-process embedding)."""
-
-    def __init__(self, spec: VectorizerSpec) -> None:
-        from coordinator.vectorizers.base import VectorizerCache
-
-        self._vectorizers = VectorizerCache(spec)
-
-    def _get(self, api_key: str | None) -> Any:
-        return self._vectorizers.get(api_key)
-
-    async def dim(self, timeout_s: float) -> int:
-        return int(self._get(None).dim)
-
-    async def encode_documents(self, texts: Sequence[str], api_key: str | None,
-                               timeout_s: float) -> list[F32]:
-        result: list[F32] = self._get(api_key).encode_documents(list(texts))
-        return result
-
-    async def encode_query(self, text: str, api_key: str | None, timeout_s: float) -> F32:
-        result: F32 = self._get(api_key).encode_query(text)
-        return result

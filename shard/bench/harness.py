@@ -433,7 +433,7 @@ def _job_faiss(
 def _engine_class() -> tuple[Any, str | None]:
     """(ShardEngine, None) or (None, why it is not available)."""
     if importlib.util.find_spec("shard.engine") is None:
-        return None, "shard/engine.py does not exist yet"
+        return None, "shard.engine is not importable here"
     try:
         module = importlib.import_module("shard.engine")
     except Exception as exc:
