@@ -13,17 +13,18 @@ sampling noise) does recall. Calibration, given a snapshot of the shard:
    queries seen);
 2. computes their exact top k by MaxSim over every live object (the truth);
 3. searches the ladder (``choose_depth``, one rung at a time from 1, assuming recall grows
-   with depth) for
-   the smallest depth whose *lower* confidence bound on mean recall@k (one-sided 95 %, normal
-   approximation over the per-query recalls) reaches the target: a margin for the sampling
-   error that shrinks with the sample size. If even the deepest setting does not reach it, that
-   one is kept and the calibration says ``met: false``.
+   with depth) for the smallest depth whose *lower* confidence bound on mean recall@k
+   (one-sided 95 %, normal approximation over the per-query recalls; ``cluster.recall``)
+   reaches the target: a margin for the sampling error that shrinks with the sample size. If
+   even the deepest setting does not reach it, that one is kept and the calibration says
+   ``met: false``.
 
-A hit counts as found when its exact score reaches the k-th exact score (ties at the cut, e.g.
-exact duplicates, are not misses). The result (``Calibration``) is persisted with the shard
-(``calibration.json``) and shown in its stats; the engine decides when to run it
-(shard.engine: after index builds and merges once the shard is idle, when the shard grew by
-``RECALIBRATE_GROWTH``, once the reservoir fills with real queries).
+A hit counts as found when its exact score reaches the k-th exact score (ties at the cut,
+e.g. exact duplicates, are not misses: ``cluster.recall.recall_at``). The result
+(``Calibration``) is persisted with the shard (``calibration.json``) and shown in its stats;
+the engine decides when to run it (shard.engine: after index builds and merges once the shard
+is idle, when the shard grew by ``RECALIBRATE_GROWTH``, once the reservoir fills with real
+queries).
 """
 
 from __future__ import annotations
@@ -37,20 +38,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cluster.recall import (  # re-exported: the calibration's statistics
-    DEFAULT_TARGET_RECALL,
-    RECALL_KS,
-    Z_LOWER,
-    interval,
-    recall_at,
-    target_of,
-)
-
-__all__ = ["DEFAULT_TARGET_RECALL", "RECALL_KS", "Z_LOWER", "interval", "recall_at",
-           "target_of"]
+from cluster.recall import interval
 
 F32 = npt.NDArray[np.float32]
-F64 = npt.NDArray[np.float64]
 
 # Search depth factors, cheapest first (√2 steps). 1.0 is the configured setting.
 DEPTHS: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.3,

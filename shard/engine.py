@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from cluster.errors import Unavailable
+from cluster.recall import interval, recall_at, target_of
 from cluster.settings import ShardSettings
 from cluster.spec import CollectionSpec, NamedVectorSpec
 from cluster.types import (
@@ -94,10 +95,7 @@ from shard.calibrate import (
     DocSampler,
     Reservoir,
     choose_depth,
-    interval,
-    recall_at,
     synthetic_queries,
-    target_of,
 )
 from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_path, write_atomic
 from shard.index import ScannTokenIndex
@@ -467,33 +465,38 @@ class ShardEngine:
             return 1.0
         return cal.depth
 
+    def _segments(self) -> list[Segment]:
+        """Every segment: sealed, frozen, growing. Caller holds ``_state_lock``."""
+        return [*self._sealed, *(f for f, _ in self._frozen), self._growing]
+
     def _views(self) -> list[SegmentView]:
         """A snapshot of every segment. Caller holds ``_state_lock``."""
-        return [*(s.view() for s in self._sealed), *(f.view() for f, _ in self._frozen),
-                self._growing.view()]
+        return [s.view() for s in self._segments()]
 
     def _indexed(self, vspec: NamedVectorSpec) -> tuple[tuple[int, ...], int]:
         """The sealed segments with an index for ``vspec`` and the vector's live tokens.
         Caller holds ``_state_lock``."""
         segs = tuple(sorted(s.segment_id for s in self._sealed if vspec.name in s.indexes))
-        segments: list[Segment] = [*self._sealed, *(f for f, _ in self._frozen), self._growing]
-        return segs, sum(s.live_tokens(vspec.name) for s in segments)
+        return segs, sum(s.live_tokens(vspec.name) for s in self._segments())
 
     def calibration_due(self, vspec: NamedVectorSpec) -> str | None:
-        """Why ``vspec`` should be (re)calibrated now, or None: never calibrated (once it has
-        an indexed segment), its target changed, its tokens changed by ``RECALIBRATE_GROWTH``,
-        its indexed segments changed and the shard is idle (after an import settles), or the
-        reservoir now holds many more real queries than the last sample used. Once the shard is
-        idle (an import settled), any change of its indexed segments, or of its tokens by
-        ``RECALIBRATE_IDLE_CHANGE``, is enough. While writes keep arriving, at most one
-        calibration per ``BUSY_CALIBRATE_S`` (from the shard's start)."""
-        if not self._calibrates(vspec):
-            return None
+        """Why ``vspec`` should be (re)calibrated now, or None (``_due``)."""
         with self._state_lock:
             segs, n_tokens = self._indexed(vspec)
-        if not segs:
-            return None  # searched exactly: nothing to calibrate
-        if not self.idle() and time.monotonic() - self._calibrated_at < BUSY_CALIBRATE_S:
+        return self._due(vspec, segs, n_tokens)
+
+    def _due(self, vspec: NamedVectorSpec, segs: tuple[int, ...], n_tokens: int) -> str | None:
+        """Why ``vspec``, with indexed segments ``segs`` and ``n_tokens`` live tokens, should
+        be (re)calibrated now, or None: never calibrated (once it has an indexed segment), its
+        target changed, its tokens changed by ``RECALIBRATE_GROWTH``, or the reservoir now
+        holds many more real queries than the last sample used; once the shard is idle (an
+        import settled), also any change of its indexed segments, or of its tokens by
+        ``RECALIBRATE_IDLE_CHANGE``. While writes keep arriving, at most one calibration per
+        ``BUSY_CALIBRATE_S`` (from the shard's start)."""
+        if not self._calibrates(vspec) or not segs:
+            return None  # not calibrated, or searched exactly: nothing to calibrate
+        idle = self.idle()
+        if not idle and time.monotonic() - self._calibrated_at < BUSY_CALIBRATE_S:
             return None  # an import is running: calibrate once it settles, or now and then
         target, k = target_of(vspec.index.options)
         cal = self._calibrations.get(vspec.name)
@@ -503,8 +506,8 @@ class ShardEngine:
             return "target changed"
         if abs(n_tokens - cal.n_tokens) >= RECALIBRATE_GROWTH * max(1, cal.n_tokens):
             return f"tokens {cal.n_tokens} -> {n_tokens}"
-        if self.idle() and (segs != cal.segments or abs(n_tokens - cal.n_tokens)
-                            >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)):
+        if idle and (segs != cal.segments or abs(n_tokens - cal.n_tokens)
+                     >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)):
             return "index changed" if segs != cal.segments else "tokens changed"
         n = self.settings.calibration_queries
         usable = min(len(self._reservoirs[vspec.name]), n)
@@ -644,7 +647,7 @@ class ShardEngine:
             depth = self._depth(v)
             k_prime, rerank, leaves, fde = self._search_params(v, n_tokens, n_live, depth)
             entry: dict[str, Any] = {"state": state, "target": target, "k": k,
-                                     "depth": depth, "due": self.calibration_due(v)}
+                                     "depth": depth, "due": self._due(v, segs, n_tokens)}
             if v.index.kind == "scann":
                 entry.update(k_prime=k_prime, rerank_docs=rerank,
                              leaves_factor=round(leaves, 4))

@@ -502,7 +502,7 @@ class ShardedEngine:
         """Every due calibration of every shard (what their calibration threads would do)."""
         did = False
         for e in self.shards:
-            while getattr(e, "recalibrate", lambda: False)():
+            while e.recalibrate():
                 did = True
         return did
 
@@ -643,7 +643,7 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
                                 "family": f"{family}-calibration",
                                 "params": record["params"], **first})
                 for shard in engine.shards:  # the measured queries must not calibrate it
-                    getattr(shard, "forget_queries", lambda: None)()
+                    shard.forget_queries()
                 for q in warm_queries(cfg):
                     searcher.search(q, 10)
                 record["calibration_warm"] = _calibrate(engine)
@@ -713,7 +713,7 @@ def _calibrate(engine: ShardedEngine) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     engine.recalibrate()
     return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "shards": [_jsonable(getattr(st, "calibration", {})) for st in engine.stats()]}
+            "shards": [_jsonable(st.calibration) for st in engine.stats()]}
 
 
 def _index_dir_bytes(data_dir: Path) -> int:

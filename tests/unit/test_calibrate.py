@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cluster import recall as rc
 from cluster.errors import InvalidInput
 from cluster.types import VectorSearch
 from shard import calibrate as cal
@@ -30,23 +31,23 @@ from tests.unit.test_shard_support import (
 
 def test_recall_counts_ties_at_the_cut_and_short_truths() -> None:
     truth = [5.0, 4.0, 3.0]
-    assert cal.recall_at([5.0, 4.0, 3.0], truth, 3) == 1.0
-    assert cal.recall_at([5.0, 4.0, 2.0], truth, 3) == pytest.approx(2 / 3)
+    assert rc.recall_at([5.0, 4.0, 3.0], truth, 3) == 1.0
+    assert rc.recall_at([5.0, 4.0, 2.0], truth, 3) == pytest.approx(2 / 3)
     # a different object with the k-th score (an exact duplicate) is not a miss
-    assert cal.recall_at([5.0, 3.0, 3.0], truth, 3) == 1.0
-    assert cal.recall_at([], [], 10) == 1.0  # nothing eligible
-    assert cal.recall_at([9.0], [9.0], 10) == 1.0  # fewer than k eligible: all found
-    assert cal.recall_at([], [1.0, 0.5], 10) == 0.0
+    assert rc.recall_at([5.0, 3.0, 3.0], truth, 3) == 1.0
+    assert rc.recall_at([], [], 10) == 1.0  # nothing eligible
+    assert rc.recall_at([9.0], [9.0], 10) == 1.0  # fewer than k eligible: all found
+    assert rc.recall_at([], [1.0, 0.5], 10) == 0.0
 
 
 def test_interval_is_a_one_sided_normal_bound() -> None:
     r = [1.0] * 90 + [0.5] * 10
-    mean, low, high = cal.interval(r)
+    mean, low, high = rc.interval(r)
     se = np.std(r, ddof=1) / np.sqrt(len(r))
     assert mean == pytest.approx(0.95)
-    assert low == pytest.approx(0.95 - cal.Z_LOWER * se)
-    assert high == pytest.approx(0.95 + cal.Z_LOWER * se)
-    assert cal.interval([0.7]) == (0.7, 0.0, 1.0)  # one query proves nothing
+    assert low == pytest.approx(0.95 - rc.Z_LOWER * se)
+    assert high == pytest.approx(0.95 + rc.Z_LOWER * se)
+    assert rc.interval([0.7]) == (0.7, 0.0, 1.0)  # one query proves nothing
 
 
 def _monotone(recall_of_depth: dict[float, float], n: int = 200) -> tuple[Any, list[float]]:
@@ -95,7 +96,7 @@ def test_the_margin_asks_for_more_than_a_mean_at_the_target() -> None:
     depth, recalls, met, tried = cal.choose_depth(evaluate, 0.95)
     assert met and depth == 2.0
     assert tried[1.4] == pytest.approx(0.95)  # the mean was there, the bound was not
-    assert cal.interval(recalls)[1] >= 0.95
+    assert rc.interval(recalls)[1] >= 0.95
     # with no spread the same mean passes at once, and shallower depths are tried
     evaluate2, _ = _monotone(dict.fromkeys(cal.DEPTHS, 0.951))
     assert cal.choose_depth(evaluate2, 0.95)[0] == cal.DEPTHS[0]
@@ -228,7 +229,7 @@ def test_calibration_meets_the_target_measured_against_numpy(
         assert m["target"] == 0.97 and m["k"] == 10 and m["queries"] == 48
         assert m["met"] and m["ci_low"] >= 0.97 and m["ci_low"] <= m["recall"] <= m["ci_high"]
         assert m["real_queries"] == 0 and m["n_tokens"] == sum(len(d) for d in corpus)
-        assert c["depth"] == m["depth"] and str(m["depth"].__format__("g")) in m["tried"]
+        assert c["depth"] == m["depth"] and f"{m['depth']:g}" in m["tried"]
         assert c["k_prime"] >= 1 and c["rerank_docs"] >= 1
         assert not engine.recalibrate()  # nothing changed: nothing due
         # the engine's searches at the chosen depth reach the target on other queries
