@@ -6,7 +6,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -105,26 +104,6 @@ class Settings:
 
 
 DATA_DIR_ENV = "COLSHARD_DATA_DIR"
-
-
-def ray_runtime_context() -> Any | None:
-    """Ray's runtime context of this process; None outside Ray (without starting one:
-    ``ray.get_runtime_context()`` would start a local Ray when none is initialised)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context() if ray.is_initialized() else None
-    except Exception:
-        return None
-
-
-def ray_node_id() -> str:
-    """The id of the Ray node this process runs on; "" outside Ray."""
-    ctx = ray_runtime_context()
-    try:
-        return str(ctx.get_node_id()) if ctx is not None else ""
-    except Exception:
-        return ""
 
 
 def node_data_dir(default: Path | str) -> Path:

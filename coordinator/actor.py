@@ -22,12 +22,14 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from cluster.api import CoordinatorAPI
 from cluster.errors import DeadlineExceeded, InternalError
 from cluster.etcd_store import EtcdStore
 from cluster.query import QueryRequest, QueryResult
-from cluster.settings import Settings, ray_node_id
+from cluster.raynode import ray_node_id
+from cluster.settings import Settings
 from cluster.spec import CollectionSpec
 from cluster.types import StoredObject, WriteResult
 from cluster.validation import ColumnarInput, ObjectInput
@@ -47,7 +49,7 @@ class HostedServer(Protocol):
     ``target`` (the actor itself) until ``stop()``, and sets ``started`` once it accepts
     connections; an error before that (e.g. its port is taken) is raised by ``run``."""
 
-    async def run(self, target: Any, started: asyncio.Event) -> None: ...
+    async def run(self, target: CoordinatorAPI, started: asyncio.Event) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -252,6 +254,10 @@ class CoordinatorActor:
         await self._core()
         assert self._membership is not None
         return await self._membership.tick()
+
+
+if TYPE_CHECKING:  # mypy checks that the actor serves every verb the gateway calls
+    _API: type[CoordinatorAPI] = CoordinatorActor
 
 
 def _kind(req: QueryRequest) -> str:

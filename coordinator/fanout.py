@@ -23,7 +23,7 @@ from cluster import localrpc
 from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unavailable
 from cluster.ids import ShardId
 from cluster.localrpc import body_length, frame, unframe
-from cluster.settings import ray_node_id
+from cluster.raynode import ray_node_id
 from cluster.types import (
     F32,
     KeywordSearch,

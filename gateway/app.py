@@ -393,7 +393,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
         try:
-            state = await backend.call("readiness", timeout_s=10.0)
+            state = await backend.readiness(timeout_s=10.0)
         except ColshardError as exc:
             return JSONResponse({"ready": False, "error": exc.to_dict()}, status_code=503)
         return JSONResponse(state, status_code=200 if state.get("ready") else 503)
@@ -404,7 +404,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
 
     @app.get("/v1/cluster", tags=["ops"])
     async def cluster() -> dict[str, Any]:
-        info: dict[str, Any] = await backend.call("cluster_info")
+        info: dict[str, Any] = await backend.cluster_info()
         return info
 
     # ---- collections -----------------------------------------------------------------------
@@ -415,13 +415,13 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         check_collection(principal(request), body.name)
         raw_spec = body.to_spec_dict()
         limits.check_collection(raw_spec, settings)
-        spec: CollectionSpec = await backend.call("create_collection", raw_spec,
+        spec: CollectionSpec = await backend.create_collection(raw_spec,
                                                   timeout_s=settings.write_timeout_s)
         return spec.to_dict()
 
     @app.get("/v1/collections", tags=["collections"])
     async def list_collections(request: Request) -> dict[str, Any]:
-        specs: list[CollectionSpec] = await backend.call("list_collections")
+        specs: list[CollectionSpec] = await backend.list_collections()
         key = principal(request)
         if key is not None:
             specs = [s for s in specs if key.may_access(s.name)]
@@ -429,7 +429,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
 
     @app.get("/v1/collections/{name}", tags=["collections"])
     async def get_collection(name: str) -> dict[str, Any]:
-        info = await backend.call("describe_collection", name)
+        info = await backend.describe_collection(name)
         shards = [{**s, "stats": asdict(s["stats"]) if s["stats"] is not None else None}
                   for s in info["shards"]]
         return {**info["spec"].to_dict(), "shards": shards}
@@ -449,14 +449,13 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         against exact MaxSim on sample queries (recent real queries, else queries made from
         stored objects), with one-sided 95 % bounds and each shard's calibration. Costly
         (exact MaxSim over every object per query): one runs at a time (429 otherwise)."""
-        report: dict[str, Any] = await backend.call(
-            "quality", name, vector, k, queries, seed, detail,
+        report: dict[str, Any] = await backend.quality(name, vector, k, queries, seed, detail,
             timeout_s=settings.write_timeout_s)
         return report
 
     @app.delete("/v1/collections/{name}", tags=["collections"])
     async def delete_collection(name: str) -> dict[str, Any]:
-        await backend.call("delete_collection", name, timeout_s=settings.write_timeout_s)
+        await backend.delete_collection(name, timeout_s=settings.write_timeout_s)
         return {"deleted": name}
 
     # ---- objects ---------------------------------------------------------------------------
@@ -489,7 +488,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
             inputs = to_inputs(batch.objects)
             level = batch.consistency_level or level
         limits.check_objects(inputs, settings)
-        results = await backend.call("upsert", name, inputs, api_keys_from(request), level,
+        results = await backend.upsert(name, inputs, api_keys_from(request), level,
                                      timeout_s=settings.write_timeout_s)
         return FastJSONResponse(batch_out(results))
 
@@ -499,7 +498,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
                           consistency_level: str | None = None) -> dict[str, Any]:
         """Delete by filter (``dry_run`` counts the matches without deleting)."""
         limits.check_filter(body.filters, settings)
-        out: dict[str, Any] = await backend.call("delete_where", name, body.filters,
+        out: dict[str, Any] = await backend.delete_where(name, body.filters,
                                                  body.dry_run,
                                                  body.consistency_level or consistency_level,
                                                  timeout_s=settings.write_timeout_s)
@@ -509,7 +508,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     async def list_objects(name: str, limit: int = Query(100, ge=1, le=settings.max_limit),
                            after: str | None = None, include_vector: bool = False
                            ) -> JSONResponse:
-        objs: list[StoredObject] = await backend.call("list_objects", name, after, limit,
+        objs: list[StoredObject] = await backend.list_objects(name, after, limit,
                                                       include_vector)
         next_after = objs[-1].uuid if len(objs) == limit else None
         return FastJSONResponse({"objects": [object_out(name, o) for o in objs],
@@ -519,7 +518,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
              response_model=wire.ObjectOut)
     async def get_object(name: str, object_id: str, include_vector: bool = False
                          ) -> JSONResponse:
-        obj: StoredObject = await backend.call("get_object", name, object_id, include_vector)
+        obj: StoredObject = await backend.get_object(name, object_id, include_vector)
         return FastJSONResponse(object_out(name, obj))
 
     @app.put("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
@@ -530,7 +529,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         body = body.model_copy(update={"id": object_id})
         inputs = to_inputs([body])
         limits.check_objects(inputs, settings)
-        results = await backend.call("upsert", name, inputs, api_keys_from(request),
+        results = await backend.upsert(name, inputs, api_keys_from(request),
                                      request.query_params.get("consistency_level"),
                                      timeout_s=settings.write_timeout_s)
         return _single_write(results[0])
@@ -540,13 +539,13 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     async def patch_object(name: str, object_id: str, body: wire.ObjectIn,
                            request: Request) -> JSONResponse:
         _check_body_id(body, object_id)
-        current: StoredObject = await backend.call("get_object", name, object_id, True)
+        current: StoredObject = await backend.get_object(name, object_id, True)
         merged_vectors = {k: v for k, v in (current.vectors or {}).items() if len(v)}
         merged_vectors.update({k: _to_array(v, f"vectors.{k}") for k, v in body.vectors.items()})
         merged = ObjectInput(current.uuid, {**current.properties, **body.properties},
                              merged_vectors)
         limits.check_objects([merged], settings)
-        results = await backend.call("upsert", name, [merged], api_keys_from(request),
+        results = await backend.upsert(name, [merged], api_keys_from(request),
                                      request.query_params.get("consistency_level"),
                                      timeout_s=settings.write_timeout_s)
         return _single_write(results[0])
@@ -554,7 +553,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     @app.delete("/v1/collections/{name}/objects/{object_id}", tags=["objects"])
     async def delete_object(name: str, object_id: str, consistency_level: str | None = None
                             ) -> dict[str, Any]:
-        existed = await backend.call("delete_object", name, object_id, consistency_level,
+        existed = await backend.delete_object(name, object_id, consistency_level,
                                      timeout_s=settings.write_timeout_s)
         if not existed:
             raise NotFound(f"object {object_id} not found in {name!r}",
@@ -603,8 +602,8 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         req.kind()  # exactly one search kind: fail before any Ray call
         # The gateway waits a little longer than the query's own deadline, so the coordinator's
         # 504 (naming the slow shard) or partial result arrives first.
-        result: QueryResult = await backend.call(
-            "query", req, timeout_s=(body.timeout or settings.query_timeout_s) + 5.0)
+        result: QueryResult = await backend.query(
+            req, timeout_s=(body.timeout or settings.query_timeout_s) + 5.0)
         return FastJSONResponse(query_out(result))
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]

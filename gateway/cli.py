@@ -238,10 +238,11 @@ def gateway_config(settings: Settings, handle: Any, *, api_keys: Sequence[Any] =
                    log_level: str = "info") -> Any:
     """The uvicorn config of a gateway process that reaches the coordinator over Ray (TLS when
     both ssl files are given)."""
-    from gateway.backend import RayBackend
+    from gateway.backend import Backend
+    from gateway.ray_backend import RayTransport
     from gateway.server import uvicorn_config
 
-    return uvicorn_config(RayBackend(handle, settings.query_timeout_s), settings,
+    return uvicorn_config(Backend(RayTransport(handle, settings.query_timeout_s)), settings,
                           api_keys=api_keys, ssl_certfile=ssl_certfile,
                           ssl_keyfile=ssl_keyfile, log_level=log_level)
 
@@ -262,7 +263,7 @@ def coordinator_is_local(handle: Any) -> bool:
     HTTP port this process was asked to serve)."""
     import ray
 
-    from cluster.settings import ray_node_id
+    from cluster.raynode import ray_node_id
 
     where = ray.get(handle.whereabouts.remote(), timeout=60)
     return bool(where["node_id"] == ray_node_id())
@@ -632,7 +633,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway.loadtest import LoadConfig, run_load
+    from bench.loadtest import LoadConfig, run_load
 
     cfg = LoadConfig(url=args.url, api_key=args.api_key or _env("COLSHARD_API_KEY"),
                      duration_s=args.duration_s, warmup_s=min(args.warmup_s, args.duration_s),
@@ -645,8 +646,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    # The CLI is the composition root: the benchmark drives the shard engine in-process.
-    from shard.bench.__main__ import main as bench_main
+    # The CLI is the composition root: the benchmark (its own package) drives the shard
+    # engine in-process.
+    from bench import main as bench_main
 
     return int(bench_main(list(argv)) or 0)
 

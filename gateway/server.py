@@ -16,9 +16,10 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from cluster.api import CoordinatorAPI
 from cluster.settings import Settings
 from gateway.app import create_app
-from gateway.backend import Backend, LocalBackend
+from gateway.backend import Backend, LocalTransport
 
 # Requests in flight get this long to finish when a gateway stops (Ctrl-C, SIGTERM): `colshard
 # serve` then has the rest of its 10 s exit budget (gateway.cli.EXIT_BUDGET_S) to stop Ray.
@@ -135,12 +136,12 @@ class EmbeddedGateway:
         scheme = "https" if self.ssl_certfile else "http"
         return f"{scheme}://{self.settings.host}:{self.settings.port}"
 
-    async def run(self, target: Any, started: asyncio.Event) -> None:
-        """Serve ``target`` (the coordinator: an object with the backend verbs) until
+    async def run(self, target: CoordinatorAPI, started: asyncio.Event) -> None:
+        """Serve ``target`` (the coordinator: ``cluster.api.CoordinatorAPI``) until
         ``stop``; ``started`` is set once connections are accepted."""
         # detach: a gateway that stops waiting (its timeout) does not cancel the coordinator's
         # work, exactly as when the call crossed Ray.
-        config = uvicorn_config(LocalBackend(target, detach=True), self.settings,
+        config = uvicorn_config(Backend(LocalTransport(target, detach=True)), self.settings,
                                 api_keys=self.api_keys, ssl_certfile=self.ssl_certfile,
                                 ssl_keyfile=self.ssl_keyfile, log_level=self.log_level)
         sock = bind(self.settings.host, self.settings.port)

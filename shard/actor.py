@@ -39,7 +39,8 @@ from typing import Any
 
 from cluster import localrpc
 from cluster.errors import DataLost
-from cluster.settings import ShardSettings, node_data_dir, ray_node_id, ray_runtime_context
+from cluster.raynode import ray_node_id, ray_runtime_context
+from cluster.settings import ShardSettings, node_data_dir
 from cluster.spec import CollectionSpec
 from cluster.types import (
     F32,

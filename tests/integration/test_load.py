@@ -1,4 +1,4 @@
-"""A bounded load test (gateway/loadtest.py) against a real gateway, coordinator and shard
+"""A bounded load test (bench/loadtest.py) against a real gateway, coordinator and shard
 actors: concurrent clients mixing imports and queries for COLSHARD_LOAD_SECONDS (default 30),
 no errors, p50/p99 reported, and the RSS of every colshard process (gateway, coordinator actor
 worker, shard actor workers) flat after the warm-up. A longer run is one command:
@@ -13,7 +13,7 @@ import signal
 import anyio
 import pytest
 
-from gateway.loadtest import LoadConfig, run_load
+from bench.loadtest import LoadConfig, run_load
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration

@@ -13,13 +13,11 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster import vector_wire
-from cluster.ids import shard_for_uuid
-from shard.bench import data as bench_data
-from shard.bench import main as bench_main
-from shard.bench.baselines import BruteForce, gather_rows, ivf_nlist
-from shard.bench.data import Dataset, doc_index, doc_uuid
-from shard.bench.harness import (
+from bench import data as bench_data
+from bench import main as bench_main
+from bench.baselines import BruteForce, gather_rows, ivf_nlist
+from bench.data import Dataset, doc_index, doc_uuid
+from bench.harness import (
     BenchConfig,
     HttpSearcher,
     Job,
@@ -28,8 +26,10 @@ from shard.bench.harness import (
     measure,
     measure_explain,
 )
-from shard.bench.report import format_table, summarize, write_all
-from shard.bench.truth import exact_scores, ground_truth, recall, top_k
+from bench.report import format_table, summarize, write_all
+from bench.truth import exact_scores, ground_truth, recall, top_k
+from cluster import vector_wire
+from cluster.ids import shard_for_uuid
 
 
 def _small(cache: Path, n_docs: int = 300, n_queries: int = 6, seed: int = 0,
@@ -152,7 +152,7 @@ def test_truth_matches_naive_reference(cache: Path) -> None:
 
 
 def test_recall_counts_ties() -> None:
-    from shard.bench.truth import GroundTruth
+    from bench.truth import GroundTruth
 
     scores = np.array([[5.0, 4.0, 3.0, 3.0, 1.0]], dtype=np.float32)
     truth = GroundTruth(np.array([[7, 8, 9, 10, 11]]), scores)
@@ -190,7 +190,7 @@ def test_bruteforce_is_exact(cache: Path) -> None:
 
 def test_faiss_rerank_recall_floor(cache: Path) -> None:
     pytest.importorskip("faiss")
-    from shard.bench.baselines import FaissConfig, FaissTokenAnn
+    from bench.baselines import FaissConfig, FaissTokenAnn
 
     ds = _small(cache)
     truth = ground_truth(ds)
@@ -311,7 +311,7 @@ def test_http_searcher_queries_over_keep_alive_http_client() -> None:
 def test_explain_check_counts_mismatches(cache: Path) -> None:
     """A hit whose token similarities do not add up to its score, or that lacks a query
     token, is counted."""
-    from shard.bench.harness import ExplainedHit
+    from bench.harness import ExplainedHit
 
     ds = _small(cache, n_docs=120)
     n_q = len(ds.query(0))
@@ -330,8 +330,8 @@ def test_explain_check_counts_mismatches(cache: Path) -> None:
         def search_hits(self, query: Any, k: int, explain: bool) -> list[ExplainedHit]:
             raise RuntimeError("HTTP 422")
 
-    from shard.bench.harness import _explain_or_error
-    from shard.bench.report import _explain_lines
+    from bench.harness import _explain_or_error
+    from bench.report import _explain_lines
 
     err = _explain_or_error(Broken(), ds, [0], repeat=1)
     assert "HTTP 422" in err["error"]
@@ -472,8 +472,8 @@ class _FakeEngine:
 
 
 def test_sharded_engine_routes_and_merges(cache: Path, tmp_path: Path) -> None:
+    from bench.harness import EngineSearcher, ShardedEngine, collection_dict, object_batch
     from cluster.spec import CollectionSpec
-    from shard.bench.harness import EngineSearcher, ShardedEngine, collection_dict, object_batch
 
     ds = _small(cache)
     truth = ground_truth(ds)
@@ -535,7 +535,7 @@ def test_report_from_synthetic_results(tmp_path: Path) -> None:
 
 
 def test_kprime_sweep_parses_optional_rerank() -> None:
-    from shard.bench.__main__ import parse_kprime_sweep
+    from bench.__main__ import parse_kprime_sweep
 
     assert parse_kprime_sweep("384, 512/200,") == ((384, None), (512, 200))
     assert parse_kprime_sweep("") == ()
@@ -546,8 +546,8 @@ def test_kprime_sweep_parses_optional_rerank() -> None:
 def test_float16_engine_run_stores_half_the_bytes(cache: Path) -> None:
     """`--dtype float16`: the engine's collection stores float16 tokens (half the disk of a
     float32 run over the same data) and still finds the exact top 10 of this small set."""
-    from shard.bench.__main__ import build_parser, config_from_args
-    from shard.bench.harness import _job_engine
+    from bench.__main__ import build_parser, config_from_args
+    from bench.harness import _job_engine
 
     assert config_from_args(build_parser().parse_args(["--dtype", "float16"])).dtype == "float16"
     ds = _small(cache, n_docs=400, n_queries=6)

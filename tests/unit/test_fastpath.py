@@ -19,7 +19,7 @@ import pytest
 from cluster.errors import DeadlineExceeded, InternalError, NotFound
 from cluster.ids import ShardId
 from cluster.localrpc import socket_dir
-from cluster.settings import ray_node_id
+from cluster.raynode import ray_node_id
 from cluster.types import VectorSearch
 from coordinator.fanout import FastPathClient, FastPathDown, RayShardClient
 from shard.fastpath import FastPathServer

@@ -1,6 +1,6 @@
 """``gateway.server``: the listening socket the embedded gateway binds, ``EmbeddedGateway`` run
 and stopped in an event loop (real uvicorn, real HTTP on 127.0.0.1, a fake coordinator behind
-the same verbs), and ``LocalBackend``'s detach semantics."""
+the same verbs), and ``LocalTransport``'s detach semantics."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cluster.embedded_etcd import find_free_ports
 from cluster.errors import DeadlineExceeded
 from cluster.query import QueryRequest, QueryResult, ResultObject
 from cluster.settings import Settings
-from gateway.backend import LocalBackend
+from gateway.backend import LocalTransport
 from gateway.server import EmbeddedGateway, bind
 
 pytestmark = pytest.mark.anyio
@@ -142,12 +142,12 @@ class Slow:
 async def test_local_backend_timeout_is_a_deadline_and_detach_lets_the_work_finish(
         detach: bool) -> None:
     target = Slow()
-    backend = LocalBackend(target, detach=detach)
+    backend = LocalTransport(target, detach=detach)
     with pytest.raises(DeadlineExceeded, match="did not answer work in time"):
-        await backend.call("work", timeout_s=0.01)
+        await backend.call("work", (), 0.01)
     await asyncio.sleep(0.4)
     assert target.finished.is_set() is detach  # not detached: the work was cancelled
-    assert await backend.call("work", timeout_s=5) == "done"
+    assert await backend.call("work", (), 5) == "done"
 
 
 class SlowQuery(Slow):
@@ -157,9 +157,9 @@ class SlowQuery(Slow):
 
 async def test_local_backend_cancels_a_query_it_gives_up_on_even_when_detaching() -> None:
     target = SlowQuery()
-    backend = LocalBackend(target, detach=True)
+    backend = LocalTransport(target, detach=True)
     with pytest.raises(DeadlineExceeded, match="did not answer query in time"):
-        await backend.call("query", timeout_s=0.01)
+        await backend.call("query", (), 0.01)
     await asyncio.sleep(0.4)
     assert not target.finished.is_set()  # read-only: cancelled, not left running
-    assert await backend.call("query", timeout_s=5) == "done"
+    assert await backend.call("query", (), 5) == "done"

@@ -77,7 +77,7 @@ def _spread(ids: list[str], routing: int, shards: int = 4) -> list[int]:
 def _derived_halves(i: int) -> uuid.UUID:
     """The upper half a function of the lower (the bench's doc ids): a mix that xors the
     halves would cancel it to a constant."""
-    from shard.bench.data import doc_uuid
+    from bench.data import doc_uuid
 
     return uuid.UUID(doc_uuid(i))
 

