@@ -13,15 +13,14 @@ aetcd/gRPC exception is turned into a colshard error by ``_map_error``, raised `
 After an ``Unavailable`` the gRPC channel is dropped; the next call dials again, trying the
 endpoints in turn starting after the one that failed.
 
-Background tasks (both stop on ``close()``):
+Background tasks (they stop on ``close()``):
 
 - ``MemberLease`` keeps a lease alive (refresh every ttl/3, retried quickly while etcd is
   unreachable). A member lease that etcd expired is re-granted and its key re-written once etcd
-  answers again; a leader lease is never re-acquired: once etcd has not confirmed it for a full
-  TTL it is *lost* and the holder must step down (``lost`` / ``wait_lost()``).
-- ``watch()`` streams changes under the prefix and delivers a fresh ``ClusterSnapshot`` per new
-  revision; if the stream breaks it re-dials with backoff and, once back, delivers a fresh
-  snapshot before resuming. A periodic resync re-reads the prefix in case a stream died silently.
+  answers again.
+
+There is no watch: the one coordinator is the only writer of schema and placements
+(``coordinator.routing``), so nothing needs to learn of changes from etcd.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -177,7 +175,6 @@ class EtcdStore:
         self._dial_lock = asyncio.Lock()
         self._closed = False
         self._leases: set[MemberLease] = set()
-        self._watches: set[WatchHandle] = set()
 
     # ---- connection --------------------------------------------------------------------------
 
@@ -287,11 +284,9 @@ class EtcdStore:
         return True
 
     async def close(self) -> None:
-        """Stop watches and lease keep-alives (revoking the leases, best effort), close."""
+        """Stop lease keep-alives (revoking the leases, best effort), close."""
         if self._closed:
             return
-        for handle in list(self._watches):
-            await handle.cancel()
         reachable = True
         for lease in list(self._leases):
             if not reachable:
@@ -397,13 +392,7 @@ class EtcdStore:
         reps = snap.placements.get(collection, {})
         return {sr: thaw_json(info) for sr, info in reps.items()}
 
-    async def delete_placements(self, collection: str) -> int:
-        """Delete every placement key of the collection; returns how many there were."""
-        prefix = self.layout.placement_prefix(collection).encode()
-        deleted = await self._call("delete_placements", lambda c: c.delete_prefix(prefix))
-        return int(deleted.deleted)
-
-    # ---- membership and leader ---------------------------------------------------------------
+    # ---- membership -----------------------------------------------------------------------
 
     async def register_member(self, node_id: str, info: Mapping[str, Any],
                               ttl_s: int) -> MemberLease:
@@ -414,69 +403,12 @@ class EtcdStore:
         _check_ttl(ttl_s)
         started = time.monotonic()
         lease_id = await self._grant_and_put(key, value, ttl_s)
-        return self._start_lease(key, value, ttl_s, lease_id, started, reacquire=True)
+        return self._start_lease(key, value, ttl_s, lease_id, started)
 
     async def list_members(self) -> dict[str, dict[str, Any]]:
         items, revision = await self._get_prefix("list_members", self.layout.members_prefix)
         snap = ClusterSnapshot.from_items(self.layout, revision, items)
         return {node: thaw_json(info) for node, info in snap.members.items()}
-
-    async def try_acquire_leader(self, holder: str, ttl_s: int) -> MemberLease | None:
-        """Become leader if nobody is: put ``leader`` = holder, bound to a new lease, only if the
-        key is absent (one transaction). None if someone else (or this holder) already leads.
-        The returned lease is never silently re-acquired: watch ``lost`` / ``wait_lost()``."""
-        if not isinstance(holder, str) or not 0 < len(holder) <= MAX_HOLDER_LEN:
-            raise InvalidInput("leader holder must be a non-empty string", {"holder": holder})
-        _check_ttl(ttl_s)
-        key = self.layout.leader.encode()
-        value = holder.encode()
-        started = time.monotonic()
-        lease_id = await self._grant(ttl_s)
-
-        async def txn(c: Any) -> Any:
-            return await c.transaction(
-                compare=[c.transactions.create(key) == 0],
-                success=[c.transactions.put(key, value, lease=lease_id)],
-                failure=[],
-            )
-
-        try:
-            succeeded, _ = await self._call("try_acquire_leader", txn)
-        except BaseException:
-            await self._revoke_quietly(lease_id)
-            raise
-        if not succeeded:
-            await self._revoke_quietly(lease_id)
-            return None
-        return self._start_lease(self.layout.leader, value, ttl_s, lease_id, started,
-                                 reacquire=False)
-
-    async def get_leader(self) -> str | None:
-        got = await self._call("get_leader", lambda c: c.get(self.layout.leader.encode()))
-        return None if got is None else bytes(got.value).decode("utf-8", errors="replace")
-
-    # ---- snapshots and watches ---------------------------------------------------------------
-
-    async def snapshot(self) -> ClusterSnapshot:
-        """The whole cluster prefix, read atomically at one revision."""
-        items, revision = await self._get_prefix("snapshot", self.layout.root)
-        return ClusterSnapshot.from_items(self.layout, revision, items)
-
-    async def watch(self, callback: Callable[[ClusterSnapshot], None], *,
-                    resync_interval_s: float = 30.0, max_backoff_s: float = 5.0) -> WatchHandle:
-        """Deliver a new ``ClusterSnapshot`` to ``callback`` after every change under the prefix.
-
-        Before returning, the current snapshot has been delivered and the stream is open
-        (Unavailable if etcd cannot be reached now). Revisions delivered only grow, except that
-        after a reconnect a fresh snapshot is always delivered, even if nothing changed. The
-        callback runs on the event loop; its exceptions are logged and ignored."""
-        watcher = _SnapshotWatcher(self, callback, resync_interval_s, max_backoff_s)
-        stream = await watcher.open()
-        handle = WatchHandle(self, watcher)
-        handle._task = asyncio.get_running_loop().create_task(
-            watcher.run(stream), name=f"colshard-etcd-watch:{self.cluster_name}")
-        self._watches.add(handle)
-        return handle
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -514,8 +446,8 @@ class EtcdStore:
             await self._revoke(lease_id)
 
     def _start_lease(self, key: str, value: bytes, ttl_s: int, lease_id: int, started: float,
-                     *, reacquire: bool) -> MemberLease:
-        lease = MemberLease(self, key, value, ttl_s, lease_id, started, reacquire=reacquire)
+                     ) -> MemberLease:
+        lease = MemberLease(self, key, value, ttl_s, lease_id, started)
         lease._task = asyncio.get_running_loop().create_task(
             lease._keep_alive(), name=f"colshard-etcd-lease:{key}")
         self._leases.add(lease)
@@ -527,22 +459,20 @@ class MemberLease:
 
         active --refresh fails--> retrying --etcd answers, lease alive--> active
         etcd answers "lease gone" (it expired while we were cut off):
-            member lease --> new lease, key written again --> active
-            leader lease --> lost (task ends; the holder must step down)
-        leader lease not confirmed for a whole TTL (etcd unreachable) --> lost
+            --> new lease, key written again --> active
+        keep-alive task crashed (a bug) --> lost
         any --revoke()--> revoked (key deleted now)
         any --stop_refreshing()--> abandoned (key expires after the TTL, as if the node died)
     """
 
     def __init__(self, store: EtcdStore, key: str, value: bytes, ttl_s: int, lease_id: int,
-                 started: float, *, reacquire: bool) -> None:
+                 started: float) -> None:
         self._store = store
         self.key = key
         self._value = value
         self.ttl_s = ttl_s
         self._lease_id = lease_id
         self._confirmed_at = started  # when the last confirmed refresh was *sent*
-        self._reacquire = reacquire
         self._task: asyncio.Task[None] | None = None
         self._ended = asyncio.Event()
         self.lost = False
@@ -597,24 +527,13 @@ class MemberLease:
         while True:
             await asyncio.sleep(delay)
             sent_at = time.monotonic()
-            # A leader must learn of a lost lease within its TTL: never wait past that.
-            budget = None if self._reacquire else max(
-                0.1, self.ttl_s - (sent_at - self._confirmed_at))
             try:
-                remaining = await self._store._refresh(self._lease_id, budget)
+                remaining = await self._store._refresh(self._lease_id)
             except ColshardError as exc:
-                unconfirmed = time.monotonic() - self._confirmed_at
-                if not self._reacquire and unconfirmed >= self.ttl_s:
-                    # etcd may have expired it and handed leadership to someone else.
-                    self._mark_lost(f"not confirmed for {unconfirmed:.1f}s: {exc}")
-                    return
                 log.info("etcd lease refresh for %s failed (retrying): %s", self.key, exc)
                 delay = retry
                 continue
             if remaining <= 0:
-                if not self._reacquire:
-                    self._mark_lost("expired in etcd")
-                    return
                 try:
                     self._lease_id = await self._store._grant_and_put(
                         self.key, self._value, self.ttl_s)
@@ -632,146 +551,3 @@ class MemberLease:
         return f"MemberLease({self.key!r}, ttl_s={self.ttl_s}, {state})"
 
 
-class _StreamEnded:
-    pass
-
-
-_STREAM_ENDED = _StreamEnded()
-
-
-class _Stream:
-    """One open etcd watch stream, pumped into a queue so it can be waited on with a timeout."""
-
-    def __init__(self, watch: Any) -> None:
-        self.watch = watch
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.pump = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for event in self.watch:
-                self.queue.put_nowait(event)
-            self.queue.put_nowait(_STREAM_ENDED)
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancel_requested():
-                raise
-            self.queue.put_nowait(exc)  # the consumer maps and logs it, then re-opens
-
-    async def close(self, timeout_s: float) -> None:
-        await _cancel_and_wait(self.pump)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self.watch.cancel()
-        except (Exception, asyncio.CancelledError):
-            if _cancel_requested():
-                raise
-
-
-class _SnapshotWatcher:
-    def __init__(self, store: EtcdStore, callback: Callable[[ClusterSnapshot], None],
-                 resync_interval_s: float, max_backoff_s: float) -> None:
-        self._store = store
-        self._callback = callback
-        self._resync_interval_s = resync_interval_s
-        self._max_backoff_s = max_backoff_s
-        self.last: ClusterSnapshot | None = None
-        self.reconnects = 0
-
-    def _deliver(self, snap: ClusterSnapshot, *, force: bool = False) -> None:
-        if not force and self.last is not None and snap.revision <= self.last.revision:
-            return
-        self.last = snap
-        try:
-            self._callback(snap)
-        except Exception:
-            log.exception("cluster snapshot callback failed (revision %d)", snap.revision)
-
-    async def open(self) -> _Stream:
-        """Read the prefix, deliver it, and watch from the next revision (no gap)."""
-        snap = await self._store.snapshot()
-        root = self._store.layout.root.encode()
-        watch = await self._store._call(
-            "watch", lambda c: c.watch_prefix(root, start_revision=snap.revision + 1))
-        stream = _Stream(watch)
-        self._deliver(snap, force=True)
-        return stream
-
-    async def run(self, stream: _Stream | None) -> None:
-        backoff = 0.1
-        try:
-            while True:
-                if stream is None:
-                    try:
-                        stream = await self.open()
-                    except Exception as exc:
-                        log.info("etcd watch: reconnect failed (next try in %.1fs): %s",
-                                 backoff, exc)
-                        await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                        backoff = min(backoff * 2, self._max_backoff_s)
-                        continue
-                    self.reconnects += 1
-                    log.info("etcd watch resumed at revision %d",
-                             self.last.revision if self.last else -1)
-                    backoff = 0.1
-                try:
-                    await self._consume(stream)
-                except ColshardError as exc:
-                    log.warning("etcd watch interrupted: %s", exc)
-                except Exception:  # a bug must not end the watch for good
-                    log.exception("etcd watch failed unexpectedly; re-opening")
-                    await asyncio.sleep(backoff)
-                finally:
-                    await stream.close(self._store.timeout_s)
-                    stream = None
-        finally:
-            if stream is not None:
-                await stream.close(self._store.timeout_s)
-
-    async def _consume(self, stream: _Stream) -> None:
-        """Deliver snapshots until the stream ends or fails (then the caller re-opens)."""
-        endpoint = self._store.endpoint
-        while True:
-            try:
-                async with asyncio.timeout(self._resync_interval_s):
-                    item = await stream.queue.get()
-            except TimeoutError:
-                # Quiet for a while: make sure we did not miss anything (silently dead stream).
-                snap = await self._store.snapshot()
-                if self.last is None or not snap.same_state(self.last):
-                    self._deliver(snap, force=True)
-                    return  # the stream missed a change: re-open it
-                continue
-            if item is _STREAM_ENDED:
-                raise Unavailable("etcd watch stream ended", {"endpoint": endpoint})
-            if isinstance(item, BaseException):
-                raise _map_error(item, "watch", endpoint) from item
-            if self.last is not None and int(item.kv.mod_revision) <= self.last.revision:
-                continue  # already covered by the last snapshot (e.g. the rest of a txn)
-            self._deliver(await self._store.snapshot())
-
-
-class WatchHandle:
-    """A running snapshot watch; ``await cancel()`` stops it."""
-
-    def __init__(self, store: EtcdStore, watcher: _SnapshotWatcher) -> None:
-        self._store = store
-        self._watcher = watcher
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def last_snapshot(self) -> ClusterSnapshot | None:
-        return self._watcher.last
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the stream was re-opened after a failure."""
-        return self._watcher.reconnects
-
-    @property
-    def active(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def cancel(self) -> None:
-        task, self._task = self._task, None
-        await _cancel_and_wait(task)
-        self._store._watches.discard(self)

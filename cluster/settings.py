@@ -65,7 +65,8 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_batch_objects: int = 10_000
     max_limit: int = 10_000
-    # Request limits the gateway checks (gateway/limits.py); 0 tokens per object: no limit.
+    # Request limits (cluster/limits.py: the gateway and the coordinator check them); 0 tokens
+    # per object: no limit.
     max_tokens_per_object: int = 65_536
     max_query_tokens: int = 4_096
     max_dim: int = 65_536

@@ -86,7 +86,7 @@ class CoordinatorActor:
             coordinator.start_background()  # catch-up of stale replicas, placement rewrites
             # Every Ray node's membership (node agents), before the first caller sees us.
             membership = MembershipMonitor(store, RayNodeAgents(namespace, self._settings),
-                                           coordinator.shard_clients,
+                                           coordinator.router,
                                            self._settings.membership_interval_s)
             await membership.tick()
             membership.start()
@@ -230,24 +230,15 @@ class CoordinatorActor:
         """Members (the coordinator's node gets the ``coordinator`` role), placements with
         availability and per-replica object/token counts, and the unavailable shards."""
         info = await (await self._core()).cluster_info()
-        assert self._membership is not None
         here = self._whereabouts()
         members = {node: dict(m) for node, m in info.get("members", {}).items()}
         if here["node_id"] in members:
             roles = list(members[here["node_id"]].get("roles", []))
             members[here["node_id"]]["roles"] = ["coordinator", *roles]
-        stats = await self._membership.shard_stats()
-        return self._membership.annotate({**info, "members": members, "coordinator": here},
-                                         stats)
+        return {**info, "members": members, "coordinator": here}
 
     async def readiness(self) -> dict[str, Any]:
-        state = await (await self._core()).readiness()
-        assert self._membership is not None
-        down = self._membership.unavailable_shards()
-        if down:
-            unavailable = sorted({*state.get("unavailable_shards", []), *down})
-            state = {**state, "ready": False, "unavailable_shards": unavailable}
-        return state
+        return await (await self._core()).readiness()
 
     async def membership_tick(self) -> dict[str, Any]:
         """One membership round now (the background loop runs one every few seconds)."""

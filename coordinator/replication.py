@@ -85,6 +85,7 @@ from cluster.errors import (
 )
 from cluster.types import ObjectBatch, StoredObject, VectorColumn
 from coordinator.fanout import ShardClient
+from coordinator.routing import ReplicaEntry, ReplicaId, ReplicaState, Router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,8 +93,8 @@ T = TypeVar("T")
 ConsistencyLevel = Literal["one", "quorum", "all"]
 CONSISTENCY_LEVELS: tuple[str, ...] = ("one", "quorum", "all")
 DEFAULT_CONSISTENCY: ConsistencyLevel = "quorum"
-READY = "ready"
-STALE = "stale"
+READY = ReplicaState.READY.value
+STALE = ReplicaState.STALE.value
 # A replica that failed a read within this window is tried after the others.
 SUSPECT_S = 5.0
 READ_RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
@@ -134,14 +135,50 @@ def next_seq() -> int:
     return time.time_ns() + next(_SEQ)
 
 
-@dataclass
 class Replica:
-    index: int
-    client: ShardClient
-    state: str = READY
-    last_failure: float = float("-inf")  # loop time of the last failed call
-    last_ok_seq: int = 0  # sequence of the last write it applied
-    failures: int = 0
+    """One replica of a shard as replication sees it. Its routing truth (sync state, client,
+    last applied write) is its entry in the ``Router``'s table (coordinator.routing), read and
+    changed through it; what stays here is runtime: when it last failed a call."""
+
+    def __init__(self, router: Router, entry: ReplicaEntry) -> None:
+        self.index = entry.id.replica
+        self.id = entry.id
+        self._router = router
+        self._last = entry  # until the router's table holds it
+        self.last_failure = float("-inf")  # loop time of the last failed call
+        self.failures = 0
+
+    def entry(self) -> ReplicaEntry:
+        """Its entry in the current table (the last one seen, once its collection is
+        dropped)."""
+        entry = self._router.table.replicas.get(self.id)
+        if entry is not None:
+            self._last = entry
+        return self._last
+
+    @property
+    def state(self) -> str:
+        return str(self.entry().sync)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._router.update(self.id, sync=ReplicaState(value))
+
+    @property
+    def client(self) -> ShardClient:
+        return self.entry().client
+
+    @client.setter
+    def client(self, value: ShardClient) -> None:
+        self._router.update(self.id, client=value)
+
+    @property
+    def last_ok_seq(self) -> int:
+        return self.entry().last_ok_seq
+
+    @last_ok_seq.setter
+    def last_ok_seq(self, value: int) -> None:
+        self._router.update(self.id, last_ok_seq=value, persist=False)
 
 
 @dataclass
@@ -161,12 +198,23 @@ class ReplicaSet:
     shard: int
     replicas: list[Replica]
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    on_state_change: Callable[[ReplicaSet, Replica], None] | None = None
     _rr: Iterator[int] = field(default_factory=itertools.count)
 
     @classmethod
+    def over(cls, router: Router, entries: Sequence[ReplicaEntry]) -> ReplicaSet:
+        """The replica set of one shard's ``entries`` (replica 0, 1, ...), whose truth is
+        ``router``'s table once it holds them."""
+        rid = entries[0].id
+        return cls(rid.collection, rid.shard, [Replica(router, e) for e in entries])
+
+    @classmethod
     def of(cls, collection: str, shard: int, clients: Sequence[ShardClient]) -> ReplicaSet:
-        return cls(collection, shard, [Replica(i, c) for i, c in enumerate(clients)])
+        """Ready replicas over ``clients``, in a memory-only routing table of their own."""
+        router = Router()
+        entries = [ReplicaEntry(ReplicaId(collection, shard, i), c)
+                   for i, c in enumerate(clients)]
+        router.put_entries(entries)
+        return cls.over(router, entries)
 
     @property
     def name(self) -> str:
@@ -189,9 +237,7 @@ class ReplicaSet:
         if replica.state == state:
             return
         log.warning("replica %s:%d is now %s", self.name, replica.index, state)
-        replica.state = state
-        if self.on_state_change is not None:
-            self.on_state_change(self, replica)
+        replica.state = state  # the router writes it to etcd
 
     def _details(self, **extra: Any) -> dict[str, Any]:
         return {"collection": self.collection, "shard": self.name, **extra}

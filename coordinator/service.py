@@ -1,15 +1,16 @@
-"""The coordinator's logic, plain async Python: schema changes, write routing, query fan-out,
-top-k merge. The ``CoordinatorActor`` shell (actor.py) wires it to etcd and Ray; unit tests wire
-it to fakes behind the same ``ClusterStore`` / ``Placement`` / ``ShardClient`` interfaces.
+"""The coordinator's logic, plain async Python: lifecycle, schema changes, writes (routing and
+replication), repair, and the cluster views; reads are ``coordinator.queries.Reads``. The
+``CoordinatorActor`` shell (actor.py) wires it to etcd and Ray; unit tests wire it to fakes
+behind the same ``ClusterStore`` / ``Placement`` / ``ShardClient`` interfaces.
 
-Routing state is an in-memory snapshot (specs + shard clients); the query path never reads etcd.
+Routing truth is the ``coordinator.routing.Router``'s table: every verb reads one snapshot of it,
+and the query path never reads etcd.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import logging
 import time
@@ -19,26 +20,24 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Protocol
 
+from cluster import limits
 from cluster.errors import (
     ColshardError,
     DataLost,
     DeadlineExceeded,
     InvalidInput,
-    NotFound,
     PayloadTooLarge,
     TooManyRequests,
     Unavailable,
 )
-from cluster.ids import normalize_uuid, validate_collection_name
-from cluster.query import QueryRequest, QueryResult, ResultObject
+from cluster.ids import normalize_uuid
+from cluster.query import QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec, NamedVectorSpec, VectorizerSpec
+from cluster.timing import PROBE_TIMEOUT_S, READY_PROBE_TIMEOUT_S, REPAIR_INTERVAL_S
 from cluster.types import (
-    Hit,
-    KeywordSearch,
     ObjectBatch,
     StoredObject,
-    VectorSearch,
     WriteResult,
 )
 from cluster.validation import (
@@ -46,35 +45,24 @@ from cluster.validation import (
     ObjectInput,
     prepare_batch,
     prepare_columnar,
-    prepare_query_vector,
 )
-from coordinator import quality
+from coordinator import quality, views
 from coordinator.fanout import ShardClient, gather_shards
-from coordinator.fusion import fuse
-from coordinator.merge import merge_top_k
+from coordinator.queries import Reads, Shards, parse_filter, spec_in
 from coordinator.replication import (
     STALE,
     ConsistencyLevel,
-    Replica,
     ReplicaSet,
     parse_consistency,
 )
+from coordinator.routing import ReplicaEntry, ReplicaId, ReplicaState, Router
 from coordinator.vectorize import VectorizerClient, Vectorizers
 
 log = logging.getLogger(__name__)
-HYBRID_MIN_CANDIDATES = 100
 DELETE_PAGE = 1000
-REPAIR_INTERVAL_S = 1.0
-MAX_QUERY_TIMEOUT_S = 300.0
 # Objects encoded and written together when a vectorizer computes their vectors: what one
 # import request holds in embeddings at a time (e.g. MiniLM: ≤ 128 × 256 tokens × 384 × 4 B).
 VECTORIZE_CHUNK = 128
-_TASKS: set[asyncio.Future[Any]] = set()
-# The running query's deadline (loop time); shard calls get what is left of it.
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("colshard_deadline",
-                                                                         default=None)
-PLACEMENT_TIMEOUT_S = 3.0
-PROBE_TIMEOUT_S = 2.0
 
 
 class ClusterStore(Protocol):
@@ -106,16 +94,6 @@ async def _delete(uuids: Sequence[str], client: ShardClient, timeout_s: float) -
     return await client.delete(uuids, timeout_s)
 
 
-def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None
-                ) -> dict[str, Any] | None:
-    """Vectors in the shape users stored them: ``single`` vectors flat, multi as (n, dim)."""
-    if vectors is None:
-        return None
-    kinds = {v.name: v.multi for v in spec.vectors}
-    return {name: (m if kinds.get(name, True) or len(m) != 1 else m[0])
-            for name, m in vectors.items()}
-
-
 class Coordinator:
     def __init__(self, store: ClusterStore, placement: Placement, settings: Settings,
                  vectorizers: Vectorizers | None = None) -> None:
@@ -124,14 +102,11 @@ class Coordinator:
         self._settings = settings
         self._vectorizers = vectorizers or Vectorizers(placement.open_vectorizer,
                                                        settings.write_timeout_s)
-        self._specs: dict[str, CollectionSpec] = {}
-        # collection -> shard -> replicas (coordinator/replication.py)
-        self._shards: dict[str, list[ReplicaSet]] = {}
+        # The routing truth and its one writer (coordinator.routing); reads go through Reads.
+        self.router = Router(store)
+        self.reads = Reads(self.router, settings, self._vectorizers)
         self._schema_lock = asyncio.Lock()
         self._quality_lock = asyncio.Lock()  # one recall report at a time
-        # placement infos to (re)write to etcd: written when it answers (after an outage too)
-        self._placement_info: dict[tuple[str, int, int], dict[str, Any]] = {}
-        self._placement_dirty: set[tuple[str, int, int]] = set()
         self._repair_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -143,6 +118,8 @@ class Coordinator:
             await self._open_collection(spec)
 
     async def _open_collection(self, spec: CollectionSpec) -> None:
+        """Open (or reattach) every replica of ``spec``, enter them in the routing table and
+        write their placements (raising when etcd does not take them)."""
         timeout_s = self._settings.write_timeout_s
         shards = [[self._placement.open_shard(spec, s, r)
                    for r in range(spec.replication_factor)]
@@ -150,64 +127,35 @@ class Coordinator:
         infos = await asyncio.gather(*(c.ready(timeout_s) for reps in shards for c in reps))
         # Replicas recorded as stale (they missed writes) stay stale until caught up.
         known = await self._store.get_placements(spec.name)
-        sets = [ReplicaSet.of(spec.name, s, reps) for s, reps in enumerate(shards)]
+        entries = []
         it = iter(infos)
         for s, reps in enumerate(shards):
             for r, client in enumerate(reps):
                 info = next(it)
                 before = known.get((s, r), {})
-                replica = sets[s].replicas[r]
-                if before.get("state") == STALE:
-                    replica.state = STALE
+                sync = ReplicaState.READY
+                if STALE in (before.get("state"), before.get("previous_state")):
+                    sync = ReplicaState.STALE
                 elif info.get("data_lost") and spec.replication_factor > 1:
                     log.warning("%s", info["data_lost"])
-                    replica.state = STALE  # the repair loop refills it from a ready replica
-                replica.last_ok_seq = int(before.get("last_ok_seq", 0) or 0)
-                self._placement_info[(spec.name, s, r)] = {
-                    "actor": client.shard_id.actor_name(
-                        r if spec.replication_factor > 1 else None),
-                    "node_id": info.get("node_id", ""), "host": info.get("host", ""),
-                    "pid": info.get("pid", 0)}
-                await self._store.put_placement(spec.name, s, r,
-                                                self._placement_record(spec.name, s, replica))
-            sets[s].on_state_change = self._replica_state_changed
-        self._specs[spec.name] = spec
-        self._shards[spec.name] = sets
-
-    def _placement_record(self, collection: str, shard: int, replica: Replica
-                          ) -> dict[str, Any]:
-        return {**self._placement_info.get((collection, shard, replica.index), {}),
-                "state": replica.state, "last_ok_seq": replica.last_ok_seq}
-
-    def _replica_state_changed(self, rs: ReplicaSet, replica: Replica) -> None:
-        """A replica went stale or ready: mirror it into etcd, in the background (an etcd
-        outage must not hold up writes; the repair loop retries)."""
-        self._placement_dirty.add((rs.collection, rs.shard, replica.index))
-        task = asyncio.ensure_future(self.flush_placements())
-        _TASKS.add(task)
-        task.add_done_callback(_TASKS.discard)
+                    sync = ReplicaState.STALE  # the repair loop refills it from a ready one
+                entries.append(ReplicaEntry(
+                    ReplicaId(spec.name, s, r), client, sync,
+                    last_ok_seq=int(before.get("last_ok_seq", 0) or 0),
+                    actor=client.shard_id.actor_name(r if spec.replication_factor > 1
+                                                     else None),
+                    node_id=str(info.get("node_id", "")), host=str(info.get("host", "")),
+                    pid=int(info.get("pid", 0) or 0)))
+        rf = spec.replication_factor
+        sets = [ReplicaSet.over(self.router, entries[s * rf:(s + 1) * rf])
+                for s in range(spec.shard_count)]
+        self.router.add_collection(spec, entries, sets)
+        await self.router.flush(raise_errors=True)
 
     async def flush_placements(self) -> int:
         """Write every changed placement record to etcd; returns how many are still
         pending (etcd unreachable)."""
-        for key in sorted(self._placement_dirty):
-            collection, shard, index = key
-            sets = self._shards.get(collection)
-            if sets is None or shard >= len(sets):
-                self._placement_dirty.discard(key)
-                continue
-            replica = sets[shard].replicas[index]
-            try:
-                await asyncio.wait_for(self._store.put_placement(
-                    collection, shard, index, self._placement_record(collection, shard,
-                                                                     replica)),
-                    PLACEMENT_TIMEOUT_S)
-            except (ColshardError, TimeoutError) as exc:
-                log.info("placement of %s:%d:%d not written yet: %s", collection, shard,
-                         index, exc)
-                break
-            self._placement_dirty.discard(key)
-        return len(self._placement_dirty)
+        return await self.router.flush()
 
     # ---- repair ----------------------------------------------------------------------------
 
@@ -235,8 +183,9 @@ class Coordinator:
         """One round: catch up every stale replica that answers, then rewrite placement
         records etcd has not seen yet. Returns what was caught up."""
         caught: dict[str, Any] = {}
-        for name, sets in list(self._shards.items()):
-            spec = self._specs[name]
+        table = self.router.table
+        for name, sets in table.sets.items():
+            spec = table.specs[name]
             for rs in sets:
                 rs.promote_if_all_stale()
                 for replica in rs.stale():
@@ -258,8 +207,8 @@ class Coordinator:
                         continue
                     if stats is not None:
                         caught[f"{name}:{rs.shard}:{replica.index}"] = stats
-        if self._placement_dirty:
-            await self.flush_placements()
+        if self.router.pending:
+            await self.router.flush()
         return caught
 
     # ---- schema ----------------------------------------------------------------------------
@@ -274,6 +223,7 @@ class Coordinator:
             except Exception:
                 log.exception("creating shards of %s failed; rolling back", spec.name)
                 await self._drop_shards(spec)
+                self.router.drop_collection(spec.name)
                 await self._store.delete_collection(spec.name)
                 raise
         return spec
@@ -295,14 +245,16 @@ class Coordinator:
         return replace(spec, vectors=tuple(vectors))
 
     def spec(self, name: str) -> CollectionSpec:
-        validate_collection_name(name)
-        spec = self._specs.get(name)
-        if spec is None:
-            raise NotFound(f"collection {name!r} does not exist", {"collection": name})
-        return spec
+        return spec_in(self.router.table, name)
+
+    def _target(self, name: str) -> tuple[CollectionSpec, Shards]:
+        """A collection's spec and shards, from one snapshot."""
+        table = self.router.table
+        return spec_in(table, name), table.shard_sets(name)
 
     async def list_collections(self) -> list[CollectionSpec]:
-        return [self._specs[n] for n in sorted(self._specs)]
+        specs = self.router.table.specs
+        return [specs[n] for n in sorted(specs)]
 
     async def delete_collection(self, name: str) -> None:
         async with self._schema_lock:
@@ -312,15 +264,11 @@ class Coordinator:
                 raise Unavailable(f"cannot delete collection {name!r}: etcd is unreachable",
                                   {"collection": name})
             await self._drop_shards(spec)
-            self._specs.pop(name, None)
-            self._shards.pop(name, None)
-            self._placement_dirty = {k for k in self._placement_dirty if k[0] != name}
-            for key in [k for k in self._placement_info if k[0] == name]:
-                del self._placement_info[key]
+            self.router.drop_collection(name)
             await self._store.delete_collection(name)
 
     async def _drop_shards(self, spec: CollectionSpec) -> None:
-        for rs in self._shards.get(spec.name, []):
+        for rs in self.router.table.shard_sets(spec.name):
             for client in rs.clients():
                 try:
                     await client.drop(self._settings.write_timeout_s)
@@ -331,8 +279,7 @@ class Coordinator:
                 self._placement.kill_shard(spec, s, r)
 
     async def describe_collection(self, name: str) -> dict[str, Any]:
-        spec = self.spec(name)
-        shards = self._shards[name]
+        spec, shards = self._target(name)
         stats, failures = await gather_shards(
             {s: rs.read(lambda c, t: c.stats(t), self._settings.query_timeout_s)
              for s, rs in enumerate(shards)},
@@ -352,14 +299,14 @@ class Coordinator:
                       detail: bool = False) -> dict[str, Any]:
         """The recall report (coordinator.quality): recall@k of the search as served, per shard
         and collection-wide, measured now against exact MaxSim on sample queries."""
-        spec = self.spec(name)
+        spec, shards = self._target(name)
         vector, k = quality.check_request(spec, vector, k, queries)
         seed = int(time.time()) if seed is None else seed
         if self._quality_lock.locked():  # each one runs exact MaxSim over every object
             raise TooManyRequests("a recall report is being measured; one runs at a time, "
                                   "try again when it is done", {"collection": name})
         async with self._quality_lock:
-            return await quality.measure(spec, vector, k, queries, seed, self._shards[name],
+            return await quality.measure(spec, vector, k, queries, seed, shards,
                                          self._settings.query_timeout_s, detail)
 
     # ---- writes ----------------------------------------------------------------------------
@@ -373,10 +320,7 @@ class Coordinator:
         failed that way the whole call raises Unavailable (503) naming the shards."""
         spec = self.spec(collection)
         level = parse_consistency(consistency_level)
-        if len(objects) > self._settings.max_batch_objects:
-            raise InvalidInput(
-                f"batch of {len(objects)} objects exceeds the limit of "
-                f"{self._settings.max_batch_objects}", {"limit": self._settings.max_batch_objects})
+        limits.check_batch_size(len(objects), self._settings)
         if isinstance(objects, ColumnarInput):  # the Arrow import: vectors stay columnar
             if any(v.vectorizer.kind != "none" and objects.missing(v.name)
                    for v in spec.vectors):
@@ -435,7 +379,7 @@ class Coordinator:
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, oid in enumerate(batch.uuids):
             by_shard[spec.shard_for(oid)].append(i)
-        shards = self._shards[collection]
+        shards = self.router.table.shard_sets(collection)
         timeout_s = self._settings.write_timeout_s
         calls = {s: self._write_replicas(shards[s], batch.take(idx) if len(by_shard) > 1
                                          else batch, level, timeout_s)
@@ -464,10 +408,10 @@ class Coordinator:
 
     async def delete_object(self, collection: str, uuid: str,
                             consistency_level: str | None = None) -> bool:
-        spec = self.spec(collection)
+        spec, shards = self._target(collection)
         level = parse_consistency(consistency_level)
         oid = normalize_uuid(uuid)
-        rs = self._shards[collection][spec.shard_for(oid)]
+        rs = shards[spec.shard_for(oid)]
         outcome = await rs.write(lambda c, t: c.delete([oid], t), level,
                                  self._settings.write_timeout_s)
         return bool(outcome.result[0])
@@ -477,12 +421,12 @@ class Coordinator:
                            ) -> dict[str, Any]:
         """Delete every object matching a filter. Each shard is paged through by id and the
         filter is evaluated on the properties, so the cost is one pass over the collection."""
-        spec = self.spec(collection)
+        spec, shards = self._target(collection)
         level = parse_consistency(consistency_level)
-        filt = self._parse_filter(spec, raw_filter)
+        filt = parse_filter(spec, raw_filter, self._settings)
         timeout_s = self._settings.write_timeout_s
         matched = deleted = 0
-        for s, rs in enumerate(self._shards[collection]):
+        for s, rs in enumerate(shards):
             after: str | None = None
             while True:
                 page = await rs.read(partial(_list_page, after, DELETE_PAGE), timeout_s)
@@ -497,235 +441,45 @@ class Coordinator:
             log.info("delete_where %s shard %d: %d matched", collection, s, matched)
         return {"matched": matched, "deleted": deleted, "dry_run": dry_run}
 
-    # ---- reads -----------------------------------------------------------------------------
+    # ---- reads (coordinator.queries) ----------------------------------------------------------
 
-    def _replicas(self, collection: str, shard: int) -> ReplicaSet:
-        return self._shards[collection][shard]
-
-    def _query_timeout(self, requested: float | None) -> float:
-        """The query deadline: the request's ``timeout`` within (0, max_query_timeout_s], or
-        the configured default."""
-        if requested is None:
-            return self._settings.query_timeout_s
-        cap = max(self._settings.query_timeout_s, MAX_QUERY_TIMEOUT_S)
-        if not 0 < requested <= cap:
-            raise InvalidInput(f"timeout must be in (0, {cap:g}] seconds",
-                               {"timeout": requested})
-        return float(requested)
+    async def query(self, req: QueryRequest) -> QueryResult:
+        return await self.reads.query(req)
 
     async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
-        spec = self.spec(collection)
-        oid = normalize_uuid(uuid)
-        rs = self._replicas(collection, spec.shard_for(oid))
-        obj = await rs.read(lambda c, t: c.get(oid, include_vector, t),
-                            self._settings.query_timeout_s)
-        if obj is None:
-            raise NotFound(f"object {oid} not found in {collection!r}",
-                           {"collection": collection, "id": oid})
-        return replace(obj, vectors=user_shaped(spec, obj.vectors))
+        return await self.reads.get_object(collection, uuid, include_vector)
 
     async def list_objects(self, collection: str, after: str | None, limit: int,
                            include_vector: bool) -> list[StoredObject]:
-        spec = self.spec(collection)
-        cursor = normalize_uuid(after) if after else None
-        self._check_limit(limit, 0)
-        pages, _ = await gather_shards(
-            {s: self._replicas(collection, s).read(
-                lambda c, t: c.list_objects(cursor, limit, include_vector, t),
-                self._settings.query_timeout_s)
-             for s in range(spec.shard_count)}, allow_partial=False)
-        merged = sorted((o for page in pages.values() for o in page), key=lambda o: o.uuid)
-        return [replace(o, vectors=user_shaped(spec, o.vectors)) for o in merged[:limit]]
-
-    def _check_limit(self, limit: int, offset: int) -> None:
-        cap = self._settings.max_limit
-        if not 0 < limit <= cap:
-            raise InvalidInput(f"limit must be in 1..{cap}", {"limit": limit})
-        if not 0 <= offset <= cap:
-            raise InvalidInput(f"offset must be in 0..{cap}", {"offset": offset})
-
-    async def query(self, req: QueryRequest) -> QueryResult:
-        start = time.perf_counter()
-        timeout_s = self._query_timeout(req.timeout_s)
-        token = _DEADLINE.set(asyncio.get_running_loop().time() + timeout_s)
-        try:
-            return await self._query(req, start)
-        finally:
-            _DEADLINE.reset(token)
-
-    def _remaining(self, req: QueryRequest) -> float:
-        """Seconds left of the running query's deadline (DeadlineExceeded if none)."""
-        deadline = _DEADLINE.get()
-        if deadline is None:
-            return self._query_timeout(req.timeout_s)
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise DeadlineExceeded("the query's deadline passed before the shards were asked",
-                                   {"collection": req.collection})
-        return remaining
-
-    async def _query(self, req: QueryRequest, start: float) -> QueryResult:
-        spec = self.spec(req.collection)
-        kind = req.kind()
-        self._check_limit(req.limit, req.offset)
-        if req.return_properties is not None:
-            for name in req.return_properties:
-                spec.property(name)
-        filt = self._parse_filter(spec, req.filters)
-        page = req.offset + req.limit
-        if kind == "near_vector":
-            query = prepare_query_vector(spec, req.target_vector, req.near_vector)
-            hits, missing = await self._vector_hits(spec, req, query, filt, page)
-            objects = [self._result(spec, req, h) for h in hits[req.offset :]]
-        elif kind == "near_text":
-            assert req.near_text is not None
-            query = await self._vectorize_query(spec, req, req.near_text)
-            hits, missing = await self._vector_hits(spec, req, query, filt, page)
-            objects = [self._result(spec, req, h) for h in hits[req.offset :]]
-        elif kind == "bm25":
-            assert req.bm25 is not None
-            hits, missing = await self._keyword_hits(spec, req, req.bm25.query,
-                                                     req.bm25.properties, filt, page)
-            objects = [self._result(spec, req, h) for h in hits[req.offset :]]
-        else:
-            objects, missing = await self._hybrid(spec, req, filt)
-        return QueryResult(tuple(objects), tuple(sorted(missing)), time.perf_counter() - start)
-
-    async def _vectorize_query(self, spec: CollectionSpec, req: QueryRequest, text: str) -> Any:
-        vec = spec.vector(req.target_vector)
-        if vec.vectorizer.kind == "none":
-            raise InvalidInput(
-                f"vector {vec.name!r} has no vectorizer: use near_vector (or hybrid with "
-                "a vector)", {"vector": vec.name})
-        matrix = await self._vectorizers.query(vec, text, req.api_keys)
-        return prepare_query_vector(spec, vec.name, matrix)
-
-    async def _keyword_hits(self, spec: CollectionSpec, req: QueryRequest, text: str,
-                            properties: tuple[str, ...] | None, filt: Any, k: int
-                            ) -> tuple[list[Hit], list[int]]:
-        searchable = {p.name for p in spec.properties
-                      if p.searchable and p.data_type in ("text", "text[]")}
-        for name in properties or ():
-            spec.property(name)  # NotFound for unknown names
-            if name not in searchable:
-                raise InvalidInput(f"property {name!r} is not a searchable text property",
-                                   {"property": name})
-        if not searchable:
-            raise InvalidInput(f"collection {spec.name!r} has no searchable text properties")
-        search = KeywordSearch(query=text, k=k, properties=properties, filter=filt,
-                               return_properties=req.return_properties,
-                               include_vectors=req.include_vector)
-        timeout_s = self._remaining(req)
-        results, failed = await gather_shards(
-            {s: self._replicas(spec.name, s).read(lambda c, t: c.keyword_search(search, t),
-                                                  timeout_s)
-             for s in range(spec.shard_count)}, allow_partial=req.partial)
-        return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
-
-    async def _hybrid(self, spec: CollectionSpec, req: QueryRequest, filt: Any
-                      ) -> tuple[list[ResultObject], list[int]]:
-        hybrid = req.hybrid
-        assert hybrid is not None
-        # Each side contributes a deeper list than the page, so fusion can reorder across it.
-        k = max(req.offset + req.limit, HYBRID_MIN_CANDIDATES)
-        vector_hits: list[Hit] = []
-        keyword_hits: list[Hit] = []
-        missing: set[int] = set()
-        if hybrid.alpha > 0:
-            if hybrid.vector is not None:
-                query = prepare_query_vector(spec, req.target_vector, hybrid.vector)
-            else:
-                query = await self._vectorize_query(spec, req, hybrid.query)
-            vector_hits, failed = await self._vector_hits(spec, req, query, filt, k)
-            missing.update(failed)
-        if hybrid.alpha < 1:
-            keyword_hits, failed = await self._keyword_hits(spec, req, hybrid.query,
-                                                            hybrid.properties, filt, k)
-            missing.update(failed)
-        fused = fuse([(h.uuid, h.score) for h in keyword_hits],
-                     [(h.uuid, h.score) for h in vector_hits], alpha=hybrid.alpha,
-                     fusion=hybrid.fusion, offset=req.offset, limit=req.limit)
-        by_id = {h.uuid: h for h in keyword_hits}
-        by_id.update({h.uuid: h for h in vector_hits})
-        objects = []
-        for f in fused:
-            explain = None
-            if "explain" in req.return_metadata:
-                explain = {"keyword_score": f.keyword_score, "keyword_rank": f.keyword_rank,
-                           "vector_score": f.vector_score, "vector_rank": f.vector_rank,
-                           "fusion": hybrid.fusion, "alpha": hybrid.alpha}
-            hit = replace(by_id[f.uuid], score=f.score, explain=explain)
-            objects.append(self._result(spec, req, hit))
-        return objects, sorted(missing)
-
-    def _parse_filter(self, spec: CollectionSpec, raw: Mapping[str, Any] | None) -> Any:
-        if raw is None:
-            return None
-        from cluster.filters import parse_filter
-
-        return parse_filter(raw, spec, self._settings.max_filter_depth)
-
-    async def _vector_hits(self, spec: CollectionSpec, req: QueryRequest, query: Any,
-                           filt: Any, k: int) -> tuple[list[Hit], list[int]]:
-        """The global top ``k`` (offset not applied) and the shards that failed."""
-        vec = spec.vector(req.target_vector)
-        search = VectorSearch(
-            target_vector=vec.name, query=query, k=k, filter=filt,
-            return_properties=req.return_properties, include_vectors=req.include_vector,
-            explain="explain" in req.return_metadata, exact=req.exact)
-        timeout_s = self._remaining(req)
-        results, failed = await gather_shards(
-            {s: self._replicas(spec.name, s).read(lambda c, t: c.search(search, t), timeout_s)
-             for s in range(spec.shard_count)}, allow_partial=req.partial)
-        return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
-
-    def _result(self, spec: CollectionSpec, req: QueryRequest, hit: Hit,
-                extra: Mapping[str, Any] | None = None) -> ResultObject:
-        metadata: dict[str, Any] = {}
-        if "score" in req.return_metadata:
-            metadata["score"] = hit.score
-        if "distance" in req.return_metadata:
-            metadata["distance"] = -hit.score
-        if "explain" in req.return_metadata and hit.explain is not None:
-            metadata["explain"] = dict(hit.explain)
-        if extra:
-            metadata.update(extra)
-        return ResultObject(hit.uuid, hit.properties, metadata, user_shaped(spec, hit.vectors))
+        return await self.reads.list_objects(collection, after, limit, include_vector)
 
     # ---- cluster ---------------------------------------------------------------------------
 
-    def shard_clients(self) -> dict[str, list[list[ShardClient]]]:
-        """collection -> shard -> replica clients (a copy of the routing table), for the
-        membership monitor (coordinator.membership)."""
-        return {name: [rs.clients() for rs in sets] for name, sets in self._shards.items()}
-
     async def cluster_info(self) -> dict[str, Any]:
-        collections: dict[str, Any] = {}
-        for name, spec in sorted(self._specs.items()):
-            placements = await self._store.get_placements(name)
-            collections[name] = {
-                "shard_count": spec.shard_count,
-                "replication_factor": spec.replication_factor,
-                "placements": [{"shard": s, "replica": r, **info}
-                               for (s, r), info in sorted(placements.items())],
-            }
-        return {"members": await self._store.list_members(), "collections": collections}
+        """Members, and every collection's placements with availability and per-replica
+        counts, from one snapshot of the routing table."""
+        table = self.router.table
+        members = await self._store.list_members()
+        return views.cluster_view(table, members, await views.replica_stats(table))
 
     async def readiness(self) -> dict[str, Any]:
-        """etcd reachable and every shard of every collection has a replica that answers and
-        holds its data."""
+        """etcd reachable and every shard of every collection has a replica that is available
+        (its node is a member), answers and holds its data; from one snapshot."""
+        table = self.router.table
         etcd_ok = False
         try:
             etcd_ok = await self._store.ping()
         except Unavailable:
             etcd_ok = False
-        unplaced: list[str] = []
-        for name, shards in self._shards.items():
+        unplaced: set[str] = set(table.unavailable_shards())
+        for name, shards in table.sets.items():
             _, failed = await gather_shards(
-                {s: rs.read(_serving_ready, 5.0) for s, rs in enumerate(shards)},
+                {s: rs.read(_serving_ready, READY_PROBE_TIMEOUT_S)
+                 for s, rs in enumerate(shards)},
                 allow_partial=True)
-            unplaced += [f"{name}:{s}" for s in failed]
-        return {"ready": etcd_ok and not unplaced, "etcd": etcd_ok, "unavailable_shards": unplaced}
+            unplaced.update(f"{name}:{s}" for s in failed)
+        return {"ready": etcd_ok and not unplaced, "etcd": etcd_ok,
+                "unavailable_shards": sorted(unplaced)}
 
 
 async def _serving_ready(client: ShardClient, timeout_s: float) -> Mapping[str, Any]:

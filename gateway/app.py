@@ -29,7 +29,7 @@ from prometheus_client import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster import vector_wire
+from cluster import limits, vector_wire
 from cluster.errors import (
     BadRequest,
     ColshardError,
@@ -43,7 +43,7 @@ from cluster.settings import Settings
 from cluster.spec import CollectionSpec
 from cluster.types import StoredObject, WriteResult
 from cluster.validation import ObjectInput
-from gateway import limits, wire
+from gateway import wire
 from gateway.auth import ApiKey, ApiKeyAuth, KeyTable, check_collection, principal
 from gateway.backend import Backend
 from gateway.errors import error_body, status_for

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cluster import limits
 from cluster.errors import ColshardError, InvalidInput
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec
 from cluster.types import VectorColumn
 from cluster.validation import ColumnarInput, prepare_batch, prepare_columnar
-from gateway import limits
 from gateway.arrow_import import batch_from_arrow, objects_from_arrow
 from gateway.client import _distinct_ids
 from shard.wal import WriteAheadLog, encode_upsert, encode_upsert_parts

@@ -1,4 +1,4 @@
-"""The gateway's request limits (gateway/limits.py) as pure functions."""
+"""The request limits (cluster/limits.py) as pure functions."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cluster import limits
 from cluster.errors import InvalidInput, PayloadTooLarge
 from cluster.filters import parse_filter
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec
 from cluster.validation import ObjectInput
-from gateway import limits
 
 SETTINGS = Settings(max_batch_objects=3, max_tokens_per_object=8, max_query_tokens=4,
                     max_dim=16, max_limit=50, max_filter_depth=3, max_filter_nodes=10,

@@ -11,9 +11,13 @@ import pytest
 from cluster.errors import NotFound, Unavailable
 from cluster.ids import ShardId
 from cluster.settings import Settings
+from cluster.spec import CollectionSpec
 from cluster.types import ShardStats
 from coordinator.membership import MembershipMonitor
 from coordinator.node_agent import member_info, node_roles
+from coordinator.replication import ReplicaSet
+from coordinator.routing import ReplicaEntry, ReplicaId, ReplicaState, Router
+from coordinator.views import cluster_view, replica_stats
 from gateway.cli import parse_resources
 from gateway.status import format_status
 
@@ -21,6 +25,8 @@ pytestmark = pytest.mark.anyio
 
 
 class Store:
+    """Members, and the placement records the router writes (coordinator.routing)."""
+
     def __init__(self) -> None:
         self.members: dict[str, dict[str, Any]] = {}
         self.placements: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
@@ -29,13 +35,10 @@ class Store:
     async def list_members(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self.members.items()}
 
-    async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]:
-        if collection not in self.placements:
-            raise NotFound(collection)
-        return {k: dict(v) for k, v in self.placements[collection].items()}
-
     async def put_placement(self, collection: str, shard: int, replica: int,
                             info: Mapping[str, Any]) -> None:
+        if collection not in self.placements:
+            raise NotFound(collection)
         self.writes += 1
         self.placements[collection][(shard, replica)] = dict(info)
 
@@ -73,16 +76,35 @@ class Client:
                           n_tokens={"v": 20}, n_segments=1, data_lost=self.data_lost)
 
 
+SPEC = CollectionSpec.from_dict({"name": "C", "shard_count": 2,
+                                  "vectors": [{"name": "v", "dim": 4}]})
+
+
 @pytest.fixture
-def world() -> tuple[Store, Agents, list[Client], MembershipMonitor]:
+async def world() -> tuple[Store, Agents, list[Client], MembershipMonitor]:
     store = Store()
     agents = Agents(store)
     agents.nodes = {"node-a": {}, "node-b": {}}
     clients = [Client(0, "node-a"), Client(1, "node-b")]
-    store.placements["C"] = {(s, 0): {"actor": f"colshard:C:{s}", "node_id": c.node_id,
-                                      "state": "ready"} for s, c in enumerate(clients)}
-    monitor = MembershipMonitor(store, agents, lambda: {"C": [[c] for c in clients]})
+    store.placements["C"] = {}
+    router = Router(store)
+    entries = [ReplicaEntry(ReplicaId("C", s, 0), c, actor=f"colshard:C:{s}",
+                            node_id=str(c.node_id)) for s, c in enumerate(clients)]
+    router.add_collection(SPEC, entries,
+                          [ReplicaSet.over(router, [e]) for e in entries])
+    assert await router.flush() == 0
+    store.writes = 0
+    monitor = MembershipMonitor(store, agents, router)
     return store, agents, clients, monitor
+
+
+def view(monitor: MembershipMonitor, stats: Any) -> dict[str, Any]:
+    return cluster_view(monitor._router.table, {}, stats)
+
+
+async def settled(monitor: MembershipMonitor) -> None:
+    """The router's background placement writes are done."""
+    assert await monitor._router.flush() == 0
 
 
 async def test_agents_started_on_nodes_that_are_not_members(world: Any) -> None:
@@ -90,6 +112,7 @@ async def test_agents_started_on_nodes_that_are_not_members(world: Any) -> None:
     store.members["node-a"] = {}
     result = await monitor.tick()
     assert agents.started == ["node-b"] and result["members"] == ["node-a", "node-b"]
+    await settled(monitor)
     assert result["unavailable"] == [] and store.writes == 0  # healthy: no probe, no write
     agents.broken.add("node-c")
     agents.nodes["node-c"] = {}
@@ -99,62 +122,66 @@ async def test_agents_started_on_nodes_that_are_not_members(world: Any) -> None:
 async def test_node_loss_marks_shard_unavailable_then_ready_again(world: Any) -> None:
     store, agents, clients, monitor = world
     await monitor.tick()
+    version = monitor._router.table.version
     # node-b dies: Ray no longer lists it, its member key expired, its shard does not answer.
     del agents.nodes["node-b"], store.members["node-b"]
     clients[1].node_id = None
     result = await monitor.tick()
     assert result["unavailable"] == ["C:1:0"] and result["changed"] == ["C:1:0"]
+    table = monitor._router.table
+    assert table.version == version + 1 and table.unavailable_shards() == ["C:1"]
+    await settled(monitor)
     record = store.placements["C"][(1, 0)]
     assert record["state"] == "unavailable" and "node-b" in record["reason"]
-    assert monitor.unavailable_shards() == ["C:1"]
+    assert record["previous_state"] == "ready"
     writes = store.writes
     await monitor.tick()
-    assert store.writes == writes  # already recorded
+    await settled(monitor)
+    assert store.writes == writes and monitor._router.table is table  # already recorded
 
-    info = {"members": await store.list_members(), "collections": {"C": {
-        "shard_count": 2, "replication_factor": 1,
-        "placements": [{"shard": s, "replica": r, **p}
-                       for (s, r), p in sorted(store.placements["C"].items())]}}}
-    view = monitor.annotate(info, await monitor.shard_stats())
-    states = [p["state"] for p in view["collections"]["C"]["placements"]]
-    assert states == ["ready", "unavailable"] and view["unavailable_shards"] == ["C:1"]
-    assert view["collections"]["C"]["objects"] == 5
-    assert view["collections"]["C"]["placements"][0]["tokens"] == 20
+    shown = view(monitor, await replica_stats(monitor._router.table))
+    states = [p["state"] for p in shown["collections"]["C"]["placements"]]
+    assert states == ["ready", "unavailable"] and shown["unavailable_shards"] == ["C:1"]
+    assert shown["collections"]["C"]["objects"] == 5
+    assert shown["collections"]["C"]["placements"][0]["tokens"] == 20
 
     # Ray restarts the actor on node-a (or node-b comes back): ready again, on that node.
     clients[1].node_id = "node-a"
     result = await monitor.tick()
     assert result["unavailable"] == [] and result["changed"] == ["C:1:0"]
+    await settled(monitor)
     record = store.placements["C"][(1, 0)]
     assert record["state"] == "ready" and record["node_id"] == "node-a"
-    assert "reason" not in record and monitor.unavailable_shards() == []
+    assert "reason" not in record and monitor._router.table.unavailable_shards() == []
 
 
 async def test_a_replica_without_its_data_shows_as_data_lost(world: Any) -> None:
     store, _, clients, monitor = world
     await monitor.tick()
     clients[1].data_lost = "shard C:1 was restarted on node n9 with an empty data directory"
-    info = {"members": await store.list_members(), "collections": {"C": {
-        "shard_count": 2, "replication_factor": 1,
-        "placements": [{"shard": s, "replica": r, **p}
-                       for (s, r), p in sorted(store.placements["C"].items())]}}}
-    view = monitor.annotate(info, await monitor.shard_stats())
-    placements = view["collections"]["C"]["placements"]
+    shown = view(monitor, await replica_stats(monitor._router.table))
+    placements = shown["collections"]["C"]["placements"]
     assert [p["state"] for p in placements] == ["ready", "data_lost"]
     assert "empty data directory" in placements[1]["reason"]
+    await settled(monitor)
     assert store.placements["C"][(1, 0)]["state"] == "ready"  # shown, never stored
 
 
 async def test_stale_state_survives_an_outage(world: Any) -> None:
     store, agents, clients, monitor = world
-    store.placements["C"][(1, 0)]["state"] = "stale"
+    rid = ReplicaId("C", 1, 0)
+    monitor._router.update(rid, sync=ReplicaState.STALE)
     await monitor.tick()
     del store.members["node-b"], agents.nodes["node-b"]
     clients[1].node_id = None
     await monitor.tick()
+    await settled(monitor)
+    assert store.placements["C"][(1, 0)]["previous_state"] == "stale"
     clients[1].node_id = "node-a"
     await monitor.tick()
+    await settled(monitor)
     assert store.placements["C"][(1, 0)]["state"] == "stale"
+    assert monitor._router.table.replicas[rid].state == ReplicaState.STALE
 
 
 async def test_dropped_collection_is_forgotten(world: Any) -> None:
@@ -163,10 +190,11 @@ async def test_dropped_collection_is_forgotten(world: Any) -> None:
     del store.members["node-b"], agents.nodes["node-b"]
     clients[1].node_id = None
     await monitor.tick()
+    monitor._router.drop_collection("C")
     del store.placements["C"]
-    monitor._shards = lambda: {}
-    await monitor.tick()
-    assert monitor.outages == {}
+    result = await monitor.tick()
+    assert result["unavailable"] == [] and monitor._router.table.unavailable_shards() == []
+    assert await monitor._router.flush() == 0
 
 
 def test_node_roles_and_member_info(tmp_path: Any) -> None:

@@ -118,7 +118,7 @@ class Cluster:
         return c
 
     def replicas(self, shard: int) -> ReplicaSet:
-        return self.coord._shards["Rep"][shard]
+        return self.coord.router.table.shard_sets("Rep")[shard]
 
     def objects(self, n: int, base: int = 0) -> list[ObjectInput]:
         return [ObjectInput(str(uuid.UUID(int=int(self.rng.integers(1 << 62)) << 64 | i)),
@@ -444,7 +444,7 @@ class FlakyStore(MemoryStore):
 async def test_placement_state_is_rewritten_once_the_store_is_back(tmp_path: Path) -> None:
     c = Cluster(tmp_path, rf=2, shards=1)
     c.store = FlakyStore()
-    c.coord._store = c.store
+    c.coord = Coordinator(c.store, c.placement, c.coord._settings)
     await c.create()
     c.store.down = True
     c.client(0, 1).down = True
@@ -458,7 +458,7 @@ async def test_placement_state_is_rewritten_once_the_store_is_back(tmp_path: Pat
     c.store.down = False
     await c.coord.repair_once()
     assert c.store.placements["Rep"][(0, 1)]["state"] == READY
-    assert c.coord._placement_dirty == set()
+    assert c.coord.router.pending == frozenset()
     c.client(0, 1).down = True
     await c.coord.upsert("Rep", c.objects(2, base=50), consistency_level="one")
     await c.coord.repair_once()

@@ -1,7 +1,10 @@
-"""Request limits the gateway enforces before anything reaches the coordinator.
+"""Request limits: the one place that decides each limit and its error code.
 
-Every limit comes from ``Settings`` (``colshard serve``/``gateway`` flags) and fails with a
-clear 4xx naming the limit in ``details``:
+The gateway checks them before anything reaches the coordinator; the coordinator checks the
+ones it must hold itself (batch size, page) with these same functions, so a request over a limit
+gets the same code and details whichever layer sees it first. Every limit comes from
+``Settings`` (``colshard serve``/``gateway`` flags) and fails with a clear 4xx naming the limit in
+``details``:
 
 =========================  ===========================  =====  ==============================
 what                       setting (flag)               code   default
