@@ -60,9 +60,13 @@ def pin_threads(n_threads: int) -> Iterator[dict[str, Any]]:
         return
     _set_faiss_threads(n_threads)
     with threadpool_limits(limits=n_threads):
-        info["pools"] = [{k: p.get(k) for k in ("internal_api", "prefix", "version",
-                                                 "num_threads", "architecture")}
-                         for p in threadpool_info()]
+        info["pools"] = [
+            {
+                k: p.get(k)
+                for k in ("internal_api", "prefix", "version", "num_threads", "architecture")
+            }
+            for p in threadpool_info()
+        ]
         yield info
 
 
@@ -91,8 +95,9 @@ class BruteForce:
         scores = np.empty(len(self.ids), dtype=np.float32)
         for d0, d1 in self.chunks:
             t0, t1 = int(self.offsets[d0]), int(self.offsets[d1])
-            scores[d0:d1] = maxsim_block(query, q_offsets, self.values[t0:t1],
-                                         self.offsets[d0 : d1 + 1] - t0)[0]
+            scores[d0:d1] = maxsim_block(
+                query, q_offsets, self.values[t0:t1], self.offsets[d0 : d1 + 1] - t0
+            )[0]
         return SearchOutput(_top(scores, self.ids, k), len(self.ids))
 
     def index_bytes(self) -> int:
@@ -122,9 +127,14 @@ class FaissConfig:
 
 # (efSearch, k′) and (nprobe, k′) sweeps: from cheap/low recall to expensive/high recall.
 HNSW_SWEEP: tuple[tuple[int, int], ...] = (
-    (32, 16), (64, 32), (128, 64), (128, 96), (256, 128), (512, 256))
-IVF_SWEEP: tuple[tuple[int, int], ...] = (
-    (4, 32), (8, 64), (16, 96), (32, 128), (64, 256))
+    (32, 16),
+    (64, 32),
+    (128, 64),
+    (128, 96),
+    (256, 128),
+    (512, 256),
+)
+IVF_SWEEP: tuple[tuple[int, int], ...] = ((4, 32), (8, 64), (16, 96), (32, 128), (64, 256))
 
 
 def default_sweep(kinds: tuple[str, ...] = ("hnsw", "ivf")) -> list[FaissConfig]:
@@ -145,9 +155,17 @@ def ivf_nlist(n_tokens: int) -> int:
 class FaissTokenAnn:
     """Token-level ANN (faiss) → candidate documents → exact MaxSim rerank."""
 
-    def __init__(self, dataset: Dataset, kind: str, *, hnsw_m: int = 32,
-                 ef_construction: int = 40, nlist: int | None = None,
-                 train_per_list: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        kind: str,
+        *,
+        hnsw_m: int = 32,
+        ef_construction: int = 40,
+        nlist: int | None = None,
+        train_per_list: int = 50,
+        seed: int = 0,
+    ) -> None:
         import faiss
 
         self.kind = kind
@@ -202,8 +220,7 @@ class FaissTokenAnn:
 
     def search(self, query: F32, k: int) -> SearchOutput:
         t0 = time.perf_counter()
-        _, labels = self.index.search(np.ascontiguousarray(query, np.float32),
-                                      self.config.k_prime)
+        _, labels = self.index.search(np.ascontiguousarray(query, np.float32), self.config.k_prime)
         t1 = time.perf_counter()
         hits = labels[labels >= 0]
         cand = np.unique(self.token_doc[hits])
@@ -213,8 +230,7 @@ class FaissTokenAnn:
         scores = maxsim_block(query, np.array([0, len(query)], np.int64), block, local)[0]
         top = _top(scores, cand, k)
         t3 = time.perf_counter()
-        return SearchOutput(top, len(cand), {"ann": t1 - t0, "gather": t2 - t1,
-                                              "maxsim": t3 - t2})
+        return SearchOutput(top, len(cand), {"ann": t1 - t0, "gather": t2 - t1, "maxsim": t3 - t2})
 
 
 def gather_rows(offsets: I64, lengths: I64, docs: I64) -> tuple[npt.NDArray[np.int64], I64]:

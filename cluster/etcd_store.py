@@ -88,7 +88,9 @@ def _map_error(exc: BaseException, op: str, endpoint: str) -> ColshardError:
     if isinstance(exc, unreachable) or code in (sc.UNAVAILABLE, sc.CANCELLED):
         return Unavailable(f"etcd at {endpoint} unreachable during {op}: {exc}", details)
     if isinstance(exc, etcd_errors.UnauthenticatedError) or code in (
-            sc.UNAUTHENTICATED, sc.PERMISSION_DENIED):
+        sc.UNAUTHENTICATED,
+        sc.PERMISSION_DENIED,
+    ):
         return Unavailable(f"etcd at {endpoint} refused {op}: {exc}", details)
     if code == sc.NOT_FOUND:
         return NotFound(f"etcd {op}: {exc}", details)
@@ -104,12 +106,13 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     text = endpoint.strip()
     for scheme in ("http://", "https://"):
         if text.startswith(scheme):
-            text = text[len(scheme):]
+            text = text[len(scheme) :]
     host, sep, port = text.rstrip("/").rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(f"invalid etcd endpoint {endpoint!r}: expected host:port",
-                           {"endpoint": endpoint})
+        raise InvalidInput(
+            f"invalid etcd endpoint {endpoint!r}: expected host:port", {"endpoint": endpoint}
+        )
     return host, int(port)
 
 
@@ -179,8 +182,9 @@ class EtcdStore:
     # ---- connection --------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, endpoints: Sequence[str], cluster_name: str,
-                      timeout_s: float) -> EtcdStore:
+    async def connect(
+        cls, endpoints: Sequence[str], cluster_name: str, timeout_s: float
+    ) -> EtcdStore:
         """Dial the endpoints in order; Unavailable if none answers a read within timeout_s."""
         store = cls(endpoints, cluster_name, timeout_s)
         await store._ensure_client(time.monotonic() + store.timeout_s)
@@ -236,8 +240,10 @@ class EtcdStore:
                 continue
             self._index = idx
             return client
-        raise Unavailable(f"no etcd endpoint reachable: {failures}",
-                          {"endpoints": list(self.endpoints), "errors": failures})
+        raise Unavailable(
+            f"no etcd endpoint reachable: {failures}",
+            {"endpoints": list(self.endpoints), "errors": failures},
+        )
 
     async def _drop_client(self, client: Any) -> None:
         """Forget a client that failed; the next call dials again from the next endpoint."""
@@ -255,8 +261,9 @@ class EtcdStore:
             if _cancel_requested():
                 raise
 
-    async def _call(self, op: str, fn: Callable[[Any], Awaitable[T]],
-                    timeout_s: float | None = None) -> T:
+    async def _call(
+        self, op: str, fn: Callable[[Any], Awaitable[T]], timeout_s: float | None = None
+    ) -> T:
         """Run ``fn(client)`` under one deadline (``timeout_s``, default the store's); map every
         client error (see ``_map_error``)."""
         deadline = time.monotonic() + min(self.timeout_s, timeout_s or self.timeout_s)
@@ -324,8 +331,9 @@ class EtcdStore:
 
         succeeded, responses = await self._call("create_collection", txn)
         if not succeeded:
-            raise AlreadyExists(f"collection {spec.name!r} already exists",
-                                {"collection": spec.name})
+            raise AlreadyExists(
+                f"collection {spec.name!r} already exists", {"collection": spec.name}
+            )
         return int(responses[1][0][1].create_revision)
 
     async def get_collection(self, name: str) -> CollectionSpec | None:
@@ -336,13 +344,14 @@ class EtcdStore:
         try:
             return CollectionSpec.from_json(got.value)
         except (InvalidInput, ValueError) as exc:
-            raise InternalError(f"stored spec of collection {name!r} is invalid: {exc}",
-                                {"collection": name, "key": key}) from exc
+            raise InternalError(
+                f"stored spec of collection {name!r} is invalid: {exc}",
+                {"collection": name, "key": key},
+            ) from exc
 
     async def list_collections(self) -> dict[str, CollectionSpec]:
         """All valid collection specs (an invalid stored spec is logged and skipped)."""
-        items, revision = await self._get_prefix("list_collections",
-                                                 self.layout.collections_prefix)
+        items, revision = await self._get_prefix("list_collections", self.layout.collections_prefix)
         return dict(ClusterSnapshot.from_items(self.layout, revision, items).collections)
 
     async def delete_collection(self, name: str) -> bool:
@@ -364,8 +373,9 @@ class EtcdStore:
 
     # ---- placement ---------------------------------------------------------------------------
 
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Mapping[str, Any]) -> None:
+    async def put_placement(
+        self, collection: str, shard: int, replica: int, info: Mapping[str, Any]
+    ) -> None:
         """Record where one replica of a shard lives (actor name, node id, state, data dir).
         NotFound if the collection does not exist (checked in the same transaction)."""
         key = self.layout.placement(collection, shard, replica).encode()
@@ -381,21 +391,22 @@ class EtcdStore:
 
         succeeded, _ = await self._call("put_placement", txn)
         if not succeeded:
-            raise NotFound(f"collection {collection!r} does not exist",
-                           {"collection": collection})
+            raise NotFound(f"collection {collection!r} does not exist", {"collection": collection})
 
     async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]:
         """(shard, replica) -> placement info, as plain dicts."""
-        items, revision = await self._get_prefix("get_placements",
-                                                 self.layout.placement_prefix(collection))
+        items, revision = await self._get_prefix(
+            "get_placements", self.layout.placement_prefix(collection)
+        )
         snap = ClusterSnapshot.from_items(self.layout, revision, items)
         reps = snap.placements.get(collection, {})
         return {sr: thaw_json(info) for sr, info in reps.items()}
 
     # ---- membership -----------------------------------------------------------------------
 
-    async def register_member(self, node_id: str, info: Mapping[str, Any],
-                              ttl_s: int) -> MemberLease:
+    async def register_member(
+        self, node_id: str, info: Mapping[str, Any], ttl_s: int
+    ) -> MemberLease:
         """Write ``members/<node_id>`` bound to a fresh lease and keep the lease alive in the
         background. The key disappears ``ttl_s`` after the node stops refreshing (it died)."""
         key = self.layout.member(validate_node_id(node_id))
@@ -414,8 +425,7 @@ class EtcdStore:
 
     async def _get_prefix(self, op: str, prefix: str) -> tuple[list[tuple[str, bytes]], int]:
         res = await self._call(op, lambda c: c.get_prefix(prefix.encode()))
-        items = [(bytes(kv.key).decode("utf-8", errors="replace"), bytes(kv.value))
-                 for kv in res]
+        items = [(bytes(kv.key).decode("utf-8", errors="replace"), bytes(kv.value)) for kv in res]
         return items, int(res.header.revision)
 
     async def _grant(self, ttl_s: int) -> int:
@@ -433,8 +443,7 @@ class EtcdStore:
 
     async def _refresh(self, lease_id: int, timeout_s: float | None = None) -> int:
         """Remaining TTL after a keep-alive; <= 0 means etcd no longer knows the lease."""
-        reply = await self._call("refresh_lease", lambda c: c.refresh_lease(lease_id),
-                                 timeout_s)
+        reply = await self._call("refresh_lease", lambda c: c.refresh_lease(lease_id), timeout_s)
         return -1 if reply is None else int(reply.TTL)
 
     async def _revoke(self, lease_id: int) -> None:
@@ -445,11 +454,18 @@ class EtcdStore:
         with contextlib.suppress(ColshardError):
             await self._revoke(lease_id)
 
-    def _start_lease(self, key: str, value: bytes, ttl_s: int, lease_id: int, started: float,
-                     ) -> MemberLease:
+    def _start_lease(
+        self,
+        key: str,
+        value: bytes,
+        ttl_s: int,
+        lease_id: int,
+        started: float,
+    ) -> MemberLease:
         lease = MemberLease(self, key, value, ttl_s, lease_id, started)
         lease._task = asyncio.get_running_loop().create_task(
-            lease._keep_alive(), name=f"colshard-etcd-lease:{key}")
+            lease._keep_alive(), name=f"colshard-etcd-lease:{key}"
+        )
         self._leases.add(lease)
         return lease
 
@@ -457,16 +473,17 @@ class EtcdStore:
 class MemberLease:
     """A key held by a lease that a background task refreshes every ttl/3.
 
-        active --refresh fails--> retrying --etcd answers, lease alive--> active
-        etcd answers "lease gone" (it expired while we were cut off):
-            --> new lease, key written again --> active
-        keep-alive task crashed (a bug) --> lost
-        any --revoke()--> revoked (key deleted now)
-        any --stop_refreshing()--> abandoned (key expires after the TTL, as if the node died)
+    active --refresh fails--> retrying --etcd answers, lease alive--> active
+    etcd answers "lease gone" (it expired while we were cut off):
+        --> new lease, key written again --> active
+    keep-alive task crashed (a bug) --> lost
+    any --revoke()--> revoked (key deleted now)
+    any --stop_refreshing()--> abandoned (key expires after the TTL, as if the node died)
     """
 
-    def __init__(self, store: EtcdStore, key: str, value: bytes, ttl_s: int, lease_id: int,
-                 started: float) -> None:
+    def __init__(
+        self, store: EtcdStore, key: str, value: bytes, ttl_s: int, lease_id: int, started: float
+    ) -> None:
         self._store = store
         self.key = key
         self._value = value
@@ -536,7 +553,8 @@ class MemberLease:
             if remaining <= 0:
                 try:
                     self._lease_id = await self._store._grant_and_put(
-                        self.key, self._value, self.ttl_s)
+                        self.key, self._value, self.ttl_s
+                    )
                 except ColshardError as exc:
                     log.info("re-registering %s failed (retrying): %s", self.key, exc)
                     delay = retry
@@ -546,8 +564,13 @@ class MemberLease:
             delay = interval
 
     def __repr__(self) -> str:
-        state = ("lost" if self.lost else "revoked" if self.revoked
-                 else "active" if self.active else "stopped")
+        state = (
+            "lost"
+            if self.lost
+            else "revoked"
+            if self.revoked
+            else "active"
+            if self.active
+            else "stopped"
+        )
         return f"MemberLease({self.key!r}, ttl_s={self.ttl_s}, {state})"
-
-

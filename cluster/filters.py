@@ -93,8 +93,16 @@ Bools = npt.NDArray[np.bool_]
 Column = Sequence[Any] | npt.NDArray[Any]  # one property's values, one per row
 
 ConditionOperator = Literal[
-    "equal", "not_equal", "less_than", "less_than_equal", "greater_than", "greater_than_equal",
-    "like", "contains_any", "contains_all", "is_null",
+    "equal",
+    "not_equal",
+    "less_than",
+    "less_than_equal",
+    "greater_than",
+    "greater_than_equal",
+    "like",
+    "contains_any",
+    "contains_all",
+    "is_null",
 ]
 LogicalOperator = Literal["and", "or", "not"]
 CONDITION_OPERATORS: Final[tuple[str, ...]] = get_args(ConditionOperator)
@@ -110,8 +118,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 _WORD = re.compile(r"[^\W_]+")
-_RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 def text_tokens(text: str) -> list[str]:
@@ -206,6 +213,7 @@ def _like_regex(pattern: str) -> re.Pattern[str]:
     group), which is what the classic greedy wildcard matcher does and is always right; only
     the last piece must end the string. Cost is O(len(text) · len(pattern)) whatever the stars.
     """
+
     def piece(text: str) -> str:
         return "".join("." if ch == "?" else re.escape(ch) for ch in text)
 
@@ -287,7 +295,8 @@ class Condition(Filter):
         if op == "like":
             return any(operand.fullmatch(x) is not None for x in items)
         present: set[Any] = (
-            {t for x in items for t in text_tokens(x)} if self.data_type == "text" else set(items))
+            {t for x in items for t in text_tokens(x)} if self.data_type == "text" else set(items)
+        )
         if op == "contains_any":
             return not operand.isdisjoint(present)
         return bool(operand <= present)  # contains_all
@@ -345,8 +354,11 @@ class Condition(Filter):
             elif op == "contains_any":
                 out = np.isin(column, np.array(sorted(operand))) & ~null
             elif op == "contains_all":
-                out = ((column == next(iter(operand))) & ~null if len(operand) == 1
-                       else np.zeros(len(column), np.bool_))
+                out = (
+                    (column == next(iter(operand))) & ~null
+                    if len(operand) == 1
+                    else np.zeros(len(column), np.bool_)
+                )
             else:
                 return None
         return np.asarray(out, dtype=np.bool_)
@@ -439,8 +451,9 @@ def _parse(raw: Any, spec: CollectionSpec, max_depth: int, depth: int, at: str) 
         raise _fail(at, f"a filter must be an object, got {type(raw).__name__}")
     op = raw.get("operator")
     if not isinstance(op, str) or op not in OPERATORS:
-        raise _fail(at, f"unknown operator {op!r}; expected one of {list(OPERATORS)}",
-                    operator=repr(op))
+        raise _fail(
+            at, f"unknown operator {op!r}; expected one of {list(OPERATORS)}", operator=repr(op)
+        )
     if op in LOGICAL_OPERATORS:
         _check_keys(raw, {"operator", "operands"}, at)
         operands = raw.get("operands")
@@ -448,8 +461,10 @@ def _parse(raw: Any, spec: CollectionSpec, max_depth: int, depth: int, at: str) 
             raise _fail(at, f"{op!r} needs 'operands': a non-empty list of filters")
         if op == "not" and len(operands) != 1:
             raise _fail(at, f"'not' takes exactly one operand, got {len(operands)}")
-        parsed = tuple(_parse(o, spec, max_depth, depth + 1, f"{at}.operands[{i}]")
-                       for i, o in enumerate(operands))
+        parsed = tuple(
+            _parse(o, spec, max_depth, depth + 1, f"{at}.operands[{i}]")
+            for i, o in enumerate(operands)
+        )
         if op == "not":
             return Not(parsed[0])
         return And(parsed) if op == "and" else Or(parsed)
@@ -482,12 +497,20 @@ def _check_value(op: ConditionOperator, prop: PropertySpec, value: Any, at: str)
             raise _fail(at, "is_null takes true or false", property=prop.name)
         return value
     if op in _ORDERED and dt in _UNORDERED_TYPES:
-        raise _fail(at, f"operator {op!r} does not apply to {dt} property {prop.name!r}",
-                    property=prop.name, data_type=dt)
+        raise _fail(
+            at,
+            f"operator {op!r} does not apply to {dt} property {prop.name!r}",
+            property=prop.name,
+            data_type=dt,
+        )
     if op == "like":
         if dt not in _LIKE_TYPES:
-            raise _fail(at, f"'like' applies to text properties only, {prop.name!r} is {dt}",
-                        property=prop.name, data_type=dt)
+            raise _fail(
+                at,
+                f"'like' applies to text properties only, {prop.name!r} is {dt}",
+                property=prop.name,
+                data_type=dt,
+            )
         if not isinstance(value, str):
             raise _fail(at, "'like' takes a pattern string", property=prop.name)
         return value
@@ -497,8 +520,11 @@ def _check_value(op: ConditionOperator, prop: PropertySpec, value: Any, at: str)
             raise _fail(at, f"{op!r} takes a non-empty list of values", property=prop.name)
         values = tuple(_scalar(elem, v, prop.name, at) for v in value)
         if dt == "text" and not any(text_tokens(v) for v in values):
-            raise _fail(at, f"{op!r} on text property {prop.name!r}: the values contain no "
-                        "words to match", property=prop.name)
+            raise _fail(
+                at,
+                f"{op!r} on text property {prop.name!r}: the values contain no words to match",
+                property=prop.name,
+            )
         return values
     return _scalar(elem, value, prop.name, at)
 
@@ -510,12 +536,14 @@ def _scalar(data_type: str, value: Any, prop: str, at: str) -> Any:
     if data_type == "text":
         ok, expected = isinstance(value, str), "a string"
     elif data_type == "int":
-        ok = (isinstance(value, int) and not isinstance(value, bool)
-              and _INT64_MIN <= value <= _INT64_MAX)
+        ok = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and _INT64_MIN <= value <= _INT64_MAX
+        )
         expected = "an integer in the int64 range"
     elif data_type == "number":
-        ok = (isinstance(value, int | float) and not isinstance(value, bool)
-              and math.isfinite(value))
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         expected = "a finite number"
     elif data_type == "boolean":
         ok, expected = isinstance(value, bool), "true or false"
@@ -531,6 +559,10 @@ def _scalar(data_type: str, value: Any, prop: str, at: str) -> Any:
             except ValueError:
                 ok = False
     if not ok:
-        raise _fail(at, f"property {prop!r} is {data_type}: value must be {expected}, "
-                    f"got {value!r}", property=prop, data_type=data_type)
+        raise _fail(
+            at,
+            f"property {prop!r} is {data_type}: value must be {expected}, got {value!r}",
+            property=prop,
+            data_type=data_type,
+        )
     return value

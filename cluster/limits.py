@@ -57,19 +57,25 @@ def check_matrix(value: Any, what: str, *, max_tokens: int, max_dim: int) -> Non
         return  # a scalar: the spec check names it later
     dim = shape[-1]
     if dim > max_dim:
-        raise InvalidInput(f"{what}: dimension {dim} exceeds the limit of {max_dim}",
-                           {"limit": "max_dim", "max": max_dim, "got": dim})
+        raise InvalidInput(
+            f"{what}: dimension {dim} exceeds the limit of {max_dim}",
+            {"limit": "max_dim", "max": max_dim, "got": dim},
+        )
     tokens = shape[0] if len(shape) >= 2 else 1
     if max_tokens > 0 and tokens > max_tokens:
-        raise InvalidInput(f"{what}: {tokens} tokens exceed the limit of {max_tokens} per "
-                           f"vector", {"limit": "tokens", "max": max_tokens, "got": tokens})
+        raise InvalidInput(
+            f"{what}: {tokens} tokens exceed the limit of {max_tokens} per vector",
+            {"limit": "tokens", "max": max_tokens, "got": tokens},
+        )
 
 
 def check_batch_size(n: int, settings: Settings) -> None:
     cap = settings.max_batch_objects
     if n > cap:
-        raise PayloadTooLarge(f"batch of {n} objects exceeds the limit of {cap} objects; "
-                              f"split it", {"limit": "max_batch_objects", "max": cap, "got": n})
+        raise PayloadTooLarge(
+            f"batch of {n} objects exceeds the limit of {cap} objects; split it",
+            {"limit": "max_batch_objects", "max": cap, "got": n},
+        )
 
 
 def check_objects(inputs: Sequence[ObjectInput] | ColumnarInput, settings: Settings) -> None:
@@ -77,16 +83,25 @@ def check_objects(inputs: Sequence[ObjectInput] | ColumnarInput, settings: Setti
     if isinstance(inputs, ColumnarInput):
         # One look per column; over a limit, the per-object check names the first offender.
         max_tokens = settings.max_tokens_per_object
-        if not any(col.values.shape[-1] > settings.max_dim
-                   or (max_tokens > 0 and len(col.offsets) > 1
-                       and int(np.diff(col.offsets).max()) > max_tokens)
-                   for col in inputs.vectors.values()):
+        if not any(
+            col.values.shape[-1] > settings.max_dim
+            or (
+                max_tokens > 0
+                and len(col.offsets) > 1
+                and int(np.diff(col.offsets).max()) > max_tokens
+            )
+            for col in inputs.vectors.values()
+        ):
             return
         inputs = inputs.to_objects()
     for i, obj in enumerate(inputs):
         for name, value in obj.vectors.items():
-            check_matrix(value, f"objects[{i}].vectors.{name}",
-                         max_tokens=settings.max_tokens_per_object, max_dim=settings.max_dim)
+            check_matrix(
+                value,
+                f"objects[{i}].vectors.{name}",
+                max_tokens=settings.max_tokens_per_object,
+                max_dim=settings.max_dim,
+            )
 
 
 def check_query_vector(value: Any, what: str, settings: Settings) -> None:
@@ -96,11 +111,13 @@ def check_query_vector(value: Any, what: str, settings: Settings) -> None:
 def check_page(limit: int, offset: int, settings: Settings) -> None:
     cap = settings.max_limit
     if not 0 < limit <= cap:
-        raise InvalidInput(f"limit must be in 1..{cap}",
-                           {"limit": "max_limit", "max": cap, "got": limit})
+        raise InvalidInput(
+            f"limit must be in 1..{cap}", {"limit": "max_limit", "max": cap, "got": limit}
+        )
     if not 0 <= offset <= cap:
-        raise InvalidInput(f"offset must be in 0..{cap}",
-                           {"limit": "max_limit", "max": cap, "got": offset})
+        raise InvalidInput(
+            f"offset must be in 0..{cap}", {"limit": "max_limit", "max": cap, "got": offset}
+        )
 
 
 def check_filter(raw: Any, settings: Settings) -> None:
@@ -114,8 +131,10 @@ def check_filter(raw: Any, settings: Settings) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
-            raise InvalidInput(f"filters: nested deeper than {max_depth} levels",
-                               {"limit": "max_filter_depth", "max": max_depth})
+            raise InvalidInput(
+                f"filters: nested deeper than {max_depth} levels",
+                {"limit": "max_filter_depth", "max": max_depth},
+            )
         nodes += 1
         if isinstance(node, dict):
             operands = node.get("operands")
@@ -125,25 +144,34 @@ def check_filter(raw: Any, settings: Settings) -> None:
             if isinstance(value, list):
                 nodes += len(value)  # a list value counts one node per element
         if nodes > max_nodes:
-            raise InvalidInput(f"filters: more than {max_nodes} nodes (conditions, logical "
-                               f"operators and list values)",
-                               {"limit": "max_filter_nodes", "max": max_nodes})
+            raise InvalidInput(
+                f"filters: more than {max_nodes} nodes (conditions, logical "
+                f"operators and list values)",
+                {"limit": "max_filter_nodes", "max": max_nodes},
+            )
 
 
 def check_collection(body: dict[str, Any], settings: Settings) -> None:
-    for key, cap, limit in (("properties", settings.max_properties, "max_properties"),
-                            ("vectors", settings.max_vectors, "max_vectors")):
+    for key, cap, limit in (
+        ("properties", settings.max_properties, "max_properties"),
+        ("vectors", settings.max_vectors, "max_vectors"),
+    ):
         n = len(body.get(key) or [])
         if n > cap:
-            raise InvalidInput(f"{n} {key} exceed the limit of {cap} per collection",
-                               {"limit": limit, "max": cap, "got": n})
+            raise InvalidInput(
+                f"{n} {key} exceed the limit of {cap} per collection",
+                {"limit": limit, "max": cap, "got": n},
+            )
     shards = body.get("shard_count")
     if isinstance(shards, int) and shards > settings.max_shards:
-        raise InvalidInput(f"shard_count {shards} exceeds the limit of {settings.max_shards}",
-                           {"limit": "max_shards", "max": settings.max_shards, "got": shards})
+        raise InvalidInput(
+            f"shard_count {shards} exceeds the limit of {settings.max_shards}",
+            {"limit": "max_shards", "max": settings.max_shards, "got": shards},
+        )
     for vec in body.get("vectors") or []:
         dim = vec.get("dim") if isinstance(vec, dict) else None
         if isinstance(dim, int) and dim > settings.max_dim:
-            raise InvalidInput(f"vector {vec.get('name')!r}: dim {dim} exceeds the limit of "
-                               f"{settings.max_dim}",
-                               {"limit": "max_dim", "max": settings.max_dim, "got": dim})
+            raise InvalidInput(
+                f"vector {vec.get('name')!r}: dim {dim} exceeds the limit of {settings.max_dim}",
+                {"limit": "max_dim", "max": settings.max_dim, "got": dim},
+            )

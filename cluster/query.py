@@ -51,16 +51,28 @@ class QueryRequest:
     api_keys: Mapping[str, str] = field(default_factory=dict)  # vectorizer keys from headers
 
     def kind(self) -> str:
-        kinds = [name for name, value in (("near_vector", self.near_vector),
-                                          ("near_text", self.near_text), ("bm25", self.bm25),
-                                          ("hybrid", self.hybrid)) if value is not None]
+        kinds = [
+            name
+            for name, value in (
+                ("near_vector", self.near_vector),
+                ("near_text", self.near_text),
+                ("bm25", self.bm25),
+                ("hybrid", self.hybrid),
+            )
+            if value is not None
+        ]
         if len(kinds) != 1:
-            raise InvalidInput("set exactly one of near_vector, near_text, bm25, hybrid",
-                               {"given": kinds})
+            raise InvalidInput(
+                "set exactly one of near_vector, near_text, bm25, hybrid", {"given": kinds}
+            )
         # Empty text would be vectorized to padding tokens only and rank arbitrary objects.
-        text = (self.near_text if kinds[0] == "near_text"
-                else self.hybrid.query if self.hybrid is not None and self.hybrid.vector is None
-                else None)
+        text = (
+            self.near_text
+            if kinds[0] == "near_text"
+            else self.hybrid.query
+            if self.hybrid is not None and self.hybrid.vector is None
+            else None
+        )
         if text is not None and not text.strip():
             raise InvalidInput(f"{kinds[0]}: the query text is empty", {"field": kinds[0]})
         return kinds[0]

@@ -21,8 +21,10 @@ TARGET_RECALL_RANGE = (0.5, 0.999)
 
 def target_of(options: Mapping[str, Any]) -> tuple[float, int]:
     """``(target_recall, recall_k)`` of a vector's index options (validated in cluster.spec)."""
-    return (float(options.get("target_recall", DEFAULT_TARGET_RECALL)),
-            int(options.get("recall_k", RECALL_KS[0])))
+    return (
+        float(options.get("target_recall", DEFAULT_TARGET_RECALL)),
+        int(options.get("recall_k", RECALL_KS[0])),
+    )
 
 
 def recall_at(found: Sequence[float] | F64, truth: Sequence[float] | F64, k: int) -> float:

@@ -70,14 +70,16 @@ def freeze_json(value: Any) -> Any:
 def validate_cluster_name(name: str) -> str:
     if not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
         raise InvalidInput(
-            f"invalid cluster name {name!r}: must match {CLUSTER_NAME_RE.pattern}", {"name": name})
+            f"invalid cluster name {name!r}: must match {CLUSTER_NAME_RE.pattern}", {"name": name}
+        )
     return name
 
 
 def validate_node_id(node_id: str) -> str:
     if not isinstance(node_id, str) or not NODE_ID_RE.match(node_id):
         raise InvalidInput(
-            f"invalid node id {node_id!r}: must match {NODE_ID_RE.pattern}", {"node_id": node_id})
+            f"invalid node id {node_id!r}: must match {NODE_ID_RE.pattern}", {"node_id": node_id}
+        )
     return node_id
 
 
@@ -145,20 +147,24 @@ class ClusterSnapshot:
     collections: Mapping[str, CollectionSpec] = field(default_factory=FrozenMap)
     # collection -> (shard, replica) -> placement info
     placements: Mapping[str, Mapping[tuple[int, int], Mapping[str, Any]]] = field(
-        default_factory=FrozenMap)
+        default_factory=FrozenMap
+    )
     members: Mapping[str, Mapping[str, Any]] = field(default_factory=FrozenMap)
     leader: str | None = None
 
     def same_state(self, other: ClusterSnapshot) -> bool:
         """Equal content, whatever the revisions."""
-        return (dict(self.collections) == dict(other.collections)
-                and _plain(self.placements) == _plain(other.placements)
-                and _plain(self.members) == _plain(other.members)
-                and self.leader == other.leader)
+        return (
+            dict(self.collections) == dict(other.collections)
+            and _plain(self.placements) == _plain(other.placements)
+            and _plain(self.members) == _plain(other.members)
+            and self.leader == other.leader
+        )
 
     @classmethod
-    def from_items(cls, layout: KeyLayout, revision: int,
-                   items: Iterable[tuple[str, bytes]]) -> ClusterSnapshot:
+    def from_items(
+        cls, layout: KeyLayout, revision: int, items: Iterable[tuple[str, bytes]]
+    ) -> ClusterSnapshot:
         """Build from raw ``(key, value)`` pairs under ``layout.root``. Keys that do not parse
         (foreign or corrupt) are logged and skipped: one bad key must not blind the cluster."""
         collections: dict[str, CollectionSpec] = {}
@@ -168,7 +174,7 @@ class ClusterSnapshot:
         for key, value in items:
             if not key.startswith(layout.root):
                 continue
-            parts = key[len(layout.root):].split("/")
+            parts = key[len(layout.root) :].split("/")
             if parts[0] == "collections" and len(parts) == 2:
                 try:
                     collections[parts[1]] = CollectionSpec.from_json(value)

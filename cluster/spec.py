@@ -41,12 +41,21 @@ VECTORIZERS: tuple[str, ...] = ("none", "text2colbert-local", "text2colbert-jina
 INDEX_KINDS: tuple[str, ...] = ("scann", "muvera", "flat")
 # ``muvera`` index options (shard.muvera): default and inclusive integer range of each. The
 # defaults were measured on the benchmark's small synthetic set (docs/bench.md, "MUVERA").
-MUVERA_DEFAULTS: Mapping[str, Any] = {"repetitions": 20, "k_sim": 2, "d_proj": 16,
-                                      "fill_empty_partitions": True, "seed": 0,
-                                      "candidates": 500}
+MUVERA_DEFAULTS: Mapping[str, Any] = {
+    "repetitions": 20,
+    "k_sim": 2,
+    "d_proj": 16,
+    "fill_empty_partitions": True,
+    "seed": 0,
+    "candidates": 500,
+}
 MUVERA_RANGES: Mapping[str, tuple[int, int]] = {
-    "repetitions": (1, 64), "k_sim": (0, 10), "d_proj": (0, 4096), "seed": (0, 2**32 - 1),
-    "candidates": (1, 100_000)}
+    "repetitions": (1, 64),
+    "k_sim": (0, 10),
+    "d_proj": (0, 4096),
+    "seed": (0, 2**32 - 1),
+    "candidates": (1, 100_000),
+}
 # Upper bound on the FDE dimension repetitions·2^k_sim·(d_proj or dim): 2 bytes per dimension
 # per document are stored and scanned per query.
 MUVERA_MAX_FDE_DIM = 65_536
@@ -84,13 +93,20 @@ class PropertySpec:
         )
         searchable = raw.get("searchable", data_type in ("text", "text[]"))
         filterable = raw.get("filterable", True)
-        _require(isinstance(searchable, bool) and isinstance(filterable, bool),
-                 f"property {name!r}: searchable/filterable must be booleans", property=name)
+        _require(
+            isinstance(searchable, bool) and isinstance(filterable, bool),
+            f"property {name!r}: searchable/filterable must be booleans",
+            property=name,
+        )
         return cls(name, cast(DataType, data_type), bool(searchable), bool(filterable))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "data_type": self.data_type, "searchable": self.searchable,
-                "filterable": self.filterable}
+        return {
+            "name": self.name,
+            "data_type": self.data_type,
+            "searchable": self.searchable,
+            "filterable": self.filterable,
+        }
 
 
 @dataclass(frozen=True)
@@ -106,18 +122,24 @@ class VectorizerSpec:
         _require(isinstance(raw, Mapping), "vectorizer must be an object")
         _check_keys("vectorizer", raw, {"kind", "source_properties", "options"})
         kind = raw.get("kind", "none")
-        _require(kind in VECTORIZERS, f"vectorizer kind must be one of {list(VECTORIZERS)}",
-                 kind=kind)
+        _require(
+            kind in VECTORIZERS, f"vectorizer kind must be one of {list(VECTORIZERS)}", kind=kind
+        )
         sources = raw.get("source_properties", [])
-        _require(isinstance(sources, list) and all(isinstance(s, str) for s in sources),
-                 "vectorizer.source_properties must be a list of property names")
+        _require(
+            isinstance(sources, list) and all(isinstance(s, str) for s in sources),
+            "vectorizer.source_properties must be a list of property names",
+        )
         options = raw.get("options", {})
         _require(isinstance(options, Mapping), "vectorizer.options must be an object")
         return cls(str(kind), tuple(sources), dict(options))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source_properties": list(self.source_properties),
-                "options": dict(self.options)}
+        return {
+            "kind": self.kind,
+            "source_properties": list(self.source_properties),
+            "options": dict(self.options),
+        }
 
 
 @dataclass(frozen=True)
@@ -153,32 +175,44 @@ def _check_recall_options(options: Mapping[str, Any], kind: str) -> None:
     if "target_recall" in options:
         value = options["target_recall"]
         lo, hi = TARGET_RECALL_RANGE
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-                 and lo <= value <= hi,
-                 f"index option target_recall must be a number in {lo}..{hi}",
-                 option="target_recall")
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi,
+            f"index option target_recall must be a number in {lo}..{hi}",
+            option="target_recall",
+        )
     if "recall_k" in options:
-        _require(options["recall_k"] in RECALL_KS and not isinstance(options["recall_k"], bool),
-                 f"index option recall_k must be one of {list(RECALL_KS)}", option="recall_k")
+        _require(
+            options["recall_k"] in RECALL_KS and not isinstance(options["recall_k"], bool),
+            f"index option recall_k must be one of {list(RECALL_KS)}",
+            option="recall_k",
+        )
     if kind == "flat":
         present = sorted(set(options) & set(RECALL_OPTIONS))
-        _require(not present, f"a flat index is exact: {present} do not apply",
-                 options=present)
+        _require(not present, f"a flat index is exact: {present} do not apply", options=present)
 
 
 def _check_muvera_options(options: Mapping[str, Any]) -> None:
     allowed = set(MUVERA_DEFAULTS)
     unknown = sorted(set(options) - allowed)
-    _require(not unknown, f"unknown muvera index option(s) {unknown}; known: {sorted(allowed)}",
-             options=unknown)
+    _require(
+        not unknown,
+        f"unknown muvera index option(s) {unknown}; known: {sorted(allowed)}",
+        options=unknown,
+    )
     for name, value in options.items():
         if name == "fill_empty_partitions":
-            _require(isinstance(value, bool),
-                     "muvera index option fill_empty_partitions must be a boolean", option=name)
+            _require(
+                isinstance(value, bool),
+                "muvera index option fill_empty_partitions must be a boolean",
+                option=name,
+            )
             continue
         lo, hi = MUVERA_RANGES[name]
-        _require(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
-                 f"muvera index option {name} must be an integer in {lo}..{hi}", option=name)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+            f"muvera index option {name} must be an integer in {lo}..{hi}",
+            option=name,
+        )
 
 
 def muvera_fde_dim(options: Mapping[str, Any], dim: int) -> int:
@@ -208,39 +242,70 @@ class NamedVectorSpec:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NamedVectorSpec:
         _require(isinstance(raw, Mapping), "a named vector must be an object")
-        _check_keys("vector", raw,
-                    {"name", "kind", "dim", "metric", "dtype", "vectorizer", "index"})
+        _check_keys(
+            "vector", raw, {"name", "kind", "dim", "metric", "dtype", "vectorizer", "index"}
+        )
         name = validate_field_name("vector", raw.get("name", ""))
         kind = raw.get("kind", "multi")
-        _require(kind in ("multi", "single"), f"vector {name!r}: kind must be multi or single",
-                 vector=name)
+        _require(
+            kind in ("multi", "single"),
+            f"vector {name!r}: kind must be multi or single",
+            vector=name,
+        )
         vectorizer = VectorizerSpec.from_dict(raw.get("vectorizer"))
         dim = raw.get("dim")
         if dim is None and vectorizer.kind != "none":
             dim = 0  # filled in by the vectorizer's model when the collection is created
-        _require(isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim <= MAX_DIM
-                 and (dim > 0 or vectorizer.kind != "none"),
-                 f"vector {name!r}: dim must be an integer in 1..{MAX_DIM}", vector=name)
+        _require(
+            isinstance(dim, int)
+            and not isinstance(dim, bool)
+            and 0 <= dim <= MAX_DIM
+            and (dim > 0 or vectorizer.kind != "none"),
+            f"vector {name!r}: dim must be an integer in 1..{MAX_DIM}",
+            vector=name,
+        )
         metric = raw.get("metric", "cosine")
-        _require(metric in ("dot", "cosine"), f"vector {name!r}: metric must be dot or cosine",
-                 vector=name)
+        _require(
+            metric in ("dot", "cosine"),
+            f"vector {name!r}: metric must be dot or cosine",
+            vector=name,
+        )
         dtype = raw.get("dtype", "float32")
-        _require(dtype in ("float32", "float16"),
-                 f"vector {name!r}: dtype must be float32 or float16", vector=name)
+        _require(
+            dtype in ("float32", "float16"),
+            f"vector {name!r}: dtype must be float32 or float16",
+            vector=name,
+        )
         index = IndexSpec.from_dict(raw.get("index"))
         if index.kind == "muvera":
             fde_dim = muvera_fde_dim(index.options, int(cast(int, dim)))
-            _require(fde_dim <= MUVERA_MAX_FDE_DIM,
-                     f"vector {name!r}: muvera FDE dimension repetitions·2^k_sim·(d_proj or "
-                     f"dim) = {fde_dim} exceeds {MUVERA_MAX_FDE_DIM}", vector=name,
-                     fde_dim=fde_dim)
-        return cls(name, cast(VectorKind, kind), int(cast(int, dim)), cast(Metric, metric),
-                   cast(StorageDtype, dtype), vectorizer, index)
+            _require(
+                fde_dim <= MUVERA_MAX_FDE_DIM,
+                f"vector {name!r}: muvera FDE dimension repetitions·2^k_sim·(d_proj or "
+                f"dim) = {fde_dim} exceeds {MUVERA_MAX_FDE_DIM}",
+                vector=name,
+                fde_dim=fde_dim,
+            )
+        return cls(
+            name,
+            cast(VectorKind, kind),
+            int(cast(int, dim)),
+            cast(Metric, metric),
+            cast(StorageDtype, dtype),
+            vectorizer,
+            index,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "dim": self.dim, "metric": self.metric,
-                "dtype": self.dtype, "vectorizer": self.vectorizer.to_dict(),
-                "index": self.index.to_dict()}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "dim": self.dim,
+            "metric": self.metric,
+            "dtype": self.dtype,
+            "vectorizer": self.vectorizer.to_dict(),
+            "index": self.index.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -255,9 +320,11 @@ class CollectionSpec:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CollectionSpec:
         _require(isinstance(raw, Mapping), "a collection must be an object")
-        _check_keys("collection", raw,
-                    {"name", "properties", "vectors", "shard_count", "replication_factor",
-                     "routing"})
+        _check_keys(
+            "collection",
+            raw,
+            {"name", "properties", "vectors", "shard_count", "replication_factor", "routing"},
+        )
         name = validate_collection_name(raw.get("name", ""))
         props_raw = raw.get("properties", [])
         vecs_raw = raw.get("vectors", [])
@@ -266,32 +333,52 @@ class CollectionSpec:
         props = tuple(PropertySpec.from_dict(p) for p in props_raw)
         vecs = tuple(NamedVectorSpec.from_dict(v) for v in vecs_raw)
         _require(len(vecs) >= 1, "a collection needs at least one named vector")
-        for kind, names in (("property", [p.name for p in props]),
-                            ("vector", [v.name for v in vecs])):
+        for kind, names in (
+            ("property", [p.name for p in props]),
+            ("vector", [v.name for v in vecs]),
+        ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             _require(not dupes, f"duplicate {kind} name(s): {dupes}", names=dupes)
         shard_count = raw.get("shard_count", 2)
-        _require(isinstance(shard_count, int) and not isinstance(shard_count, bool)
-                 and 1 <= shard_count <= MAX_SHARDS,
-                 f"shard_count must be an integer in 1..{MAX_SHARDS}")
+        _require(
+            isinstance(shard_count, int)
+            and not isinstance(shard_count, bool)
+            and 1 <= shard_count <= MAX_SHARDS,
+            f"shard_count must be an integer in 1..{MAX_SHARDS}",
+        )
         rf = raw.get("replication_factor", 1)
-        _require(isinstance(rf, int) and not isinstance(rf, bool) and 1 <= rf <= 3,
-                 "replication_factor must be an integer in 1..3")
+        _require(
+            isinstance(rf, int) and not isinstance(rf, bool) and 1 <= rf <= 3,
+            "replication_factor must be an integer in 1..3",
+        )
         routing = raw.get("routing", ROUTING_LATEST)
-        _require(isinstance(routing, int) and not isinstance(routing, bool)
-                 and routing in ROUTING_VERSIONS,
-                 f"routing must be one of {list(ROUTING_VERSIONS)}", routing=routing)
+        _require(
+            isinstance(routing, int)
+            and not isinstance(routing, bool)
+            and routing in ROUTING_VERSIONS,
+            f"routing must be one of {list(ROUTING_VERSIONS)}",
+            routing=routing,
+        )
         prop_names = {p.name for p in props}
         for v in vecs:
             missing = [s for s in v.vectorizer.source_properties if s not in prop_names]
-            _require(not missing, f"vector {v.name!r}: unknown source properties {missing}",
-                     vector=v.name, properties=missing)
+            _require(
+                not missing,
+                f"vector {v.name!r}: unknown source properties {missing}",
+                vector=v.name,
+                properties=missing,
+            )
         return cls(name, props, vecs, int(shard_count), int(rf), int(routing))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "properties": [p.to_dict() for p in self.properties],
-                "vectors": [v.to_dict() for v in self.vectors], "shard_count": self.shard_count,
-                "replication_factor": self.replication_factor, "routing": self.routing}
+        return {
+            "name": self.name,
+            "properties": [p.to_dict() for p in self.properties],
+            "vectors": [v.to_dict() for v in self.vectors],
+            "shard_count": self.shard_count,
+            "replication_factor": self.replication_factor,
+            "routing": self.routing,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -315,16 +402,21 @@ class CollectionSpec:
                 return self.vectors[0]
             raise InvalidInput(
                 f"collection {self.name!r} has several named vectors; set target_vector",
-                {"vectors": [v.name for v in self.vectors]})
+                {"vectors": [v.name for v in self.vectors]},
+            )
         for v in self.vectors:
             if v.name == name:
                 return v
-        raise NotFound(f"collection {self.name!r} has no named vector {name!r}",
-                       {"collection": self.name, "vector": name})
+        raise NotFound(
+            f"collection {self.name!r} has no named vector {name!r}",
+            {"collection": self.name, "vector": name},
+        )
 
     def property(self, name: str) -> PropertySpec:
         for p in self.properties:
             if p.name == name:
                 return p
-        raise NotFound(f"collection {self.name!r} has no property {name!r}",
-                       {"collection": self.name, "property": name})
+        raise NotFound(
+            f"collection {self.name!r} has no property {name!r}",
+            {"collection": self.name, "property": name},
+        )

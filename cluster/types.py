@@ -30,24 +30,29 @@ def as_matrix(value: Any, dim: int, *, what: str, multi: bool = True) -> F32:
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{what}: not a rectangular numeric matrix (ragged rows?)",
-                           {"vector": what}) from exc
+        raise InvalidInput(
+            f"{what}: not a rectangular numeric matrix (ragged rows?)", {"vector": what}
+        ) from exc
     if multi:
         if arr.ndim != 2:
             raise InvalidInput(
                 f"{what}: a multi-vector must be a list of vectors (2-D), got {arr.ndim}-D",
-                {"vector": what, "ndim": int(arr.ndim)})
+                {"vector": what, "ndim": int(arr.ndim)},
+            )
     else:
         if arr.ndim != 1:
             raise InvalidInput(
                 f"{what}: a single vector must be a flat list of floats, got {arr.ndim}-D",
-                {"vector": what, "ndim": int(arr.ndim)})
+                {"vector": what, "ndim": int(arr.ndim)},
+            )
         arr = arr.reshape(1, -1)
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InvalidInput(f"{what}: empty vector", {"vector": what})
     if arr.shape[1] != dim:
-        raise InvalidInput(f"{what}: expected dim {dim}, got {arr.shape[1]}",
-                           {"vector": what, "expected_dim": dim, "dim": int(arr.shape[1])})
+        raise InvalidInput(
+            f"{what}: expected dim {dim}, got {arr.shape[1]}",
+            {"vector": what, "expected_dim": dim, "dim": int(arr.shape[1])},
+        )
     if not np.isfinite(arr).all():
         raise InvalidInput(f"{what}: NaN or Inf in vector", {"vector": what})
     return np.ascontiguousarray(arr)
@@ -100,8 +105,11 @@ class VectorColumn:
         offsets = np.zeros(len(matrices) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         parts = [m for m in matrices if m is not None and m.shape[0] > 0]
-        values = (np.concatenate(parts).astype(np.float32, copy=False) if parts
-                  else np.zeros((0, dim), dtype=np.float32))
+        values = (
+            np.concatenate(parts).astype(np.float32, copy=False)
+            if parts
+            else np.zeros((0, dim), dtype=np.float32)
+        )
         return cls(np.ascontiguousarray(values), offsets)
 
     def take(self, indices: Sequence[int] | I64) -> VectorColumn:
@@ -113,7 +121,8 @@ class VectorColumn:
         if len(idx) == self.n_objects and np.array_equal(idx, np.arange(len(idx))):
             return self  # immutable: the whole column in order is itself
         rows = np.repeat(self.offsets[idx] - offsets[:-1], lengths) + np.arange(
-            offsets[-1], dtype=np.int64)
+            offsets[-1], dtype=np.int64
+        )
         # np.take: ~1.5x faster than fancy indexing for the row gather
         values = np.take(np.asarray(self.values, dtype=np.float32), rows, axis=0)
         return VectorColumn(np.ascontiguousarray(values), offsets)

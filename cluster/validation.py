@@ -69,8 +69,9 @@ class ColumnarInput:
         """The same batch as per-object inputs (the general validation path)."""
         out = []
         for i, (uuid, props) in enumerate(zip(self.uuids, self.properties, strict=True)):
-            vectors = {name: v for name, col in self.vectors.items()
-                       if (v := col.row_value(i)) is not None}
+            vectors = {
+                name: v for name, col in self.vectors.items() if (v := col.row_value(i)) is not None
+            }
             out.append(ObjectInput(uuid, props, vectors))
         return out
 
@@ -103,8 +104,11 @@ def check_property_value(prop: PropertySpec, value: Any) -> Any:
     elif t == "int":
         ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
     elif t == "number":
-        ok = (isinstance(value, int | float) and not isinstance(value, bool)
-              and math.isfinite(float(value)))
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(float(value))
+        )
         if ok:
             value = float(value)
     elif t == "boolean":
@@ -121,8 +125,10 @@ def check_property_value(prop: PropertySpec, value: Any) -> Any:
         except InvalidInput:
             ok = False
     if not ok:
-        raise InvalidInput(f"property {prop.name!r}: expected {t}, got {value!r}",
-                           {"property": prop.name, "data_type": t})
+        raise InvalidInput(
+            f"property {prop.name!r}: expected {t}, got {value!r}",
+            {"property": prop.name, "data_type": t},
+        )
     return value
 
 
@@ -134,8 +140,10 @@ def check_properties(spec: CollectionSpec, properties: Mapping[str, Any]) -> dic
     for name, value in properties.items():
         prop = by_name.get(name)
         if prop is None:
-            raise InvalidInput(f"collection {spec.name!r} has no property {name!r}",
-                               {"property": name, "collection": spec.name})
+            raise InvalidInput(
+                f"collection {spec.name!r} has no property {name!r}",
+                {"property": name, "collection": spec.name},
+            )
         out[name] = check_property_value(prop, value)
     return out
 
@@ -173,8 +181,10 @@ def prepare_batch(
             props.append(check_properties(spec, obj.properties))
             unknown = sorted(set(obj.vectors) - vector_names)
             if unknown:
-                raise InvalidInput(f"collection {spec.name!r} has no named vector(s) {unknown}",
-                                   {"vectors": unknown})
+                raise InvalidInput(
+                    f"collection {spec.name!r} has no named vector(s) {unknown}",
+                    {"vectors": unknown},
+                )
             for vec in spec.vectors:
                 raw = obj.vectors.get(vec.name)
                 matrix: F32 | None
@@ -185,14 +195,17 @@ def prepare_batch(
                 else:
                     matrix = None
                 if matrix is None and vec.vectorizer.kind == "none":
-                    raise InvalidInput(f"missing vector {vec.name!r} (no vectorizer configured)",
-                                       {"vector": vec.name})
+                    raise InvalidInput(
+                        f"missing vector {vec.name!r} (no vectorizer configured)",
+                        {"vector": vec.name},
+                    )
                 if matrix is not None and vec.metric == "cosine":
                     matrix = l2_normalize(matrix)
                 if matrix is not None and vec.dtype == "float16" and _beyond_float16(matrix):
                     raise InvalidInput(
                         f"vector {vec.name!r} stores float16: values must lie within ±65504",
-                        {"vector": vec.name})
+                        {"vector": vec.name},
+                    )
                 columns[vec.name].append(matrix)
             uuids.append(oid)
         except InvalidInput as exc:
@@ -256,9 +269,14 @@ def _prepare_columnar(spec: CollectionSpec, batch: ColumnarInput) -> ObjectBatch
             raise _Fallback
         values = col.values
         offsets = np.asarray(col.offsets, dtype=np.int64)
-        if (values.ndim != 2 or values.shape[1] != vec.dim or vec.dim == 0
-                or len(offsets) != n + 1 or int(offsets[0]) != 0
-                or int(offsets[-1]) != values.shape[0]):
+        if (
+            values.ndim != 2
+            or values.shape[1] != vec.dim
+            or vec.dim == 0
+            or len(offsets) != n + 1
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != values.shape[0]
+        ):
             raise _Fallback
         lengths = np.diff(offsets)
         if (lengths <= 0).any() or (not vec.multi and (lengths != 1).any()):

@@ -33,8 +33,7 @@ def encode(value: Any) -> dict[str, Any]:
     array = np.ascontiguousarray(value, dtype="<f4")
     if array.ndim not in (1, 2):
         raise ValueError(f"a vector is 1-D or 2-D, got {array.ndim}-D")
-    return {"base64": base64.b64encode(array.data).decode("ascii"),
-            "shape": list(array.shape)}
+    return {"base64": base64.b64encode(array.data).decode("ascii"), "shape": list(array.shape)}
 
 
 def is_encoded(value: Any) -> bool:
@@ -46,14 +45,21 @@ def decode(value: Mapping[str, Any], what: str) -> npt.NDArray[np.float32]:
     naming ``what`` when the object is malformed."""
     details: dict[str, Any] = {"vector": what}
     if set(value) != KEYS:
-        raise InvalidInput(f'{what}: a binary vector is {{"base64": ..., "shape": [...]}}, '
-                           f"got keys {sorted(value)}", details)
+        raise InvalidInput(
+            f'{what}: a binary vector is {{"base64": ..., "shape": [...]}}, '
+            f"got keys {sorted(value)}",
+            details,
+        )
     shape, text = value["shape"], value["base64"]
-    if (not isinstance(shape, list) or len(shape) not in (1, 2)
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                       for n in shape)):
-        raise InvalidInput(f"{what}: shape must be [dim] or [n_tokens, dim] "
-                           "(non-negative integers)", {**details, "shape": repr(shape)[:100]})
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (1, 2)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise InvalidInput(
+            f"{what}: shape must be [dim] or [n_tokens, dim] (non-negative integers)",
+            {**details, "shape": repr(shape)[:100]},
+        )
     if not isinstance(text, str):
         raise InvalidInput(f"{what}: base64 must be a string", details)
     try:
@@ -62,7 +68,9 @@ def decode(value: Mapping[str, Any], what: str) -> npt.NDArray[np.float32]:
         raise InvalidInput(f"{what}: base64 does not decode ({exc})", details) from None
     expected = math.prod(shape) * ITEM_BYTES
     if len(raw) != expected:
-        raise InvalidInput(f"{what}: {len(raw)} bytes decoded, shape {shape} needs {expected} "
-                           "(little-endian float32)",
-                           {**details, "bytes": len(raw), "expected_bytes": expected})
+        raise InvalidInput(
+            f"{what}: {len(raw)} bytes decoded, shape {shape} needs {expected} "
+            "(little-endian float32)",
+            {**details, "bytes": len(raw), "expected_bytes": expected},
+        )
     return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)

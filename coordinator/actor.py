@@ -74,20 +74,29 @@ class CoordinatorActor:
         async with self._start_lock:
             if self._coordinator is not None:
                 return self._coordinator
-            store = await EtcdStore.connect(self._settings.etcd_endpoints,
-                                            self._settings.cluster_name,
-                                            self._settings.etcd_timeout_s)
+            store = await EtcdStore.connect(
+                self._settings.etcd_endpoints,
+                self._settings.cluster_name,
+                self._settings.etcd_timeout_s,
+            )
             namespace = ray_namespace(self._settings.cluster_name)
-            placement = RayPlacement(namespace, self._settings.data_dir, self._settings.shard,
-                                     dict(self._settings.shard_resources),
-                                     self._settings.vectorizer_replicas)
+            placement = RayPlacement(
+                namespace,
+                self._settings.data_dir,
+                self._settings.shard,
+                dict(self._settings.shard_resources),
+                self._settings.vectorizer_replicas,
+            )
             coordinator = Coordinator(store, placement, self._settings)
             await coordinator.start()
             coordinator.start_background()  # catch-up of stale replicas, placement rewrites
             # Every Ray node's membership (node agents), before the first caller sees us.
-            membership = MembershipMonitor(store, RayNodeAgents(namespace, self._settings),
-                                           coordinator.router,
-                                           self._settings.membership_interval_s)
+            membership = MembershipMonitor(
+                store,
+                RayNodeAgents(namespace, self._settings),
+                coordinator.router,
+                self._settings.membership_interval_s,
+            )
             await membership.tick()
             membership.start()
             self._store, self._membership = store, membership
@@ -96,8 +105,12 @@ class CoordinatorActor:
 
     @staticmethod
     def _whereabouts() -> dict[str, Any]:
-        return {"node_id": ray_node_id(),
-                "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        return {
+            "node_id": ray_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+        }
 
     async def start(self) -> bool:
         await self._core()
@@ -121,8 +134,9 @@ class CoordinatorActor:
         started = asyncio.Event()
         task = asyncio.get_running_loop().create_task(server.run(self, started))
         waiter = asyncio.ensure_future(started.wait())
-        await asyncio.wait({task, waiter}, timeout=HOST_START_TIMEOUT_S,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {task, waiter}, timeout=HOST_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if not started.is_set():
             waiter.cancel()
             if task.done():
@@ -130,8 +144,9 @@ class CoordinatorActor:
                 raise InternalError("the hosted server ended before it started")
             server.stop()
             task.cancel()
-            raise DeadlineExceeded(f"the hosted server did not start in "
-                                   f"{HOST_START_TIMEOUT_S:.0f} s")
+            raise DeadlineExceeded(
+                f"the hosted server did not start in {HOST_START_TIMEOUT_S:.0f} s"
+            )
         self._hosted = (owner, server, task)
         return {**self._whereabouts(), "owner": owner}
 
@@ -169,8 +184,15 @@ class CoordinatorActor:
     async def describe_collection(self, name: str) -> dict[str, Any]:
         return await (await self._core()).describe_collection(name)
 
-    async def quality(self, name: str, vector: str | None, k: int | None, queries: int,
-                      seed: int | None, detail: bool = False) -> dict[str, Any]:
+    async def quality(
+        self,
+        name: str,
+        vector: str | None,
+        k: int | None,
+        queries: int,
+        seed: int | None,
+        detail: bool = False,
+    ) -> dict[str, Any]:
         return await (await self._core()).quality(name, vector, k, queries, seed, detail)
 
     async def list_collections(self) -> list[CollectionSpec]:
@@ -179,9 +201,13 @@ class CoordinatorActor:
     async def delete_collection(self, name: str) -> None:
         await (await self._core()).delete_collection(name)
 
-    async def upsert(self, collection: str, objects: Sequence[ObjectInput] | ColumnarInput,
-                     api_keys: Mapping[str, str] | None = None,
-                     consistency_level: str | None = None) -> list[WriteResult]:
+    async def upsert(
+        self,
+        collection: str,
+        objects: Sequence[ObjectInput] | ColumnarInput,
+        api_keys: Mapping[str, str] | None = None,
+        consistency_level: str | None = None,
+    ) -> list[WriteResult]:
         core = await self._core()
         try:
             results = await core.upsert(collection, objects, api_keys, consistency_level)
@@ -191,26 +217,32 @@ class CoordinatorActor:
         self._metrics.record_writes(collection, results, None, len(objects))
         return results
 
-    async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
-                           dry_run: bool, consistency_level: str | None = None
-                           ) -> dict[str, Any]:
-        return await (await self._core()).delete_where(collection, raw_filter, dry_run,
-                                                       consistency_level)
+    async def delete_where(
+        self,
+        collection: str,
+        raw_filter: Mapping[str, Any],
+        dry_run: bool,
+        consistency_level: str | None = None,
+    ) -> dict[str, Any]:
+        return await (await self._core()).delete_where(
+            collection, raw_filter, dry_run, consistency_level
+        )
 
-    async def get_object(self, collection: str, uuid: str, include_vector: bool
-                         ) -> StoredObject:
+    async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
         return await (await self._core()).get_object(collection, uuid, include_vector)
 
-    async def delete_object(self, collection: str, uuid: str,
-                            consistency_level: str | None = None) -> bool:
+    async def delete_object(
+        self, collection: str, uuid: str, consistency_level: str | None = None
+    ) -> bool:
         return await (await self._core()).delete_object(collection, uuid, consistency_level)
 
     async def repair_once(self) -> dict[str, Any]:
         """One catch-up round now (the background loop runs it every second)."""
         return await (await self._core()).repair_once()
 
-    async def list_objects(self, collection: str, after: str | None, limit: int,
-                           include_vector: bool) -> list[StoredObject]:
+    async def list_objects(
+        self, collection: str, after: str | None, limit: int, include_vector: bool
+    ) -> list[StoredObject]:
         return await (await self._core()).list_objects(collection, after, limit, include_vector)
 
     async def query(self, req: QueryRequest) -> QueryResult:
@@ -219,11 +251,15 @@ class CoordinatorActor:
         try:
             result = await core.query(req)
         except Exception as exc:
-            self._metrics.record_query(req.collection, _kind(req), time.perf_counter() - start,
-                                       exc)
+            self._metrics.record_query(req.collection, _kind(req), time.perf_counter() - start, exc)
             raise
-        self._metrics.record_query(req.collection, _kind(req), time.perf_counter() - start,
-                                   None, len(result.missing_shards))
+        self._metrics.record_query(
+            req.collection,
+            _kind(req),
+            time.perf_counter() - start,
+            None,
+            len(result.missing_shards),
+        )
         return result
 
     async def cluster_info(self) -> dict[str, Any]:

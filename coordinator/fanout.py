@@ -54,8 +54,9 @@ class ShardClient(Protocol):
         self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
     ) -> list[StoredObject]: ...
     async def stats(self, timeout_s: float) -> ShardStats: ...
-    async def sample_queries(self, vector: str, n: int, seed: int,
-                             timeout_s: float) -> list[F32]: ...
+    async def sample_queries(
+        self, vector: str, n: int, seed: int, timeout_s: float
+    ) -> list[F32]: ...
     async def drop(self, timeout_s: float) -> None: ...
     async def clear_lost(self, timeout_s: float) -> str | None: ...
 
@@ -101,8 +102,14 @@ class FastPathClient:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._slots = asyncio.Semaphore(self.MAX_CALLS)
 
-    async def call(self, method: str, args: tuple[Any, ...], timeout_s: float, what: str,
-                   details: dict[str, Any]) -> Any:
+    async def call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        timeout_s: float,
+        what: str,
+        details: dict[str, Any],
+    ) -> Any:
         try:
             if self._slots.locked():  # else acquire() returns at once: no timer, no task
                 await asyncio.wait_for(self._slots.acquire(), timeout_s)
@@ -115,14 +122,19 @@ class FastPathClient:
         finally:
             self._slots.release()
 
-    async def _call(self, method: str, args: tuple[Any, ...], timeout_s: float, what: str,
-                    details: dict[str, Any]) -> Any:
+    async def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        timeout_s: float,
+        what: str,
+        details: dict[str, Any],
+    ) -> Any:
         conn = self._idle.pop() if self._idle else None
         done = False
         try:
             if conn is None:
-                conn = await asyncio.wait_for(asyncio.open_unix_connection(self.path),
-                                              timeout_s)
+                conn = await asyncio.wait_for(asyncio.open_unix_connection(self.path), timeout_s)
             reader, writer = conn
             writer.write(frame((method, args)))
             # asyncio.timeout, not wait_for: the exchange runs in this task (no task per call).
@@ -201,8 +213,9 @@ class RayShardClient:
                 if self._fast is fast:  # not one learned meanwhile
                     self._drop_fast()
                 self._fast_checked = time.monotonic()
-        elif (time.monotonic() - self._fast_checked > self.FAST_PATH_RETRY_S
-              and (self._refresh is None or self._refresh.done())):
+        elif time.monotonic() - self._fast_checked > self.FAST_PATH_RETRY_S and (
+            self._refresh is None or self._refresh.done()
+        ):
             self._fast_checked = time.monotonic()
             self._refresh = asyncio.ensure_future(self._quiet_ready())
         return await self._call(method, timeout_s, *args, retry=False)
@@ -219,8 +232,9 @@ class RayShardClient:
         for attempt in range(len(self.RETRY_BACKOFF_S) + 1):
             ref = getattr(self._handle, method).remote(*args)
             try:
-                return await call_remote(ref, max(0.001, deadline - loop.time()), self._what,
-                                         dict(self._details))
+                return await call_remote(
+                    ref, max(0.001, deadline - loop.time()), self._what, dict(self._details)
+                )
             except Unavailable:
                 if not retry or attempt == len(self.RETRY_BACKOFF_S):
                     raise
@@ -243,10 +257,10 @@ class RayShardClient:
         result: list[bool] = await self._call("delete", timeout_s, list(uuids))
         return result
 
-    async def get(self, uuid: str, include_vectors: bool, timeout_s: float
-                  ) -> StoredObject | None:
-        result: StoredObject | None = await self._call("get", timeout_s, uuid, include_vectors,
-                                                       retry=False)
+    async def get(self, uuid: str, include_vectors: bool, timeout_s: float) -> StoredObject | None:
+        result: StoredObject | None = await self._call(
+            "get", timeout_s, uuid, include_vectors, retry=False
+        )
         return result
 
     async def search(self, req: VectorSearch, timeout_s: float) -> ShardSearchResult:
@@ -259,20 +273,22 @@ class RayShardClient:
         result: ShardSearchResult = await self._read("keyword_search", timeout_s, req)
         return result
 
-    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
-                           timeout_s: float) -> list[StoredObject]:
-        result: list[StoredObject] = await self._call("list_objects", timeout_s, after, limit,
-                                                      include_vectors, retry=False)
+    async def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
+    ) -> list[StoredObject]:
+        result: list[StoredObject] = await self._call(
+            "list_objects", timeout_s, after, limit, include_vectors, retry=False
+        )
         return result
 
     async def stats(self, timeout_s: float) -> ShardStats:
         result: ShardStats = await self._call("stats", timeout_s, retry=False)
         return result
 
-    async def sample_queries(self, vector: str, n: int, seed: int,
-                             timeout_s: float) -> list[F32]:
-        result: list[F32] = await self._call("sample_queries", timeout_s, vector, n, seed,
-                                             retry=False)
+    async def sample_queries(self, vector: str, n: int, seed: int, timeout_s: float) -> list[F32]:
+        result: list[F32] = await self._call(
+            "sample_queries", timeout_s, vector, n, seed, retry=False
+        )
         return result
 
     async def drop(self, timeout_s: float) -> None:

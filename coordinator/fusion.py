@@ -47,9 +47,15 @@ class FusedHit:
     vector_rank: int | None = None
 
 
-def fuse(keyword: Ranked, vector: Ranked, *, alpha: float = DEFAULT_ALPHA,
-         fusion: FusionKind = DEFAULT_FUSION, offset: int = 0,
-         limit: int | None = None) -> list[FusedHit]:
+def fuse(
+    keyword: Ranked,
+    vector: Ranked,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    fusion: FusionKind = DEFAULT_FUSION,
+    offset: int = 0,
+    limit: int | None = None,
+) -> list[FusedHit]:
     """Fuse the two top lists; see the module docstring for the formulas."""
     _validate(alpha, fusion, offset, limit)
     kw = _dedupe(keyword, "keyword") if alpha < 1 else []
@@ -61,14 +67,16 @@ def fuse(keyword: Ranked, vector: Ranked, *, alpha: float = DEFAULT_ALPHA,
     hits = []
     for u in dict.fromkeys([u for u, _ in kw] + [u for u, _ in vec]):
         k, v = kw_at.get(u), vec_at.get(u)
-        hits.append(FusedHit(
-            uuid=u,
-            score=kw_part.get(u, 0.0) + vec_part.get(u, 0.0),
-            keyword_score=None if k is None else k[1],
-            vector_score=None if v is None else v[1],
-            keyword_rank=None if k is None else k[0],
-            vector_rank=None if v is None else v[0],
-        ))
+        hits.append(
+            FusedHit(
+                uuid=u,
+                score=kw_part.get(u, 0.0) + vec_part.get(u, 0.0),
+                keyword_score=None if k is None else k[1],
+                vector_score=None if v is None else v[1],
+                keyword_rank=None if k is None else k[0],
+                vector_rank=None if v is None else v[0],
+            )
+        )
     if 0 < alpha < 1:
         hits.sort(key=lambda h: (-h.score, h.uuid))
     # else: one list alone, already in its own order (normalising must not reshuffle ties)
@@ -77,15 +85,21 @@ def fuse(keyword: Ranked, vector: Ranked, *, alpha: float = DEFAULT_ALPHA,
 
 
 def _validate(alpha: float, fusion: str, offset: int, limit: int | None) -> None:
-    if (not isinstance(alpha, int | float) or isinstance(alpha, bool)
-            or not math.isfinite(alpha) or not 0 <= alpha <= 1):
+    if (
+        not isinstance(alpha, int | float)
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or not 0 <= alpha <= 1
+    ):
         raise InvalidInput(f"alpha must be a number in [0, 1], got {alpha!r}", {"alpha": alpha})
     if fusion not in FUSIONS:
-        raise InvalidInput(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}",
-                           {"fusion": fusion})
+        raise InvalidInput(
+            f"fusion must be one of {list(FUSIONS)}, got {fusion!r}", {"fusion": fusion}
+        )
     if offset < 0 or (limit is not None and limit < 0):
-        raise InvalidInput("offset and limit must not be negative",
-                           {"offset": offset, "limit": limit})
+        raise InvalidInput(
+            "offset and limit must not be negative", {"offset": offset, "limit": limit}
+        )
 
 
 def _dedupe(hits: Ranked, side: str) -> list[tuple[str, float]]:
@@ -97,8 +111,9 @@ def _dedupe(hits: Ranked, side: str) -> list[tuple[str, float]]:
     return list(out.items())
 
 
-def _contributions(hits: list[tuple[str, float]], weight: float,
-                   fusion: FusionKind) -> dict[str, float]:
+def _contributions(
+    hits: list[tuple[str, float]], weight: float, fusion: FusionKind
+) -> dict[str, float]:
     """Each hit's weighted share of the fused score from one list."""
     if not hits:
         return {}

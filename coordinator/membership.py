@@ -48,8 +48,14 @@ class MembershipStore(Protocol):
 
 
 class MembershipMonitor:
-    def __init__(self, store: MembershipStore, agents: NodeAgents, router: Router,
-                 interval_s: float = 2.0, probe_timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        store: MembershipStore,
+        agents: NodeAgents,
+        router: Router,
+        interval_s: float = 2.0,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
+    ) -> None:
         self._store = store
         self._agents = agents
         self._router = router
@@ -57,12 +63,14 @@ class MembershipMonitor:
         self._probe_timeout_s = probe_timeout_s
         self._task: asyncio.Task[None] | None = None
         self._tick_lock = asyncio.Lock()
+
     # ---- the loop ----------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="colshard-membership")
+                self._run(), name="colshard-membership"
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -88,15 +96,20 @@ class MembershipMonitor:
             members = await self._store.list_members()
             changed = await self._reconcile_replicas(members)
             down = [str(e.id) for e in self._router.table.entries() if e.outage is not None]
-            return {"agents_started": started, "members": sorted(members),
-                    "changed": changed, "unavailable": down}
+            return {
+                "agents_started": started,
+                "members": sorted(members),
+                "changed": changed,
+                "unavailable": down,
+            }
 
     async def _reconcile_agents(self) -> list[str]:
         nodes = await self._agents.alive_nodes()
         members = await self._store.list_members()
         missing = [n for n in sorted(nodes) if n not in members]
-        outcomes = await asyncio.gather(*(self._agents.ensure(n, nodes[n]) for n in missing),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._agents.ensure(n, nodes[n]) for n in missing), return_exceptions=True
+        )
         started = []
         for node_id, outcome in zip(missing, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -109,8 +122,11 @@ class MembershipMonitor:
         return started
 
     async def _reconcile_replicas(self, members: Mapping[str, Any]) -> list[str]:
-        checks = [self._check(e, members) for e in self._router.table.entries()
-                  if e.node_id not in members or e.outage is not None]
+        checks = [
+            self._check(e, members)
+            for e in self._router.table.entries()
+            if e.node_id not in members or e.outage is not None
+        ]
         return [name for name in await asyncio.gather(*checks) if name is not None]
 
     async def _check(self, entry: ReplicaEntry, members: Mapping[str, Any]) -> str | None:
@@ -124,8 +140,7 @@ class MembershipMonitor:
             if not outage_ended(self._router, entry.id, where):
                 return None
             if entry.outage is not None:
-                log.warning("%s is available again on node %s", entry.id,
-                            str(where["node_id"])[:8])
+                log.warning("%s is available again on node %s", entry.id, str(where["node_id"])[:8])
             return str(entry.id)
         if not outage_started(self._router, entry.id):
             return None

@@ -39,14 +39,19 @@ class CoordinatorMetrics:
             self._query = metrics.Histogram(
                 "colshard_coordinator_query_seconds",
                 "Query latency at the coordinator (vectorize, fan-out, merge)",
-                boundaries=QUERY_BOUNDARIES_S, tag_keys=("collection", "kind", "outcome"))
+                boundaries=QUERY_BOUNDARIES_S,
+                tag_keys=("collection", "kind", "outcome"),
+            )
             self._partial = metrics.Counter(
                 "colshard_coordinator_partial_queries",
                 "Queries answered without some shards (allow_partial)",
-                tag_keys=("collection",))
+                tag_keys=("collection",),
+            )
             self._written = metrics.Counter(
-                "colshard_coordinator_objects_written", "Objects in write batches by outcome",
-                tag_keys=("collection", "outcome"))
+                "colshard_coordinator_objects_written",
+                "Objects in write batches by outcome",
+                tag_keys=("collection", "outcome"),
+            )
         except Exception:  # not inside a Ray worker: metrics off
             self._query = None
 
@@ -54,34 +59,46 @@ class CoordinatorMetrics:
     def enabled(self) -> bool:
         return self._query is not None
 
-    def record_query(self, collection: str, kind: str, seconds: float,
-                     exc: BaseException | None, missing_shards: int = 0) -> None:
+    def record_query(
+        self,
+        collection: str,
+        kind: str,
+        seconds: float,
+        exc: BaseException | None,
+        missing_shards: int = 0,
+    ) -> None:
         if self._query is None:
             return
         try:  # metrics never fail a request
             collection = collection_label(collection)
-            self._query.observe(seconds, tags={"collection": collection, "kind": kind,
-                                               "outcome": outcome(exc)})
+            self._query.observe(
+                seconds, tags={"collection": collection, "kind": kind, "outcome": outcome(exc)}
+            )
             if missing_shards:
                 self._partial.inc(1.0, tags={"collection": collection})
         except Exception:
             log.debug("recording query metrics failed", exc_info=True)
 
-    def record_writes(self, collection: str, results: Sequence[WriteResult] | None,
-                      exc: BaseException | None, n_requested: int) -> None:
+    def record_writes(
+        self,
+        collection: str,
+        results: Sequence[WriteResult] | None,
+        exc: BaseException | None,
+        n_requested: int,
+    ) -> None:
         if self._query is None:
             return
         try:  # metrics never fail a request
             collection = collection_label(collection)
             if results is None:  # the whole batch failed
                 if n_requested > 0:
-                    self._written.inc(float(n_requested),
-                                      tags={"collection": collection, "outcome": outcome(exc)})
+                    self._written.inc(
+                        float(n_requested), tags={"collection": collection, "outcome": outcome(exc)}
+                    )
                 return
             n_ok = sum(1 for r in results if r.ok)
             for label, n in (("ok", n_ok), ("failed", len(results) - n_ok)):
                 if n > 0:  # Counter.inc rejects non-positive values
-                    self._written.inc(float(n),
-                                      tags={"collection": collection, "outcome": label})
+                    self._written.inc(float(n), tags={"collection": collection, "outcome": label})
         except Exception:
             log.debug("recording write metrics failed", exc_info=True)

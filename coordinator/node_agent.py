@@ -36,8 +36,7 @@ def agent_name(node_id: str) -> str:
     return f"{ACTOR_PREFIX}:node:{node_id[:8]}"
 
 
-def node_roles(resources: Mapping[str, float], shard_resources: Mapping[str, float]
-               ) -> list[str]:
+def node_roles(resources: Mapping[str, float], shard_resources: Mapping[str, float]) -> list[str]:
     """``head`` for the Ray head; ``shards`` for nodes that can host shard actors (they have
     every resource a shard requests; any node when shards request none)."""
     roles = ["head"] if HEAD_RESOURCE in resources else []
@@ -48,8 +47,11 @@ def node_roles(resources: Mapping[str, float], shard_resources: Mapping[str, flo
 
 def member_info(node_id: str, node: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
     """What the agent registers under ``members/<node_id>`` (JSON)."""
-    resources = {str(k): float(v) for k, v in dict(node.get("resources") or {}).items()
-                 if not str(k).startswith("node:")}
+    resources = {
+        str(k): float(v)
+        for k, v in dict(node.get("resources") or {}).items()
+        if not str(k).startswith("node:")
+    }
     return {
         "node_id": node_id,
         "host": socket.gethostname(),
@@ -81,12 +83,15 @@ class NodeAgentActor:
             if self._lease is not None and self._lease.active:
                 return self._info
             if self._store is None:
-                self._store = await EtcdStore.connect(self._settings.etcd_endpoints,
-                                                      self._settings.cluster_name,
-                                                      self._settings.etcd_timeout_s)
+                self._store = await EtcdStore.connect(
+                    self._settings.etcd_endpoints,
+                    self._settings.cluster_name,
+                    self._settings.etcd_timeout_s,
+                )
             self._info = member_info(self._node_id, self._node, self._settings)
             self._lease = await self._store.register_member(
-                self._node_id, self._info, ttl_s=self._settings.member_ttl_s)
+                self._node_id, self._info, ttl_s=self._settings.member_ttl_s
+            )
             return self._info
 
     async def info(self) -> dict[str, Any]:
@@ -111,10 +116,15 @@ class RayNodeAgents:
     async def alive_nodes(self) -> dict[str, dict[str, Any]]:
         """node id -> {"address", "hostname", "resources"} of every alive Ray node."""
         nodes = await asyncio.to_thread(ray.nodes)
-        return {n["NodeID"]: {"address": n.get("NodeManagerAddress", ""),
-                              "hostname": n.get("NodeManagerHostname", ""),
-                              "resources": dict(n.get("Resources") or {})}
-                for n in nodes if n.get("Alive")}
+        return {
+            n["NodeID"]: {
+                "address": n.get("NodeManagerAddress", ""),
+                "hostname": n.get("NodeManagerHostname", ""),
+                "resources": dict(n.get("Resources") or {}),
+            }
+            for n in nodes
+            if n.get("Alive")
+        }
 
     def _handle(self, node_id: str, node: Mapping[str, Any]) -> Any:
         return self._remote_cls.options(

@@ -39,9 +39,14 @@ def shard_data_dir(data_dir: Path, spec: CollectionSpec, shard: int, replica: in
 class RayPlacement:
     """Creates shard actors in ``namespace``; ``resources`` can pin them to labelled nodes."""
 
-    def __init__(self, namespace: str, data_dir: Path, shard_settings: ShardSettings,
-                 resources: dict[str, float] | None = None, vectorizer_replicas: int = 1
-                 ) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        data_dir: Path,
+        shard_settings: ShardSettings,
+        resources: dict[str, float] | None = None,
+        vectorizer_replicas: int = 1,
+    ) -> None:
         self._namespace = namespace
         self._vectorizer_replicas = max(1, vectorizer_replicas)
         self._data_dir = data_dir
@@ -86,9 +91,13 @@ class RayPlacement:
         name = f"{ACTOR_PREFIX}:vectorizer:{digest}"
         handles = [
             self._vectorizer_cls.options(
-                name=name if i == 0 else f"{name}:{i}", namespace=self._namespace,
-                get_if_exists=True, lifetime="detached", num_cpus=0,
-                max_restarts=SHARD_MAX_RESTARTS, max_concurrency=2,
+                name=name if i == 0 else f"{name}:{i}",
+                namespace=self._namespace,
+                get_if_exists=True,
+                lifetime="detached",
+                num_cpus=0,
+                max_restarts=SHARD_MAX_RESTARTS,
+                max_concurrency=2,
                 scheduling_strategy="SPREAD",
             ).remote(spec.kind, dict(spec.options))
             for i in range(self._vectorizer_replicas)

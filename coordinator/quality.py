@@ -37,13 +37,16 @@ MAX_K = 1_000
 IN_FLIGHT = 4
 
 
-def check_request(spec: CollectionSpec, vector: str | None, k: int | None, queries: int
-                  ) -> tuple[str, int]:
+def check_request(
+    spec: CollectionSpec, vector: str | None, k: int | None, queries: int
+) -> tuple[str, int]:
     """``(vector, k)`` of a recall report request, or InvalidInput / NotFound."""
     if vector is None:
         if len(spec.vectors) != 1:
-            raise InvalidInput("the collection has several named vectors: say which one "
-                               "(vector=...)", {"vectors": [v.name for v in spec.vectors]})
+            raise InvalidInput(
+                "the collection has several named vectors: say which one (vector=...)",
+                {"vectors": [v.name for v in spec.vectors]},
+            )
         vector = spec.vectors[0].name
     vspec = spec.vector(vector)
     if k is None:
@@ -64,30 +67,39 @@ def _shares(objects: Mapping[int, int], n: int) -> dict[int, int]:
     return {s: max(1, math.ceil(n * c / total)) for s, c in objects.items() if c > 0}
 
 
-def _sampler(vector: str, n: int, seed: int
-             ) -> Callable[[ShardClient, float], Awaitable[list[F32]]]:
+def _sampler(
+    vector: str, n: int, seed: int
+) -> Callable[[ShardClient, float], Awaitable[list[F32]]]:
     return lambda c, t: c.sample_queries(vector, n, seed, t)
 
 
-def _searcher(req: VectorSearch) -> Callable[[ShardClient, float],
-                                             Awaitable[ShardSearchResult]]:
+def _searcher(req: VectorSearch) -> Callable[[ShardClient, float], Awaitable[ShardSearchResult]]:
     return lambda c, t: c.search(req, t)
 
 
-async def measure(spec: CollectionSpec, vector: str, k: int, n_queries: int, seed: int,
-                  shards: Sequence[ReplicaSet], timeout_s: float, detail: bool = False
-                  ) -> dict[str, Any]:
+async def measure(
+    spec: CollectionSpec,
+    vector: str,
+    k: int,
+    n_queries: int,
+    seed: int,
+    shards: Sequence[ReplicaSet],
+    timeout_s: float,
+    detail: bool = False,
+) -> dict[str, Any]:
     """The report (module docstring); ``detail``: also every query, its served and exact top
     k (uuids) and its recall, for checking the report against another oracle."""
     vspec = spec.vector(vector)
     target, target_k = target_of(vspec.index.options)
     stats, stat_failures = await gather_shards(
         {s: rs.read(lambda c, t: c.stats(t), timeout_s) for s, rs in enumerate(shards)},
-        allow_partial=True)
+        allow_partial=True,
+    )
     shares = _shares({s: st.n_objects for s, st in stats.items()}, n_queries)
     samples, sample_failures = await gather_shards(
-        {s: shards[s].read(_sampler(vector, n, seed + s), timeout_s)
-         for s, n in shares.items()}, allow_partial=True)
+        {s: shards[s].read(_sampler(vector, n, seed + s), timeout_s) for s, n in shares.items()},
+        allow_partial=True,
+    )
     queries: list[F32] = [q for s in sorted(samples) for q in samples[s]][:n_queries]
     per_shard: dict[int, list[float]] = {s: [] for s in stats}
     overall: list[float] = []
@@ -98,8 +110,14 @@ async def measure(spec: CollectionSpec, vector: str, k: int, n_queries: int, see
         calls = {}
         for s in stats:
             for exact in (False, True):
-                req = VectorSearch(target_vector=vector, query=query, k=k,
-                                   return_properties=(), exact=exact, probe=True)
+                req = VectorSearch(
+                    target_vector=vector,
+                    query=query,
+                    k=k,
+                    return_properties=(),
+                    exact=exact,
+                    probe=True,
+                )
                 calls[(s, exact)] = shards[s].read(_searcher(req), timeout_s)
         keys = list(calls)
         outcomes = await asyncio.gather(*calls.values(), return_exceptions=True)
@@ -113,24 +131,34 @@ async def measure(spec: CollectionSpec, vector: str, k: int, n_queries: int, see
             got[key] = list(out.hits)
         answered = [s for s in stats if (s, False) in got and (s, True) in got]
         for s in answered:
-            per_shard[s].append(recall_at([h.score for h in got[(s, False)]],
-                                          [h.score for h in got[(s, True)]], k))
+            per_shard[s].append(
+                recall_at([h.score for h in got[(s, False)]], [h.score for h in got[(s, True)]], k)
+            )
         if len(answered) == len(stats):
             served = merge_top_k((got[(s, False)] for s in answered), 0, k)
             exact_hits = merge_top_k((got[(s, True)] for s in answered), 0, k)
-            overall.append(recall_at([h.score for h in served],
-                                     [h.score for h in exact_hits], k))
+            overall.append(recall_at([h.score for h in served], [h.score for h in exact_hits], k))
             if detail:
-                details.append({"query": query.tolist(), "recall": overall[-1],
-                                "served": [h.uuid for h in served],
-                                "exact": [h.uuid for h in exact_hits]})
+                details.append(
+                    {
+                        "query": query.tolist(),
+                        "recall": overall[-1],
+                        "served": [h.uuid for h in served],
+                        "exact": [h.uuid for h in exact_hits],
+                    }
+                )
 
     for i in range(0, len(queries), IN_FLIGHT):
         await asyncio.gather(*(one(q) for q in queries[i : i + IN_FLIGHT]))
     mean, low, high = interval(overall)
     report: dict[str, Any] = {
-        "collection": spec.name, "vector": vector, "k": k, "queries": len(overall),
-        "seed": seed, "target": target, "target_k": target_k,
+        "collection": spec.name,
+        "vector": vector,
+        "k": k,
+        "queries": len(overall),
+        "seed": seed,
+        "target": target,
+        "target_k": target_k,
         "recall": round(mean, 4) if overall else None,
         "ci_low": round(low, 4) if overall else None,
         "ci_high": round(high, 4) if overall else None,
@@ -142,13 +170,17 @@ async def measure(spec: CollectionSpec, vector: str, k: int, n_queries: int, see
         r = per_shard.get(s, [])
         m, lo, hi = interval(r)
         st = stats.get(s)
-        report["shards"].append({
-            "shard": s, "objects": st.n_objects if st is not None else None,
-            "queries": len(r), "recall": round(m, 4) if r else None,
-            "ci_low": round(lo, 4) if r else None, "ci_high": round(hi, 4) if r else None,
-            "calibration": (dict(st.calibration.get(vector, {})) if st is not None else None),
-        })
+        report["shards"].append(
+            {
+                "shard": s,
+                "objects": st.n_objects if st is not None else None,
+                "queries": len(r),
+                "recall": round(m, 4) if r else None,
+                "ci_low": round(lo, 4) if r else None,
+                "ci_high": round(hi, 4) if r else None,
+                "calibration": (dict(st.calibration.get(vector, {})) if st is not None else None),
+            }
+        )
     if detail:
         report["detail"] = details
     return report
-

@@ -33,8 +33,9 @@ from coordinator.vectorize import Vectorizers
 HYBRID_MIN_CANDIDATES = 100
 MAX_QUERY_TIMEOUT_S = 300.0
 # The running query's deadline (loop time); shard calls get what is left of it.
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("colshard_deadline",
-                                                                         default=None)
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "colshard_deadline", default=None
+)
 Shards = Sequence[ReplicaSet]  # one collection's shards, from one snapshot
 
 
@@ -47,8 +48,7 @@ def spec_in(table: RoutingTable, name: str) -> CollectionSpec:
     return spec
 
 
-def parse_filter(spec: CollectionSpec, raw: Mapping[str, Any] | None, settings: Settings
-                 ) -> Any:
+def parse_filter(spec: CollectionSpec, raw: Mapping[str, Any] | None, settings: Settings) -> Any:
     """A request's ``filters`` parsed against the schema (None: no filter)."""
     if raw is None:
         return None
@@ -57,14 +57,14 @@ def parse_filter(spec: CollectionSpec, raw: Mapping[str, Any] | None, settings: 
     return parse(raw, spec, settings.max_filter_depth)
 
 
-def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None
-                ) -> dict[str, Any] | None:
+def user_shaped(spec: CollectionSpec, vectors: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Vectors in the shape users stored them: ``single`` vectors flat, multi as (n, dim)."""
     if vectors is None:
         return None
     kinds = {v.name: v.multi for v in spec.vectors}
-    return {name: (m if kinds.get(name, True) or len(m) != 1 else m[0])
-            for name, m in vectors.items()}
+    return {
+        name: (m if kinds.get(name, True) or len(m) != 1 else m[0]) for name, m in vectors.items()
+    }
 
 
 class Reads:
@@ -87,31 +87,38 @@ class Reads:
             return self._settings.query_timeout_s
         cap = max(self._settings.query_timeout_s, MAX_QUERY_TIMEOUT_S)
         if not 0 < requested <= cap:
-            raise InvalidInput(f"timeout must be in (0, {cap:g}] seconds",
-                               {"timeout": requested})
+            raise InvalidInput(f"timeout must be in (0, {cap:g}] seconds", {"timeout": requested})
         return float(requested)
 
     async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
         spec, sets = self._read(collection)
         oid = normalize_uuid(uuid)
         rs = sets[spec.shard_for(oid)]
-        obj = await rs.read(lambda c, t: c.get(oid, include_vector, t),
-                            self._settings.query_timeout_s)
+        obj = await rs.read(
+            lambda c, t: c.get(oid, include_vector, t), self._settings.query_timeout_s
+        )
         if obj is None:
-            raise NotFound(f"object {oid} not found in {collection!r}",
-                           {"collection": collection, "id": oid})
+            raise NotFound(
+                f"object {oid} not found in {collection!r}", {"collection": collection, "id": oid}
+            )
         return replace(obj, vectors=user_shaped(spec, obj.vectors))
 
-    async def list_objects(self, collection: str, after: str | None, limit: int,
-                           include_vector: bool) -> list[StoredObject]:
+    async def list_objects(
+        self, collection: str, after: str | None, limit: int, include_vector: bool
+    ) -> list[StoredObject]:
         spec, sets = self._read(collection)
         cursor = normalize_uuid(after) if after else None
         self._check_limit(limit, 0)
         pages, _ = await gather_shards(
-            {s: sets[s].read(
-                lambda c, t: c.list_objects(cursor, limit, include_vector, t),
-                self._settings.query_timeout_s)
-             for s in range(spec.shard_count)}, allow_partial=False)
+            {
+                s: sets[s].read(
+                    lambda c, t: c.list_objects(cursor, limit, include_vector, t),
+                    self._settings.query_timeout_s,
+                )
+                for s in range(spec.shard_count)
+            },
+            allow_partial=False,
+        )
         merged = sorted((o for page in pages.values() for o in page), key=lambda o: o.uuid)
         return [replace(o, vectors=user_shaped(spec, o.vectors)) for o in merged[:limit]]
 
@@ -134,8 +141,10 @@ class Reads:
             return self._query_timeout(req.timeout_s)
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
-            raise DeadlineExceeded("the query's deadline passed before the shards were asked",
-                                   {"collection": req.collection})
+            raise DeadlineExceeded(
+                "the query's deadline passed before the shards were asked",
+                {"collection": req.collection},
+            )
         return remaining
 
     async def _query(self, req: QueryRequest, start: float) -> QueryResult:
@@ -158,8 +167,9 @@ class Reads:
             objects = [self._result(spec, req, h) for h in hits[req.offset :]]
         elif kind == "bm25":
             assert req.bm25 is not None
-            hits, missing = await self._keyword_hits(spec, sets, req, req.bm25.query,
-                                                     req.bm25.properties, filt, page)
+            hits, missing = await self._keyword_hits(
+                spec, sets, req, req.bm25.query, req.bm25.properties, filt, page
+            )
             objects = [self._result(spec, req, h) for h in hits[req.offset :]]
         else:
             objects, missing = await self._hybrid(spec, sets, req, filt)
@@ -169,35 +179,54 @@ class Reads:
         vec = spec.vector(req.target_vector)
         if vec.vectorizer.kind == "none":
             raise InvalidInput(
-                f"vector {vec.name!r} has no vectorizer: use near_vector (or hybrid with "
-                "a vector)", {"vector": vec.name})
+                f"vector {vec.name!r} has no vectorizer: use near_vector (or hybrid with a vector)",
+                {"vector": vec.name},
+            )
         matrix = await self._vectorizers.query(vec, text, req.api_keys)
         return prepare_query_vector(spec, vec.name, matrix)
 
-    async def _keyword_hits(self, spec: CollectionSpec, sets: Shards, req: QueryRequest,
-                            text: str,
-                            properties: tuple[str, ...] | None, filt: Any, k: int
-                            ) -> tuple[list[Hit], list[int]]:
-        searchable = {p.name for p in spec.properties
-                      if p.searchable and p.data_type in ("text", "text[]")}
+    async def _keyword_hits(
+        self,
+        spec: CollectionSpec,
+        sets: Shards,
+        req: QueryRequest,
+        text: str,
+        properties: tuple[str, ...] | None,
+        filt: Any,
+        k: int,
+    ) -> tuple[list[Hit], list[int]]:
+        searchable = {
+            p.name for p in spec.properties if p.searchable and p.data_type in ("text", "text[]")
+        }
         for name in properties or ():
             spec.property(name)  # NotFound for unknown names
             if name not in searchable:
-                raise InvalidInput(f"property {name!r} is not a searchable text property",
-                                   {"property": name})
+                raise InvalidInput(
+                    f"property {name!r} is not a searchable text property", {"property": name}
+                )
         if not searchable:
             raise InvalidInput(f"collection {spec.name!r} has no searchable text properties")
-        search = KeywordSearch(query=text, k=k, properties=properties, filter=filt,
-                               return_properties=req.return_properties,
-                               include_vectors=req.include_vector)
+        search = KeywordSearch(
+            query=text,
+            k=k,
+            properties=properties,
+            filter=filt,
+            return_properties=req.return_properties,
+            include_vectors=req.include_vector,
+        )
         timeout_s = self._remaining(req)
         results, failed = await gather_shards(
-            {s: sets[s].read(lambda c, t: c.keyword_search(search, t), timeout_s)
-             for s in range(spec.shard_count)}, allow_partial=req.partial)
+            {
+                s: sets[s].read(lambda c, t: c.keyword_search(search, t), timeout_s)
+                for s in range(spec.shard_count)
+            },
+            allow_partial=req.partial,
+        )
         return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
 
-    async def _hybrid(self, spec: CollectionSpec, sets: Shards, req: QueryRequest, filt: Any
-                      ) -> tuple[list[ResultObject], list[int]]:
+    async def _hybrid(
+        self, spec: CollectionSpec, sets: Shards, req: QueryRequest, filt: Any
+    ) -> tuple[list[ResultObject], list[int]]:
         hybrid = req.hybrid
         assert hybrid is not None
         # Each side contributes a deeper list than the page, so fusion can reorder across it.
@@ -213,21 +242,32 @@ class Reads:
             vector_hits, failed = await self._vector_hits(spec, sets, req, query, filt, k)
             missing.update(failed)
         if hybrid.alpha < 1:
-            keyword_hits, failed = await self._keyword_hits(spec, sets, req, hybrid.query,
-                                                            hybrid.properties, filt, k)
+            keyword_hits, failed = await self._keyword_hits(
+                spec, sets, req, hybrid.query, hybrid.properties, filt, k
+            )
             missing.update(failed)
-        fused = fuse([(h.uuid, h.score) for h in keyword_hits],
-                     [(h.uuid, h.score) for h in vector_hits], alpha=hybrid.alpha,
-                     fusion=hybrid.fusion, offset=req.offset, limit=req.limit)
+        fused = fuse(
+            [(h.uuid, h.score) for h in keyword_hits],
+            [(h.uuid, h.score) for h in vector_hits],
+            alpha=hybrid.alpha,
+            fusion=hybrid.fusion,
+            offset=req.offset,
+            limit=req.limit,
+        )
         by_id = {h.uuid: h for h in keyword_hits}
         by_id.update({h.uuid: h for h in vector_hits})
         objects = []
         for f in fused:
             explain = None
             if "explain" in req.return_metadata:
-                explain = {"keyword_score": f.keyword_score, "keyword_rank": f.keyword_rank,
-                           "vector_score": f.vector_score, "vector_rank": f.vector_rank,
-                           "fusion": hybrid.fusion, "alpha": hybrid.alpha}
+                explain = {
+                    "keyword_score": f.keyword_score,
+                    "keyword_rank": f.keyword_rank,
+                    "vector_score": f.vector_score,
+                    "vector_rank": f.vector_rank,
+                    "fusion": hybrid.fusion,
+                    "alpha": hybrid.alpha,
+                }
             hit = replace(by_id[f.uuid], score=f.score, explain=explain)
             objects.append(self._result(spec, req, hit))
         return objects, sorted(missing)
@@ -235,23 +275,38 @@ class Reads:
     def _parse_filter(self, spec: CollectionSpec, raw: Mapping[str, Any] | None) -> Any:
         return parse_filter(spec, raw, self._settings)
 
-    async def _vector_hits(self, spec: CollectionSpec, sets: Shards, req: QueryRequest,
-                           query: Any,
-                           filt: Any, k: int) -> tuple[list[Hit], list[int]]:
+    async def _vector_hits(
+        self, spec: CollectionSpec, sets: Shards, req: QueryRequest, query: Any, filt: Any, k: int
+    ) -> tuple[list[Hit], list[int]]:
         """The global top ``k`` (offset not applied) and the shards that failed."""
         vec = spec.vector(req.target_vector)
         search = VectorSearch(
-            target_vector=vec.name, query=query, k=k, filter=filt,
-            return_properties=req.return_properties, include_vectors=req.include_vector,
-            explain="explain" in req.return_metadata, exact=req.exact)
+            target_vector=vec.name,
+            query=query,
+            k=k,
+            filter=filt,
+            return_properties=req.return_properties,
+            include_vectors=req.include_vector,
+            explain="explain" in req.return_metadata,
+            exact=req.exact,
+        )
         timeout_s = self._remaining(req)
         results, failed = await gather_shards(
-            {s: sets[s].read(lambda c, t: c.search(search, t), timeout_s)
-             for s in range(spec.shard_count)}, allow_partial=req.partial)
+            {
+                s: sets[s].read(lambda c, t: c.search(search, t), timeout_s)
+                for s in range(spec.shard_count)
+            },
+            allow_partial=req.partial,
+        )
         return merge_top_k((r.hits for r in results.values()), 0, k), list(failed)
 
-    def _result(self, spec: CollectionSpec, req: QueryRequest, hit: Hit,
-                extra: Mapping[str, Any] | None = None) -> ResultObject:
+    def _result(
+        self,
+        spec: CollectionSpec,
+        req: QueryRequest,
+        hit: Hit,
+        extra: Mapping[str, Any] | None = None,
+    ) -> ResultObject:
         metadata: dict[str, Any] = {}
         if "score" in req.return_metadata:
             metadata["score"] = hit.score

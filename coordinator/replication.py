@@ -113,8 +113,10 @@ def parse_consistency(value: str | None) -> ConsistencyLevel:
         return DEFAULT_CONSISTENCY
     level = str(value).lower()
     if level not in CONSISTENCY_LEVELS:
-        raise InvalidInput(f"consistency_level must be one of {list(CONSISTENCY_LEVELS)}",
-                           {"consistency_level": value})
+        raise InvalidInput(
+            f"consistency_level must be one of {list(CONSISTENCY_LEVELS)}",
+            {"consistency_level": value},
+        )
     return level  # type: ignore[return-value]
 
 
@@ -211,8 +213,7 @@ class ReplicaSet:
     def of(cls, collection: str, shard: int, clients: Sequence[ShardClient]) -> ReplicaSet:
         """Ready replicas over ``clients``, in a memory-only routing table of their own."""
         router = Router()
-        entries = [ReplicaEntry(ReplicaId(collection, shard, i), c)
-                   for i, c in enumerate(clients)]
+        entries = [ReplicaEntry(ReplicaId(collection, shard, i), c) for i, c in enumerate(clients)]
         router.put_entries(entries)
         return cls.over(router, entries)
 
@@ -254,12 +255,12 @@ class ReplicaSet:
         start = next(self._rr) % len(ready)
         rotated = ready[start:] + ready[:start]
         healthy = [r for r in rotated if now - r.last_failure > SUSPECT_S]
-        suspect = sorted((r for r in rotated if now - r.last_failure <= SUSPECT_S),
-                         key=lambda r: r.last_failure)
+        suspect = sorted(
+            (r for r in rotated if now - r.last_failure <= SUSPECT_S), key=lambda r: r.last_failure
+        )
         return healthy + suspect
 
-    async def read(self, call: Callable[[ShardClient, float], Awaitable[T]],
-                   timeout_s: float) -> T:
+    async def read(self, call: Callable[[ShardClient, float], Awaitable[T]], timeout_s: float) -> T:
         """``call(client, timeout_s)`` on one live replica, failing over (see module doc)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -268,9 +269,10 @@ class ReplicaSet:
         for attempt in itertools.count():
             order = self.read_order()
             if not order:
-                raise Unavailable(f"shard {self.name} has no ready replica (all stale)",
-                                  self._details(replicas={r.index: r.state
-                                                          for r in self.replicas}))
+                raise Unavailable(
+                    f"shard {self.name} has no ready replica (all stale)",
+                    self._details(replicas={r.index: r.state for r in self.replicas}),
+                )
             for pos, replica in enumerate(order):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -283,16 +285,21 @@ class ReplicaSet:
                     # Restarted without its data: the others serve; a catch-up refills it.
                     errors[replica.index] = exc
                     if any(r is not replica for r in self.ready()):
-                        log.warning("%s; marking replica %s:%d stale", exc.message, self.name,
-                                    replica.index)
+                        log.warning(
+                            "%s; marking replica %s:%d stale", exc.message, self.name, replica.index
+                        )
                         self.set_state(replica, STALE)
                 except (Unavailable, DeadlineExceeded) as exc:
                     replica.last_failure = time.monotonic()
                     replica.failures += 1
                     errors[replica.index] = exc
                     timed_out = timed_out or isinstance(exc, DeadlineExceeded)
-                    log.info("read from %s:%d failed (%s); failing over", self.name,
-                             replica.index, exc.message)
+                    log.info(
+                        "read from %s:%d failed (%s); failing over",
+                        self.name,
+                        replica.index,
+                        exc.message,
+                    )
             if timed_out:
                 break
             lost = [e for e in errors.values() if isinstance(e, DataLost)]
@@ -303,16 +310,20 @@ class ReplicaSet:
                 break
             await asyncio.sleep(pause)
         details = self._details(replicas={i: e.message for i, e in sorted(errors.items())})
-        if timed_out or (errors and all(isinstance(e, DeadlineExceeded)
-                                        for e in errors.values())):
-            raise DeadlineExceeded(f"shard {self.name} did not answer in time "
-                                   f"({timeout_s:g} s)", details)
+        if timed_out or (errors and all(isinstance(e, DeadlineExceeded) for e in errors.values())):
+            raise DeadlineExceeded(
+                f"shard {self.name} did not answer in time ({timeout_s:g} s)", details
+            )
         raise Unavailable(f"shard {self.name} is unavailable: no replica answered", details)
 
     # ---- writes ----------------------------------------------------------------------------
 
-    async def write(self, call: Callable[[ShardClient, float], Awaitable[T]],
-                    level: ConsistencyLevel, timeout_s: float) -> WriteOutcome:
+    async def write(
+        self,
+        call: Callable[[ShardClient, float], Awaitable[T]],
+        level: ConsistencyLevel,
+        timeout_s: float,
+    ) -> WriteOutcome:
         """``call(client, timeout_s)`` on every ready replica; see the module docstring.
         Raises Unavailable naming the shard when fewer than the required replicas applied
         it."""
@@ -325,18 +336,23 @@ class ReplicaSet:
                 raise Unavailable(
                     f"shard {self.name}: write needs {required} replica(s) "
                     f"(consistency {level}) but only {len(targets)} of {self.rf} are ready",
-                    self._details(required=required, ready=len(targets),
-                                  replication_factor=self.rf, consistency_level=level))
+                    self._details(
+                        required=required,
+                        ready=len(targets),
+                        replication_factor=self.rf,
+                        consistency_level=level,
+                    ),
+                )
             seq = next_seq()
             tasks: dict[asyncio.Future[Any], Replica] = {
-                asyncio.ensure_future(call(r.client, timeout_s)): r for r in targets}
+                asyncio.ensure_future(call(r.client, timeout_s)): r for r in targets
+            }
             pending: set[asyncio.Future[Any]] = set(tasks)
             acked: list[Replica] = []
             first: Any = None
             try:
                 while pending and len(acked) < required:
-                    done, pending = await asyncio.wait(pending,
-                                                       return_when=asyncio.FIRST_COMPLETED)
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
                         if self._settle(task, tasks[task], seq, defer_refusal=True):
                             if not acked:
@@ -354,14 +370,20 @@ class ReplicaSet:
                 # Acknowledge now; the stragglers finish in the background, holding the lock.
                 released = True
                 self._spawn_finish(pending, tasks, seq)
-            refused = [t for t in tasks if t.done() and not t.cancelled()
-                       and isinstance(t.exception(), REFUSALS)]
+            refused = [
+                t
+                for t in tasks
+                if t.done() and not t.cancelled() and isinstance(t.exception(), REFUSALS)
+            ]
             if acked:  # applied elsewhere: the replicas that refused it missed it
                 for task in refused:
                     self._settle(task, tasks[task], seq)
             if len(acked) < required:
-                rejected = [t.exception() for t in tasks if t.done() and not t.cancelled()
-                            and isinstance(t.exception(), REJECTIONS)]
+                rejected = [
+                    t.exception()
+                    for t in tasks
+                    if t.done() and not t.cancelled() and isinstance(t.exception(), REJECTIONS)
+                ]
                 if rejected and not acked:
                     raise rejected[0]  # type: ignore[misc]
                 if refused and not acked:  # e.g. disk full: 507, nothing written anywhere
@@ -370,39 +392,47 @@ class ReplicaSet:
                 raise Unavailable(
                     f"shard {self.name}: write reached {len(acked)} of the {required} "
                     f"replica(s) required (consistency {level})",
-                    self._details(acked=len(acked), required=required,
-                                  replication_factor=self.rf, consistency_level=level,
-                                  failed_replicas=failed))
+                    self._details(
+                        acked=len(acked),
+                        required=required,
+                        replication_factor=self.rf,
+                        consistency_level=level,
+                        failed_replicas=failed,
+                    ),
+                )
             return WriteOutcome(first, tuple(r.index for r in acked), required)
         finally:
             if not released:
                 self.write_lock.release()
 
-    def _settle(self, task: asyncio.Future[Any], replica: Replica, seq: int, *,
-                defer_refusal: bool = False) -> bool:
+    def _settle(
+        self, task: asyncio.Future[Any], replica: Replica, seq: int, *, defer_refusal: bool = False
+    ) -> bool:
         """Record one replica's outcome; True if it applied the write. A replica that failed
         for any reason but a rejection of the request itself (which every replica would
         reject alike) missed the write and is marked stale."""
-        exc: BaseException | None = (asyncio.CancelledError() if task.cancelled()
-                                     else task.exception())
+        exc: BaseException | None = (
+            asyncio.CancelledError() if task.cancelled() else task.exception()
+        )
         if exc is None:
             replica.last_ok_seq = seq
             return True
         if isinstance(exc, REJECTIONS) or (defer_refusal and isinstance(exc, REFUSALS)):
             return False
-        log.warning("write to %s:%d failed: %r; marking it stale", self.name, replica.index,
-                    exc)
+        log.warning("write to %s:%d failed: %r; marking it stale", self.name, replica.index, exc)
         self.set_state(replica, STALE)
         return False
 
-    def _spawn_finish(self, pending: set[asyncio.Future[Any]],
-                      tasks: dict[asyncio.Future[Any], Replica], seq: int) -> None:
+    def _spawn_finish(
+        self, pending: set[asyncio.Future[Any]], tasks: dict[asyncio.Future[Any], Replica], seq: int
+    ) -> None:
         finisher = asyncio.ensure_future(self._finish(pending, tasks, seq))
         _BACKGROUND.add(finisher)
         finisher.add_done_callback(_BACKGROUND.discard)
 
-    async def _finish(self, pending: set[asyncio.Future[Any]],
-                      tasks: dict[asyncio.Future[Any], Replica], seq: int) -> None:
+    async def _finish(
+        self, pending: set[asyncio.Future[Any]], tasks: dict[asyncio.Future[Any], Replica], seq: int
+    ) -> None:
         try:
             done, _ = await asyncio.wait(pending)
             for task in done:
@@ -442,13 +472,23 @@ class ReplicaSet:
             # full copy refills it; it stays stale (no reads, no writes) until the copy is done.
             lost = await replica.client.clear_lost(timeout_s)
             if lost:
-                log.warning("replica %s:%d lost its data (%s); refilling it from replica %d",
-                            self.name, replica.index, lost, source.index)
+                log.warning(
+                    "replica %s:%d lost its data (%s); refilling it from replica %d",
+                    self.name,
+                    replica.index,
+                    lost,
+                    source.index,
+                )
             stats = await sync_replica(source.client, replica.client, timeout_s)
             replica.last_ok_seq = source.last_ok_seq
             self.set_state(replica, READY)
-        log.warning("replica %s:%d caught up from replica %d: %s", self.name, replica.index,
-                    source.index, stats)
+        log.warning(
+            "replica %s:%d caught up from replica %d: %s",
+            self.name,
+            replica.index,
+            source.index,
+            stats,
+        )
         return stats
 
 
@@ -467,16 +507,22 @@ def batch_of(objects: Sequence[StoredObject]) -> ObjectBatch:
     names = sorted({n for o in objects for n in (o.vectors or {})})
     columns: dict[str, VectorColumn] = {}
     for name in names:
-        mats = [None if o.vectors is None or name not in o.vectors
-                else np.ascontiguousarray(o.vectors[name], dtype=np.float32) for o in objects]
+        mats = [
+            None
+            if o.vectors is None or name not in o.vectors
+            else np.ascontiguousarray(o.vectors[name], dtype=np.float32)
+            for o in objects
+        ]
         dim = next(m.shape[1] for m in mats if m is not None)
         columns[name] = VectorColumn.from_matrices(mats, dim)
-    return ObjectBatch(tuple(o.uuid for o in objects), tuple(dict(o.properties) for o in objects),
-                       columns)
+    return ObjectBatch(
+        tuple(o.uuid for o in objects), tuple(dict(o.properties) for o in objects), columns
+    )
 
 
-async def _pages(client: ShardClient, timeout_s: float, page: int
-                 ) -> AsyncIterator[list[StoredObject]]:
+async def _pages(
+    client: ShardClient, timeout_s: float, page: int
+) -> AsyncIterator[list[StoredObject]]:
     after: str | None = None
     while True:
         objs = await client.list_objects(after, page, True, timeout_s)
@@ -487,8 +533,9 @@ async def _pages(client: ShardClient, timeout_s: float, page: int
         after = objs[-1].uuid
 
 
-async def sync_replica(source: ShardClient, target: ShardClient, timeout_s: float,
-                       page: int = SYNC_PAGE) -> dict[str, int]:
+async def sync_replica(
+    source: ShardClient, target: ShardClient, timeout_s: float, page: int = SYNC_PAGE
+) -> dict[str, int]:
     """Make ``target`` hold exactly ``source``'s objects (anti-entropy by per-object digest).
     Returns counts: compared, copied, deleted."""
     have: dict[str, bytes] = {}
@@ -503,11 +550,12 @@ async def sync_replica(source: ShardClient, target: ShardClient, timeout_s: floa
             results = await target.upsert(batch_of(todo), timeout_s)
             bad = [r for r in results if not r.ok]
             if bad:
-                raise Unavailable(f"catch-up upsert failed for {len(bad)} object(s)",
-                                  {"error": dict(bad[0].error or {})})
+                raise Unavailable(
+                    f"catch-up upsert failed for {len(bad)} object(s)",
+                    {"error": dict(bad[0].error or {})},
+                )
             copied += len(todo)
     extra = sorted(have)
     for i in range(0, len(extra), page):
         await target.delete(extra[i : i + page], timeout_s)
     return {"compared": compared, "copied": copied, "deleted": len(extra)}
-

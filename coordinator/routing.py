@@ -94,12 +94,20 @@ class ReplicaEntry:
 
     def record(self) -> dict[str, Any]:
         """Its placement record in etcd (``cluster.etcd_store`` ``placements/...``)."""
-        out: dict[str, Any] = {"actor": self.actor, "node_id": self.node_id, "host": self.host,
-                               "pid": self.pid, "state": str(self.state),
-                               "last_ok_seq": self.last_ok_seq}
+        out: dict[str, Any] = {
+            "actor": self.actor,
+            "node_id": self.node_id,
+            "host": self.host,
+            "pid": self.pid,
+            "state": str(self.state),
+            "last_ok_seq": self.last_ok_seq,
+        }
         if self.outage is not None:
-            out.update(previous_state=str(self.sync), unavailable_since=self.outage.since,
-                       reason=f"node {self.outage.node_id} is not a member")
+            out.update(
+                previous_state=str(self.sync),
+                unavailable_since=self.outage.since,
+                reason=f"node {self.outage.node_id} is not a member",
+            )
         return out
 
 
@@ -136,16 +144,18 @@ class RoutingTable:
 
 
 class PlacementStore(Protocol):
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Mapping[str, Any]) -> None: ...
+    async def put_placement(
+        self, collection: str, shard: int, replica: int, info: Mapping[str, Any]
+    ) -> None: ...
 
 
 class Router:
     """The one writer of the routing table and of placement records (see the module doc).
     With ``store`` None it keeps the table in memory only (a ``ReplicaSet`` on its own)."""
 
-    def __init__(self, store: PlacementStore | None = None,
-                 write_timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+    def __init__(
+        self, store: PlacementStore | None = None, write_timeout_s: float = PLACEMENT_TIMEOUT_S
+    ) -> None:
         self._store = store
         self._write_timeout_s = write_timeout_s
         self._table = RoutingTable()
@@ -161,27 +171,36 @@ class Router:
         """Placement records changed since etcd last took them."""
         return frozenset(self._dirty)
 
-    def _commit(self, *, specs: Mapping[str, CollectionSpec] | None = None,
-                replicas: Mapping[ReplicaId, ReplicaEntry] | None = None,
-                sets: Mapping[str, tuple[ReplicaSet, ...]] | None = None) -> RoutingTable:
+    def _commit(
+        self,
+        *,
+        specs: Mapping[str, CollectionSpec] | None = None,
+        replicas: Mapping[ReplicaId, ReplicaEntry] | None = None,
+        sets: Mapping[str, tuple[ReplicaSet, ...]] | None = None,
+    ) -> RoutingTable:
         t = self._table
         self._table = RoutingTable(
             t.version + 1,
             _frozen(specs) if specs is not None else t.specs,
             _frozen(replicas) if replicas is not None else t.replicas,
-            _frozen(sets) if sets is not None else t.sets)
+            _frozen(sets) if sets is not None else t.sets,
+        )
         return self._table
 
     # ---- schema ------------------------------------------------------------------------------
 
-    def add_collection(self, spec: CollectionSpec, entries: Sequence[ReplicaEntry],
-                       sets: Sequence[ReplicaSet]) -> None:
+    def add_collection(
+        self, spec: CollectionSpec, entries: Sequence[ReplicaEntry], sets: Sequence[ReplicaSet]
+    ) -> None:
         """A collection is served: its spec, every replica's entry and the shards' sets. Its
         records are marked to write (``flush``)."""
         replicas = {k: v for k, v in self._table.replicas.items() if k.collection != spec.name}
         replicas.update((e.id, e) for e in entries)
-        self._commit(specs={**self._table.specs, spec.name: spec}, replicas=replicas,
-                     sets={**self._table.sets, spec.name: tuple(sets)})
+        self._commit(
+            specs={**self._table.specs, spec.name: spec},
+            replicas=replicas,
+            sets={**self._table.sets, spec.name: tuple(sets)},
+        )
         self._dirty.update(e.id for e in entries)
 
     def put_entries(self, entries: Iterable[ReplicaEntry]) -> None:
@@ -191,10 +210,11 @@ class Router:
         self._dirty.update(e.id for e in entries)
 
     def drop_collection(self, name: str) -> None:
-        self._commit(specs={k: v for k, v in self._table.specs.items() if k != name},
-                     replicas={k: v for k, v in self._table.replicas.items()
-                               if k.collection != name},
-                     sets={k: v for k, v in self._table.sets.items() if k != name})
+        self._commit(
+            specs={k: v for k, v in self._table.specs.items() if k != name},
+            replicas={k: v for k, v in self._table.replicas.items() if k.collection != name},
+            sets={k: v for k, v in self._table.sets.items() if k != name},
+        )
         self._dirty = {k for k in self._dirty if k.collection != name}
 
     # ---- replicas ----------------------------------------------------------------------------
@@ -243,9 +263,12 @@ class Router:
                     self._dirty.discard(rid)
                     continue
                 try:
-                    await asyncio.wait_for(self._store.put_placement(
-                        rid.collection, rid.shard, rid.replica, entry.record()),
-                        self._write_timeout_s)
+                    await asyncio.wait_for(
+                        self._store.put_placement(
+                            rid.collection, rid.shard, rid.replica, entry.record()
+                        ),
+                        self._write_timeout_s,
+                    )
                 except NotFound:  # the collection was dropped meanwhile
                     self._dirty.discard(rid)
                     continue
@@ -269,12 +292,18 @@ def outage_started(router: Router, rid: ReplicaId) -> bool:
 
 def outage_ended(router: Router, rid: ReplicaId, where: Mapping[str, Any]) -> bool:
     """``rid`` answers from member node ``where["node_id"]``: available there again."""
-    return router.update(rid, outage=None, node_id=str(where["node_id"]),
-                         host=str(where.get("host", "")), pid=int(where.get("pid", 0) or 0))
+    return router.update(
+        rid,
+        outage=None,
+        node_id=str(where["node_id"]),
+        host=str(where.get("host", "")),
+        pid=int(where.get("pid", 0) or 0),
+    )
 
 
-def placements_view(table: RoutingTable, collections: Iterable[str] | None = None
-                    ) -> dict[str, Any]:
+def placements_view(
+    table: RoutingTable, collections: Iterable[str] | None = None
+) -> dict[str, Any]:
     """``/v1/cluster``'s ``collections`` from one snapshot: per collection its shape and every
     replica's placement record."""
     names = sorted(table.specs) if collections is None else list(collections)
@@ -284,7 +313,9 @@ def placements_view(table: RoutingTable, collections: Iterable[str] | None = Non
         out[name] = {
             "shard_count": spec.shard_count,
             "replication_factor": spec.replication_factor,
-            "placements": [{"shard": e.id.shard, "replica": e.id.replica, **e.record()}
-                           for e in table.entries(name)],
+            "placements": [
+                {"shard": e.id.shard, "replica": e.id.replica, **e.record()}
+                for e in table.entries(name)
+            ],
         }
     return out

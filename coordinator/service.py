@@ -72,8 +72,9 @@ class ClusterStore(Protocol):
     async def get_collection(self, name: str) -> CollectionSpec | None: ...
     async def list_collections(self) -> dict[str, CollectionSpec]: ...
     async def delete_collection(self, name: str) -> bool: ...
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Mapping[str, Any]) -> None: ...
+    async def put_placement(
+        self, collection: str, shard: int, replica: int, info: Mapping[str, Any]
+    ) -> None: ...
     async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]: ...
     async def ping(self) -> bool: ...
     async def list_members(self) -> dict[str, dict[str, Any]]: ...
@@ -85,8 +86,9 @@ class Placement(Protocol):
     def open_vectorizer(self, spec: VectorizerSpec) -> VectorizerClient: ...
 
 
-async def _list_page(after: str | None, limit: int, client: ShardClient, timeout_s: float
-                     ) -> list[StoredObject]:
+async def _list_page(
+    after: str | None, limit: int, client: ShardClient, timeout_s: float
+) -> list[StoredObject]:
     return await client.list_objects(after, limit, False, timeout_s)
 
 
@@ -95,13 +97,19 @@ async def _delete(uuids: Sequence[str], client: ShardClient, timeout_s: float) -
 
 
 class Coordinator:
-    def __init__(self, store: ClusterStore, placement: Placement, settings: Settings,
-                 vectorizers: Vectorizers | None = None) -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        placement: Placement,
+        settings: Settings,
+        vectorizers: Vectorizers | None = None,
+    ) -> None:
         self._store = store
         self._placement = placement
         self._settings = settings
-        self._vectorizers = vectorizers or Vectorizers(placement.open_vectorizer,
-                                                       settings.write_timeout_s)
+        self._vectorizers = vectorizers or Vectorizers(
+            placement.open_vectorizer, settings.write_timeout_s
+        )
         # The routing truth and its one writer (coordinator.routing); reads go through Reads.
         self.router = Router(store)
         self.reads = Reads(self.router, settings, self._vectorizers)
@@ -121,9 +129,10 @@ class Coordinator:
         """Open (or reattach) every replica of ``spec``, enter them in the routing table and
         write their placements (raising when etcd does not take them)."""
         timeout_s = self._settings.write_timeout_s
-        shards = [[self._placement.open_shard(spec, s, r)
-                   for r in range(spec.replication_factor)]
-                  for s in range(spec.shard_count)]
+        shards = [
+            [self._placement.open_shard(spec, s, r) for r in range(spec.replication_factor)]
+            for s in range(spec.shard_count)
+        ]
         infos = await asyncio.gather(*(c.ready(timeout_s) for reps in shards for c in reps))
         # Replicas recorded as stale (they missed writes) stay stale until caught up.
         known = await self._store.get_placements(spec.name)
@@ -139,16 +148,25 @@ class Coordinator:
                 elif info.get("data_lost") and spec.replication_factor > 1:
                     log.warning("%s", info["data_lost"])
                     sync = ReplicaState.STALE  # the repair loop refills it from a ready one
-                entries.append(ReplicaEntry(
-                    ReplicaId(spec.name, s, r), client, sync,
-                    last_ok_seq=int(before.get("last_ok_seq", 0) or 0),
-                    actor=client.shard_id.actor_name(r if spec.replication_factor > 1
-                                                     else None),
-                    node_id=str(info.get("node_id", "")), host=str(info.get("host", "")),
-                    pid=int(info.get("pid", 0) or 0)))
+                entries.append(
+                    ReplicaEntry(
+                        ReplicaId(spec.name, s, r),
+                        client,
+                        sync,
+                        last_ok_seq=int(before.get("last_ok_seq", 0) or 0),
+                        actor=client.shard_id.actor_name(
+                            r if spec.replication_factor > 1 else None
+                        ),
+                        node_id=str(info.get("node_id", "")),
+                        host=str(info.get("host", "")),
+                        pid=int(info.get("pid", 0) or 0),
+                    )
+                )
         rf = spec.replication_factor
-        sets = [ReplicaSet.over(self.router, entries[s * rf:(s + 1) * rf])
-                for s in range(spec.shard_count)]
+        sets = [
+            ReplicaSet.over(self.router, entries[s * rf : (s + 1) * rf])
+            for s in range(spec.shard_count)
+        ]
         self.router.add_collection(spec, entries, sets)
         await self.router.flush(raise_errors=True)
 
@@ -196,14 +214,16 @@ class Coordinator:
                         # actor by name (or returns the one that is restarting); it recovers
                         # from its data dir and is caught up on a later round.
                         with contextlib.suppress(Exception):
-                            replica.client = self._placement.open_shard(spec, rs.shard,
-                                                                        replica.index)
+                            replica.client = self._placement.open_shard(
+                                spec, rs.shard, replica.index
+                            )
                         continue
                     try:
                         stats = await rs.catch_up(replica, self._settings.write_timeout_s)
                     except ColshardError as exc:
-                        log.warning("catch-up of %s:%d failed: %s", rs.name, replica.index,
-                                    exc.message)
+                        log.warning(
+                            "catch-up of %s:%d failed: %s", rs.name, replica.index, exc.message
+                        )
                         continue
                     if stats is not None:
                         caught[f"{name}:{rs.shard}:{replica.index}"] = stats
@@ -238,8 +258,9 @@ class Coordinator:
                 if vec.dim not in (0, model_dim):
                     raise InvalidInput(
                         f"vector {vec.name!r}: dim {vec.dim} differs from the vectorizer's "
-                        f"{model_dim}", {"vector": vec.name, "dim": vec.dim,
-                                         "vectorizer_dim": model_dim})
+                        f"{model_dim}",
+                        {"vector": vec.name, "dim": vec.dim, "vectorizer_dim": model_dim},
+                    )
                 vec = replace(vec, dim=model_dim)
             vectors.append(vec)
         return replace(spec, vectors=tuple(vectors))
@@ -261,8 +282,9 @@ class Coordinator:
             spec = self.spec(name)
             # Fail fast (503) while etcd is unreachable, before any data is dropped.
             if not await self._store.ping():
-                raise Unavailable(f"cannot delete collection {name!r}: etcd is unreachable",
-                                  {"collection": name})
+                raise Unavailable(
+                    f"cannot delete collection {name!r}: etcd is unreachable", {"collection": name}
+                )
             await self._drop_shards(spec)
             self.router.drop_collection(name)
             await self._store.delete_collection(name)
@@ -281,39 +303,59 @@ class Coordinator:
     async def describe_collection(self, name: str) -> dict[str, Any]:
         spec, shards = self._target(name)
         stats, failures = await gather_shards(
-            {s: rs.read(lambda c, t: c.stats(t), self._settings.query_timeout_s)
-             for s, rs in enumerate(shards)},
-            allow_partial=True)
+            {
+                s: rs.read(lambda c, t: c.stats(t), self._settings.query_timeout_s)
+                for s, rs in enumerate(shards)
+            },
+            allow_partial=True,
+        )
         return {
             "spec": spec,
             "shards": [
-                {"shard": s, "replicas": len(shards[s].replicas),
-                 "replica_states": [r.state for r in shards[s].replicas],
-                 "stats": stats.get(s), "error": failures[s].to_dict() if s in failures else None}
+                {
+                    "shard": s,
+                    "replicas": len(shards[s].replicas),
+                    "replica_states": [r.state for r in shards[s].replicas],
+                    "stats": stats.get(s),
+                    "error": failures[s].to_dict() if s in failures else None,
+                }
                 for s in range(spec.shard_count)
             ],
         }
 
-    async def quality(self, name: str, vector: str | None = None, k: int | None = None,
-                      queries: int = quality.DEFAULT_QUERIES, seed: int | None = None,
-                      detail: bool = False) -> dict[str, Any]:
+    async def quality(
+        self,
+        name: str,
+        vector: str | None = None,
+        k: int | None = None,
+        queries: int = quality.DEFAULT_QUERIES,
+        seed: int | None = None,
+        detail: bool = False,
+    ) -> dict[str, Any]:
         """The recall report (coordinator.quality): recall@k of the search as served, per shard
         and collection-wide, measured now against exact MaxSim on sample queries."""
         spec, shards = self._target(name)
         vector, k = quality.check_request(spec, vector, k, queries)
         seed = int(time.time()) if seed is None else seed
         if self._quality_lock.locked():  # each one runs exact MaxSim over every object
-            raise TooManyRequests("a recall report is being measured; one runs at a time, "
-                                  "try again when it is done", {"collection": name})
+            raise TooManyRequests(
+                "a recall report is being measured; one runs at a time, try again when it is done",
+                {"collection": name},
+            )
         async with self._quality_lock:
-            return await quality.measure(spec, vector, k, queries, seed, shards,
-                                         self._settings.query_timeout_s, detail)
+            return await quality.measure(
+                spec, vector, k, queries, seed, shards, self._settings.query_timeout_s, detail
+            )
 
     # ---- writes ----------------------------------------------------------------------------
 
-    async def upsert(self, collection: str, objects: Sequence[ObjectInput] | ColumnarInput,
-                     api_keys: Mapping[str, str] | None = None,
-                     consistency_level: str | None = None) -> list[WriteResult]:
+    async def upsert(
+        self,
+        collection: str,
+        objects: Sequence[ObjectInput] | ColumnarInput,
+        api_keys: Mapping[str, str] | None = None,
+        consistency_level: str | None = None,
+    ) -> list[WriteResult]:
         """Upsert a batch; each shard's part is acknowledged once ``consistency_level``
         replicas applied it (coordinator/replication.py). Objects of a shard that missed its
         quorum come back failed (``unavailable``, naming the shard); when *every* object
@@ -322,37 +364,45 @@ class Coordinator:
         level = parse_consistency(consistency_level)
         limits.check_batch_size(len(objects), self._settings)
         if isinstance(objects, ColumnarInput):  # the Arrow import: vectors stay columnar
-            if any(v.vectorizer.kind != "none" and objects.missing(v.name)
-                   for v in spec.vectors):
+            if any(v.vectorizer.kind != "none" and objects.missing(v.name) for v in spec.vectors):
                 objects = objects.to_objects()  # some vectors are still to be computed
             else:
                 return await self._write_batch(spec, prepare_columnar(spec, objects), level)
-        needs = [v for v in spec.vectors if v.vectorizer.kind != "none"
-                 and any(o.vectors.get(v.name) is None for o in objects)]
+        needs = [
+            v
+            for v in spec.vectors
+            if v.vectorizer.kind != "none" and any(o.vectors.get(v.name) is None for o in objects)
+        ]
         if not needs:
             return await self._write_batch(spec, prepare_batch(spec, objects), level)
         return await self._upsert_vectorized(spec, objects, needs, api_keys or {}, level)
 
-    async def _upsert_vectorized(self, spec: CollectionSpec, objects: Sequence[ObjectInput],
-                                 needs: Sequence[NamedVectorSpec], api_keys: Mapping[str, str],
-                                 level: ConsistencyLevel) -> list[WriteResult]:
+    async def _upsert_vectorized(
+        self,
+        spec: CollectionSpec,
+        objects: Sequence[ObjectInput],
+        needs: Sequence[NamedVectorSpec],
+        api_keys: Mapping[str, str],
+        level: ConsistencyLevel,
+    ) -> list[WriteResult]:
         """Objects some of whose vectors a vectorizer computes: validated whole first (bad input
         writes nothing; ids are fixed for every object), then encoded and written
         ``VECTORIZE_CHUNK`` objects at a time, so the coordinator holds one chunk's embeddings,
         never the request's. Past the write deadline the rest is not written
         (``DeadlineExceeded``; the chunks before it are, and a retry with the same ids
         overwrites them)."""
-        n_vectorize = sum(1 for o in objects if any(o.vectors.get(v.name) is None
-                                                     for v in needs))
+        n_vectorize = sum(1 for o in objects if any(o.vectors.get(v.name) is None for v in needs))
         cap = self._settings.max_vectorize_objects
         if cap and n_vectorize > cap:
             raise PayloadTooLarge(
                 f"{n_vectorize} objects to vectorize in one request exceed the limit of {cap}; "
-                f"split the batch", {"limit": "max_vectorize_objects", "max": cap,
-                                     "got": n_vectorize})
+                f"split the batch",
+                {"limit": "max_vectorize_objects", "max": cap, "got": n_vectorize},
+            )
         checked = prepare_batch(spec, objects)
-        objects = [dataclasses.replace(o, uuid=oid)
-                   for o, oid in zip(objects, checked.uuids, strict=True)]
+        objects = [
+            dataclasses.replace(o, uuid=oid) for o, oid in zip(objects, checked.uuids, strict=True)
+        ]
         del checked
         deadline = time.monotonic() + self._settings.write_timeout_s
         results: list[WriteResult] = []
@@ -361,7 +411,9 @@ class Coordinator:
                 raise DeadlineExceeded(
                     f"the write ran past its deadline after {start} of {len(objects)} objects; "
                     f"those were written, the rest were not (retrying with the same ids is "
-                    f"safe)", {"written": start, "objects": len(objects)})
+                    f"safe)",
+                    {"written": start, "objects": len(objects)},
+                )
             part = objects[start : start + VECTORIZE_CHUNK]
             vectorized = await self._vectorizers.documents(spec, needs, part, api_keys)
             batch = prepare_batch(spec, part, vectorized=vectorized)
@@ -369,9 +421,13 @@ class Coordinator:
             results += await self._write_batch(spec, batch, level, raise_unavailable=not results)
         return results
 
-    async def _write_batch(self, spec: CollectionSpec, batch: ObjectBatch,
-                           level: ConsistencyLevel, raise_unavailable: bool = True
-                           ) -> list[WriteResult]:
+    async def _write_batch(
+        self,
+        spec: CollectionSpec,
+        batch: ObjectBatch,
+        level: ConsistencyLevel,
+        raise_unavailable: bool = True,
+    ) -> list[WriteResult]:
         """Route a validated batch to its shards and write each part to its replicas. When
         every object failed for want of replicas (and ``raise_unavailable``), raise
         Unavailable naming the shards."""
@@ -381,16 +437,25 @@ class Coordinator:
             by_shard[spec.shard_for(oid)].append(i)
         shards = self.router.table.shard_sets(collection)
         timeout_s = self._settings.write_timeout_s
-        calls = {s: self._write_replicas(shards[s], batch.take(idx) if len(by_shard) > 1
-                                         else batch, level, timeout_s)
-                 for s, idx in by_shard.items()}
+        calls = {
+            s: self._write_replicas(
+                shards[s], batch.take(idx) if len(by_shard) > 1 else batch, level, timeout_s
+            )
+            for s, idx in by_shard.items()
+        }
         done, failed = await gather_shards(calls, allow_partial=True)
-        if (raise_unavailable and failed and not done
-                and all(isinstance(e, Unavailable) for e in failed.values())):
+        if (
+            raise_unavailable
+            and failed
+            and not done
+            and all(isinstance(e, Unavailable) for e in failed.values())
+        ):
             names = [f"{collection}:{s}" for s in sorted(failed)]
             first = failed[min(failed)]
-            raise Unavailable(f"write failed on shard(s) {', '.join(names)}: {first.message}",
-                              {**first.details, "shards": names})
+            raise Unavailable(
+                f"write failed on shard(s) {', '.join(names)}: {first.message}",
+                {**first.details, "shards": names},
+            )
         results: list[WriteResult | None] = [None] * len(batch)
         for s, idx in by_shard.items():
             for pos, i in enumerate(idx):
@@ -400,25 +465,32 @@ class Coordinator:
                     results[i] = WriteResult(batch.uuids[i], False, failed[s].to_dict())
         return [r for r in results if r is not None]
 
-    async def _write_replicas(self, rs: ReplicaSet, batch: Any, level: ConsistencyLevel,
-                              timeout_s: float) -> list[WriteResult]:
+    async def _write_replicas(
+        self, rs: ReplicaSet, batch: Any, level: ConsistencyLevel, timeout_s: float
+    ) -> list[WriteResult]:
         outcome = await rs.write(lambda c, t: c.upsert(batch, t), level, timeout_s)
         result: list[WriteResult] = outcome.result
         return result
 
-    async def delete_object(self, collection: str, uuid: str,
-                            consistency_level: str | None = None) -> bool:
+    async def delete_object(
+        self, collection: str, uuid: str, consistency_level: str | None = None
+    ) -> bool:
         spec, shards = self._target(collection)
         level = parse_consistency(consistency_level)
         oid = normalize_uuid(uuid)
         rs = shards[spec.shard_for(oid)]
-        outcome = await rs.write(lambda c, t: c.delete([oid], t), level,
-                                 self._settings.write_timeout_s)
+        outcome = await rs.write(
+            lambda c, t: c.delete([oid], t), level, self._settings.write_timeout_s
+        )
         return bool(outcome.result[0])
 
-    async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
-                           dry_run: bool = False, consistency_level: str | None = None
-                           ) -> dict[str, Any]:
+    async def delete_where(
+        self,
+        collection: str,
+        raw_filter: Mapping[str, Any],
+        dry_run: bool = False,
+        consistency_level: str | None = None,
+    ) -> dict[str, Any]:
         """Delete every object matching a filter. Each shard is paged through by id and the
         filter is evaluated on the properties, so the cost is one pass over the collection."""
         spec, shards = self._target(collection)
@@ -449,8 +521,9 @@ class Coordinator:
     async def get_object(self, collection: str, uuid: str, include_vector: bool) -> StoredObject:
         return await self.reads.get_object(collection, uuid, include_vector)
 
-    async def list_objects(self, collection: str, after: str | None, limit: int,
-                           include_vector: bool) -> list[StoredObject]:
+    async def list_objects(
+        self, collection: str, after: str | None, limit: int, include_vector: bool
+    ) -> list[StoredObject]:
         return await self.reads.list_objects(collection, after, limit, include_vector)
 
     # ---- cluster ---------------------------------------------------------------------------
@@ -474,12 +547,15 @@ class Coordinator:
         unplaced: set[str] = set(table.unavailable_shards())
         for name, shards in table.sets.items():
             _, failed = await gather_shards(
-                {s: rs.read(_serving_ready, READY_PROBE_TIMEOUT_S)
-                 for s, rs in enumerate(shards)},
-                allow_partial=True)
+                {s: rs.read(_serving_ready, READY_PROBE_TIMEOUT_S) for s, rs in enumerate(shards)},
+                allow_partial=True,
+            )
             unplaced.update(f"{name}:{s}" for s in failed)
-        return {"ready": etcd_ok and not unplaced, "etcd": etcd_ok,
-                "unavailable_shards": sorted(unplaced)}
+        return {
+            "ready": etcd_ok and not unplaced,
+            "etcd": etcd_ok,
+            "unavailable_shards": sorted(unplaced),
+        }
 
 
 async def _serving_ready(client: ShardClient, timeout_s: float) -> Mapping[str, Any]:

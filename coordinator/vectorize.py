@@ -23,8 +23,9 @@ JINA_KEY = "jinaai"
 
 class VectorizerClient(Protocol):
     async def dim(self, timeout_s: float) -> int: ...
-    async def encode_documents(self, texts: Sequence[str], api_key: str | None,
-                               timeout_s: float) -> list[F32]: ...
+    async def encode_documents(
+        self, texts: Sequence[str], api_key: str | None, timeout_s: float
+    ) -> list[F32]: ...
     async def encode_query(self, text: str, api_key: str | None, timeout_s: float) -> F32: ...
 
 
@@ -33,8 +34,12 @@ def vectorizer_key(spec: VectorizerSpec) -> str:
 
 
 class Vectorizers:
-    def __init__(self, open_client: Callable[[VectorizerSpec], VectorizerClient],
-                 timeout_s: float, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        open_client: Callable[[VectorizerSpec], VectorizerClient],
+        timeout_s: float,
+        batch_size: int = 64,
+    ) -> None:
         self._open_client = open_client
         self._timeout_s = timeout_s
         self._batch_size = batch_size
@@ -54,9 +59,13 @@ class Vectorizers:
     async def dim(self, spec: VectorizerSpec) -> int:
         return await self._client(spec).dim(self._timeout_s)
 
-    async def documents(self, spec: CollectionSpec, vectors: Sequence[NamedVectorSpec],
-                        objects: Sequence[ObjectInput], api_keys: Mapping[str, str]
-                        ) -> dict[str, list[F32 | None]]:
+    async def documents(
+        self,
+        spec: CollectionSpec,
+        vectors: Sequence[NamedVectorSpec],
+        objects: Sequence[ObjectInput],
+        api_keys: Mapping[str, str],
+    ) -> dict[str, list[F32 | None]]:
         """Per named vector: an encoding for each object that lacks that vector, else None."""
         out: dict[str, list[F32 | None]] = {}
         for vec in vectors:
@@ -66,9 +75,14 @@ class Vectorizers:
             out[vec.name] = column
         return out
 
-    async def _encode_into(self, column: list[F32 | None], vec: NamedVectorSpec,
-                           objects: Sequence[ObjectInput], missing: Sequence[int],
-                           api_keys: Mapping[str, str]) -> None:
+    async def _encode_into(
+        self,
+        column: list[F32 | None],
+        vec: NamedVectorSpec,
+        objects: Sequence[ObjectInput],
+        missing: Sequence[int],
+        api_keys: Mapping[str, str],
+    ) -> None:
         """Encode ``objects[i]`` for every i in ``missing`` into ``column[i]``: batches go to
         the client's pool in parallel, at most one in flight per encoder actor."""
         client = self._client(vec.vectorizer)
@@ -76,17 +90,23 @@ class Vectorizers:
         slots = asyncio.Semaphore(max(1, int(getattr(client, "parallelism", 1))))
 
         async def encode(chunk: Sequence[int]) -> None:
-            texts = [text_for(objects[i].properties, vec.vectorizer.source_properties)
-                     for i in chunk]
+            texts = [
+                text_for(objects[i].properties, vec.vectorizer.source_properties) for i in chunk
+            ]
             async with slots:
                 encoded = await client.encode_documents(texts, key, self._timeout_s)
             for i, matrix in zip(chunk, encoded, strict=True):
                 column[i] = matrix
 
-        await asyncio.gather(*(encode(missing[start : start + self._batch_size])
-                               for start in range(0, len(missing), self._batch_size)))
+        await asyncio.gather(
+            *(
+                encode(missing[start : start + self._batch_size])
+                for start in range(0, len(missing), self._batch_size)
+            )
+        )
 
     async def query(self, vec: NamedVectorSpec, text: str, api_keys: Mapping[str, str]) -> F32:
         client = self._client(vec.vectorizer)
-        return await client.encode_query(text, self._key_for(vec.vectorizer, api_keys),
-                                         self._timeout_s)
+        return await client.encode_query(
+            text, self._key_for(vec.vectorizer, api_keys), self._timeout_s
+        )

@@ -12,22 +12,26 @@ from cluster.timing import STATS_TIMEOUT_S
 from coordinator.routing import ReplicaId, ReplicaState, RoutingTable, placements_view
 
 
-async def replica_stats(table: RoutingTable, timeout_s: float = STATS_TIMEOUT_S
-                        ) -> dict[ReplicaId, dict[str, Any]]:
+async def replica_stats(
+    table: RoutingTable, timeout_s: float = STATS_TIMEOUT_S
+) -> dict[ReplicaId, dict[str, Any]]:
     """Object/token/segment counts of every available replica (short deadline each)."""
     entries = [e for e in table.entries() if e.outage is None]
-    outcomes = await asyncio.gather(*(e.client.stats(timeout_s) for e in entries),
-                                    return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(e.client.stats(timeout_s) for e in entries), return_exceptions=True
+    )
     out: dict[ReplicaId, dict[str, Any]] = {}
     for entry, stats in zip(entries, outcomes, strict=True):
         if isinstance(stats, BaseException):
             if not isinstance(stats, Exception):
                 raise stats
             continue
-        row: dict[str, Any] = {"objects": stats.n_objects,
-                               "tokens": sum(stats.n_tokens.values()),
-                               "segments": stats.n_segments,
-                               "bytes_on_disk": stats.bytes_on_disk}
+        row: dict[str, Any] = {
+            "objects": stats.n_objects,
+            "tokens": sum(stats.n_tokens.values()),
+            "segments": stats.n_segments,
+            "bytes_on_disk": stats.bytes_on_disk,
+        }
         if stats.pid:  # the live process: the placement record's may predate a restart
             row["pid"] = stats.pid
         if stats.data_lost:  # restarted without its data: shown as such, whatever state
@@ -36,8 +40,9 @@ async def replica_stats(table: RoutingTable, timeout_s: float = STATS_TIMEOUT_S
     return out
 
 
-def cluster_view(table: RoutingTable, members: Mapping[str, Any],
-                 stats: Mapping[ReplicaId, Mapping[str, Any]]) -> dict[str, Any]:
+def cluster_view(
+    table: RoutingTable, members: Mapping[str, Any], stats: Mapping[ReplicaId, Mapping[str, Any]]
+) -> dict[str, Any]:
     """Members, placements (with ``stats`` overlaid), per-collection object counts (a shard
     counts its fullest answering replica) and the unavailable shards."""
     collections = placements_view(table)
@@ -47,5 +52,8 @@ def cluster_view(table: RoutingTable, members: Mapping[str, Any],
             p.update(stats.get(ReplicaId(name, int(p["shard"]), int(p["replica"])), {}))
             per_shard[p["shard"]] = max(per_shard.get(p["shard"], 0), int(p.get("objects", 0)))
         col["objects"] = sum(per_shard.values())
-    return {"members": dict(members), "collections": collections,
-            "unavailable_shards": table.unavailable_shards()}
+    return {
+        "members": dict(members),
+        "collections": collections,
+        "unavailable_shards": table.unavailable_shards(),
+    }

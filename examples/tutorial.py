@@ -55,8 +55,9 @@ with Client(URL, timeout_s=600) as client:
 
     # Step 3.3: near_vector with a multi-vector query (here: an object's own embedding rows).
     cat = collection.query.bm25("cat", limit=1).objects[0]
-    query_vector = np.asarray(collection.query.fetch_object_by_id(
-        cat.uuid, include_vector=True).vector["multi_vector"])[:3]
+    query_vector = np.asarray(
+        collection.query.fetch_object_by_id(cat.uuid, include_vector=True).vector["multi_vector"]
+    )[:3]
     response = collection.query.near_vector(query_vector, target_vector="multi_vector", limit=2)
     print("near_vector:", [o.properties["text"] for o in response.objects])
 

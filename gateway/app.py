@@ -50,8 +50,14 @@ from gateway.errors import error_body, status_for
 
 log = logging.getLogger(__name__)
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                    405: "method_not_allowed", 413: "payload_too_large"}
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 Scope = MutableMapping[str, Any]
@@ -97,18 +103,20 @@ class BodyLimit:
                 if seen > self.max_bytes:
                     if message.get("more_body", False):
                         await _discard(receive, DISCARD_MAX_BYTES - seen)
-                    raise PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes",
-                                          {"max_bytes": self.max_bytes})
+                    raise PayloadTooLarge(
+                        f"request body exceeds {self.max_bytes} bytes",
+                        {"max_bytes": self.max_bytes},
+                    )
             return message
 
         await self.app(scope, limited_receive, send)
 
     async def _reject(self, send: Send) -> None:
-        exc = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes",
-                              {"max_bytes": self.max_bytes})
+        exc = PayloadTooLarge(
+            f"request body exceeds {self.max_bytes} bytes", {"max_bytes": self.max_bytes}
+        )
         response = JSONResponse(error_body(exc), status_code=413)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": response.raw_headers})
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
 
 
@@ -190,8 +198,10 @@ def _reject_lone_surrogates(value: Any) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise BadRequest("invalid JSON: a string holds a lone UTF-16 surrogate "
-                                 "(not valid Unicode text)", {}) from None
+                raise BadRequest(
+                    "invalid JSON: a string holds a lone UTF-16 surrogate (not valid Unicode text)",
+                    {},
+                ) from None
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
@@ -285,8 +295,9 @@ def _to_array(value: Any, what: str) -> Any:
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"{what}: not a rectangular numeric vector or matrix (ragged rows?)",
-                           {"vector": what}) from exc
+        raise InvalidInput(
+            f"{what}: not a rectangular numeric vector or matrix (ragged rows?)", {"vector": what}
+        ) from exc
     if array.dtype.kind not in "iuf":
         raise InvalidInput(f"{what}: a vector holds numbers only", {"vector": what})
     # Out-of-range values become inf here and are rejected with the NaN/Inf check later.
@@ -295,16 +306,25 @@ def _to_array(value: Any, what: str) -> Any:
 
 
 def object_out(collection: str, obj: StoredObject) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": obj.uuid, "collection": collection,
-                           "properties": dict(obj.properties)}
+    out: dict[str, Any] = {
+        "id": obj.uuid,
+        "collection": collection,
+        "properties": dict(obj.properties),
+    }
     if obj.vectors is not None:
         out["vectors"] = _vectors_out(obj.vectors)
     return out
 
 
 def batch_out(results: list[WriteResult]) -> dict[str, Any]:
-    rows = [{"id": r.uuid, "status": "SUCCESS" if r.ok else "FAILED",
-             "error": dict(r.error) if r.error else None} for r in results]
+    rows = [
+        {
+            "id": r.uuid,
+            "status": "SUCCESS" if r.ok else "FAILED",
+            "error": dict(r.error) if r.error else None,
+        }
+        for r in results
+    ]
     n_ok = sum(1 for r in results if r.ok)
     return {"results": rows, "n_ok": n_ok, "n_failed": len(results) - n_ok}
 
@@ -312,14 +332,20 @@ def batch_out(results: list[WriteResult]) -> dict[str, Any]:
 def query_out(result: QueryResult) -> dict[str, Any]:
     objects = []
     for o in result.objects:
-        item: dict[str, Any] = {"id": o.uuid, "properties": dict(o.properties),
-                                "metadata": dict(o.metadata)}
+        item: dict[str, Any] = {
+            "id": o.uuid,
+            "properties": dict(o.properties),
+            "metadata": dict(o.metadata),
+        }
         if o.vectors is not None:
             item["vectors"] = _vectors_out(o.vectors)
         objects.append(item)
-    return {"objects": objects, "partial": bool(result.missing_shards),
-            "missing_shards": list(result.missing_shards),
-            "took_ms": round(result.took_s * 1000.0, 3)}
+    return {
+        "objects": objects,
+        "partial": bool(result.missing_shards),
+        "missing_shards": list(result.missing_shards),
+        "took_ms": round(result.took_s * 1000.0, 3),
+    }
 
 
 def api_keys_from(request: Request) -> dict[str, str]:
@@ -331,8 +357,7 @@ def api_keys_from(request: Request) -> dict[str, str]:
     return keys
 
 
-def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] = ()
-               ) -> FastAPI:
+def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] = ()) -> FastAPI:
     """The HTTP app. With ``api_keys`` every route but the open ones needs a key
     (``gateway/auth.py``); without, auth is off."""
     keys = KeyTable(api_keys)
@@ -340,27 +365,47 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         title="colshard",
         version="0.1.0",
         description="Distributed multi-vector (late-interaction, MaxSim) search. "
-                    "Errors: {\"error\": {\"code\", \"message\", \"details\"}}.",
-        responses={400: {"model": wire.ErrorOut}, 401: {"model": wire.ErrorOut},
-                   403: {"model": wire.ErrorOut}, 404: {"model": wire.ErrorOut},
-                   409: {"model": wire.ErrorOut}, 413: {"model": wire.ErrorOut},
-                   422: {"model": wire.ErrorOut}, 503: {"model": wire.ErrorOut},
-                   504: {"model": wire.ErrorOut}, 507: {"model": wire.ErrorOut}},
+        'Errors: {"error": {"code", "message", "details"}}.',
+        responses={
+            400: {"model": wire.ErrorOut},
+            401: {"model": wire.ErrorOut},
+            403: {"model": wire.ErrorOut},
+            404: {"model": wire.ErrorOut},
+            409: {"model": wire.ErrorOut},
+            413: {"model": wire.ErrorOut},
+            422: {"model": wire.ErrorOut},
+            503: {"model": wire.ErrorOut},
+            504: {"model": wire.ErrorOut},
+            507: {"model": wire.ErrorOut},
+        },
     )
     app.router.route_class = FastJSONRoute  # before any route is added
     registry = CollectorRegistry()
-    requests_total = Counter("colshard_http_requests_total", "HTTP requests",
-                             ["method", "route", "status"], registry=registry)
-    latency = Histogram("colshard_http_request_seconds", "HTTP request latency",
-                        ["method", "route"], registry=registry,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                 2.5, 5, 10))
-    auth_rejections = Counter("colshard_http_auth_rejections_total",
-                              "Requests rejected by API-key auth", ["status"],
-                              registry=registry)
+    requests_total = Counter(
+        "colshard_http_requests_total",
+        "HTTP requests",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "colshard_http_request_seconds",
+        "HTTP request latency",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
+    auth_rejections = Counter(
+        "colshard_http_auth_rejections_total",
+        "Requests rejected by API-key auth",
+        ["status"],
+        registry=registry,
+    )
 
-    app.add_middleware(Observe, requests_total=requests_total,  # type: ignore[arg-type]
-                       latency=latency)
+    app.add_middleware(
+        Observe,
+        requests_total=requests_total,  # type: ignore[arg-type]
+        latency=latency,
+    )
 
     @app.exception_handler(ColshardError)
     async def colshard_error(_: Request, exc: ColshardError) -> JSONResponse:
@@ -410,13 +455,13 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     # ---- collections -----------------------------------------------------------------------
 
     @app.post("/v1/collections", status_code=201, tags=["collections"])
-    async def create_collection(body: wire.CollectionCreate, request: Request
-                                ) -> dict[str, Any]:
+    async def create_collection(body: wire.CollectionCreate, request: Request) -> dict[str, Any]:
         check_collection(principal(request), body.name)
         raw_spec = body.to_spec_dict()
         limits.check_collection(raw_spec, settings)
-        spec: CollectionSpec = await backend.create_collection(raw_spec,
-                                                  timeout_s=settings.write_timeout_s)
+        spec: CollectionSpec = await backend.create_collection(
+            raw_spec, timeout_s=settings.write_timeout_s
+        )
         return spec.to_dict()
 
     @app.get("/v1/collections", tags=["collections"])
@@ -430,27 +475,32 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     @app.get("/v1/collections/{name}", tags=["collections"])
     async def get_collection(name: str) -> dict[str, Any]:
         info = await backend.describe_collection(name)
-        shards = [{**s, "stats": asdict(s["stats"]) if s["stats"] is not None else None}
-                  for s in info["shards"]]
+        shards = [
+            {**s, "stats": asdict(s["stats"]) if s["stats"] is not None else None}
+            for s in info["shards"]
+        ]
         return {**info["spec"].to_dict(), "shards": shards}
 
     @app.get("/v1/collections/{name}/quality", tags=["collections"])
     async def collection_quality(
         name: str,
-        vector: str | None = Query(None, description="named vector (needed when the "
-                                   "collection has several)"),
+        vector: str | None = Query(
+            None, description="named vector (needed when the collection has several)"
+        ),
         k: int | None = Query(None, description="recall@k (default: the vector's recall_k)"),
         queries: int = Query(50, description="sample queries (1..500)"),
         seed: int | None = Query(None, description="sample seed (default: the time)"),
-        detail: bool = Query(False, description="also every sample query, its served and "
-                             "exact top k and its recall"),
+        detail: bool = Query(
+            False, description="also every sample query, its served and exact top k and its recall"
+        ),
     ) -> dict[str, Any]:
         """Recall@k of the search as served, measured now per shard and collection-wide
         against exact MaxSim on sample queries (recent real queries, else queries made from
         stored objects), with one-sided 95 % bounds and each shard's calibration. Costly
         (exact MaxSim over every object per query): one runs at a time (429 otherwise)."""
-        report: dict[str, Any] = await backend.quality(name, vector, k, queries, seed, detail,
-            timeout_s=settings.write_timeout_s)
+        report: dict[str, Any] = await backend.quality(
+            name, vector, k, queries, seed, detail, timeout_s=settings.write_timeout_s
+        )
         return report
 
     @app.delete("/v1/collections/{name}", tags=["collections"])
@@ -461,16 +511,28 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     # ---- objects ---------------------------------------------------------------------------
 
     def to_inputs(objects: list[wire.ObjectIn]) -> list[ObjectInput]:
-        return [ObjectInput(o.id, o.properties,
-                            {k: _to_array(v, f"objects[{i}].vectors.{k}")
-                             for k, v in o.vectors.items()})
-                for i, o in enumerate(objects)]
+        return [
+            ObjectInput(
+                o.id,
+                o.properties,
+                {k: _to_array(v, f"objects[{i}].vectors.{k}") for k, v in o.vectors.items()},
+            )
+            for i, o in enumerate(objects)
+        ]
 
-    @app.post("/v1/collections/{name}/objects", tags=["objects"],
-              response_model=wire.BatchOut,
-              openapi_extra={"requestBody": {"content": {
-                  "application/json": {"schema": {"$ref": "#/components/schemas/BatchIn"}},
-                  ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
+    @app.post(
+        "/v1/collections/{name}/objects",
+        tags=["objects"],
+        response_model=wire.BatchOut,
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/BatchIn"}},
+                    ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    )
     async def insert_objects(name: str, request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "application/json").split(";")[0]
         level = request.query_params.get("consistency_level")  # or the JSON body's field
@@ -488,76 +550,107 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
             inputs = to_inputs(batch.objects)
             level = batch.consistency_level or level
         limits.check_objects(inputs, settings)
-        results = await backend.upsert(name, inputs, api_keys_from(request), level,
-                                     timeout_s=settings.write_timeout_s)
+        results = await backend.upsert(
+            name, inputs, api_keys_from(request), level, timeout_s=settings.write_timeout_s
+        )
         return FastJSONResponse(batch_out(results))
 
-    @app.post("/v1/collections/{name}/objects/delete", tags=["objects"],
-              response_model=wire.DeleteManyOut)
-    async def delete_many(name: str, body: wire.DeleteManyIn,
-                          consistency_level: str | None = None) -> dict[str, Any]:
+    @app.post(
+        "/v1/collections/{name}/objects/delete", tags=["objects"], response_model=wire.DeleteManyOut
+    )
+    async def delete_many(
+        name: str, body: wire.DeleteManyIn, consistency_level: str | None = None
+    ) -> dict[str, Any]:
         """Delete by filter (``dry_run`` counts the matches without deleting)."""
         limits.check_filter(body.filters, settings)
-        out: dict[str, Any] = await backend.delete_where(name, body.filters,
-                                                 body.dry_run,
-                                                 body.consistency_level or consistency_level,
-                                                 timeout_s=settings.write_timeout_s)
+        out: dict[str, Any] = await backend.delete_where(
+            name,
+            body.filters,
+            body.dry_run,
+            body.consistency_level or consistency_level,
+            timeout_s=settings.write_timeout_s,
+        )
         return out
 
     @app.get("/v1/collections/{name}/objects", tags=["objects"], response_model=wire.ObjectPage)
-    async def list_objects(name: str, limit: int = Query(100, ge=1, le=settings.max_limit),
-                           after: str | None = None, include_vector: bool = False
-                           ) -> JSONResponse:
-        objs: list[StoredObject] = await backend.list_objects(name, after, limit,
-                                                      include_vector)
+    async def list_objects(
+        name: str,
+        limit: int = Query(100, ge=1, le=settings.max_limit),
+        after: str | None = None,
+        include_vector: bool = False,
+    ) -> JSONResponse:
+        objs: list[StoredObject] = await backend.list_objects(name, after, limit, include_vector)
         next_after = objs[-1].uuid if len(objs) == limit else None
-        return FastJSONResponse({"objects": [object_out(name, o) for o in objs],
-                             "next_after": next_after})
+        return FastJSONResponse(
+            {"objects": [object_out(name, o) for o in objs], "next_after": next_after}
+        )
 
-    @app.get("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
-             response_model=wire.ObjectOut)
-    async def get_object(name: str, object_id: str, include_vector: bool = False
-                         ) -> JSONResponse:
+    @app.get(
+        "/v1/collections/{name}/objects/{object_id}",
+        tags=["objects"],
+        response_model=wire.ObjectOut,
+    )
+    async def get_object(name: str, object_id: str, include_vector: bool = False) -> JSONResponse:
         obj: StoredObject = await backend.get_object(name, object_id, include_vector)
         return FastJSONResponse(object_out(name, obj))
 
-    @app.put("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
-             response_model=wire.ObjectResult)
-    async def replace_object(name: str, object_id: str, body: wire.ObjectIn,
-                             request: Request) -> JSONResponse:
+    @app.put(
+        "/v1/collections/{name}/objects/{object_id}",
+        tags=["objects"],
+        response_model=wire.ObjectResult,
+    )
+    async def replace_object(
+        name: str, object_id: str, body: wire.ObjectIn, request: Request
+    ) -> JSONResponse:
         _check_body_id(body, object_id)
         body = body.model_copy(update={"id": object_id})
         inputs = to_inputs([body])
         limits.check_objects(inputs, settings)
-        results = await backend.upsert(name, inputs, api_keys_from(request),
-                                     request.query_params.get("consistency_level"),
-                                     timeout_s=settings.write_timeout_s)
+        results = await backend.upsert(
+            name,
+            inputs,
+            api_keys_from(request),
+            request.query_params.get("consistency_level"),
+            timeout_s=settings.write_timeout_s,
+        )
         return _single_write(results[0])
 
-    @app.patch("/v1/collections/{name}/objects/{object_id}", tags=["objects"],
-               response_model=wire.ObjectResult)
-    async def patch_object(name: str, object_id: str, body: wire.ObjectIn,
-                           request: Request) -> JSONResponse:
+    @app.patch(
+        "/v1/collections/{name}/objects/{object_id}",
+        tags=["objects"],
+        response_model=wire.ObjectResult,
+    )
+    async def patch_object(
+        name: str, object_id: str, body: wire.ObjectIn, request: Request
+    ) -> JSONResponse:
         _check_body_id(body, object_id)
         current: StoredObject = await backend.get_object(name, object_id, True)
         merged_vectors = {k: v for k, v in (current.vectors or {}).items() if len(v)}
         merged_vectors.update({k: _to_array(v, f"vectors.{k}") for k, v in body.vectors.items()})
-        merged = ObjectInput(current.uuid, {**current.properties, **body.properties},
-                             merged_vectors)
+        merged = ObjectInput(
+            current.uuid, {**current.properties, **body.properties}, merged_vectors
+        )
         limits.check_objects([merged], settings)
-        results = await backend.upsert(name, [merged], api_keys_from(request),
-                                     request.query_params.get("consistency_level"),
-                                     timeout_s=settings.write_timeout_s)
+        results = await backend.upsert(
+            name,
+            [merged],
+            api_keys_from(request),
+            request.query_params.get("consistency_level"),
+            timeout_s=settings.write_timeout_s,
+        )
         return _single_write(results[0])
 
     @app.delete("/v1/collections/{name}/objects/{object_id}", tags=["objects"])
-    async def delete_object(name: str, object_id: str, consistency_level: str | None = None
-                            ) -> dict[str, Any]:
-        existed = await backend.delete_object(name, object_id, consistency_level,
-                                     timeout_s=settings.write_timeout_s)
+    async def delete_object(
+        name: str, object_id: str, consistency_level: str | None = None
+    ) -> dict[str, Any]:
+        existed = await backend.delete_object(
+            name, object_id, consistency_level, timeout_s=settings.write_timeout_s
+        )
         if not existed:
-            raise NotFound(f"object {object_id} not found in {name!r}",
-                           {"collection": name, "id": object_id})
+            raise NotFound(
+                f"object {object_id} not found in {name!r}", {"collection": name, "id": object_id}
+            )
         return {"deleted": object_id}
 
     # ---- query -----------------------------------------------------------------------------
@@ -566,8 +659,11 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     async def query(name: str, body: wire.QueryIn, request: Request) -> JSONResponse:
         limits.check_page(body.limit, body.offset, settings)
         limits.check_filter(body.filters, settings)
-        near = (_array_or_raw(body.near_vector.vector, "near_vector.vector")
-                if body.near_vector else None)
+        near = (
+            _array_or_raw(body.near_vector.vector, "near_vector.vector")
+            if body.near_vector
+            else None
+        )
         hybrid_vector = _array_or_raw(body.hybrid.vector, "hybrid.vector") if body.hybrid else None
         if body.near_vector is not None:
             limits.check_query_vector(near, "near_vector.vector", settings)
@@ -575,23 +671,34 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
             limits.check_query_vector(hybrid_vector, "hybrid.vector", settings)
         req = QueryRequest(
             collection=name,
-            near_vector=(_to_array(near, "near_vector.vector")
-                         if body.near_vector else None),
+            near_vector=(_to_array(near, "near_vector.vector") if body.near_vector else None),
             near_text=body.near_text.query if body.near_text else None,
-            bm25=(Bm25Query(body.bm25.query, tuple(body.bm25.properties)
-                            if body.bm25.properties is not None else None)
-                  if body.bm25 else None),
-            hybrid=(HybridQuery(body.hybrid.query, body.hybrid.alpha, body.hybrid.fusion,
-                                _to_array(hybrid_vector, "hybrid.vector"),
-                                tuple(body.hybrid.properties)
-                                if body.hybrid.properties is not None else None)
-                    if body.hybrid else None),
+            bm25=(
+                Bm25Query(
+                    body.bm25.query,
+                    tuple(body.bm25.properties) if body.bm25.properties is not None else None,
+                )
+                if body.bm25
+                else None
+            ),
+            hybrid=(
+                HybridQuery(
+                    body.hybrid.query,
+                    body.hybrid.alpha,
+                    body.hybrid.fusion,
+                    _to_array(hybrid_vector, "hybrid.vector"),
+                    tuple(body.hybrid.properties) if body.hybrid.properties is not None else None,
+                )
+                if body.hybrid
+                else None
+            ),
             target_vector=body.target_vector,
             filters=body.filters,
             limit=body.limit,
             offset=body.offset,
-            return_properties=(tuple(body.return_properties)
-                               if body.return_properties is not None else None),
+            return_properties=(
+                tuple(body.return_properties) if body.return_properties is not None else None
+            ),
             return_metadata=tuple(body.return_metadata),
             include_vector=body.include_vector,
             partial=body.partial or body.allow_partial,
@@ -603,13 +710,17 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         # The gateway waits a little longer than the query's own deadline, so the coordinator's
         # 504 (naming the slow shard) or partial result arrives first.
         result: QueryResult = await backend.query(
-            req, timeout_s=(body.timeout or settings.query_timeout_s) + 5.0)
+            req, timeout_s=(body.timeout or settings.query_timeout_s) + 5.0
+        )
         return FastJSONResponse(query_out(result))
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # type: ignore[arg-type]
     if keys:  # outermost: a request without a key is turned away before its body is read
-        app.add_middleware(ApiKeyAuth, keys=keys,  # type: ignore[arg-type]
-                           on_reject=lambda status: auth_rejections.labels(str(status)).inc())
+        app.add_middleware(
+            ApiKeyAuth,
+            keys=keys,  # type: ignore[arg-type]
+            on_reject=lambda status: auth_rejections.labels(str(status)).inc(),
+        )
     _add_schemas(app, {"BatchIn": wire.BatchIn})
     return app
 
@@ -636,8 +747,9 @@ def _add_schemas(app: FastAPI, models: dict[str, type[Any]]) -> None:
 
 def _check_body_id(body: wire.ObjectIn, object_id: str) -> None:
     if body.id is not None and body.id.lower() != object_id.lower():
-        raise InvalidInput("the body's id differs from the path's id",
-                           {"id": body.id, "path_id": object_id})
+        raise InvalidInput(
+            "the body's id differs from the path's id", {"id": body.id, "path_id": object_id}
+        )
 
 
 def _single_write(result: WriteResult) -> JSONResponse:
@@ -652,6 +764,12 @@ def validation_errors_to_colshard(errors: list[Any]) -> ColshardError:
         return BadRequest("request body is not valid JSON")
     first = errors[0] if errors else {}
     loc = ".".join(str(p) for p in first.get("loc", ()))
-    return InvalidInput(f"{loc}: {first.get('msg', 'invalid request')}",
-                        {"errors": [{"loc": [str(p) for p in e.get("loc", ())],
-                                     "msg": str(e.get("msg"))} for e in errors[:20]]})
+    return InvalidInput(
+        f"{loc}: {first.get('msg', 'invalid request')}",
+        {
+            "errors": [
+                {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg"))}
+                for e in errors[:20]
+            ]
+        },
+    )

@@ -38,8 +38,11 @@ def _vector_column(name: str, col: pa.ChunkedArray, depth: int) -> list[Any]:
     if depth == 1:
         for i in range(len(arr)):
             item = arr[i]
-            rows.append(None if not item.is_valid else
-                        np.asarray(item.values.to_numpy(zero_copy_only=False), dtype=np.float32))
+            rows.append(
+                None
+                if not item.is_valid
+                else np.asarray(item.values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            )
         return rows
     if depth != 2:
         raise InvalidInput(f"column {name!r}: vectors must be list<float> or list<list<float>>")
@@ -51,8 +54,10 @@ def _vector_column(name: str, col: pa.ChunkedArray, depth: int) -> list[Any]:
             continue
         inner = item.values  # list<float> array of this object's token vectors
         if inner.null_count:
-            raise InvalidInput(f"column {name!r} row {i}: ragged or null token vectors",
-                               {"vector": name, "index": i})
+            raise InvalidInput(
+                f"column {name!r} row {i}: ragged or null token vectors",
+                {"vector": name, "index": i},
+            )
         lengths = inner.value_lengths().to_numpy(zero_copy_only=False)
         flat = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         if len(lengths) == 0:
@@ -60,8 +65,10 @@ def _vector_column(name: str, col: pa.ChunkedArray, depth: int) -> list[Any]:
             continue
         dim = int(lengths[0])
         if np.any(lengths != dim) or inner.null_count:
-            raise InvalidInput(f"column {name!r} row {i}: ragged or null token vectors",
-                               {"vector": name, "index": i})
+            raise InvalidInput(
+                f"column {name!r} row {i}: ragged or null token vectors",
+                {"vector": name, "index": i},
+            )
         rows.append(flat.reshape(len(lengths), dim))
     return rows
 
@@ -147,8 +154,7 @@ def batch_from_arrow(body: bytes | memoryview) -> ColumnarInput | list[ObjectInp
         if vec is None or vec_name in vectors:
             return _objects_from_parts(parts)
         vectors[vec_name] = vec
-    return ColumnarInput(tuple(None if i is None else str(i) for i in ids), tuple(props),
-                         vectors)
+    return ColumnarInput(tuple(None if i is None else str(i) for i in ids), tuple(props), vectors)
 
 
 def objects_from_arrow(body: bytes | memoryview) -> list[ObjectInput]:
@@ -189,5 +195,6 @@ def _objects_from_parts(parts: _Parts) -> list[ObjectInput]:
         for i, value in enumerate(_vector_column(name, col, depth)):
             if value is not None:
                 vectors[i][vec_name] = value
-    return [ObjectInput(None if ids[i] is None else str(ids[i]), props[i], vectors[i])
-            for i in range(n)]
+    return [
+        ObjectInput(None if ids[i] is None else str(ids[i]), props[i], vectors[i]) for i in range(n)
+    ]

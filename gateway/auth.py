@@ -51,8 +51,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-                        "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 KEYS_FILE_ENV = "COLSHARD_API_KEYS_FILE"
 KEYS_ENV = "COLSHARD_API_KEYS"
 SHORT_KEY = 16  # shorter keys load, with a warning
@@ -113,8 +114,9 @@ def parse_api_keys(text: str, source: str = "api keys") -> tuple[ApiKey, ...]:
             try:
                 role = Role[role_name]
             except KeyError:
-                raise KeyFileError(f"{where}: unknown role {role_name!r} "
-                                   f"(admin, writer or reader)") from None
+                raise KeyFileError(
+                    f"{where}: unknown role {role_name!r} (admin, writer or reader)"
+                ) from None
             collections: frozenset[str] | None = None
             if len(parts) == 3 and parts[2].strip() not in ("", "*"):
                 collections = frozenset(c.strip() for c in parts[2].split(",") if c.strip())
@@ -122,14 +124,16 @@ def parse_api_keys(text: str, source: str = "api keys") -> tuple[ApiKey, ...]:
                 raise KeyFileError(f"{where}: duplicate key")
             seen.add(key)
             if len(key) < SHORT_KEY:
-                log.warning("%s: key #%s is shorter than %d characters", where,
-                            fingerprint(key), SHORT_KEY)
+                log.warning(
+                    "%s: key #%s is shorter than %d characters", where, fingerprint(key), SHORT_KEY
+                )
             keys.append(ApiKey(key, role, collections))
     return tuple(keys)
 
 
-def load_api_keys(path: str | Path | None = None,
-                  environ: Mapping[str, str] | None = None) -> tuple[ApiKey, ...]:
+def load_api_keys(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[ApiKey, ...]:
     """Keys from ``path`` (else ``$COLSHARD_API_KEYS_FILE``) plus ``$COLSHARD_API_KEYS``.
 
     An empty result means auth is off. A named file that is missing or empty is an error (a
@@ -141,8 +145,9 @@ def load_api_keys(path: str | Path | None = None,
         try:
             text = Path(file_name).read_text(encoding="utf-8")
         except OSError as exc:
-            raise KeyFileError(f"cannot read the API keys file {file_name}: "
-                               f"{exc.strerror or exc}") from None
+            raise KeyFileError(
+                f"cannot read the API keys file {file_name}: {exc.strerror or exc}"
+            ) from None
         from_file = parse_api_keys(text, file_name)
         if not from_file:
             raise KeyFileError(f"the API keys file {file_name} holds no key")
@@ -204,9 +209,11 @@ def authorize(key: ApiKey, method: str, path: str) -> None:
     if need is None:
         return
     if key.role < need:
-        raise Forbidden(f"this API key ({key.role.name}) may not {method} {path}; "
-                        f"it needs the {need.name} role",
-                        {"role": key.role.name, "required": need.name})
+        raise Forbidden(
+            f"this API key ({key.role.name}) may not {method} {path}; "
+            f"it needs the {need.name} role",
+            {"role": key.role.name, "required": need.name},
+        )
     if key.collections is None:
         return
     match = _COLLECTION_PATH.match(path)
@@ -215,14 +222,17 @@ def authorize(key: ApiKey, method: str, path: str) -> None:
         return
     if path == "/v1/collections" and method in ("GET", "POST"):
         return  # the list is filtered to the scope; a create is checked against its body
-    raise Forbidden(f"this API key is limited to collections; {method} {path} needs an "
-                    f"unscoped key", {"collections": sorted(key.collections)})
+    raise Forbidden(
+        f"this API key is limited to collections; {method} {path} needs an unscoped key",
+        {"collections": sorted(key.collections)},
+    )
 
 
 def check_collection(key: ApiKey | None, collection: str) -> None:
     if key is not None and not key.may_access(collection):
-        raise Forbidden(f"this API key may not access collection {collection!r}",
-                        {"collection": collection})
+        raise Forbidden(
+            f"this API key may not access collection {collection!r}", {"collection": collection}
+        )
 
 
 def principal(request: Request) -> ApiKey | None:
@@ -244,8 +254,9 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 class ApiKeyAuth:
     """ASGI middleware: authenticate, authorize by route, put the key in the scope."""
 
-    def __init__(self, app: ASGIApp, keys: KeyTable,
-                 on_reject: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: KeyTable, on_reject: Callable[[int], None] | None = None
+    ) -> None:
         self.app = app
         self.keys = keys
         self.on_reject = on_reject
@@ -259,13 +270,27 @@ class ApiKeyAuth:
         key = self.keys.find(token) if token is not None else None
         if key is None:
             client = scope.get("client") or ("?", 0)
-            log.info("401 %s %s from %s: %s", method, path, client[0],
-                     "no bearer token" if token is None else "unknown API key")
-            challenge = ('Bearer realm="colshard"' if token is None else
-                         'Bearer realm="colshard", error="invalid_token"')
-            await self._reject(send, Unauthorized(
-                "missing API key (Authorization: Bearer <key>)" if token is None
-                else "invalid API key"), challenge)
+            log.info(
+                "401 %s %s from %s: %s",
+                method,
+                path,
+                client[0],
+                "no bearer token" if token is None else "unknown API key",
+            )
+            challenge = (
+                'Bearer realm="colshard"'
+                if token is None
+                else 'Bearer realm="colshard", error="invalid_token"'
+            )
+            await self._reject(
+                send,
+                Unauthorized(
+                    "missing API key (Authorization: Bearer <key>)"
+                    if token is None
+                    else "invalid API key"
+                ),
+                challenge,
+            )
             return
         try:
             authorize(key, method, path)
@@ -281,8 +306,10 @@ class ApiKeyAuth:
         if self.on_reject is not None:
             self.on_reject(status)
         body = json.dumps(error_body(exc)).encode()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         if challenge is not None:
             headers.append((b"www-authenticate", challenge.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})

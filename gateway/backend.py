@@ -64,8 +64,9 @@ class Backend:
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
 
-    async def _call(self, verb: Callable[..., Awaitable[R]], args: tuple[Any, ...],
-                    timeout_s: float | None) -> R:
+    async def _call(
+        self, verb: Callable[..., Awaitable[R]], args: tuple[Any, ...], timeout_s: float | None
+    ) -> R:
         return cast(R, await self._transport.call(verb.__name__, args, timeout_s))
 
     async def readiness(self, *, timeout_s: float | None = None) -> dict[str, Any]:
@@ -74,56 +75,96 @@ class Backend:
     async def cluster_info(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         return await self._call(CoordinatorAPI.cluster_info, (), timeout_s)
 
-    async def create_collection(self, raw: Mapping[str, Any], *,
-                                timeout_s: float | None = None) -> CollectionSpec:
+    async def create_collection(
+        self, raw: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> CollectionSpec:
         return await self._call(CoordinatorAPI.create_collection, (raw,), timeout_s)
 
-    async def list_collections(self, *, timeout_s: float | None = None
-                               ) -> list[CollectionSpec]:
+    async def list_collections(self, *, timeout_s: float | None = None) -> list[CollectionSpec]:
         return await self._call(CoordinatorAPI.list_collections, (), timeout_s)
 
-    async def describe_collection(self, name: str, *, timeout_s: float | None = None
-                                  ) -> dict[str, Any]:
+    async def describe_collection(
+        self, name: str, *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         return await self._call(CoordinatorAPI.describe_collection, (name,), timeout_s)
 
-    async def quality(self, name: str, vector: str | None, k: int | None, queries: int,
-                      seed: int | None, detail: bool = False, *,
-                      timeout_s: float | None = None) -> dict[str, Any]:
-        return await self._call(CoordinatorAPI.quality,
-                                (name, vector, k, queries, seed, detail), timeout_s)
+    async def quality(
+        self,
+        name: str,
+        vector: str | None,
+        k: int | None,
+        queries: int,
+        seed: int | None,
+        detail: bool = False,
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(
+            CoordinatorAPI.quality, (name, vector, k, queries, seed, detail), timeout_s
+        )
 
     async def delete_collection(self, name: str, *, timeout_s: float | None = None) -> None:
         await self._call(CoordinatorAPI.delete_collection, (name,), timeout_s)
 
-    async def upsert(self, collection: str, objects: Sequence[ObjectInput] | ColumnarInput,
-                     api_keys: Mapping[str, str] | None = None,
-                     consistency_level: str | None = None, *,
-                     timeout_s: float | None = None) -> list[WriteResult]:
-        return await self._call(CoordinatorAPI.upsert,
-                                (collection, objects, api_keys, consistency_level), timeout_s)
+    async def upsert(
+        self,
+        collection: str,
+        objects: Sequence[ObjectInput] | ColumnarInput,
+        api_keys: Mapping[str, str] | None = None,
+        consistency_level: str | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[WriteResult]:
+        return await self._call(
+            CoordinatorAPI.upsert, (collection, objects, api_keys, consistency_level), timeout_s
+        )
 
-    async def delete_where(self, collection: str, raw_filter: Mapping[str, Any],
-                           dry_run: bool, consistency_level: str | None = None, *,
-                           timeout_s: float | None = None) -> dict[str, Any]:
-        return await self._call(CoordinatorAPI.delete_where,
-                                (collection, raw_filter, dry_run, consistency_level), timeout_s)
+    async def delete_where(
+        self,
+        collection: str,
+        raw_filter: Mapping[str, Any],
+        dry_run: bool,
+        consistency_level: str | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(
+            CoordinatorAPI.delete_where,
+            (collection, raw_filter, dry_run, consistency_level),
+            timeout_s,
+        )
 
-    async def list_objects(self, collection: str, after: str | None, limit: int,
-                           include_vector: bool, *, timeout_s: float | None = None
-                           ) -> list[StoredObject]:
-        return await self._call(CoordinatorAPI.list_objects,
-                                (collection, after, limit, include_vector), timeout_s)
+    async def list_objects(
+        self,
+        collection: str,
+        after: str | None,
+        limit: int,
+        include_vector: bool,
+        *,
+        timeout_s: float | None = None,
+    ) -> list[StoredObject]:
+        return await self._call(
+            CoordinatorAPI.list_objects, (collection, after, limit, include_vector), timeout_s
+        )
 
-    async def get_object(self, collection: str, uuid: str, include_vector: bool, *,
-                         timeout_s: float | None = None) -> StoredObject:
-        return await self._call(CoordinatorAPI.get_object, (collection, uuid, include_vector),
-                                timeout_s)
+    async def get_object(
+        self, collection: str, uuid: str, include_vector: bool, *, timeout_s: float | None = None
+    ) -> StoredObject:
+        return await self._call(
+            CoordinatorAPI.get_object, (collection, uuid, include_vector), timeout_s
+        )
 
-    async def delete_object(self, collection: str, uuid: str,
-                            consistency_level: str | None = None, *,
-                            timeout_s: float | None = None) -> bool:
-        return await self._call(CoordinatorAPI.delete_object,
-                                (collection, uuid, consistency_level), timeout_s)
+    async def delete_object(
+        self,
+        collection: str,
+        uuid: str,
+        consistency_level: str | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> bool:
+        return await self._call(
+            CoordinatorAPI.delete_object, (collection, uuid, consistency_level), timeout_s
+        )
 
     async def query(self, req: QueryRequest, *, timeout_s: float | None = None) -> QueryResult:
         return await self._call(CoordinatorAPI.query, (req,), timeout_s)

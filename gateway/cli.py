@@ -57,13 +57,19 @@ LIMIT_FLAGS: tuple[tuple[str, type, str | None], ...] = (
     ("max_shards", int, "most shards a new collection may have"),
     ("max_properties", int, "most properties a collection may have"),
     ("max_vectors", int, "most named vectors a collection may have"),
-    ("max_vectorize_objects", int,
-     "most objects a vectorizer encodes for one write request (0: no limit)"),
+    (
+        "max_vectorize_objects",
+        int,
+        "most objects a vectorizer encodes for one write request (0: no limit)",
+    ),
     ("query_timeout_s", float, "504 when the coordinator does not answer a read in time"),
     ("write_timeout_s", float, None),
     ("http_header_timeout_s", float, "close a connection whose request headers take longer"),
-    ("http_body_timeout_s", float,
-     "close a connection whose request body takes longer after its headers"),
+    (
+        "http_body_timeout_s",
+        float,
+        "close a connection whose request body takes longer after its headers",
+    ),
     ("http_idle_timeout_s", float, "close an idle keep-alive connection after this long"),
     ("max_connections", int, "connections and requests at once; 503 beyond (0: no cap)"),
 )
@@ -77,8 +83,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     etcd = args.etcd or _env("COLSHARD_ETCD") or ""
     endpoints = tuple(e.strip() for e in etcd.split(",") if e.strip())
     return Settings(
-        data_dir=Path(args.data_dir or _env("COLSHARD_DATA_DIR", "./colshard-data") or ".")
-        .resolve(),
+        data_dir=Path(
+            args.data_dir or _env("COLSHARD_DATA_DIR", "./colshard-data") or "."
+        ).resolve(),
         cluster_name=args.cluster_name or _env("COLSHARD_CLUSTER_NAME", "default") or "default",
         etcd_endpoints=endpoints,
         ray_address=args.ray_address or _env("COLSHARD_RAY_ADDRESS"),
@@ -86,8 +93,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         port=args.port,
         max_body_bytes=args.max_body_mb * 1024 * 1024,
         **{field_name: getattr(args, field_name) for field_name, _, _ in LIMIT_FLAGS},
-        shard_resources=parse_resources(args.shard_resources
-                                        or _env("COLSHARD_SHARD_RESOURCES") or ""),
+        shard_resources=parse_resources(
+            args.shard_resources or _env("COLSHARD_SHARD_RESOURCES") or ""
+        ),
         vectorizer_replicas=args.vectorizer_replicas
         or int(_env("COLSHARD_VECTORIZER_REPLICAS", "1") or "1"),
         shard=_shard_settings(args),
@@ -138,8 +146,9 @@ def parse_resources(text: str) -> dict[str, float]:
             raise ValueError("not an object")
         return {str(k): float(v) for k, v in value.items()}
     except (ValueError, TypeError) as exc:
-        raise SystemExit(f"colshard: --shard-resources must be a JSON object of numbers "
-                         f"({exc}): {text!r}") from exc
+        raise SystemExit(
+            f"colshard: --shard-resources must be a JSON object of numbers ({exc}): {text!r}"
+        ) from exc
 
 
 def security_from_args(args: argparse.Namespace, host: str) -> tuple[Any, ...] | None:
@@ -157,13 +166,19 @@ def security_from_args(args: argparse.Namespace, host: str) -> tuple[Any, ...] |
         print("colshard: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return None
     if not keys and not is_loopback(host) and not args.allow_insecure:
-        print(f"colshard: refusing to serve on {host} without API keys: give --api-keys-file "
-              f"(or COLSHARD_API_KEYS_FILE / COLSHARD_API_KEYS), bind 127.0.0.1, or pass "
-              f"--allow-insecure", file=sys.stderr)
+        print(
+            f"colshard: refusing to serve on {host} without API keys: give --api-keys-file "
+            f"(or COLSHARD_API_KEYS_FILE / COLSHARD_API_KEYS), bind 127.0.0.1, or pass "
+            f"--allow-insecure",
+            file=sys.stderr,
+        )
         return None
     if keys:
-        log.info("API-key auth on: %d key(s) (%s)", len(keys),
-                 ", ".join(sorted({k.role.name for k in keys})))
+        log.info(
+            "API-key auth on: %d key(s) (%s)",
+            len(keys),
+            ", ".join(sorted({k.role.name for k in keys})),
+        )
     else:
         log.warning("API-key auth off: every client reaching %s may read and write", host)
     return keys
@@ -176,8 +191,9 @@ def security_from_args(args: argparse.Namespace, host: str) -> tuple[Any, ...] |
 LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def init_ray(address: str | None, *, local_dashboard: bool = True,
-             num_cpus: int | None = None) -> bool:
+def init_ray(
+    address: str | None, *, local_dashboard: bool = True, num_cpus: int | None = None
+) -> bool:
     """Join ``address`` or start a local Ray with every socket on 127.0.0.1. True if we
     started it. A local Ray that would not be on loopback is stopped again and refused."""
     if address:
@@ -198,13 +214,20 @@ def init_ray(address: str | None, *, local_dashboard: bool = True,
     # Already imported before the environment was set (a test session, an embedding program):
     # the constant was read then.
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(include_dashboard=local_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=False, num_cpus=num_cpus)
+    ray.init(
+        include_dashboard=local_dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        num_cpus=num_cpus,
+    )
     node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
     if node_ip not in ("127.0.0.1", "::1"):
         ray.shutdown()
-        raise SystemExit(f"colshard: the local Ray took node address {node_ip}, not loopback: "
-                         f"refusing to run it (it would listen beyond this machine)")
+        raise SystemExit(
+            f"colshard: the local Ray took node address {node_ip}, not loopback: "
+            f"refusing to run it (it would listen beyond this machine)"
+        )
     return True
 
 
@@ -216,46 +239,76 @@ def get_or_create_coordinator(settings: Settings) -> Any:
 
     # The head node: it holds Ray's GCS, so the cluster lives exactly as long as it does.
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-    node_id = next((n["NodeID"] for n in nodes
-                    if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})),
-                   None)
+    node_id = next(
+        (
+            n["NodeID"]
+            for n in nodes
+            if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})
+        ),
+        None,
+    )
     actor_cls: Any = ray.remote(CoordinatorActor)
     handle = actor_cls.options(
-        name=COORDINATOR_ACTOR_NAME, namespace=ray_namespace(settings.cluster_name),
-        get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
+        name=COORDINATOR_ACTOR_NAME,
+        namespace=ray_namespace(settings.cluster_name),
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_restarts=-1,
         max_concurrency=1000,
         # On the head (hard affinity): the head holds Ray's GCS, so it lives as long as the
         # cluster; a soft affinity let Ray spill the actor to a busy worker node that may leave.
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
-        if node_id else "DEFAULT",
+        if node_id
+        else "DEFAULT",
     ).remote(settings)
     ray.get(handle.start.remote(), timeout=120)
     return handle
 
 
-def gateway_config(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
-                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                   log_level: str = "info") -> Any:
+def gateway_config(
+    settings: Settings,
+    handle: Any,
+    *,
+    api_keys: Sequence[Any] = (),
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    log_level: str = "info",
+) -> Any:
     """The uvicorn config of a gateway process that reaches the coordinator over Ray (TLS when
     both ssl files are given)."""
     from gateway.backend import Backend
     from gateway.ray_backend import RayTransport
     from gateway.server import uvicorn_config
 
-    return uvicorn_config(Backend(RayTransport(handle, settings.query_timeout_s)), settings,
-                          api_keys=api_keys, ssl_certfile=ssl_certfile,
-                          ssl_keyfile=ssl_keyfile, log_level=log_level)
+    return uvicorn_config(
+        Backend(RayTransport(handle, settings.query_timeout_s)),
+        settings,
+        api_keys=api_keys,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        log_level=log_level,
+    )
 
 
-def run_gateway(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
-                ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+def run_gateway(
+    settings: Settings,
+    handle: Any,
+    *,
+    api_keys: Sequence[Any] = (),
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> None:
     import uvicorn
 
     # ray.init() installed its own SIGTERM handler (sys.exit(15)); uvicorn restores whatever it
     # finds here once it has drained, so put ours back: SIGTERM then ends like Ctrl-C, exit 0.
     signal.signal(signal.SIGTERM, _interrupt)
-    uvicorn.Server(gateway_config(settings, handle, api_keys=api_keys,
-                                  ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)).run()
+    uvicorn.Server(
+        gateway_config(
+            settings, handle, api_keys=api_keys, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
+        )
+    ).run()
 
 
 def coordinator_is_local(handle: Any) -> bool:
@@ -269,8 +322,9 @@ def coordinator_is_local(handle: Any) -> bool:
     return bool(where["node_id"] == ray_node_id())
 
 
-def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0,
-                         stopping: _StopClock | None = None) -> None:
+def serve_in_coordinator(
+    handle: Any, gateway: Any, *, poll_s: float = 1.0, stopping: _StopClock | None = None
+) -> None:
     """Have the coordinator actor serve ``gateway`` in its event loop until Ctrl-C / SIGTERM,
     then drain it. Keeps it hosted: Ray restarts a crashed coordinator, and its server with it
     is gone, so it is hosted again (``keep_hosted``)."""
@@ -281,8 +335,7 @@ def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0,
         where = ray.get(handle.host.remote(gateway, owner), timeout=120)
     except ray.exceptions.RayTaskError as exc:  # e.g. the port is taken: say so, exit 1
         raise SystemExit(f"colshard: {exc.cause}") from None
-    log.info("gateway %s runs inside the coordinator actor (pid %s)", gateway.address,
-             where["pid"])
+    log.info("gateway %s runs inside the coordinator actor (pid %s)", gateway.address, where["pid"])
     # ray.init() installed its own SIGTERM handler (sys.exit(15)): SIGTERM ends like Ctrl-C.
     # Either one also arms a hard exit past the exit budget: a Ray call that does not return
     # (a coordinator that stopped answering) cannot keep serve running.
@@ -300,8 +353,9 @@ def serve_in_coordinator(handle: Any, gateway: Any, *, poll_s: float = 1.0,
             log.warning("could not stop the gateway in the coordinator: %r", exc)
 
 
-def keep_hosted(handle: Any, gateway: Any, owner: str, poll_s: float,
-                stop: threading.Event | None = None) -> None:
+def keep_hosted(
+    handle: Any, gateway: Any, owner: str, poll_s: float, stop: threading.Event | None = None
+) -> None:
     """Every ``poll_s`` until ``stop`` (or Ctrl-C): host ``gateway`` again if the coordinator
     no longer runs it (the actor was restarted). Returns if another owner took the coordinator's
     server over (a second ``colshard serve`` against the same cluster)."""
@@ -312,12 +366,15 @@ def keep_hosted(handle: Any, gateway: Any, owner: str, poll_s: float,
         try:
             current = ray.get(handle.hosting.remote(), timeout=30)
             if current is None:
-                log.warning("the coordinator runs no gateway (it was restarted): hosting "
-                            "%s again", gateway.address)
+                log.warning(
+                    "the coordinator runs no gateway (it was restarted): hosting %s again",
+                    gateway.address,
+                )
                 ray.get(handle.host.remote(gateway, owner), timeout=120)
             elif current != owner:
-                log.warning("another colshard serve (%s) now runs the coordinator's gateway",
-                            current)
+                log.warning(
+                    "another colshard serve (%s) now runs the coordinator's gateway", current
+                )
                 return
         except Exception as exc:  # the actor is restarting, or the port is not free yet
             log.warning("gateway check failed, retrying: %r", exc)
@@ -337,8 +394,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if not settings.etcd_endpoints:
             # "_etcd" cannot collide with a collection directory (names start with a letter).
-            etcd = EmbeddedEtcd(settings.data_dir / "_etcd", client_port=args.etcd_port,
-                                peer_port=args.etcd_port + 1)
+            etcd = EmbeddedEtcd(
+                settings.data_dir / "_etcd",
+                client_port=args.etcd_port,
+                peer_port=args.etcd_port + 1,
+            )
             endpoint = etcd.start()
             log.info("embedded etcd on %s (pid %s)", endpoint, etcd.pid)
             settings = replace(settings, etcd_endpoints=(endpoint,))
@@ -349,19 +409,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handle = get_or_create_coordinator(settings)
         embedded = not args.separate_gateway and coordinator_is_local(handle)
         scheme = "https" if args.ssl_certfile else "http"
-        print(f"colshard serving on {scheme}://{settings.host}:{settings.port} "
-              f"(data {settings.data_dir}, etcd {','.join(settings.etcd_endpoints)}, gateway "
-              f"{'inside the coordinator actor' if embedded else 'in this process'})",
-              flush=True)
+        print(
+            f"colshard serving on {scheme}://{settings.host}:{settings.port} "
+            f"(data {settings.data_dir}, etcd {','.join(settings.etcd_endpoints)}, gateway "
+            f"{'inside the coordinator actor' if embedded else 'in this process'})",
+            flush=True,
+        )
         if embedded:
             from gateway.server import EmbeddedGateway
 
-            serve_in_coordinator(handle, EmbeddedGateway(
-                settings, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile), stopping=stopping)
+            serve_in_coordinator(
+                handle,
+                EmbeddedGateway(
+                    settings,
+                    api_keys=api_keys,
+                    ssl_certfile=args.ssl_certfile,
+                    ssl_keyfile=args.ssl_keyfile,
+                ),
+                stopping=stopping,
+            )
         else:
-            run_gateway(settings, handle, api_keys=api_keys, ssl_certfile=args.ssl_certfile,
-                        ssl_keyfile=args.ssl_keyfile)
+            run_gateway(
+                settings,
+                handle,
+                api_keys=api_keys,
+                ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile,
+            )
     finally:
         stopping.start()
         started = descendants(os.getpid())  # Ray's GCS, raylet, agents, workers; etcd
@@ -394,6 +468,7 @@ def _exit_code(pending: BaseException | None) -> int:
 def exit_after(seconds: float, code: int) -> None:
     """End the process with ``code`` in ``seconds`` unless it has exited by then (a daemon
     thread: it keeps running while the interpreter's exit hooks do)."""
+
     def hard_exit() -> None:
         time.sleep(seconds)
         with contextlib.suppress(Exception):
@@ -465,8 +540,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if api_keys is None:
         return 2
     init_ray(settings.ray_address)
-    run_gateway(settings, get_or_create_coordinator(settings), api_keys=api_keys,
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    run_gateway(
+        settings,
+        get_or_create_coordinator(settings),
+        api_keys=api_keys,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
     return 0
 
 
@@ -486,8 +566,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if response.status_code != 200:
         print(json.dumps(response.json(), indent=2), file=sys.stderr)
         return 1
-    readiness = ready.json() if ready.headers.get("content-type", "").startswith(
-        "application/json") else None
+    readiness = (
+        ready.json()
+        if ready.headers.get("content-type", "").startswith("application/json")
+        else None
+    )
     if args.json:
         print(json.dumps({"cluster": response.json(), "readiness": readiness}, indent=2))
     else:
@@ -503,12 +586,21 @@ def _api_headers(args: argparse.Namespace) -> dict[str, str]:
 def query_body(args: argparse.Namespace) -> dict[str, Any]:
     """The /query body of ``colshard query``'s flags; SystemExit(2) with one line when they
     name no query kind, or more than one."""
-    kinds = [name for name, value in (("--near-text", args.near_text), ("--bm25", args.bm25),
-                                      ("--hybrid", args.hybrid),
-                                      ("--near-vector", args.near_vector)) if value is not None]
+    kinds = [
+        name
+        for name, value in (
+            ("--near-text", args.near_text),
+            ("--bm25", args.bm25),
+            ("--hybrid", args.hybrid),
+            ("--near-vector", args.near_vector),
+        )
+        if value is not None
+    ]
     if len(kinds) != 1:
-        raise SystemExit("colshard query: give exactly one of --near-text, --bm25, --hybrid, "
-                         f"--near-vector (got {', '.join(kinds) or 'none'})")
+        raise SystemExit(
+            "colshard query: give exactly one of --near-text, --bm25, --hybrid, "
+            f"--near-vector (got {', '.join(kinds) or 'none'})"
+        )
     body: dict[str, Any] = {"limit": args.limit, "return_metadata": ["score"]}
     if args.near_text is not None:
         body["near_text"] = {"query": args.near_text}
@@ -531,15 +623,15 @@ def query_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def _request(args: argparse.Namespace, method: str, path: str, timeout_s: float,
-             **kwargs: Any) -> Any:
+def _request(
+    args: argparse.Namespace, method: str, path: str, timeout_s: float, **kwargs: Any
+) -> Any:
     """One request to ``--url`` with ``--api-key``; None (after saying why) when the gateway
     cannot be reached."""
     import httpx
 
     try:
-        with httpx.Client(base_url=args.url, timeout=timeout_s,
-                          headers=_api_headers(args)) as http:
+        with httpx.Client(base_url=args.url, timeout=timeout_s, headers=_api_headers(args)) as http:
             return http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         print(f"colshard: cannot reach {args.url}: {exc}", file=sys.stderr)
@@ -548,12 +640,13 @@ def _request(args: argparse.Namespace, method: str, path: str, timeout_s: float,
 
 def cmd_query(args: argparse.Namespace) -> int:
     body = query_body(args)
-    response = _request(args, "POST", f"/v1/collections/{args.collection}/query", 120.0,
-                        json=body)
+    response = _request(args, "POST", f"/v1/collections/{args.collection}/query", 120.0, json=body)
     if response is None:
         return 2
-    print(json.dumps(response.json(), indent=2),
-          file=sys.stdout if response.status_code == 200 else sys.stderr)
+    print(
+        json.dumps(response.json(), indent=2),
+        file=sys.stdout if response.status_code == 200 else sys.stderr,
+    )
     return 0 if response.status_code == 200 else 1
 
 
@@ -563,8 +656,9 @@ def cmd_quality(args: argparse.Namespace) -> int:
     for key in ("vector", "k", "seed"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
-    response = _request(args, "GET", f"/v1/collections/{args.collection}/quality", 600.0,
-                        params=params)
+    response = _request(
+        args, "GET", f"/v1/collections/{args.collection}/quality", 600.0, params=params
+    )
     if response is None:
         return 2
     if response.status_code != 200:
@@ -577,13 +671,16 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 def format_quality(report: Mapping[str, Any]) -> str:
     """The recall report as a few lines of text."""
+
     def pct(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    head = (f"{report['collection']}.{report['vector']}: recall@{report['k']} "
-            f"{pct(report['recall'])} (95 % bounds {pct(report['ci_low'])}.."
-            f"{pct(report['ci_high'])}, {report['queries']} queries); target "
-            f"{report['target']:.3f} at k={report['target_k']}")
+    head = (
+        f"{report['collection']}.{report['vector']}: recall@{report['k']} "
+        f"{pct(report['recall'])} (95 % bounds {pct(report['ci_low'])}.."
+        f"{pct(report['ci_high'])}, {report['queries']} queries); target "
+        f"{report['target']:.3f} at k={report['target_k']}"
+    )
     if report.get("meets_target") is not None:
         head += ", met" if report["meets_target"] else ", NOT met"
     lines = [head, "shard  objects  recall  bounds        calibration"]
@@ -592,12 +689,16 @@ def format_quality(report: Mapping[str, Any]) -> str:
         measured = cal.get("measured") or {}
         note = cal.get("state", "-")
         if measured:
-            note += (f": depth {cal.get('depth')}, measured {pct(measured.get('recall'))} "
-                     f"on {measured.get('queries')} queries ({measured.get('real_queries')} "
-                     f"real)")
-        lines.append(f"{s['shard']:>5}  {s['objects'] if s['objects'] is not None else '-':>7}"
-                     f"  {pct(s['recall']):>6}  {pct(s['ci_low'])}..{pct(s['ci_high'])}"
-                     f"  {note}")
+            note += (
+                f": depth {cal.get('depth')}, measured {pct(measured.get('recall'))} "
+                f"on {measured.get('queries')} queries ({measured.get('real_queries')} "
+                f"real)"
+            )
+        lines.append(
+            f"{s['shard']:>5}  {s['objects'] if s['objects'] is not None else '-':>7}"
+            f"  {pct(s['recall']):>6}  {pct(s['ci_low'])}..{pct(s['ci_high'])}"
+            f"  {note}"
+        )
     if report.get("failed_shards"):
         lines.append(f"failed shards: {report['failed_shards']}")
     return "\n".join(lines)
@@ -635,11 +736,18 @@ def cmd_load(args: argparse.Namespace) -> int:
 
     from bench.loadtest import LoadConfig, run_load
 
-    cfg = LoadConfig(url=args.url, api_key=args.api_key or _env("COLSHARD_API_KEY"),
-                     duration_s=args.duration_s, warmup_s=min(args.warmup_s, args.duration_s),
-                     clients=args.clients, write_fraction=args.write_fraction, dim=args.dim,
-                     batch_size=args.batch_size, shard_count=args.shard_count,
-                     gateway_pids=tuple(args.pid or ()))
+    cfg = LoadConfig(
+        url=args.url,
+        api_key=args.api_key or _env("COLSHARD_API_KEY"),
+        duration_s=args.duration_s,
+        warmup_s=min(args.warmup_s, args.duration_s),
+        clients=args.clients,
+        write_fraction=args.write_fraction,
+        dim=args.dim,
+        batch_size=args.batch_size,
+        shard_count=args.shard_count,
+        gateway_pids=tuple(args.pid or ()),
+    )
     report = asyncio.run(run_load(cfg))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.errors == 0 else 1
@@ -654,69 +762,106 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colshard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="colshard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def server_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory (env COLSHARD_DATA_DIR)")
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8080)
-        p.add_argument("--etcd", help="host:port[,host:port...] of an existing etcd "
-                                      "(env COLSHARD_ETCD); default: start one")
+        p.add_argument(
+            "--etcd",
+            help="host:port[,host:port...] of an existing etcd "
+            "(env COLSHARD_ETCD); default: start one",
+        )
         p.add_argument("--ray-address", help="join this Ray cluster (env COLSHARD_RAY_ADDRESS)")
         p.add_argument("--cluster-name", help="colshard cluster name (env COLSHARD_CLUSTER_NAME)")
         p.add_argument("--max-body-mb", type=int, default=64, help="413 above this")
-        p.add_argument("--api-keys-file", help="API keys, one per line: KEY[:ROLE[:COLL,...]] "
-                                               "(env COLSHARD_API_KEYS_FILE; also "
-                                               "COLSHARD_API_KEYS); none: auth off")
-        p.add_argument("--allow-insecure", action="store_true",
-                       help="serve a non-loopback --host without API keys")
+        p.add_argument(
+            "--api-keys-file",
+            help="API keys, one per line: KEY[:ROLE[:COLL,...]] "
+            "(env COLSHARD_API_KEYS_FILE; also "
+            "COLSHARD_API_KEYS); none: auth off",
+        )
+        p.add_argument(
+            "--allow-insecure",
+            action="store_true",
+            help="serve a non-loopback --host without API keys",
+        )
         p.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
         p.add_argument("--ssl-keyfile", help="the certificate's PEM private key")
         d = Settings()
         for field_name, kind, helptext in LIMIT_FLAGS:
-            p.add_argument("--" + field_name.replace("_", "-"), type=kind,
-                           default=getattr(d, field_name), help=helptext)
-        p.add_argument("--shard-resources",
-                       help='Ray resources every shard actor requests, JSON, e.g. '
-                            '\'{"colshard_shard": 1}\' (env COLSHARD_SHARD_RESOURCES)')
-        p.add_argument("--seal-threshold-tokens", type=_positive_int, default=None,
-                       help="tokens a shard's growing segment holds before it is sealed to an "
-                            "immutable, indexed segment (default "
-                            f"{ShardSettings().seal_threshold_tokens}; env "
-                            "COLSHARD_SEAL_THRESHOLD_TOKENS)")
-        p.add_argument("--index-defer-tokens", type=_non_negative_int, default=None,
-                       help="while writes keep arriving and nobody searches a shard, its "
-                            "sealed segments wait unindexed (scored exactly) until together "
-                            "they hold this many tokens, then are merged and indexed once; 0 = "
-                            "index each segment when sealed "
-                            f"(default {ShardSettings().index_defer_tokens}; env "
-                            "COLSHARD_INDEX_DEFER_TOKENS)")
-        p.add_argument("--calibration-queries", type=_non_negative_int, default=None,
-                       help="sample queries per recall calibration of a shard; 0 turns "
-                            "calibration off (search depth 1) (default "
-                            f"{ShardSettings().calibration_queries}; env "
-                            "COLSHARD_CALIBRATION_QUERIES)")
-        p.add_argument("--vectorizer-replicas", type=_positive_int, default=None,
-                       help="encoder actors per vectorizer config; import batches run on them "
-                            "in parallel (default 1; env COLSHARD_VECTORIZER_REPLICAS)")
+            p.add_argument(
+                "--" + field_name.replace("_", "-"),
+                type=kind,
+                default=getattr(d, field_name),
+                help=helptext,
+            )
+        p.add_argument(
+            "--shard-resources",
+            help="Ray resources every shard actor requests, JSON, e.g. "
+            "'{\"colshard_shard\": 1}' (env COLSHARD_SHARD_RESOURCES)",
+        )
+        p.add_argument(
+            "--seal-threshold-tokens",
+            type=_positive_int,
+            default=None,
+            help="tokens a shard's growing segment holds before it is sealed to an "
+            "immutable, indexed segment (default "
+            f"{ShardSettings().seal_threshold_tokens}; env "
+            "COLSHARD_SEAL_THRESHOLD_TOKENS)",
+        )
+        p.add_argument(
+            "--index-defer-tokens",
+            type=_non_negative_int,
+            default=None,
+            help="while writes keep arriving and nobody searches a shard, its "
+            "sealed segments wait unindexed (scored exactly) until together "
+            "they hold this many tokens, then are merged and indexed once; 0 = "
+            "index each segment when sealed "
+            f"(default {ShardSettings().index_defer_tokens}; env "
+            "COLSHARD_INDEX_DEFER_TOKENS)",
+        )
+        p.add_argument(
+            "--calibration-queries",
+            type=_non_negative_int,
+            default=None,
+            help="sample queries per recall calibration of a shard; 0 turns "
+            "calibration off (search depth 1) (default "
+            f"{ShardSettings().calibration_queries}; env "
+            "COLSHARD_CALIBRATION_QUERIES)",
+        )
+        p.add_argument(
+            "--vectorizer-replicas",
+            type=_positive_int,
+            default=None,
+            help="encoder actors per vectorizer config; import batches run on them "
+            "in parallel (default 1; env COLSHARD_VECTORIZER_REPLICAS)",
+        )
 
     serve = sub.add_parser("serve", help="run etcd + Ray + coordinator + gateway")
     server_flags(serve)
     serve.add_argument("--etcd-port", type=int, default=2379, help="embedded etcd client port")
-    serve.add_argument("--separate-gateway", action="store_true",
-                       default=_env("COLSHARD_SEPARATE_GATEWAY", "") not in ("", "0"),
-                       help="serve HTTP from this process, one Ray call to the coordinator "
-                            "per request, instead of inside the coordinator actor (the "
-                            "default when the coordinator runs on this node; env "
-                            "COLSHARD_SEPARATE_GATEWAY=1)")
+    serve.add_argument(
+        "--separate-gateway",
+        action="store_true",
+        default=_env("COLSHARD_SEPARATE_GATEWAY", "") not in ("", "0"),
+        help="serve HTTP from this process, one Ray call to the coordinator "
+        "per request, instead of inside the coordinator actor (the "
+        "default when the coordinator runs on this node; env "
+        "COLSHARD_SEPARATE_GATEWAY=1)",
+    )
     gw = sub.add_parser("gateway", help="run only the HTTP gateway against a running cluster")
     server_flags(gw)
-    for name, helptext in (("status", "show cluster state"), ("query", "run a query"),
-                           ("import", "import a Parquet file"),
-                           ("quality", "measure a collection's recall@k against exact "
-                                       "MaxSim")):
+    for name, helptext in (
+        ("status", "show cluster state"),
+        ("query", "run a query"),
+        ("import", "import a Parquet file"),
+        ("quality", "measure a collection's recall@k against exact MaxSim"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
         p.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
@@ -725,14 +870,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--near-text", help="text, vectorized by the collection")
             p.add_argument("--bm25", help="keyword query")
             p.add_argument("--hybrid", help="text for hybrid (BM25 + vector) search")
-            p.add_argument("--alpha", type=float, default=0.75,
-                           help="hybrid weight of the vector part (0: BM25 only, 1: vector)")
-            p.add_argument("--near-vector", help="a vector or multi-vector as JSON, e.g. "
-                                                 "'[[0.1, 0.2], [0.3, 0.4]]'")
+            p.add_argument(
+                "--alpha",
+                type=float,
+                default=0.75,
+                help="hybrid weight of the vector part (0: BM25 only, 1: vector)",
+            )
+            p.add_argument(
+                "--near-vector",
+                help="a vector or multi-vector as JSON, e.g. '[[0.1, 0.2], [0.3, 0.4]]'",
+            )
             p.add_argument("--target-vector", help="named vector to search")
-            p.add_argument("--filter", help="filter as JSON, e.g. "
-                                            '\'{"path": "year", "operator": "equal", '
-                                            '"value": 2020}\'')
+            p.add_argument(
+                "--filter",
+                help="filter as JSON, e.g. "
+                '\'{"path": "year", "operator": "equal", '
+                '"value": 2020}\'',
+            )
             p.add_argument("--limit", type=int, default=10)
         if name == "import":
             p.add_argument("file")
@@ -750,15 +904,23 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
     load.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
     load.add_argument("--duration-s", type=float, default=60.0)
-    load.add_argument("--warmup-s", type=float, default=10.0,
-                      help="RSS growth is measured from the end of the warm-up")
+    load.add_argument(
+        "--warmup-s",
+        type=float,
+        default=10.0,
+        help="RSS growth is measured from the end of the warm-up",
+    )
     load.add_argument("--clients", type=int, default=8)
     load.add_argument("--write-fraction", type=float, default=0.3)
     load.add_argument("--dim", type=int, default=32)
     load.add_argument("--batch-size", type=int, default=16)
     load.add_argument("--shard-count", type=int, default=2)
-    load.add_argument("--pid", type=int, action="append",
-                      help="also sample this process's RSS (e.g. the gateway's)")
+    load.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        help="also sample this process's RSS (e.g. the gateway's)",
+    )
     load.add_argument("--json", action="store_true")
     sub.add_parser("bench", help="run the benchmark (colshard bench --help)", add_help=False)
     return parser
@@ -782,8 +944,9 @@ def _interrupt_and_arm(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # One INFO line per HTTP request from the SDK's client is noise for status/query/import/load.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if argv and argv[0] == "bench":
@@ -791,9 +954,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (kill, Kubernetes) shuts down like Ctrl-C: uvicorn drains, then we clean up.
     signal.signal(signal.SIGTERM, _interrupt)
-    commands = {"serve": cmd_serve, "gateway": cmd_gateway, "status": cmd_status,
-                "query": cmd_query, "import": cmd_import, "load": cmd_load,
-                "quality": cmd_quality}
+    commands = {
+        "serve": cmd_serve,
+        "gateway": cmd_gateway,
+        "status": cmd_status,
+        "query": cmd_query,
+        "import": cmd_import,
+        "load": cmd_load,
+        "quality": cmd_quality,
+    }
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

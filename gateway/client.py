@@ -88,8 +88,12 @@ class NamedVector:
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metric": self.metric,
-                               "dtype": self.dtype}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "metric": self.metric,
+            "dtype": self.dtype,
+        }
         if self.dim is not None:
             out["dim"] = self.dim
         if self.vectorizer is not None:
@@ -99,18 +103,36 @@ class NamedVector:
         return out
 
     @classmethod
-    def text2colbert_local(cls, name: str, source_properties: Sequence[str],
-                           **options: Any) -> NamedVector:
-        return cls(name, None, "multi", "cosine",
-                   {"kind": "text2colbert-local", "source_properties": list(source_properties),
-                    "options": options})
+    def text2colbert_local(
+        cls, name: str, source_properties: Sequence[str], **options: Any
+    ) -> NamedVector:
+        return cls(
+            name,
+            None,
+            "multi",
+            "cosine",
+            {
+                "kind": "text2colbert-local",
+                "source_properties": list(source_properties),
+                "options": options,
+            },
+        )
 
     @classmethod
-    def text2colbert_jinaai(cls, name: str, source_properties: Sequence[str],
-                            **options: Any) -> NamedVector:
-        return cls(name, options.get("dimensions"), "multi", "cosine",
-                   {"kind": "text2colbert-jinaai", "source_properties": list(source_properties),
-                    "options": options})
+    def text2colbert_jinaai(
+        cls, name: str, source_properties: Sequence[str], **options: Any
+    ) -> NamedVector:
+        return cls(
+            name,
+            options.get("dimensions"),
+            "multi",
+            "cosine",
+            {
+                "kind": "text2colbert-jinaai",
+                "source_properties": list(source_properties),
+                "options": options,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -170,8 +192,9 @@ def _with_ids(table: Any) -> Any:
             return table
         filled = [str(v) if v is not None else str(uuid_mod.uuid4()) for v in ids]
         return table.set_column(table.column_names.index("id"), "id", pa.array(filled))
-    return table.append_column("id", pa.array([str(uuid_mod.uuid4())
-                                              for _ in range(table.num_rows)]))
+    return table.append_column(
+        "id", pa.array([str(uuid_mod.uuid4()) for _ in range(table.num_rows)])
+    )
 
 
 def _distinct_ids(table: Any) -> bool:
@@ -215,8 +238,10 @@ def sliced_body(content: bytes) -> tuple[Any, dict[str, str]]:
     if len(content) <= SEND_SLICE_BYTES:
         return content, {}
     view = memoryview(content)
-    return ([view[i : i + SEND_SLICE_BYTES] for i in range(0, len(view), SEND_SLICE_BYTES)],
-            {"content-length": str(len(view))})
+    return (
+        [view[i : i + SEND_SLICE_BYTES] for i in range(0, len(view), SEND_SLICE_BYTES)],
+        {"content-length": str(len(view))},
+    )
 
 
 class _Http:
@@ -240,16 +265,22 @@ class _Data:
         # Sent as ?consistency_level= on every write (one / quorum / all; server default quorum).
         self._params = {"consistency_level": consistency_level} if consistency_level else {}
 
-    def insert(self, properties: Mapping[str, Any] | None = None,
-               vector: Mapping[str, Any] | None = None, uuid: str | None = None) -> str:
-        result = self.insert_many([{"id": uuid, "properties": properties or {},
-                                    "vectors": vector or {}}])
+    def insert(
+        self,
+        properties: Mapping[str, Any] | None = None,
+        vector: Mapping[str, Any] | None = None,
+        uuid: str | None = None,
+    ) -> str:
+        result = self.insert_many(
+            [{"id": uuid, "properties": properties or {}, "vectors": vector or {}}]
+        )
         if result.n_failed:
             raise error_from_dict(result.errors[0].get("error") or {})
         return str(result.results[0]["id"])
 
-    def insert_many(self, objects: Iterable[Mapping[str, Any]], *, batch_size: int = 100,
-                    progress: bool = False) -> BatchResult:
+    def insert_many(
+        self, objects: Iterable[Mapping[str, Any]], *, batch_size: int = 100, progress: bool = False
+    ) -> BatchResult:
         """Objects are dicts with optional ``id``/``uuid``, ``properties`` and ``vectors``
         (numpy arrays or nested lists)."""
         items = [self._wire(o) for o in objects]
@@ -262,8 +293,12 @@ class _Data:
         try:
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                out = self._http.request("POST", f"/v1/collections/{self._name}/objects",
-                                         json={"objects": chunk}, params=self._params)
+                out = self._http.request(
+                    "POST",
+                    f"/v1/collections/{self._name}/objects",
+                    json={"objects": chunk},
+                    params=self._params,
+                )
                 results.extend(out["results"])
                 if bar is not None:
                     bar.update(len(chunk))
@@ -276,17 +311,21 @@ class _Data:
     @staticmethod
     def _wire(obj: Mapping[str, Any]) -> dict[str, Any]:
         oid = obj.get("id", obj.get("uuid"))
-        out: dict[str, Any] = {"properties": dict(obj.get("properties") or {}),
-                               "vectors": {k: _wire_vector(v)
-                                           for k, v in (obj.get("vectors") or
-                                                        obj.get("vector") or {}).items()}}
+        out: dict[str, Any] = {
+            "properties": dict(obj.get("properties") or {}),
+            "vectors": {
+                k: _wire_vector(v)
+                for k, v in (obj.get("vectors") or obj.get("vector") or {}).items()
+            },
+        }
         # The id is fixed here, not by the server: a batch retried after a timeout or a lost
         # answer overwrites the objects it wrote the first time instead of duplicating them.
         out["id"] = str(oid) if oid is not None else str(uuid_mod.uuid4())
         return out
 
-    def insert_arrow(self, table: Any, *, batch_rows: int = 2000, progress: bool = False,
-                     concurrency: int = 2) -> BatchResult:
+    def insert_arrow(
+        self, table: Any, *, batch_rows: int = 2000, progress: bool = False, concurrency: int = 2
+    ) -> BatchResult:
         """Import a ``pyarrow.Table`` (columns ``id``, properties, and one list<list<float>>
         column per named vector) as Arrow IPC streams of ``batch_rows`` objects.
 
@@ -319,8 +358,9 @@ class _Data:
         n_ok = sum(1 for r in results if r["status"] == "SUCCESS")
         return BatchResult(n_ok, len(results) - n_ok, results)
 
-    def _insert_arrow_pipelined(self, table: Any, batch_rows: int, concurrency: int,
-                                results: list[dict[str, Any]], bar: Any) -> None:
+    def _insert_arrow_pipelined(
+        self, table: Any, batch_rows: int, concurrency: int, results: list[dict[str, Any]], bar: Any
+    ) -> None:
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -351,73 +391,114 @@ class _Data:
         with pa.ipc.new_stream(sink, batch.schema) as writer:
             writer.write_batch(batch)
         out = self._http.request(
-            "POST", f"/v1/collections/{self._name}/objects", content=sink.getvalue(),
-            headers={"content-type": ARROW_STREAM}, params=self._params)
+            "POST",
+            f"/v1/collections/{self._name}/objects",
+            content=sink.getvalue(),
+            headers={"content-type": ARROW_STREAM},
+            params=self._params,
+        )
         rows: list[dict[str, Any]] = out["results"]
         return rows
 
-    def import_parquet(self, path: str, *, batch_rows: int = 2000, progress: bool = True,
-                       concurrency: int = 2) -> BatchResult:
+    def import_parquet(
+        self, path: str, *, batch_rows: int = 2000, progress: bool = True, concurrency: int = 2
+    ) -> BatchResult:
         import pyarrow.parquet as pq
 
-        return self.insert_arrow(pq.read_table(path), batch_rows=batch_rows, progress=progress,
-                                 concurrency=concurrency)
+        return self.insert_arrow(
+            pq.read_table(path), batch_rows=batch_rows, progress=progress, concurrency=concurrency
+        )
 
-    def delete_many(self, where: Mapping[str, Any], *, dry_run: bool = False
-                    ) -> dict[str, Any]:
+    def delete_many(self, where: Mapping[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = self._http.request(
-            "POST", f"/v1/collections/{self._name}/objects/delete",
-            json={"filters": dict(where), "dry_run": dry_run}, params=self._params)
+            "POST",
+            f"/v1/collections/{self._name}/objects/delete",
+            json={"filters": dict(where), "dry_run": dry_run},
+            params=self._params,
+        )
         return out
 
     def delete_by_id(self, uuid: str) -> None:
-        self._http.request("DELETE", f"/v1/collections/{self._name}/objects/{uuid}",
-                           params=self._params)
+        self._http.request(
+            "DELETE", f"/v1/collections/{self._name}/objects/{uuid}", params=self._params
+        )
 
-    def replace(self, uuid: str, properties: Mapping[str, Any],
-                vector: Mapping[str, Any] | None = None) -> None:
-        self._http.request("PUT", f"/v1/collections/{self._name}/objects/{uuid}",
-                           json={"properties": dict(properties),
-                                 "vectors": {k: _wire_vector(v)
-                                             for k, v in (vector or {}).items()}},
-                           params=self._params)
+    def replace(
+        self, uuid: str, properties: Mapping[str, Any], vector: Mapping[str, Any] | None = None
+    ) -> None:
+        self._http.request(
+            "PUT",
+            f"/v1/collections/{self._name}/objects/{uuid}",
+            json={
+                "properties": dict(properties),
+                "vectors": {k: _wire_vector(v) for k, v in (vector or {}).items()},
+            },
+            params=self._params,
+        )
 
-    def update(self, uuid: str, properties: Mapping[str, Any] | None = None,
-               vector: Mapping[str, Any] | None = None) -> None:
-        self._http.request("PATCH", f"/v1/collections/{self._name}/objects/{uuid}",
-                           json={"properties": dict(properties or {}),
-                                 "vectors": {k: _wire_vector(v)
-                                             for k, v in (vector or {}).items()}},
-                           params=self._params)
+    def update(
+        self,
+        uuid: str,
+        properties: Mapping[str, Any] | None = None,
+        vector: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._http.request(
+            "PATCH",
+            f"/v1/collections/{self._name}/objects/{uuid}",
+            json={
+                "properties": dict(properties or {}),
+                "vectors": {k: _wire_vector(v) for k, v in (vector or {}).items()},
+            },
+            params=self._params,
+        )
 
 
 class _Query:
-    def __init__(self, http: _Http, name: str,
-                 options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, http: _Http, name: str, options: Mapping[str, Any] | None = None) -> None:
         self._http = http
         self._name = name
         self._options = dict(options or {})  # timeout / allow_partial, added to every query
 
     def fetch_object_by_id(self, uuid: str, include_vector: bool = False) -> Object:
-        out = self._http.request("GET", f"/v1/collections/{self._name}/objects/{uuid}",
-                                 params={"include_vector": str(include_vector).lower()})
+        out = self._http.request(
+            "GET",
+            f"/v1/collections/{self._name}/objects/{uuid}",
+            params={"include_vector": str(include_vector).lower()},
+        )
         return Object(out["id"], out["properties"], {}, out.get("vectors") or {})
 
-    def fetch_objects(self, limit: int = 100, after: str | None = None,
-                      include_vector: bool = False) -> list[Object]:
+    def fetch_objects(
+        self, limit: int = 100, after: str | None = None, include_vector: bool = False
+    ) -> list[Object]:
         params: dict[str, Any] = {"limit": limit, "include_vector": str(include_vector).lower()}
         if after:
             params["after"] = after
         out = self._http.request("GET", f"/v1/collections/{self._name}/objects", params=params)
-        return [Object(o["id"], o["properties"], {}, o.get("vectors") or {})
-                for o in out["objects"]]
+        return [
+            Object(o["id"], o["properties"], {}, o.get("vectors") or {}) for o in out["objects"]
+        ]
 
-    def _run(self, body: dict[str, Any], *, limit: int, offset: int,
-             target_vector: str | None, filters: Mapping[str, Any] | None,
-             return_metadata: Sequence[str] | None, return_properties: Sequence[str] | None,
-             include_vector: bool) -> QueryReturn:
-        body.update({"limit": limit, "offset": offset, "include_vector": include_vector,
-                     "return_metadata": list(return_metadata or []), **self._options})
+    def _run(
+        self,
+        body: dict[str, Any],
+        *,
+        limit: int,
+        offset: int,
+        target_vector: str | None,
+        filters: Mapping[str, Any] | None,
+        return_metadata: Sequence[str] | None,
+        return_properties: Sequence[str] | None,
+        include_vector: bool,
+    ) -> QueryReturn:
+        body.update(
+            {
+                "limit": limit,
+                "offset": offset,
+                "include_vector": include_vector,
+                "return_metadata": list(return_metadata or []),
+                **self._options,
+            }
+        )
         if target_vector is not None:
             body["target_vector"] = target_vector
         if filters is not None:
@@ -425,63 +506,129 @@ class _Query:
         if return_properties is not None:
             body["return_properties"] = list(return_properties)
         out = self._http.request("POST", f"/v1/collections/{self._name}/query", json=body)
-        return QueryReturn([Object(o["id"], o["properties"], o.get("metadata") or {},
-                                   o.get("vectors") or {}) for o in out["objects"]],
-                           out.get("missing_shards", []), out.get("took_ms", 0.0),
-                           bool(out.get("partial", False)))
+        return QueryReturn(
+            [
+                Object(o["id"], o["properties"], o.get("metadata") or {}, o.get("vectors") or {})
+                for o in out["objects"]
+            ],
+            out.get("missing_shards", []),
+            out.get("took_ms", 0.0),
+            bool(out.get("partial", False)),
+        )
 
-    def near_vector(self, near_vector: Any, *, target_vector: str | None = None,
-                    limit: int = 10, offset: int = 0, filters: Mapping[str, Any] | None = None,
-                    return_metadata: Sequence[str] | None = None,
-                    return_properties: Sequence[str] | None = None,
-                    include_vector: bool = False) -> QueryReturn:
-        return self._run({"near_vector": {"vector": _wire_vector(near_vector)}}, limit=limit,
-                         offset=offset, target_vector=target_vector, filters=filters,
-                         return_metadata=return_metadata, return_properties=return_properties,
-                         include_vector=include_vector)
+    def near_vector(
+        self,
+        near_vector: Any,
+        *,
+        target_vector: str | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        filters: Mapping[str, Any] | None = None,
+        return_metadata: Sequence[str] | None = None,
+        return_properties: Sequence[str] | None = None,
+        include_vector: bool = False,
+    ) -> QueryReturn:
+        return self._run(
+            {"near_vector": {"vector": _wire_vector(near_vector)}},
+            limit=limit,
+            offset=offset,
+            target_vector=target_vector,
+            filters=filters,
+            return_metadata=return_metadata,
+            return_properties=return_properties,
+            include_vector=include_vector,
+        )
 
-    def near_text(self, query: str, *, target_vector: str | None = None, limit: int = 10,
-                  offset: int = 0, filters: Mapping[str, Any] | None = None,
-                  return_metadata: Sequence[str] | None = None,
-                  return_properties: Sequence[str] | None = None,
-                  include_vector: bool = False) -> QueryReturn:
-        return self._run({"near_text": {"query": query}}, limit=limit, offset=offset,
-                         target_vector=target_vector, filters=filters,
-                         return_metadata=return_metadata, return_properties=return_properties,
-                         include_vector=include_vector)
+    def near_text(
+        self,
+        query: str,
+        *,
+        target_vector: str | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        filters: Mapping[str, Any] | None = None,
+        return_metadata: Sequence[str] | None = None,
+        return_properties: Sequence[str] | None = None,
+        include_vector: bool = False,
+    ) -> QueryReturn:
+        return self._run(
+            {"near_text": {"query": query}},
+            limit=limit,
+            offset=offset,
+            target_vector=target_vector,
+            filters=filters,
+            return_metadata=return_metadata,
+            return_properties=return_properties,
+            include_vector=include_vector,
+        )
 
-    def bm25(self, query: str, *, query_properties: Sequence[str] | None = None,
-             limit: int = 10, offset: int = 0, filters: Mapping[str, Any] | None = None,
-             return_metadata: Sequence[str] | None = None,
-             return_properties: Sequence[str] | None = None) -> QueryReturn:
+    def bm25(
+        self,
+        query: str,
+        *,
+        query_properties: Sequence[str] | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        filters: Mapping[str, Any] | None = None,
+        return_metadata: Sequence[str] | None = None,
+        return_properties: Sequence[str] | None = None,
+    ) -> QueryReturn:
         bm25: dict[str, Any] = {"query": query}
         if query_properties is not None:
             bm25["properties"] = list(query_properties)
-        return self._run({"bm25": bm25}, limit=limit, offset=offset, target_vector=None,
-                         filters=filters, return_metadata=return_metadata,
-                         return_properties=return_properties, include_vector=False)
+        return self._run(
+            {"bm25": bm25},
+            limit=limit,
+            offset=offset,
+            target_vector=None,
+            filters=filters,
+            return_metadata=return_metadata,
+            return_properties=return_properties,
+            include_vector=False,
+        )
 
-    def hybrid(self, query: str, *, alpha: float = 0.75, vector: Any = None,
-               fusion_type: str = "relative_score", target_vector: str | None = None,
-               query_properties: Sequence[str] | None = None, limit: int = 10,
-               offset: int = 0, filters: Mapping[str, Any] | None = None,
-               return_metadata: Sequence[str] | None = None,
-               return_properties: Sequence[str] | None = None,
-               include_vector: bool = False) -> QueryReturn:
+    def hybrid(
+        self,
+        query: str,
+        *,
+        alpha: float = 0.75,
+        vector: Any = None,
+        fusion_type: str = "relative_score",
+        target_vector: str | None = None,
+        query_properties: Sequence[str] | None = None,
+        limit: int = 10,
+        offset: int = 0,
+        filters: Mapping[str, Any] | None = None,
+        return_metadata: Sequence[str] | None = None,
+        return_properties: Sequence[str] | None = None,
+        include_vector: bool = False,
+    ) -> QueryReturn:
         hybrid: dict[str, Any] = {"query": query, "alpha": alpha, "fusion": fusion_type}
         if vector is not None:
             hybrid["vector"] = _wire_vector(vector)
         if query_properties is not None:
             hybrid["properties"] = list(query_properties)
-        return self._run({"hybrid": hybrid}, limit=limit, offset=offset,
-                         target_vector=target_vector, filters=filters,
-                         return_metadata=return_metadata, return_properties=return_properties,
-                         include_vector=include_vector)
+        return self._run(
+            {"hybrid": hybrid},
+            limit=limit,
+            offset=offset,
+            target_vector=target_vector,
+            filters=filters,
+            return_metadata=return_metadata,
+            return_properties=return_properties,
+            include_vector=include_vector,
+        )
 
 
 class Collection:
-    def __init__(self, http: _Http, name: str, *, consistency_level: str | None = None,
-                 query_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        http: _Http,
+        name: str,
+        *,
+        consistency_level: str | None = None,
+        query_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self._http = http
         self._consistency_level = consistency_level
@@ -494,12 +641,17 @@ class Collection:
         default) or ``all`` replicas, as in Weaviate's ``with_consistency_level``."""
         if level not in ("one", "quorum", "all"):
             raise ValueError("consistency level must be 'one', 'quorum' or 'all'")
-        return Collection(self._http, self.name, consistency_level=level,
-                          query_options=self._query_options)
+        return Collection(
+            self._http, self.name, consistency_level=level, query_options=self._query_options
+        )
 
-    def with_query_options(self, *, timeout: float | None = None,
-                           allow_partial: bool | None = None,
-                           exact: bool | None = None) -> Collection:
+    def with_query_options(
+        self,
+        *,
+        timeout: float | None = None,
+        allow_partial: bool | None = None,
+        exact: bool | None = None,
+    ) -> Collection:
         """This collection with a query deadline in seconds (504 naming the slow shard when it
         passes) and, with ``allow_partial``, results from the shards that answered in time
         (``QueryReturn.partial`` and ``missing_shards`` then say what is missing). ``exact``:
@@ -511,15 +663,23 @@ class Collection:
             options["allow_partial"] = allow_partial
         if exact is not None:
             options["exact"] = exact
-        return Collection(self._http, self.name, consistency_level=self._consistency_level,
-                          query_options=options)
+        return Collection(
+            self._http, self.name, consistency_level=self._consistency_level, query_options=options
+        )
 
     def config(self) -> dict[str, Any]:
         out: dict[str, Any] = self._http.request("GET", f"/v1/collections/{self.name}")
         return out
 
-    def quality(self, *, vector: str | None = None, k: int | None = None, queries: int = 50,
-                seed: int | None = None, detail: bool = False) -> dict[str, Any]:
+    def quality(
+        self,
+        *,
+        vector: str | None = None,
+        k: int | None = None,
+        queries: int = 50,
+        seed: int | None = None,
+        detail: bool = False,
+    ) -> dict[str, Any]:
         """The recall report: recall@k of the search as served, per shard and collection-wide,
         measured now against exact MaxSim (``GET /v1/collections/{name}/quality``)."""
         params: dict[str, Any] = {"queries": queries}
@@ -529,7 +689,8 @@ class Collection:
             if value is not None:
                 params[key] = value
         out: dict[str, Any] = self._http.request(
-            "GET", f"/v1/collections/{self.name}/quality", params=params)
+            "GET", f"/v1/collections/{self.name}/quality", params=params
+        )
         return out
 
 
@@ -537,13 +698,18 @@ class _Collections:
     def __init__(self, http: _Http) -> None:
         self._http = http
 
-    def create(self, name: str, *, properties: Sequence[Property | Mapping[str, Any]] = (),
-               vectors: Sequence[NamedVector | Mapping[str, Any]] = (),
-               shard_count: int = 2, replication_factor: int = 1) -> Collection:
+    def create(
+        self,
+        name: str,
+        *,
+        properties: Sequence[Property | Mapping[str, Any]] = (),
+        vectors: Sequence[NamedVector | Mapping[str, Any]] = (),
+        shard_count: int = 2,
+        replication_factor: int = 1,
+    ) -> Collection:
         body = {
             "name": name,
-            "properties": [p.to_dict() if isinstance(p, Property) else dict(p)
-                           for p in properties],
+            "properties": [p.to_dict() if isinstance(p, Property) else dict(p) for p in properties],
             "vectors": [v.to_dict() if isinstance(v, NamedVector) else dict(v) for v in vectors],
             "shard_count": shard_count,
             "replication_factor": replication_factor,
@@ -576,18 +742,25 @@ class Client:
     Authorization header). ``verify`` is httpx's TLS verification (``True``, ``False`` or a CA
     bundle path) for ``https://`` gateways; ``transport`` lets tests run over ASGI."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8080", *, api_key: str | None = None,
-                 timeout_s: float = 120.0, headers: Mapping[str, str] | None = None,
-                 verify: bool | str | ssl.SSLContext = True,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8080",
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        headers: Mapping[str, str] | None = None,
+        verify: bool | str | ssl.SSLContext = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         if isinstance(verify, str):  # a CA bundle, e.g. a self-signed gateway certificate
             verify = ssl.create_default_context(cafile=verify)
         all_headers = dict(headers or {})
         key = api_key if api_key is not None else os.environ.get("COLSHARD_API_KEY")
         if key:
             all_headers["Authorization"] = f"Bearer {key}"
-        self._http_client = httpx.Client(base_url=url, timeout=timeout_s, headers=all_headers,
-                                         verify=verify, transport=transport)
+        self._http_client = httpx.Client(
+            base_url=url, timeout=timeout_s, headers=all_headers, verify=verify, transport=transport
+        )
         http = _Http(self._http_client)
         self.collections = _Collections(http)
         self._http = http

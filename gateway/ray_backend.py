@@ -20,8 +20,9 @@ class RayTransport:
     async def call(self, method: str, args: tuple[Any, ...], timeout_s: float | None) -> Any:
         ref = getattr(self._handle, method).remote(*args)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(ref.future()),
-                                          timeout_s or self._timeout_s)
+            return await asyncio.wait_for(
+                asyncio.wrap_future(ref.future()), timeout_s or self._timeout_s
+            )
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ColshardError):
                 raise exc.cause from None

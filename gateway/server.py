@@ -26,19 +26,30 @@ from gateway.backend import Backend, LocalTransport
 GRACEFUL_SHUTDOWN_S = 5
 
 
-def uvicorn_config(backend: Backend, settings: Settings, *, api_keys: Sequence[Any] = (),
-                   ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                   log_level: str = "info") -> uvicorn.Config:
+def uvicorn_config(
+    backend: Backend,
+    settings: Settings,
+    *,
+    api_keys: Sequence[Any] = (),
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    log_level: str = "info",
+) -> uvicorn.Config:
     """The uvicorn config of a gateway on ``settings.host:port`` (TLS when both ssl files are
     given)."""
     app = create_app(backend, settings, api_keys)
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                          http=timed_protocol(settings.http_header_timeout_s,
-                                              settings.http_body_timeout_s),
-                          timeout_keep_alive=max(1, round(settings.http_idle_timeout_s)),
-                          limit_concurrency=settings.max_connections or None)
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        http=timed_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
+        timeout_keep_alive=max(1, round(settings.http_idle_timeout_s)),
+        limit_concurrency=settings.max_connections or None,
+    )
 
 
 def timed_protocol(header_timeout_s: float, body_timeout_s: float) -> type[asyncio.Protocol]:
@@ -117,9 +128,15 @@ class EmbeddedGateway:
     listening socket closes at once and requests in flight get up to 10 s to finish.
     """
 
-    def __init__(self, settings: Settings, *, api_keys: Sequence[Any] = (),
-                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                 log_level: str = "info") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        api_keys: Sequence[Any] = (),
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        log_level: str = "info",
+    ) -> None:
         self.settings = settings
         self.api_keys = tuple(api_keys)
         self.ssl_certfile = ssl_certfile
@@ -141,9 +158,14 @@ class EmbeddedGateway:
         ``stop``; ``started`` is set once connections are accepted."""
         # detach: a gateway that stops waiting (its timeout) does not cancel the coordinator's
         # work, exactly as when the call crossed Ray.
-        config = uvicorn_config(Backend(LocalTransport(target, detach=True)), self.settings,
-                                api_keys=self.api_keys, ssl_certfile=self.ssl_certfile,
-                                ssl_keyfile=self.ssl_keyfile, log_level=self.log_level)
+        config = uvicorn_config(
+            Backend(LocalTransport(target, detach=True)),
+            self.settings,
+            api_keys=self.api_keys,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+            log_level=self.log_level,
+        )
         sock = bind(self.settings.host, self.settings.port)
         server = self._server = uvicorn.Server(config)
         if self._stopped:
@@ -152,8 +174,10 @@ class EmbeddedGateway:
         try:
             await server.serve(sockets=[sock])
         except SystemExit as exc:  # uvicorn exits the process on a failed startup
-            raise RuntimeError(f"the gateway on {self.address} failed to start (uvicorn "
-                               f"exit {exc.code}); see the coordinator's log") from None
+            raise RuntimeError(
+                f"the gateway on {self.address} failed to start (uvicorn "
+                f"exit {exc.code}); see the coordinator's log"
+            ) from None
         finally:
             watcher.cancel()
             sock.close()

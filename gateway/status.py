@@ -26,8 +26,9 @@ from typing import Any
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in cells]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
 
 
 def _short(node_id: Any) -> str:
@@ -36,8 +37,9 @@ def _short(node_id: Any) -> str:
 
 def _resources(resources: Mapping[str, Any]) -> str:
     skip = ("memory", "object_store_memory")  # bytes: long and rarely what one looks for
-    return " ".join(f"{k}={float(v):g}" for k, v in sorted(resources.items())
-                    if k not in skip) or "-"
+    return (
+        " ".join(f"{k}={float(v):g}" for k, v in sorted(resources.items()) if k not in skip) or "-"
+    )
 
 
 def _count(value: Any) -> str:
@@ -57,42 +59,69 @@ def health_line(cluster_name: str, readiness: Mapping[str, Any] | None) -> str:
     return f"cluster {cluster_name}: {'READY' if ready else 'NOT READY'}  ({'; '.join(parts)})"
 
 
-def format_status(cluster: Mapping[str, Any], readiness: Mapping[str, Any] | None,
-                  cluster_name: str = "") -> str:
+def format_status(
+    cluster: Mapping[str, Any], readiness: Mapping[str, Any] | None, cluster_name: str = ""
+) -> str:
     """The whole report (see the module docstring)."""
     lines = [health_line(cluster_name or "at this gateway", readiness)]
     coord = cluster.get("coordinator")
     if coord:
-        lines.append(f"coordinator on node {_short(coord.get('node_id'))} "
-                     f"({coord.get('host', '?')}, pid {coord.get('pid', '?')})")
+        lines.append(
+            f"coordinator on node {_short(coord.get('node_id'))} "
+            f"({coord.get('host', '?')}, pid {coord.get('pid', '?')})"
+        )
     members: Mapping[str, Mapping[str, Any]] = cluster.get("members") or {}
     collections: Mapping[str, Mapping[str, Any]] = cluster.get("collections") or {}
-    per_node = Counter(str(p.get("node_id", "")) for col in collections.values()
-                       for p in col.get("placements", [])
-                       if p.get("state") != "unavailable")
+    per_node = Counter(
+        str(p.get("node_id", ""))
+        for col in collections.values()
+        for p in col.get("placements", [])
+        if p.get("state") != "unavailable"
+    )
     lines += ["", f"MEMBERS ({len(members)})"]
     if members:
         lines += _table(
             ["NODE", "HOST", "ADDRESS", "ROLES", "SHARDS", "RESOURCES"],
-            [[_short(node), m.get("host", "-"), m.get("address") or "-",
-              ",".join(m.get("roles", [])) or "-", per_node.get(node, 0),
-              _resources(m.get("resources") or {})]
-             for node, m in sorted(members.items())])
+            [
+                [
+                    _short(node),
+                    m.get("host", "-"),
+                    m.get("address") or "-",
+                    ",".join(m.get("roles", [])) or "-",
+                    per_node.get(node, 0),
+                    _resources(m.get("resources") or {}),
+                ]
+                for node, m in sorted(members.items())
+            ],
+        )
     if not collections:
         lines += ["", "no collections"]
     for name, col in sorted(collections.items()):
-        lines += ["", f"COLLECTION {name}  shards={col.get('shard_count', '?')}  "
-                      f"replication={col.get('replication_factor', '?')}  "
-                      f"objects={_count(col.get('objects'))}"]
+        lines += [
+            "",
+            f"COLLECTION {name}  shards={col.get('shard_count', '?')}  "
+            f"replication={col.get('replication_factor', '?')}  "
+            f"objects={_count(col.get('objects'))}",
+        ]
         rows = []
         for p in col.get("placements", []):
             node = str(p.get("node_id", ""))
             host = p.get("host") or "-"
             if node and node not in members:
                 host = f"{host} (gone)"
-            rows.append([p.get("shard", "?"), p.get("replica", "?"), p.get("actor", "-"),
-                         _short(node), host, p.get("state", "?"),
-                         _count(p.get("objects")), _count(p.get("tokens"))])
-        lines += _table(["SHARD", "REPLICA", "ACTOR", "NODE", "HOST", "STATE", "OBJECTS",
-                         "TOKENS"], rows)
+            rows.append(
+                [
+                    p.get("shard", "?"),
+                    p.get("replica", "?"),
+                    p.get("actor", "-"),
+                    _short(node),
+                    host,
+                    p.get("state", "?"),
+                    _count(p.get("objects")),
+                    _count(p.get("tokens")),
+                ]
+            )
+        lines += _table(
+            ["SHARD", "REPLICA", "ACTOR", "NODE", "HOST", "STATE", "OBJECTS", "TOKENS"], rows
+        )
     return "\n".join(lines)

@@ -9,19 +9,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 VECTOR_SCHEMA: dict[str, Any] = {
     "description": "A single vector (list of floats) or a multi-vector (list of lists of "
-                   "floats, shape (n_tokens, dim)); or either in binary form: "
-                   '{"base64": little-endian float32 values, row-major, base64-encoded; '
-                   '"shape": [dim] or [n_tokens, dim]} (half the bytes, faster to parse; '
-                   "the SDK sends this).",
+    "floats, shape (n_tokens, dim)); or either in binary form: "
+    '{"base64": little-endian float32 values, row-major, base64-encoded; '
+    '"shape": [dim] or [n_tokens, dim]} (half the bytes, faster to parse; '
+    "the SDK sends this).",
     "anyOf": [
         {"type": "array", "items": {"type": "number"}},
         {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        {"type": "object", "additionalProperties": False, "required": ["base64", "shape"],
-         "properties": {
-             "base64": {"type": "string", "format": "byte",
-                        "description": "little-endian float32 values, row-major"},
-             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                       "minItems": 1, "maxItems": 2}}},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["base64", "shape"],
+            "properties": {
+                "base64": {
+                    "type": "string",
+                    "format": "byte",
+                    "description": "little-endian float32 values, row-major",
+                },
+                "shape": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0},
+                    "minItems": 1,
+                    "maxItems": 2,
+                },
+            },
+        },
     ],
 }
 Vector = Annotated[Any, Field(json_schema_extra=VECTOR_SCHEMA)]
@@ -66,8 +78,10 @@ class CollectionCreate(Strict):
     shard_count: int = 2
     replication_factor: int = 1
     routing: int | None = Field(
-        None, description="Routing-hash version (1: upper 64 id bits, legacy; 2: all 128 "
-                          "bits). Default: the latest. Fixed for the collection's life.")
+        None,
+        description="Routing-hash version (1: upper 64 id bits, legacy; 2: all 128 "
+        "bits). Default: the latest. Fixed for the collection's life.",
+    )
 
     def to_spec_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -82,16 +96,20 @@ class ObjectIn(Strict):
 class BatchIn(Strict):
     objects: list[ObjectIn]
     consistency_level: Literal["one", "quorum", "all"] | None = Field(
-        None, description="Replicas that must apply the write before it is acknowledged: "
-                          "one, quorum (default: a majority), all. Also a query parameter.")
+        None,
+        description="Replicas that must apply the write before it is acknowledged: "
+        "one, quorum (default: a majority), all. Also a query parameter.",
+    )
 
 
 class DeleteManyIn(Strict):
     filters: dict[str, Any]
     dry_run: bool = False
     consistency_level: Literal["one", "quorum", "all"] | None = Field(
-        None, description="Replicas that must apply the write before it is acknowledged: "
-                          "one, quorum (default: a majority), all. Also a query parameter.")
+        None,
+        description="Replicas that must apply the write before it is acknowledged: "
+        "one, quorum (default: a majority), all. Also a query parameter.",
+    )
 
 
 class DeleteManyOut(BaseModel):
@@ -159,16 +177,23 @@ class QueryIn(Strict):
     include_vector: bool = False
     partial: bool = False
     exact: bool = Field(
-        False, description="Answer the vector part by exact MaxSim over every object (no "
-                           "token index): for spot checks of what the index returns. Costs a "
-                           "scan of the collection; bounded by the query's timeout.")
+        False,
+        description="Answer the vector part by exact MaxSim over every object (no "
+        "token index): for spot checks of what the index returns. Costs a "
+        "scan of the collection; bounded by the query's timeout.",
+    )
     allow_partial: bool = Field(
-        False, description="Same as partial: when a shard fails or misses the deadline, "
-                           "return the other shards' results with partial: true and "
-                           "missing_shards, instead of 503/504.")
+        False,
+        description="Same as partial: when a shard fails or misses the deadline, "
+        "return the other shards' results with partial: true and "
+        "missing_shards, instead of 503/504.",
+    )
     timeout: float | None = Field(
-        None, gt=0, description="The query's deadline in seconds (default: the server's "
-                                "query timeout; at most max(that, 300)).")
+        None,
+        gt=0,
+        description="The query's deadline in seconds (default: the server's "
+        "query timeout; at most max(that, 300)).",
+    )
 
 
 class ResultOut(BaseModel):

@@ -75,8 +75,15 @@ def _holds_data(path: Path) -> bool:
 
 
 class ShardActor:
-    def __init__(self, spec_json: str, shard: int, data_dir: str, settings: ShardSettings,
-                 subdir: str | None = None, restarted: bool | None = None) -> None:
+    def __init__(
+        self,
+        spec_json: str,
+        shard: int,
+        data_dir: str,
+        settings: ShardSettings,
+        subdir: str | None = None,
+        restarted: bool | None = None,
+    ) -> None:
         """With ``subdir`` the shard's data lives in ``<node data dir>/<subdir>``, where the
         node data dir is this Ray node's ``COLSHARD_DATA_DIR`` (else ``data_dir``): on a
         multi-node cluster each shard keeps its data on the node it runs on. ``restarted``:
@@ -93,9 +100,11 @@ class ShardActor:
         if marker.exists():
             self._lost = marker.read_text().strip() or "data lost"
         elif not had_data and (restarted if restarted is not None else restarted_by_ray()):
-            self._lost = (f"shard {spec.name}:{shard} was restarted on node "
-                          f"{ray_node_id()[:12] or '?'} ({socket.gethostname()}) with an empty "
-                          f"data directory {path}: its data is where it ran before")
+            self._lost = (
+                f"shard {spec.name}:{shard} was restarted on node "
+                f"{ray_node_id()[:12] or '?'} ({socket.gethostname()}) with an empty "
+                f"data directory {path}: its data is where it ran before"
+            )
             marker.write_text(self._lost + "\n")
         self._engine.start_background()
         kernels.warm()  # compile or load the MaxSim kernels now, not in the first query
@@ -107,13 +116,15 @@ class ShardActor:
         self._fast: FastPathServer | None = None
         if localrpc.enabled():
             try:
-                self._fast = FastPathServer({"search": self.search,
-                                             "keyword_search": self.keyword_search})
+                self._fast = FastPathServer(
+                    {"search": self.search, "keyword_search": self.keyword_search}
+                )
             except OSError as exc:  # no usable socket directory: Ray calls only
                 logging.getLogger(__name__).warning("no fast path: %s", exc)
         if self._metrics.enabled:
-            threading.Thread(target=self._refresh_gauges, name="colshard-gauges",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._refresh_gauges, name="colshard-gauges", daemon=True
+            ).start()
 
     def _refresh_gauges(self) -> None:
         while not self._stop.wait(GAUGE_INTERVAL_S):
@@ -134,8 +145,10 @@ class ShardActor:
 
     def _serving(self) -> None:
         if self._lost is not None:
-            raise DataLost(self._lost, {"shard": f"{self._spec.name}:{self._shard}",
-                                        "data_dir": str(self._data_dir)})
+            raise DataLost(
+                self._lost,
+                {"shard": f"{self._spec.name}:{self._shard}", "data_dir": str(self._data_dir)},
+            )
 
     def clear_lost(self) -> str | None:
         """Serve again after a data loss (the coordinator calls it before a catch-up refills
@@ -145,11 +158,17 @@ class ShardActor:
         return lost
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray_node_id(),
-                "started": self._started, "objects": self._engine.count(),
-                "data_dir": str(self._data_dir), "data_lost": self._lost,
-                "fast_path": str(self._fast.path) if self._fast is not None else None,
-                "fast_path_served": self._fast.served if self._fast is not None else 0}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": ray_node_id(),
+            "started": self._started,
+            "objects": self._engine.count(),
+            "data_dir": str(self._data_dir),
+            "data_lost": self._lost,
+            "fast_path": str(self._fast.path) if self._fast is not None else None,
+            "fast_path_served": self._fast.served if self._fast is not None else 0,
+        }
 
     def upsert(self, batch: ObjectBatch) -> list[WriteResult]:
         self._serving()
@@ -179,8 +198,9 @@ class ShardActor:
         self._serving()
         return self._engine.keyword_search(req)
 
-    def list_objects(self, after: str | None, limit: int, include_vectors: bool
-                     ) -> list[StoredObject]:
+    def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool
+    ) -> list[StoredObject]:
         self._fault_delay()
         self._serving()
         return self._engine.list_objects(after, limit, include_vectors)

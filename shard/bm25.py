@@ -39,10 +39,12 @@ class Bm25SchemaMismatch(InternalError):
 
 
 def _analyzer() -> tantivy.TextAnalyzer:
-    return (tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
-            .filter(tantivy.Filter.remove_long(MAX_TOKEN_BYTES))
-            .filter(tantivy.Filter.lowercase())
-            .build())
+    return (
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+        .filter(tantivy.Filter.remove_long(MAX_TOKEN_BYTES))
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
 
 
 def _texts(value: Any) -> Iterable[str]:
@@ -60,8 +62,9 @@ class Bm25Index:
         builder = tantivy.SchemaBuilder()
         builder.add_text_field(ID_FIELD, stored=True, tokenizer_name="raw")
         for name in self.fields:
-            builder.add_text_field(_FIELD_PREFIX + name, tokenizer_name=TOKENIZER,
-                                   index_option="freq")
+            builder.add_text_field(
+                _FIELD_PREFIX + name, tokenizer_name=TOKENIZER, index_option="freq"
+            )
         self._schema = builder.build()
         if path is not None:
             path.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,8 @@ class Bm25Index:
             if "schema does not match" in str(exc):
                 raise Bm25SchemaMismatch(
                     f"BM25 index at {path} was built for other fields than {list(self.fields)}",
-                    {"path": str(path), "fields": list(self.fields)}) from exc
+                    {"path": str(path), "fields": list(self.fields)},
+                ) from exc
             raise
         self._analyzer = _analyzer()
         self._index.register_tokenizer(TOKENIZER, self._analyzer)
@@ -117,8 +121,13 @@ class Bm25Index:
         """The distinct query terms ``text`` yields, in order of first appearance."""
         return list(dict.fromkeys(self._analyzer.analyze(text)))
 
-    def search(self, query: str, k: int, fields: Sequence[str] | None = None,
-               allow: Callable[[str], bool] | None = None) -> list[tuple[str, float]]:
+    def search(
+        self,
+        query: str,
+        k: int,
+        fields: Sequence[str] | None = None,
+        allow: Callable[[str], bool] | None = None,
+    ) -> list[tuple[str, float]]:
         """Top ``k`` ``(uuid, score)`` best first, ties by uuid.
 
         ``fields`` restricts the search to some of the indexed fields (None = all).
@@ -132,10 +141,16 @@ class Bm25Index:
         if not targets or not terms:
             return []
         schema = self._index.schema
-        q = tantivy.Query.boolean_query([
-            (tantivy.Occur.Should,
-             tantivy.Query.term_query(schema, _FIELD_PREFIX + f, t, index_option="freq"))
-            for t in terms for f in targets])
+        q = tantivy.Query.boolean_query(
+            [
+                (
+                    tantivy.Occur.Should,
+                    tantivy.Query.term_query(schema, _FIELD_PREFIX + f, t, index_option="freq"),
+                )
+                for t in terms
+                for f in targets
+            ]
+        )
         searcher = self._index.searcher()
         n_docs = int(searcher.num_docs)
         if n_docs == 0:
@@ -170,7 +185,8 @@ class Bm25Index:
         if unknown:
             raise InvalidInput(
                 f"not searchable by BM25: {unknown}; searchable properties: {list(self.fields)}",
-                {"properties": unknown})
+                {"properties": unknown},
+            )
         return tuple(dict.fromkeys(fields))
 
     # ------------------------------------------------------------------ lifecycle

@@ -43,8 +43,7 @@ from cluster.recall import interval
 F32 = npt.NDArray[np.float32]
 
 # Search depth factors, cheapest first (√2 steps). 1.0 is the configured setting.
-DEPTHS: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.3,
-                             16.0)
+DEPTHS: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.3, 16.0)
 # Lengths of synthetic queries when no real query has been seen (log-uniform).
 SYNTH_MIN_LEN, SYNTH_MAX_LEN = 4, 40
 # Relative noise added to each synthetic query token (uniform per query): ‖noise‖ ≈ σ·‖token‖.
@@ -92,18 +91,29 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Calibration:
-        return cls(str(raw["vector"]), int(raw["k"]), float(raw["target"]),
-                   float(raw["depth"]), float(raw["recall"]), float(raw["ci_low"]),
-                   float(raw["ci_high"]), int(raw["queries"]), int(raw["real_queries"]),
-                   bool(raw["met"]), int(raw["n_tokens"]),
-                   tuple(int(s) for s in raw["segments"]), float(raw["at"]),
-                   float(raw["seconds"]), float(raw["cpu_s"]),
-                   {str(d): float(r) for d, r in dict(raw.get("tried", {})).items()})
+        return cls(
+            str(raw["vector"]),
+            int(raw["k"]),
+            float(raw["target"]),
+            float(raw["depth"]),
+            float(raw["recall"]),
+            float(raw["ci_low"]),
+            float(raw["ci_high"]),
+            int(raw["queries"]),
+            int(raw["real_queries"]),
+            bool(raw["met"]),
+            int(raw["n_tokens"]),
+            tuple(int(s) for s in raw["segments"]),
+            float(raw["at"]),
+            float(raw["seconds"]),
+            float(raw["cpu_s"]),
+            {str(d): float(r) for d, r in dict(raw.get("tried", {})).items()},
+        )
 
 
-def choose_depth(evaluate: Callable[[float], Sequence[float]], target: float,
-                 depths: Sequence[float] = DEPTHS
-                 ) -> tuple[float, list[float], bool, dict[float, float]]:
+def choose_depth(
+    evaluate: Callable[[float], Sequence[float]], target: float, depths: Sequence[float] = DEPTHS
+) -> tuple[float, list[float], bool, dict[float, float]]:
     """The smallest depth of ``depths`` (ascending) whose lower bound (``interval``) on the
     mean of ``evaluate(depth)`` (per-query recalls) reaches ``target``. Recall is taken to grow
     with depth: starting at the depth nearest 1 it steps up one rung at a time until the target
@@ -139,8 +149,9 @@ class DocSampler:
     """Uniform draws of live objects (with tokens for one vector) from a snapshot of segments:
     ``(tokens, offsets, live rows)`` per segment."""
 
-    def __init__(self, parts: Sequence[tuple[Any, npt.NDArray[np.int64],
-                                             npt.NDArray[np.int64]]]) -> None:
+    def __init__(
+        self, parts: Sequence[tuple[Any, npt.NDArray[np.int64], npt.NDArray[np.int64]]]
+    ) -> None:
         self._parts = [p for p in parts if len(p[2])]
         self._cum = np.cumsum([len(p[2]) for p in self._parts])
 
@@ -156,8 +167,14 @@ class DocSampler:
         return np.asarray(tokens[int(offsets[row]) : int(offsets[row + 1])], dtype=np.float32)
 
 
-def synthetic_queries(sampler: DocSampler, n: int, rng: np.random.Generator, *,
-                      cosine: bool, lengths: Sequence[int] = ()) -> list[F32]:
+def synthetic_queries(
+    sampler: DocSampler,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    cosine: bool,
+    lengths: Sequence[int] = (),
+) -> list[F32]:
     """``n`` queries made from stored objects (see the module docstring). ``lengths``: lengths
     of real queries to draw from (else log-uniform in ``SYNTH_MIN_LEN..SYNTH_MAX_LEN``)."""
     out: list[F32] = []
@@ -167,8 +184,7 @@ def synthetic_queries(sampler: DocSampler, n: int, rng: np.random.Generator, *,
         if lengths:
             m = int(lengths[int(rng.integers(0, len(lengths)))])
         else:
-            m = round(math.exp(rng.uniform(math.log(SYNTH_MIN_LEN),
-                                           math.log(SYNTH_MAX_LEN))))
+            m = round(math.exp(rng.uniform(math.log(SYNTH_MIN_LEN), math.log(SYNTH_MAX_LEN))))
         m = max(1, m)
         source, other = sampler.doc(rng), sampler.doc(rng)
         from_source = rng.random(m) < rng.uniform(*SYNTH_FROM_SOURCE)

@@ -101,8 +101,9 @@ def lock_dir(data_dir: Path, name: str) -> TextIO:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         f.close()
-        raise Unavailable(f"shard {name}: {data_dir} is open in another engine",
-                          {"data_dir": str(data_dir)}) from exc
+        raise Unavailable(
+            f"shard {name}: {data_dir} is open in another engine", {"data_dir": str(data_dir)}
+        ) from exc
     return f
 
 

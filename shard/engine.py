@@ -125,8 +125,13 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
 # Index options that fix a vector's search depth by hand (no calibration).
-FIXED_DEPTH_OPTIONS = ("candidates_per_token", "rerank_docs", "candidates", "leaves_to_search",
-                       "leaves_to_search_fraction")
+FIXED_DEPTH_OPTIONS = (
+    "candidates_per_token",
+    "rerank_docs",
+    "candidates",
+    "leaves_to_search",
+    "leaves_to_search_fraction",
+)
 # A shard that is not idle (writes arriving) calibrates at most this often.
 BUSY_CALIBRATE_S = 60.0
 # An idle shard recalibrates when its tokens changed by this fraction (or its index did).
@@ -151,8 +156,9 @@ CALIBRATION_INTERVAL_S = 2.0
 
 
 class ShardEngine:
-    def __init__(self, spec: CollectionSpec, shard: int, data_dir: Path,
-                 settings: ShardSettings) -> None:
+    def __init__(
+        self, spec: CollectionSpec, shard: int, data_dir: Path, settings: ShardSettings
+    ) -> None:
         self.spec = spec
         self.shard = shard
         self.data_dir = Path(data_dir)
@@ -218,12 +224,15 @@ class ShardEngine:
         n_sealed = len(self._loc)
         fields = searchable_fields(self.spec)
         if fields:
-            kw = self._keyword = KeywordIndex(self.data_dir / "bm25", fields,
-                                              manifest.get("bm25_fields"))
+            kw = self._keyword = KeywordIndex(
+                self.data_dir / "bm25", fields, manifest.get("bm25_fields")
+            )
             if kw.rebuilt:
                 for seg in self._sealed:
-                    kw.upsert((seg.uuids[r], seg.properties(r))
-                              for r in np.flatnonzero(~seg.deleted).tolist())
+                    kw.upsert(
+                        (seg.uuids[r], seg.properties(r))
+                        for r in np.flatnonzero(~seg.deleted).tolist()
+                    )
         n_replayed = 0
         for record in self._wal.replay(wal_gen):
             n_replayed += 1
@@ -241,8 +250,14 @@ class ShardEngine:
         self._wal.open(wal_gen)
         self._growing_gen = wal_gen
         self._load_calibrations()
-        logger.info("shard %s:%d opened: %d segments (%d objects), %d WAL records replayed",
-                    self.spec.name, self.shard, len(self._sealed), n_sealed, n_replayed)
+        logger.info(
+            "shard %s:%d opened: %d segments (%d objects), %d WAL records replayed",
+            self.spec.name,
+            self.shard,
+            len(self._sealed),
+            n_sealed,
+            n_replayed,
+        )
 
     def _open_segment(self, segment_id: int, deleted_file: str | None) -> SealedSegment:
         seg = SealedSegment(segment_id, self._segment_dir(segment_id), self.spec)
@@ -259,8 +274,12 @@ class ShardEngine:
                 try:
                     seg.indexes[v.name] = _load_index(index_dir, v, seg.n_objects)
                 except Exception:  # a bad index is rebuilt, never fatal
-                    logger.warning("segment %s: cannot load index for %r; rebuilding",
-                                   seg.directory, v.name, exc_info=True)
+                    logger.warning(
+                        "segment %s: cannot load index for %r; rebuilding",
+                        seg.directory,
+                        v.name,
+                        exc_info=True,
+                    )
                     shutil.rmtree(index_dir, ignore_errors=True)
         return seg
 
@@ -309,8 +328,10 @@ class ShardEngine:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise Unavailable(f"shard {self.spec.name}:{self.shard} is closed",
-                              {"collection": self.spec.name, "shard": self.shard})
+            raise Unavailable(
+                f"shard {self.spec.name}:{self.shard} is closed",
+                {"collection": self.spec.name, "shard": self.shard},
+            )
 
     # ------------------------------------------------------------------ writes
 
@@ -348,8 +369,11 @@ class ShardEngine:
 
     def _storage_error(self, exc: OSError) -> Exception:
         logger.error("shard %s:%d: write failed: %s", self.spec.name, self.shard, exc)
-        return storage_error(exc, f"shard {self.spec.name}:{self.shard}",
-                             {"collection": self.spec.name, "shard": self.shard})
+        return storage_error(
+            exc,
+            f"shard {self.spec.name}:{self.shard}",
+            {"collection": self.spec.name, "shard": self.shard},
+        )
 
     # ------------------------------------------------------------------ reads
 
@@ -365,8 +389,9 @@ class ShardEngine:
         vectors = _present_vectors(seg.vectors_of(row)) if include_vectors else None
         return StoredObject(uuid, dict(seg.properties(row)), vectors)
 
-    def list_objects(self, after: str | None, limit: int,
-                     include_vectors: bool = False) -> list[StoredObject]:
+    def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool = False
+    ) -> list[StoredObject]:
         self._check_open()
         with self._state_lock:
             if self._sorted_uuids is None:
@@ -392,46 +417,68 @@ class ShardEngine:
             views = self._views()
             n_live = len(self._loc)
         exact = req.exact or vspec.index.kind == "flat"  # for this query / this vector
-        found, n_candidates = self._ranked(views, n_live, vspec, query, req.k, req.filter,
-                                           exact, self._depth(vspec), deadline)
+        found, n_candidates = self._ranked(
+            views, n_live, vspec, query, req.k, req.filter, exact, self._depth(vspec), deadline
+        )
         if not exact and not req.probe:  # a sample of the real workload (shard.calibrate)
             self._reservoirs[vspec.name].offer(query)
         hits_out = tuple(self._hit(req, vspec, query, *f) for f in found)
         return ShardSearchResult(self.shard, hits_out, n_candidates, n_live)
 
-    def _ranked(self, views: list[SegmentView], n_live: int, vspec: NamedVectorSpec,
-                query: F32, k: int, flt: Any, exact: bool, depth: float,
-                deadline: Deadline = NO_DEADLINE
-                ) -> tuple[list[tuple[float, str, Segment, int]], int]:
+    def _ranked(
+        self,
+        views: list[SegmentView],
+        n_live: int,
+        vspec: NamedVectorSpec,
+        query: F32,
+        k: int,
+        flt: Any,
+        exact: bool,
+        depth: float,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> tuple[list[tuple[float, str, Segment, int]], int]:
         """The top ``k`` of a snapshot (score desc, uuid asc) as ``(score, uuid, segment,
         row)``, and how many objects were scored exactly. ``exact``: no token index / FDE;
         ``depth``: the factor on the candidate budget (``_search_params``)."""
         if exact:
             views = [_without_index(v) for v in views]
-        n_tokens = sum(int(vv.offsets[-1]) for v in views
-                       if (vv := v.vectors.get(vspec.name)) is not None)
-        k_prime, rerank, leaves, fde_candidates = self._search_params(vspec, n_tokens, n_live,
-                                                                      depth)
+        n_tokens = sum(
+            int(vv.offsets[-1]) for v in views if (vv := v.vectors.get(vspec.name)) is not None
+        )
+        k_prime, rerank, leaves, fde_candidates = self._search_params(
+            vspec, n_tokens, n_live, depth
+        )
         allowed: list[Bools | None] = [
-            None if flt is None
-            else _allow_list(v.segment, v.n_objects, v.deleted, flt) for v in views]
+            None if flt is None else _allow_list(v.segment, v.n_objects, v.deleted, flt)
+            for v in views
+        ]
         if vspec.index.kind == "muvera" and not exact:  # FDE candidates, re-scored below
             allowed = fde_allow_lists(views, vspec.name, query, k, allowed, fde_candidates)
         found: list[tuple[float, str, Segment, int]] = []
         n_candidates = 0
-        for hits in search_segments(views, vspec.name, query, k, allowed=allowed,
-                                    k_prime=k_prime,
-                                    rerank_docs=max(rerank, 4 * k) if rerank > 0 else 0,
-                                    deadline=deadline, leaves_factor=leaves):
+        for hits in search_segments(
+            views,
+            vspec.name,
+            query,
+            k,
+            allowed=allowed,
+            k_prime=k_prime,
+            rerank_docs=max(rerank, 4 * k) if rerank > 0 else 0,
+            deadline=deadline,
+            leaves_factor=leaves,
+        ):
             n_candidates += hits.n_candidates
             seg = hits.view.segment
-            found.extend((float(s), seg.uuids[r], seg, r)
-                         for r, s in zip(hits.rows.tolist(), hits.scores.tolist(), strict=True))
+            found.extend(
+                (float(s), seg.uuids[r], seg, r)
+                for r, s in zip(hits.rows.tolist(), hits.scores.tolist(), strict=True)
+            )
         found.sort(key=lambda t: (-t[0], t[1]))
         return found[: max(0, k)], n_candidates
 
-    def _search_params(self, vspec: NamedVectorSpec, n_tokens: int, n_objects: int,
-                       depth: float) -> tuple[int, int, float, int]:
+    def _search_params(
+        self, vspec: NamedVectorSpec, n_tokens: int, n_objects: int, depth: float
+    ) -> tuple[int, int, float, int]:
         """``(k', rerank_docs, leaves factor, FDE candidates)`` for a search of ``vspec`` over
         ``n_tokens`` tokens / ``n_objects`` objects at calibrated ``depth``: the configured
         values (index options, else the shard settings), scaled with the shard's size
@@ -440,9 +487,12 @@ class ShardEngine:
         k_prime = int(opts.get("candidates_per_token", self.settings.candidates_per_token))
         rerank = int(opts.get("rerank_docs", self.settings.rerank_docs))
         k_prime, rerank = scaled_candidates(
-            k_prime, rerank, n_tokens, n_objects,
-            float(opts.get("candidates_scale_exponent",
-                           self.settings.candidates_scale_exponent)))
+            k_prime,
+            rerank,
+            n_tokens,
+            n_objects,
+            float(opts.get("candidates_scale_exponent", self.settings.candidates_scale_exponent)),
+        )
         fde = candidates_option(opts)
         if depth != 1.0:
             k_prime = max(1, math.ceil(k_prime * depth))
@@ -455,9 +505,11 @@ class ShardEngine:
     def _calibrates(self, vspec: NamedVectorSpec) -> bool:
         """Whether ``vspec``'s search depth is calibrated (an approximate index, no option
         fixing the depth by hand, calibration on)."""
-        return (self.settings.calibration_queries > 0
-                and vspec.index.kind in ("scann", "muvera")
-                and not any(o in vspec.index.options for o in FIXED_DEPTH_OPTIONS))
+        return (
+            self.settings.calibration_queries > 0
+            and vspec.index.kind in ("scann", "muvera")
+            and not any(o in vspec.index.options for o in FIXED_DEPTH_OPTIONS)
+        )
 
     def _depth(self, vspec: NamedVectorSpec) -> float:
         cal = self._calibrations.get(vspec.name)
@@ -506,13 +558,14 @@ class ShardEngine:
             return "target changed"
         if abs(n_tokens - cal.n_tokens) >= RECALIBRATE_GROWTH * max(1, cal.n_tokens):
             return f"tokens {cal.n_tokens} -> {n_tokens}"
-        if idle and (segs != cal.segments or abs(n_tokens - cal.n_tokens)
-                     >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)):
+        if idle and (
+            segs != cal.segments
+            or abs(n_tokens - cal.n_tokens) >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)
+        ):
             return "index changed" if segs != cal.segments else "tokens changed"
         n = self.settings.calibration_queries
         usable = min(len(self._reservoirs[vspec.name]), n)
-        if usable > cal.real_queries and usable >= max(min(RESERVOIR_MIN, n),
-                                                       2 * cal.real_queries):
+        if usable > cal.real_queries and usable >= max(min(RESERVOIR_MIN, n), 2 * cal.real_queries):
             return f"{usable} real queries to measure with"
         return None
 
@@ -535,8 +588,9 @@ class ShardEngine:
             views = self._views()
         return self._sample(views, vspec, n, np.random.default_rng(seed))[0]
 
-    def _sample(self, views: list[SegmentView], vspec: NamedVectorSpec, n: int,
-                rng: np.random.Generator) -> tuple[list[F32], int]:
+    def _sample(
+        self, views: list[SegmentView], vspec: NamedVectorSpec, n: int, rng: np.random.Generator
+    ) -> tuple[list[F32], int]:
         """``(queries, how many of them are real)``."""
         reservoir = self._reservoirs[vspec.name]
         real = reservoir.sample(n, rng)
@@ -548,8 +602,12 @@ class ShardEngine:
                 live = np.flatnonzero(~view.deleted & (np.diff(vv.offsets) > 0))
                 parts.append((vv.tokens, vv.offsets, live.astype(np.int64)))
         return real + synthetic_queries(
-            DocSampler(parts), n - len(real), rng, cosine=vspec.metric == "cosine",
-            lengths=lengths if len(lengths) >= REAL_LENGTHS_MIN else ()), len(real)
+            DocSampler(parts),
+            n - len(real),
+            rng,
+            cosine=vspec.metric == "cosine",
+            lengths=lengths if len(lengths) >= REAL_LENGTHS_MIN else (),
+        ), len(real)
 
     def forget_queries(self) -> None:
         """Empty the reservoirs of real queries (a workload changed; a benchmark's measured
@@ -584,33 +642,63 @@ class ShardEngine:
         try:
             truth = [ranked(q, True, 1.0) for q in queries]
             depth, recalls, met, tried = choose_depth(
-                lambda d: [recall_at(ranked(q, False, d), t, k)
-                           for q, t in zip(queries, truth, strict=True)], target)
+                lambda d: [
+                    recall_at(ranked(q, False, d), t, k)
+                    for q, t in zip(queries, truth, strict=True)
+                ],
+                target,
+            )
         except _Stopped:
             return None
         mean, low, high = interval(recalls)
-        cal = Calibration(vspec.name, k, target, depth, round(mean, 4), round(low, 4),
-                          round(high, 4), len(queries), n_real, met,
-                          n_tokens, segs, round(started, 3),
-                          round(time.monotonic() - wall0, 3),
-                          round(time.thread_time() - cpu0, 3),
-                          {f"{d:g}": round(r, 4) for d, r in tried.items()})
+        cal = Calibration(
+            vspec.name,
+            k,
+            target,
+            depth,
+            round(mean, 4),
+            round(low, 4),
+            round(high, 4),
+            len(queries),
+            n_real,
+            met,
+            n_tokens,
+            segs,
+            round(started, 3),
+            round(time.monotonic() - wall0, 3),
+            round(time.thread_time() - cpu0, 3),
+            {f"{d:g}": round(r, 4) for d, r in tried.items()},
+        )
         with self._state_lock:
             self._calibrations[vspec.name] = cal
             self._calibrated_at = time.monotonic()
         self._persist_calibrations()
-        logger.info("shard %s:%d: calibrated %r (%s): depth %g, recall@%d %.3f (≥ %.3f at 95 %%, "
-                    "target %.3f%s), %d queries, %.1f s", self.spec.name, self.shard, vector,
-                    reason, depth, k, mean, low, target, "" if met else ", NOT met",
-                    len(queries), cal.seconds)
+        logger.info(
+            "shard %s:%d: calibrated %r (%s): depth %g, recall@%d %.3f (≥ %.3f at 95 %%, "
+            "target %.3f%s), %d queries, %.1f s",
+            self.spec.name,
+            self.shard,
+            vector,
+            reason,
+            depth,
+            k,
+            mean,
+            low,
+            target,
+            "" if met else ", NOT met",
+            len(queries),
+            cal.seconds,
+        )
         return cal
 
     def _persist_calibrations(self) -> None:
         with self._state_lock:
-            body = {"format": 1,
-                    "vectors": {n: c.to_dict() for n, c in self._calibrations.items()}}
-        write_atomic(self.data_dir / CALIBRATION_FILE, json.dumps(body, indent=1).encode(),
-                     fsync=self.settings.fsync)
+            body = {"format": 1, "vectors": {n: c.to_dict() for n, c in self._calibrations.items()}}
+        write_atomic(
+            self.data_dir / CALIBRATION_FILE,
+            json.dumps(body, indent=1).encode(),
+            fsync=self.settings.fsync,
+        )
 
     def _load_calibrations(self) -> None:
         path = self.data_dir / CALIBRATION_FILE
@@ -622,8 +710,13 @@ class ShardEngine:
                 if any(v.name == name for v in self.spec.vectors):
                     self._calibrations[name] = Calibration.from_dict(entry)
         except (ValueError, KeyError, TypeError, AttributeError):  # recalibrated, never fatal
-            logger.warning("shard %s:%d: unreadable %s; recalibrating", self.spec.name,
-                           self.shard, path, exc_info=True)
+            logger.warning(
+                "shard %s:%d: unreadable %s; recalibrating",
+                self.spec.name,
+                self.shard,
+                path,
+                exc_info=True,
+            )
             self._calibrations.clear()
 
     def calibration_report(self) -> dict[str, dict[str, Any]]:
@@ -646,11 +739,15 @@ class ShardEngine:
                 state = "calibrated" if cal is not None else "pending"
             depth = self._depth(v)
             k_prime, rerank, leaves, fde = self._search_params(v, n_tokens, n_live, depth)
-            entry: dict[str, Any] = {"state": state, "target": target, "k": k,
-                                     "depth": depth, "due": self._due(v, segs, n_tokens)}
+            entry: dict[str, Any] = {
+                "state": state,
+                "target": target,
+                "k": k,
+                "depth": depth,
+                "due": self._due(v, segs, n_tokens),
+            }
             if v.index.kind == "scann":
-                entry.update(k_prime=k_prime, rerank_docs=rerank,
-                             leaves_factor=round(leaves, 4))
+                entry.update(k_prime=k_prime, rerank_docs=rerank, leaves_factor=round(leaves, 4))
             elif v.index.kind == "muvera":
                 entry.update(fde_candidates=fde)
             if cal is not None:
@@ -668,8 +765,7 @@ class ShardEngine:
 
         def allow(uuid: str) -> bool:
             loc = self._loc.get(uuid)  # BM25 may briefly know an object the engine dropped
-            return loc is not None and (flt is None or bool(flt.matches(
-                loc[0].properties(loc[1]))))
+            return loc is not None and (flt is None or bool(flt.matches(loc[0].properties(loc[1]))))
 
         ranked = self._keyword.search(req.query, req.k, req.properties, allow)
         hits = []
@@ -685,8 +781,16 @@ class ShardEngine:
             hits.append(Hit(uuid, score, dict(props), vectors))
         return ShardSearchResult(self.shard, tuple(hits), len(ranked), n_live)
 
-    def _hit(self, req: VectorSearch, vspec: NamedVectorSpec, query: F32, score: float,
-             uuid: str, seg: Segment, row: int) -> Hit:
+    def _hit(
+        self,
+        req: VectorSearch,
+        vspec: NamedVectorSpec,
+        query: F32,
+        score: float,
+        uuid: str,
+        seg: Segment,
+        row: int,
+    ) -> Hit:
         props = seg.properties(row)
         if req.return_properties is not None:
             props = {k: props[k] for k in req.return_properties if k in props}
@@ -694,8 +798,13 @@ class ShardEngine:
         explain = None
         if req.explain:
             explain = {"tokens": maxsim_explain(query, vectors[vspec.name])}
-        return Hit(uuid, score, dict(props),
-                   _present_vectors(vectors) if req.include_vectors else None, explain)
+        return Hit(
+            uuid,
+            score,
+            dict(props),
+            _present_vectors(vectors) if req.include_vectors else None,
+            explain,
+        )
 
     def stats(self) -> ShardStats:
         idle = self.idle()
@@ -707,20 +816,30 @@ class ShardEngine:
             n_objects = len(self._loc)
             # waiting: held back by deferred indexing (writes still arriving, too few tokens)
             held = not self._index_due(self._waiting()[1], idle)
-        n_tokens = {v.name: sum(s.live_tokens(v.name) for s in [*sealed, *others])
-                    for v in self.spec.vectors}
+        n_tokens = {
+            v.name: sum(s.live_tokens(v.name) for s in [*sealed, *others])
+            for v in self.spec.vectors
+        }
         index_state = {}
         for v in self.spec.vectors:
             n_index = sum(1 for s in sealed if v.name in s.indexes)
             pending = [s for s in sealed if self._needs_index(s, v)]
             n_waiting = len(pending) if held else 0
             n_exact = len(sealed) - n_index - len(pending)
-            index_state[v.name] = (f"{v.index.kind}: "
-                                   f"indexed={n_index} building={len(pending) - n_waiting} "
-                                   f"exact={n_exact} growing={len(others)} waiting={n_waiting}")
-        return ShardStats(self.shard, n_objects, n_tokens, len(sealed) + len(others),
-                          index_state, dir_size_bytes(self.data_dir),
-                          calibration=self.calibration_report())
+            index_state[v.name] = (
+                f"{v.index.kind}: "
+                f"indexed={n_index} building={len(pending) - n_waiting} "
+                f"exact={n_exact} growing={len(others)} waiting={n_waiting}"
+            )
+        return ShardStats(
+            self.shard,
+            n_objects,
+            n_tokens,
+            len(sealed) + len(others),
+            index_state,
+            dir_size_bytes(self.data_dir),
+            calibration=self.calibration_report(),
+        )
 
     def index_bytes(self) -> int:
         """Bytes of the token indexes and FDEs (their serialized size; ScaNN loads the same
@@ -750,19 +869,21 @@ class ShardEngine:
         with self._write_lock, self._state_lock:
             if not self._frozen:  # else: retry a seal that failed earlier
                 g = self._growing
-                due = (g.n_tokens() >= self.settings.seal_threshold_tokens
-                       or self._wal.size_bytes() >= WAL_CHECKPOINT_BYTES
-                       # idle: the newest writes are indexed instead of scanned exactly
-                       or (g.n_tokens() >= max(1, self.settings.brute_force_max_tokens)
-                           and self.idle()))
+                due = (
+                    g.n_tokens() >= self.settings.seal_threshold_tokens
+                    or self._wal.size_bytes() >= WAL_CHECKPOINT_BYTES
+                    # idle: the newest writes are indexed instead of scanned exactly
+                    or (
+                        g.n_tokens() >= max(1, self.settings.brute_force_max_tokens) and self.idle()
+                    )
+                )
                 if not due or (g.n_objects == 0 and self._wal.size_bytes() == 0):
                     return False
                 new_gen = self._wal.rotate()  # first: if it fails, nothing has changed
                 if g.n_objects:
                     g.frozen = True
                     self._frozen.append((g, self._growing_gen))
-                    self._growing = GrowingSegment(self.spec,
-                                                   self.settings.seal_threshold_tokens)
+                    self._growing = GrowingSegment(self.spec, self.settings.seal_threshold_tokens)
                 self._growing_gen = new_gen
             pending = [f for f, _ in self._frozen]
         for frozen in pending:
@@ -817,20 +938,30 @@ class ShardEngine:
                 name = prev[1]
             elif mask.any():
                 name = f"deleted-{seq:012d}.bits"
-                write_atomic(seg.directory / name, np.packbits(mask).tobytes(),
-                             fsync=self.settings.fsync)
+                write_atomic(
+                    seg.directory / name, np.packbits(mask).tobytes(), fsync=self.settings.fsync
+                )
             else:
                 name = None
             persisted[seg.segment_id] = (mask, name)
             entries.append({"id": seg.segment_id, "n_objects": seg.n_objects, "deleted": name})
         manifest: dict[str, Any] = {
-            "format": 1, "seq": seq, "next_segment_id": next_id, "wal_generation": wal_gen,
-            "segments": entries, "spec": self.spec.to_dict(), "shard": self.shard}
+            "format": 1,
+            "seq": seq,
+            "next_segment_id": next_id,
+            "wal_generation": wal_gen,
+            "segments": entries,
+            "spec": self.spec.to_dict(),
+            "shard": self.shard,
+        }
         if self._keyword is not None:
             self._keyword.commit()  # BM25 covers everything before wal_gen (see shard.keyword)
             manifest["bm25_fields"] = self._keyword.fields
-        write_atomic(self.data_dir / MANIFEST, json.dumps(manifest, indent=1).encode(),
-                     fsync=self.settings.fsync)
+        write_atomic(
+            self.data_dir / MANIFEST,
+            json.dumps(manifest, indent=1).encode(),
+            fsync=self.settings.fsync,
+        )
         for seg, _ in sealed:  # old tombstone files are garbage now
             prev = self._persisted_masks.get(seg.segment_id)
             if prev is not None and prev[1] and prev[1] != persisted[seg.segment_id][1]:
@@ -841,14 +972,18 @@ class ShardEngine:
             self._wal.remove_before(wal_gen)
 
     def _needs_index(self, seg: SealedSegment, v: NamedVectorSpec) -> bool:
-        return (v.index.kind != "flat" and v.name not in seg.indexes
-                and seg.n_tokens(v.name) >= max(1, self.settings.brute_force_max_tokens))
+        return (
+            v.index.kind != "flat"
+            and v.name not in seg.indexes
+            and seg.n_tokens(v.name) >= max(1, self.settings.brute_force_max_tokens)
+        )
 
     def _waiting(self) -> tuple[list[SealedSegment], int]:
         """The sealed segments that still need an index (oldest first) and their live tokens.
         Caller holds ``_state_lock``."""
-        waiting = [s for s in self._sealed
-                   if any(self._needs_index(s, v) for v in self.spec.vectors)]
+        waiting = [
+            s for s in self._sealed if any(self._needs_index(s, v) for v in self.spec.vectors)
+        ]
         return waiting, sum(map(self._segment_tokens, waiting))
 
     def _defer_tokens(self) -> int:
@@ -856,8 +991,9 @@ class ShardEngine:
         the last ``DEFER_UNLESS_SEARCHED_S`` (its queries would scan the waiting segments
         exactly: query latency comes first)."""
         st = self.settings
-        if st.seal_idle_s <= 0 or (time.monotonic() - self._last_search_at
-                                   < DEFER_UNLESS_SEARCHED_S):
+        if st.seal_idle_s <= 0 or (
+            time.monotonic() - self._last_search_at < DEFER_UNLESS_SEARCHED_S
+        ):
             return 0
         return max(0, st.index_defer_tokens)
 
@@ -890,8 +1026,15 @@ class ShardEngine:
             waiting_ids = {id(s) for s in waiting}
             sealed = [s for s in sealed if id(s) not in waiting_ids]
         sizes = [self._segment_tokens(s) for s in sealed]
-        chosen = set(plan_merge(sizes, st.max_segment_tokens, st.merge_factor - 0.5,
-                                st.seal_threshold_tokens, eager=idle))
+        chosen = set(
+            plan_merge(
+                sizes,
+                st.max_segment_tokens,
+                st.merge_factor - 0.5,
+                st.seal_threshold_tokens,
+                eager=idle,
+            )
+        )
         return [s for i, s in enumerate(sealed) if i in chosen]
 
     def _index_due(self, tokens: int, idle: bool, merged_from_indexed: bool = False) -> bool:
@@ -904,8 +1047,9 @@ class ShardEngine:
     def _maybe_build_index(self) -> bool:
         idle = self.idle()
         with self._state_lock:
-            todo = [(s, v) for s in self._sealed for v in self.spec.vectors
-                    if self._needs_index(s, v)]
+            todo = [
+                (s, v) for s in self._sealed for v in self.spec.vectors if self._needs_index(s, v)
+            ]
             if todo and self._defer_tokens():
                 # While writes arrive, the waiting segments are indexed once they add up; what
                 # the next compaction merges is indexed once, after the merge.
@@ -923,14 +1067,14 @@ class ShardEngine:
             seg.indexes[v.name] = index
         return True
 
-    def _build_index(self, seg: SealedSegment, v: NamedVectorSpec
-                     ) -> ScannTokenIndex | MuveraIndex:
+    def _build_index(self, seg: SealedSegment, v: NamedVectorSpec) -> ScannTokenIndex | MuveraIndex:
         index: ScannTokenIndex | MuveraIndex
         if v.index.kind == "muvera":
             index = MuveraIndex.build(seg.tokens(v.name), seg.offsets(v.name), v.index.options)
         else:
-            k_prime = int(v.index.options.get("candidates_per_token",
-                                              self.settings.candidates_per_token))
+            k_prime = int(
+                v.index.options.get("candidates_per_token", self.settings.candidates_per_token)
+            )
             index = ScannTokenIndex.build(seg.tokens(v.name), k_prime, v.index.options)
         final = seg.index_dir(v.name)
         tmp = final.with_name(final.name + ".tmp")
@@ -958,9 +1102,11 @@ class ShardEngine:
         with self._state_lock:
             group = self._merge_group(idle)
             if len(group) < 2:
-                group = [s for s in self._sealed
-                         if s.n_objects and s.n_live() <= (1 - COMPACT_DEAD_FRACTION)
-                         * s.n_objects][:1]
+                group = [
+                    s
+                    for s in self._sealed
+                    if s.n_objects and s.n_live() <= (1 - COMPACT_DEAD_FRACTION) * s.n_objects
+                ][:1]
             if not group:
                 return False
             masks = [s.deleted for s in group]
@@ -969,8 +1115,12 @@ class ShardEngine:
         live_rows = [np.flatnonzero(~m).astype(np.int64) for m in masks]
         merged = None
         if sum(len(r) for r in live_rows):
-            merged = self._write_merged(segment_id, list(zip(group, live_rows, strict=True)),
-                                        idle=idle, from_indexed=from_indexed)
+            merged = self._write_merged(
+                segment_id,
+                list(zip(group, live_rows, strict=True)),
+                idle=idle,
+                from_indexed=from_indexed,
+            )
         with self._state_lock:
             if merged is not None:
                 new_deleted = np.zeros(merged.n_objects, dtype=np.bool_)
@@ -996,8 +1146,14 @@ class ShardEngine:
             self._persisted_masks.pop(seg.segment_id, None)
         return True
 
-    def _write_merged(self, segment_id: int, sources: list[tuple[SealedSegment, Any]], *,
-                      idle: bool, from_indexed: bool) -> SealedSegment:
+    def _write_merged(
+        self,
+        segment_id: int,
+        sources: list[tuple[SealedSegment, Any]],
+        *,
+        idle: bool,
+        from_indexed: bool,
+    ) -> SealedSegment:
         final = self._segment_dir(segment_id)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1034,13 +1190,17 @@ class ShardEngine:
             return
         self._stop.clear()
         self._thread = threading.Thread(
-            target=self._background, name=f"colshard-maint-{self.spec.name}-{self.shard}",
-            daemon=True)
+            target=self._background,
+            name=f"colshard-maint-{self.spec.name}-{self.shard}",
+            daemon=True,
+        )
         self._thread.start()
         if self._calibrator is None or not self._calibrator.is_alive():
             self._calibrator = threading.Thread(
                 target=self._calibration_loop,
-                name=f"colshard-calibrate-{self.spec.name}-{self.shard}", daemon=True)
+                name=f"colshard-calibrate-{self.spec.name}-{self.shard}",
+                daemon=True,
+            )
             self._calibrator.start()
 
     def _calibration_loop(self) -> None:
@@ -1053,8 +1213,12 @@ class ShardEngine:
                 self.recalibrate()
                 delay = CALIBRATION_INTERVAL_S
             except Exception:
-                logger.exception("shard %s:%d: calibration failed; retrying in %.0fs",
-                                 self.spec.name, self.shard, delay)
+                logger.exception(
+                    "shard %s:%d: calibration failed; retrying in %.0fs",
+                    self.spec.name,
+                    self.shard,
+                    delay,
+                )
                 delay = min(delay * 2, 300.0)
 
     def _background(self) -> None:
@@ -1065,8 +1229,12 @@ class ShardEngine:
                 did = self.maintenance()
                 delay = BACKGROUND_INTERVAL_S
             except Exception:
-                logger.exception("shard %s:%d: maintenance failed; retrying in %.1fs",
-                                 self.spec.name, self.shard, delay)
+                logger.exception(
+                    "shard %s:%d: maintenance failed; retrying in %.1fs",
+                    self.spec.name,
+                    self.shard,
+                    delay,
+                )
                 did = False
                 delay = min(delay * 2, 30.0)
             if not did:
@@ -1108,8 +1276,9 @@ class _Stopped(Exception):
     """The shard is closing: a calibration in progress gives up."""
 
 
-def plan_merge(sizes: Sequence[int], max_tokens: int, growth: float, small_tokens: int, *,
-               eager: bool = False) -> list[int]:
+def plan_merge(
+    sizes: Sequence[int], max_tokens: int, growth: float, small_tokens: int, *, eager: bool = False
+) -> list[int]:
     """Which sealed segments to merge (indexes into ``sizes``, live tokens each); [] = none.
 
     The longest run (≥ 2) of the smallest segments whose merged size stays within
@@ -1125,8 +1294,11 @@ def plan_merge(sizes: Sequence[int], max_tokens: int, growth: float, small_token
         total += sizes[i]
         if total > max_tokens:
             break
-        need = EAGER_MERGE_GROWTH if eager or sizes[i] < small_tokens else max(
-            growth, EAGER_MERGE_GROWTH)
+        need = (
+            EAGER_MERGE_GROWTH
+            if eager or sizes[i] < small_tokens
+            else max(growth, EAGER_MERGE_GROWTH)
+        )
         if m >= 2 and total >= need * sizes[i]:
             best = order[:m]
     return best
@@ -1137,16 +1309,19 @@ def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:
     return {name: m for name, m in vectors.items() if m.shape[0] > 0}
 
 
-def _load_index(directory: Path, v: NamedVectorSpec, n_objects: int
-                ) -> ScannTokenIndex | MuveraIndex:
+def _load_index(
+    directory: Path, v: NamedVectorSpec, n_objects: int
+) -> ScannTokenIndex | MuveraIndex:
     """A persisted index of the kind the spec asks for (else ValueError: it is rebuilt)."""
     if MuveraIndex.is_muvera_dir(directory):
         if v.index.kind != "muvera":
             raise ValueError(f"a MUVERA index, but the index kind is {v.index.kind!r}")
         fde = MuveraIndex.load(directory)
         if fde.n_docs != n_objects or fde.params.dim != v.dim:
-            raise ValueError(f"FDEs of {fde.n_docs} documents, dim {fde.params.dim}; the "
-                             f"segment has {n_objects}, dim {v.dim}")
+            raise ValueError(
+                f"FDEs of {fde.n_docs} documents, dim {fde.params.dim}; the "
+                f"segment has {n_objects}, dim {v.dim}"
+            )
         return fde
     if v.index.kind != "scann":
         raise ValueError(f"a ScaNN index, but the index kind is {v.index.kind!r}")

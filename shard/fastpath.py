@@ -43,8 +43,9 @@ def _remove_stale(directory: Path) -> None:
 class FastPathServer:
     """Serves ``verbs`` (name -> callable) on a fresh Unix socket until ``close``."""
 
-    def __init__(self, verbs: Mapping[str, Callable[..., Any]],
-                 directory: Path | None = None) -> None:
+    def __init__(
+        self, verbs: Mapping[str, Callable[..., Any]], directory: Path | None = None
+    ) -> None:
         self._verbs = dict(verbs)
         directory = directory or socket_dir()
         _remove_stale(directory)
@@ -71,8 +72,9 @@ class FastPathServer:
                     conn.close()
                     return
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="colshard-fastpath-conn",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="colshard-fastpath-conn", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:

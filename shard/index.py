@@ -67,20 +67,29 @@ class IndexParams:
 WIDE_LEAVES = 400
 
 
-def choose_params(n_tokens: int, options: Mapping[str, Any] | None = None,
-                  dim: int = 128) -> IndexParams:
+def choose_params(
+    n_tokens: int, options: Mapping[str, Any] | None = None, dim: int = 128
+) -> IndexParams:
     opts = dict(options or {})
     ref_leaves = max(8, round(math.sqrt(n_tokens)))  # the classic √n partition
-    num_leaves = int(opts.get("num_leaves", max(min(ref_leaves, WIDE_LEAVES),
-                                                round(ref_leaves / 2))))
+    num_leaves = int(
+        opts.get("num_leaves", max(min(ref_leaves, WIDE_LEAVES), round(ref_leaves / 2)))
+    )
     num_leaves = max(1, min(num_leaves, n_tokens // 8 or 1))
     if "leaves_to_search" in opts:
         to_search = int(opts["leaves_to_search"])
     elif "leaves_to_search_fraction" in opts:
         to_search = max(4, math.ceil(num_leaves * float(opts["leaves_to_search_fraction"])))
     else:  # the share of the tokens the √n schedule would scan, less for coarser leaves
-        to_search = max(4, round(default_leaves_to_search(ref_leaves) * num_leaves
-                                 / ref_leaves * coarse_scan_factor(num_leaves, ref_leaves)))
+        to_search = max(
+            4,
+            round(
+                default_leaves_to_search(ref_leaves)
+                * num_leaves
+                / ref_leaves
+                * coarse_scan_factor(num_leaves, ref_leaves)
+            ),
+        )
     # k-means and the AH codebooks train on a sample: 64 points per leaf (at least 20k) keeps
     # recall and builds ~3× faster than training on a whole 100k-token segment. (A 10k sample
     # builds a 70k-token segment in 0.83 s instead of 1.10 s but cost the engine test's
@@ -144,8 +153,12 @@ class ScannTokenIndex:
         self.params = params
 
     @classmethod
-    def build(cls, tokens: npt.NDArray[np.floating], k_default: int,
-              options: Mapping[str, Any] | None = None) -> ScannTokenIndex:
+    def build(
+        cls,
+        tokens: npt.NDArray[np.floating],
+        k_default: int,
+        options: Mapping[str, Any] | None = None,
+    ) -> ScannTokenIndex:
         db = np.ascontiguousarray(widen(tokens))
         n = int(db.shape[0])
         assert n > 0, "cannot index an empty segment"
@@ -153,23 +166,29 @@ class ScannTokenIndex:
         k = max(1, min(k_default, n))
         builder = (
             scann.scann_ops_pybind.builder(db, k, "dot_product")
-            .tree(num_leaves=params.num_leaves, num_leaves_to_search=params.leaves_to_search,
-                  training_sample_size=params.training_sample_size,
-                  # k-means++ seeding: ScaNN's random initialisation is not seeded, so two
-                  # builds of the same tokens partitioned them differently
-                  random_init=False)
-            .score_ah(params.dims_per_block, anisotropic_quantization_threshold=0.2,
-                      training_sample_size=params.training_sample_size)
+            .tree(
+                num_leaves=params.num_leaves,
+                num_leaves_to_search=params.leaves_to_search,
+                training_sample_size=params.training_sample_size,
+                # k-means++ seeding: ScaNN's random initialisation is not seeded, so two
+                # builds of the same tokens partitioned them differently
+                random_init=False,
+            )
+            .score_ah(
+                params.dims_per_block,
+                anisotropic_quantization_threshold=0.2,
+                training_sample_size=params.training_sample_size,
+            )
         )
         if params.reorder != "none":
-            quantize = (scann.ReorderType.FLOAT32 if params.reorder == "float32"
-                        else scann.ReorderType.INT8)
+            quantize = (
+                scann.ReorderType.FLOAT32 if params.reorder == "float32" else scann.ReorderType.INT8
+            )
             builder = builder.reorder(k * params.reorder_multiplier, quantize=quantize)
         searcher = builder.set_n_training_threads(params.build_threads).build()
         return cls(searcher, n, params)
 
-    def search(self, queries: F32, k_per_token: int,
-               leaves_factor: float = 1.0) -> tuple[I64, F32]:
+    def search(self, queries: F32, k_per_token: int, leaves_factor: float = 1.0) -> tuple[I64, F32]:
         """The ``k_per_token`` best tokens for every query row: ``(ids, sims)``, both
         ``(n_query, k)``, best first; ``sims`` are ScaNN's (approximate) inner products.
         Padding (fewer hits than asked for) has id -1 and sim -inf. ``leaves_factor`` scales
@@ -179,11 +198,14 @@ class ScannTokenIndex:
         if leaves_factor != 1.0:
             leaves = max(1, min(self.params.num_leaves, math.ceil(leaves * leaves_factor)))
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        pre = (min(self.n_tokens, k * self.params.reorder_multiplier)
-               if self.params.reorder != "none" else k)
+        pre = (
+            min(self.n_tokens, k * self.params.reorder_multiplier)
+            if self.params.reorder != "none"
+            else k
+        )
         idx, dist = self._searcher.search_batched(
-            q, final_num_neighbors=k, pre_reorder_num_neighbors=pre,
-            leaves_to_search=leaves)
+            q, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves
+        )
         ids = np.asarray(idx, dtype=np.int64).reshape(len(q), -1)
         sims = np.asarray(dist, dtype=np.float32).reshape(len(q), -1).copy()
         pad = ~np.isfinite(sims)
@@ -208,8 +230,10 @@ class ScannTokenIndex:
 
 
 def _params_line(p: IndexParams) -> str:
-    return (f"{p.num_leaves} {p.leaves_to_search} {p.training_sample_size} {p.dims_per_block} "
-            f"{p.reorder} {p.reorder_multiplier} {p.build_threads}")
+    return (
+        f"{p.num_leaves} {p.leaves_to_search} {p.training_sample_size} {p.dims_per_block} "
+        f"{p.reorder} {p.reorder_multiplier} {p.build_threads}"
+    )
 
 
 def _parse_params_line(line: str) -> IndexParams:

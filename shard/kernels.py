@@ -77,8 +77,16 @@ def _segment_max_sum_py(sims: F32, offsets: I64, out: F64) -> None:
             out[d] = _rows_max_sum(sims, offsets[d], offsets[d + 1], best)
 
 
-def _kept_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer], base: int,
-                  keys: I64, rows: I64, kept: F64) -> int:
+def _kept_hits_py(
+    ids: I64,
+    sims: F32,
+    tau: F32,
+    tok2doc: npt.NDArray[np.integer],
+    base: int,
+    keys: I64,
+    rows: I64,
+    kept: F64,
+) -> int:
     """Writes every kept hit (finite, not below its query row's ``tau``) as (document key
     ``base + tok2doc[id]``, query row, similarity); returns how many."""
     n_query, width = ids.shape
@@ -95,8 +103,17 @@ def _kept_hits_py(ids: I64, sims: F32, tau: F32, tok2doc: npt.NDArray[np.integer
     return n
 
 
-def _add_hits_py(slots: I64, rows: I64, kept: F64, imputed: F64, spread: F64, shift: F64,
-                 last_row: I64, best_hit: F64, approx: F64) -> None:
+def _add_hits_py(
+    slots: I64,
+    rows: I64,
+    kept: F64,
+    imputed: F64,
+    spread: F64,
+    shift: F64,
+    last_row: I64,
+    best_hit: F64,
+    approx: F64,
+) -> None:
     for i in range(len(slots)):
         slot = slots[i]
         q = rows[i]
@@ -128,16 +145,24 @@ def maxsim_rows(query: F32, tokens: F32, starts: I64, ends: I64) -> F64:
     if len(starts) == 0 or query.shape[0] == 0:
         return out
     qt = np.ascontiguousarray(np.asarray(query, dtype=np.float32).T)
-    _maxsim_rows(np.ascontiguousarray(tokens), np.ascontiguousarray(starts, dtype=np.int64),
-                 np.ascontiguousarray(ends, dtype=np.int64), qt, out)
+    _maxsim_rows(
+        np.ascontiguousarray(tokens),
+        np.ascontiguousarray(starts, dtype=np.int64),
+        np.ascontiguousarray(ends, dtype=np.int64),
+        qt,
+        out,
+    )
     return out
 
 
 def segment_max_sum(sims: F32, offsets: I64, out: F64) -> None:
     """``out[i]`` = the sum over columns of the column-wise max of ``sims`` rows
     ``offsets[i]:offsets[i+1]`` (float64); left as it is for an empty range."""
-    _segment_max_sum(np.ascontiguousarray(sims, dtype=np.float32),
-                     np.ascontiguousarray(offsets, dtype=np.int64), out)
+    _segment_max_sum(
+        np.ascontiguousarray(sims, dtype=np.float32),
+        np.ascontiguousarray(offsets, dtype=np.int64),
+        out,
+    )
 
 
 def unique_keys(keys: I64, n_keys: int) -> tuple[I64, I64]:
@@ -176,16 +201,26 @@ class HitTable:
         keys = np.empty(ids.size, dtype=np.int64)
         rows = np.empty(ids.size, dtype=np.int64)
         kept = np.empty(ids.size, dtype=np.float64)
-        n = _kept_hits(ids, np.ascontiguousarray(sims, dtype=np.float32), self._tau,
-                       np.ascontiguousarray(tok2doc), int(base),  # int32 in segments: no copy
-                       keys, rows, kept)
+        n = _kept_hits(
+            ids,
+            np.ascontiguousarray(sims, dtype=np.float32),
+            self._tau,
+            np.ascontiguousarray(tok2doc),
+            int(base),  # int32 in segments: no copy
+            keys,
+            rows,
+            kept,
+        )
         self._hits.append((keys[:n], rows[:n], kept[:n]))
         self._docs = None
 
     def _documents(self) -> tuple[I64, I64]:
         if self._docs is None:
-            keys = (np.concatenate([h[0] for h in self._hits]) if self._hits
-                    else np.zeros(0, dtype=np.int64))
+            keys = (
+                np.concatenate([h[0] for h in self._hits])
+                if self._hits
+                else np.zeros(0, dtype=np.int64)
+            )
             self._docs = unique_keys(keys, self._n_keys)
         return self._docs
 
@@ -208,8 +243,17 @@ class HitTable:
         else:
             rows = np.concatenate([h[1] for h in self._hits])
             kept = np.concatenate([h[2] for h in self._hits])
-        _add_hits(slots, rows, kept, imputed64, spread64, shift64,
-                  np.full(len(docs), -1, dtype=np.int64), np.empty(len(docs)), approx)
+        _add_hits(
+            slots,
+            rows,
+            kept,
+            imputed64,
+            spread64,
+            shift64,
+            np.full(len(docs), -1, dtype=np.int64),
+            np.empty(len(docs)),
+            approx,
+        )
         return approx
 
 
@@ -220,6 +264,10 @@ def warm() -> None:
     maxsim_rows(query, tokens, np.array([0, 2]), np.array([2, 4]))
     segment_max_sum(tokens, np.array([0, 2, 4]), np.zeros(2))
     table = HitTable(2, np.full(1, -np.inf, dtype=np.float32))
-    table.mark(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.float32),
-               np.zeros(1, dtype=np.int32), 0)
+    table.mark(
+        np.zeros((1, 1), dtype=np.int64),
+        np.ones((1, 1), dtype=np.float32),
+        np.zeros(1, dtype=np.int32),
+        0,
+    )
     table.scores(np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32))

@@ -26,20 +26,23 @@ logger = logging.getLogger(__name__)
 
 
 def searchable_fields(spec: CollectionSpec) -> list[str]:
-    return [p.name for p in spec.properties
-            if p.searchable and p.data_type in ("text", "text[]")]
+    return [p.name for p in spec.properties if p.searchable and p.data_type in ("text", "text[]")]
 
 
 class KeywordIndex:
     """Thread-safe wrapper: buffered writes, commit on demand (before a search or a checkpoint)."""
 
-    def __init__(self, directory: Path, fields: Sequence[str],
-                 committed_fields: Sequence[str] | None) -> None:
+    def __init__(
+        self, directory: Path, fields: Sequence[str], committed_fields: Sequence[str] | None
+    ) -> None:
         self.fields = list(fields)
         self._lock = threading.Lock()
         self._dirty = False
-        self.rebuilt = committed_fields is None or list(committed_fields) != self.fields \
+        self.rebuilt = (
+            committed_fields is None
+            or list(committed_fields) != self.fields
             or not directory.exists()
+        )
         if self.rebuilt:
             shutil.rmtree(directory, ignore_errors=True)
         try:
@@ -72,8 +75,9 @@ class KeywordIndex:
             self._index.commit()
             self._dirty = False
 
-    def search(self, query: str, k: int, fields: Sequence[str] | None,
-               allow: Callable[[str], bool]) -> list[tuple[str, float]]:
+    def search(
+        self, query: str, k: int, fields: Sequence[str] | None, allow: Callable[[str], bool]
+    ) -> list[tuple[str, float]]:
         with self._lock:  # read-your-writes: what was acknowledged is searchable
             self._commit_locked()
             return self._index.search(query, k, fields, allow)

@@ -89,14 +89,18 @@ def gather_into(tokens: Tokens, offsets: I64, docs: I64, out: Tokens) -> None:
     np.take(tokens, idx, axis=0, out=out, mode="clip")
 
 
-def gather_many(parts: Sequence[tuple[Tokens, I64, I64]], dim: int,
-                dtype: npt.DTypeLike) -> tuple[Tokens, I64]:
+def gather_many(
+    parts: Sequence[tuple[Tokens, I64, I64]], dim: int, dtype: npt.DTypeLike
+) -> tuple[Tokens, I64]:
     """The rows of documents ``docs`` of several flat token matrices (``(tokens, offsets,
     docs)`` each), one part after another, gathered straight into one new matrix (no copy per
     part plus a concatenation), and every gathered document's row count."""
     lengths = [offsets[docs + 1] - offsets[docs] for _, offsets, docs in parts]
-    lengths_all: I64 = (np.concatenate(lengths).astype(np.int64, copy=False) if lengths
-                        else np.zeros(0, dtype=np.int64))
+    lengths_all: I64 = (
+        np.concatenate(lengths).astype(np.int64, copy=False)
+        if lengths
+        else np.zeros(0, dtype=np.int64)
+    )
     out: Tokens = np.empty((int(lengths_all.sum()), dim), dtype=dtype)
     start = 0
     for (tokens, offsets, docs), n in zip(parts, lengths, strict=True):
@@ -119,8 +123,7 @@ def maxsim_docs(query: F32, tokens: Tokens, offsets: I64, docs: I64) -> F64:
     return maxsim_flat(query, gathered, new_offsets)
 
 
-def maxsim_flat(query: F32, tokens: Tokens, offsets: I64,
-                chunk_tokens: int | None = None) -> F64:
+def maxsim_flat(query: F32, tokens: Tokens, offsets: I64, chunk_tokens: int | None = None) -> F64:
     """MaxSim of ``query`` against every document of a flat token matrix.
 
     Works block by block (``chunk_tokens`` rows, default from ``BLOCK_SIMS``). ``tokens`` may be
@@ -163,8 +166,10 @@ def maxsim_explain(query: F32, doc: npt.NDArray[np.floating]) -> list[dict[str, 
         return []
     sims = np.asarray(doc, dtype=np.float32) @ np.asarray(query, dtype=np.float32).T
     best = sims.argmax(axis=0)
-    return [{"query_token": i, "doc_token": int(j), "sim": float(sims[j, i])}
-            for i, j in enumerate(best)]
+    return [
+        {"query_token": i, "doc_token": int(j), "sim": float(sims[j, i])}
+        for i, j in enumerate(best)
+    ]
 
 
 def top_k_order(scores: F64, k: int, key_of: Callable[[int], str]) -> I64:

@@ -19,13 +19,20 @@ class ShardMetrics:
 
             keys = ("collection", "shard")
             self._latency = metrics.Histogram(
-                "colshard_shard_search_seconds", "Shard search latency",
-                boundaries=LATENCY_BOUNDARIES_S, tag_keys=keys)
+                "colshard_shard_search_seconds",
+                "Shard search latency",
+                boundaries=LATENCY_BOUNDARIES_S,
+                tag_keys=keys,
+            )
             self._candidates = metrics.Histogram(
-                "colshard_shard_candidates", "Documents re-scored exactly per query",
-                boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=keys)
+                "colshard_shard_candidates",
+                "Documents re-scored exactly per query",
+                boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+                tag_keys=keys,
+            )
             self._imported = metrics.Counter(
-                "colshard_shard_imported_tokens", "Tokens imported", tag_keys=keys)
+                "colshard_shard_imported_tokens", "Tokens imported", tag_keys=keys
+            )
             self._objects = metrics.Gauge("colshard_shard_objects", "Live objects", tag_keys=keys)
             self._tokens = metrics.Gauge("colshard_shard_tokens", "Stored tokens", tag_keys=keys)
             self._segments = metrics.Gauge("colshard_shard_segments", "Segments", tag_keys=keys)

@@ -106,10 +106,14 @@ class FdeParams:
     @classmethod
     def from_options(cls, dim: int, options: Mapping[str, Any] | None) -> FdeParams:
         opts = {**MUVERA_DEFAULTS, **(options or {})}
-        return cls(dim=int(dim), repetitions=int(opts["repetitions"]), k_sim=int(opts["k_sim"]),
-                   d_proj=int(opts["d_proj"]),
-                   fill_empty_partitions=bool(opts["fill_empty_partitions"]),
-                   seed=int(opts["seed"]))
+        return cls(
+            dim=int(dim),
+            repetitions=int(opts["repetitions"]),
+            k_sim=int(opts["k_sim"]),
+            d_proj=int(opts["d_proj"]),
+            fill_empty_partitions=bool(opts["fill_empty_partitions"]),
+            seed=int(opts["seed"]),
+        )
 
 
 def candidates_option(options: Mapping[str, Any] | None) -> int:
@@ -123,18 +127,23 @@ class FdeEncoder:
         p = params
         assert simhash.shape == (p.repetitions, p.dim, p.k_sim), simhash.shape
         if p.d_proj > 0:
-            assert projection is not None and projection.shape == (p.repetitions, p.dim,
-                                                                   p.d_proj)
+            assert projection is not None and projection.shape == (p.repetitions, p.dim, p.d_proj)
         self.params = params
         self.simhash = np.ascontiguousarray(simhash, dtype=np.float32)
-        self.projection = (None if projection is None or p.d_proj == 0
-                           else np.ascontiguousarray(projection, dtype=np.float32))
+        self.projection = (
+            None
+            if projection is None or p.d_proj == 0
+            else np.ascontiguousarray(projection, dtype=np.float32)
+        )
         # One matmul per block for every repetition: [simhash planes | projections].
         mats = [self.simhash[r] for r in range(p.repetitions)]
         if self.projection is not None:
             mats += [self.projection[r] for r in range(p.repetitions)]
-        self._combined = np.ascontiguousarray(np.concatenate(mats, axis=1)) if mats else \
-            np.zeros((p.dim, 0), dtype=np.float32)
+        self._combined = (
+            np.ascontiguousarray(np.concatenate(mats, axis=1))
+            if mats
+            else np.zeros((p.dim, 0), dtype=np.float32)
+        )
         h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode())
         h.update(self.simhash.tobytes())
         if self.projection is not None:
@@ -154,14 +163,14 @@ class FdeEncoder:
         projection = None
         if p.d_proj > 0:
             signs = rng.integers(0, 2, size=(p.repetitions, p.dim, p.d_proj), dtype=np.int8)
-            projection = ((2 * signs.astype(np.float32) - 1)
-                          / np.float32(math.sqrt(p.d_proj)))
+            projection = (2 * signs.astype(np.float32) - 1) / np.float32(math.sqrt(p.d_proj))
         return cls(p, simhash, projection)
 
     # ------------------------------------------------------------------ encoding
 
-    def _codes_and_projections(self, tokens: npt.NDArray[np.floating[Any]]
-                               ) -> tuple[I64, list[F32]]:
+    def _codes_and_projections(
+        self, tokens: npt.NDArray[np.floating[Any]]
+    ) -> tuple[I64, list[F32]]:
         """Per repetition: SimHash codes (R, n) and the projected tokens (n, proj_dim) (the
         tokens themselves, shared, without a projection)."""
         p = self.params
@@ -172,16 +181,19 @@ class FdeEncoder:
         codes = np.zeros((p.repetitions, n), dtype=np.int64)
         if p.k_sim:
             signs = (both[:, :n_bits] > 0).reshape(n, p.repetitions, p.k_sim)
-            weights = (1 << np.arange(p.k_sim, dtype=np.int64))
+            weights = 1 << np.arange(p.k_sim, dtype=np.int64)
             codes = np.ascontiguousarray((signs.astype(np.int64) @ weights).T)  # (R, n)
         if self.projection is None:
             return codes, [x] * p.repetitions
         # Strided column slices: the caller gathers their rows in sorted order anyway.
-        return codes, [both[:, n_bits + r * p.d_proj : n_bits + (r + 1) * p.d_proj]
-                       for r in range(p.repetitions)]
+        return codes, [
+            both[:, n_bits + r * p.d_proj : n_bits + (r + 1) * p.d_proj]
+            for r in range(p.repetitions)
+        ]
 
-    def encode_documents(self, tokens: npt.NDArray[np.floating[Any]], offsets: I64, *,
-                         bf16: bool = True) -> npt.NDArray[Any]:
+    def encode_documents(
+        self, tokens: npt.NDArray[np.floating[Any]], offsets: I64, *, bf16: bool = True
+    ) -> npt.NDArray[Any]:
         """Document FDEs ``(n_docs, fde_dim)`` of a flat token matrix, as bfloat16 bit
         patterns (``bf16``, the stored form) or float32; a document without tokens gets
         zeros. Works in blocks of whole documents (``ENCODE_BLOCK_TOKENS``)."""
@@ -197,8 +209,12 @@ class FdeEncoder:
             end = min(max(end, doc + 1), doc + max_docs, n_docs)
             lo, hi = int(offsets[doc]), int(offsets[end])
             if hi > lo:
-                block = self._encode_block(tokens[lo:hi], offsets[doc : end + 1] - lo,
-                                           average=True, fill=self.params.fill_empty_partitions)
+                block = self._encode_block(
+                    tokens[lo:hi],
+                    offsets[doc : end + 1] - lo,
+                    average=True,
+                    fill=self.params.fill_empty_partitions,
+                )
                 out[doc:end] = to_bf16(block) if bf16 else block
             doc = end
         return out
@@ -231,8 +247,9 @@ class FdeEncoder:
         fde: F32 = out.reshape(-1)
         return fde
 
-    def _encode_block(self, tokens: npt.NDArray[np.floating[Any]], offsets: I64, *,
-                      average: bool, fill: bool) -> F32:
+    def _encode_block(
+        self, tokens: npt.NDArray[np.floating[Any]], offsets: I64, *, average: bool, fill: bool
+    ) -> F32:
         p = self.params
         n_docs = len(offsets) - 1
         n_tok = int(offsets[-1])
@@ -266,7 +283,8 @@ class FdeEncoder:
                     keyed = dist * n_tok + np.arange(n_tok, dtype=np.int64)[:, None]
                     best = np.minimum.reduceat(keyed, offsets[nonempty], axis=0) % n_tok
                     empty_cells = np.flatnonzero(
-                        ~filled.reshape(n_docs, n_part)[nonempty].reshape(-1))
+                        ~filled.reshape(n_docs, n_part)[nonempty].reshape(-1)
+                    )
                     doc_rows = nonempty[empty_cells // n_part]
                     parts = empty_cells % n_part
                     tok = best.reshape(-1)[empty_cells]
@@ -332,8 +350,12 @@ class MuveraIndex:
         return self.encoder.params
 
     @classmethod
-    def build(cls, tokens: npt.NDArray[np.floating[Any]], offsets: I64,
-              options: Mapping[str, Any] | None = None) -> MuveraIndex:
+    def build(
+        cls,
+        tokens: npt.NDArray[np.floating[Any]],
+        offsets: I64,
+        options: Mapping[str, Any] | None = None,
+    ) -> MuveraIndex:
         params = FdeParams.from_options(int(tokens.shape[1]), options)
         encoder = FdeEncoder.from_params(params)
         return cls(encoder, encoder.encode_documents(tokens, offsets))
@@ -351,8 +373,13 @@ class MuveraIndex:
         np.save(directory / SIMHASH_FILE, enc.simhash)
         if enc.projection is not None:
             np.save(directory / PROJECTION_FILE, enc.projection)
-        meta = {"format": FORMAT, "params": asdict(enc.params), "n_docs": self.n_docs,
-                "fde_dim": enc.params.fde_dim, "dtype": str(self.fde.dtype)}
+        meta = {
+            "format": FORMAT,
+            "params": asdict(enc.params),
+            "n_docs": self.n_docs,
+            "fde_dim": enc.params.fde_dim,
+            "dtype": str(self.fde.dtype),
+        }
         (directory / META_FILE).write_text(json.dumps(meta, sort_keys=True) + "\n")
 
     @classmethod
@@ -362,7 +389,7 @@ class MuveraIndex:
             raise ValueError(f"{directory}: unknown MUVERA index format {meta.get('format')}")
         params = FdeParams(**meta["params"])
         simhash = np.load(directory / SIMHASH_FILE)
-        projection = (np.load(directory / PROJECTION_FILE) if params.d_proj > 0 else None)
+        projection = np.load(directory / PROJECTION_FILE) if params.d_proj > 0 else None
         fde = np.load(directory / FDE_FILE, mmap_mode="r")
         if fde.shape != (int(meta["n_docs"]), params.fde_dim):
             raise ValueError(f"{directory}: FDE shape {fde.shape} does not match its metadata")

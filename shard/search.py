@@ -87,8 +87,10 @@ class Deadline:
 
     def check(self) -> None:
         if self.at is not None and time.monotonic() > self.at:
-            raise DeadlineExceeded("the search ran past its deadline and was stopped",
-                                   {"overrun_s": round(time.monotonic() - self.at, 3)})
+            raise DeadlineExceeded(
+                "the search ran past its deadline and was stopped",
+                {"overrun_s": round(time.monotonic() - self.at, 3)},
+            )
 
 
 NO_DEADLINE = Deadline()
@@ -100,8 +102,9 @@ SCALE_REFERENCE_TOKENS = 640_000
 SCALE_REFERENCE_DOCS = 20_000
 
 
-def scaled_candidates(k_prime: int, rerank_docs: int, n_tokens: int, n_docs: int,
-                      exponent: float) -> tuple[int, int]:
+def scaled_candidates(
+    k_prime: int, rerank_docs: int, n_tokens: int, n_docs: int, exponent: float
+) -> tuple[int, int]:
     """``(k', rerank_docs)`` for a shard of ``n_tokens`` tokens / ``n_docs`` objects: the given
     values up to the reference size, × (size / reference) ** ``exponent`` above it.
 
@@ -115,8 +118,10 @@ def scaled_candidates(k_prime: int, rerank_docs: int, n_tokens: int, n_docs: int
         return k_prime, rerank_docs
     grow_k = max(1.0, n_tokens / SCALE_REFERENCE_TOKENS) ** exponent
     grow_r = max(1.0, n_docs / SCALE_REFERENCE_DOCS) ** exponent
-    return (math.ceil(k_prime * grow_k),
-            math.ceil(rerank_docs * grow_r) if rerank_docs > 0 else rerank_docs)
+    return (
+        math.ceil(k_prime * grow_k),
+        math.ceil(rerank_docs * grow_r) if rerank_docs > 0 else rerank_docs,
+    )
 
 
 @dataclass(frozen=True)
@@ -141,12 +146,23 @@ def eligibility(view: SegmentView, vector: str, allow: Bools | None) -> Eligibil
     if allow is not None:
         eligible &= allow
     n_eligible = int(np.count_nonzero(eligible))
-    return Eligibility(vec, eligible, n_eligible, int(np.count_nonzero(has_rows)),
-                       allow is not None and n_eligible <= EXACT_FILTER_MAX_OBJECTS)
+    return Eligibility(
+        vec,
+        eligible,
+        n_eligible,
+        int(np.count_nonzero(has_rows)),
+        allow is not None and n_eligible <= EXACT_FILTER_MAX_OBJECTS,
+    )
 
 
-def fde_allow_lists(views: Sequence[SegmentView], vector: str, query: F32, k: int,
-                    allowed: Sequence[Bools | None], candidates: int) -> list[Bools | None]:
+def fde_allow_lists(
+    views: Sequence[SegmentView],
+    vector: str,
+    query: F32,
+    k: int,
+    allowed: Sequence[Bools | None],
+    candidates: int,
+) -> list[Bools | None]:
     """Allow-lists for ``search_segments`` on a muvera vector (``index.kind == "muvera"``).
 
     Every segment with FDEs is restricted to its share of the shard-wide top
@@ -218,10 +234,18 @@ class _Probe:
     last: F32  # (n_query,) the kp-th raw similarity (before eligibility), -inf if padded
 
 
-def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: int, *,
-                    allowed: Sequence[Bools | None], k_prime: int,
-                    rerank_docs: int = 0, deadline: Deadline = NO_DEADLINE,
-                    leaves_factor: float = 1.0) -> list[SegmentHits]:
+def search_segments(
+    views: Sequence[SegmentView],
+    vector: str,
+    query: F32,
+    k: int,
+    *,
+    allowed: Sequence[Bools | None],
+    k_prime: int,
+    rerank_docs: int = 0,
+    deadline: Deadline = NO_DEADLINE,
+    leaves_factor: float = 1.0,
+) -> list[SegmentHits]:
     """Per segment: its top ``k`` (rows, exact MaxSim scores). See the module docstring.
 
     ``rerank_docs`` > 0: of the token index's candidate documents only the ``rerank_docs`` best
@@ -235,11 +259,13 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
         el = eligibility(view, vector, allow)
         if el is None or el.n_eligible == 0:
             continue
-        use_index = (el.vec.index is not None and el.vec.tok2doc is not None
-                     and not el.exact_by_filter)
+        use_index = (
+            el.vec.index is not None and el.vec.tok2doc is not None and not el.exact_by_filter
+        )
         plans.append(_Plan(view, el, use_index))
-    candidates = _ann_candidates([p for p in plans if p.use_index], query, k, k_prime,
-                                 rerank_docs, leaves_factor)
+    candidates = _ann_candidates(
+        [p for p in plans if p.use_index], query, k, k_prime, rerank_docs, leaves_factor
+    )
     deadline.check()
     chosen = []
     for plan in plans:
@@ -251,8 +277,9 @@ def search_segments(views: Sequence[SegmentView], vector: str, query: F32, k: in
     return [_top(plan, rows, sc, k) for plan, rows, sc in zip(plans, chosen, scores, strict=True)]
 
 
-def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64],
-                  deadline: Deadline = NO_DEADLINE) -> list[F64]:
+def _exact_scores(
+    plans: list[_Plan], query: F32, chosen: list[I64], deadline: Deadline = NO_DEADLINE
+) -> list[F64]:
     """Exact MaxSim of the chosen rows of every plan. A plan whose rows are most of its segment
     is scored in one pass over the segment; a float32 plan's few chosen rows are scored where
     they lie (``maxsim_docs``: no gather copy); the other plans' (float16) rows are gathered
@@ -263,22 +290,35 @@ def _exact_scores(plans: list[_Plan], query: F32, chosen: list[I64],
     for i, (plan, rows) in enumerate(zip(plans, chosen, strict=True)):
         tokens, offsets = plan.vec.tokens, plan.vec.offsets
         if len(rows) * 2 > plan.view.n_objects:
-            out[i] = in_steps(query, len(offsets) - 1, partial(np.diff, offsets), deadline,
-                              _flat_range(tokens, offsets))[rows]
+            out[i] = in_steps(
+                query,
+                len(offsets) - 1,
+                partial(np.diff, offsets),
+                deadline,
+                _flat_range(tokens, offsets),
+            )[rows]
         elif tokens.dtype == np.float32:
-            out[i] = in_steps(query, len(rows), partial(_plan_lengths, plan, rows), deadline,
-                              _docs_range(tokens, offsets, rows))
+            out[i] = in_steps(
+                query,
+                len(rows),
+                partial(_plan_lengths, plan, rows),
+                deadline,
+                _docs_range(tokens, offsets, rows),
+            )
         else:
             small.append(i)
     if small:
         first = plans[small[0]].vec.tokens
         tokens, lengths = gather_many(
             [(plans[i].vec.tokens, plans[i].vec.offsets, chosen[i]) for i in small],
-            first.shape[1], first.dtype)
+            first.shape[1],
+            first.dtype,
+        )
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        scores = in_steps(query, len(lengths), lambda: lengths, deadline,
-                          _flat_range(tokens, offsets))
+        scores = in_steps(
+            query, len(lengths), lambda: lengths, deadline, _flat_range(tokens, offsets)
+        )
         at = 0
         for i in small:
             out[i] = scores[at : at + len(chosen[i])]
@@ -291,21 +331,26 @@ StepScorer = Callable[[F32, int, int], F64]
 
 def _flat_range(tokens: npt.NDArray[np.floating], offsets: I64) -> StepScorer:
     """Scores documents ``lo:hi`` of a flat token matrix (``maxsim_flat`` on their rows)."""
+
     def score(q: F32, lo: int, hi: int) -> F64:
         a, b = int(offsets[lo]), int(offsets[hi])
         return maxsim_flat(q, tokens[a:b], offsets[lo : hi + 1] - a)
+
     return score
 
 
 def _docs_range(tokens: npt.NDArray[np.floating], offsets: I64, rows: I64) -> StepScorer:
     """Scores the documents ``rows[lo:hi]`` where they lie (``maxsim_docs``)."""
+
     def score(q: F32, lo: int, hi: int) -> F64:
         return maxsim_docs(q, tokens, offsets, rows[lo:hi])
+
     return score
 
 
-def in_steps(query: F32, n_docs: int, row_counts: Callable[[], I64], deadline: Deadline,
-             score: StepScorer) -> F64:
+def in_steps(
+    query: F32, n_docs: int, row_counts: Callable[[], I64], deadline: Deadline, score: StepScorer
+) -> F64:
     """MaxSim of ``query`` against ``n_docs`` documents, ``score(q, lo, hi)`` giving documents
     ``lo:hi`` against query rows ``q`` and ``row_counts()`` each document's row count (asked
     only with a deadline: the hot path without one computes nothing extra). Without a
@@ -342,8 +387,14 @@ def _plan_lengths(plan: _Plan, rows: I64) -> I64:
     return lengths
 
 
-def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
-                    rerank_docs: int = 0, leaves_factor: float = 1.0) -> dict[int, I64]:
+def _ann_candidates(
+    plans: list[_Plan],
+    query: F32,
+    k: int,
+    k_prime: int,
+    rerank_docs: int = 0,
+    leaves_factor: float = 1.0,
+) -> dict[int, I64]:
     """Candidate rows per indexed plan (keyed by ``id(plan)``); empty dict = score exactly."""
     if not plans:
         return {}
@@ -352,8 +403,9 @@ def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
     # are imputed; measured: no recall lost on the small benchmark set), so only filters and
     # tombstones that remove a good part of a segment (and can leave it with too few eligible
     # hits) make it probe deeper.
-    widen = rerank_docs <= 0 or any(p.n_eligible < WIDEN_BELOW_ELIGIBLE * p.n_with_rows
-                                    for p in plans)
+    widen = rerank_docs <= 0 or any(
+        p.n_eligible < WIDEN_BELOW_ELIGIBLE * p.n_with_rows for p in plans
+    )
     sigmas = SHARE_SIGMAS if widen else SHARE_SIGMAS_IMPUTED
     probes = []
     for p in plans:
@@ -389,16 +441,24 @@ def _ann_candidates(plans: list[_Plan], query: F32, k: int, k_prime: int,
     if len(docs_u) < min(k, sum(p.n_eligible for p in plans)):
         return {}  # filters/tombstones left too few: exact over the eligible objects
     if 0 < rerank_docs < len(docs_u):
-        lengths = np.concatenate([_plan_lengths(pr.plan, rows) for pr, rows in
-                                  zip(probes, _rows_by_plan(docs_u, bases), strict=True)])
-        all_sims = (probes[0].sims if len(probes) == 1
-                    else np.concatenate([pr.sims for pr in probes], axis=1))
+        lengths = np.concatenate(
+            [
+                _plan_lengths(pr.plan, rows)
+                for pr, rows in zip(probes, _rows_by_plan(docs_u, bases), strict=True)
+            ]
+        )
+        all_sims = (
+            probes[0].sims
+            if len(probes) == 1
+            else np.concatenate([pr.sims for pr in probes], axis=1)
+        )
         imputed, spread = _imputed(tau, all_sims)
         approx = table.scores(imputed, spread, _length_shift(lengths))
         best = np.argpartition(-approx, rerank_docs - 1)[:rerank_docs]
         docs_u = np.sort(docs_u[best])
-    return {id(pr.plan): rows
-            for pr, rows in zip(probes, _rows_by_plan(docs_u, bases), strict=True)}
+    return {
+        id(pr.plan): rows for pr, rows in zip(probes, _rows_by_plan(docs_u, bases), strict=True)
+    }
 
 
 def _rows_by_plan(keys: I64, bases: I64) -> list[I64]:
@@ -408,8 +468,14 @@ def _rows_by_plan(keys: I64, bases: I64) -> list[I64]:
     return [keys[cuts[i] : cuts[i + 1]] - bases[i] for i in range(len(bases) - 1)]
 
 
-def impute_scores(n_query: int, q_rows: I64, docs: I64, sims: F32, imputed: F32,
-                  shift: tuple[F32, F32] | None = None) -> tuple[I64, F64]:
+def impute_scores(
+    n_query: int,
+    q_rows: I64,
+    docs: I64,
+    sims: F32,
+    imputed: F32,
+    shift: tuple[F32, F32] | None = None,
+) -> tuple[I64, F64]:
     """Approximate MaxSim of every document that has token-index hits (XTR-style imputation).
 
     Hit ``j`` says: query row ``q_rows[j]`` has similarity ``sims[j]`` with a token of document
@@ -426,8 +492,15 @@ def impute_scores(n_query: int, q_rows: I64, docs: I64, sims: F32, imputed: F32,
     return docs_u.astype(np.int64), approx
 
 
-def _imputed_sums(n_docs: int, n_query: int, doc_of_hit: I64, q_rows: I64, sims: F32,
-                  imputed: F32, shift: tuple[F32, F32] | None = None) -> F64:
+def _imputed_sums(
+    n_docs: int,
+    n_query: int,
+    doc_of_hit: I64,
+    q_rows: I64,
+    sims: F32,
+    imputed: F32,
+    shift: tuple[F32, F32] | None = None,
+) -> F64:
     # Written for speed (~16k hits, ~8k documents × 32 rows; measured 1.6 → 0.35 ms): one outer
     # product instead of a broadcast fill plus a broadcast product, and ``maximum.at`` with one
     # flat index (numpy's fast path) instead of a (row, column) pair.

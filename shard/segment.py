@@ -164,8 +164,9 @@ class GrowingSegment(Segment):
         self._buffers: dict[str, _TokenBuffer] = {}
         for v in spec.vectors:
             dtype = _np_dtype(v.dtype)
-            cap = min(capacity_tokens,
-                      GROWING_RESERVE_BYTES // max(1, v.dim * np.dtype(dtype).itemsize))
+            cap = min(
+                capacity_tokens, GROWING_RESERVE_BYTES // max(1, v.dim * np.dtype(dtype).itemsize)
+            )
             self._buffers[v.name] = _TokenBuffer(v.dim, dtype, max(256, cap))
         self.frozen = False
 
@@ -184,8 +185,10 @@ class GrowingSegment(Segment):
         for name, buf in self._buffers.items():
             col = batch.vectors.get(name)
             if col is None:
-                buf.append(np.zeros((0, buf.values.shape[1]), dtype=np.float32),
-                           np.zeros(n, dtype=np.int64))
+                buf.append(
+                    np.zeros((0, buf.values.shape[1]), dtype=np.float32),
+                    np.zeros(n, dtype=np.int64),
+                )
             else:
                 buf.append(col.values, col.lengths())
         self._props.extend(dict(p) for p in batch.properties)
@@ -217,14 +220,29 @@ class GrowingSegment(Segment):
 
     def write(self, directory: Path, *, fsync: bool) -> None:
         """Persist as a sealed segment (callers rename ``directory`` into place afterwards)."""
-        columns = {name: (buf.values[: buf.n_rows], np.diff(buf.offsets[: buf.n_objects + 1]))
-                   for name, buf in self._buffers.items()}
-        write_segment(directory, self.spec, list(self.uuids),
-                      [encode_properties(p) for p in self._props], columns, fsync=fsync)
+        columns = {
+            name: (buf.values[: buf.n_rows], np.diff(buf.offsets[: buf.n_objects + 1]))
+            for name, buf in self._buffers.items()
+        }
+        write_segment(
+            directory,
+            self.spec,
+            list(self.uuids),
+            [encode_properties(p) for p in self._props],
+            columns,
+            fsync=fsync,
+        )
 
 
-def write_segment(directory: Path, spec: CollectionSpec, uuids: list[str], props_json: list[str],
-                  vectors: Mapping[str, tuple[Tokens, I64]], *, fsync: bool) -> None:
+def write_segment(
+    directory: Path,
+    spec: CollectionSpec,
+    uuids: list[str],
+    props_json: list[str],
+    vectors: Mapping[str, tuple[Tokens, I64]],
+    *,
+    fsync: bool,
+) -> None:
     """Write the Arrow IPC files of a sealed segment into ``directory`` (created)."""
     directory.mkdir(parents=True)
     n = len(uuids)
@@ -237,10 +255,12 @@ def write_segment(directory: Path, spec: CollectionSpec, uuids: list[str], props
         tokens, lengths = vectors[v.name]
         cols[f"ntok:{v.name}"] = pa.array(np.asarray(lengths, dtype=np.int32))
         flat = np.ascontiguousarray(tokens, dtype=_np_dtype(v.dtype)).reshape(-1)
-        token_table = pa.table({
-            "row": pa.array(np.repeat(np.arange(n, dtype=np.int32), lengths)),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), v.dim),
-        })
+        token_table = pa.table(
+            {
+                "row": pa.array(np.repeat(np.arange(n, dtype=np.int32), lengths)),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), v.dim),
+            }
+        )
         _write_ipc(directory / f"vec-{v.name}.arrow", token_table)
     _write_ipc(directory / "objects.arrow", pa.table(cols))
     if fsync:
@@ -287,8 +307,11 @@ class SealedSegment(Segment):
                 np.cumsum(_column_numpy(objects, f"ntok:{v.name}"), out=offsets[1:])
                 table = _read_ipc(path)
                 vec_chunks = table.column("vector")
-                arr = vec_chunks.chunk(0) if vec_chunks.num_chunks == 1 else \
-                    vec_chunks.combine_chunks()
+                arr = (
+                    vec_chunks.chunk(0)
+                    if vec_chunks.num_chunks == 1
+                    else vec_chunks.combine_chunks()
+                )
                 flat = arr.flatten().to_numpy(zero_copy_only=False)  # zero-copy when possible
                 self._tokens[v.name] = flat.reshape(-1, v.dim)
                 self._tok2doc[v.name] = _column_numpy(table, "row").astype(np.int32, copy=False)
@@ -330,9 +353,12 @@ class SealedSegment(Segment):
         return self._props_cache
 
     def vectors_of(self, row: int) -> dict[str, F32]:
-        return {name: owned_float32(
-                    tokens[int(self._offsets[name][row]) : int(self._offsets[name][row + 1])])
-                for name, tokens in self._tokens.items()}
+        return {
+            name: owned_float32(
+                tokens[int(self._offsets[name][row]) : int(self._offsets[name][row + 1])]
+            )
+            for name, tokens in self._tokens.items()
+        }
 
     def live_tokens(self, vector: str) -> int:
         return int(self.lengths(vector)[~self.deleted].sum())
@@ -342,17 +368,21 @@ class SealedSegment(Segment):
         for name in self._tokens:
             index = self.indexes.get(name)
             vectors[name] = VectorView(
-                self._tokens[name], self._offsets[name], self._tok2doc[name],
+                self._tokens[name],
+                self._offsets[name],
+                self._tok2doc[name],
                 index if isinstance(index, ScannTokenIndex) else None,
-                index if isinstance(index, MuveraIndex) else None)
+                index if isinstance(index, MuveraIndex) else None,
+            )
         return SegmentView(self, self.n_objects, self.deleted, vectors)
 
     def index_dir(self, vector: str) -> Path:
         return self.directory / f"index-{vector}"
 
 
-def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSpec
-                ) -> tuple[list[str], list[str], dict[str, tuple[Tokens, I64]]]:
+def gather_live(
+    sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSpec
+) -> tuple[list[str], list[str], dict[str, tuple[Tokens, I64]]]:
     """Rows of several sealed segments, concatenated (compaction input)."""
     uuids: list[str] = []
     props: list[str] = []
@@ -364,6 +394,7 @@ def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSp
         # one buffer for all sources (a 4M-token merge used to allocate its tokens twice)
         vectors[v.name] = gather_many(
             [(seg.tokens(v.name), seg.offsets(v.name), rows) for seg, rows in sources],
-            v.dim, _np_dtype(v.dtype))
+            v.dim,
+            _np_dtype(v.dtype),
+        )
     return uuids, props, vectors
-

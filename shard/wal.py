@@ -56,16 +56,18 @@ _NAME_RE = re.compile(r"^wal-(\d{12})\.log$")
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def storage_error(exc: OSError, what: str, details: dict[str, Any] | None = None
-                  ) -> StorageError:
+def storage_error(exc: OSError, what: str, details: dict[str, Any] | None = None) -> StorageError:
     """The colshard error for an ``OSError`` that kept a write from becoming durable."""
     info = {**(details or {}), "errno": exc.errno, "os_error": exc.strerror or str(exc)}
     if exc.errno in NO_SPACE_ERRNOS:
         return InsufficientStorage(
             f"{what}: insufficient storage ({exc.strerror or exc}); the write was not applied, "
-            "retry once space is freed", info)
-    return StorageError(f"{what}: storage error ({exc.strerror or exc}); the write was not "
-                        "applied", info)
+            "retry once space is freed",
+            info,
+        )
+    return StorageError(
+        f"{what}: storage error ({exc.strerror or exc}); the write was not applied", info
+    )
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ def decode(payload: bytes) -> WalRecord:
         pos += offsets.nbytes
         values = np.frombuffer(payload, dtype="<f4", count=n_rows * dim, offset=pos)
         pos += values.nbytes
-        vectors[name] = VectorColumn(values.reshape(n_rows, dim).astype(np.float32),
-                                     offsets.astype(np.int64))
+        vectors[name] = VectorColumn(
+            values.reshape(n_rows, dim).astype(np.float32), offsets.astype(np.int64)
+        )
     return WalRecord("upsert", ObjectBatch(uuids, tuple(header["properties"]), vectors))
 
 
@@ -200,8 +203,13 @@ class WriteAheadLog:
                 elif zlib.crc32(data[start : start + length]) != crc:
                     problem = "bad checksum"
             if problem is not None:
-                logger.warning("WAL %s: %s at byte %d of %d; dropping the tail (never "
-                               "acknowledged)", path, problem, pos, len(data))
+                logger.warning(
+                    "WAL %s: %s at byte %d of %d; dropping the tail (never acknowledged)",
+                    path,
+                    problem,
+                    pos,
+                    len(data),
+                )
                 self._truncate(path, pos)
                 return
             record = decode(data[start : start + length])
@@ -241,8 +249,10 @@ class WriteAheadLog:
         C-contiguous arrays) that concatenated form it; they are written as they are (one
         ``pwritev``), never copied into one record first."""
         if self._abandoned:
-            logger.warning("WAL %s: continuing in a new generation after a failed append",
-                           self.path(self.generation))
+            logger.warning(
+                "WAL %s: continuing in a new generation after a failed append",
+                self.path(self.generation),
+            )
             self._open_generation(self.generation + 1)
         fd = self._fd
         assert fd is not None, "WAL not open"
@@ -265,8 +275,11 @@ class WriteAheadLog:
                 if self.fsync:
                     os.fsync(fd)
             except OSError:
-                logger.exception("WAL %s: could not roll back a failed append; the next append "
-                                 "starts a new generation", self.path(self.generation))
+                logger.exception(
+                    "WAL %s: could not roll back a failed append; the next append "
+                    "starts a new generation",
+                    self.path(self.generation),
+                )
                 self._abandoned = True
             raise
         self._size = start + _RECORD.size + length

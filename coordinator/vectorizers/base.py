@@ -52,19 +52,26 @@ def make_vectorizer(spec: VectorizerSpec, *, api_key: str | None = None) -> Text
         try:
             from coordinator.vectorizers.local import LocalColbertVectorizer
         except ImportError as exc:
-            raise Unavailable(f"{LOCAL_KIND} needs torch and transformers on this server "
-                              f"(install colshard[colbert]): {exc}", {"kind": spec.kind}) from exc
+            raise Unavailable(
+                f"{LOCAL_KIND} needs torch and transformers on this server "
+                f"(install colshard[colbert]): {exc}",
+                {"kind": spec.kind},
+            ) from exc
         return LocalColbertVectorizer(spec.options)
     if spec.kind == JINA_KIND:
         from coordinator.vectorizers.jina import JinaColbertVectorizer
 
         return JinaColbertVectorizer(spec.options, api_key=api_key)
     if spec.kind == "none":
-        raise InvalidInput("this named vector has no vectorizer (kind 'none'): "
-                           "provide vectors with the objects and near_vector queries",
-                           {"kind": spec.kind})
-    raise InvalidInput(f"unknown vectorizer kind {spec.kind!r}",
-                       {"kind": spec.kind, "kinds": [LOCAL_KIND, JINA_KIND]})
+        raise InvalidInput(
+            "this named vector has no vectorizer (kind 'none'): "
+            "provide vectors with the objects and near_vector queries",
+            {"kind": spec.kind},
+        )
+    raise InvalidInput(
+        f"unknown vectorizer kind {spec.kind!r}",
+        {"kind": spec.kind, "kinds": [LOCAL_KIND, JINA_KIND]},
+    )
 
 
 def text_for(properties: Mapping[str, Any], source_properties: Sequence[str]) -> str:
@@ -102,8 +109,10 @@ def _is_text_like(value: Any) -> bool:
 def check_matrix(arr: F32, dim: int, *, what: str) -> F32:
     """Guard on what an encoder produced: 2-D, ``n >= 1``, right ``dim``, finite."""
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != dim or not np.isfinite(arr).all():
-        raise InternalError(f"{what}: encoder produced an invalid matrix {tuple(arr.shape)}",
-                            {"shape": list(arr.shape), "dim": dim})
+        raise InternalError(
+            f"{what}: encoder produced an invalid matrix {tuple(arr.shape)}",
+            {"shape": list(arr.shape), "dim": dim},
+        )
     return arr
 
 
@@ -116,19 +125,27 @@ class Options:
         self.raw = dict(raw)
         unknown = sorted(set(self.raw) - set(allowed))
         if unknown:
-            raise InvalidInput(f"{kind}: unknown option(s) {unknown}; allowed: {sorted(allowed)}",
-                               {"kind": kind, "options": unknown})
+            raise InvalidInput(
+                f"{kind}: unknown option(s) {unknown}; allowed: {sorted(allowed)}",
+                {"kind": kind, "options": unknown},
+            )
 
     def bad(self, name: str, expected: str) -> InvalidInput:
-        return InvalidInput(f"{self.kind}: option {name!r} must be {expected}, "
-                            f"got {self.raw.get(name)!r}", {"kind": self.kind, "option": name})
+        return InvalidInput(
+            f"{self.kind}: option {name!r} must be {expected}, got {self.raw.get(name)!r}",
+            {"kind": self.kind, "option": name},
+        )
 
     def optional_int(self, name: str, *, lo: int = 1, hi: int | None = None) -> int | None:
         value = self.raw.get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo or (
-                hi is not None and value > hi):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < lo
+            or (hi is not None and value > hi)
+        ):
             raise self.bad(name, f"an integer in {lo}..{hi if hi is not None else 'inf'}")
         return value
 
@@ -138,8 +155,12 @@ class Options:
 
     def get_float(self, name: str, default: float, *, lo: float = 0.0) -> float:
         value = self.raw.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
-                value) or value < lo:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < lo
+        ):
             raise self.bad(name, f"a number >= {lo}")
         return float(value)
 
@@ -153,8 +174,11 @@ class Options:
         value = self.raw.get(name)
         if value is None:
             return None
-        if not isinstance(value, str) or not value or (choices is not None
-                                                       and value not in choices):
+        if (
+            not isinstance(value, str)
+            or not value
+            or (choices is not None and value not in choices)
+        ):
             raise self.bad(name, f"one of {list(choices)}" if choices else "a non-empty string")
         return value
 

@@ -53,8 +53,17 @@ ENDPOINT = "/v1/multi-vector"
 API_KEY_ENV = "JINAAI_APIKEY"
 API_KEY_HEADER = "X-Jina-Api-Key"  # the colshard request header the gateway forwards
 COLBERT_V2_DIMENSIONS = (128, 96, 64)
-OPTIONS = ("model", "dimensions", "base_url", "timeout_s", "max_retries", "backoff_s",
-           "max_backoff_s", "max_retry_after_s", "batch_size")
+OPTIONS = (
+    "model",
+    "dimensions",
+    "base_url",
+    "timeout_s",
+    "max_retries",
+    "backoff_s",
+    "max_backoff_s",
+    "max_retry_after_s",
+    "batch_size",
+)
 _INPUT_STATUSES = frozenset({400, 413, 422})
 
 
@@ -73,9 +82,14 @@ class JinaColbertVectorizer:
     ``transport`` and ``sleep`` are test seams (an httpx transport; the backoff sleeper).
     """
 
-    def __init__(self, options: Mapping[str, Any] | None = None, *, api_key: str | None = None,
-                 transport: httpx.BaseTransport | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, Any] | None = None,
+        *,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._options = dict(options or {})
         opts = Options(JINA_KIND, self._options, OPTIONS)
         self.model = opts.get_str("model", DEFAULT_MODEL)
@@ -95,8 +109,11 @@ class JinaColbertVectorizer:
         self._sleep = sleep
         self._random = random.Random()
         self._client = httpx.Client(
-            base_url=self.base_url, timeout=self.timeout_s, transport=transport,
-            headers={"User-Agent": "colshard", "Accept": "application/json"})
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            transport=transport,
+            headers={"User-Agent": "colshard", "Accept": "application/json"},
+        )
         self.total_tokens = 0  # usage.total_tokens summed over successful requests
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -116,23 +133,31 @@ class JinaColbertVectorizer:
     def encode_documents(self, texts: Sequence[str]) -> list[F32]:
         out: list[F32] = []
         for start in range(0, len(texts), self.batch_size):
-            out.extend(self._embed(list(texts[start:start + self.batch_size]), "document"))
+            out.extend(self._embed(list(texts[start : start + self.batch_size]), "document"))
         return out
 
     def encode_query(self, text: str) -> F32:
         return self._embed([text], "query")[0]
 
     def _embed(self, texts: list[str], input_type: str) -> list[F32]:
-        payload = {"model": self.model, "input_type": input_type, "dimensions": self.dim,
-                   "embedding_type": "float", "input": texts}
+        payload = {
+            "model": self.model,
+            "input_type": input_type,
+            "dimensions": self.dim,
+            "embedding_type": "float",
+            "input": texts,
+        }
         return self._parse(self._post(payload), len(texts))
 
     # --- HTTP -------------------------------------------------------------------------------
 
     def _post(self, payload: dict[str, Any]) -> Any:
         if not self._api_key:
-            raise Unauthorized(f"Jina AI API key missing: send it in the {API_KEY_HEADER} header "
-                               f"or set {API_KEY_ENV} on the server", {"provider": "jinaai"})
+            raise Unauthorized(
+                f"Jina AI API key missing: send it in the {API_KEY_HEADER} header "
+                f"or set {API_KEY_ENV} on the server",
+                {"provider": "jinaai"},
+            )
         headers = {"Authorization": f"Bearer {self._api_key}"}
         attempts = self.max_retries + 1
         failure: ColshardError = InternalError("Jina AI request not attempted")
@@ -143,13 +168,22 @@ class JinaColbertVectorizer:
             try:
                 response = self._client.post(ENDPOINT, json=payload, headers=headers)
             except httpx.TimeoutException as exc:
-                failure, cause = DeadlineExceeded(
-                    f"Jina AI API timed out after {self.timeout_s:g} s ({attempt} attempt(s))",
-                    details), exc
+                failure, cause = (
+                    DeadlineExceeded(
+                        f"Jina AI API timed out after {self.timeout_s:g} s ({attempt} attempt(s))",
+                        details,
+                    ),
+                    exc,
+                )
             except httpx.TransportError as exc:
-                failure, cause = Unavailable(
-                    f"Jina AI API unreachable ({type(exc).__name__}: {exc}; "
-                    f"{attempt} attempt(s))", details), exc
+                failure, cause = (
+                    Unavailable(
+                        f"Jina AI API unreachable ({type(exc).__name__}: {exc}; "
+                        f"{attempt} attempt(s))",
+                        details,
+                    ),
+                    exc,
+                )
             else:
                 status = response.status_code
                 if status == 200:
@@ -157,16 +191,22 @@ class JinaColbertVectorizer:
                 details["status"] = status
                 detail = _detail(response)
                 if status in (401, 403):
-                    raise Unauthorized(f"Jina AI rejected the API key (HTTP {status}): {detail}",
-                                       details)
+                    raise Unauthorized(
+                        f"Jina AI rejected the API key (HTTP {status}): {detail}", details
+                    )
                 if status in _INPUT_STATUSES:
-                    raise InvalidInput(f"Jina AI rejected the request (HTTP {status}): {detail}",
-                                       details)
+                    raise InvalidInput(
+                        f"Jina AI rejected the request (HTTP {status}): {detail}", details
+                    )
                 if status != 429 and status < 500:
                     raise InternalError(f"Jina AI answered HTTP {status}: {detail}", details)
                 what = "rate limit hit" if status == 429 else f"unavailable (HTTP {status})"
-                failure, cause = Unavailable(
-                    f"Jina AI API {what} after {attempt} attempt(s): {detail}", details), None
+                failure, cause = (
+                    Unavailable(
+                        f"Jina AI API {what} after {attempt} attempt(s): {detail}", details
+                    ),
+                    None,
+                )
                 retry_after = _retry_after_s(response.headers.get("Retry-After"))
             if attempt == attempts:
                 break
@@ -187,13 +227,16 @@ class JinaColbertVectorizer:
         try:
             return response.json()
         except ValueError as exc:
-            raise InternalError("Jina AI returned a body that is not JSON",
-                                {"provider": "jinaai", "body": response.text[:200]}) from exc
+            raise InternalError(
+                "Jina AI returned a body that is not JSON",
+                {"provider": "jinaai", "body": response.text[:200]},
+            ) from exc
 
     def _parse(self, body: Any, n_texts: int) -> list[F32]:
         def bad(why: str) -> InternalError:
-            return InternalError(f"Jina AI returned a malformed response: {why}",
-                                 {"provider": "jinaai"})
+            return InternalError(
+                f"Jina AI returned a malformed response: {why}", {"provider": "jinaai"}
+            )
 
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or len(data) != n_texts:
@@ -206,8 +249,12 @@ class JinaColbertVectorizer:
             if not isinstance(item, dict):
                 raise bad("a data item is not an object")
             index = item.get("index", position)
-            if isinstance(index, bool) or not isinstance(index, int) or not (
-                    0 <= index < n_texts) or out[index] is not None:
+            if (
+                isinstance(index, bool)
+                or not isinstance(index, int)
+                or not (0 <= index < n_texts)
+                or out[index] is not None
+            ):
                 raise bad(f"bad or repeated index {index!r}")
             rows = item.get("embeddings", item.get("embedding"))
             try:

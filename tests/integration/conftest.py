@@ -62,8 +62,13 @@ def kill_namespace(namespace: str) -> None:
                 ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
 
 
-def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None = None,
-                 cluster_name: str | None = None, **overrides: Any) -> tuple[Server, Any]:
+def start_server(
+    etcd_endpoint: str,
+    data_dir: Path,
+    shard: ShardSettings | None = None,
+    cluster_name: str | None = None,
+    **overrides: Any,
+) -> tuple[Server, Any]:
     """A coordinator actor serving the HTTP gateway in its own event loop, as ``colshard
     serve`` runs it (``extra_gateway`` starts a separate gateway process-style)."""
     import ray
@@ -72,13 +77,20 @@ def start_server(etcd_endpoint: str, data_dir: Path, shard: ShardSettings | None
     from gateway.server import EmbeddedGateway
 
     port = _free_port()
-    settings = Settings(data_dir=data_dir, cluster_name=cluster_name or
-                        f"t{uuid.uuid4().hex[:10]}", etcd_endpoints=(etcd_endpoint,),
-                        host="127.0.0.1", port=port, max_body_bytes=8 * 1024 * 1024,
-                        shard=shard or ShardSettings(), **overrides)
+    settings = Settings(
+        data_dir=data_dir,
+        cluster_name=cluster_name or f"t{uuid.uuid4().hex[:10]}",
+        etcd_endpoints=(etcd_endpoint,),
+        host="127.0.0.1",
+        port=port,
+        max_body_bytes=8 * 1024 * 1024,
+        shard=shard or ShardSettings(),
+        **overrides,
+    )
     handle = get_or_create_coordinator(settings)
-    ray.get(handle.host.remote(EmbeddedGateway(settings, log_level="warning"), "tests"),
-            timeout=120)
+    ray.get(
+        handle.host.remote(EmbeddedGateway(settings, log_level="warning"), "tests"), timeout=120
+    )
     return Server(f"http://127.0.0.1:{port}", settings, handle), handle
 
 
@@ -94,12 +106,15 @@ def stop_server(srv: Server, running: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def colshard_server(etcd_endpoint: str, ray_session: None,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def colshard_server(
+    etcd_endpoint: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """A gateway + coordinator for one test module (collections named per test)."""
     srv, running = start_server(
-        etcd_endpoint, tmp_path_factory.mktemp("data"),
-        ShardSettings(seal_threshold_tokens=4096, brute_force_max_tokens=20_000))
+        etcd_endpoint,
+        tmp_path_factory.mktemp("data"),
+        ShardSettings(seal_threshold_tokens=4096, brute_force_max_tokens=20_000),
+    )
     try:
         yield srv
     finally:
@@ -115,20 +130,45 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_serve(data_dir: Path, port: int, etcd_port: int, log: Path, *,
-                ray_tmp: Path | None = None, timeout_s: float = 180.0,
-                extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+def start_serve(
+    data_dir: Path,
+    port: int,
+    etcd_port: int,
+    log: Path,
+    *,
+    ray_tmp: Path | None = None,
+    timeout_s: float = 180.0,
+    extra_args: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
     """``colshard serve`` in a new session, ready (``/healthz`` answers) on return. ``ray_tmp``
     gives its Ray a temp dir of its own (keep the path short: Ray puts sockets under it)."""
     # As a user runs it: serve itself keeps its Ray on loopback (test_serve checks the sockets).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_ADDRESS")
+    }
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir),
-         "--port", str(port), "--etcd-port", str(etcd_port), *extra_args],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--etcd-port",
+            str(etcd_port),
+            *extra_args,
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -174,8 +214,13 @@ def process_table() -> dict[int, ProcInfo]:
         except OSError:  # exited meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry)] = ProcInfo(int(entry), int(fields[1]), int(fields[3]), fields[0],
-                                     cmdline.replace(b"\0", b" ").decode(errors="replace"))
+        table[int(entry)] = ProcInfo(
+            int(entry),
+            int(fields[1]),
+            int(fields[3]),
+            fields[0],
+            cmdline.replace(b"\0", b" ").decode(errors="replace"),
+        )
     return table
 
 
@@ -186,8 +231,11 @@ def server_processes(root_pid: int, markers: Iterable[str]) -> set[int]:
     still finds children re-parented after the root died."""
     table = process_table()
     marks = [m for m in markers if m]
-    found = {p.pid for p in table.values()
-             if p.pid == root_pid or p.sid == root_pid or any(m in p.cmdline for m in marks)}
+    found = {
+        p.pid
+        for p in table.values()
+        if p.pid == root_pid or p.sid == root_pid or any(m in p.cmdline for m in marks)
+    }
     grew = True
     while grew:
         more = {p.pid for p in table.values() if p.ppid in found} - found
@@ -197,8 +245,9 @@ def server_processes(root_pid: int, markers: Iterable[str]) -> set[int]:
     return {pid for pid in found if table[pid].state not in ("Z", "X")}
 
 
-def kill_serve_hard(proc: subprocess.Popen[bytes], markers: Iterable[str], *,
-                    timeout_s: float = 60.0) -> set[int]:
+def kill_serve_hard(
+    proc: subprocess.Popen[bytes], markers: Iterable[str], *, timeout_s: float = 60.0
+) -> set[int]:
     """A whole-server crash: freeze every process of the server (SIGSTOP, repeated until no new
     one appears), then SIGKILL them all, so none of them runs a shutdown step. Returns the PIDs
     killed; raises if any of them is still alive after ``timeout_s``."""
@@ -227,8 +276,9 @@ def kill_serve_hard(proc: subprocess.Popen[bytes], markers: Iterable[str], *,
     return frozen
 
 
-def wait_processes_gone(root_pid: int, markers: Iterable[str], timeout_s: float = 60.0
-                        ) -> dict[int, str]:
+def wait_processes_gone(
+    root_pid: int, markers: Iterable[str], timeout_s: float = 60.0
+) -> dict[int, str]:
     """Wait for a stopped server's processes to exit; returns those still alive (pid ->
     command line) after ``timeout_s``."""
     marks = list(markers)

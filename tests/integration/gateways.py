@@ -15,16 +15,27 @@ from cluster.settings import Settings
 
 
 @contextmanager
-def extra_gateway(settings: Settings, handle: Any, *, api_keys: Sequence[Any] = (),
-                  ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                  log_level: str = "warning") -> Iterator[str]:
+def extra_gateway(
+    settings: Settings,
+    handle: Any,
+    *,
+    api_keys: Sequence[Any] = (),
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    log_level: str = "warning",
+) -> Iterator[str]:
     """Yield the base URL of a gateway built exactly as ``colshard gateway`` builds it."""
     from gateway.cli import gateway_config
 
     port = find_free_ports(1)[0]
-    config = gateway_config(replace(settings, host="127.0.0.1", port=port), handle,
-                            api_keys=api_keys, ssl_certfile=ssl_certfile,
-                            ssl_keyfile=ssl_keyfile, log_level=log_level)
+    config = gateway_config(
+        replace(settings, host="127.0.0.1", port=port),
+        handle,
+        api_keys=api_keys,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        log_level=log_level,
+    )
     running = serve_in_thread(config)
     scheme = "https" if ssl_certfile else "http"
     try:

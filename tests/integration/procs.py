@@ -44,8 +44,9 @@ def marked_pids(marker: str) -> set[int]:
     return found
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout_s: float,
-               interval_s: float = 0.5) -> Any:
+def wait_until(
+    what: str, check: Callable[[], Any], timeout_s: float, interval_s: float = 0.5
+) -> Any:
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:

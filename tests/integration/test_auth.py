@@ -44,13 +44,23 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def auth_url(colshard_server: Server) -> Iterator[str]:
-    with extra_gateway(colshard_server.settings, colshard_server.handle,
-                       api_keys=parse_api_keys(KEYS_FILE), log_level="debug") as url:
+    with extra_gateway(
+        colshard_server.settings,
+        colshard_server.handle,
+        api_keys=parse_api_keys(KEYS_FILE),
+        log_level="debug",
+    ) as url:
         with httpx.Client(base_url=url, timeout=60, headers=bearer(ADMIN)) as http:
             for name in ("AuthA", "AuthB"):
-                r = http.post("/v1/collections", json={
-                    "name": name, "properties": [{"name": "text", "data_type": "text"}],
-                    "vectors": [{"name": "mv", "dim": 4}], "shard_count": 1})
+                r = http.post(
+                    "/v1/collections",
+                    json={
+                        "name": name,
+                        "properties": [{"name": "text", "data_type": "text"}],
+                        "vectors": [{"name": "mv", "dim": 4}],
+                        "shard_count": 1,
+                    },
+                )
                 assert r.status_code == 201, r.text
         yield url
 
@@ -69,20 +79,22 @@ def test_missing_wrong_or_malformed_key_is_401(auth_url: str) -> None:
     assert r.status_code == 401
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
     for header in (f"Basic {ADMIN}", ADMIN, "Bearer", f"Bearer {ADMIN[:-1]}"):
-        r = httpx.get(f"{auth_url}/v1/collections", headers={"Authorization": header},
-                      timeout=30)
+        r = httpx.get(f"{auth_url}/v1/collections", headers={"Authorization": header}, timeout=30)
         assert r.status_code == 401, header
     # Unknown routes and big bodies are turned away before routing or reading the body.
     assert httpx.get(f"{auth_url}/v1/nowhere", timeout=30).status_code == 401
-    r = httpx.post(f"{auth_url}/v1/collections/AuthA/objects", content=b"x" * (1 << 20),
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{auth_url}/v1/collections/AuthA/objects",
+        content=b"x" * (1 << 20),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 401
 
 
 def test_roles(auth_url: str) -> None:
     def call(key: str, method: str, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.request(method, f"{auth_url}{path}", headers=bearer(key), timeout=60,
-                             **kwargs)  # type: ignore[arg-type]
+        return httpx.request(method, f"{auth_url}{path}", headers=bearer(key), timeout=60, **kwargs)  # type: ignore[arg-type]
 
     # reader: GET and queries only.
     assert call(READER, "GET", "/v1/collections").status_code == 200
@@ -96,11 +108,25 @@ def test_roles(auth_url: str) -> None:
     r = call(WRITER, "POST", "/v1/collections/AuthB/objects", json={"objects": [OBJ]})
     assert r.status_code == 200 and r.json()["n_ok"] == 1, r.text
     oid = r.json()["results"][0]["id"]
-    assert call(WRITER, "PATCH", f"/v1/collections/AuthB/objects/{oid}",
-                json={"properties": {"text": "a dog"}}).status_code == 200
+    assert (
+        call(
+            WRITER,
+            "PATCH",
+            f"/v1/collections/AuthB/objects/{oid}",
+            json={"properties": {"text": "a dog"}},
+        ).status_code
+        == 200
+    )
     assert call(WRITER, "DELETE", f"/v1/collections/AuthB/objects/{oid}").status_code == 200
-    assert call(WRITER, "POST", "/v1/collections",
-                json={"name": "AuthX", "vectors": [{"name": "mv", "dim": 4}]}).status_code == 403
+    assert (
+        call(
+            WRITER,
+            "POST",
+            "/v1/collections",
+            json={"name": "AuthX", "vectors": [{"name": "mv", "dim": 4}]},
+        ).status_code
+        == 403
+    )
     assert call(WRITER, "DELETE", "/v1/collections/AuthB").status_code == 403
     # scoped writer: only AuthA; the list shows only AuthA; cluster-wide views need no scope.
     r = call(SCOPED, "POST", "/v1/collections/AuthA/objects", json={"objects": [OBJ]})
@@ -133,14 +159,19 @@ def test_sdk_sends_the_key_and_raises_typed_errors(auth_url: str) -> None:
         assert res.missing_shards == []
         with pytest.raises(Forbidden):
             client.collections.get("AuthA").data.insert(
-                {"text": "x"}, {"mv": [[0.1, 0.2, 0.3, 0.4]]})
+                {"text": "x"}, {"mv": [[0.1, 0.2, 0.3, 0.4]]}
+            )
     with Client(auth_url, api_key=WRONG) as client, pytest.raises(Unauthorized):
         client.collections.list_all()
     with Client(auth_url, api_key="") as client, pytest.raises(Unauthorized):
         client.collections.list_all()
     with Client(auth_url, api_key=ADMIN) as client:
-        col = client.collections.create("AuthSdk", properties=[Property("text", "text")],
-                                        vectors=[NamedVector("mv", dim=4)], shard_count=1)
+        col = client.collections.create(
+            "AuthSdk",
+            properties=[Property("text", "text")],
+            vectors=[NamedVector("mv", dim=4)],
+            shard_count=1,
+        )
         assert col.data.insert({"text": "x"}, {"mv": [[0.1, 0.2, 0.3, 0.4]]})
         client.collections.delete("AuthSdk")
 
@@ -154,10 +185,17 @@ def test_keys_never_reach_a_log(auth_url: str, caplog: pytest.LogCaptureFixture)
             for key in ALL_KEYS:
                 for path in ("/v1/collections", "/v1/cluster", f"/v1/collections/AuthA?k={1}"):
                     httpx.get(f"{auth_url}{path}", headers=bearer(key), timeout=30)
-                httpx.post(f"{auth_url}/v1/collections", headers=bearer(key), timeout=30,
-                           json={"name": "Nope", "vectors": []})
-            httpx.get(f"{auth_url}/v1/collections",
-                      headers={"Authorization": f"Basic {ADMIN}"}, timeout=30)
+                httpx.post(
+                    f"{auth_url}/v1/collections",
+                    headers=bearer(key),
+                    timeout=30,
+                    json={"name": "Nope", "vectors": []},
+                )
+            httpx.get(
+                f"{auth_url}/v1/collections",
+                headers={"Authorization": f"Basic {ADMIN}"},
+                timeout=30,
+            )
     finally:
         for logger in loggers:
             logger.removeHandler(caplog.handler)
@@ -178,28 +216,43 @@ def self_signed(directory: Path) -> tuple[str, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(cert_file), str(key_file)
 
 
 def test_tls_gateway(colshard_server: Server, tmp_path: Path) -> None:
     """--ssl-certfile/--ssl-keyfile: the gateway speaks HTTPS (config built as the CLI does)."""
     cert, key = self_signed(tmp_path)
-    with extra_gateway(colshard_server.settings, colshard_server.handle,
-                       api_keys=parse_api_keys(KEYS_FILE), ssl_certfile=cert,
-                       ssl_keyfile=key) as url:
+    with extra_gateway(
+        colshard_server.settings,
+        colshard_server.handle,
+        api_keys=parse_api_keys(KEYS_FILE),
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+    ) as url:
         assert url.startswith("https://")
         with Client(url, api_key=READER, verify=cert) as client:
             assert client.is_ready()
@@ -210,8 +263,9 @@ def test_tls_gateway(colshard_server: Server, tmp_path: Path) -> None:
             httpx.get(url.replace("https://", "http://") + "/healthz", timeout=10)
 
 
-def test_cli_query_sends_the_api_key(auth_url: str, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_query_sends_the_api_key(
+    auth_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from gateway.cli import main
 
     monkeypatch.delenv("COLSHARD_API_KEY", raising=False)

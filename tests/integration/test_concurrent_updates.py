@@ -70,12 +70,15 @@ class World:
 
 
 def _body(key: int, ver: int, vver: int) -> dict[str, Any]:
-    return {"properties": {"key": key, "ver": ver, "vver": vver},
-            "vectors": {"v": vector_for(key, vver).tolist()}}
+    return {
+        "properties": {"key": key, "ver": ver, "vver": vver},
+        "vectors": {"v": vector_for(key, vver).tolist()},
+    }
 
 
-def writer(url: str, world: World, w: int, stop: threading.Event, errors: list[str],
-           counts: dict[str, int]) -> None:
+def writer(
+    url: str, world: World, w: int, stop: threading.Event, errors: list[str], counts: dict[str, int]
+) -> None:
     rng = np.random.default_rng(100 + w)
     mine = [k for k in world.acked if k % N_WRITERS == w]
     base = f"/v1/collections/{COLLECTION}/objects"
@@ -97,9 +100,13 @@ def writer(url: str, world: World, w: int, stop: threading.Event, errors: list[s
                     r = http.patch(f"{base}/{oid}", json={"properties": {"ver": ver}})
                 elif r_op < 0.75:
                     op, new = "patch_vector", Acked(ver, False, ver)
-                    r = http.patch(f"{base}/{oid}", json={
-                        "properties": {"ver": ver, "vver": ver},
-                        "vectors": {"v": vector_for(key, ver).tolist()}})
+                    r = http.patch(
+                        f"{base}/{oid}",
+                        json={
+                            "properties": {"ver": ver, "vver": ver},
+                            "vectors": {"v": vector_for(key, ver).tolist()},
+                        },
+                    )
                 else:
                     op, new = "delete", Acked(ver, True, cur.vver)
                     r = http.delete(f"{base}/{oid}")
@@ -115,8 +122,9 @@ def writer(url: str, world: World, w: int, stop: threading.Event, errors: list[s
                 counts[op] = counts.get(op, 0) + 1
 
 
-def check_hits(world: World, before: dict[int, Acked], after: dict[int, Acked],
-               hits: list[dict[str, Any]]) -> list[str]:
+def check_hits(
+    world: World, before: dict[int, Acked], after: dict[int, Acked], hits: list[dict[str, Any]]
+) -> list[str]:
     problems = []
     for h in hits:
         props = h["properties"]
@@ -130,15 +138,18 @@ def check_hits(world: World, before: dict[int, Acked], after: dict[int, Acked],
             problems.append(f"object {key} v{ver}: vector is not the one of vver {vver}")
         floor = before[key]
         if ver < floor.ver or (floor.deleted and ver <= floor.ver):
-            problems.append(f"object {key}: returned v{ver} after "
-                            f"{'delete' if floor.deleted else 'write'} v{floor.ver} was acked")
+            problems.append(
+                f"object {key}: returned v{ver} after "
+                f"{'delete' if floor.deleted else 'write'} v{floor.ver} was acked"
+            )
         if ver > after[key].ver + 1:
             problems.append(f"object {key}: v{ver} was never written (acked v{after[key].ver})")
     return problems
 
 
-def querier(url: str, world: World, q: int, stop: threading.Event, errors: list[str],
-            stats: dict[str, int]) -> None:
+def querier(
+    url: str, world: World, q: int, stop: threading.Event, errors: list[str], stats: dict[str, int]
+) -> None:
     rng = np.random.default_rng(200 + q)
     with httpx.Client(base_url=url, timeout=60) as http:
         while not stop.is_set():
@@ -147,9 +158,15 @@ def querier(url: str, world: World, q: int, stop: threading.Event, errors: list[
             query[0, key] = 1.0
             before, busy_before = world.snapshot()
             try:
-                r = http.post(f"/v1/collections/{COLLECTION}/query", json={
-                    "near_vector": {"vector": query.tolist()}, "limit": 3,
-                    "include_vector": True, "return_metadata": ["score"]})
+                r = http.post(
+                    f"/v1/collections/{COLLECTION}/query",
+                    json={
+                        "near_vector": {"vector": query.tolist()},
+                        "limit": 3,
+                        "include_vector": True,
+                        "return_metadata": ["score"],
+                    },
+                )
             except httpx.HTTPError as exc:
                 errors.append(f"query: {exc!r}")
                 return
@@ -159,13 +176,15 @@ def querier(url: str, world: World, q: int, stop: threading.Event, errors: list[
                 return
             hits = r.json()["objects"]
             errors.extend(check_hits(world, before, after, hits))
-            stable = (before[key] == after[key] and not busy_before[key]
-                      and not busy_after[key])
+            stable = before[key] == after[key] and not busy_before[key] and not busy_after[key]
             ids = [h["id"] for h in hits]
             if stable and not before[key].deleted:
                 stats["stable_live"] += 1
-                if not ids or ids[0] != world.ids[key] or \
-                        abs(hits[0]["metadata"]["score"] - 10.0) > 1e-3:
+                if (
+                    not ids
+                    or ids[0] != world.ids[key]
+                    or abs(hits[0]["metadata"]["score"] - 10.0) > 1e-3
+                ):
                     errors.append(f"object {key} (live, untouched) not the top hit: {hits[:1]}")
             elif stable:
                 stats["stable_deleted"] += 1
@@ -180,24 +199,34 @@ def test_updates_and_deletes_under_concurrent_queries(colshard_server: Server) -
     ids = [str(uuid.UUID(bytes=id_rng.bytes(16), version=4)) for _ in range(N_OBJECTS)]
     world = World(ids)
     with httpx.Client(base_url=url, timeout=60) as http:
-        r = http.post("/v1/collections", json={
-            "name": COLLECTION,
-            "properties": [{"name": n, "data_type": "int"} for n in ("key", "ver", "vver")],
-            "vectors": [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"}],
-            "shard_count": 2})
+        r = http.post(
+            "/v1/collections",
+            json={
+                "name": COLLECTION,
+                "properties": [{"name": n, "data_type": "int"} for n in ("key", "ver", "vver")],
+                "vectors": [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"}],
+                "shard_count": 2,
+            },
+        )
         assert r.status_code == 201, r.text
-        r = http.post(f"/v1/collections/{COLLECTION}/objects", json={"objects": [
-            {"id": oid, **_body(k, 0, 0)} for k, oid in enumerate(ids)]})
+        r = http.post(
+            f"/v1/collections/{COLLECTION}/objects",
+            json={"objects": [{"id": oid, **_body(k, 0, 0)} for k, oid in enumerate(ids)]},
+        )
         assert r.status_code == 200 and r.json()["n_ok"] == N_OBJECTS, r.text
 
     stop = threading.Event()
     errors: list[str] = []
     counts: dict[str, int] = {}
     stats = {"queries": 0, "stable_live": 0, "stable_deleted": 0}
-    threads = [threading.Thread(target=writer, args=(url, world, w, stop, errors, counts))
-               for w in range(N_WRITERS)]
-    threads += [threading.Thread(target=querier, args=(url, world, q, stop, errors, stats))
-                for q in range(N_QUERIERS)]
+    threads = [
+        threading.Thread(target=writer, args=(url, world, w, stop, errors, counts))
+        for w in range(N_WRITERS)
+    ]
+    threads += [
+        threading.Thread(target=querier, args=(url, world, q, stop, errors, stats))
+        for q in range(N_QUERIERS)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + RUN_S
@@ -208,15 +237,18 @@ def test_updates_and_deletes_under_concurrent_queries(colshard_server: Server) -
         t.join(timeout=120)
     assert not errors, errors[:5]
     assert stats["queries"] >= 50 and stats["stable_live"] >= 20, stats
-    assert all(counts.get(op, 0) >= 5 for op in ("put", "patch_props", "patch_vector",
-                                                  "delete")), counts
+    assert all(counts.get(op, 0) >= 5 for op in ("put", "patch_props", "patch_vector", "delete")), (
+        counts
+    )
 
     # Final state: exactly the acknowledged one.
     final, busy = world.snapshot()
     assert not any(busy.values())
     with httpx.Client(base_url=url, timeout=60) as http:
-        r = http.get(f"/v1/collections/{COLLECTION}/objects",
-                     params={"limit": 1000, "include_vector": "true"})
+        r = http.get(
+            f"/v1/collections/{COLLECTION}/objects",
+            params={"limit": 1000, "include_vector": "true"},
+        )
         stored = {o["id"]: o for o in r.json()["objects"]}
         live = {k for k, a in final.items() if not a.deleted}
         assert set(stored) == {ids[k] for k in live}
@@ -228,8 +260,10 @@ def test_updates_and_deletes_under_concurrent_queries(colshard_server: Server) -
         for k in range(N_OBJECTS):
             query = np.zeros((1, DIM), dtype=np.float32)
             query[0, k] = 1.0
-            r = http.post(f"/v1/collections/{COLLECTION}/query", json={
-                "near_vector": {"vector": query.tolist()}, "limit": 3})
+            r = http.post(
+                f"/v1/collections/{COLLECTION}/query",
+                json={"near_vector": {"vector": query.tolist()}, "limit": 3},
+            )
             top = [h["id"] for h in r.json()["objects"]]
             if k in live:
                 assert top[0] == ids[k]
@@ -237,7 +271,9 @@ def test_updates_and_deletes_under_concurrent_queries(colshard_server: Server) -
                 assert ids[k] not in top
         described = http.get(f"/v1/collections/{COLLECTION}").json()
         http.delete(f"/v1/collections/{COLLECTION}")
-    shards = [(s["shard"], s["stats"]["n_objects"], s["stats"]["index_state"])
-              for s in described["shards"]]
+    shards = [
+        (s["shard"], s["stats"]["n_objects"], s["stats"]["index_state"])
+        for s in described["shards"]
+    ]
     assert all(n > 0 for _, n, _ in shards), shards
     print(f"\n{stats} writes {counts}; shards: {shards}")

@@ -49,10 +49,14 @@ def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
 
     with Client(colshard_server.url, timeout_s=120) as client:
         col = client.collections.create(
-            "Crash", properties=[Property("k", "int")], shard_count=1,
-            vectors=[NamedVector("v", dim=DIM, kind="multi", metric="dot")])
-        actor = ray.get_actor("colshard:Crash:0",
-                              namespace=ray_namespace(colshard_server.settings.cluster_name))
+            "Crash",
+            properties=[Property("k", "int")],
+            shard_count=1,
+            vectors=[NamedVector("v", dim=DIM, kind="multi", metric="dot")],
+        )
+        actor = ray.get_actor(
+            "colshard:Crash:0", namespace=ray_namespace(colshard_server.settings.cluster_name)
+        )
 
         def importer() -> None:
             with Client(colshard_server.url, timeout_s=120) as c:
@@ -67,8 +71,11 @@ def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
                         k += 1
                     try:
                         res = c.collections.get("Crash").data.insert_many(
-                            [{"id": o, "properties": {"k": k}, "vectors": {"v": v}}
-                             for o, v in batch])
+                            [
+                                {"id": o, "properties": {"k": k}, "vectors": {"v": v}}
+                                for o, v in batch
+                            ]
+                        )
                     except Exception as exc:  # the whole request failed: nothing acknowledged
                         errors.append(repr(exc))
                         continue

@@ -98,8 +98,12 @@ class Importer(threading.Thread):
 
     def _do_insert(self, http: httpx.Client) -> None:
         new = {str(uuid.uuid4()): (self._next_k(), self._vec()) for _ in range(20)}
-        body = {"objects": [{"id": o, "properties": {"k": k}, "vectors": {"v": v.tolist()}}
-                            for o, (k, v) in new.items()]}
+        body = {
+            "objects": [
+                {"id": o, "properties": {"k": k}, "vectors": {"v": v.tolist()}}
+                for o, (k, v) in new.items()
+            ]
+        }
         try:
             r = http.post(f"/v1/collections/{COLLECTION}/objects", json=body)
             rows = r.json()["results"] if r.status_code == 200 else None
@@ -120,8 +124,10 @@ class Importer(threading.Thread):
     def _do_replace(self, http: httpx.Client, oid: str) -> None:
         st = (self._next_k(), self._vec())
         try:
-            r = http.put(f"/v1/collections/{COLLECTION}/objects/{oid}",
-                         json={"properties": {"k": st[0]}, "vectors": {"v": st[1].tolist()}})
+            r = http.put(
+                f"/v1/collections/{COLLECTION}/objects/{oid}",
+                json={"properties": {"k": st[0]}, "vectors": {"v": st[1].tolist()}},
+            )
             ok = r.status_code == 200
         except httpx.HTTPError as exc:
             ok = False
@@ -156,8 +162,10 @@ def _stored(http: httpx.Client) -> dict[str, State]:
         assert r.status_code == 200, r.text
         page = r.json()
         for o in page["objects"]:
-            out[o["id"]] = (int(o["properties"]["k"]),
-                            np.asarray(o["vectors"]["v"], dtype=np.float32))
+            out[o["id"]] = (
+                int(o["properties"]["k"]),
+                np.asarray(o["vectors"]["v"], dtype=np.float32),
+            )
         after = page["next_after"]
         if not after:
             return out
@@ -175,7 +183,8 @@ def _check_and_resolve(model: Model, stored: dict[str, State]) -> int:
         assert any(_same(got, a) for a in allowed), (
             f"object {oid}: stored {'absent' if got is None else got[0]}, acknowledged "
             f"{'absent' if model.acked.get(oid) is None else model.acked[oid][0]}"  # type: ignore[index]
-            f"{' (write in flight at the kill)' if oid in model.maybe else ''}")
+            f"{' (write in flight at the kill)' if oid in model.maybe else ''}"
+        )
         if oid in model.maybe and not _same(got, model.acked.get(oid)):
             landed += 1
         model.acked[oid] = got
@@ -183,8 +192,7 @@ def _check_and_resolve(model: Model, stored: dict[str, State]) -> int:
     return landed
 
 
-def test_sigkill_whole_server_during_import_keeps_exactly_the_acknowledged(
-        tmp_path: Path) -> None:
+def test_sigkill_whole_server_during_import_keeps_exactly_the_acknowledged(tmp_path: Path) -> None:
     port, etcd_port = find_free_ports(2)
     data_dir = tmp_path / "data"
     log = tmp_path / "serve.log"
@@ -194,14 +202,18 @@ def test_sigkill_whole_server_during_import_keeps_exactly_the_acknowledged(
     model = Model()
     report: list[str] = []
     t_start = time.monotonic()
-    proc = start_serve(data_dir, port, etcd_port, log, ray_tmp=ray_tmp,
-                       extra_args=SERVE_ARGS)
+    proc = start_serve(data_dir, port, etcd_port, log, ray_tmp=ray_tmp, extra_args=SERVE_ARGS)
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
-            r = http.post("/v1/collections", json={
-                "name": COLLECTION, "properties": [{"name": "k", "data_type": "int"}],
-                "vectors": [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"}],
-                "shard_count": 2})
+            r = http.post(
+                "/v1/collections",
+                json={
+                    "name": COLLECTION,
+                    "properties": [{"name": "k", "data_type": "int"}],
+                    "vectors": [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"}],
+                    "shard_count": 2,
+                },
+            )
             assert r.status_code == 201, r.text
 
         for round_no, delay in enumerate(KILL_AFTER_S):
@@ -225,20 +237,25 @@ def test_sigkill_whole_server_during_import_keeps_exactly_the_acknowledged(
             n_inflight = len(model.maybe)
 
             t0 = time.monotonic()
-            proc = start_serve(data_dir, port, etcd_port, log, ray_tmp=ray_tmp,
-                       extra_args=SERVE_ARGS)
+            proc = start_serve(
+                data_dir, port, etcd_port, log, ray_tmp=ray_tmp, extra_args=SERVE_ARGS
+            )
             t_up = time.monotonic() - t0
             with httpx.Client(base_url=url, timeout=60) as http:
                 landed = _check_and_resolve(model, _stored(http))
                 live = [o for o, s in model.acked.items() if s is not None]
-                report.append(f"round {round_no}: killed {len(killed)} processes after "
-                              f"{n_ops} acknowledged writes; {n_inflight} ids in flight, "
-                              f"{landed} landed; {len(live)} live objects; restart {t_up:.1f}s, "
-                              f"check {time.monotonic() - t0 - t_up:.1f}s")
+                report.append(
+                    f"round {round_no}: killed {len(killed)} processes after "
+                    f"{n_ops} acknowledged writes; {n_inflight} ids in flight, "
+                    f"{landed} landed; {len(live)} live objects; restart {t_up:.1f}s, "
+                    f"check {time.monotonic() - t0 - t_up:.1f}s"
+                )
                 # The restarted server also serves queries over what it recovered.
                 q = model.acked[live[0]][1][:2]  # type: ignore[index]
-                r = http.post(f"/v1/collections/{COLLECTION}/query", json={
-                    "near_vector": {"vector": q.tolist()}, "limit": 5})
+                r = http.post(
+                    f"/v1/collections/{COLLECTION}/query",
+                    json={"near_vector": {"vector": q.tolist()}, "limit": 5},
+                )
                 assert r.status_code == 200, r.text
                 assert {o["id"] for o in r.json()["objects"]} <= set(live)
         assert sum(1 for s in model.acked.values() if s is None) > 0  # deletes were exercised

@@ -42,16 +42,26 @@ def settle(pid: int, quiet_s: float = 1.0, limit_s: float = 90.0) -> None:
 def test_a_deadline_stops_the_shards_work(colshard_server: Server) -> None:
     rng = np.random.default_rng(11)
     with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
-        r = http.post("/v1/collections", json={
-            "name": "Heavy", "shard_count": 1,
-            "vectors": [{"name": "mv", "dim": DIM, "metric": "dot",
-                         "index": {"kind": "flat"}}]})
+        r = http.post(
+            "/v1/collections",
+            json={
+                "name": "Heavy",
+                "shard_count": 1,
+                "vectors": [{"name": "mv", "dim": DIM, "metric": "dot", "index": {"kind": "flat"}}],
+            },
+        )
         assert r.status_code == 201, r.text
         try:
             for _ in range(N_OBJECTS // 2):
-                objects = [{"id": str(uuid.uuid4()), "vectors": {"mv": encode(
-                    rng.standard_normal((TOKENS, DIM)).astype(np.float32))}}
-                    for _ in range(2)]
+                objects = [
+                    {
+                        "id": str(uuid.uuid4()),
+                        "vectors": {
+                            "mv": encode(rng.standard_normal((TOKENS, DIM)).astype(np.float32))
+                        },
+                    }
+                    for _ in range(2)
+                ]
                 r = http.post("/v1/collections/Heavy/objects", json={"objects": objects})
                 assert r.status_code == 200 and r.json()["n_ok"] == 2, r.text
             info = http.get("/v1/cluster").json()
@@ -62,8 +72,10 @@ def test_a_deadline_stops_the_shards_work(colshard_server: Server) -> None:
             query = encode(rng.standard_normal((4096, DIM)).astype(np.float32))
             before = cpu_s(pid)
             start = time.monotonic()
-            r = http.post("/v1/collections/Heavy/query", json={
-                "near_vector": {"vector": query}, "limit": 3, "timeout": 0.5})
+            r = http.post(
+                "/v1/collections/Heavy/query",
+                json={"near_vector": {"vector": query}, "limit": 3, "timeout": 0.5},
+            )
             answered = time.monotonic()
             assert r.status_code == 504, r.text
             assert r.json()["error"]["code"] == "deadline_exceeded"
@@ -76,9 +88,15 @@ def test_a_deadline_stops_the_shards_work(colshard_server: Server) -> None:
             assert cpu_s(pid) - stopped < 0.15, "the shard kept working after the 504"
 
             # The same query with time enough still answers (nothing was left broken).
-            r = http.post("/v1/collections/Heavy/query", json={
-                "near_vector": {"vector": encode(rng.standard_normal((8, DIM)).astype(np.float32))},
-                "limit": 3})
+            r = http.post(
+                "/v1/collections/Heavy/query",
+                json={
+                    "near_vector": {
+                        "vector": encode(rng.standard_normal((8, DIM)).astype(np.float32))
+                    },
+                    "limit": 3,
+                },
+            )
             assert r.status_code == 200 and len(r.json()["objects"]) == 3, r.text
         finally:
             http.delete("/v1/collections/Heavy")

@@ -34,16 +34,22 @@ COLLECTION = "Full"
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
         for _ in range(50):  # the killed actor's files may be closed a moment later
-            if subprocess.run(["umount", str(mnt)], capture_output=True,
-                              check=False).returncode == 0:
+            if (
+                subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode
+                == 0
+            ):
                 break
             time.sleep(0.2)
         else:
@@ -64,20 +70,25 @@ def fill(path: Path) -> None:
 
 
 def objects_body(objs: dict[str, np.ndarray]) -> dict[str, object]:
-    return {"objects": [{"id": o, "properties": {"k": i}, "vectors": {"v": v.tolist()}}
-                        for i, (o, v) in enumerate(objs.items())]}
+    return {
+        "objects": [
+            {"id": o, "properties": {"k": i}, "vectors": {"v": v.tolist()}}
+            for i, (o, v) in enumerate(objs.items())
+        ]
+    }
 
 
 def stored(http: httpx.Client) -> dict[str, np.ndarray]:
-    r = http.get(f"/v1/collections/{COLLECTION}/objects",
-                 params={"limit": 1000, "include_vector": "true"})
+    r = http.get(
+        f"/v1/collections/{COLLECTION}/objects", params={"limit": 1000, "include_vector": "true"}
+    )
     assert r.status_code == 200, r.text
-    return {o["id"]: np.asarray(o["vectors"]["v"], dtype=np.float32)
-            for o in r.json()["objects"]}
+    return {o["id"]: np.asarray(o["vectors"]["v"], dtype=np.float32) for o in r.json()["objects"]}
 
 
 def test_disk_full_refuses_writes_and_loses_nothing(
-        etcd_endpoint: str, ray_session: None, small_fs: Path) -> None:
+    etcd_endpoint: str, ray_session: None, small_fs: Path
+) -> None:
     import ray
 
     from coordinator.actor import ray_namespace
@@ -85,18 +96,25 @@ def test_disk_full_refuses_writes_and_loses_nothing(
     rng = np.random.default_rng(4)
 
     def new_objects(n: int, rows: int) -> dict[str, np.ndarray]:
-        return {str(uuid.uuid4()): rng.normal(size=(rows, DIM)).astype(np.float32)
-                for _ in range(n)}
+        return {
+            str(uuid.uuid4()): rng.normal(size=(rows, DIM)).astype(np.float32) for _ in range(n)
+        }
 
-    srv, running = start_server(etcd_endpoint, small_fs / "data",
-                                ShardSettings(seal_threshold_tokens=1_000_000))
+    srv, running = start_server(
+        etcd_endpoint, small_fs / "data", ShardSettings(seal_threshold_tokens=1_000_000)
+    )
     acked: dict[str, np.ndarray] = {}
     try:
         with httpx.Client(base_url=srv.url, timeout=120) as http:
-            r = http.post("/v1/collections", json={
-                "name": COLLECTION, "properties": [{"name": "k", "data_type": "int"}],
-                "vectors": [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"}],
-                "shard_count": 1})
+            r = http.post(
+                "/v1/collections",
+                json={
+                    "name": COLLECTION,
+                    "properties": [{"name": "k", "data_type": "int"}],
+                    "vectors": [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"}],
+                    "shard_count": 1,
+                },
+            )
             assert r.status_code == 201, r.text
             first = new_objects(40, 8)
             r = http.post(f"/v1/collections/{COLLECTION}/objects", json=objects_body(first))
@@ -107,8 +125,10 @@ def test_disk_full_refuses_writes_and_loses_nothing(
             fill(filler)
             # A replace needing new pages (256 rows: 16 KiB) is refused, clearly.
             oid, big = str(uuid.uuid4()), rng.normal(size=(256, DIM)).astype(np.float32)
-            r = http.put(f"/v1/collections/{COLLECTION}/objects/{oid}",
-                         json={"properties": {"k": 1}, "vectors": {"v": big.tolist()}})
+            r = http.put(
+                f"/v1/collections/{COLLECTION}/objects/{oid}",
+                json={"properties": {"k": 1}, "vectors": {"v": big.tolist()}},
+            )
             assert r.status_code == 507, r.text
             err = r.json()["error"]
             assert err["code"] == "insufficient_storage"
@@ -119,18 +139,19 @@ def test_disk_full_refuses_writes_and_loses_nothing(
             r = http.post(f"/v1/collections/{COLLECTION}/objects", json=objects_body(refused))
             assert r.status_code == 200, r.text
             assert r.json()["n_ok"] == 0
-            assert {row["error"]["code"] for row in r.json()["results"]} == \
-                {"insufficient_storage"}
+            assert {row["error"]["code"] for row in r.json()["results"]} == {"insufficient_storage"}
             refused[oid] = big
             # The SDK raises the typed error.
-            with Client(srv.url, timeout_s=120) as client, \
-                    pytest.raises(InsufficientStorage):
+            with Client(srv.url, timeout_s=120) as client, pytest.raises(InsufficientStorage):
                 client.collections.get(COLLECTION).data.insert(
-                    {"k": 2}, vector={"v": rng.normal(size=(256, DIM)).tolist()})
+                    {"k": 2}, vector={"v": rng.normal(size=(256, DIM)).tolist()}
+                )
             # Reads and queries still work, and see exactly the acknowledged objects.
             assert stored(http).keys() == acked.keys()
-            r = http.post(f"/v1/collections/{COLLECTION}/query", json={
-                "near_vector": {"vector": first[next(iter(first))][:2].tolist()}, "limit": 5})
+            r = http.post(
+                f"/v1/collections/{COLLECTION}/query",
+                json={"near_vector": {"vector": first[next(iter(first))][:2].tolist()}, "limit": 5},
+            )
             assert r.status_code == 200 and len(r.json()["objects"]) == 5
 
             filler.unlink()  # space is back
@@ -138,18 +159,20 @@ def test_disk_full_refuses_writes_and_loses_nothing(
             r = http.post(f"/v1/collections/{COLLECTION}/objects", json=objects_body(more))
             assert r.json()["n_ok"] == 20, r.text
             acked.update(more)
-            r = http.put(f"/v1/collections/{COLLECTION}/objects/{oid}",
-                         json={"properties": {"k": 1}, "vectors": {"v": big.tolist()}})
+            r = http.put(
+                f"/v1/collections/{COLLECTION}/objects/{oid}",
+                json={"properties": {"k": 1}, "vectors": {"v": big.tolist()}},
+            )
             assert r.status_code == 200, r.text
             acked[oid] = big
             gone = next(iter(first))
-            assert http.delete(f"/v1/collections/{COLLECTION}/objects/{gone}").status_code \
-                == 200
+            assert http.delete(f"/v1/collections/{COLLECTION}/objects/{gone}").status_code == 200
             del acked[gone]
 
             # The shard's worker dies; Ray restarts it and it replays its WAL from the tmpfs.
-            actor = ray.get_actor(f"colshard:{COLLECTION}:0",
-                                  namespace=ray_namespace(srv.settings.cluster_name))
+            actor = ray.get_actor(
+                f"colshard:{COLLECTION}:0", namespace=ray_namespace(srv.settings.cluster_name)
+            )
             pid = ray.get(actor.ready.remote(), timeout=120)["pid"]
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 120

@@ -37,9 +37,14 @@ DIM = 8
 
 def _start(etcd_endpoint: str, data_dir: Path) -> tuple[Server, Any]:
     """tests/integration/conftest.start_server with a short etcd timeout."""
-    return start_server(etcd_endpoint, data_dir, ShardSettings(fsync=False),
-                        cluster_name=f"o{uuid.uuid4().hex[:10]}",
-                        etcd_timeout_s=ETCD_TIMEOUT_S, query_timeout_s=10.0)
+    return start_server(
+        etcd_endpoint,
+        data_dir,
+        ShardSettings(fsync=False),
+        cluster_name=f"o{uuid.uuid4().hex[:10]}",
+        etcd_timeout_s=ETCD_TIMEOUT_S,
+        query_timeout_s=10.0,
+    )
 
 
 @pytest.fixture
@@ -57,18 +62,29 @@ def own_etcd(tmp_path: Path) -> Iterator[EmbeddedEtcd]:
 
 
 def _objects(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
-    return [{"id": str(uuid.uuid4()), "properties": {"k": int(rng.integers(1000))},
-             "vectors": {"v": rng.normal(size=(2, DIM)).tolist()}} for _ in range(n)]
+    return [
+        {
+            "id": str(uuid.uuid4()),
+            "properties": {"k": int(rng.integers(1000))},
+            "vectors": {"v": rng.normal(size=(2, DIM)).tolist()},
+        }
+        for _ in range(n)
+    ]
 
 
 def _spec(name: str) -> dict[str, Any]:
-    return {"name": name, "properties": [{"name": "k", "data_type": "int"}],
-            "vectors": [{"name": "v", "dim": DIM, "metric": "dot"}], "shard_count": 2,
-            "replication_factor": 2}
+    return {
+        "name": name,
+        "properties": [{"name": "k", "data_type": "int"}],
+        "vectors": [{"name": "v", "dim": DIM, "metric": "dot"}],
+        "shard_count": 2,
+        "replication_factor": 2,
+    }
 
 
-def _serve_traffic(http: httpx.Client, rng: np.random.Generator, acked: set[str],
-                   seconds: float) -> int:
+def _serve_traffic(
+    http: httpx.Client, rng: np.random.Generator, acked: set[str], seconds: float
+) -> int:
     """Writes and queries for ``seconds``; every one must succeed. Returns the count."""
     n = 0
     end = time.time() + seconds
@@ -77,9 +93,10 @@ def _serve_traffic(http: httpx.Client, rng: np.random.Generator, acked: set[str]
         r = http.post("/v1/collections/Outage/objects", json={"objects": batch})
         assert r.status_code == 200 and r.json()["n_ok"] == 10, r.text
         acked.update(o["id"] for o in batch)
-        r = http.post("/v1/collections/Outage/query",
-                      json={"near_vector": {"vector": rng.normal(size=(2, DIM)).tolist()},
-                            "limit": 5})
+        r = http.post(
+            "/v1/collections/Outage/query",
+            json={"near_vector": {"vector": rng.normal(size=(2, DIM)).tolist()}, "limit": 5},
+        )
         assert r.status_code == 200 and len(r.json()["objects"]) == 5, r.text
         some = next(iter(acked))
         assert http.get(f"/v1/collections/Outage/objects/{some}").status_code == 200
@@ -88,8 +105,10 @@ def _serve_traffic(http: httpx.Client, rng: np.random.Generator, acked: set[str]
 
 
 def _schema_change_fails_fast(http: httpx.Client) -> None:
-    for call in (lambda: http.post("/v1/collections", json=_spec("Other")),
-                 lambda: http.delete("/v1/collections/Outage")):
+    for call in (
+        lambda: http.post("/v1/collections", json=_spec("Other")),
+        lambda: http.delete("/v1/collections/Outage"),
+    ):
         start = time.time()
         r = call()
         took = time.time() - start
@@ -100,7 +119,8 @@ def _schema_change_fails_fast(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize("outage_s", [OUTAGE_S])
 def test_etcd_outage_keeps_data_path_and_reconverges(
-        own_etcd: EmbeddedEtcd, ray_session: None, tmp_path: Path, outage_s: float) -> None:
+    own_etcd: EmbeddedEtcd, ray_session: None, tmp_path: Path, outage_s: float
+) -> None:
     rng = np.random.default_rng(31)
     srv, running = _start(own_etcd.endpoint, tmp_path / "data")
     acked: set[str] = set()
@@ -153,9 +173,10 @@ def test_etcd_outage_keeps_data_path_and_reconverges(
             seen: set[str] = set()
             after = None
             while True:
-                page = http.get("/v1/collections/Outage/objects",
-                                params={"limit": 1000, **({"after": after} if after else {})}
-                                ).json()
+                page = http.get(
+                    "/v1/collections/Outage/objects",
+                    params={"limit": 1000, **({"after": after} if after else {})},
+                ).json()
                 seen.update(o["id"] for o in page["objects"])
                 if not page["next_after"]:
                     break

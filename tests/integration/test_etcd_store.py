@@ -22,16 +22,19 @@ TIMEOUT_S = 5.0
 
 
 def make_spec(name: str, shard_count: int = 2, dim: int = 8) -> CollectionSpec:
-    return CollectionSpec.from_dict({
-        "name": name,
-        "properties": [{"name": "text", "data_type": "text"}],
-        "vectors": [{"name": "colbert", "kind": "multi", "dim": dim}],
-        "shard_count": shard_count,
-    })
+    return CollectionSpec.from_dict(
+        {
+            "name": name,
+            "properties": [{"name": "text", "data_type": "text"}],
+            "vectors": [{"name": "colbert", "kind": "multi", "dim": dim}],
+            "shard_count": shard_count,
+        }
+    )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float,
-                     interval_s: float = 0.1) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not await check():
         if time.monotonic() > deadline:
@@ -85,9 +88,12 @@ async def test_concurrent_creates_exactly_one_wins(etcd_store: EtcdStore) -> Non
     try:
         stores = [etcd_store, other] * 4
         results = await asyncio.gather(
-            *(s.create_collection(make_spec("Race", shard_count=i + 1))
-              for i, s in enumerate(stores)),
-            return_exceptions=True)
+            *(
+                s.create_collection(make_spec("Race", shard_count=i + 1))
+                for i, s in enumerate(stores)
+            ),
+            return_exceptions=True,
+        )
     finally:
         await other.close()
     winners = [r for r in results if isinstance(r, int)]

@@ -41,23 +41,44 @@ MAX_EXAMPLES = int(os.environ.get("COLSHARD_FUZZ_EXAMPLES", "15"))
 def fuzz_url(colshard_server: Server) -> Iterator[str]:
     # Tight limits keep generated requests cheap: one shard per created collection, small
     # batches and pages, short coordinator timeouts.
-    limited = replace(colshard_server.settings, max_shards=1, max_batch_objects=64,
-                      max_limit=100, max_body_bytes=256 * 1024, max_tokens_per_object=256,
-                      query_timeout_s=20.0, write_timeout_s=30.0)
+    limited = replace(
+        colshard_server.settings,
+        max_shards=1,
+        max_batch_objects=64,
+        max_limit=100,
+        max_body_bytes=256 * 1024,
+        max_tokens_per_object=256,
+        query_timeout_s=20.0,
+        write_timeout_s=30.0,
+    )
     with extra_gateway(limited, colshard_server.handle) as url:
         with httpx.Client(base_url=url, timeout=60) as http:
-            r = http.post("/v1/collections", json={
-                "name": COLLECTION,
-                "properties": [{"name": "text", "data_type": "text"},
-                               {"name": "year", "data_type": "int"}],
-                "vectors": [{"name": "mv", "dim": 4, "metric": "cosine"},
-                            {"name": "one", "kind": "single", "dim": 3, "metric": "dot"}],
-                "shard_count": 1})
+            r = http.post(
+                "/v1/collections",
+                json={
+                    "name": COLLECTION,
+                    "properties": [
+                        {"name": "text", "data_type": "text"},
+                        {"name": "year", "data_type": "int"},
+                    ],
+                    "vectors": [
+                        {"name": "mv", "dim": 4, "metric": "cosine"},
+                        {"name": "one", "kind": "single", "dim": 3, "metric": "dot"},
+                    ],
+                    "shard_count": 1,
+                },
+            )
             assert r.status_code == 201, r.text
-            r = http.put(f"/v1/collections/{COLLECTION}/objects/{OBJECT_ID}", json={
-                "properties": {"text": "a very nice cat", "year": 2001},
-                "vectors": {"mv": [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]],
-                            "one": [1.0, 0.0, 0.0]}})
+            r = http.put(
+                f"/v1/collections/{COLLECTION}/objects/{OBJECT_ID}",
+                json={
+                    "properties": {"text": "a very nice cat", "year": 2001},
+                    "vectors": {
+                        "mv": [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]],
+                        "one": [1.0, 0.0, 0.0],
+                    },
+                },
+            )
             assert r.status_code == 200, r.text
         yield url
         with httpx.Client(base_url=url, timeout=60) as http:
@@ -82,13 +103,13 @@ def _coin(case: Any, salt: str) -> bool:
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_has_no_server_errors(case: Any) -> None:
     params = case.path_parameters
     if params is not None:
-        deleting_collection = (case.method.upper() == "DELETE"
-                               and case.path == "/v1/collections/{name}")
+        deleting_collection = (
+            case.method.upper() == "DELETE" and case.path == "/v1/collections/{name}"
+        )
         if "name" in params and not deleting_collection and _coin(case, "name"):
             params["name"] = COLLECTION
         if "object_id" in params and _coin(case, "id"):
@@ -99,7 +120,9 @@ def test_api_has_no_server_errors(case: Any) -> None:
     body = case.body if isinstance(case.body, dict) else {}
     deadline_set = response.status_code == 504 and body.get("timeout") is not None
     assert response.status_code < 500 or deadline_set, (
-        f"{response.status_code}: {response.text[:500]}\n{case.as_curl_command()}")
-    case.validate_response(response, checks=[status_code_conformance,
-                                             content_type_conformance,
-                                             response_schema_conformance])
+        f"{response.status_code}: {response.text[:500]}\n{case.as_curl_command()}"
+    )
+    case.validate_response(
+        response,
+        checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
+    )

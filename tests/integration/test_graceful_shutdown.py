@@ -46,19 +46,40 @@ def etcd_port_pair() -> int:
 def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
     marker = uuid.uuid4().hex[:12]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "COLSHARD_"))}
-    env.update(COLSHARD_TEST_MARKER=marker, COLSHARD_FAULT_READ_DELAY_S=str(READ_DELAY_S),
-               RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+    env.update(
+        COLSHARD_TEST_MARKER=marker,
+        COLSHARD_FAULT_READ_DELAY_S=str(READ_DELAY_S),
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=str(REPO),
+    )
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
-             "--data-dir", str(tmp_path / "data"), "--etcd-port", str(etcd_port_pair()),
-             "--cluster-name", f"drain-{marker}"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--etcd-port",
+                str(etcd_port_pair()),
+                "--cluster-name",
+                f"drain-{marker}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"serve exited: {log_path.read_text()[-3000:]}")
@@ -66,13 +87,19 @@ def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
 
         wait_until("colshard serve", up, 180)
         http = httpx.Client(base_url=url, timeout=60)
-        created = http.post("/v1/collections", json={
-            "name": "Drain", "vectors": [{"name": "v", "kind": "multi", "dim": 4}],
-            "shard_count": 1})
+        created = http.post(
+            "/v1/collections",
+            json={
+                "name": "Drain",
+                "vectors": [{"name": "v", "kind": "multi", "dim": 4}],
+                "shard_count": 1,
+            },
+        )
         assert created.status_code == 201, created.text
         objects = [{"vectors": {"v": [[1.0, 0.0, 0.0, float(i)]]}} for i in range(3)]
-        assert http.post("/v1/collections/Drain/objects",
-                         json={"objects": objects}).status_code == 200
+        assert (
+            http.post("/v1/collections/Drain/objects", json={"objects": objects}).status_code == 200
+        )
         http.close()
 
         outcome: dict[str, Any] = {}
@@ -80,9 +107,15 @@ def test_sigterm_drains_in_flight_request(tmp_path: Path) -> None:
         def slow_query() -> None:
             started = time.monotonic()
             try:
-                response = httpx.post(f"{url}/v1/collections/Drain/query", timeout=60, json={
-                    "near_vector": {"vector": [[1.0, 0.0, 0.0, 0.0]]}, "target_vector": "v",
-                    "limit": 3})
+                response = httpx.post(
+                    f"{url}/v1/collections/Drain/query",
+                    timeout=60,
+                    json={
+                        "near_vector": {"vector": [[1.0, 0.0, 0.0, 0.0]]},
+                        "target_vector": "v",
+                        "limit": 3,
+                    },
+                )
                 outcome.update(status=response.status_code, body=response.json())
             except httpx.HTTPError as exc:
                 outcome["error"] = repr(exc)

@@ -26,38 +26,66 @@ HEADER_S, BODY_S, IDLE_S = 1.0, 2.0, 1.0
 
 @pytest.fixture(scope="module")
 def gateway_url(colshard_server: Server) -> Iterator[str]:
-    settings = replace(colshard_server.settings, http_header_timeout_s=HEADER_S,
-                       http_body_timeout_s=BODY_S, http_idle_timeout_s=IDLE_S,
-                       max_body_bytes=1024 * 1024)
+    settings = replace(
+        colshard_server.settings,
+        http_header_timeout_s=HEADER_S,
+        http_body_timeout_s=BODY_S,
+        http_idle_timeout_s=IDLE_S,
+        max_body_bytes=1024 * 1024,
+    )
     with extra_gateway(settings, colshard_server.handle) as url:
         with httpx.Client(base_url=url, timeout=60) as http:
-            r = http.post("/v1/collections", json={
-                "name": "Hard", "properties": [{"name": "text", "data_type": "text"}],
-                "vectors": [{"name": "mv", "dim": 4}], "shard_count": 1})
+            r = http.post(
+                "/v1/collections",
+                json={
+                    "name": "Hard",
+                    "properties": [{"name": "text", "data_type": "text"}],
+                    "vectors": [{"name": "mv", "dim": 4}],
+                    "shard_count": 1,
+                },
+            )
             assert r.status_code == 201, r.text
-            r = http.post("/v1/collections/Hard/objects", json={"objects": [
-                {"properties": {"text": "a nice cat"}, "vectors": {"mv": [[1, 0, 0, 0]]}}]})
+            r = http.post(
+                "/v1/collections/Hard/objects",
+                json={
+                    "objects": [
+                        {"properties": {"text": "a nice cat"}, "vectors": {"mv": [[1, 0, 0, 0]]}}
+                    ]
+                },
+            )
             assert r.json()["n_ok"] == 1, r.text
         yield url
 
 
 def post_raw(url: str, path: str, raw: bytes) -> httpx.Response:
-    return httpx.post(f"{url}{path}", content=raw, timeout=60,
-                      headers={"content-type": "application/json"})
+    return httpx.post(
+        f"{url}{path}", content=raw, timeout=60, headers={"content-type": "application/json"}
+    )
 
 
-@pytest.mark.parametrize(("path", "raw"), [
-    ("/v1/collections", b'{"name": "\\ud800", "vectors": [{"name": "v", "dim": 4}]}'),
-    ("/v1/collections", b'{"name": "Sur", "properties": [{"name": "\\ud800", '
-                        b'"data_type": "text"}], "vectors": [{"name": "v", "dim": 4}]}'),
-    ("/v1/collections/Hard/query", b'{"bm25": {"query": "cat \\ud800"}}'),
-    ("/v1/collections/Hard/query", b'{"near_text": {"query": "\\udfff x"}}'),
-    ("/v1/collections/Hard/query", b'{"hybrid": {"query": "\\ud800"}}'),
-    ("/v1/collections/Hard/objects", b'{"objects": [{"properties": {"text": "\\ud800"}, '
-                                     b'"vectors": {"mv": [[1, 0, 0, 0]]}}]}'),
-    ("/v1/collections/Hard/objects/delete", b'{"filters": {"path": "text", '
-                                            b'"operator": "equal", "value": "\\ud800"}}'),
-])
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/collections", b'{"name": "\\ud800", "vectors": [{"name": "v", "dim": 4}]}'),
+        (
+            "/v1/collections",
+            b'{"name": "Sur", "properties": [{"name": "\\ud800", '
+            b'"data_type": "text"}], "vectors": [{"name": "v", "dim": 4}]}',
+        ),
+        ("/v1/collections/Hard/query", b'{"bm25": {"query": "cat \\ud800"}}'),
+        ("/v1/collections/Hard/query", b'{"near_text": {"query": "\\udfff x"}}'),
+        ("/v1/collections/Hard/query", b'{"hybrid": {"query": "\\ud800"}}'),
+        (
+            "/v1/collections/Hard/objects",
+            b'{"objects": [{"properties": {"text": "\\ud800"}, '
+            b'"vectors": {"mv": [[1, 0, 0, 0]]}}]}',
+        ),
+        (
+            "/v1/collections/Hard/objects/delete",
+            b'{"filters": {"path": "text", "operator": "equal", "value": "\\ud800"}}',
+        ),
+    ],
+)
 def test_lone_surrogates_are_400_everywhere(gateway_url: str, path: str, raw: bytes) -> None:
     r = post_raw(gateway_url, path, raw)
     assert r.status_code == 400, r.text
@@ -66,9 +94,10 @@ def test_lone_surrogates_are_400_everywhere(gateway_url: str, path: str, raw: by
     assert "Sur" not in names
 
 
-@pytest.mark.parametrize("body", [{"near_text": {"query": ""}},
-                                  {"near_text": {"query": "   "}},
-                                  {"hybrid": {"query": ""}}])
+@pytest.mark.parametrize(
+    "body",
+    [{"near_text": {"query": ""}}, {"near_text": {"query": "   "}}, {"hybrid": {"query": ""}}],
+)
 def test_empty_query_text_is_422(gateway_url: str, body: dict[str, Any]) -> None:
     r = httpx.post(f"{gateway_url}/v1/collections/Hard/query", json=body, timeout=60)
     assert r.status_code == 422, r.text
@@ -77,12 +106,18 @@ def test_empty_query_text_is_422(gateway_url: str, body: dict[str, Any]) -> None
 
 def test_too_many_properties_or_vectors_is_422(colshard_server: Server) -> None:
     props = [{"name": f"p{i}", "data_type": "text"} for i in range(30_000)]
-    r = httpx.post(f"{colshard_server.url}/v1/collections", timeout=60, json={
-        "name": "Wide", "properties": props, "vectors": [{"name": "v", "dim": 4}]})
+    r = httpx.post(
+        f"{colshard_server.url}/v1/collections",
+        timeout=60,
+        json={"name": "Wide", "properties": props, "vectors": [{"name": "v", "dim": 4}]},
+    )
     assert r.status_code == 422, r.text[:300]
     assert r.json()["error"]["details"]["limit"] == "max_properties"
-    r = httpx.post(f"{colshard_server.url}/v1/collections", timeout=60, json={
-        "name": "Wide", "vectors": [{"name": f"v{i}", "dim": 4} for i in range(65)]})
+    r = httpx.post(
+        f"{colshard_server.url}/v1/collections",
+        timeout=60,
+        json={"name": "Wide", "vectors": [{"name": f"v{i}", "dim": 4} for i in range(65)]},
+    )
     assert r.status_code == 422 and r.json()["error"]["details"]["limit"] == "max_vectors"
     assert httpx.get(f"{colshard_server.url}/v1/collections/Wide").status_code == 404
 
@@ -116,8 +151,11 @@ def test_an_over_limit_body_reaches_a_simple_client_as_413(gateway_url: str) -> 
     broken pipe."""
     body = b'{"objects": [' + b'{"properties": {"text": "xxxxxxxx"}},' * 600_000 + b"{}]}"
     assert len(body) > 20 * 1024 * 1024
-    req = urllib.request.Request(f"{gateway_url}/v1/collections/Hard/objects", data=body,
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        f"{gateway_url}/v1/collections/Hard/objects",
+        data=body,
+        headers={"content-type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=60)
     assert err.value.code == 413
@@ -125,14 +163,17 @@ def test_an_over_limit_body_reaches_a_simple_client_as_413(gateway_url: str) -> 
     # speak HTTP by hand).
     host, port = gateway_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/collections/Hard/objects HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(
+            b"POST /v1/collections/Hard/objects HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
 
 
-def closed_after(sock: socket.socket, trickle: bytes = b"", every_s: float = 0.2,
-                 limit_s: float = 15.0) -> float:
+def closed_after(
+    sock: socket.socket, trickle: bytes = b"", every_s: float = 0.2, limit_s: float = 15.0
+) -> float:
     """Seconds until the server closes ``sock`` while we send ``trickle`` a byte at a time."""
     start = time.monotonic()
     sock.settimeout(every_s)
@@ -164,8 +205,10 @@ def test_slow_and_idle_connections_are_closed(gateway_url: str) -> None:
         slow = b"GET /v1/collections HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 500
         assert closed_after(sock, slow) < HEADER_S + 1.5
     with socket.create_connection(addr) as sock:  # headers at once, then a trickle of body
-        sock.sendall(b"POST /v1/collections/Hard/query HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/collections/Hard/query HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
         assert closed_after(sock, b" " * 900) < BODY_S + 1.5
     with socket.create_connection(addr) as sock:  # one request, then idle (keep-alive)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -175,8 +218,9 @@ def test_slow_and_idle_connections_are_closed(gateway_url: str) -> None:
     assert httpx.get(f"{gateway_url}/healthz").status_code == 200  # still serving
 
 
-def test_cluster_shows_a_restarted_shards_live_pid(gateway_url: str,
-                                                   colshard_server: Server) -> None:
+def test_cluster_shows_a_restarted_shards_live_pid(
+    gateway_url: str, colshard_server: Server
+) -> None:
     import ray
 
     from coordinator.actor import ray_namespace
@@ -186,8 +230,9 @@ def test_cluster_shows_a_restarted_shards_live_pid(gateway_url: str,
         (p,) = info["collections"]["Hard"]["placements"]
         return dict(p)
 
-    actor = ray.get_actor("colshard:Hard:0",
-                          namespace=ray_namespace(colshard_server.settings.cluster_name))
+    actor = ray.get_actor(
+        "colshard:Hard:0", namespace=ray_namespace(colshard_server.settings.cluster_name)
+    )
     old = int(ray.get(actor.ready.remote(), timeout=60)["pid"])
     assert placement()["pid"] == old
     ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts)
@@ -208,7 +253,8 @@ def test_cluster_shows_a_restarted_shards_live_pid(gateway_url: str,
 
 
 def test_cli_query_options_and_one_line_import_errors(
-        gateway_url: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway_url: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     from gateway.cli import main
@@ -218,8 +264,20 @@ def test_cli_query_options_and_one_line_import_errors(
         main([*base, "--near-text", "cat", "--bm25", "cat"])
     with pytest.raises(SystemExit, match="exactly one of"):
         main(base)
-    assert main([*base, "--near-vector", "[[1, 0, 0, 0]]", "--target-vector", "mv",
-                 "--filter", '{"path": "text", "operator": "like", "value": "*cat*"}']) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--near-vector",
+                "[[1, 0, 0, 0]]",
+                "--target-vector",
+                "mv",
+                "--filter",
+                '{"path": "text", "operator": "like", "value": "*cat*"}',
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert [o["properties"]["text"] for o in out["objects"]] == ["a nice cat"]
     assert main([*base, "--hybrid", "cat", "--alpha", "0"]) == 0
@@ -227,8 +285,19 @@ def test_cli_query_options_and_one_line_import_errors(
     assert main([*base, "--near-vector", "[[1, 0, 0, 0]]", "--target-vector", "nope"]) == 1
     assert "not_found" in capsys.readouterr().err
 
-    assert main(["import", str(tmp_path / "missing.parquet"), "--collection", "Hard",
-                 "--url", gateway_url]) == 2
+    assert (
+        main(
+            [
+                "import",
+                str(tmp_path / "missing.parquet"),
+                "--collection",
+                "Hard",
+                "--url",
+                gateway_url,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err
     import pyarrow as pa

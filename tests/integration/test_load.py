@@ -25,10 +25,18 @@ MAX_GROWTH_MB = float(os.environ.get("COLSHARD_LOAD_MAX_GROWTH_MB", "150"))
 
 
 def test_mixed_load_has_no_errors_and_no_leak(colshard_server: Server) -> None:
-    cfg = LoadConfig(url=colshard_server.url, duration_s=DURATION_S,
-                     warmup_s=min(10.0, DURATION_S / 3), clients=6, write_fraction=0.3,
-                     dim=32, batch_size=16, id_pool=800, shard_count=2,
-                     gateway_pids=(os.getpid(),))
+    cfg = LoadConfig(
+        url=colshard_server.url,
+        duration_s=DURATION_S,
+        warmup_s=min(10.0, DURATION_S / 3),
+        clients=6,
+        write_fraction=0.3,
+        dim=32,
+        batch_size=16,
+        id_pool=800,
+        shard_count=2,
+        gateway_pids=(os.getpid(),),
+    )
     report = anyio.run(run_load, cfg)
     print("\n" + report.format())
     assert report.errors == 0, report.error_samples
@@ -42,14 +50,29 @@ def test_mixed_load_has_no_errors_and_no_leak(colshard_server: Server) -> None:
         assert mem.growth_after_warmup_mb < MAX_GROWTH_MB, report.format()
 
 
-def test_load_command(colshard_server: Server, monkeypatch: pytest.MonkeyPatch,
-                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_load_command(
+    colshard_server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`colshard load` is the same driver behind one command (a few seconds here)."""
     from gateway.cli import main
 
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # main() sets a SIGTERM handler
-    rc = main(["load", "--url", colshard_server.url, "--duration-s", "4", "--warmup-s", "1",
-               "--clients", "2", "--pid", str(os.getpid()), "--json"])
+    rc = main(
+        [
+            "load",
+            "--url",
+            colshard_server.url,
+            "--duration-s",
+            "4",
+            "--warmup-s",
+            "1",
+            "--clients",
+            "2",
+            "--pid",
+            str(os.getpid()),
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["errors"] == 0, report["error_samples"]
     assert report["requests"] > 0 and report["p99_ms"] >= report["p50_ms"]

@@ -63,9 +63,15 @@ class MultiNode:
 
     def launch(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         with self.log(name).open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env={**self.env, **env},
-                                    cwd=REPO, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**self.env, **env},
+                cwd=REPO,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -113,47 +119,105 @@ def multinode(etcd_endpoint: str) -> Iterator[MultiNode]:
     marker = uuid.uuid4().hex[:12]
     root = Path(f"/tmp/csmn-{marker}")  # short: Ray's unix socket paths live under it
     root.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "COLSHARD_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "COLSHARD_"))}
     # With clusters enabled Ray listens beyond loopback: token auth, as the Helm chart and
     # deploy/local-cluster.sh run it (docs/security.md).
     token = root / "ray_auth_token"
     token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
     token.chmod(0o600)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN_PATH=str(token),
-               RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",
-               COLSHARD_TEST_MARKER=marker, PYTHONPATH=str(REPO))
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",
+        COLSHARD_TEST_MARKER=marker,
+        PYTHONPATH=str(REPO),
+    )
     cluster = MultiNode(root, marker, env)
     (gcs_port, client_port, dash_port, head_agent, b_agent, gw_port) = free_ports(6)
     cluster.gcs = f"127.0.0.1:{gcs_port}"
     cluster.url = f"http://127.0.0.1:{gw_port}"
     ray_bin = shutil.which("ray") or "ray"
     try:
-        cluster.launch("head", [
-            ray_bin, "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-            "--ray-client-server-port", str(client_port),
-            "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(dash_port), "--dashboard-agent-listen-port", str(head_agent),
-            "--num-cpus", "1", "--resources", json.dumps({"colshard_shard": 1}),
-            "--temp-dir", str(root / "ray-head")], COLSHARD_DATA_DIR=str(root / "data-a"))
+        cluster.launch(
+            "head",
+            [
+                ray_bin,
+                "start",
+                "--head",
+                "--block",
+                "--disable-usage-stats",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(gcs_port),
+                "--ray-client-server-port",
+                str(client_port),
+                "--include-dashboard",
+                "false",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dash_port),
+                "--dashboard-agent-listen-port",
+                str(head_agent),
+                "--num-cpus",
+                "1",
+                "--resources",
+                json.dumps({"colshard_shard": 1}),
+                "--temp-dir",
+                str(root / "ray-head"),
+            ],
+            COLSHARD_DATA_DIR=str(root / "data-a"),
+        )
         cluster.wait_log("head", "Ray runtime started")
-        cluster.launch("node_b", [
-            ray_bin, "start", "--block", "--disable-usage-stats",
-            "--address", cluster.gcs, "--node-ip-address", "127.0.0.1",
-            "--dashboard-agent-listen-port", str(b_agent), "--num-cpus", "0",
-            "--resources", json.dumps({"colshard_shard": 1, "colshard_node_b": 1}),
-            "--temp-dir", str(root / "ray-b")], COLSHARD_DATA_DIR=str(root / "data-b"))
+        cluster.launch(
+            "node_b",
+            [
+                ray_bin,
+                "start",
+                "--block",
+                "--disable-usage-stats",
+                "--address",
+                cluster.gcs,
+                "--node-ip-address",
+                "127.0.0.1",
+                "--dashboard-agent-listen-port",
+                str(b_agent),
+                "--num-cpus",
+                "0",
+                "--resources",
+                json.dumps({"colshard_shard": 1, "colshard_node_b": 1}),
+                "--temp-dir",
+                str(root / "ray-b"),
+            ],
+            COLSHARD_DATA_DIR=str(root / "data-b"),
+        )
         cluster.wait_log("node_b", "Ray runtime started")
-        cluster.launch("serve", [
-            sys.executable, "-m", "gateway.cli", "serve", "--ray-address", cluster.gcs,
-            "--etcd", etcd_endpoint, "--port", str(gw_port), "--cluster-name",
-            f"mn-{marker}", "--data-dir", str(root / "data-gw"),
-            "--shard-resources", json.dumps({"colshard_shard": 1})])
+        cluster.launch(
+            "serve",
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--ray-address",
+                cluster.gcs,
+                "--etcd",
+                etcd_endpoint,
+                "--port",
+                str(gw_port),
+                "--cluster-name",
+                f"mn-{marker}",
+                "--data-dir",
+                str(root / "data-gw"),
+                "--shard-resources",
+                json.dumps({"colshard_shard": 1}),
+            ],
+        )
         cluster.wait_log("serve", "colshard serving on", timeout_s=180)
-        wait_until("gateway /healthz", lambda: httpx.get(f"{cluster.url}/healthz").is_success,
-                   60)
+        wait_until("gateway /healthz", lambda: httpx.get(f"{cluster.url}/healthz").is_success, 60)
         yield cluster
     except BaseException:
         for name in cluster.procs:
@@ -165,14 +229,20 @@ def multinode(etcd_endpoint: str) -> Iterator[MultiNode]:
 
 
 def status_cli(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "status", "--url", url, *extra],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "status", "--url", url, *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def raylet_pid(session_leader: int) -> int:
     """The raylet started by the ``ray start`` whose session is ``session_leader``."""
-    ps = subprocess.run(["ps", "-A", "-o", "pid=,sid=,comm="], capture_output=True, text=True,
-                        check=True)
+    ps = subprocess.run(
+        ["ps", "-A", "-o", "pid=,sid=,comm="], capture_output=True, text=True, check=True
+    )
     for line in ps.stdout.splitlines():
         pid, sid, comm = line.split(None, 2)
         if int(sid) == session_leader and comm.strip() == "raylet":
@@ -185,23 +255,42 @@ def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
     env = {k: v for k, v in multinode.env.items() if not k.startswith("RAY_AUTH")}
     joined = subprocess.run(
         [sys.executable, "-c", f"import ray; ray.init(address={multinode.gcs!r}); print('in')"],
-        env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+        env={**env, "RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert joined.returncode != 0 and "in" not in joined.stdout.split(), joined.stdout
     http = httpx.Client(base_url=multinode.url, timeout=60)
     name = "MultiNode"
-    created = http.post("/v1/collections", json={
-        "name": name, "properties": [{"name": "n", "data_type": "int"}],
-        "vectors": [{"name": "v", "kind": "multi", "dim": DIM}], "shard_count": 2})
+    created = http.post(
+        "/v1/collections",
+        json={
+            "name": name,
+            "properties": [{"name": "n", "data_type": "int"}],
+            "vectors": [{"name": "v", "kind": "multi", "dim": DIM}],
+            "shard_count": 2,
+        },
+    )
     assert created.status_code == 201, created.text
 
     rng = np.random.default_rng(7)
-    objects = [{"id": str(uuid.UUID(int=int(rng.integers(1 << 62)) << 64 | i)),
-                "properties": {"n": i},
-                "vectors": {"v": rng.normal(size=(4, DIM)).tolist()}} for i in range(200)]
+    objects = [
+        {
+            "id": str(uuid.UUID(int=int(rng.integers(1 << 62)) << 64 | i)),
+            "properties": {"n": i},
+            "vectors": {"v": rng.normal(size=(4, DIM)).tolist()},
+        }
+        for i in range(200)
+    ]
     imported = http.post(f"/v1/collections/{name}/objects", json={"objects": objects})
     assert imported.status_code == 200, imported.text
-    query = {"near_vector": {"vector": objects[5]["vectors"]["v"]}, "target_vector": "v",
-             "limit": 5, "return_metadata": ["score"]}
+    query = {
+        "near_vector": {"vector": objects[5]["vectors"]["v"]},
+        "target_vector": "v",
+        "limit": 5,
+        "return_metadata": ["score"],
+    }
     found = http.post(f"/v1/collections/{name}/query", json=query)
     assert found.status_code == 200, found.text
     assert found.json()["objects"][0]["id"] == objects[5]["id"]
@@ -255,14 +344,12 @@ def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
 
     def b_shard_unavailable() -> dict[str, Any] | None:
         info = http.get("/v1/cluster").json()
-        p = next(p for p in info["collections"][name]["placements"]
-                 if p["shard"] == on_b["shard"])
+        p = next(p for p in info["collections"][name]["placements"] if p["shard"] == on_b["shard"])
         return info if p["state"] == "unavailable" else None
 
     info = wait_until("node B's shard to be unavailable", b_shard_unavailable, 20)
     assert f"{name}:{on_b['shard']}" in info["unavailable_shards"]
-    other = next(p for p in info["collections"][name]["placements"]
-                 if p["shard"] != on_b["shard"])
+    other = next(p for p in info["collections"][name]["placements"] if p["shard"] != on_b["shard"])
     assert other["state"] == "ready" and other["node_id"] == head
 
     ready = http.get("/readyz", timeout=30)

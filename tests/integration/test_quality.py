@@ -27,15 +27,23 @@ TARGET = 0.95
 
 
 @pytest.fixture(scope="module")
-def server(etcd_endpoint: str, ray_session: None,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    etcd_endpoint: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     srv, running = start_server(
-        etcd_endpoint, Path(tmp_path_factory.mktemp("quality")),
+        etcd_endpoint,
+        Path(tmp_path_factory.mktemp("quality")),
         # Base candidate budgets far too small for this corpus: the calibration has to find
         # the depth that meets the target itself.
-        ShardSettings(seal_threshold_tokens=8_000, brute_force_max_tokens=3_000,
-                      candidates_per_token=12, rerank_docs=8, calibration_queries=64,
-                      calibration_duty=1.0))
+        ShardSettings(
+            seal_threshold_tokens=8_000,
+            brute_force_max_tokens=3_000,
+            candidates_per_token=12,
+            rerank_docs=8,
+            calibration_queries=64,
+            calibration_duty=1.0,
+        ),
+    )
     try:
         yield srv
     finally:
@@ -53,6 +61,7 @@ def _embed(rng: np.random.Generator) -> Any:
     def embed(x: np.ndarray) -> np.ndarray:
         y = (x * scale) @ rot + 0.4 * shared
         return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+
     return embed
 
 
@@ -76,8 +85,9 @@ def corpus() -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         topic = int(rng.integers(0, 40))
         mine = np.flatnonzero(topic_of == topic)
         pick = np.where(rng.random(n) < 0.8, rng.choice(mine, n), rng.integers(0, 300, n))
-        latent = centres[pick] + 0.5 * rng.standard_normal((n, DIM)).astype(np.float32) / \
-            np.sqrt(DIM)
+        latent = centres[pick] + 0.5 * rng.standard_normal((n, DIM)).astype(np.float32) / np.sqrt(
+            DIM
+        )
         docs.append(embed(latent))
         doc_topic.append(topic)
     ids = [str(uuid.UUID(int=int(rng.integers(1 << 62)) << 64 | i)) for i in range(N_DOCS)]
@@ -86,7 +96,8 @@ def corpus() -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         d = docs[int(rng.integers(0, N_DOCS))]
         m = int(rng.integers(6, 31))
         q = d[rng.integers(0, len(d), m)] + 0.6 * rng.standard_normal((m, DIM)).astype(
-            np.float32) / np.sqrt(DIM)
+            np.float32
+        ) / np.sqrt(DIM)
         queries.append((q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32))
     return ids, docs, queries
 
@@ -102,13 +113,18 @@ def recall(found_scores: list[float], truth: np.ndarray) -> float:
     return sum(1 for s in found_scores if s >= kth - 1e-4) / len(truth)
 
 
-def _import(client: Client, name: str, shards: int, ids: list[str],
-            docs: list[np.ndarray]) -> Any:
+def _import(client: Client, name: str, shards: int, ids: list[str], docs: list[np.ndarray]) -> Any:
     col = client.collections.create(
-        name, vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine")],
-        shard_count=shards)
-    table = pa.table({"id": ids, "mv": pa.array([d.tolist() for d in docs],
-                                                 type=pa.list_(pa.list_(pa.float32())))})
+        name,
+        vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine")],
+        shard_count=shards,
+    )
+    table = pa.table(
+        {
+            "id": ids,
+            "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
+        }
+    )
     result = col.data.insert_arrow(table, batch_rows=600)
     assert (result.n_ok, result.n_failed) == (len(ids), 0)
     return col
@@ -122,7 +138,8 @@ def _wait_calibrated(col: Any, timeout_s: float = 300) -> list[dict[str, Any]]:
         cals = [s["stats"]["calibration"]["mv"] for s in shards]
         states = [s["stats"]["index_state"]["mv"] for s in shards]
         if all("building=0" in st and "indexed=0" not in st for st in states) and all(
-                c["state"] == "calibrated" and c["due"] is None for c in cals):
+            c["state"] == "calibrated" and c["due"] is None for c in cals
+        ):
             return cals
         assert time.time() < deadline, (states, cals)
         time.sleep(1)
@@ -130,8 +147,8 @@ def _wait_calibrated(col: Any, timeout_s: float = 300) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("shards", [1, 2, 4])
 def test_calibrated_recall_meets_the_target_against_numpy(
-        server: Server, corpus: tuple[list[str], list[np.ndarray], list[np.ndarray]],
-        shards: int) -> None:
+    server: Server, corpus: tuple[list[str], list[np.ndarray], list[np.ndarray]], shards: int
+) -> None:
     ids, docs, queries = corpus
     name = f"Quality{shards}"
     with Client(server.url) as client:
@@ -146,8 +163,9 @@ def test_calibrated_recall_meets_the_target_against_numpy(
             assert max(c["depth"] for c in cals) > 1.0, cals
             got = []
             for q in queries:
-                hits = col.query.near_vector(q, target_vector="mv", limit=10,
-                                             return_metadata=["score"]).objects
+                hits = col.query.near_vector(
+                    q, target_vector="mv", limit=10, return_metadata=["score"]
+                ).objects
                 got.append(recall([o.metadata["score"] for o in hits], exact_top(q, docs, 10)))
             # 60 queries of a distribution the calibration did not see: the target less
             # the sampling error of 60 queries
@@ -157,7 +175,8 @@ def test_calibrated_recall_meets_the_target_against_numpy(
 
 
 def test_recall_report_against_numpy(
-        server: Server, corpus: tuple[list[str], list[np.ndarray], list[np.ndarray]]) -> None:
+    server: Server, corpus: tuple[list[str], list[np.ndarray], list[np.ndarray]]
+) -> None:
     ids, docs, _ = corpus
     by_id = dict(zip(ids, docs, strict=True))
     with Client(server.url) as client:
@@ -189,9 +208,13 @@ def test_recall_report_against_numpy(
 
             # bad requests: 4xx, nothing measured
             base = f"{server.url}/v1/collections"
-            for params, status in (({"queries": 0}, 422), ({"queries": 501}, 422),
-                                   ({"k": 0}, 422), ({"vector": "nope"}, 404),
-                                   ({"queries": "many"}, 422)):
+            for params, status in (
+                ({"queries": 0}, 422),
+                ({"queries": 501}, 422),
+                ({"k": 0}, 422),
+                ({"vector": "nope"}, 404),
+                ({"queries": "many"}, 422),
+            ):
                 r = httpx.get(f"{base}/QualityReport/quality", params=params, timeout=60)
                 assert r.status_code == status, (params, r.text)
             assert httpx.get(f"{base}/Missing/quality", timeout=60).status_code == 404
@@ -199,9 +222,11 @@ def test_recall_report_against_numpy(
             client.collections.delete("QualityReport")
 
 
-def test_quality_cli(server: Server,
-                     corpus: tuple[list[str], list[np.ndarray], list[np.ndarray]],
-                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_quality_cli(
+    server: Server,
+    corpus: tuple[list[str], list[np.ndarray], list[np.ndarray]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from gateway.cli import main
 
     ids, docs, _ = corpus
@@ -209,8 +234,12 @@ def test_quality_cli(server: Server,
         col = _import(client, "QualityCli", 1, ids[:800], docs[:800])
         try:
             _wait_calibrated(col)
-            assert main(["quality", "QualityCli", "--url", server.url, "--queries", "10",
-                         "--seed", "1"]) == 0
+            assert (
+                main(
+                    ["quality", "QualityCli", "--url", server.url, "--queries", "10", "--seed", "1"]
+                )
+                == 0
+            )
             out = capsys.readouterr().out
             assert out.startswith("QualityCli.mv: recall@10 ")
             assert "calibrated: depth" in out and "10 queries" in out

@@ -22,20 +22,24 @@ DIM = 64
 
 
 @pytest.fixture(scope="module")
-def indexed_server(etcd_endpoint: str, ray_session: None,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def indexed_server(
+    etcd_endpoint: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     # Small segments so that every shard seals several and builds a ScaNN index for each.
-    srv, running = start_server(etcd_endpoint, Path(tmp_path_factory.mktemp("recall")),
-                                ShardSettings(seal_threshold_tokens=12_000,
-                                              brute_force_max_tokens=4_000))
+    srv, running = start_server(
+        etcd_endpoint,
+        Path(tmp_path_factory.mktemp("recall")),
+        ShardSettings(seal_threshold_tokens=12_000, brute_force_max_tokens=4_000),
+    )
     try:
         yield srv
     finally:
         stop_server(srv, running)
 
 
-def clustered_corpus(rng: np.random.Generator, n_docs: int
-                     ) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+def clustered_corpus(
+    rng: np.random.Generator, n_docs: int
+) -> tuple[list[str], list[np.ndarray], np.ndarray]:
     centroids = rng.normal(size=(400, DIM)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     docs = []
@@ -56,11 +60,13 @@ def exact_top(q: np.ndarray, docs: list[np.ndarray], ids: list[str], k: int) -> 
 
 def _insert(col: Any, ids: list[str], docs: list[np.ndarray]) -> Any:
     """Import ``docs`` (property ``n`` = position) over Arrow, 500 rows per request."""
-    table = pa.table({
-        "id": ids,
-        "n": list(range(len(ids))),
-        "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
-    })
+    table = pa.table(
+        {
+            "id": ids,
+            "n": list(range(len(ids))),
+            "mv": pa.array([d.tolist() for d in docs], type=pa.list_(pa.list_(pa.float32()))),
+        }
+    )
     return col.data.insert_arrow(table, batch_rows=500)
 
 
@@ -70,15 +76,15 @@ def _wait_indexed(col: Any, timeout_s: float = 300) -> tuple[list[Any], list[str
     while True:
         shards = col.config()["shards"]
         states = [s["stats"]["index_state"]["mv"] for s in shards]
-        if all("building=0" in st and "waiting=0" in st and "indexed=0" not in st
-               for st in states):
+        if all("building=0" in st and "waiting=0" in st and "indexed=0" not in st for st in states):
             return shards, states
         assert time.time() < deadline, states
         time.sleep(1)
 
 
-def _recalls(col: Any, rng: np.random.Generator, ids: list[str], docs: list[np.ndarray],
-             n_queries: int) -> list[float]:
+def _recalls(
+    col: Any, rng: np.random.Generator, ids: list[str], docs: list[np.ndarray], n_queries: int
+) -> list[float]:
     """recall@10 against exact MaxSim of near_vector queries: 8 noisy tokens of a random
     document each."""
     recalls = []
@@ -98,8 +104,11 @@ def test_recall_with_scann_indexes(indexed_server: Server) -> None:
     ids, docs, _ = clustered_corpus(rng, 3000)
     with Client(indexed_server.url) as client:
         col = client.collections.create(
-            "Recall", properties=[Property("n", "int")],
-            vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine")], shard_count=2)
+            "Recall",
+            properties=[Property("n", "int")],
+            vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine")],
+            shard_count=2,
+        )
         result = _insert(col, ids, docs)
         assert (result.n_ok, result.n_failed) == (3000, 0)
 
@@ -119,8 +128,12 @@ def test_muvera_collection_recall_filters_and_bad_options(indexed_server: Server
     segments (reported as such), recall against exact MaxSim, filters, and 422 for bad options."""
     import httpx
 
-    bad = {"name": "MuveraBad", "vectors": [{"name": "mv", "dim": DIM, "index": {
-        "kind": "muvera", "options": {"k_sim": 11}}}]}
+    bad = {
+        "name": "MuveraBad",
+        "vectors": [
+            {"name": "mv", "dim": DIM, "index": {"kind": "muvera", "options": {"k_sim": 11}}}
+        ],
+    }
     resp = httpx.post(f"{indexed_server.url}/v1/collections", json=bad, timeout=30)
     assert resp.status_code == 422, resp.text
     assert "k_sim must be an integer in 0..10" in resp.json()["error"]["message"]
@@ -132,10 +145,19 @@ def test_muvera_collection_recall_filters_and_bad_options(indexed_server: Server
     ids, docs, _ = clustered_corpus(rng, 2000)
     with Client(indexed_server.url) as client:
         col = client.collections.create(
-            "Muvera", properties=[Property("n", "int")],
-            vectors=[NamedVector("mv", dim=DIM, kind="multi", metric="cosine",
-                                 index={"kind": "muvera", "options": {"candidates": 200}})],
-            shard_count=2)
+            "Muvera",
+            properties=[Property("n", "int")],
+            vectors=[
+                NamedVector(
+                    "mv",
+                    dim=DIM,
+                    kind="multi",
+                    metric="cosine",
+                    index={"kind": "muvera", "options": {"candidates": 200}},
+                )
+            ],
+            shard_count=2,
+        )
         result = _insert(col, ids, docs)
         assert (result.n_ok, result.n_failed) == (2000, 0)
         # sealed (and idle-sealed) segments get their FDEs in the background
@@ -147,15 +169,15 @@ def test_muvera_collection_recall_filters_and_bad_options(indexed_server: Server
         # the same count: ~0.2).
         assert float(np.mean(recalls)) >= 0.8, recalls
         flt = {"path": "n", "operator": "less_than", "value": 1000}
-        res = col.query.near_vector(docs[3], target_vector="mv", limit=10, filters=flt,
-                                    return_properties=["n"])
+        res = col.query.near_vector(
+            docs[3], target_vector="mv", limit=10, filters=flt, return_properties=["n"]
+        )
         assert len(res.objects) == 10 and all(o.properties["n"] < 1000 for o in res.objects)
         assert res.objects[0].uuid == ids[3]
         client.collections.delete("Muvera")
 
 
-def test_exact_queries_match_numpy_maxsim_where_the_index_does_not(
-        indexed_server: Server) -> None:
+def test_exact_queries_match_numpy_maxsim_where_the_index_does_not(indexed_server: Server) -> None:
     """``"exact": true`` answers by exact MaxSim over every object, on every shard: the same
     top 10 as numpy, in the same order, even for a vector whose index settings are far too
     shallow to find them."""
@@ -163,12 +185,29 @@ def test_exact_queries_match_numpy_maxsim_where_the_index_does_not(
 
     rng = np.random.default_rng(17)
     ids, docs, _ = clustered_corpus(rng, 1500)
-    with Client(indexed_server.url) as client, \
-            httpx.Client(base_url=indexed_server.url, timeout=120) as http:
-        r = http.post("/v1/collections", json={
-            "name": "Exact", "properties": [{"name": "n", "data_type": "int"}], "shard_count": 2,
-            "vectors": [{"name": "mv", "dim": DIM, "metric": "cosine", "index": {
-                "kind": "scann", "options": {"candidates_per_token": 4, "rerank_docs": 10}}}]})
+    with (
+        Client(indexed_server.url) as client,
+        httpx.Client(base_url=indexed_server.url, timeout=120) as http,
+    ):
+        r = http.post(
+            "/v1/collections",
+            json={
+                "name": "Exact",
+                "properties": [{"name": "n", "data_type": "int"}],
+                "shard_count": 2,
+                "vectors": [
+                    {
+                        "name": "mv",
+                        "dim": DIM,
+                        "metric": "cosine",
+                        "index": {
+                            "kind": "scann",
+                            "options": {"candidates_per_token": 4, "rerank_docs": 10},
+                        },
+                    }
+                ],
+            },
+        )
         assert r.status_code == 201, r.text
         col = client.collections.get("Exact")
         assert _insert(col, ids, docs).n_ok == 1500

@@ -40,17 +40,28 @@ def _actor(server: Server, name: str) -> Any:
 
 
 def _create(http: httpx.Client, name: str, shards: int, rf: int) -> None:
-    r = http.post("/v1/collections", json={
-        "name": name, "properties": [{"name": "k", "data_type": "int"}],
-        "vectors": [{"name": "v", "dim": DIM, "metric": "dot"}],
-        "shard_count": shards, "replication_factor": rf})
+    r = http.post(
+        "/v1/collections",
+        json={
+            "name": name,
+            "properties": [{"name": "k", "data_type": "int"}],
+            "vectors": [{"name": "v", "dim": DIM, "metric": "dot"}],
+            "shard_count": shards,
+            "replication_factor": rf,
+        },
+    )
     assert r.status_code == 201, r.text
 
 
 def _objects(rng: np.random.Generator, n: int, base: int) -> list[dict[str, Any]]:
-    return [{"id": str(uuid.uuid4()), "properties": {"k": base + i},
-             "vectors": {"v": rng.normal(size=(int(rng.integers(1, 4)), DIM)).tolist()}}
-            for i in range(n)]
+    return [
+        {
+            "id": str(uuid.uuid4()),
+            "properties": {"k": base + i},
+            "vectors": {"v": rng.normal(size=(int(rng.integers(1, 4)), DIM)).tolist()},
+        }
+        for i in range(n)
+    ]
 
 
 def _replica_listing(server: Server, actor_name: str) -> dict[str, tuple[Any, bytes]]:
@@ -63,8 +74,10 @@ def _replica_listing(server: Server, actor_name: str) -> dict[str, tuple[Any, by
     while True:
         page = ray.get(actor.list_objects.remote(after, 1000, True), timeout=60)
         for o in page:
-            out[o.uuid] = (dict(o.properties),
-                           np.asarray(o.vectors["v"], dtype=np.float32).tobytes())
+            out[o.uuid] = (
+                dict(o.properties),
+                np.asarray(o.vectors["v"], dtype=np.float32).tobytes(),
+            )
         if len(page) < 1000:
             return out
         after = page[-1].uuid
@@ -94,8 +107,10 @@ def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
     with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
         _create(http, "RepKill", shards=1, rf=2)
         seed = _objects(rng, 50, 0)
-        assert http.post("/v1/collections/RepKill/objects",
-                         json={"objects": seed}).json()["n_ok"] == 50
+        assert (
+            http.post("/v1/collections/RepKill/objects", json={"objects": seed}).json()["n_ok"]
+            == 50
+        )
         for o in seed:
             acked[o["id"]] = np.asarray(o["vectors"]["v"], dtype=np.float32)
 
@@ -124,8 +139,10 @@ def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
                 while not stop.is_set():
                     q = local.normal(size=(2, DIM)).tolist()
                     try:
-                        r = c.post("/v1/collections/RepKill/query",
-                                   json={"near_vector": {"vector": q}, "limit": 5})
+                        r = c.post(
+                            "/v1/collections/RepKill/query",
+                            json={"near_vector": {"vector": q}, "limit": 5},
+                        )
                         ok = r.status_code == 200 and len(r.json()["objects"]) == 5
                         if not ok:
                             query_failures.append(f"{r.status_code} {r.text[:300]}")
@@ -137,8 +154,11 @@ def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
                         query_failures.append(repr(exc))
                     n_queries[0] += 1
 
-        threads = [threading.Thread(target=importer), threading.Thread(target=querier),
-                   threading.Thread(target=querier)]
+        threads = [
+            threading.Thread(target=importer),
+            threading.Thread(target=querier),
+            threading.Thread(target=querier),
+        ]
         for t in threads:
             t.start()
         replicas = [_actor(colshard_server, f"colshard:RepKill:0:{r}") for r in (0, 1)]
@@ -169,8 +189,7 @@ def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
         assert http.delete("/v1/collections/RepKill").status_code == 200
 
 
-def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: Server
-                                                              ) -> None:
+def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: Server) -> None:
     import ray
 
     rng = np.random.default_rng(22)
@@ -184,8 +203,11 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
         # marked stale, in the background; the stale state must show in describe).
         second = _objects(rng, 10, 100)
         with Client(colshard_server.url) as client:  # the SDK sends ?consistency_level=one
-            result = client.collections.get("RepDown").with_consistency_level(
-                "one").data.insert_many(second)
+            result = (
+                client.collections.get("RepDown")
+                .with_consistency_level("one")
+                .data.insert_many(second)
+            )
         assert result.n_ok == 10 and result.n_failed == 0, result.errors
         deadline = time.time() + 60
         while True:
@@ -199,8 +221,9 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
         # at once (nothing is sent). The replica may already be back and caught up by the
         # repair loop, so accept success too but never a silent partial write.
         for level in ("quorum", "all"):
-            r = http.post(url, params={"consistency_level": level},
-                          json={"objects": _objects(rng, 2, 900)})
+            r = http.post(
+                url, params={"consistency_level": level}, json={"objects": _objects(rng, 2, 900)}
+            )
             if r.status_code == 503:
                 err = r.json()["error"]
                 assert err["code"] == "unavailable" and "RepDown:0" in err["message"]
@@ -211,8 +234,11 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
             r = http.delete(f"{url}/{o['id']}", params={"consistency_level": "one"})
             assert r.status_code in (200, 503), r.text
         changed = {**first[5], "properties": {"k": -5}}
-        r = http.put(f"{url}/{changed['id']}", params={"consistency_level": "one"},
-                     json={"properties": changed["properties"], "vectors": changed["vectors"]})
+        r = http.put(
+            f"{url}/{changed['id']}",
+            params={"consistency_level": "one"},
+            json={"properties": changed["properties"], "vectors": changed["vectors"]},
+        )
         assert r.status_code == 200, r.text
         # The repair loop recreates the actor, catches it up and marks it ready.
         _wait_ready(http, "RepDown", timeout_s=120)
@@ -234,8 +260,9 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
     with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
         _create(http, "Slow", shards=2, rf=1)
         objs = _objects(rng, 40, 0)
-        assert http.post("/v1/collections/Slow/objects", json={"objects": objs}
-                         ).json()["n_ok"] == 40
+        assert (
+            http.post("/v1/collections/Slow/objects", json={"objects": objs}).json()["n_ok"] == 40
+        )
         slow = _actor(colshard_server, "colshard:Slow:1")
         ray.get(slow.set_delay.remote(4.0), timeout=60)
         q = {"near_vector": {"vector": [[1.0] * DIM]}, "limit": 40}
@@ -247,8 +274,9 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
             err = r.json()["error"]
             assert err["code"] == "deadline_exceeded" and "Slow:1" in err["message"]
             assert took < 3.5, took
-            r = http.post("/v1/collections/Slow/query",
-                          json={**q, "timeout": 1.0, "allow_partial": True})
+            r = http.post(
+                "/v1/collections/Slow/query", json={**q, "timeout": 1.0, "allow_partial": True}
+            )
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["partial"] is True and body["missing_shards"] == [1]
@@ -260,10 +288,11 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
                 slow_col = client.collections.get("Slow")
                 with pytest.raises(DeadlineExceeded, match="Slow:1"):
                     slow_col.with_query_options(timeout=1.0).query.near_vector(
-                        q["near_vector"]["vector"], limit=40)
-                part = slow_col.with_query_options(timeout=1.0, allow_partial=True
-                                                   ).query.near_vector(
-                    q["near_vector"]["vector"], limit=40)
+                        q["near_vector"]["vector"], limit=40
+                    )
+                part = slow_col.with_query_options(
+                    timeout=1.0, allow_partial=True
+                ).query.near_vector(q["near_vector"]["vector"], limit=40)
                 assert part.partial and part.missing_shards == [1]
                 assert 0 < len(part.objects) < 40
         finally:
@@ -301,15 +330,18 @@ def _restart_without_data(server: Server, actor_name: str) -> str:
 
 
 def test_a_replica_restarted_without_its_data_is_refilled_not_served(
-        colshard_server: Server) -> None:
+    colshard_server: Server,
+) -> None:
     import ray
 
     rng = np.random.default_rng(31)
     with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
         _create(http, "RepLost", shards=1, rf=2)
         objs = _objects(rng, 40, 0)
-        assert http.post("/v1/collections/RepLost/objects",
-                         json={"objects": objs}).json()["n_ok"] == 40
+        assert (
+            http.post("/v1/collections/RepLost/objects", json={"objects": objs}).json()["n_ok"]
+            == 40
+        )
         lost = _restart_without_data(colshard_server, "colshard:RepLost:0:1")
         assert "with an empty data directory" in lost
         q = {"near_vector": {"vector": rng.normal(size=(2, DIM)).tolist()}, "limit": 100}
@@ -317,15 +349,18 @@ def test_a_replica_restarted_without_its_data_is_refilled_not_served(
             r = http.post("/v1/collections/RepLost/query", json=q)
             assert r.status_code == 200 and len(r.json()["objects"]) == 40, r.text[:300]
         _wait_ready(http, "RepLost")  # marked stale, then refilled by the repair loop
-        assert (_replica_listing(colshard_server, "colshard:RepLost:0:1")
-                == _replica_listing(colshard_server, "colshard:RepLost:0:0"))
+        assert _replica_listing(colshard_server, "colshard:RepLost:0:1") == _replica_listing(
+            colshard_server, "colshard:RepLost:0:0"
+        )
         ray.kill(_actor(colshard_server, "colshard:RepLost:0:0"), no_restart=True)
         r = http.post("/v1/collections/RepLost/query", json=q)
         assert r.status_code == 200 and len(r.json()["objects"]) == 40, r.text[:300]
 
         _create(http, "RepLost1", shards=1, rf=1)
-        assert http.post("/v1/collections/RepLost1/objects",
-                         json={"objects": objs[:5]}).json()["n_ok"] == 5
+        assert (
+            http.post("/v1/collections/RepLost1/objects", json={"objects": objs[:5]}).json()["n_ok"]
+            == 5
+        )
         _restart_without_data(colshard_server, "colshard:RepLost1:0")
         start = time.time()
         r = http.post("/v1/collections/RepLost1/query", json=q)

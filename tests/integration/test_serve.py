@@ -84,13 +84,24 @@ def test_serve_restart_keeps_collections_and_objects(tmp_path: Path) -> None:
     try:
         assert port_open(etcd_port)
         with httpx.Client(base_url=url, timeout=60) as http:
-            r = http.post("/v1/collections", json={
-                "name": "Keep", "properties": [{"name": "text", "data_type": "text"}],
-                "vectors": [{"name": "mv", "dim": 16, "metric": "dot"}]})
+            r = http.post(
+                "/v1/collections",
+                json={
+                    "name": "Keep",
+                    "properties": [{"name": "text", "data_type": "text"}],
+                    "vectors": [{"name": "mv", "dim": 16, "metric": "dot"}],
+                },
+            )
             assert r.status_code == 201, r.text
-            r = http.post("/v1/collections/Keep/objects", json={"objects": [
-                {"id": i, "properties": {"text": f"t{n}"}, "vectors": {"mv": v.tolist()}}
-                for n, (i, v) in enumerate(zip(ids, vectors, strict=True))]})
+            r = http.post(
+                "/v1/collections/Keep/objects",
+                json={
+                    "objects": [
+                        {"id": i, "properties": {"text": f"t{n}"}, "vectors": {"mv": v.tolist()}}
+                        for n, (i, v) in enumerate(zip(ids, vectors, strict=True))
+                    ]
+                },
+            )
             assert r.json()["n_ok"] == 40
             assert http.get("/readyz").status_code == 200
             # Every socket that serve's process tree listens on (etcd, Ray's GCS, raylet,
@@ -117,15 +128,18 @@ def test_serve_restart_keeps_collections_and_objects(tmp_path: Path) -> None:
         with httpx.Client(base_url=url, timeout=60) as http:
             names = [c["name"] for c in http.get("/v1/collections").json()["collections"]]
             assert names == ["Keep"]
-            got = http.get(f"/v1/collections/Keep/objects/{ids[3]}",
-                           params={"include_vector": "true"}).json()
+            got = http.get(
+                f"/v1/collections/Keep/objects/{ids[3]}", params={"include_vector": "true"}
+            ).json()
             assert np.array_equal(np.asarray(got["vectors"]["mv"], dtype=np.float32), vectors[3])
             page = http.get("/v1/collections/Keep/objects", params={"limit": 100}).json()
             assert sorted(o["id"] for o in page["objects"]) == sorted(ids)
             q = vectors[7][:2]
             best = max(range(len(ids)), key=lambda j: float((q @ vectors[j].T).max(1).sum()))
-            r = http.post("/v1/collections/Keep/query", json={
-                "near_vector": {"vector": q.tolist()}, "limit": 1})
+            r = http.post(
+                "/v1/collections/Keep/query",
+                json={"near_vector": {"vector": q.tolist()}, "limit": 1},
+            )
             assert r.json()["objects"][0]["id"] == ids[best]
     finally:
         assert stop_serve(proc) == 0

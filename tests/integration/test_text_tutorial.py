@@ -20,27 +20,39 @@ pytestmark = pytest.mark.integration
 
 ADJECTIVES = ["quiet", "friendly", "tiny", "enormous", "clever", "sleepy", "noisy", "gentle"]
 ANIMALS = ["dog", "horse", "parrot", "rabbit", "turtle", "goat", "owl", "fox"]
-PLACES = ["in the garden", "near the river", "on the mountain", "inside the barn",
-          "under the bridge", "at the market"]
+PLACES = [
+    "in the garden",
+    "near the river",
+    "on the mountain",
+    "inside the barn",
+    "under the bridge",
+    "at the market",
+]
 
 
 def sentences() -> list[str]:
-    out = [f"The {a} {b} sleeps {p}." for a, b, p in
-           itertools.product(ADJECTIVES, ANIMALS, PLACES)][:240]
-    out += ["A very nice cat purrs on the warm windowsill.",
-            "Quantum computers use qubits to explore many states at once.",
-            "The stock market fell sharply after the interest rate decision."]
+    out = [
+        f"The {a} {b} sleeps {p}." for a, b, p in itertools.product(ADJECTIVES, ANIMALS, PLACES)
+    ][:240]
+    out += [
+        "A very nice cat purrs on the warm windowsill.",
+        "Quantum computers use qubits to explore many states at once.",
+        "The stock market fell sharply after the interest rate decision.",
+    ]
     return out
 
 
 @pytest.fixture(scope="module")
-def colshard_server(etcd_endpoint: str, ray_session: None,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def colshard_server(
+    etcd_endpoint: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """This module's server runs a pool of two encoder actors per vectorizer config."""
     srv, running = start_server(
-        etcd_endpoint, tmp_path_factory.mktemp("data"),
+        etcd_endpoint,
+        tmp_path_factory.mktemp("data"),
         ShardSettings(seal_threshold_tokens=4096, brute_force_max_tokens=20_000),
-        vectorizer_replicas=2)
+        vectorizer_replicas=2,
+    )
     try:
         yield srv
     finally:
@@ -54,9 +66,12 @@ def demo(colshard_server: Server) -> Any:
         col = client.collections.create(
             "TextDemo",
             properties=[Property("text", "text"), Property("idx", "int", searchable=False)],
-            vectors=[NamedVector.text2colbert_local("multi_vector", ["text"])], shard_count=2)
-        result = col.data.insert_many([{"properties": {"text": t, "idx": i}}
-                                       for i, t in enumerate(texts)], batch_size=128)
+            vectors=[NamedVector.text2colbert_local("multi_vector", ["text"])],
+            shard_count=2,
+        )
+        result = col.data.insert_many(
+            [{"properties": {"text": t, "idx": i}} for i, t in enumerate(texts)], batch_size=128
+        )
         assert result.n_failed == 0, result.errors[:3]
         yield client, col, texts
         client.collections.delete("TextDemo")
@@ -82,11 +97,16 @@ def test_import_is_spread_over_the_encoder_pool(demo: Any, colshard_server: Serv
     from coordinator.actor import ray_namespace
 
     namespace = ray_namespace(colshard_server.settings.cluster_name)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == namespace and a["name"].startswith("colshard:vectorizer:")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == namespace and a["name"].startswith("colshard:vectorizer:")
+    ]
     assert len(names) == 2, names
-    stats = [ray.get(ray.get_actor(n, namespace=namespace).stats.remote(), timeout=60)
-             for n in sorted(names)]
+    stats = [
+        ray.get(ray.get_actor(n, namespace=namespace).stats.remote(), timeout=60)
+        for n in sorted(names)
+    ]
     # 243 texts in batches of 64 (the coordinator's batch size): both actors encoded some.
     assert sum(s["documents"] for s in stats) >= len(sentences())
     assert all(s["documents"] > 0 for s in stats), stats
@@ -116,8 +136,13 @@ def test_bm25_and_hybrid_extremes(demo: Any) -> None:
     h1 = col.query.hybrid("parrot river", alpha=1.0, limit=10)
     assert [o.uuid for o in h1.objects] == [o.uuid for o in nt.objects]
     for fusion in ("ranked", "relative_score"):
-        mixed = col.query.hybrid("parrot river", alpha=0.5, fusion_type=fusion, limit=5,
-                                 return_metadata=["score", "explain"])
+        mixed = col.query.hybrid(
+            "parrot river",
+            alpha=0.5,
+            fusion_type=fusion,
+            limit=5,
+            return_metadata=["score", "explain"],
+        )
         assert "parrot" in texts_of(mixed)[0]
         assert {"keyword_score", "vector_score"} <= set(mixed.objects[0].metadata["explain"])
 
@@ -149,10 +174,19 @@ def test_examples_tutorial_runs_verbatim(colshard_server: Server) -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "COLSHARD_URL": colshard_server.url,
-           "COLSHARD_TUTORIAL_COLLECTION": "TutorialExample"}
-    out = subprocess.run([sys.executable, str(root / "examples" / "tutorial.py")], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=root)
+    env = {
+        **os.environ,
+        "COLSHARD_URL": colshard_server.url,
+        "COLSHARD_TUTORIAL_COLLECTION": "TutorialExample",
+    }
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "tutorial.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "imported 5 objects, 0 failed" in out.stdout
     assert "This embedding's shape is (" in out.stdout and ", 384)" in out.stdout
@@ -195,7 +229,8 @@ COORDINATOR_REQUEST_BUDGET_MB = 512
 
 
 def test_one_huge_vectorized_import_is_refused_and_memory_stays_bounded(
-        colshard_server: Server, demo: Any) -> None:
+    colshard_server: Server, demo: Any
+) -> None:
     """A 52 MB body of 9,000 texts for a vectorizer (within the body and batch limits) is a
     clear 413 naming max_vectorize_objects, writes nothing, and costs the coordinator less
     than the documented budget; a batch within the limit completes, encoded in chunks."""
@@ -209,18 +244,22 @@ def test_one_huge_vectorized_import_is_refused_and_memory_stays_bounded(
     pid = int(ray.get(colshard_server.handle.whereabouts.remote(), timeout=60)["pid"])
     settings = replace(colshard_server.settings, max_body_bytes=64 * 2**20)
     words = " ".join(f"word{i % 997}" for i in range(740))  # ~5.8 kB of text
-    body = {"objects": [{"properties": {"text": f"{i} {words}", "idx": i}}
-                        for i in range(9000)]}
-    with extra_gateway(settings, colshard_server.handle) as url, \
-            httpx.Client(base_url=url, timeout=300) as http:
+    body = {"objects": [{"properties": {"text": f"{i} {words}", "idx": i}} for i in range(9000)]}
+    with (
+        extra_gateway(settings, colshard_server.handle) as url,
+        httpx.Client(base_url=url, timeout=300) as http,
+    ):
         before = http.get("/v1/collections/TextDemo").json()
         count = sum(s["stats"]["n_objects"] for s in before["shards"])
         content = httpx.Request("POST", "/", json=body).content
         assert 50 * 2**20 < len(content) < 64 * 2**20
         baseline = _rss_mb(pid)
         with PeakRss(pid) as rss:
-            r = http.post("/v1/collections/TextDemo/objects", content=content,
-                          headers={"content-type": "application/json"})
+            r = http.post(
+                "/v1/collections/TextDemo/objects",
+                content=content,
+                headers={"content-type": "application/json"},
+            )
         assert r.status_code == 413, r.text[:500]
         assert r.json()["error"]["details"]["limit"] == "max_vectorize_objects"
         assert rss.peak - baseline < COORDINATOR_REQUEST_BUDGET_MB, (baseline, rss.peak)
@@ -228,17 +267,28 @@ def test_one_huge_vectorized_import_is_refused_and_memory_stays_bounded(
         after = http.get("/v1/collections/TextDemo").json()
         assert sum(s["stats"]["n_objects"] for s in after["shards"]) == count
 
-        small = {"objects": [{"properties": {"text": f"{i} " + " ".join(
-            ADJECTIVES[(i + j) % 8] for j in range(40)), "idx": 10_000 + i}}
-            for i in range(300)]}
+        small = {
+            "objects": [
+                {
+                    "properties": {
+                        "text": f"{i} " + " ".join(ADJECTIVES[(i + j) % 8] for j in range(40)),
+                        "idx": 10_000 + i,
+                    }
+                }
+                for i in range(300)
+            ]
+        }
         baseline = _rss_mb(pid)
         with PeakRss(pid) as rss:
             r = http.post("/v1/collections/TextDemo/objects", json=small)
         assert r.status_code == 200 and r.json()["n_ok"] == 300, r.text[:500]
         assert rss.peak - baseline < COORDINATOR_REQUEST_BUDGET_MB, (baseline, rss.peak)
-        print(f"coordinator RSS peak: +{refused_mb:.0f} MiB for the refused 52 MB request, "
-              f"+{rss.peak - baseline:.0f} MiB for 300 texts encoded in chunks")
+        print(
+            f"coordinator RSS peak: +{refused_mb:.0f} MiB for the refused 52 MB request, "
+            f"+{rss.peak - baseline:.0f} MiB for 300 texts encoded in chunks"
+        )
         ids = [o["id"] for o in r.json()["results"]]
-        assert http.post("/v1/collections/TextDemo/objects/delete", json={"filters": {
-            "path": "idx", "operator": "greater_than_equal", "value": 10_000}}
+        assert http.post(
+            "/v1/collections/TextDemo/objects/delete",
+            json={"filters": {"path": "idx", "operator": "greater_than_equal", "value": 10_000}},
         ).json()["deleted"] == len(ids)

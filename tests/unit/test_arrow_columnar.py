@@ -29,10 +29,17 @@ def spec(metric: str = "cosine", single: bool = False, dtype: str = "float32") -
     vectors = [{"name": "mv", "kind": "multi", "dim": DIM, "metric": metric, "dtype": dtype}]
     if single:
         vectors.append({"name": "sv", "kind": "single", "dim": DIM, "metric": metric})
-    return CollectionSpec.from_dict({
-        "name": "Col", "properties": [{"name": "title", "data_type": "text"},
-                                      {"name": "year", "data_type": "int"}],
-        "vectors": vectors, "shard_count": 2})
+    return CollectionSpec.from_dict(
+        {
+            "name": "Col",
+            "properties": [
+                {"name": "title", "data_type": "text"},
+                {"name": "year", "data_type": "int"},
+            ],
+            "vectors": vectors,
+            "shard_count": 2,
+        }
+    )
 
 
 def ids(n: int) -> list[str]:
@@ -49,12 +56,14 @@ def table(n: int = 6, *, seed: int = 0, single: bool = False, **overrides: Any) 
         "id": pa.array(ids(n)),
         "title": pa.array([f"doc {i}" for i in range(n)]),
         "year": pa.array([2000 + i for i in range(n)], type=pa.int64()),
-        "vectors.mv": multi([rng.normal(size=(int(rng.integers(1, 5)), DIM)).tolist()
-                             for _ in range(n)]),
+        "vectors.mv": multi(
+            [rng.normal(size=(int(rng.integers(1, 5)), DIM)).tolist() for _ in range(n)]
+        ),
     }
     if single:
-        cols["sv"] = pa.array([rng.normal(size=DIM).tolist() for _ in range(n)],
-                              type=pa.list_(pa.float32()))
+        cols["sv"] = pa.array(
+            [rng.normal(size=DIM).tolist() for _ in range(n)], type=pa.list_(pa.float32())
+        )
     cols.update(overrides)
     return pa.table(cols)
 
@@ -95,8 +104,7 @@ def test_same_batch_byte_for_byte(metric: str, single: bool) -> None:
 
 
 def test_rows_without_ids_get_fresh_uuids() -> None:
-    cols = batch_from_arrow(body(table(3, id=pa.array([None, ids(1)[0], None],
-                                                       type=pa.string()))))
+    cols = batch_from_arrow(body(table(3, id=pa.array([None, ids(1)[0], None], type=pa.string()))))
     assert isinstance(cols, ColumnarInput)
     batch = prepare_columnar(spec(), cols)
     assert batch.uuids[1] == ids(1)[0] and len(set(batch.uuids)) == 3
@@ -113,8 +121,7 @@ BAD: dict[str, dict[str, Any]] = {
     "unknown property": {"color": pa.array(["red"] * 6)},
     "duplicate id": {"id": pa.array(ids(5) + ids(1))},
     "invalid id": {"id": pa.array([*ids(5), "not-a-uuid"])},
-    "single for multi": {"vectors.mv": pa.array([[0.5] * DIM] * 6,
-                                                 type=pa.list_(pa.float32()))},
+    "single for multi": {"vectors.mv": pa.array([[0.5] * DIM] * 6, type=pa.list_(pa.float32()))},
     "ragged": {"vectors.mv": multi([[[0.5] * DIM, [0.5] * 3]] * 6)},
     "mixed dims": {"vectors.mv": multi([[[0.5] * DIM]] * 5 + [[[0.5] * 3]])},
     "null token": {"vectors.mv": multi([[[0.5] * DIM]] * 5 + [[None]])},

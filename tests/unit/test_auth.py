@@ -43,13 +43,16 @@ def test_syntax_bare_keys_are_admin_and_roles_and_scopes_parse() -> None:
     assert parse_api_keys("\n  \n# nothing\n") == ()
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    (f"{SECRET}:owner", "unknown role 'owner'"),
-    (f"{SECRET}\n{SECRET}:reader", "line 2: duplicate key"),
-    (f"{SECRET}:reader:A:B", "expected KEY[:ROLE[:COLLECTION,...]]"),
-    (":reader", "printable ASCII"),
-    ("k\u00e9y-0123456789abcdef", "printable ASCII"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (f"{SECRET}:owner", "unknown role 'owner'"),
+        (f"{SECRET}\n{SECRET}:reader", "line 2: duplicate key"),
+        (f"{SECRET}:reader:A:B", "expected KEY[:ROLE[:COLLECTION,...]]"),
+        (":reader", "printable ASCII"),
+        ("k\u00e9y-0123456789abcdef", "printable ASCII"),
+    ],
+)
 def test_syntax_errors_name_the_line_never_the_key(text: str, fragment: str) -> None:
     with pytest.raises(KeyFileError) as info:
         parse_api_keys(text, "keys.txt")
@@ -58,8 +61,7 @@ def test_syntax_errors_name_the_line_never_the_key(text: str, fragment: str) -> 
     assert SECRET not in str(info.value)
 
 
-def test_short_keys_load_with_a_warning_that_hides_them(caplog: pytest.LogCaptureFixture
-                                                       ) -> None:
+def test_short_keys_load_with_a_warning_that_hides_them(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="gateway.auth"):
         (key,) = parse_api_keys("tiny")
     assert key.role is Role.admin
@@ -74,14 +76,14 @@ def test_repr_never_shows_the_key() -> None:
 def test_load_from_file_and_environment(tmp_path: Path) -> None:
     path = tmp_path / "api-keys"
     path.write_text(f"{SECRET}\n")
-    env = {"COLSHARD_API_KEYS_FILE": str(path),
-           "COLSHARD_API_KEYS": "reader-key-0123456789:reader"}
+    env = {"COLSHARD_API_KEYS_FILE": str(path), "COLSHARD_API_KEYS": "reader-key-0123456789:reader"}
     assert [k.role for k in load_api_keys(None, env)] == [Role.admin, Role.reader]
     # An explicit path wins over the variable; no configuration at all: auth off.
     other = tmp_path / "other"
     other.write_text("other-key-0123456789:writer\n")
     assert [k.key for k in load_api_keys(other, {"COLSHARD_API_KEYS_FILE": str(path)})] == [
-        "other-key-0123456789"]
+        "other-key-0123456789"
+    ]
     assert load_api_keys(None, {}) == ()
 
 
@@ -98,23 +100,33 @@ def test_a_named_file_must_exist_and_hold_a_key(tmp_path: Path) -> None:
         load_api_keys(dup, {"COLSHARD_API_KEYS": SECRET})
 
 
-@pytest.mark.parametrize(("method", "path", "role"), [
-    ("GET", "/healthz", None), ("GET", "/readyz", None), ("GET", "/metrics", None),
-    ("GET", "/openapi.json", None), ("GET", "/docs", None),
-    ("GET", "/v1/collections", Role.reader), ("GET", "/v1/collections/A", Role.reader),
-    ("GET", "/v1/collections/A/objects", Role.reader),
-    ("GET", "/v1/collections/A/objects/x", Role.reader), ("GET", "/v1/cluster", Role.admin),
-    ("HEAD", "/v1/collections", Role.reader),
-    ("POST", "/v1/collections/A/query", Role.reader),
-    ("POST", "/v1/collections/A/objects", Role.writer),
-    ("POST", "/v1/collections/A/objects/delete", Role.writer),
-    ("PUT", "/v1/collections/A/objects/x", Role.writer),
-    ("PATCH", "/v1/collections/A/objects/x", Role.writer),
-    ("DELETE", "/v1/collections/A/objects/x", Role.writer),
-    ("POST", "/v1/collections", Role.admin), ("DELETE", "/v1/collections/A", Role.admin),
-    ("POST", "/v1/cluster/drain", Role.admin), ("POST", "/v1/anything-new", Role.admin),
-    ("POST", "/v1/collections/A/query/extra", Role.admin),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "role"),
+    [
+        ("GET", "/healthz", None),
+        ("GET", "/readyz", None),
+        ("GET", "/metrics", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/docs", None),
+        ("GET", "/v1/collections", Role.reader),
+        ("GET", "/v1/collections/A", Role.reader),
+        ("GET", "/v1/collections/A/objects", Role.reader),
+        ("GET", "/v1/collections/A/objects/x", Role.reader),
+        ("GET", "/v1/cluster", Role.admin),
+        ("HEAD", "/v1/collections", Role.reader),
+        ("POST", "/v1/collections/A/query", Role.reader),
+        ("POST", "/v1/collections/A/objects", Role.writer),
+        ("POST", "/v1/collections/A/objects/delete", Role.writer),
+        ("PUT", "/v1/collections/A/objects/x", Role.writer),
+        ("PATCH", "/v1/collections/A/objects/x", Role.writer),
+        ("DELETE", "/v1/collections/A/objects/x", Role.writer),
+        ("POST", "/v1/collections", Role.admin),
+        ("DELETE", "/v1/collections/A", Role.admin),
+        ("POST", "/v1/cluster/drain", Role.admin),
+        ("POST", "/v1/anything-new", Role.admin),
+        ("POST", "/v1/collections/A/query/extra", Role.admin),
+    ],
+)
 def test_route_roles(method: str, path: str, role: Role | None) -> None:
     assert required_role(method, path) == role
 
@@ -158,17 +170,26 @@ def test_bearer_token_parsing() -> None:
     assert bearer_token([]) is None
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True),
-    ("localhost", True), ("0.0.0.0", False), ("::", False), ("10.0.0.5", False),
-    ("example.com", False),
-])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("example.com", False),
+    ],
+)
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
 def test_cli_refuses_a_public_address_without_keys(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("COLSHARD_API_KEYS_FILE", raising=False)
     monkeypatch.delenv("COLSHARD_API_KEYS", raising=False)
@@ -178,8 +199,20 @@ def test_cli_refuses_a_public_address_without_keys(
     assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(data)]) == 2
     assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
     assert not data.exists()
-    assert main(["gateway", "--host", "0.0.0.0", "--etcd", "127.0.0.1:1",
-                 "--ray-address", "127.0.0.1:1"]) == 2
+    assert (
+        main(
+            [
+                "gateway",
+                "--host",
+                "0.0.0.0",
+                "--etcd",
+                "127.0.0.1:1",
+                "--ray-address",
+                "127.0.0.1:1",
+            ]
+        )
+        == 2
+    )
 
     def security(*argv: str) -> object:
         args = build_parser().parse_args(["gateway", *argv])

@@ -15,14 +15,18 @@ from gateway.backend import Backend
 
 
 def _params(fn: Any) -> list[tuple[str, Any]]:
-    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
-            if p.name != "self"]
+    return [
+        (p.name, p.default) for p in inspect.signature(fn).parameters.values() if p.name != "self"
+    ]
 
 
 def test_the_api_lists_the_coordinator_verbs() -> None:
     assert set(VERBS) >= {"query", "upsert", "readiness", "create_collection"}
-    public = {n for n, _ in inspect.getmembers(Backend, inspect.iscoroutinefunction)
-              if not n.startswith("_")}
+    public = {
+        n
+        for n, _ in inspect.getmembers(Backend, inspect.iscoroutinefunction)
+        if not n.startswith("_")
+    }
     assert public == set(VERBS)  # no verb the Protocol lacks, none it has missing
 
 

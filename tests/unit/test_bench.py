@@ -32,10 +32,12 @@ from cluster import vector_wire
 from cluster.ids import shard_for_uuid
 
 
-def _small(cache: Path, n_docs: int = 300, n_queries: int = 6, seed: int = 0,
-           noise: float = 0.6) -> Dataset:
-    return bench_data.synthetic("tiny", noise=noise, seed=seed, n_queries=n_queries,
-                                cache_dir=cache, n_docs=n_docs)
+def _small(
+    cache: Path, n_docs: int = 300, n_queries: int = 6, seed: int = 0, noise: float = 0.6
+) -> Dataset:
+    return bench_data.synthetic(
+        "tiny", noise=noise, seed=seed, n_queries=n_queries, cache_dir=cache, n_docs=n_docs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +105,24 @@ def test_stdlib_passages_for_the_real_set() -> None:
     assert queries[0] not in passages[targets[0]]  # the query sentence is not in its target
 
 
-def test_minilm_missing_model_is_reported(monkeypatch: pytest.MonkeyPatch,
-                                          tmp_path: Path) -> None:
+def test_minilm_missing_model_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
     with pytest.raises(bench_data.DatasetUnavailable, match="sentence-transformers"):
         bench_data.minilm(max_docs=10, n_queries=2, cache_dir=tmp_path)
-    rc = bench_main(["--dataset", "minilm", "--cache-dir", str(tmp_path), "--out",
-                     str(tmp_path / "out"), "--queries", "2"])
+    rc = bench_main(
+        [
+            "--dataset",
+            "minilm",
+            "--cache-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--queries",
+            "2",
+        ]
+    )
     assert rc == 2
 
 
@@ -129,8 +140,9 @@ def test_uuid_roundtrip_and_spread() -> None:
 
 def _naive_maxsim(ds: Dataset, qi: int) -> np.ndarray[Any, np.dtype[np.float64]]:
     q = ds.query(qi).astype(np.float64)
-    return np.array([(q @ ds.doc(d).astype(np.float64).T).max(axis=1).sum()
-                     for d in range(ds.n_docs)])
+    return np.array(
+        [(q @ ds.doc(d).astype(np.float64).T).max(axis=1).sum() for d in range(ds.n_docs)]
+    )
 
 
 def test_truth_matches_naive_reference(cache: Path) -> None:
@@ -142,8 +154,9 @@ def test_truth_matches_naive_reference(cache: Path) -> None:
         ref = _naive_maxsim(ds, qi)
         assert np.allclose(scores[qi], ref, atol=1e-3)
     truth = ground_truth(ds, k=20)
-    ref_ids, _ = top_k(np.stack([_naive_maxsim(ds, q) for q in range(ds.n_queries)])
-                       .astype(np.float32), 20)
+    ref_ids, _ = top_k(
+        np.stack([_naive_maxsim(ds, q) for q in range(ds.n_queries)]).astype(np.float32), 20
+    )
     overlap = np.mean([recall(truth.ids[q], ref_ids[q], 10) for q in range(ds.n_queries)])
     assert overlap == 1.0
     assert np.all(np.diff(truth.scores, axis=1) <= 1e-6)  # best first
@@ -182,8 +195,14 @@ def test_gather_rows() -> None:
 def test_bruteforce_is_exact(cache: Path) -> None:
     ds = _small(cache)
     truth = ground_truth(ds)
-    res = measure(BruteForce(ds, chunk_tokens=1000), ds, truth, list(range(ds.n_queries)),
-                  warmup=1, concurrency=2)
+    res = measure(
+        BruteForce(ds, chunk_tokens=1000),
+        ds,
+        truth,
+        list(range(ds.n_queries)),
+        warmup=1,
+        concurrency=2,
+    )
     assert res["recall_at_10"] == 1.0 and res["recall_at_100"] == 1.0
     assert res["recall_at_10_2_clients"] == 1.0 and res["candidates_mean"] == ds.n_docs
 
@@ -221,36 +240,65 @@ class _FakeGateway:
         if path.endswith("/objects"):
             for o in body["objects"]:
                 self.docs[o["id"]] = np.asarray(o["vectors"]["v"], dtype=np.float32)
-            return httpx.Response(200, json={"results": [
-                {"id": o["id"], "status": "SUCCESS", "error": None} for o in body["objects"]]})
+            return httpx.Response(
+                200,
+                json={
+                    "results": [
+                        {"id": o["id"], "status": "SUCCESS", "error": None} for o in body["objects"]
+                    ]
+                },
+            )
         if path.endswith("/query"):
             raw = body["near_vector"]["vector"]  # the binary form, as the harness sends it
             q = vector_wire.decode(raw, "near_vector.vector")
-            scored = sorted(((float((q @ d.T).max(axis=1).sum()), u)
-                             for u, d in self.docs.items()), reverse=True)[: body["limit"]]
+            scored = sorted(
+                ((float((q @ d.T).max(axis=1).sum()), u) for u, d in self.docs.items()),
+                reverse=True,
+            )[: body["limit"]]
             explain = "explain" in body.get("return_metadata", [])
-            return httpx.Response(200, json={"objects": [
-                {"id": u, "metadata": {"score": s, **({"explain": self.explain(q, u)}
-                                                      if explain else {})}}
-                for s, u in scored]})
+            return httpx.Response(
+                200,
+                json={
+                    "objects": [
+                        {
+                            "id": u,
+                            "metadata": {
+                                "score": s,
+                                **({"explain": self.explain(q, u)} if explain else {}),
+                            },
+                        }
+                        for s, u in scored
+                    ]
+                },
+            )
         return httpx.Response(404, json={"error": {"code": "not_found"}})
 
     def explain(self, q: np.ndarray[Any, np.dtype[np.float32]], uuid: str) -> dict[str, Any]:
         sims = self.docs[uuid] @ q.T  # what the engine's maxsim_explain returns
-        return {"tokens": [{"query_token": i, "doc_token": int(j), "sim": float(sims[j, i])}
-                           for i, j in enumerate(sims.argmax(axis=0))]}
+        return {
+            "tokens": [
+                {"query_token": i, "doc_token": int(j), "sim": float(sims[j, i])}
+                for i, j in enumerate(sims.argmax(axis=0))
+            ]
+        }
 
 
 def test_http_searcher_wire_shapes(cache: Path) -> None:
     ds = _small(cache, n_docs=120)
     truth = ground_truth(ds)
     fake = _FakeGateway(ds.dim)
-    searcher = HttpSearcher("http://bench.test",
-                            client_factory=lambda: httpx.Client(transport=httpx.MockTransport(
-                                fake)))
+    searcher = HttpSearcher(
+        "http://bench.test",
+        client_factory=lambda: httpx.Client(transport=httpx.MockTransport(fake)),
+    )
     searcher.create(ds.dim, 2)
-    assert fake.collections[0]["vectors"][0] == {"name": "v", "kind": "multi", "dim": 128,
-                                                 "metric": "dot", "dtype": "float32"}
+    assert fake.collections[0]["vectors"][0] == {
+        "name": "v",
+        "kind": "multi",
+        "dim": 128,
+        "metric": "dot",
+        "dtype": "float32",
+    }
     spent, failed = searcher.import_dataset(ds, batch_docs=50)
     assert failed == 0 and len(fake.docs) == ds.n_docs and spent > 0
     res = measure(searcher, ds, truth, list(range(ds.n_queries)), warmup=0, concurrency=2)
@@ -275,8 +323,10 @@ def test_http_searcher_queries_over_keep_alive_http_client() -> None:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             seen.append((self.path, self.client_address[1]))
-            status, out = 200, {"objects": [{"id": doc_uuid(7), "metadata": {"score": 1.0}}],
-                                "took_ms": 1.5}
+            status, out = (
+                200,
+                {"objects": [{"id": doc_uuid(7), "metadata": {"score": 1.0}}], "took_ms": 1.5},
+            )
             if body["limit"] == 99:
                 status, out = 422, {"error": {"code": "invalid_input"}}
             data = json.dumps(out).encode()
@@ -319,9 +369,11 @@ def test_explain_check_counts_mismatches(cache: Path) -> None:
     class Wrong:
         def search_hits(self, query: Any, k: int, explain: bool) -> list[ExplainedHit]:
             tokens = [{"query_token": i, "doc_token": 0, "sim": 0.5} for i in range(n_q)]
-            return [ExplainedHit(1, 0.5 * n_q, tokens if explain else None),  # right
-                    ExplainedHit(2, 0.5 * n_q + 0.1, tokens if explain else None),  # off
-                    ExplainedHit(3, 0.5 * (n_q - 1), tokens[1:] if explain else None)]
+            return [
+                ExplainedHit(1, 0.5 * n_q, tokens if explain else None),  # right
+                ExplainedHit(2, 0.5 * n_q + 0.1, tokens if explain else None),  # off
+                ExplainedHit(3, 0.5 * (n_q - 1), tokens[1:] if explain else None),
+            ]
 
     ex = measure_explain(Wrong(), ds, [0, 1], warmup=0)
     assert ex["hits_checked"] == 6 and ex["score_mismatches"] == 4
@@ -346,11 +398,30 @@ def test_explain_check_counts_mismatches(cache: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_run(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-out")
-    rc = bench_main(["--size", "tiny", "--queries", "8", "--out", str(out), "--cache-dir",
-                     str(cache), "--faiss", "ivf", "--no-isolate", "--bruteforce-queries", "4",
-                     # small segments, so the engine's token-index path runs on 64k tokens
-                     "--engine-setting", "seal_threshold_tokens=16384",
-                     "--engine-setting", "brute_force_max_tokens=8192", "--engine-kprime", "32"])
+    rc = bench_main(
+        [
+            "--size",
+            "tiny",
+            "--queries",
+            "8",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--faiss",
+            "ivf",
+            "--no-isolate",
+            "--bruteforce-queries",
+            "4",
+            # small segments, so the engine's token-index path runs on 64k tokens
+            "--engine-setting",
+            "seal_threshold_tokens=16384",
+            "--engine-setting",
+            "brute_force_max_tokens=8192",
+            "--engine-kprime",
+            "32",
+        ]
+    )
     assert rc == 0
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     doc["_out"] = str(out)
@@ -438,7 +509,8 @@ def test_tiny_run_explain(tiny_run: dict[str, Any]) -> None:
     example = ex["example"]
     assert example["query"] == 0 and example["n_query_tokens"] == 32
     assert len(example["tokens"]) == 5 and all(
-        {"query_token", "doc_token", "sim"} <= set(t) for t in example["tokens"])
+        {"query_token", "doc_token", "sim"} <= set(t) for t in example["tokens"]
+    )
     assert tiny_run["summary"]["explain"][engine["pipeline"]]["score_mismatches"] == 0
     text = (Path(tiny_run["_out"]) / "results.txt").read_text()
     assert f"explain ({engine['pipeline']})" in text and "0 mismatches" in text
@@ -462,10 +534,12 @@ class _FakeEngine:
     def search(self, req: Any) -> Any:
         from cluster.types import Hit, ShardSearchResult
 
-        scored = sorted(((-float((req.query @ d.T).max(axis=1).sum()), u)
-                         for u, d in self.docs.items()))[: req.k]
-        return ShardSearchResult(self.shard, tuple(Hit(u, -s) for s, u in scored),
-                                 len(self.docs), len(self.docs))
+        scored = sorted(
+            ((-float((req.query @ d.T).max(axis=1).sum()), u) for u, d in self.docs.items())
+        )[: req.k]
+        return ShardSearchResult(
+            self.shard, tuple(Hit(u, -s) for s, u in scored), len(self.docs), len(self.docs)
+        )
 
     def close(self) -> None:
         pass
@@ -498,28 +572,38 @@ def test_isolated_job_runs_in_a_child_process(cache: Path) -> None:
     ds = _small(cache)
     ground_truth(ds)
     assert ds.path is not None
-    cfg = BenchConfig(n_queries=ds.n_queries, isolate=True, warmup=0,
-                      max_bruteforce_queries=3)
+    cfg = BenchConfig(n_queries=ds.n_queries, isolate=True, warmup=0, max_bruteforce_queries=3)
     [rec] = _run_jobs([Job("bruteforce", str(ds.path), cfg)], isolate=True, log=lambda _: None)
     assert rec["recall_at_10"] == 1.0 and rec["isolated_process"] and rec["peak_rss_mb"] > 0
 
 
 def test_report_from_synthetic_results(tmp_path: Path) -> None:
     def rec(family: str, name: str, r10: float, qps: float, **kw: Any) -> dict[str, Any]:
-        return {"family": family, "pipeline": name, "recall_at_10": r10, "qps_1": qps,
-                "p50_ms": 1000 / qps, "candidates_mean": 100.0, "build_s": 10.0, **kw}
+        return {
+            "family": family,
+            "pipeline": name,
+            "recall_at_10": r10,
+            "qps_1": qps,
+            "p50_ms": 1000 / qps,
+            "candidates_mean": 100.0,
+            "build_s": 10.0,
+            **kw,
+        }
 
-    doc: dict[str, Any] = {"config": {"size": "small", "threads": 1},
-                           "dataset": {"key": "x", "n_docs": 1, "n_tokens": 1},
-                           "results": [
-        rec("faiss-hnsw", "faiss-hnsw a", 0.85, 100.0),
-        rec("faiss-hnsw", "faiss-hnsw b", 0.93, 40.0, qps_2=70.0),
-        rec("faiss-ivf", "faiss-ivf a", 0.95, 30.0),
-        rec("colshard", "colshard-engine", 0.96, 130.0, index_bytes_per_token=30.0,
-            build_s=5.0),
-        rec("colshard-http", "colshard-http", 0.96, 100.0),
-        {"family": "bruteforce", "pipeline": "numpy-bruteforce", "skipped": "test"},
-    ]}
+    doc: dict[str, Any] = {
+        "config": {"size": "small", "threads": 1},
+        "dataset": {"key": "x", "n_docs": 1, "n_tokens": 1},
+        "results": [
+            rec("faiss-hnsw", "faiss-hnsw a", 0.85, 100.0),
+            rec("faiss-hnsw", "faiss-hnsw b", 0.93, 40.0, qps_2=70.0),
+            rec("faiss-ivf", "faiss-ivf a", 0.95, 30.0),
+            rec(
+                "colshard", "colshard-engine", 0.96, 130.0, index_bytes_per_token=30.0, build_s=5.0
+            ),
+            rec("colshard-http", "colshard-http", 0.96, 100.0),
+            {"family": "bruteforce", "pipeline": "numpy-bruteforce", "skipped": "test"},
+        ],
+    }
     doc["summary"] = summarize(doc)
     s = doc["summary"]
     assert s["best_faiss"]["pipeline"] == "faiss-hnsw b"

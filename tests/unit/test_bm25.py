@@ -31,22 +31,27 @@ def corpus(n: int, seed: int, fields: tuple[str, ...]) -> list[tuple[str, dict[s
     rng = random.Random(seed)
     docs = []
     for i in range(n):
-        props = {f: " ".join(rng.choices(VOCAB[: 4 + i % 6], k=rng.randint(1, 30)))
-                 for f in fields if rng.random() < 0.9}
+        props = {
+            f: " ".join(rng.choices(VOCAB[: 4 + i % 6], k=rng.randint(1, 30)))
+            for f in fields
+            if rng.random() < 0.9
+        }
         docs.append((uid(i), props))
     return docs
 
 
-def build(items: list[tuple[str, dict[str, Any]]], fields: tuple[str, ...],
-          path: Path | None = None) -> Bm25Index:
+def build(
+    items: list[tuple[str, dict[str, Any]]], fields: tuple[str, ...], path: Path | None = None
+) -> Bm25Index:
     index = Bm25Index(path, fields)
     index.upsert(items)
     index.commit()
     return index
 
 
-def reference_bm25(docs: Mapping[str, str], query: str, k1: float = 1.2,
-                   b: float = 0.75) -> dict[str, float]:
+def reference_bm25(
+    docs: Mapping[str, str], query: str, k1: float = 1.2, b: float = 0.75
+) -> dict[str, float]:
     """Textbook BM25 (tantivy's variant of idf) over one field; every doc counts in N/avgdl."""
     tokens = {u: text_tokens(t) for u, t in docs.items()}
     n_docs = len(tokens)
@@ -69,8 +74,15 @@ def ranked(scores: Mapping[str, float]) -> list[tuple[str, float]]:
     return sorted(scores.items(), key=lambda h: (-h[1], h[0]))
 
 
-QUERIES = ["apple", "banana cherry", "fig grape honey", "jam", "apple apple date", "kiwi",
-           "ICE, Elder!"]
+QUERIES = [
+    "apple",
+    "banana cherry",
+    "fig grape honey",
+    "jam",
+    "apple apple date",
+    "kiwi",
+    "ICE, Elder!",
+]
 
 
 # ------------------------------------------------------------------ scoring
@@ -88,16 +100,18 @@ def test_single_field_matches_reference_formula(query: str) -> None:
         assert s == pytest.approx(e, rel=1e-5), u
 
 
-def _same_up_to_float_ties(got: list[tuple[str, float]],
-                           expected: list[tuple[str, float]]) -> bool:
+def _same_up_to_float_ties(got: list[tuple[str, float]], expected: list[tuple[str, float]]) -> bool:
     """Scores that differ by float32 rounding may swap places; compare as rounded groups."""
+
     def key(hits: list[tuple[str, float]]) -> list[tuple[float, str]]:
         return sorted((-round(s, 4), u) for u, s in hits)
+
     return key(got) == key(expected)
 
 
-def _tantivy_reference(items: list[tuple[str, dict[str, Any]]], fields: tuple[str, ...],
-                       query: str) -> list[tuple[str, float]]:
+def _tantivy_reference(
+    items: list[tuple[str, dict[str, Any]]], fields: tuple[str, ...], query: str
+) -> list[tuple[str, float]]:
     """The same documents in a plain tantivy index, queried through tantivy's own parser."""
     builder = tantivy.SchemaBuilder()
     builder.add_text_field("uid", stored=True, tokenizer_name="raw")
@@ -137,7 +151,8 @@ def test_ties_are_broken_by_uuid() -> None:
     assert [u for u, _ in got] == [uid(i) for i in range(5)]
     assert len({s for _, s in got}) == 1
     assert [u for u, _ in index.search("words", k=5, allow=lambda u: u > uid(30))] == [
-        uid(i) for i in range(31, 36)]
+        uid(i) for i in range(31, 36)
+    ]
 
 
 # ------------------------------------------------------------------ writes
@@ -163,14 +178,17 @@ def test_upsert_replaces_and_delete_removes() -> None:
 
 
 def test_properties_outside_fields_and_odd_values_are_ignored() -> None:
-    index = build([
-        (uid(1), {"body": "apple", "other": "banana"}),
-        (uid(2), {"body": None, "tags": ["banana", 3, None, "cherry"]}),
-        (uid(3), {"body": 42}),
-        (uid(4), {}),
-        (uid(5), {"tags": np.array(["kiwi", "lime"], dtype=object)}),
-        (uid(6), {"tags": {"mango": 1}, "body": b"mango"}),
-    ], ("body", "tags"))
+    index = build(
+        [
+            (uid(1), {"body": "apple", "other": "banana"}),
+            (uid(2), {"body": None, "tags": ["banana", 3, None, "cherry"]}),
+            (uid(3), {"body": 42}),
+            (uid(4), {}),
+            (uid(5), {"tags": np.array(["kiwi", "lime"], dtype=object)}),
+            (uid(6), {"tags": {"mango": 1}, "body": b"mango"}),
+        ],
+        ("body", "tags"),
+    )
     assert index.count() == 6
     assert [u for u, _ in index.search("lime", 10)] == [uid(5)]
     assert index.search("mango", 10) == []
@@ -206,25 +224,68 @@ def test_reopen_with_other_fields_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def words_index() -> Bm25Index:
-    return build([
-        (uid(1), {"title": "foo bar", "body": "AND OR NOT to be"}),
-        (uid(2), {"title": "title apple", "body": "plain text"}),
-        (uid(3), {"title": "apple", "body": "star * and quotes"}),
-    ], ("title", "body"))
+    return build(
+        [
+            (uid(1), {"title": "foo bar", "body": "AND OR NOT to be"}),
+            (uid(2), {"title": "title apple", "body": "plain text"}),
+            (uid(3), {"title": "apple", "body": "star * and quotes"}),
+        ],
+        ("title", "body"),
+    )
 
 
-@pytest.mark.parametrize("query", [
-    'foo:"bar', "AND OR (", "(", ")", '"', "'", "*", "?", "+", "-", "!", ":", "\\", "^", "~",
-    "[1 TO 5]", "{a TO b}", "apple^10", "apple~2", "/ap.*/", "title:apple", "p_title:apple",
-    "id:*", "NOT apple", "-apple", "+apple +banana", '"apple', "a" * 10_000, "\x00 apple",
-    "日本語 ✨ apple", "", "   ", "IN [apple banana]", "apple AND", "$ % & # @",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        'foo:"bar',
+        "AND OR (",
+        "(",
+        ")",
+        '"',
+        "'",
+        "*",
+        "?",
+        "+",
+        "-",
+        "!",
+        ":",
+        "\\",
+        "^",
+        "~",
+        "[1 TO 5]",
+        "{a TO b}",
+        "apple^10",
+        "apple~2",
+        "/ap.*/",
+        "title:apple",
+        "p_title:apple",
+        "id:*",
+        "NOT apple",
+        "-apple",
+        "+apple +banana",
+        '"apple',
+        "a" * 10_000,
+        "\x00 apple",
+        "日本語 ✨ apple",
+        "",
+        "   ",
+        "IN [apple banana]",
+        "apple AND",
+        "$ % & # @",
+    ],
+)
 def test_hostile_queries_are_plain_words(words_index: Bm25Index, query: str) -> None:
     got = words_index.search(query, 10)
     terms = set(text_tokens(query))
-    expected = {u for u, props in [
-        (uid(1), "foo bar AND OR NOT to be"), (uid(2), "title apple plain text"),
-        (uid(3), "apple star * and quotes")] if terms & set(text_tokens(props))}
+    expected = {
+        u
+        for u, props in [
+            (uid(1), "foo bar AND OR NOT to be"),
+            (uid(2), "title apple plain text"),
+            (uid(3), "apple star * and quotes"),
+        ]
+        if terms & set(text_tokens(props))
+    }
     assert {u for u, _ in got} == expected
 
 
@@ -275,16 +336,20 @@ def test_k_and_empty_cases(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def big_index() -> tuple[Bm25Index, dict[str, float]]:
     rng = random.Random(7)
-    items = [(uid(i), {"body": " ".join(["common"] * rng.randint(1, 9)
-                                        + ["x"] * rng.randint(0, 20))}) for i in range(600)]
+    items = [
+        (uid(i), {"body": " ".join(["common"] * rng.randint(1, 9) + ["x"] * rng.randint(0, 20))})
+        for i in range(600)
+    ]
     index = build(items, ("body",))
     return index, dict(index.search("common", 10_000))
 
 
-@pytest.mark.parametrize(("modulus", "k"), [(1, 10), (7, 10), (37, 10), (101, 10), (300, 5),
-                                            (1000, 10), (3, 150)])
-def test_allow_filter_returns_top_k_allowed(big_index: tuple[Bm25Index, dict[str, float]],
-                                            modulus: int, k: int) -> None:
+@pytest.mark.parametrize(
+    ("modulus", "k"), [(1, 10), (7, 10), (37, 10), (101, 10), (300, 5), (1000, 10), (3, 150)]
+)
+def test_allow_filter_returns_top_k_allowed(
+    big_index: tuple[Bm25Index, dict[str, float]], modulus: int, k: int
+) -> None:
     index, all_scores = big_index
     allowed = {uid(i) for i in range(0, 600, modulus)}
     calls: list[str] = []

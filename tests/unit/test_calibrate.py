@@ -57,6 +57,7 @@ def _monotone(recall_of_depth: dict[float, float], n: int = 200) -> tuple[Any, l
     def evaluate(d: float) -> list[float]:
         asked.append(d)
         return [recall_of_depth[d]] * n
+
     return evaluate, asked
 
 
@@ -136,21 +137,30 @@ def test_synthetic_queries_come_from_stored_objects() -> None:
     live = np.concatenate(docs[0::2])
     best = max(float((qs[0] @ live.T).max(axis=1).min()), 0)
     assert best > 0.5
-    assert [len(q) for q in cal.synthetic_queries(sampler, 5, rng, cosine=False,
-                                                  lengths=[7])] == [7] * 5
+    assert [len(q) for q in cal.synthetic_queries(sampler, 5, rng, cosine=False, lengths=[7])] == [
+        7
+    ] * 5
     assert cal.synthetic_queries(cal.DocSampler([]), 5, rng, cosine=True) == []
 
 
 def test_spec_validates_the_recall_options() -> None:
     def spec(kind: str, **opts: Any) -> Any:
-        return make_spec([{"name": "v", "kind": "multi", "dim": 8,
-                           "index": {"kind": kind, "options": opts}}])
+        return make_spec(
+            [{"name": "v", "kind": "multi", "dim": 8, "index": {"kind": kind, "options": opts}}]
+        )
 
-    assert spec("scann", target_recall=0.99, recall_k=100).vectors[0].index.options[
-        "target_recall"] == 0.99
+    assert (
+        spec("scann", target_recall=0.99, recall_k=100).vectors[0].index.options["target_recall"]
+        == 0.99
+    )
     spec("muvera", target_recall=0.9)
-    for bad in ({"target_recall": 1.5}, {"target_recall": "high"}, {"target_recall": True},
-                {"recall_k": 50}, {"recall_k": True}):
+    for bad in (
+        {"target_recall": 1.5},
+        {"target_recall": "high"},
+        {"target_recall": True},
+        {"recall_k": 50},
+        {"recall_k": True},
+    ):
         with pytest.raises(InvalidInput):
             spec("scann", **bad)
     with pytest.raises(InvalidInput, match="flat"):
@@ -164,11 +174,17 @@ N_DOCS = 1_500
 
 
 def _settings(**kw: Any) -> dict[str, Any]:
-    base = {"seal_threshold_tokens": 200_000, "brute_force_max_tokens": 2_000,
-            "candidates_per_token": 64, "rerank_docs": 60, "calibration_queries": 48,
-            "calibration_duty": 1.0,
-            # idle 50 ms after a write: shards calibrate once writes settle
-            "seal_idle_s": 0.05, "index_defer_tokens": 0}
+    base = {
+        "seal_threshold_tokens": 200_000,
+        "brute_force_max_tokens": 2_000,
+        "candidates_per_token": 64,
+        "rerank_docs": 60,
+        "calibration_queries": 48,
+        "calibration_duty": 1.0,
+        # idle 50 ms after a write: shards calibrate once writes settle
+        "seal_idle_s": 0.05,
+        "index_defer_tokens": 0,
+    }
     base.update(kw)
     return base
 
@@ -178,10 +194,20 @@ def corpus() -> list[np.ndarray]:
     return clustered_docs(np.random.default_rng(11), N_DOCS, DIM, min_len=4)
 
 
-def _indexed_engine(root: Path, docs: list[np.ndarray], kind: str = "scann",
-                    **opts: Any) -> ShardEngine:
-    spec = make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "cosine",
-                       "index": {"kind": kind, "options": opts}}])
+def _indexed_engine(
+    root: Path, docs: list[np.ndarray], kind: str = "scann", **opts: Any
+) -> ShardEngine:
+    spec = make_spec(
+        [
+            {
+                "name": "v",
+                "kind": "multi",
+                "dim": DIM,
+                "metric": "cosine",
+                "index": {"kind": kind, "options": opts},
+            }
+        ]
+    )
     engine = open_engine(root, spec, **_settings())
     engine.upsert(batch(range(len(docs)), {"v": docs}))
     engine.close()
@@ -203,8 +229,9 @@ def _queries(rng: np.random.Generator, docs: list[np.ndarray], n: int) -> list[n
     return out
 
 
-def _recall_vs_numpy(engine: ShardEngine, docs: list[np.ndarray],
-                     queries: list[np.ndarray], k: int = 10) -> float:
+def _recall_vs_numpy(
+    engine: ShardEngine, docs: list[np.ndarray], queries: list[np.ndarray], k: int = 10
+) -> float:
     by_id = {uid(i): d for i, d in enumerate(docs)}
     got = []
     for q in queries:
@@ -216,7 +243,8 @@ def _recall_vs_numpy(engine: ShardEngine, docs: list[np.ndarray],
 
 
 def test_calibration_meets_the_target_measured_against_numpy(
-        tmp_path: Path, corpus: list[np.ndarray]) -> None:
+    tmp_path: Path, corpus: list[np.ndarray]
+) -> None:
     engine = _indexed_engine(tmp_path, corpus, target_recall=0.97)
     try:
         report = engine.calibration_report()["v"]
@@ -240,7 +268,8 @@ def test_calibration_meets_the_target_measured_against_numpy(
 
 
 def test_calibration_is_persisted_and_reloaded_without_recalibrating(
-        tmp_path: Path, corpus: list[np.ndarray]) -> None:
+    tmp_path: Path, corpus: list[np.ndarray]
+) -> None:
     engine = _indexed_engine(tmp_path, corpus)
     assert engine.recalibrate()
     first = engine.calibration_report()["v"]["measured"]
@@ -293,7 +322,8 @@ def test_recalibration_triggers(tmp_path: Path, corpus: list[np.ndarray]) -> Non
 
 
 def test_muvera_vectors_calibrate_their_fde_candidates(
-        tmp_path: Path, corpus: list[np.ndarray]) -> None:
+    tmp_path: Path, corpus: list[np.ndarray]
+) -> None:
     engine = _indexed_engine(tmp_path, corpus, kind="muvera")
     try:
         assert engine.calibration_report()["v"]["fde_candidates"] == 500
@@ -308,7 +338,8 @@ def test_muvera_vectors_calibrate_their_fde_candidates(
 
 
 def test_options_that_fix_the_depth_turn_calibration_off(
-        tmp_path: Path, corpus: list[np.ndarray]) -> None:
+    tmp_path: Path, corpus: list[np.ndarray]
+) -> None:
     engine = _indexed_engine(tmp_path, corpus[:800], candidates_per_token=256)
     try:
         assert engine.calibration_report()["v"]["state"] == "fixed"
@@ -317,12 +348,13 @@ def test_options_that_fix_the_depth_turn_calibration_off(
         engine.close()
 
 
-def test_calibration_stops_when_the_shard_closes(tmp_path: Path,
-                                                 corpus: list[np.ndarray]) -> None:
+def test_calibration_stops_when_the_shard_closes(tmp_path: Path, corpus: list[np.ndarray]) -> None:
     spec = make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "cosine"}])
-    engine = open_engine(tmp_path, spec, **_settings(seal_threshold_tokens=1_000,
-                                                    calibration_queries=2_000,
-                                                    calibration_duty=0.05))
+    engine = open_engine(
+        tmp_path,
+        spec,
+        **_settings(seal_threshold_tokens=1_000, calibration_queries=2_000, calibration_duty=0.05),
+    )
     engine.upsert(batch(range(len(corpus)), {"v": corpus}))
     drain(engine)
     engine.start_background()

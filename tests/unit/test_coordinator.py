@@ -44,8 +44,9 @@ class MemoryStore:
         self.placements.pop(name, None)
         return self.specs.pop(name, None) is not None
 
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Mapping[str, Any]) -> None:
+    async def put_placement(
+        self, collection: str, shard: int, replica: int, info: Mapping[str, Any]
+    ) -> None:
         self.placements.setdefault(collection, {})[(shard, replica)] = dict(info)
 
     async def get_placements(self, collection: str) -> dict[tuple[int, int], dict[str, Any]]:
@@ -69,8 +70,9 @@ class EngineClient:
 
     def _check(self, serving: bool = False) -> None:
         if self.down:
-            raise Unavailable(f"shard {self.shard_id} is unavailable",
-                              {"shard": str(self.shard_id)})
+            raise Unavailable(
+                f"shard {self.shard_id} is unavailable", {"shard": str(self.shard_id)}
+            )
         if serving and self.lost is not None:
             raise DataLost(self.lost, {"shard": str(self.shard_id)})
 
@@ -98,8 +100,9 @@ class EngineClient:
         self._check(serving=True)
         return self.engine.keyword_search(req)
 
-    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
-                           timeout_s: float) -> Any:
+    async def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
+    ) -> Any:
         self._check(serving=True)
         return self.engine.list_objects(after, limit, include_vectors)
 
@@ -124,8 +127,12 @@ class EnginePlacement:
     def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> EngineClient:
         key = (spec.name, shard, replica)
         if key not in self.clients:
-            engine = ShardEngine(spec, shard, self.root / spec.name / f"{shard}-{replica}",
-                                 ShardSettings(fsync=False))
+            engine = ShardEngine(
+                spec,
+                shard,
+                self.root / spec.name / f"{shard}-{replica}",
+                ShardSettings(fsync=False),
+            )
             self.clients[key] = EngineClient(engine, ShardId(spec.name, shard))
         return self.clients[key]
 
@@ -136,9 +143,12 @@ class EnginePlacement:
         raise AssertionError("no vectorizer in these tests")
 
 
-SPEC = {"name": "Docs", "properties": [{"name": "text", "data_type": "text"},
-                                       {"name": "n", "data_type": "int"}],
-        "vectors": [{"name": "mv", "dim": 8, "metric": "dot"}], "shard_count": 3}
+SPEC = {
+    "name": "Docs",
+    "properties": [{"name": "text", "data_type": "text"}, {"name": "n", "data_type": "int"}],
+    "vectors": [{"name": "mv", "dim": 8, "metric": "dot"}],
+    "shard_count": 3,
+}
 
 
 def run(coro: Any) -> Any:
@@ -159,8 +169,10 @@ def load(coord: Coordinator, n: int = 60, seed: int = 0) -> tuple[list[str], lis
     ids = [str(uuid.UUID(int=int(rng.integers(1 << 62)) << 64 | i)) for i in range(n)]
     mats = [rng.normal(size=(int(rng.integers(2, 7)), 8)).astype(np.float32) for _ in ids]
     words = ["alpha", "beta", "gamma", "delta"]
-    objs = [ObjectInput(i, {"text": f"{words[k % 4]} item {k}", "n": k}, {"mv": m})
-            for k, (i, m) in enumerate(zip(ids, mats, strict=True))]
+    objs = [
+        ObjectInput(i, {"text": f"{words[k % 4]} item {k}", "n": k}, {"mv": m})
+        for k, (i, m) in enumerate(zip(ids, mats, strict=True))
+    ]
     results = run(coord.upsert("Docs", objs))
     assert all(r.ok for r in results)
     return ids, mats
@@ -185,8 +197,13 @@ def test_query_merges_shards_and_applies_offset_once(coordinator: Coordinator) -
     q = np.random.default_rng(3).normal(size=(3, 8)).astype(np.float32)
     truth = exact(q, ids, mats)
     for offset, limit in [(0, 10), (5, 5), (17, 20)]:
-        res = run(coordinator.query(QueryRequest("Docs", near_vector=q, limit=limit,
-                                                 offset=offset, return_metadata=("score",))))
+        res = run(
+            coordinator.query(
+                QueryRequest(
+                    "Docs", near_vector=q, limit=limit, offset=offset, return_metadata=("score",)
+                )
+            )
+        )
         assert [o.uuid for o in res.objects] == truth[offset : offset + limit]
 
 
@@ -197,11 +214,17 @@ def test_bm25_and_hybrid_alpha_extremes(coordinator: Coordinator) -> None:
     bm = run(coordinator.query(QueryRequest("Docs", bm25=Bm25Query("gamma"), limit=20)))
     assert len(bm.objects) == 15 and all("gamma" in o.properties["text"] for o in bm.objects)
     q = mats[4][:2]
-    h0 = run(coordinator.query(QueryRequest(
-        "Docs", hybrid=HybridQuery("gamma", alpha=0.0, vector=q), limit=10)))
+    h0 = run(
+        coordinator.query(
+            QueryRequest("Docs", hybrid=HybridQuery("gamma", alpha=0.0, vector=q), limit=10)
+        )
+    )
     assert [o.uuid for o in h0.objects] == [o.uuid for o in bm.objects[:10]]
-    h1 = run(coordinator.query(QueryRequest(
-        "Docs", hybrid=HybridQuery("gamma", alpha=1.0, vector=q), limit=10)))
+    h1 = run(
+        coordinator.query(
+            QueryRequest("Docs", hybrid=HybridQuery("gamma", alpha=1.0, vector=q), limit=10)
+        )
+    )
     assert [o.uuid for o in h1.objects] == exact(q, ids, mats)[:10]
 
 
@@ -212,9 +235,16 @@ def test_filters_reach_the_shards(coordinator: Coordinator) -> None:
     res = run(coordinator.query(QueryRequest("Docs", near_vector=q, filters=flt, limit=10)))
     assert sorted(o.properties["n"] for o in res.objects) == [55, 56, 57, 58, 59]
     with pytest.raises(NotFound):
-        run(coordinator.query(QueryRequest("Docs", near_vector=q, limit=3,
-                                           filters={"path": "nope", "operator": "equal",
-                                                    "value": 1})))
+        run(
+            coordinator.query(
+                QueryRequest(
+                    "Docs",
+                    near_vector=q,
+                    limit=3,
+                    filters={"path": "nope", "operator": "equal", "value": 1},
+                )
+            )
+        )
 
 
 def test_unavailable_shard_fails_or_gives_partial_results(coordinator: Coordinator) -> None:
@@ -259,16 +289,27 @@ def test_cluster_info_lists_members_and_placements(coordinator: Coordinator) -> 
     assert info["members"] == {"node-1": {"roles": ["coordinator"]}}
     placements = info["collections"]["Docs"]["placements"]
     assert [(p["shard"], p["replica"], p["state"]) for p in placements] == [
-        (0, 0, "ready"), (1, 0, "ready"), (2, 0, "ready")]
+        (0, 0, "ready"),
+        (1, 0, "ready"),
+        (2, 0, "ready"),
+    ]
 
 
 # ---- writes that a vectorizer encodes: validated whole, encoded and written in chunks --------
 
-VEC_SPEC = {"name": "Vec", "properties": [{"name": "text", "data_type": "text"},
-                                          {"name": "n", "data_type": "int"}],
-            "vectors": [{"name": "mv", "dim": 8, "metric": "dot", "vectorizer": {
-                "kind": "text2colbert-local", "source_properties": ["text"]}}],
-            "shard_count": 2}
+VEC_SPEC = {
+    "name": "Vec",
+    "properties": [{"name": "text", "data_type": "text"}, {"name": "n", "data_type": "int"}],
+    "vectors": [
+        {
+            "name": "mv",
+            "dim": 8,
+            "metric": "dot",
+            "vectorizer": {"kind": "text2colbert-local", "source_properties": ["text"]},
+        }
+    ],
+    "shard_count": 2,
+}
 
 
 class LoggingVectorizer:
@@ -282,8 +323,9 @@ class LoggingVectorizer:
     async def dim(self, timeout_s: float) -> int:
         return 8
 
-    async def encode_documents(self, texts: Sequence[str], api_key: str | None,
-                               timeout_s: float) -> list[np.ndarray]:
+    async def encode_documents(
+        self, texts: Sequence[str], api_key: str | None, timeout_s: float
+    ) -> list[np.ndarray]:
         self.events.append(("encode", len(texts)))
         return [np.full((3, 8), float(len(t)), dtype=np.float32) for t in texts]
 
@@ -311,8 +353,9 @@ def vectorizing(tmp_path: Path) -> tuple[Coordinator, list[tuple[str, int]]]:
             return client
 
     placement = Placement(tmp_path)
-    coord = Coordinator(MemoryStore(), placement,
-                        Settings(data_dir=tmp_path, max_vectorize_objects=400))
+    coord = Coordinator(
+        MemoryStore(), placement, Settings(data_dir=tmp_path, max_vectorize_objects=400)
+    )
     coord.placement = placement  # type: ignore[attr-defined]
     run(coord.create_collection(VEC_SPEC))
     return coord, events
@@ -323,7 +366,8 @@ def _texts(n: int) -> list[ObjectInput]:
 
 
 def test_vectorized_import_is_encoded_and_written_in_chunks(
-        vectorizing: tuple[Coordinator, list[tuple[str, int]]]) -> None:
+    vectorizing: tuple[Coordinator, list[tuple[str, int]]],
+) -> None:
     from coordinator import service
 
     coord, events = vectorizing
@@ -344,7 +388,8 @@ def test_vectorized_import_is_encoded_and_written_in_chunks(
 
 
 def test_vectorized_import_over_the_limit_or_with_a_bad_object_writes_nothing(
-        vectorizing: tuple[Coordinator, list[tuple[str, int]]]) -> None:
+    vectorizing: tuple[Coordinator, list[tuple[str, int]]],
+) -> None:
     from cluster.errors import PayloadTooLarge
 
     coord, events = vectorizing
@@ -362,8 +407,8 @@ def test_vectorized_import_over_the_limit_or_with_a_bad_object_writes_nothing(
 
 
 def test_vectorized_import_past_its_deadline_stops(
-        vectorizing: tuple[Coordinator, list[tuple[str, int]]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    vectorizing: tuple[Coordinator, list[tuple[str, int]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past the write deadline the rest of the batch is not encoded or written: the chunks
     before it are (the error says how many), and a retry with the same ids overwrites them."""
     from dataclasses import replace

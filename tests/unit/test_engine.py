@@ -67,9 +67,9 @@ def spec() -> Any:
 # --------------------------------------------------------------------------- basics
 
 
-def test_search_matches_exact_maxsim_growing_then_sealed(tmp_path: Path,
-                                                         rng: np.random.Generator,
-                                                         spec: Any) -> None:
+def test_search_matches_exact_maxsim_growing_then_sealed(
+    tmp_path: Path, rng: np.random.Generator, spec: Any
+) -> None:
     docs = random_docs(rng, 300, DIM)
     truth_docs = {uid(i): d for i, d in enumerate(docs)}
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=400)
@@ -89,8 +89,12 @@ def test_search_matches_exact_maxsim_growing_then_sealed(tmp_path: Path,
 
 
 def test_get_returns_the_stored_shape(tmp_path: Path, rng: np.random.Generator) -> None:
-    spec = make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"},
-                      {"name": "s", "kind": "single", "dim": 3, "metric": "dot"}])
+    spec = make_spec(
+        [
+            {"name": "v", "kind": "multi", "dim": DIM, "metric": "dot"},
+            {"name": "s", "kind": "single", "dim": 3, "metric": "dot"},
+        ]
+    )
     mats = random_docs(rng, 3, DIM, lo=2, hi=5)
     singles = [rng.standard_normal((1, 3)).astype(np.float32), None, None]
     engine = open_engine(tmp_path, spec)
@@ -107,8 +111,7 @@ def test_get_returns_the_stored_shape(tmp_path: Path, rng: np.random.Generator) 
         assert engine.get(uid(99)) is None
         if not sealed:
             engine.close()
-            engine = ShardEngine(spec, 0, tmp_path / "shard",
-                                 settings(seal_threshold_tokens=1))
+            engine = ShardEngine(spec, 0, tmp_path / "shard", settings(seal_threshold_tokens=1))
             assert drain(engine) >= 1
     engine.close()
 
@@ -184,8 +187,9 @@ def test_list_objects_paging(tmp_path: Path, rng: np.random.Generator, spec: Any
     engine.close()
 
 
-def test_reopen_keeps_segments_wal_and_tombstones(tmp_path: Path, rng: np.random.Generator,
-                                                  spec: Any) -> None:
+def test_reopen_keeps_segments_wal_and_tombstones(
+    tmp_path: Path, rng: np.random.Generator, spec: Any
+) -> None:
     docs = random_docs(rng, 40, DIM)
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=60, fsync=True)
     engine.upsert(batch(range(20), {"v": docs[:20]}))
@@ -214,9 +218,9 @@ def test_reopen_keeps_segments_wal_and_tombstones(tmp_path: Path, rng: np.random
     engine.close()
 
 
-def test_torn_wal_tail_is_skipped_with_a_warning(tmp_path: Path, rng: np.random.Generator,
-                                                 spec: Any,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_torn_wal_tail_is_skipped_with_a_warning(
+    tmp_path: Path, rng: np.random.Generator, spec: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = open_engine(tmp_path, spec)
     engine.upsert(batch(range(5), {"v": random_docs(rng, 5, DIM)}))
     engine.close()
@@ -233,8 +237,8 @@ def test_torn_wal_tail_is_skipped_with_a_warning(tmp_path: Path, rng: np.random.
 
 
 def test_failed_seal_is_retried_and_crash_before_manifest_recovers(
-        tmp_path: Path, rng: np.random.Generator, spec: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, rng: np.random.Generator, spec: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     docs = random_docs(rng, 30, DIM)
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=10)
     engine.upsert(batch(range(10), {"v": docs[:10]}))
@@ -256,8 +260,9 @@ def test_failed_seal_is_retried_and_crash_before_manifest_recovers(
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=10)
     assert engine.count() == 30
     q = rng.standard_normal((2, DIM)).astype(np.float32)
-    _assert_same_ranking(_hits(engine, q, 30),
-                         exact_top(q, {uid(i): d for i, d in enumerate(docs)}, 30))
+    _assert_same_ranking(
+        _hits(engine, q, 30), exact_top(q, {uid(i): d for i, d in enumerate(docs)}, 30)
+    )
     engine.close()
 
 
@@ -297,8 +302,9 @@ def test_compaction_keeps_results(tmp_path: Path, rng: np.random.Generator, spec
     engine.close()
 
 
-def test_selective_filter_growing_and_sealed(tmp_path: Path, rng: np.random.Generator,
-                                             spec: Any) -> None:
+def test_selective_filter_growing_and_sealed(
+    tmp_path: Path, rng: np.random.Generator, spec: Any
+) -> None:
     docs = random_docs(rng, 200, DIM)
     props = [{"title": f"doc {i}", "n": i % 50} for i in range(200)]
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=300)
@@ -321,13 +327,18 @@ def test_return_properties_include_vectors_and_explain(tmp_path: Path, spec: Any
     engine = open_engine(tmp_path, spec)
     engine.upsert(batch([1], {"v": [doc]}, [{"title": "x", "n": 5}]))
     q = np.stack([doc[2] * 0.5, doc[0]])
-    res = engine.search(VectorSearch("v", q, 1, return_properties=("n",), include_vectors=True,
-                                     explain=True))
+    res = engine.search(
+        VectorSearch("v", q, 1, return_properties=("n",), include_vectors=True, explain=True)
+    )
     (hit,) = res.hits
     assert hit.properties == {"n": 5}
     np.testing.assert_array_equal(hit.vectors["v"], doc)  # type: ignore[index]
-    assert hit.explain == {"tokens": [{"query_token": 0, "doc_token": 2, "sim": 0.5},
-                                      {"query_token": 1, "doc_token": 0, "sim": 1.0}]}
+    assert hit.explain == {
+        "tokens": [
+            {"query_token": 0, "doc_token": 2, "sim": 0.5},
+            {"query_token": 1, "doc_token": 0, "sim": 1.0},
+        ]
+    }
     plain = engine.search(VectorSearch("v", q, 1)).hits[0]
     assert plain.vectors is None and plain.explain is None and plain.properties["title"] == "x"
     with pytest.raises(NotFound):
@@ -338,12 +349,17 @@ def test_return_properties_include_vectors_and_explain(tmp_path: Path, spec: Any
 
 
 def test_multiple_named_vectors(tmp_path: Path, rng: np.random.Generator) -> None:
-    spec = make_spec([{"name": "colbert", "kind": "multi", "dim": 16, "metric": "cosine"},
-                      {"name": "dense", "kind": "single", "dim": 4, "metric": "dot"}])
+    spec = make_spec(
+        [
+            {"name": "colbert", "kind": "multi", "dim": 16, "metric": "cosine"},
+            {"name": "dense", "kind": "single", "dim": 4, "metric": "dot"},
+        ]
+    )
     n = 60
     multi = random_docs(rng, n, 16, normalise=True)
-    single: list[np.ndarray | None] = [rng.standard_normal((1, 4)).astype(np.float32)
-                                       for _ in range(n)]
+    single: list[np.ndarray | None] = [
+        rng.standard_normal((1, 4)).astype(np.float32) for _ in range(n)
+    ]
     single[5] = None  # this object has no dense vector
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=150)
     engine.upsert(batch(range(30), {"colbert": multi[:30], "dense": single[:30]}))
@@ -352,8 +368,10 @@ def test_multiple_named_vectors(tmp_path: Path, rng: np.random.Generator) -> Non
     qm = random_docs(rng, 1, 16, lo=3, hi=3, normalise=True)[0]
     qs = rng.standard_normal((1, 4)).astype(np.float32)
     res_m = engine.search(VectorSearch("colbert", qm, 8))
-    _assert_same_ranking([(h.uuid, h.score) for h in res_m.hits],
-                         exact_top(qm, {uid(i): m for i, m in enumerate(multi)}, 8))
+    _assert_same_ranking(
+        [(h.uuid, h.score) for h in res_m.hits],
+        exact_top(qm, {uid(i): m for i, m in enumerate(multi)}, 8),
+    )
     res_s = engine.search(VectorSearch("dense", qs, n))
     assert uid(5) not in [h.uuid for h in res_s.hits] and len(res_s.hits) == n - 1
     dots = {uid(i): float(s[0] @ qs[0]) for i, s in enumerate(single) if s is not None}
@@ -363,8 +381,9 @@ def test_multiple_named_vectors(tmp_path: Path, rng: np.random.Generator) -> Non
 
 
 def test_float16_storage(tmp_path: Path, rng: np.random.Generator) -> None:
-    spec = make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot",
-                       "dtype": "float16"}])
+    spec = make_spec(
+        [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot", "dtype": "float16"}]
+    )
     docs = random_docs(rng, 50, DIM)
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=100)
     engine.upsert(batch(range(50), {"v": docs}))
@@ -398,8 +417,9 @@ def test_owned_float32_is_a_float32_copy(dtype: Any, rng: np.random.Generator) -
     np.testing.assert_array_equal(out, rows.astype(np.float32))
 
 
-def test_closed_engine_refuses_and_drop_removes(tmp_path: Path, rng: np.random.Generator,
-                                                spec: Any) -> None:
+def test_closed_engine_refuses_and_drop_removes(
+    tmp_path: Path, rng: np.random.Generator, spec: Any
+) -> None:
     engine = open_engine(tmp_path, spec)
     engine.upsert(batch([1], {"v": random_docs(rng, 1, DIM)}))
     engine.close()
@@ -416,7 +436,8 @@ def test_closed_engine_refuses_and_drop_removes(tmp_path: Path, rng: np.random.G
 
 
 def test_background_thread_with_concurrent_writes_and_searches(
-        tmp_path: Path, rng: np.random.Generator, spec: Any) -> None:
+    tmp_path: Path, rng: np.random.Generator, spec: Any
+) -> None:
     docs = random_docs(rng, 400, DIM)
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=150)
     engine.start_background()
@@ -469,8 +490,11 @@ ANN_N, ANN_DIM = 2500, 64
 
 
 def _ann_settings(**kw: Any) -> dict[str, Any]:
-    base = {"seal_threshold_tokens": 200_000, "brute_force_max_tokens": 5_000,
-            "candidates_per_token": 128}
+    base = {
+        "seal_threshold_tokens": 200_000,
+        "brute_force_max_tokens": 5_000,
+        "candidates_per_token": 128,
+    }
     base.update(kw)
     return base
 
@@ -517,8 +541,9 @@ def test_scann_recall_at_10(ann_corpus: tuple[Path, list[Any]]) -> None:
     assert np.mean(candidates) < 0.5 * ANN_N  # the index prunes: not an exhaustive scan
 
 
-def test_index_loaded_without_rebuild(ann_corpus: tuple[Path, list[Any]],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_index_loaded_without_rebuild(
+    ann_corpus: tuple[Path, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, docs = ann_corpus
 
     def no_build(*args: Any, **kwargs: Any) -> ScannTokenIndex:
@@ -534,9 +559,9 @@ def test_index_loaded_without_rebuild(ann_corpus: tuple[Path, list[Any]],
     engine.close()
 
 
-def test_selective_filter_with_index_loses_nothing(ann_corpus: tuple[Path, list[Any]],
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selective_filter_with_index_loses_nothing(
+    ann_corpus: tuple[Path, list[Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, docs = ann_corpus
     shutil.copytree(root, tmp_path / "copy")
     engine = _ann_engine(tmp_path / "copy")
@@ -577,9 +602,14 @@ def test_several_indexed_segments_share_k_prime(tmp_path: Path) -> None:
         t = centers[topic] + 0.6 * rng.standard_normal((m, dim)).astype(np.float32)
         docs.append((t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
     spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
-    engine = open_engine(tmp_path, spec, seal_threshold_tokens=4_000,
-                         brute_force_max_tokens=1_000, candidates_per_token=32,
-                         max_segment_tokens=6_000)  # no merges: several segments
+    engine = open_engine(
+        tmp_path,
+        spec,
+        seal_threshold_tokens=4_000,
+        brute_force_max_tokens=1_000,
+        candidates_per_token=32,
+        max_segment_tokens=6_000,
+    )  # no merges: several segments
     for s in range(0, 1600, 100):
         engine.upsert(batch(range(s, s + 100), {"v": docs[s : s + 100]}))
         drain(engine)
@@ -599,14 +629,16 @@ def test_several_indexed_segments_share_k_prime(tmp_path: Path) -> None:
 
 
 def test_a_merge_frees_its_gathered_rows_before_building_the_merged_index(
-        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tracemalloc
 
     dim = 64
     spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
     docs = random_docs(rng, 1_600, dim, lo=8, hi=24, normalise=True)
-    engine = open_engine(tmp_path, spec, seal_threshold_tokens=1_000,
-                         brute_force_max_tokens=1_000, merge_factor=2)
+    engine = open_engine(
+        tmp_path, spec, seal_threshold_tokens=1_000, brute_force_max_tokens=1_000, merge_factor=2
+    )
     n_tokens = 0
     for start in range(0, 1_600, 400):  # four sealed, indexed segments
         engine.upsert(batch(range(start, start + 400), {"v": docs[start : start + 400]}))

@@ -30,12 +30,15 @@ def wrapped(cls: type[ae.ClientError], code: grpc.StatusCode) -> ae.ClientError:
         return exc
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("127.0.0.1:2379", ("127.0.0.1", 2379)),
-    ("http://etcd-0.etcd:2379/", ("etcd-0.etcd", 2379)),
-    (" localhost:1 ", ("localhost", 1)),
-    ("[::1]:2379", ("::1", 2379)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("127.0.0.1:2379", ("127.0.0.1", 2379)),
+        ("http://etcd-0.etcd:2379/", ("etcd-0.etcd", 2379)),
+        (" localhost:1 ", ("localhost", 1)),
+        ("[::1]:2379", ("::1", 2379)),
+    ],
+)
 def test_parse_endpoint(text: str, expected: tuple[str, int]) -> None:
     assert parse_endpoint(text) == expected
 
@@ -57,23 +60,26 @@ def test_store_arguments_are_validated() -> None:
     assert store.endpoints == ("127.0.0.1:1", "127.0.0.1:2")
 
 
-@pytest.mark.parametrize("exc,expected", [
-    (ae.ConnectionFailedError("refused"), Unavailable),
-    (ae.ConnectionTimeoutError("slow"), Unavailable),
-    (ae.WatchTimeoutError(), Unavailable),
-    (TimeoutError(), Unavailable),
-    (ConnectionResetError(), Unavailable),
-    (asyncio.CancelledError(), Unavailable),  # gRPC call killed by a closed channel
-    (rpc_error(grpc.StatusCode.UNAVAILABLE), Unavailable),
-    (rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), Unavailable),
-    (wrapped(ae.ClientError, grpc.StatusCode.CANCELLED), Unavailable),
-    (wrapped(ae.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED), Unavailable),
-    (wrapped(ae.ClientError, grpc.StatusCode.NOT_FOUND), NotFound),
-    (wrapped(ae.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT), InvalidInput),
-    (ae.RevisionCompactedError(5), InternalError),
-    (wrapped(ae.InternalError, grpc.StatusCode.INTERNAL), InternalError),
-    (RuntimeError("?"), InternalError),
-])
+@pytest.mark.parametrize(
+    "exc,expected",
+    [
+        (ae.ConnectionFailedError("refused"), Unavailable),
+        (ae.ConnectionTimeoutError("slow"), Unavailable),
+        (ae.WatchTimeoutError(), Unavailable),
+        (TimeoutError(), Unavailable),
+        (ConnectionResetError(), Unavailable),
+        (asyncio.CancelledError(), Unavailable),  # gRPC call killed by a closed channel
+        (rpc_error(grpc.StatusCode.UNAVAILABLE), Unavailable),
+        (rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), Unavailable),
+        (wrapped(ae.ClientError, grpc.StatusCode.CANCELLED), Unavailable),
+        (wrapped(ae.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED), Unavailable),
+        (wrapped(ae.ClientError, grpc.StatusCode.NOT_FOUND), NotFound),
+        (wrapped(ae.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT), InvalidInput),
+        (ae.RevisionCompactedError(5), InternalError),
+        (wrapped(ae.InternalError, grpc.StatusCode.INTERNAL), InternalError),
+        (RuntimeError("?"), InternalError),
+    ],
+)
 def test_error_table(exc: BaseException, expected: type[ColshardError]) -> None:
     err = _map_error(exc, "get", "127.0.0.1:2379")
     assert type(err) is expected

@@ -38,8 +38,15 @@ def _broken() -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Any:
-    srv = FastPathServer({"echo": lambda *a: a, "missing": _missing, "broken": _broken,
-                          "slow": lambda s: time.sleep(s) or "late"}, directory=tmp_path)
+    srv = FastPathServer(
+        {
+            "echo": lambda *a: a,
+            "missing": _missing,
+            "broken": _broken,
+            "slow": lambda s: time.sleep(s) or "late",
+        },
+        directory=tmp_path,
+    )
     yield srv
     srv.close()
 
@@ -58,8 +65,9 @@ async def test_round_trip_errors_and_connection_reuse(server: FastPathServer) ->
     with pytest.raises(InternalError, match="unknown verb"):
         await client.call("drop", (), 5.0, WHAT, DETAILS)
     # concurrent calls open more connections; all answer
-    results = await asyncio.gather(*(client.call("echo", (i,), 5.0, WHAT, DETAILS)
-                                     for i in range(5)))
+    results = await asyncio.gather(
+        *(client.call("echo", (i,), 5.0, WHAT, DETAILS) for i in range(5))
+    )
     assert results == [(i,) for i in range(5)]
     client.close()
 
@@ -68,8 +76,9 @@ async def test_at_most_eight_calls_in_flight_per_shard(server: FastPathServer) -
     client = FastPathClient(str(server.path))
     loop = asyncio.get_running_loop()
     start = loop.time()
-    out = await asyncio.gather(*(client.call("slow", (0.2,), 10.0, WHAT, DETAILS)
-                                 for _ in range(16)))
+    out = await asyncio.gather(
+        *(client.call("slow", (0.2,), 10.0, WHAT, DETAILS) for _ in range(16))
+    )
     assert out == ["late"] * 16
     assert loop.time() - start >= 0.38  # two waves of 8, not 16 at once
     assert len(client._idle) == 8
@@ -144,7 +153,8 @@ class FakeHandle:
 
 
 async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     srv = FastPathServer({"search": _answer("fast")}, directory=tmp_path)
     here = ray_node_id()  # "" unless this test session started Ray (the integration tests do)
     info: dict[str, Any] = {"node_id": here, "fast_path": str(srv.path)}

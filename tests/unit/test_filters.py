@@ -17,20 +17,22 @@ from cluster.errors import InvalidInput, NotFound
 from cluster.filters import And, Condition, Filter, Not, Or, parse_filter, text_tokens
 from cluster.spec import CollectionSpec
 
-SPEC = CollectionSpec.from_dict({
-    "name": "Docs",
-    "properties": [
-        {"name": "title", "data_type": "text"},
-        {"name": "tags", "data_type": "text[]"},
-        {"name": "year", "data_type": "int"},
-        {"name": "price", "data_type": "number"},
-        {"name": "active", "data_type": "boolean"},
-        {"name": "published", "data_type": "date"},
-        {"name": "ref", "data_type": "uuid"},
-        {"name": "secret", "data_type": "text", "filterable": False},
-    ],
-    "vectors": [{"name": "v", "kind": "multi", "dim": 4}],
-})
+SPEC = CollectionSpec.from_dict(
+    {
+        "name": "Docs",
+        "properties": [
+            {"name": "title", "data_type": "text"},
+            {"name": "tags", "data_type": "text[]"},
+            {"name": "year", "data_type": "int"},
+            {"name": "price", "data_type": "number"},
+            {"name": "active", "data_type": "boolean"},
+            {"name": "published", "data_type": "date"},
+            {"name": "ref", "data_type": "uuid"},
+            {"name": "secret", "data_type": "text", "filterable": False},
+        ],
+        "vectors": [{"name": "v", "kind": "multi", "dim": 4}],
+    }
+)
 
 U1 = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
 U2 = "6ba7b811-9dad-11d1-80b4-00c04fd430c8"
@@ -162,8 +164,15 @@ def test_operator_by_type(path: str, operator: str, value: Any, expected: bool) 
 NULL_ROWS: list[dict[str, Any]] = [
     {},
     {p: None for p in ROW},
-    {"tags": [], "price": float("nan"), "published": "not a date", "year": "2005",
-     "title": 7, "active": "yes", "ref": 3},
+    {
+        "tags": [],
+        "price": float("nan"),
+        "published": "not a date",
+        "year": "2005",
+        "title": 7,
+        "active": "yes",
+        "ref": 3,
+    },
 ]
 NULL_OPERANDS: dict[str, tuple[Any, Any, Any]] = {
     # path: (scalar value, list value, like pattern or None)
@@ -238,14 +247,21 @@ def test_text_tokens() -> None:
 
 # ------------------------------------------------------------------ nesting
 
+
 def test_nesting() -> None:
-    raw = {"operator": "and", "operands": [
-        cond("year", "greater_than", 2000),
-        {"operator": "or", "operands": [
-            cond("tags", "contains_any", ["fish"]),
-            {"operator": "not", "operands": [cond("active", "equal", False)]},
-        ]},
-    ]}
+    raw = {
+        "operator": "and",
+        "operands": [
+            cond("year", "greater_than", 2000),
+            {
+                "operator": "or",
+                "operands": [
+                    cond("tags", "contains_any", ["fish"]),
+                    {"operator": "not", "operands": [cond("active", "equal", False)]},
+                ],
+            },
+        ],
+    }
     f = parse_filter(raw, SPEC)
     assert isinstance(f, And) and isinstance(f.operands[1], Or)
     assert f.matches(ROW)
@@ -262,12 +278,15 @@ def test_single_operand_logic() -> None:
 
 
 def test_round_trip_and_pickle() -> None:
-    raw = {"operator": "or", "operands": [
-        cond("published", "less_than", "2021-03-04T05:06:07.5+01:00"),
-        cond("ref", "contains_any", [U1.upper(), U2]),
-        {"operator": "not", "operands": [cond("title", "like", "a*b?")]},
-        cond("price", "is_null", False),
-    ]}
+    raw = {
+        "operator": "or",
+        "operands": [
+            cond("published", "less_than", "2021-03-04T05:06:07.5+01:00"),
+            cond("ref", "contains_any", [U1.upper(), U2]),
+            {"operator": "not", "operands": [cond("title", "like", "a*b?")]},
+            cond("price", "is_null", False),
+        ],
+    }
     f = parse_filter(raw, SPEC)
     again = parse_filter(f.to_dict(), SPEC)
     assert again == f and hash(again) == hash(f)
@@ -288,6 +307,7 @@ def test_filters_are_immutable() -> None:
 
 # ------------------------------------------------------------------ validation
 
+
 def deep(levels: int) -> dict[str, Any]:
     node: dict[str, Any] = cond("year", "equal", 1)
     for _ in range(levels - 1):
@@ -295,49 +315,52 @@ def deep(levels: int) -> dict[str, Any]:
     return node
 
 
-@pytest.mark.parametrize(("raw", "fragment"), [
-    ([], "must be an object"),
-    ({"path": "year", "operator": "bigger", "value": 1}, "unknown operator 'bigger'"),
-    ({"path": "year", "value": 1}, "unknown operator None"),
-    ({"path": "year", "operator": "equal"}, "needs a 'value'"),
-    ({"operator": "equal", "value": 1}, "needs 'path'"),
-    ({"path": ["year"], "operator": "equal", "value": 1}, "needs 'path'"),
-    ({"path": "year", "operator": "equal", "value": 1, "extra": 0}, "unknown key(s) ['extra']"),
-    ({"operator": "and", "operands": []}, "non-empty list"),
-    ({"operator": "and", "operands": {}}, "non-empty list"),
-    ({"operator": "and"}, "non-empty list"),
-    ({"operator": "and", "operands": [cond("year", "equal", 1)], "path": "x"}, "unknown key"),
-    ({"operator": "not", "operands": [cond("year", "equal", 1)] * 2}, "exactly one operand"),
-    ({"operator": "or", "operands": [cond("year", "equal", 1), 3]}, "operands[1]"),
-    (cond("secret", "equal", "x"), "not filterable"),
-    (cond("year", "equal", "2005"), "must be an integer"),
-    (cond("year", "equal", 2005.0), "must be an integer"),
-    (cond("year", "equal", True), "must be an integer"),
-    (cond("year", "equal", 2**63), "int64"),
-    (cond("year", "equal", None), "must be an integer"),
-    (cond("price", "equal", "1"), "finite number"),
-    (cond("price", "equal", float("nan")), "finite number"),
-    (cond("price", "less_than", float("inf")), "finite number"),
-    (cond("price", "equal", False), "finite number"),
-    (cond("active", "equal", 1), "true or false"),
-    (cond("active", "less_than", True), "does not apply to boolean"),
-    (cond("title", "equal", 3), "must be a string"),
-    (cond("title", "like", 3), "pattern string"),
-    (cond("year", "like", "1*"), "text properties only"),
-    (cond("tags", "equal", ["a"]), "must be a string"),
-    (cond("tags", "contains_any", "a"), "non-empty list"),
-    (cond("tags", "contains_all", []), "non-empty list"),
-    (cond("tags", "contains_any", ["a", 1]), "must be a string"),
-    (cond("title", "contains_any", ["!!", " "]), "no words"),
-    (cond("published", "equal", "2021-03-04"), "RFC 3339"),
-    (cond("published", "equal", "2021-03-04T05:06:07"), "RFC 3339"),  # no offset
-    (cond("published", "equal", "2021-13-04T05:06:07Z"), "RFC 3339"),
-    (cond("published", "equal", 1614834367), "RFC 3339"),
-    (cond("ref", "equal", "not-a-uuid"), "UUID"),
-    (cond("ref", "contains_any", [U1, 5]), "UUID"),
-    (cond("year", "is_null", "yes"), "true or false"),
-    (deep(17), "deeper than 16"),
-])
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ([], "must be an object"),
+        ({"path": "year", "operator": "bigger", "value": 1}, "unknown operator 'bigger'"),
+        ({"path": "year", "value": 1}, "unknown operator None"),
+        ({"path": "year", "operator": "equal"}, "needs a 'value'"),
+        ({"operator": "equal", "value": 1}, "needs 'path'"),
+        ({"path": ["year"], "operator": "equal", "value": 1}, "needs 'path'"),
+        ({"path": "year", "operator": "equal", "value": 1, "extra": 0}, "unknown key(s) ['extra']"),
+        ({"operator": "and", "operands": []}, "non-empty list"),
+        ({"operator": "and", "operands": {}}, "non-empty list"),
+        ({"operator": "and"}, "non-empty list"),
+        ({"operator": "and", "operands": [cond("year", "equal", 1)], "path": "x"}, "unknown key"),
+        ({"operator": "not", "operands": [cond("year", "equal", 1)] * 2}, "exactly one operand"),
+        ({"operator": "or", "operands": [cond("year", "equal", 1), 3]}, "operands[1]"),
+        (cond("secret", "equal", "x"), "not filterable"),
+        (cond("year", "equal", "2005"), "must be an integer"),
+        (cond("year", "equal", 2005.0), "must be an integer"),
+        (cond("year", "equal", True), "must be an integer"),
+        (cond("year", "equal", 2**63), "int64"),
+        (cond("year", "equal", None), "must be an integer"),
+        (cond("price", "equal", "1"), "finite number"),
+        (cond("price", "equal", float("nan")), "finite number"),
+        (cond("price", "less_than", float("inf")), "finite number"),
+        (cond("price", "equal", False), "finite number"),
+        (cond("active", "equal", 1), "true or false"),
+        (cond("active", "less_than", True), "does not apply to boolean"),
+        (cond("title", "equal", 3), "must be a string"),
+        (cond("title", "like", 3), "pattern string"),
+        (cond("year", "like", "1*"), "text properties only"),
+        (cond("tags", "equal", ["a"]), "must be a string"),
+        (cond("tags", "contains_any", "a"), "non-empty list"),
+        (cond("tags", "contains_all", []), "non-empty list"),
+        (cond("tags", "contains_any", ["a", 1]), "must be a string"),
+        (cond("title", "contains_any", ["!!", " "]), "no words"),
+        (cond("published", "equal", "2021-03-04"), "RFC 3339"),
+        (cond("published", "equal", "2021-03-04T05:06:07"), "RFC 3339"),  # no offset
+        (cond("published", "equal", "2021-13-04T05:06:07Z"), "RFC 3339"),
+        (cond("published", "equal", 1614834367), "RFC 3339"),
+        (cond("ref", "equal", "not-a-uuid"), "UUID"),
+        (cond("ref", "contains_any", [U1, 5]), "UUID"),
+        (cond("year", "is_null", "yes"), "true or false"),
+        (deep(17), "deeper than 16"),
+    ],
+)
 def test_invalid_filters(raw: Any, fragment: str) -> None:
     with pytest.raises(InvalidInput) as info:
         parse_filter(raw, SPEC)
@@ -385,8 +408,14 @@ PATH_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "year": st.integers(-3, 3),
     "price": st.one_of(st.integers(-3, 3), st.sampled_from([-1.5, 0.0, 0.5, 2.25])),
     "active": st.booleans(),
-    "published": st.sampled_from(["2020-01-01T00:00:00Z", "2020-01-01T01:00:00+01:00",
-                                  "2020-01-02T00:00:00Z", "1999-12-31T23:59:59.999Z"]),
+    "published": st.sampled_from(
+        [
+            "2020-01-01T00:00:00Z",
+            "2020-01-01T01:00:00+01:00",
+            "2020-01-02T00:00:00Z",
+            "1999-12-31T23:59:59.999Z",
+        ]
+    ),
     "ref": st.sampled_from([U1, U2, U1.upper()]),
 }
 FILTER_VALUES: dict[str, st.SearchStrategy[Any]] = {
@@ -395,14 +424,39 @@ FILTER_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "tags": st.sampled_from(["a", "b", "ab", "B"]),
 }
 OPS_BY_PATH = {
-    "title": ["equal", "not_equal", "less_than", "greater_than_equal", "like",
-              "contains_any", "contains_all", "is_null"],
-    "tags": ["equal", "not_equal", "less_than_equal", "greater_than", "like",
-             "contains_any", "contains_all", "is_null"],
+    "title": [
+        "equal",
+        "not_equal",
+        "less_than",
+        "greater_than_equal",
+        "like",
+        "contains_any",
+        "contains_all",
+        "is_null",
+    ],
+    "tags": [
+        "equal",
+        "not_equal",
+        "less_than_equal",
+        "greater_than",
+        "like",
+        "contains_any",
+        "contains_all",
+        "is_null",
+    ],
     "active": ["equal", "not_equal", "contains_any", "contains_all", "is_null"],
 }
-NUMERIC_OPS = ["equal", "not_equal", "less_than", "less_than_equal", "greater_than",
-               "greater_than_equal", "contains_any", "contains_all", "is_null"]
+NUMERIC_OPS = [
+    "equal",
+    "not_equal",
+    "less_than",
+    "less_than_equal",
+    "greater_than",
+    "greater_than_equal",
+    "contains_any",
+    "contains_all",
+    "is_null",
+]
 
 
 @st.composite
@@ -424,10 +478,12 @@ def leaves(draw: st.DrawFn) -> dict[str, Any]:
 wire_filters = st.recursive(
     leaves(),
     lambda kids: st.one_of(
-        st.builds(lambda ops: {"operator": "and", "operands": ops},
-                  st.lists(kids, min_size=1, max_size=3)),
-        st.builds(lambda ops: {"operator": "or", "operands": ops},
-                  st.lists(kids, min_size=1, max_size=3)),
+        st.builds(
+            lambda ops: {"operator": "and", "operands": ops}, st.lists(kids, min_size=1, max_size=3)
+        ),
+        st.builds(
+            lambda ops: {"operator": "or", "operands": ops}, st.lists(kids, min_size=1, max_size=3)
+        ),
         st.builds(lambda f: {"operator": "not", "operands": [f]}, kids),
     ),
     max_leaves=6,
@@ -456,19 +512,20 @@ def columns_of(rows: list[dict[str, Any]], numpy: bool) -> dict[str, Any]:
         years = cols["year"]
         if all(y is not None for y in years):
             cols["year"] = np.array(years, dtype=np.int64)
-        cols["price"] = np.array([np.nan if p is None else p for p in cols["price"]],
-                                 dtype=np.float64)
+        cols["price"] = np.array(
+            [np.nan if p is None else p for p in cols["price"]], dtype=np.float64
+        )
     return cols
 
 
-FAST = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
 @given(wire_filters, tables(), st.booleans())
-def test_mask_agrees_with_matches(raw: dict[str, Any], rows: list[dict[str, Any]],
-                                  numpy: bool) -> None:
+def test_mask_agrees_with_matches(
+    raw: dict[str, Any], rows: list[dict[str, Any]], numpy: bool
+) -> None:
     f = parse_filter(raw, SPEC)
     expected = [f.matches(r) for r in rows]
     assert f.mask(columns_of(rows, numpy), len(rows)).tolist() == expected

@@ -36,7 +36,12 @@ def test_ranked_fusion_formula() -> None:
     assert (a.keyword_rank, a.vector_rank, a.keyword_score, a.vector_score) == (0, 2, 9.0, 0.5)
     b = hits[2]
     assert (b.uuid, b.keyword_rank, b.vector_rank, b.keyword_score, b.vector_score) == (
-        "b", 1, None, 5.0, None)
+        "b",
+        1,
+        None,
+        5.0,
+        None,
+    )
 
 
 def test_ranked_fusion_weights() -> None:
@@ -68,8 +73,7 @@ def test_negative_scores_normalise() -> None:
 
 
 def test_extreme_scores_stay_finite() -> None:
-    hits = fuse([("a", 1.7e308), ("b", -1.7e308)], [("c", 1.0)], alpha=0.5,
-                fusion="relative_score")
+    hits = fuse([("a", 1.7e308), ("b", -1.7e308)], [("c", 1.0)], alpha=0.5, fusion="relative_score")
     assert [(h.uuid, h.score) for h in hits] == [("a", 0.5), ("c", 0.5), ("b", 0.0)]
 
 
@@ -87,7 +91,9 @@ def test_alpha_zero_and_one_ignore_the_other_list() -> None:
 def test_duplicates_keep_first_entry() -> None:
     hits = fuse([("a", 1.0), ("b", 0.5), ("a", 0.1)], [], alpha=0, fusion="ranked")
     assert [(h.uuid, h.keyword_rank, h.keyword_score) for h in hits] == [
-        ("a", 0, 1.0), ("b", 1, 0.5)]
+        ("a", 0, 1.0),
+        ("b", 1, 0.5),
+    ]
 
 
 def test_offset_limit_and_empty() -> None:
@@ -99,16 +105,19 @@ def test_offset_limit_and_empty() -> None:
     assert fuse([], [], alpha=0.5) == []
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"alpha": -0.1}, "alpha"),
-    ({"alpha": 1.5}, "alpha"),
-    ({"alpha": float("nan")}, "alpha"),
-    ({"alpha": True}, "alpha"),
-    ({"alpha": "0.5"}, "alpha"),
-    ({"fusion": "rrf"}, "fusion"),
-    ({"offset": -1}, "negative"),
-    ({"limit": -1}, "negative"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": True}, "alpha"),
+        ({"alpha": "0.5"}, "alpha"),
+        ({"fusion": "rrf"}, "fusion"),
+        ({"offset": -1}, "negative"),
+        ({"limit": -1}, "negative"),
+    ],
+)
 def test_invalid_arguments(kwargs: dict[str, Any], fragment: str) -> None:
     args: dict[str, Any] = {"alpha": 0.5, "fusion": "ranked", **kwargs}
     with pytest.raises(InvalidInput, match=fragment):
@@ -139,9 +148,13 @@ PROPS = settings(max_examples=120, deadline=None)
 
 @PROPS
 @given(top_lists(), top_lists(), FUSION, st.integers(0, 4), st.none() | st.integers(0, 6))
-def test_extreme_alpha_reproduces_one_list(kw: list[tuple[str, float]],
-                                           vec: list[tuple[str, float]], fusion: Any,
-                                           offset: int, limit: int | None) -> None:
+def test_extreme_alpha_reproduces_one_list(
+    kw: list[tuple[str, float]],
+    vec: list[tuple[str, float]],
+    fusion: Any,
+    offset: int,
+    limit: int | None,
+) -> None:
     end = None if limit is None else offset + limit
     only_kw = fuse(kw, vec, alpha=0.0, fusion=fusion, offset=offset, limit=limit)
     assert [(h.uuid, h.keyword_score) for h in only_kw] == kw[offset:end]
@@ -151,9 +164,9 @@ def test_extreme_alpha_reproduces_one_list(kw: list[tuple[str, float]],
 
 @PROPS
 @given(top_lists(), top_lists(), st.floats(0, 1), FUSION)
-def test_fused_list_is_sorted_complete_and_bounded(kw: list[tuple[str, float]],
-                                                   vec: list[tuple[str, float]], alpha: float,
-                                                   fusion: Any) -> None:
+def test_fused_list_is_sorted_complete_and_bounded(
+    kw: list[tuple[str, float]], vec: list[tuple[str, float]], alpha: float, fusion: Any
+) -> None:
     hits = fuse(kw, vec, alpha=alpha, fusion=fusion)
     if 0 < alpha < 1:
         keys = [(-h.score, h.uuid) for h in hits]
@@ -162,7 +175,8 @@ def test_fused_list_is_sorted_complete_and_bounded(kw: list[tuple[str, float]],
         scores = [h.score for h in hits]
         assert scores == sorted(scores, reverse=True)
     expected_ids = ({u for u, _ in kw} if alpha < 1 else set()) | (
-        {u for u, _ in vec} if alpha > 0 else set())
+        {u for u, _ in vec} if alpha > 0 else set()
+    )
     assert set(ids(hits)) == expected_ids and len(hits) == len(expected_ids)
     top = 1.0 if fusion == "relative_score" else 1 / RRF_K
     for h in hits:
@@ -174,11 +188,22 @@ def test_fused_list_is_sorted_complete_and_bounded(kw: list[tuple[str, float]],
 
 
 @PROPS
-@given(top_lists(), top_lists(), st.floats(0, 1), FUSION, st.integers(0, 5),
-       st.none() | st.integers(0, 5))
-def test_offset_limit_slice_once(kw: list[tuple[str, float]], vec: list[tuple[str, float]],
-                                 alpha: float, fusion: Any, offset: int,
-                                 limit: int | None) -> None:
+@given(
+    top_lists(),
+    top_lists(),
+    st.floats(0, 1),
+    FUSION,
+    st.integers(0, 5),
+    st.none() | st.integers(0, 5),
+)
+def test_offset_limit_slice_once(
+    kw: list[tuple[str, float]],
+    vec: list[tuple[str, float]],
+    alpha: float,
+    fusion: Any,
+    offset: int,
+    limit: int | None,
+) -> None:
     full = fuse(kw, vec, alpha=alpha, fusion=fusion)
     end = None if limit is None else offset + limit
     assert fuse(kw, vec, alpha=alpha, fusion=fusion, offset=offset, limit=limit) == full[offset:end]
@@ -186,9 +211,9 @@ def test_offset_limit_slice_once(kw: list[tuple[str, float]], vec: list[tuple[st
 
 @PROPS
 @given(top_lists(), top_lists(), st.floats(0, 1), FUSION)
-def test_swapping_lists_mirrors_alpha(kw: list[tuple[str, float]],
-                                      vec: list[tuple[str, float]], alpha: float,
-                                      fusion: Any) -> None:
+def test_swapping_lists_mirrors_alpha(
+    kw: list[tuple[str, float]], vec: list[tuple[str, float]], alpha: float, fusion: Any
+) -> None:
     a = {h.uuid: h.score for h in fuse(kw, vec, alpha=alpha, fusion=fusion)}
     b = {h.uuid: h.score for h in fuse(vec, kw, alpha=1 - alpha, fusion=fusion)}
     if 0 < alpha < 1 and 0 < 1 - alpha < 1:
@@ -197,8 +222,9 @@ def test_swapping_lists_mirrors_alpha(kw: list[tuple[str, float]],
 
 @PROPS
 @given(top_lists(), st.floats(0.01, 0.99), FUSION)
-def test_same_list_on_both_sides_keeps_its_order(kw: list[tuple[str, float]], alpha: float,
-                                                 fusion: Any) -> None:
+def test_same_list_on_both_sides_keeps_its_order(
+    kw: list[tuple[str, float]], alpha: float, fusion: Any
+) -> None:
     hits = fuse(kw, kw, alpha=alpha, fusion=fusion)
     if fusion == "ranked":  # strictly decreasing reciprocal ranks
         assert ids(hits) == [u for u, _ in kw]

@@ -74,13 +74,15 @@ class FakeCoordinator:
         docs = np.eye(3, 4, dtype=np.float32)
         scores = (req.near_vector @ docs.T).max(axis=0)
         best = int(np.argmax(scores))
-        return QueryResult((ResultObject(f"doc-{best}", {}, {"score": float(scores[best])}),),
-                           (), 0.001)
+        return QueryResult(
+            (ResultObject(f"doc-{best}", {}, {"score": float(scores[best])}),), (), 0.001
+        )
 
 
 def _gateway(port: int, tmp_path: Path) -> EmbeddedGateway:
-    return EmbeddedGateway(Settings(data_dir=tmp_path, host="127.0.0.1", port=port),
-                           log_level="warning")
+    return EmbeddedGateway(
+        Settings(data_dir=tmp_path, host="127.0.0.1", port=port), log_level="warning"
+    )
 
 
 async def test_embedded_gateway_serves_the_target_and_drains_on_stop(tmp_path: Path) -> None:
@@ -92,8 +94,10 @@ async def test_embedded_gateway_serves_the_target_and_drains_on_stop(tmp_path: P
     await asyncio.wait_for(started.wait(), 30)
     async with httpx.AsyncClient(base_url=gateway.address, timeout=30) as http:
         assert (await http.get("/readyz")).json() == {"ready": True}
-        r = await http.post("/v1/collections/C/query", json={
-            "near_vector": {"vector": [[0.0, 0.0, 1.0, 0.0]]}, "limit": 1})
+        r = await http.post(
+            "/v1/collections/C/query",
+            json={"near_vector": {"vector": [[0.0, 0.0, 1.0, 0.0]]}, "limit": 1},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["objects"][0]["id"] == "doc-2"
     assert target.queries[0].collection == "C"
@@ -140,7 +144,8 @@ class Slow:
 
 @pytest.mark.parametrize("detach", [False, True])
 async def test_local_backend_timeout_is_a_deadline_and_detach_lets_the_work_finish(
-        detach: bool) -> None:
+    detach: bool,
+) -> None:
     target = Slow()
     backend = LocalTransport(target, detach=detach)
     with pytest.raises(DeadlineExceeded, match="did not answer work in time"):

@@ -507,8 +507,10 @@ def test_jina_key_secret_reaches_the_ray_pods(chart: helm_python.Chart) -> None:
     values = {"vectorizers": {"jinaai": {"existingSecret": "jina", "existingSecretKey": "key"}}}
     (raycluster,) = by_kind(render(chart, values), "RayCluster")
     spec = raycluster["spec"]
-    ray_containers = [container(spec["headGroupSpec"]["template"]["spec"], "ray-head"),
-                      container(spec["workerGroupSpecs"][0]["template"]["spec"], "ray-worker")]
+    ray_containers = [
+        container(spec["headGroupSpec"]["template"]["spec"], "ray-head"),
+        container(spec["workerGroupSpecs"][0]["template"]["spec"], "ray-worker"),
+    ]
     for c in ray_containers:
         assert env_of(c)["JINAAI_APIKEY"] == {"secretKeyRef": {"name": "jina", "key": "key"}}
 
@@ -516,9 +518,11 @@ def test_jina_key_secret_reaches_the_ray_pods(chart: helm_python.Chart) -> None:
 def _ray_and_gateway_containers(manifests: list[Manifest]) -> list[dict[str, Any]]:
     (raycluster,) = by_kind(manifests, "RayCluster")
     spec = raycluster["spec"]
-    return [container(spec["headGroupSpec"]["template"]["spec"], "ray-head"),
-            container(spec["workerGroupSpecs"][0]["template"]["spec"], "ray-worker"),
-            container(gateway(manifests)["spec"]["template"]["spec"], "gateway")]
+    return [
+        container(spec["headGroupSpec"]["template"]["spec"], "ray-head"),
+        container(spec["workerGroupSpecs"][0]["template"]["spec"], "ray-worker"),
+        container(gateway(manifests)["spec"]["template"]["spec"], "gateway"),
+    ]
 
 
 def test_ray_token_auth_on_by_default(chart: helm_python.Chart) -> None:
@@ -529,15 +533,18 @@ def test_ray_token_auth_on_by_default(chart: helm_python.Chart) -> None:
     for c in _ray_and_gateway_containers(manifests):
         env = env_of(c)
         assert env["RAY_AUTH_MODE"] == "token", c["name"]
-        assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {
-            "name": secret["metadata"]["name"], "key": "auth_token"}}, c["name"]
+        assert env["RAY_AUTH_TOKEN"] == {
+            "secretKeyRef": {"name": secret["metadata"]["name"], "key": "auth_token"}
+        }, c["name"]
 
 
 def test_ray_token_from_existing_secret_or_off(chart: helm_python.Chart) -> None:
-    manifests = render(chart, {"ray": {"auth": {"existingSecret": "ray-tok",
-                                                "existingSecretKey": "tok"}}})
-    assert not [s for s in by_kind(manifests, "Secret")
-                if s["metadata"]["name"].endswith("-ray-auth")]
+    manifests = render(
+        chart, {"ray": {"auth": {"existingSecret": "ray-tok", "existingSecretKey": "tok"}}}
+    )
+    assert not [
+        s for s in by_kind(manifests, "Secret") if s["metadata"]["name"].endswith("-ray-auth")
+    ]
     for c in _ray_and_gateway_containers(manifests):
         assert env_of(c)["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "ray-tok", "key": "tok"}}
     manifests = render(chart, {"ray": {"auth": {"enabled": False}}})
@@ -680,9 +687,12 @@ def test_gateway_reads_the_charts_keys_file(chart: helm_python.Chart) -> None:
         local.write_text(keys_text)
         keys = load_api_keys(None, {"COLSHARD_API_KEYS_FILE": str(local)})
     assert [(k.key, k.role, k.collections) for k in keys] == [
-        ("key-one-0123456789", Role.admin, None), ("key-two", Role.admin, None)]
-    open_gw = container(gateway(render(chart, {"auth": {"enabled": False}}))["spec"]["template"]
-                        ["spec"], "gateway")
+        ("key-one-0123456789", Role.admin, None),
+        ("key-two", Role.admin, None),
+    ]
+    open_gw = container(
+        gateway(render(chart, {"auth": {"enabled": False}}))["spec"]["template"]["spec"], "gateway"
+    )
     assert "--allow-insecure" in open_gw["args"]
 
 

@@ -82,8 +82,9 @@ def _derived_halves(i: int) -> uuid.UUID:
     return uuid.UUID(doc_uuid(i))
 
 
-@pytest.mark.parametrize("scheme", ["sequential-int", "uuid4", "uuid1", "high-bits-only",
-                                    "uuid5", "derived-halves"])
+@pytest.mark.parametrize(
+    "scheme", ["sequential-int", "uuid4", "uuid1", "high-bits-only", "uuid5", "derived-halves"]
+)
 def test_latest_routing_spreads_every_id_scheme_evenly(scheme: str) -> None:
     n = 10_000
     make = {
@@ -107,8 +108,11 @@ def test_legacy_routing_is_unchanged() -> None:
     oid = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
     assert shard_for_uuid(oid, 7, ROUTING_LEGACY) == jump_hash(uuid.UUID(oid).int >> 64, 7)
     # Pinned values: a change to either function would move stored objects.
-    pinned = [shard_for_uuid(str(uuid.UUID(int=(i * 0x9E3779B97F4A7C15) << 32)), 16, r)
-              for r in (ROUTING_LEGACY, ROUTING_LATEST) for i in range(1, 6)]
+    pinned = [
+        shard_for_uuid(str(uuid.UUID(int=(i * 0x9E3779B97F4A7C15) << 32)), 16, r)
+        for r in (ROUTING_LEGACY, ROUTING_LATEST)
+        for i in range(1, 6)
+    ]
     assert pinned == PINNED_ROUTES
 
 

@@ -62,9 +62,12 @@ def test_sdk_sends_large_bodies_in_slices_with_their_length() -> None:
         return httpx.Response(200, json={"ok": True})
 
     http = _Http(httpx.Client(transport=httpx.MockTransport(handler), base_url="http://x"))
-    assert http.request("POST", "/v1/c", content=payload,
-                        headers={"content-type": "application/vnd.apache.arrow.stream"}) == {
-        "ok": True}
+    assert http.request(
+        "POST",
+        "/v1/c",
+        content=payload,
+        headers={"content-type": "application/vnd.apache.arrow.stream"},
+    ) == {"ok": True}
     (req,) = seen
     assert req.content == payload and req.headers["content-length"] == str(len(payload))
     assert "transfer-encoding" not in req.headers
@@ -73,15 +76,19 @@ def test_sdk_sends_large_bodies_in_slices_with_their_length() -> None:
 
 def _batch(n: int, dim: int = 8, seed: int = 0) -> ObjectBatch:
     rng = np.random.default_rng(seed)
-    mats = [rng.standard_normal((int(rng.integers(1, 6)), dim)).astype(np.float32)
-            for _ in range(n)]
-    return ObjectBatch(tuple(f"id-{seed}-{i}" for i in range(n)),
-                       tuple({"i": i} for i in range(n)),
-                       {"v": VectorColumn.from_matrices(mats, dim)})
+    mats = [
+        rng.standard_normal((int(rng.integers(1, 6)), dim)).astype(np.float32) for _ in range(n)
+    ]
+    return ObjectBatch(
+        tuple(f"id-{seed}-{i}" for i in range(n)),
+        tuple({"i": i} for i in range(n)),
+        {"v": VectorColumn.from_matrices(mats, dim)},
+    )
 
 
 def test_wal_writes_the_record_bytes_through_short_writes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A record is written from the batch's own buffers; a ``pwritev`` that writes only part
     of them (here at most 7 bytes a call) is continued where it stopped."""
     real = os.pwritev
@@ -112,8 +119,9 @@ def test_wal_writes_the_record_bytes_through_short_writes(
 
 
 def test_growing_segment_reserves_rows_and_grows_past_them() -> None:
-    spec = CollectionSpec.from_dict({"name": "C", "vectors": [
-        {"name": "v", "kind": "multi", "dim": 8, "metric": "dot"}]})
+    spec = CollectionSpec.from_dict(
+        {"name": "C", "vectors": [{"name": "v", "kind": "multi", "dim": 8, "metric": "dot"}]}
+    )
     seg = GrowingSegment(spec, capacity_tokens=20)
     assert seg._buffers["v"].values.shape[0] == 256  # at least 256 rows
     big = GrowingSegment(spec, capacity_tokens=10**12)  # capped: no huge reservation

@@ -37,14 +37,25 @@ def test_params_follow_segment_size() -> None:
     assert large.dims_per_block == 5 and choose_params(2_000, dim=32).dims_per_block == 2
     custom = choose_params(10_000, {"num_leaves": 50, "leaves_to_search": 7})
     assert (custom.num_leaves, custom.leaves_to_search) == (50, 7)
-    assert choose_params(10_000, {"num_leaves": 200,
-                                  "leaves_to_search_fraction": 0.5}).leaves_to_search == 100
+    assert (
+        choose_params(
+            10_000, {"num_leaves": 200, "leaves_to_search_fraction": 0.5}
+        ).leaves_to_search
+        == 100
+    )
 
 
 def test_default_leaves_to_search_schedule() -> None:
     # 5 % up to 400 leaves (at least 4), above that 0.7·sqrt(leaves) once that is more.
     assert [default_leaves_to_search(n) for n in (10, 100, 224, 400, 800, 2_525, 10_000)] == [
-        4, 5, 12, 20, 20, 36, 70]
+        4,
+        5,
+        12,
+        20,
+        20,
+        36,
+        70,
+    ]
     values = [default_leaves_to_search(n) for n in range(1, 20_000)]
     assert values == sorted(values)  # never fewer leaves for a larger segment
 
@@ -59,7 +70,7 @@ def test_larger_leaves_scan_a_smaller_share_of_tokens() -> None:
     assert choose_params(160_000).leaves_to_search == 20  # √n = 400 leaves: unchanged
     for n in range(150_000, 8_000_000, 50_000):
         p = choose_params(n)
-        ref = round(n ** 0.5)
+        ref = round(n**0.5)
         share = p.leaves_to_search / p.num_leaves
         expected = default_leaves_to_search(ref) / ref * coarse_scan_factor(p.num_leaves, ref)
         assert abs(share - expected) <= 0.5 / p.num_leaves + 1e-9, n

@@ -91,8 +91,7 @@ def make_handler(fake: FakeJina) -> type[BaseHTTPRequestHandler]:
             action = fake.next_action()
             if isinstance(action, tuple):  # (status, headers)
                 status, headers = action
-                self._send(status, json.dumps({"detail": f"scripted {status}"}).encode(),
-                           headers)
+                self._send(status, json.dumps({"detail": f"scripted {status}"}).encode(), headers)
                 return
             if action == "drop":
                 self.close_connection = True
@@ -104,9 +103,14 @@ def make_handler(fake: FakeJina) -> type[BaseHTTPRequestHandler]:
                 self._send(200, b"<html>not json</html>")
                 return
             dim = int(body.get("dimensions", 128))
-            data = [{"object": "embeddings", "index": i,
-                     "embeddings": rows_for(text, body["input_type"], dim)}
-                    for i, text in enumerate(body["input"])]
+            data = [
+                {
+                    "object": "embeddings",
+                    "index": i,
+                    "embeddings": rows_for(text, body["input_type"], dim),
+                }
+                for i, text in enumerate(body["input"])
+            ]
             if action == "wrong_count":
                 data = data[:-1]
             elif action == "wrong_dim":
@@ -120,8 +124,17 @@ def make_handler(fake: FakeJina) -> type[BaseHTTPRequestHandler]:
             if fake.shuffle:
                 data.reverse()
             n_tokens = sum(len(t.split()) for t in body["input"])
-            self._send(200, json.dumps({"model": body["model"], "object": "list", "data": data,
-                                        "usage": {"total_tokens": n_tokens}}).encode())
+            self._send(
+                200,
+                json.dumps(
+                    {
+                        "model": body["model"],
+                        "object": "list",
+                        "data": data,
+                        "usage": {"total_tokens": n_tokens},
+                    }
+                ).encode(),
+            )
 
     return Handler
 
@@ -131,8 +144,9 @@ def server() -> Iterator[tuple[str, FakeJina]]:
     fake = FakeJina()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", fake
@@ -160,8 +174,7 @@ def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def client(url: str, sleeps: list[float] | None = None, **options: Any) -> JinaColbertVectorizer:
     recorder = sleeps if sleeps is not None else []
-    return JinaColbertVectorizer({"base_url": url, **options}, api_key=KEY,
-                                 sleep=recorder.append)
+    return JinaColbertVectorizer({"base_url": url, **options}, api_key=KEY, sleep=recorder.append)
 
 
 def assert_unit_rows(matrix: np.ndarray[Any, Any], dim: int) -> None:
@@ -173,8 +186,7 @@ def assert_unit_rows(matrix: np.ndarray[Any, Any], dim: int) -> None:
 # --- happy path ------------------------------------------------------------------------------
 
 
-def test_documents_are_batched_and_sent_in_the_documented_format(url: str,
-                                                                 fake: FakeJina) -> None:
+def test_documents_are_batched_and_sent_in_the_documented_format(url: str, fake: FakeJina) -> None:
     texts = ["Weaviate is a vector database", "PyTorch", "a b c", "one two", "last one here"]
     with client(url, batch_size=2) as vec:
         out = vec.encode_documents(texts)
@@ -220,13 +232,16 @@ def test_no_texts_no_request(url: str, fake: FakeJina) -> None:
     assert fake.requests == []
 
 
-def test_key_from_env_and_argument_precedence(url: str, fake: FakeJina,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_from_env_and_argument_precedence(
+    url: str, fake: FakeJina, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("JINAAI_APIKEY", "from-env")
     JinaColbertVectorizer({"base_url": url}).encode_query("q")
     JinaColbertVectorizer({"base_url": url}, api_key="from-header").encode_query("q")
     assert [r.headers["Authorization"] for r in fake.requests] == [
-        "Bearer from-env", "Bearer from-header"]
+        "Bearer from-env",
+        "Bearer from-header",
+    ]
 
 
 def test_make_vectorizer_and_pickling(url: str, fake: FakeJina) -> None:
@@ -250,8 +265,9 @@ def test_missing_key_is_unauthorized_without_a_request(url: str, fake: FakeJina)
 
 
 @pytest.mark.parametrize("status", [401, 403])
-def test_rejected_key_is_unauthorized_and_not_retried(url: str, fake: FakeJina,
-                                                      status: int) -> None:
+def test_rejected_key_is_unauthorized_and_not_retried(
+    url: str, fake: FakeJina, status: int
+) -> None:
     fake.script.append((status, {}))
     with pytest.raises(Unauthorized, match="Jina AI") as info:
         client(url).encode_query("q")
@@ -334,8 +350,9 @@ def test_timeout_is_deadline_exceeded(url: str, fake: FakeJina) -> None:
     assert len(fake.requests) == 2
 
 
-@pytest.mark.parametrize("action", ["garbage", "wrong_count", "wrong_dim", "ragged",
-                                    "empty_rows", "dup_index"])
+@pytest.mark.parametrize(
+    "action", ["garbage", "wrong_count", "wrong_dim", "ragged", "empty_rows", "dup_index"]
+)
 def test_malformed_responses_are_internal_errors(url: str, fake: FakeJina, action: str) -> None:
     fake.script.append(action)
     with pytest.raises(InternalError, match="Jina AI returned"):
@@ -343,9 +360,17 @@ def test_malformed_responses_are_internal_errors(url: str, fake: FakeJina, actio
     assert len(fake.requests) == 1  # not retried
 
 
-@pytest.mark.parametrize("options", [{"dimensions": 100}, {"dimensions": "128"}, {"bogus": 1},
-                                     {"base_url": "api.jina.ai"}, {"max_retries": -1},
-                                     {"timeout_s": 0}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dimensions": 100},
+        {"dimensions": "128"},
+        {"bogus": 1},
+        {"base_url": "api.jina.ai"},
+        {"max_retries": -1},
+        {"timeout_s": 0},
+    ],
+)
 def test_bad_options_are_invalid_input(options: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput):
         JinaColbertVectorizer(options, api_key=KEY)

@@ -19,8 +19,9 @@ def _docs(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, np.nd
     return tokens, offsets
 
 
-def _reference(query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray,
-               docs: np.ndarray) -> np.ndarray:
+def _reference(
+    query: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, docs: np.ndarray
+) -> np.ndarray:
     return maxsim_reference(query, [tokens[offsets[d] : offsets[d + 1]] for d in docs])
 
 
@@ -40,8 +41,7 @@ def test_maxsim_rows_scores_chosen_documents_where_they_lie(n_query: int) -> Non
     np.testing.assert_array_equal(maxsim_docs(query, tokens, offsets, shuffled), got[::-1])
 
 
-def test_maxsim_docs_reads_a_memory_map_and_float16_takes_the_gather_path(
-        tmp_path: Path) -> None:
+def test_maxsim_docs_reads_a_memory_map_and_float16_takes_the_gather_path(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     tokens, offsets = _docs(rng, 80, 16)
     path = tmp_path / "tokens.f32"
@@ -71,8 +71,9 @@ def test_segment_max_sum_matches_reduceat_and_leaves_empty_ranges() -> None:
         if hi == lo:
             assert out[i] == -np.inf
         else:
-            assert out[i] == pytest.approx(float(sims[lo:hi].max(axis=0).astype(np.float64).sum()),
-                                           rel=1e-12)
+            assert out[i] == pytest.approx(
+                float(sims[lo:hi].max(axis=0).astype(np.float64).sum()), rel=1e-12
+            )
 
 
 def test_maxsim_flat_through_the_kernel_matches_the_reference() -> None:
@@ -97,7 +98,8 @@ def test_no_documents_or_no_query_rows() -> None:
 
 
 def test_without_a_writable_cache_the_kernels_are_compiled_per_process(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     asked: list[dict[str, object]] = []
 
     def njit(**options: object) -> object:
@@ -147,16 +149,27 @@ def test_hit_table_scores_like_the_reference_imputation(seed: int, extra_keys: i
         keys.append(tok2doc[ids[q, c]].astype(np.int64) + base)
         kept.append(sims[q, c])
         base += n
-    want_docs, _ = impute_scores(n_query, np.concatenate(q_rows), np.concatenate(keys),
-                                 np.concatenate(kept), np.zeros(n_query, np.float32))
+    want_docs, _ = impute_scores(
+        n_query,
+        np.concatenate(q_rows),
+        np.concatenate(keys),
+        np.concatenate(kept),
+        np.zeros(n_query, np.float32),
+    )
     docs = table.documents()
     np.testing.assert_array_equal(docs, want_docs)
     imputed = rng.normal(-1.0, 0.2, n_query).astype(np.float32)
     spread = rng.uniform(0, 1, n_query).astype(np.float32)
     shift = rng.normal(0, 0.1, len(docs)).astype(np.float32)
     got = table.scores(imputed, spread, shift)
-    _, want = impute_scores(n_query, np.concatenate(q_rows), np.concatenate(keys),
-                            np.concatenate(kept), imputed, (shift, spread))
+    _, want = impute_scores(
+        n_query,
+        np.concatenate(q_rows),
+        np.concatenate(keys),
+        np.concatenate(kept),
+        imputed,
+        (shift, spread),
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -173,8 +186,14 @@ def test_unique_keys_is_numpy_unique_on_both_paths() -> None:
 
 def test_a_hit_table_without_kept_hits_has_no_documents() -> None:
     table = kernels.HitTable(10, np.zeros(2, dtype=np.float32))
-    table.mark(np.zeros((2, 3), dtype=np.int64), np.full((2, 3), -1.0, dtype=np.float32),
-               np.zeros(1, dtype=np.int32), 0)  # every hit below its row's threshold
+    table.mark(
+        np.zeros((2, 3), dtype=np.int64),
+        np.full((2, 3), -1.0, dtype=np.float32),
+        np.zeros(1, dtype=np.int32),
+        0,
+    )  # every hit below its row's threshold
     assert len(table.documents()) == 0
-    assert len(table.scores(np.zeros(2, np.float32), np.zeros(2, np.float32),
-                            np.zeros(0, np.float32))) == 0
+    assert (
+        len(table.scores(np.zeros(2, np.float32), np.zeros(2, np.float32), np.zeros(0, np.float32)))
+        == 0
+    )

@@ -14,12 +14,23 @@ from cluster.settings import Settings
 from cluster.spec import CollectionSpec
 from cluster.validation import ObjectInput
 
-SETTINGS = Settings(max_batch_objects=3, max_tokens_per_object=8, max_query_tokens=4,
-                    max_dim=16, max_limit=50, max_filter_depth=3, max_filter_nodes=10,
-                    max_shards=4)
-SPEC = CollectionSpec.from_dict({"name": "C", "properties": [{"name": "year",
-                                                              "data_type": "int"}],
-                                 "vectors": [{"name": "mv", "dim": 4}]})
+SETTINGS = Settings(
+    max_batch_objects=3,
+    max_tokens_per_object=8,
+    max_query_tokens=4,
+    max_dim=16,
+    max_limit=50,
+    max_filter_depth=3,
+    max_filter_nodes=10,
+    max_shards=4,
+)
+SPEC = CollectionSpec.from_dict(
+    {
+        "name": "C",
+        "properties": [{"name": "year", "data_type": "int"}],
+        "vectors": [{"name": "mv", "dim": 4}],
+    }
+)
 
 
 def nest(depth: int) -> dict[str, Any]:
@@ -69,8 +80,10 @@ def test_matrix_limits() -> None:
     assert check(np.zeros(17)) == "max_dim"
     assert check([[1.0, 2.0], [3.0]]) is None  # ragged: the structural check reports it
     assert check(None) is None and check(3.0) is None
-    assert code(lambda: limits.check_matrix(np.zeros((10**5, 2)), "v", max_tokens=0,
-                                            max_dim=16)) is None  # 0: no token limit
+    assert (
+        code(lambda: limits.check_matrix(np.zeros((10**5, 2)), "v", max_tokens=0, max_dim=16))
+        is None
+    )  # 0: no token limit
 
 
 def test_object_batch_query_page_and_collection_limits() -> None:
@@ -85,21 +98,45 @@ def test_object_batch_query_page_and_collection_limits() -> None:
     assert code(limits.check_page, 0, 0, SETTINGS) == "max_limit"
     assert code(limits.check_page, 1, -1, SETTINGS) == "max_limit"
     assert code(limits.check_collection, {"shard_count": 5}, SETTINGS) == "max_shards"
-    assert code(limits.check_collection, {"vectors": [{"name": "a", "dim": 17}]},
-                SETTINGS) == "max_dim"
-    assert code(limits.check_collection, {"shard_count": 4, "vectors": [{"dim": 16}, "x"]},
-                SETTINGS) is None
+    assert (
+        code(limits.check_collection, {"vectors": [{"name": "a", "dim": 17}]}, SETTINGS)
+        == "max_dim"
+    )
+    assert (
+        code(limits.check_collection, {"shard_count": 4, "vectors": [{"dim": 16}, "x"]}, SETTINGS)
+        is None
+    )
 
 
 def test_every_limit_has_a_cli_flag() -> None:
     from gateway.cli import build_parser, settings_from_args
 
     args = build_parser().parse_args(
-        ["gateway", "--max-dim", "64", "--max-filter-depth", "4", "--max-filter-nodes", "9",
-         "--max-shards", "3", "--max-query-tokens", "7", "--max-tokens-per-object", "0"])
+        [
+            "gateway",
+            "--max-dim",
+            "64",
+            "--max-filter-depth",
+            "4",
+            "--max-filter-nodes",
+            "9",
+            "--max-shards",
+            "3",
+            "--max-query-tokens",
+            "7",
+            "--max-tokens-per-object",
+            "0",
+        ]
+    )
     s = settings_from_args(args)
-    assert (s.max_dim, s.max_filter_depth, s.max_filter_nodes, s.max_shards,
-            s.max_query_tokens, s.max_tokens_per_object) == (64, 4, 9, 3, 7, 0)
+    assert (
+        s.max_dim,
+        s.max_filter_depth,
+        s.max_filter_nodes,
+        s.max_shards,
+        s.max_query_tokens,
+        s.max_tokens_per_object,
+    ) == (64, 4, 9, 3, 7, 0)
 
 
 def test_shard_engine_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,13 +145,16 @@ def test_shard_engine_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     parse = build_parser().parse_args
     default = settings_from_args(parse(["gateway"])).shard
     assert default.index_defer_tokens == 1_048_576
-    s = settings_from_args(parse(["gateway", "--index-defer-tokens", "0",
-                                  "--seal-threshold-tokens", "4096"])).shard
+    s = settings_from_args(
+        parse(["gateway", "--index-defer-tokens", "0", "--seal-threshold-tokens", "4096"])
+    ).shard
     assert (s.index_defer_tokens, s.seal_threshold_tokens) == (0, 4096)
     monkeypatch.setenv("COLSHARD_INDEX_DEFER_TOKENS", "5000")
     assert settings_from_args(parse(["gateway"])).shard.index_defer_tokens == 5000
-    assert settings_from_args(parse(["gateway", "--index-defer-tokens", "7"])
-                              ).shard.index_defer_tokens == 7  # the flag wins
+    assert (
+        settings_from_args(parse(["gateway", "--index-defer-tokens", "7"])).shard.index_defer_tokens
+        == 7
+    )  # the flag wins
     with pytest.raises(SystemExit):
         parse(["gateway", "--index-defer-tokens", "-1"])
 
@@ -124,8 +164,10 @@ def test_calibration_queries_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> No
 
     parse = build_parser().parse_args
     assert settings_from_args(parse(["serve"])).shard.calibration_queries == 128
-    assert settings_from_args(parse(["serve", "--calibration-queries", "0"])
-                              ).shard.calibration_queries == 0
+    assert (
+        settings_from_args(parse(["serve", "--calibration-queries", "0"])).shard.calibration_queries
+        == 0
+    )
     monkeypatch.setenv("COLSHARD_CALIBRATION_QUERIES", "64")
     assert settings_from_args(parse(["gateway"])).shard.calibration_queries == 64
     with pytest.raises(SystemExit):

@@ -24,8 +24,9 @@ def _flat(docs: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _ragged(rng: np.random.Generator, n: int, dim: int) -> list[np.ndarray]:
     # Zero-row documents included: they have no vector and must score -inf.
-    return [rng.standard_normal((int(rng.integers(0, 7)), dim)).astype(np.float32)
-            for _ in range(n)]
+    return [
+        rng.standard_normal((int(rng.integers(0, 7)), dim)).astype(np.float32) for _ in range(n)
+    ]
 
 
 def test_vectorised_equals_reference_on_ragged_docs() -> None:
@@ -48,8 +49,9 @@ def test_chunking_does_not_change_scores() -> None:
     query = rng.standard_normal((3, 8)).astype(np.float32)
     whole = maxsim_flat(query, tokens, offsets)
     for chunk in (1, 5, 17):
-        np.testing.assert_allclose(maxsim_flat(query, tokens, offsets, chunk_tokens=chunk), whole,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            maxsim_flat(query, tokens, offsets, chunk_tokens=chunk), whole, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_float16_tokens_are_scored_as_float32() -> None:
@@ -69,8 +71,9 @@ def test_widen_equals_numpys_float16_cast_for_every_finite_value() -> None:
     assert got.dtype == np.float32 and got.shape == finite.shape
     assert np.array_equal(got.view(np.uint32), finite.astype(np.float32).view(np.uint32))
     strided = finite[::3, 1::2]  # not contiguous: copied first
-    assert np.array_equal(widen(strided).view(np.uint32),
-                          strided.astype(np.float32).view(np.uint32))
+    assert np.array_equal(
+        widen(strided).view(np.uint32), strided.astype(np.float32).view(np.uint32)
+    )
     f32 = np.ones((2, 3), dtype=np.float32)
     assert widen(f32) is f32
     assert widen(np.ones((2, 3))).dtype == np.float32
@@ -90,8 +93,11 @@ def test_gather_many_concatenates_the_parts_rows() -> None:
     rng = np.random.default_rng(6)
     a_docs, b_docs = _ragged(rng, 20, 4), _ragged(rng, 10, 4)
     a, b = _flat(a_docs, 4), _flat(b_docs, 4)
-    picks = [np.array([3, 0, 19], dtype=np.int64), np.zeros(0, dtype=np.int64),
-             np.array([9, 9], dtype=np.int64)]
+    picks = [
+        np.array([3, 0, 19], dtype=np.int64),
+        np.zeros(0, dtype=np.int64),
+        np.array([9, 9], dtype=np.int64),
+    ]
     got, lengths = gather_many([(*a, picks[0]), (*b, picks[1]), (*b, picks[2])], 4, np.float32)
     want = [a_docs[i] for i in picks[0]] + [b_docs[i] for i in picks[2]]
     assert lengths.dtype == np.int64 and list(lengths) == [len(d) for d in want]
@@ -130,8 +136,12 @@ def test_explain_names_the_best_doc_token() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=st.lists(st.integers(0, 5), min_size=1, max_size=12),
-       n_query=st.integers(1, 4), dim=st.integers(1, 5), seed=st.integers(0, 1000))
+@given(
+    lengths=st.lists(st.integers(0, 5), min_size=1, max_size=12),
+    n_query=st.integers(1, 4),
+    dim=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
 def test_property_matches_reference(lengths: list[int], n_query: int, dim: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     docs = [rng.standard_normal((n, dim)).astype(np.float32) for n in lengths]

@@ -35,8 +35,9 @@ class Store:
     async def list_members(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self.members.items()}
 
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Mapping[str, Any]) -> None:
+    async def put_placement(
+        self, collection: str, shard: int, replica: int, info: Mapping[str, Any]
+    ) -> None:
         if collection not in self.placements:
             raise NotFound(collection)
         self.writes += 1
@@ -72,12 +73,18 @@ class Client:
         return {"node_id": self.node_id, "host": "h", "pid": 1}
 
     async def stats(self, timeout_s: float) -> ShardStats:
-        return ShardStats(shard=self.shard_id.shard, n_objects=0 if self.data_lost else 5,
-                          n_tokens={"v": 20}, n_segments=1, data_lost=self.data_lost)
+        return ShardStats(
+            shard=self.shard_id.shard,
+            n_objects=0 if self.data_lost else 5,
+            n_tokens={"v": 20},
+            n_segments=1,
+            data_lost=self.data_lost,
+        )
 
 
-SPEC = CollectionSpec.from_dict({"name": "C", "shard_count": 2,
-                                  "vectors": [{"name": "v", "dim": 4}]})
+SPEC = CollectionSpec.from_dict(
+    {"name": "C", "shard_count": 2, "vectors": [{"name": "v", "dim": 4}]}
+)
 
 
 @pytest.fixture
@@ -88,10 +95,11 @@ async def world() -> tuple[Store, Agents, list[Client], MembershipMonitor]:
     clients = [Client(0, "node-a"), Client(1, "node-b")]
     store.placements["C"] = {}
     router = Router(store)
-    entries = [ReplicaEntry(ReplicaId("C", s, 0), c, actor=f"colshard:C:{s}",
-                            node_id=str(c.node_id)) for s, c in enumerate(clients)]
-    router.add_collection(SPEC, entries,
-                          [ReplicaSet.over(router, [e]) for e in entries])
+    entries = [
+        ReplicaEntry(ReplicaId("C", s, 0), c, actor=f"colshard:C:{s}", node_id=str(c.node_id))
+        for s, c in enumerate(clients)
+    ]
+    router.add_collection(SPEC, entries, [ReplicaSet.over(router, [e]) for e in entries])
     assert await router.flush() == 0
     store.writes = 0
     monitor = MembershipMonitor(store, agents, router)
@@ -203,8 +211,11 @@ def test_node_roles_and_member_info(tmp_path: Any) -> None:
     assert node_roles(head, {"colshard_shard": 1}) == ["head"]
     assert node_roles({"colshard_shard": 2.0}, {"colshard_shard": 1}) == ["shards"]
     assert node_roles({}, {"colshard_shard": 1}) == ["worker"]
-    info = member_info("abc", {"address": "10.0.0.2", "resources": {"CPU": 2, "node:x": 1}},
-                       Settings(data_dir=tmp_path))
+    info = member_info(
+        "abc",
+        {"address": "10.0.0.2", "resources": {"CPU": 2, "node:x": 1}},
+        Settings(data_dir=tmp_path),
+    )
     assert info["resources"] == {"CPU": 2.0} and info["address"] == "10.0.0.2"
     assert info["node_id"] == "abc" and info["roles"] == ["shards"]
 
@@ -219,26 +230,50 @@ def test_parse_resources() -> None:
 def test_status_text() -> None:
     cluster = {
         "coordinator": {"node_id": "aaaaaaaa1111", "host": "host-a", "pid": 7},
-        "members": {"aaaaaaaa1111": {"host": "host-a", "address": "10.0.0.1",
-                                     "roles": ["coordinator", "head"],
-                                     "resources": {"CPU": 1.0, "memory": 1e9}}},
-        "collections": {"Demo": {"shard_count": 2, "replication_factor": 1, "objects": 7,
-                                 "placements": [
-                                     {"shard": 0, "replica": 0, "actor": "colshard:Demo:0",
-                                      "node_id": "aaaaaaaa1111", "host": "host-a",
-                                      "state": "ready", "objects": 7, "tokens": 70},
-                                     {"shard": 1, "replica": 0, "actor": "colshard:Demo:1",
-                                      "node_id": "bbbbbbbb2222", "host": "host-b",
-                                      "state": "unavailable"}]}},
+        "members": {
+            "aaaaaaaa1111": {
+                "host": "host-a",
+                "address": "10.0.0.1",
+                "roles": ["coordinator", "head"],
+                "resources": {"CPU": 1.0, "memory": 1e9},
+            }
+        },
+        "collections": {
+            "Demo": {
+                "shard_count": 2,
+                "replication_factor": 1,
+                "objects": 7,
+                "placements": [
+                    {
+                        "shard": 0,
+                        "replica": 0,
+                        "actor": "colshard:Demo:0",
+                        "node_id": "aaaaaaaa1111",
+                        "host": "host-a",
+                        "state": "ready",
+                        "objects": 7,
+                        "tokens": 70,
+                    },
+                    {
+                        "shard": 1,
+                        "replica": 0,
+                        "actor": "colshard:Demo:1",
+                        "node_id": "bbbbbbbb2222",
+                        "host": "host-b",
+                        "state": "unavailable",
+                    },
+                ],
+            }
+        },
     }
-    text = format_status(cluster, {"ready": False, "etcd": True,
-                                   "unavailable_shards": ["Demo:1"]}, "prod")
+    text = format_status(
+        cluster, {"ready": False, "etcd": True, "unavailable_shards": ["Demo:1"]}, "prod"
+    )
     lines = text.splitlines()
     assert lines[0] == "cluster prod: NOT READY  (etcd ok; unavailable shards: Demo:1)"
     assert "coordinator on node aaaaaaaa (host-a, pid 7)" in text
     member = next(line for line in lines if line.startswith("aaaaaaaa"))
-    assert member.split() == ["aaaaaaaa", "host-a", "10.0.0.1", "coordinator,head", "1",
-                              "CPU=1"]
+    assert member.split() == ["aaaaaaaa", "host-a", "10.0.0.1", "coordinator,head", "1", "CPU=1"]
     gone = next(line for line in lines if line.startswith("1 "))
     assert "host-b (gone)" in gone and "unavailable" in gone and gone.split()[-2:] == ["-", "-"]
     assert "COLLECTION Demo  shards=2  replication=1  objects=7" in text

@@ -57,8 +57,13 @@ def test_each_token_is_rewritten_a_logarithmic_number_of_times(eager_every: int)
         segments.append((size, 0))
         written += size
         while True:
-            chosen = plan_merge([s for s, _ in segments], cap, 3.5, seal,
-                                eager=bool(eager_every) and step % eager_every == 0)
+            chosen = plan_merge(
+                [s for s, _ in segments],
+                cap,
+                3.5,
+                seal,
+                eager=bool(eager_every) and step % eager_every == 0,
+            )
             if not chosen:
                 break
             merged = sum(segments[i][0] for i in chosen)
@@ -77,8 +82,9 @@ def test_each_token_is_rewritten_a_logarithmic_number_of_times(eager_every: int)
 
 
 def _flat_spec() -> Any:
-    return make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot",
-                       "index": {"kind": "flat"}}])
+    return make_spec(
+        [{"name": "v", "kind": "multi", "dim": DIM, "metric": "dot", "index": {"kind": "flat"}}]
+    )
 
 
 def test_import_converges_to_one_segment_once_idle(tmp_path: Path) -> None:
@@ -88,8 +94,12 @@ def test_import_converges_to_one_segment_once_idle(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     spec = _flat_spec()
     docs = random_docs(rng, 700, DIM, 4, 8)
-    kw: dict[str, Any] = {"seal_threshold_tokens": 200, "brute_force_max_tokens": 50,
-                          "merge_factor": 4, "seal_idle_s": 0.3}
+    kw: dict[str, Any] = {
+        "seal_threshold_tokens": 200,
+        "brute_force_max_tokens": 50,
+        "merge_factor": 4,
+        "seal_idle_s": 0.3,
+    }
     engine = open_engine(tmp_path, spec, **kw)
     live = {}
     most = 0
@@ -114,25 +124,33 @@ def test_import_converges_to_one_segment_once_idle(tmp_path: Path) -> None:
     assert drain(engine) >= 2  # the idle seal, then merges
     assert engine.stats().n_segments == 1
     assert "growing=0" in engine.stats().index_state["v"]
-    assert [[h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits]
-            for q in queries] == before
+    assert [
+        [h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits] for q in queries
+    ] == before
     assert engine.count() == len(live)
     engine.close()
     engine = open_engine(tmp_path, spec, **kw)
     assert engine.stats().n_segments == 1 and engine.count() == len(live)
     assert [p.name for p in (tmp_path / "shard" / "segments").iterdir()] == [
-        f"seg-{engine._sealed[0].segment_id:08d}"]
+        f"seg-{engine._sealed[0].segment_id:08d}"
+    ]
     sealed = engine._sealed[0]
     assert sealed.n_objects == len(live)  # tombstoned rows were dropped
-    assert [[h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits]
-            for q in queries] == before
+    assert [
+        [h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits] for q in queries
+    ] == before
     engine.close()
 
 
 def test_small_idle_tail_stays_growing_and_writes_reset_idle(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    engine = open_engine(tmp_path, _flat_spec(), seal_threshold_tokens=10_000,
-                         brute_force_max_tokens=200, seal_idle_s=0.2)
+    engine = open_engine(
+        tmp_path,
+        _flat_spec(),
+        seal_threshold_tokens=10_000,
+        brute_force_max_tokens=200,
+        seal_idle_s=0.2,
+    )
     engine.upsert(batch(range(10), {"v": random_docs(rng, 10, DIM, 4, 4)}))  # 40 tokens
     time.sleep(0.25)
     assert engine.idle() and drain(engine) == 0  # cheap to scan exactly: left growing
@@ -145,13 +163,18 @@ def test_small_idle_tail_stays_growing_and_writes_reset_idle(tmp_path: Path) -> 
 
 
 def test_merged_segment_is_indexed_before_the_swap_and_loaded_at_restart(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(6)
     dim = 16
     spec = make_spec([{"name": "v", "kind": "multi", "dim": dim, "metric": "cosine"}])
     docs = random_docs(rng, 400, dim, 8, 12, normalise=True)
-    kw: dict[str, Any] = {"seal_threshold_tokens": 1_000, "brute_force_max_tokens": 500,
-                          "candidates_per_token": 64, "seal_idle_s": 0.2}
+    kw: dict[str, Any] = {
+        "seal_threshold_tokens": 1_000,
+        "brute_force_max_tokens": 500,
+        "candidates_per_token": 64,
+        "seal_idle_s": 0.2,
+    }
     engine = open_engine(tmp_path, spec, **kw)
     for start in range(0, 400, 50):
         engine.upsert(batch(range(start, start + 50), {"v": docs[start : start + 50]}))
@@ -198,20 +221,26 @@ def _bulk_import(engine: ShardEngine, docs: list[np.ndarray], step: int = 25) ->
     return states
 
 
-def _deferral_case(seed: int, n_docs: int, **settings_kw: Any
-                   ) -> tuple[Any, list[np.ndarray], dict[str, Any]]:
+def _deferral_case(
+    seed: int, n_docs: int, **settings_kw: Any
+) -> tuple[Any, list[np.ndarray], dict[str, Any]]:
     """A cosine 16-d collection, ``n_docs`` documents of 8-12 tokens, and engine settings with
     small seals (300 tokens) and deferral on (idle after ``seal_idle_s``)."""
     rng = np.random.default_rng(seed)
     spec = make_spec([{"name": "v", "kind": "multi", "dim": 16, "metric": "cosine"}])
     docs = random_docs(rng, n_docs, 16, 8, 12, normalise=True)
-    kw: dict[str, Any] = {"seal_threshold_tokens": 300, "brute_force_max_tokens": 100,
-                          "candidates_per_token": 64, **settings_kw}
+    kw: dict[str, Any] = {
+        "seal_threshold_tokens": 300,
+        "brute_force_max_tokens": 100,
+        "candidates_per_token": 64,
+        **settings_kw,
+    }
     return spec, docs, kw
 
 
 def test_deferred_indexing_builds_each_token_once_per_burst(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """While writes arrive, sealed segments wait unindexed (and are scored exactly) until they
     add up to index_defer_tokens; then they are merged and indexed once. Idle: what waits is
     merged and indexed. With deferral off every seal and merge tier indexes its tokens."""
@@ -250,12 +279,12 @@ def test_deferred_indexing_builds_each_token_once_per_burst(
         engine.close()
 
 
-def test_merge_of_indexed_segments_is_indexed_before_the_swap_while_busy(
-        tmp_path: Path) -> None:
+def test_merge_of_indexed_segments_is_indexed_before_the_swap_while_busy(tmp_path: Path) -> None:
     """With deferral on, a size-tiered merge of indexed segments is still indexed before it
     replaces them (never a step back to exact scoring)."""
-    spec, docs, kw = _deferral_case(8, 900, seal_idle_s=60.0, index_defer_tokens=600,
-                                    merge_factor=3)
+    spec, docs, kw = _deferral_case(
+        8, 900, seal_idle_s=60.0, index_defer_tokens=600, merge_factor=3
+    )
     engine = open_engine(tmp_path, spec, **kw)
     states = _bulk_import(engine, docs)
     indexed = [int(s.split("indexed=")[1].split()[0]) for s in states]
@@ -268,8 +297,7 @@ def test_merge_of_indexed_segments_is_indexed_before_the_swap_while_busy(
     engine.close()
 
 
-def test_a_searched_shard_indexes_at_once(tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_searched_shard_indexes_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deferral is for bulk loads nobody queries: after a vector search the shard indexes each
     sealed segment at once (its queries would otherwise scan the waiting ones exactly)."""
     spec, docs, kw = _deferral_case(9, 300, seal_idle_s=60.0, index_defer_tokens=1_000_000)

@@ -11,8 +11,9 @@ from coordinator.merge import hit_key, merge_top_k
 
 UUIDS = [f"{i:04x}" for i in range(40)]
 # Few distinct scores: ties (ordered by uuid) are the interesting case.
-scores = st.one_of(st.integers(-5, 5).map(float),
-                   st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False))
+scores = st.one_of(
+    st.integers(-5, 5).map(float), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+)
 
 
 @st.composite
@@ -36,8 +37,9 @@ def reference(per_shard: list[list[Hit]], offset: int, limit: int) -> list[Hit]:
 
 @settings(max_examples=300, deadline=None)
 @given(shard_lists(), st.integers(0, 20), st.integers(0, 20))
-def test_merge_is_a_global_sort_with_dedupe(per_shard: list[list[Hit]], offset: int,
-                                             limit: int) -> None:
+def test_merge_is_a_global_sort_with_dedupe(
+    per_shard: list[list[Hit]], offset: int, limit: int
+) -> None:
     got = merge_top_k(per_shard, offset, limit)
     assert got == reference(per_shard, offset, limit)
     assert len(got) <= limit
@@ -47,16 +49,16 @@ def test_merge_is_a_global_sort_with_dedupe(per_shard: list[list[Hit]], offset: 
 
 @settings(max_examples=300, deadline=None)
 @given(shard_lists(), st.integers(0, 10), st.integers(1, 10))
-def test_per_shard_top_offset_plus_limit_is_enough(per_shard: list[list[Hit]], offset: int,
-                                                   limit: int) -> None:
+def test_per_shard_top_offset_plus_limit_is_enough(
+    per_shard: list[list[Hit]], offset: int, limit: int
+) -> None:
     truncated = [sorted(hits, key=hit_key)[: offset + limit] for hits in per_shard]
     assert merge_top_k(truncated, offset, limit) == merge_top_k(per_shard, offset, limit)
 
 
 @settings(max_examples=200, deadline=None)
 @given(shard_lists(), st.integers(0, 10), st.integers(1, 10))
-def test_pages_tile_the_full_order(per_shard: list[list[Hit]], page_size: int,
-                                   pages: int) -> None:
+def test_pages_tile_the_full_order(per_shard: list[list[Hit]], page_size: int, pages: int) -> None:
     """Consecutive pages (offset = k * limit) concatenate to the full ranking, no gap, no dup."""
     size = max(page_size, 1)
     full = merge_top_k(per_shard, 0, size * pages)

@@ -32,15 +32,23 @@ from tests.unit.test_shard_support import (
 N_DOCS, DIM = 3000, 64
 
 
-def _params(dim: int = 16, repetitions: int = 3, k_sim: int = 3, d_proj: int = 4,
-            fill: bool = True, seed: int = 7) -> FdeParams:
+def _params(
+    dim: int = 16,
+    repetitions: int = 3,
+    k_sim: int = 3,
+    d_proj: int = 4,
+    fill: bool = True,
+    seed: int = 7,
+) -> FdeParams:
     return FdeParams(dim, repetitions, k_sim, d_proj, fill, seed)
 
 
-def _ragged(rng: np.random.Generator, n: int, dim: int, lo: int = 0, hi: int = 9
-            ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    docs = [rng.standard_normal((int(rng.integers(lo, hi)), dim)).astype(np.float32)
-            for _ in range(n)]
+def _ragged(
+    rng: np.random.Generator, n: int, dim: int, lo: int = 0, hi: int = 9
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    docs = [
+        rng.standard_normal((int(rng.integers(lo, hi)), dim)).astype(np.float32) for _ in range(n)
+    ]
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
     flat = np.concatenate(docs) if offsets[-1] else np.zeros((0, dim), np.float32)
@@ -70,9 +78,16 @@ def _reference_fde(enc: FdeEncoder, doc: np.ndarray, *, query: bool) -> np.ndarr
 # --------------------------------------------------------------------------- encoding
 
 
-@pytest.mark.parametrize("params", [_params(), _params(k_sim=0, d_proj=0, repetitions=2),
-                                    _params(k_sim=4, d_proj=0), _params(fill=False),
-                                    _params(repetitions=1, k_sim=2, d_proj=5)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        _params(),
+        _params(k_sim=0, d_proj=0, repetitions=2),
+        _params(k_sim=4, d_proj=0),
+        _params(fill=False),
+        _params(repetitions=1, k_sim=2, d_proj=5),
+    ],
+)
 def test_fde_matches_the_definition(params: FdeParams) -> None:
     rng = np.random.default_rng(0)
     docs, flat, offsets = _ragged(rng, 60, params.dim)
@@ -83,8 +98,9 @@ def test_fde_matches_the_definition(params: FdeParams) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for d in docs[:5]:
         if len(d):
-            np.testing.assert_allclose(enc.encode_query(d), _reference_fde(enc, d, query=True),
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                enc.encode_query(d), _reference_fde(enc, d, query=True), rtol=1e-5, atol=1e-5
+            )
     assert not got[[i for i, d in enumerate(docs) if len(d) == 0]].any()  # empty: zeros
 
 
@@ -103,9 +119,14 @@ def test_fde_shape_and_determinism(monkeypatch: pytest.MonkeyPatch) -> None:
     assert other.digest != a.digest
     assert not np.array_equal(fa, other.encode_documents(flat, offsets))
     # Encoding in blocks gives the same rows as one document at a time.
-    one = np.concatenate([a.encode_documents(flat[offsets[i] : offsets[i + 1]],
-                                             np.array([0, offsets[i + 1] - offsets[i]]))
-                          for i in range(40)])
+    one = np.concatenate(
+        [
+            a.encode_documents(
+                flat[offsets[i] : offsets[i + 1]], np.array([0, offsets[i + 1] - offsets[i]])
+            )
+            for i in range(40)
+        ]
+    )
     np.testing.assert_array_equal(fa, one)
     monkeypatch.setattr(muvera, "ENCODE_BLOCK_TOKENS", 7)  # many small blocks: same rows
     np.testing.assert_array_equal(fa, a.encode_documents(flat, offsets))
@@ -137,16 +158,16 @@ def test_bfloat16_storage_and_scan() -> None:
     bits = to_bf16(x)
     np.testing.assert_allclose(fde_scores(bits, q), back @ q, rtol=1e-5, atol=1e-4)
     rows = np.array([5, 0, 256, 17], dtype=np.int64)
-    np.testing.assert_allclose(fde_scores(bits, q, rows), (back @ q)[rows], rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(fde_scores(bits, q, rows), (back @ q)[rows], rtol=1e-5, atol=1e-4)
     assert len(fde_scores(bits, q, rows[:0])) == 0
 
 
 def test_index_serialize_load_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     _, flat, offsets = _ragged(rng, 50, 16, lo=1)
-    index = MuveraIndex.build(flat, offsets, {"repetitions": 4, "k_sim": 2, "d_proj": 4,
-                                              "seed": 99})
+    index = MuveraIndex.build(
+        flat, offsets, {"repetitions": 4, "k_sim": 2, "d_proj": 4, "seed": 99}
+    )
     index.serialize(tmp_path)
     assert MuveraIndex.is_muvera_dir(tmp_path)
     loaded = MuveraIndex.load(tmp_path)
@@ -161,36 +182,59 @@ def test_index_serialize_load_round_trip(tmp_path: Path) -> None:
 
 
 def _spec(options: Mapping[str, Any], dim: int = 128) -> CollectionSpec:
-    return CollectionSpec.from_dict({"name": "M", "vectors": [
-        {"name": "v", "dim": dim, "index": {"kind": "muvera", "options": dict(options)}}]})
+    return CollectionSpec.from_dict(
+        {
+            "name": "M",
+            "vectors": [
+                {"name": "v", "dim": dim, "index": {"kind": "muvera", "options": dict(options)}}
+            ],
+        }
+    )
 
 
 def test_muvera_options_accepted() -> None:
-    spec = _spec({"repetitions": 8, "k_sim": 0, "d_proj": 0, "fill_empty_partitions": False,
-                  "seed": 2**32 - 1, "candidates": 1000})
+    spec = _spec(
+        {
+            "repetitions": 8,
+            "k_sim": 0,
+            "d_proj": 0,
+            "fill_empty_partitions": False,
+            "seed": 2**32 - 1,
+            "candidates": 1000,
+        }
+    )
     assert spec.vectors[0].index.kind == "muvera"
     assert CollectionSpec.from_json(spec.to_json()) == spec
     assert _spec({}).vectors[0].index.options == {}
-    assert set(MUVERA_DEFAULTS) == {"repetitions", "k_sim", "d_proj", "fill_empty_partitions",
-                                    "seed", "candidates"}
+    assert set(MUVERA_DEFAULTS) == {
+        "repetitions",
+        "k_sim",
+        "d_proj",
+        "fill_empty_partitions",
+        "seed",
+        "candidates",
+    }
 
 
-@pytest.mark.parametrize("options,fragment", [
-    ({"ksim": 4}, "unknown muvera index option"),
-    ({"num_leaves": 10}, "unknown muvera index option"),
-    ({"candidates_per_token": 10}, "unknown muvera index option"),
-    ({"k_sim": 11}, "k_sim must be an integer in 0..10"),
-    ({"k_sim": -1}, "k_sim"),
-    ({"repetitions": 0}, "repetitions must be an integer in 1..64"),
-    ({"repetitions": 2.0}, "repetitions"),
-    ({"d_proj": True}, "d_proj"),
-    ({"d_proj": "8"}, "d_proj"),
-    ({"candidates": 0}, "candidates"),
-    ({"seed": -1}, "seed"),
-    ({"fill_empty_partitions": 1}, "fill_empty_partitions must be a boolean"),
-    ({"repetitions": 64, "k_sim": 10, "d_proj": 2}, "FDE dimension"),
-    ({"repetitions": 64, "k_sim": 4, "d_proj": 0}, "FDE dimension"),  # 64·16·128
-])
+@pytest.mark.parametrize(
+    "options,fragment",
+    [
+        ({"ksim": 4}, "unknown muvera index option"),
+        ({"num_leaves": 10}, "unknown muvera index option"),
+        ({"candidates_per_token": 10}, "unknown muvera index option"),
+        ({"k_sim": 11}, "k_sim must be an integer in 0..10"),
+        ({"k_sim": -1}, "k_sim"),
+        ({"repetitions": 0}, "repetitions must be an integer in 1..64"),
+        ({"repetitions": 2.0}, "repetitions"),
+        ({"d_proj": True}, "d_proj"),
+        ({"d_proj": "8"}, "d_proj"),
+        ({"candidates": 0}, "candidates"),
+        ({"seed": -1}, "seed"),
+        ({"fill_empty_partitions": 1}, "fill_empty_partitions must be a boolean"),
+        ({"repetitions": 64, "k_sim": 10, "d_proj": 2}, "FDE dimension"),
+        ({"repetitions": 64, "k_sim": 4, "d_proj": 0}, "FDE dimension"),  # 64·16·128
+    ],
+)
 def test_bad_muvera_options_rejected(options: dict[str, Any], fragment: str) -> None:
     with pytest.raises(InvalidInput) as info:
         _spec(options)
@@ -199,8 +243,10 @@ def test_bad_muvera_options_rejected(options: dict[str, Any], fragment: str) -> 
 
 
 def test_scann_options_are_not_checked_as_muvera() -> None:
-    raw = {"name": "M", "vectors": [{"name": "v", "dim": 8,
-                                     "index": {"kind": "scann", "options": {"k_sim": 99}}}]}
+    raw = {
+        "name": "M",
+        "vectors": [{"name": "v", "dim": 8, "index": {"kind": "scann", "options": {"k_sim": 99}}}],
+    }
     assert CollectionSpec.from_dict(raw).vectors[0].index.options == {"k_sim": 99}
 
 
@@ -211,8 +257,17 @@ MUVERA_OPTIONS = {"candidates": 100}
 
 
 def _muvera_spec(options: Mapping[str, Any] = MUVERA_OPTIONS) -> CollectionSpec:
-    return make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "cosine",
-                       "index": {"kind": "muvera", "options": dict(options)}}])
+    return make_spec(
+        [
+            {
+                "name": "v",
+                "kind": "multi",
+                "dim": DIM,
+                "metric": "cosine",
+                "index": {"kind": "muvera", "options": dict(options)},
+            }
+        ]
+    )
 
 
 def _engine(root: Path, options: Mapping[str, Any] = MUVERA_OPTIONS, **kw: Any) -> ShardEngine:
@@ -238,8 +293,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     yield root, docs
 
 
-def _recall(engine: ShardEngine, docs: list[np.ndarray], n: int = 30, seed: int = 11
-            ) -> tuple[float, float, float]:
+def _recall(
+    engine: ShardEngine, docs: list[np.ndarray], n: int = 30, seed: int = 11
+) -> tuple[float, float, float]:
     """(recall@10 of the engine, of exact MaxSim over as many random documents, mean
     candidates) against exact MaxSim over every document."""
     rng = np.random.default_rng(seed)
@@ -269,16 +325,17 @@ def test_muvera_recall_at_10(corpus: tuple[Path, list[Any]]) -> None:
     engine.close()
 
 
-def test_reopen_loads_fdes_and_searches_the_same(corpus: tuple[Path, list[Any]],
-                                                  tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reopen_loads_fdes_and_searches_the_same(
+    corpus: tuple[Path, list[Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, docs = corpus
     shutil.copytree(root, tmp_path / "copy")
     engine = _engine(tmp_path / "copy")
     rng = np.random.default_rng(5)
     queries = [noisy_query(rng, docs[int(rng.integers(N_DOCS))]) for _ in range(5)]
-    before = [[(h.uuid, h.score) for h in engine.search(VectorSearch("v", q, 10)).hits]
-              for q in queries]
+    before = [
+        [(h.uuid, h.score) for h in engine.search(VectorSearch("v", q, 10)).hits] for q in queries
+    ]
     engine.close()
 
     def no_build(*args: Any, **kwargs: Any) -> MuveraIndex:
@@ -292,14 +349,16 @@ def test_reopen_loads_fdes_and_searches_the_same(corpus: tuple[Path, list[Any]],
     seg_index = engine._sealed[0].indexes["v"]
     assert isinstance(seg_index, MuveraIndex) and isinstance(seg_index.fde, np.memmap)
     assert 0 < engine.index_bytes() < 2 * seg_index.nbytes()
-    after = [[(h.uuid, h.score) for h in engine.search(VectorSearch("v", q, 10)).hits]
-             for q in queries]
+    after = [
+        [(h.uuid, h.score) for h in engine.search(VectorSearch("v", q, 10)).hits] for q in queries
+    ]
     assert after == before
     engine.close()
 
 
-def test_filters_and_deletes_are_respected(corpus: tuple[Path, list[Any]], tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_filters_and_deletes_are_respected(
+    corpus: tuple[Path, list[Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, docs = corpus
     shutil.copytree(root, tmp_path / "copy")
     engine = _engine(tmp_path / "copy")
@@ -346,8 +405,9 @@ def test_growing_and_several_sealed_segments(tmp_path: Path) -> None:
     exact; a compaction re-encodes the merged segment."""
     rng = np.random.default_rng(7)
     docs = clustered_docs(rng, 900, DIM)
-    engine = _engine(tmp_path, {"candidates": 60}, seal_threshold_tokens=4_000,
-                     max_segment_tokens=6_000)
+    engine = _engine(
+        tmp_path, {"candidates": 60}, seal_threshold_tokens=4_000, max_segment_tokens=6_000
+    )
     for s in range(0, 900, 100):
         engine.upsert(batch(range(s, s + 100), {"v": docs[s : s + 100]}))
         if s < 800:
@@ -366,8 +426,13 @@ def test_growing_and_several_sealed_segments(tmp_path: Path) -> None:
         recalls.append(len(want & {h.uuid for h in res.hits}) / 10)
     assert np.mean(recalls) >= 0.6, recalls
     engine.close()
-    engine = _engine(tmp_path, {"candidates": 60}, seal_threshold_tokens=4_000,
-                     max_segment_tokens=100_000, seal_idle_s=0.01)
+    engine = _engine(
+        tmp_path,
+        {"candidates": 60},
+        seal_threshold_tokens=4_000,
+        max_segment_tokens=100_000,
+        seal_idle_s=0.01,
+    )
     drain(engine)  # idle: the tail is sealed, everything merged into one segment
     state = engine.stats().index_state["v"]
     assert state.startswith("muvera: indexed=1 building=0 exact=0 growing=0"), state
@@ -376,13 +441,15 @@ def test_growing_and_several_sealed_segments(tmp_path: Path) -> None:
     engine.close()
 
 
-def test_index_kind_mismatch_on_disk_is_rebuilt(corpus: tuple[Path, list[Any]],
-                                                tmp_path: Path) -> None:
+def test_index_kind_mismatch_on_disk_is_rebuilt(
+    corpus: tuple[Path, list[Any]], tmp_path: Path
+) -> None:
     root, _ = corpus
     shutil.copytree(root, tmp_path / "copy")
     spec = make_spec([{"name": "v", "kind": "multi", "dim": DIM, "metric": "cosine"}])
-    engine = open_engine(tmp_path / "copy", spec, seal_threshold_tokens=1_000,
-                         brute_force_max_tokens=1_000)
+    engine = open_engine(
+        tmp_path / "copy", spec, seal_threshold_tokens=1_000, brute_force_max_tokens=1_000
+    )
     assert "scann: indexed=0 building=1" in engine.stats().index_state["v"]
     assert drain(engine) == 1
     assert isinstance(engine._sealed[0].indexes["v"], ScannTokenIndex)
@@ -400,15 +467,28 @@ def test_candidates_option_and_k() -> None:
 def test_bench_options_parse() -> None:
     from bench.__main__ import build_parser, config_from_args
 
-    args = build_parser().parse_args([
-        "--engine-index", "scann,muvera", "--engine-index-option", "k_sim=3",
-        "--engine-index-option", "fill_empty_partitions=false", "--engine-candidates", "50,80"])
+    args = build_parser().parse_args(
+        [
+            "--engine-index",
+            "scann,muvera",
+            "--engine-index-option",
+            "k_sim=3",
+            "--engine-index-option",
+            "fill_empty_partitions=false",
+            "--engine-candidates",
+            "50,80",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.engine_indexes == ("scann", "muvera")
     assert cfg.engine_index_options == {"k_sim": 3, "fill_empty_partitions": False}
     assert cfg.engine_candidates_sweep == (50, 80)
-    for bad in (["--engine-index", "hnsw"], ["--engine-index-option", "k_sim=99"],
-                ["--engine-index-option", "ksim=3"], ["--engine-index-option", "k_sim"]):
+    for bad in (
+        ["--engine-index", "hnsw"],
+        ["--engine-index-option", "k_sim=99"],
+        ["--engine-index-option", "ksim=3"],
+        ["--engine-index-option", "k_sim"],
+    ):
         with pytest.raises(SystemExit):
             config_from_args(build_parser().parse_args(bad))
 
@@ -417,13 +497,25 @@ def test_bench_runs_the_muvera_engine(tmp_path: Path) -> None:
     from bench.harness import BenchConfig, run_benchmark
     from bench.report import format_table
 
-    cfg = BenchConfig(size="tiny", n_docs=400, n_queries=6, cache_dir=tmp_path / "cache",
-                      out_dir=tmp_path / "out", skip_faiss=True, skip_bruteforce=True,
-                      isolate=False, warmup=0, engine_indexes=("muvera",),
-                      engine_index_options={"candidates": 40},
-                      engine_candidates_sweep=(400,),
-                      engine_settings={"seal_threshold_tokens": 4096,
-                                       "brute_force_max_tokens": 2048, "seal_idle_s": 0.0})
+    cfg = BenchConfig(
+        size="tiny",
+        n_docs=400,
+        n_queries=6,
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "out",
+        skip_faiss=True,
+        skip_bruteforce=True,
+        isolate=False,
+        warmup=0,
+        engine_indexes=("muvera",),
+        engine_index_options={"candidates": 40},
+        engine_candidates_sweep=(400,),
+        engine_settings={
+            "seal_threshold_tokens": 4096,
+            "brute_force_max_tokens": 2048,
+            "seal_idle_s": 0.0,
+        },
+    )
     doc = run_benchmark(cfg, log=lambda _: None)
     rows = {r["pipeline"]: r for r in doc["results"]}
     main, sweep = rows["colshard-engine muvera"], rows["colshard-engine muvera C400"]
@@ -435,8 +527,7 @@ def test_bench_runs_the_muvera_engine(tmp_path: Path) -> None:
     assert main["recall_at_10"] >= 0.5  # a floor: 40 of 400 documents re-scored
     assert main["reopen_recall_at_10"] >= 0.5
     assert sweep["recall_at_10"] == 1.0  # every document re-scored: exact
-    assert all(s.startswith("muvera: ") for st in main["stats"]
-               for s in st["index_state"].values())
+    assert all(s.startswith("muvera: ") for st in main["stats"] for s in st["index_state"].values())
     mv = doc["summary"]["muvera"]
     assert mv["index_bytes_per_token"] == main["index_bytes_per_token"]
     assert "colshard-engine muvera C400" in format_table(doc)

@@ -23,25 +23,35 @@ def test_tool_is_clean(tool: str) -> None:
     exe = tool.split("-")[0] if tool == "ruff-format" else tool
     if shutil.which(exe) is None:
         pytest.fail(f"{exe} is not installed: install the 'test' extra")
-    args = {"ruff": ("ruff", "check", "."), "ruff-format": ("ruff", "format", "--check", "."),
-            "mypy": ("mypy",), "lint-imports": ("lint-imports",)}[tool]
+    args = {
+        "ruff": ("ruff", "check", "."),
+        "ruff-format": ("ruff", "format", "--check", "."),
+        "mypy": ("mypy",),
+        "lint-imports": ("lint-imports",),
+    }[tool]
     result = run(*args)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
 def test_http_app_imports_neither_ray_nor_the_coordinator() -> None:
-    code = ("import sys, gateway.app, gateway.server; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'coordinator', 'shard')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "import sys, gateway.app, gateway.server; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'coordinator', 'shard')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_sdk_imports_neither_fastapi_nor_ray() -> None:
-    code = ("import sys, gateway.client; "
-            "bad = [m for m in ('fastapi', 'ray', 'starlette') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "import sys, gateway.client; "
+        "bad = [m for m in ('fastapi', 'ray', 'starlette') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -11,13 +11,20 @@ from coordinator.quality import MAX_QUERIES, _shares, check_request
 
 
 def _spec(*vectors: dict[str, object]) -> CollectionSpec:
-    return CollectionSpec.from_dict({"name": "Q", "properties": [], "vectors": list(vectors),
-                                     "shard_count": 2})
+    return CollectionSpec.from_dict(
+        {"name": "Q", "properties": [], "vectors": list(vectors), "shard_count": 2}
+    )
 
 
 def test_request_defaults_and_limits() -> None:
-    one = _spec({"name": "v", "kind": "multi", "dim": 4,
-                 "index": {"kind": "scann", "options": {"recall_k": 100}}})
+    one = _spec(
+        {
+            "name": "v",
+            "kind": "multi",
+            "dim": 4,
+            "index": {"kind": "scann", "options": {"recall_k": 100}},
+        }
+    )
     assert check_request(one, None, None, 50) == ("v", 100)  # the vector's recall_k
     assert check_request(one, "v", 10, 1) == ("v", 10)
     for k, n in ((0, 10), (1_001, 10), (10, 0), (10, MAX_QUERIES + 1)):
@@ -25,8 +32,7 @@ def test_request_defaults_and_limits() -> None:
             check_request(one, "v", k, n)
     with pytest.raises(NotFound):
         check_request(one, "w", None, 10)
-    two = _spec({"name": "a", "kind": "multi", "dim": 4}, {"name": "b", "kind": "multi",
-                                                            "dim": 4})
+    two = _spec({"name": "a", "kind": "multi", "dim": 4}, {"name": "b", "kind": "multi", "dim": 4})
     with pytest.raises(InvalidInput, match="several named vectors"):
         check_request(two, None, None, 10)
     assert check_request(two, "b", None, 10) == ("b", 10)

@@ -49,8 +49,9 @@ class FaultyClient(EngineClient):
         try:
             await asyncio.wait_for(asyncio.sleep(delay), timeout_s)
         except TimeoutError:
-            raise DeadlineExceeded(f"shard {self.shard_id} did not answer in time",
-                                   {"shard": str(self.shard_id)}) from None
+            raise DeadlineExceeded(
+                f"shard {self.shard_id} did not answer in time", {"shard": str(self.shard_id)}
+            ) from None
 
     async def upsert(self, batch: Any, timeout_s: float) -> Any:
         await self._slow(self.write_delay, timeout_s)
@@ -68,8 +69,9 @@ class FaultyClient(EngineClient):
         await self._slow(self.delay, timeout_s)
         return await super().search(req, timeout_s)
 
-    async def list_objects(self, after: str | None, limit: int, include_vectors: bool,
-                           timeout_s: float) -> Any:
+    async def list_objects(
+        self, after: str | None, limit: int, include_vectors: bool, timeout_s: float
+    ) -> Any:
         self.reads += 1
         self._check()
         await self._slow(self.delay, timeout_s)
@@ -86,8 +88,12 @@ class FaultyPlacement(EnginePlacement):
     def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> FaultyClient:
         key = (spec.name, shard, replica)
         if key not in self.clients:
-            engine = ShardEngine(spec, shard, self.root / spec.name / f"{shard}-{replica}",
-                                 ShardSettings(fsync=False))
+            engine = ShardEngine(
+                spec,
+                shard,
+                self.root / spec.name / f"{shard}-{replica}",
+                ShardSettings(fsync=False),
+            )
             self.clients[key] = FaultyClient(engine, ShardId(spec.name, shard))
         client = self.clients[key]
         assert isinstance(client, FaultyClient)
@@ -95,17 +101,20 @@ class FaultyPlacement(EnginePlacement):
 
 
 def spec_raw(rf: int, shards: int = 2) -> dict[str, Any]:
-    return {"name": "Rep", "properties": [{"name": "n", "data_type": "int"}],
-            "vectors": [{"name": "v", "dim": DIM, "metric": "dot"}], "shard_count": shards,
-            "replication_factor": rf}
+    return {
+        "name": "Rep",
+        "properties": [{"name": "n", "data_type": "int"}],
+        "vectors": [{"name": "v", "dim": DIM, "metric": "dot"}],
+        "shard_count": shards,
+        "replication_factor": rf,
+    }
 
 
 class Cluster:
     def __init__(self, root: Path, rf: int, shards: int = 2, **settings: Any) -> None:
         self.store = MemoryStore()
         self.placement = FaultyPlacement(root)
-        self.coord = Coordinator(self.store, self.placement,
-                                 Settings(data_dir=root, **settings))
+        self.coord = Coordinator(self.store, self.placement, Settings(data_dir=root, **settings))
         self.rf, self.shards = rf, shards
         self.rng = np.random.default_rng(rf)
 
@@ -121,15 +130,21 @@ class Cluster:
         return self.coord.router.table.shard_sets("Rep")[shard]
 
     def objects(self, n: int, base: int = 0) -> list[ObjectInput]:
-        return [ObjectInput(str(uuid.UUID(int=int(self.rng.integers(1 << 62)) << 64 | i)),
-                            {"n": base + i},
-                            {"v": self.rng.normal(size=(int(self.rng.integers(1, 4)), DIM))
-                             .astype(np.float32)}) for i in range(n)]
+        return [
+            ObjectInput(
+                str(uuid.UUID(int=int(self.rng.integers(1 << 62)) << 64 | i)),
+                {"n": base + i},
+                {"v": self.rng.normal(size=(int(self.rng.integers(1, 4)), DIM)).astype(np.float32)},
+            )
+            for i in range(n)
+        ]
 
     def listing(self, shard: int, replica: int) -> dict[str, tuple[Any, bytes]]:
         engine = self.client(shard, replica).engine
-        return {o.uuid: (dict(o.properties), o.vectors["v"].tobytes())  # type: ignore[index]
-                for o in engine.list_objects(None, 100_000, True)}
+        return {
+            o.uuid: (dict(o.properties), o.vectors["v"].tobytes())  # type: ignore[index]
+            for o in engine.list_objects(None, 100_000, True)
+        }
 
 
 def test_quorum_math_and_levels() -> None:
@@ -241,13 +256,17 @@ async def test_catch_up_copies_updates_and_propagates_deletes(tmp_path: Path) ->
     # While it is away: new objects, replaced objects, single deletes, a delete by filter.
     fresh = c.objects(15, base=1000)
     assert all(r.ok for r in await c.coord.upsert("Rep", fresh, consistency_level="one"))
-    replaced = [ObjectInput(o.uuid, {"n": -1}, {"v": np.ones((2, DIM), np.float32)})
-                for o in objs[:5]]
+    replaced = [
+        ObjectInput(o.uuid, {"n": -1}, {"v": np.ones((2, DIM), np.float32)}) for o in objs[:5]
+    ]
     assert all(r.ok for r in await c.coord.upsert("Rep", replaced, consistency_level="one"))
     for o in objs[5:10]:
         assert await c.coord.delete_object("Rep", o.uuid or "", consistency_level="one")
-    out = await c.coord.delete_where("Rep", {"path": "n", "operator": "greater_than_equal",
-                                             "value": 1010}, consistency_level="one")
+    out = await c.coord.delete_where(
+        "Rep",
+        {"path": "n", "operator": "greater_than_equal", "value": 1010},
+        consistency_level="one",
+    )
     assert out["deleted"] == 5
     assert {r.state for s in range(2) for r in c.replicas(s).replicas[1:]} == {STALE}
     # Still down: a repair round cannot catch it up, it stays stale and serves no reads.
@@ -268,8 +287,7 @@ async def test_catch_up_copies_updates_and_propagates_deletes(tmp_path: Path) ->
         assert c.listing(s, 1) == c.listing(s, 0)
     assert c.store.placements["Rep"][(0, 1)]["state"] == READY
     total = {u for s in range(2) for u in c.listing(s, 1)}
-    expected = ({o.uuid for o in objs} - {o.uuid for o in objs[5:10]}
-                | {o.uuid for o in fresh[:10]})
+    expected = {o.uuid for o in objs} - {o.uuid for o in objs[5:10]} | {o.uuid for o in fresh[:10]}
     assert total == expected
     assert await c.coord.repair_once() == {}  # nothing left to do
 
@@ -279,14 +297,16 @@ def lose_data(c: Cluster, root: Path, shard: int, replica: int) -> None:
     refusing everything (DataLost) until cleared."""
     client = c.client(shard, replica)
     client.engine.close()
-    client.engine = ShardEngine(c.coord.spec("Rep"), shard, root / f"elsewhere-{shard}",
-                                ShardSettings(fsync=False))
+    client.engine = ShardEngine(
+        c.coord.spec("Rep"), shard, root / f"elsewhere-{shard}", ShardSettings(fsync=False)
+    )
     client.lost = f"shard Rep:{shard} was restarted on node n2 with an empty data directory"
 
 
 @pytest.mark.anyio
 async def test_a_replica_restarted_without_its_data_fails_over_and_is_refilled(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     c = Cluster(tmp_path, rf=2, shards=1)
     await c.create()
     objs = c.objects(30)
@@ -320,8 +340,7 @@ async def test_a_write_marks_a_replica_without_its_data_stale(tmp_path: Path) ->
 
 
 @pytest.mark.anyio
-async def test_a_single_replica_without_its_data_answers_data_lost_at_once(
-        tmp_path: Path) -> None:
+async def test_a_single_replica_without_its_data_answers_data_lost_at_once(tmp_path: Path) -> None:
     c = Cluster(tmp_path, rf=1, shards=1, query_timeout_s=20.0)
     await c.create()
     assert all(r.ok for r in await c.coord.upsert("Rep", c.objects(5)))
@@ -336,8 +355,11 @@ async def test_a_single_replica_without_its_data_answers_data_lost_at_once(
     assert not result.ok and (result.error or {}).get("code") == "shard_data_lost"
     assert [r.state for r in c.replicas(0).replicas] == [READY]  # nothing to catch up from
     assert await c.coord.repair_once() == {}
-    assert await c.coord.readiness() == {"ready": False, "etcd": True,
-                                         "unavailable_shards": ["Rep:0"]}
+    assert await c.coord.readiness() == {
+        "ready": False,
+        "etcd": True,
+        "unavailable_shards": ["Rep:0"],
+    }
 
 
 @pytest.mark.anyio
@@ -354,8 +376,7 @@ async def test_sync_replica_is_exact_and_idempotent(tmp_path: Path) -> None:
     stats = await sync_replica(a, b, 10.0, page=128)
     assert stats == {"compared": 600, "copied": 50, "deleted": 7}
     assert c.listing(0, 1) == c.listing(0, 0)
-    assert await sync_replica(a, b, 10.0, page=128) == {"compared": 600, "copied": 0,
-                                                        "deleted": 0}
+    assert await sync_replica(a, b, 10.0, page=128) == {"compared": 600, "copied": 0, "deleted": 0}
 
 
 @pytest.mark.anyio
@@ -391,8 +412,9 @@ async def test_query_deadline_names_the_slow_shard_or_gives_partial(tmp_path: Pa
         await c.coord.query(QueryRequest("Rep", near_vector=q, limit=30, timeout_s=0.3))
     assert loop.time() - start < 2.0
     assert err.value.details["shard"] == "Rep:1"
-    res = await c.coord.query(QueryRequest("Rep", near_vector=q, limit=30, timeout_s=0.3,
-                                           partial=True))
+    res = await c.coord.query(
+        QueryRequest("Rep", near_vector=q, limit=30, timeout_s=0.3, partial=True)
+    )
     assert res.missing_shards == (1,)
     n1 = sum(1 for o in res.objects if shard_for_uuid(o.uuid, 3) == 1)
     assert n1 == 0 and len(res.objects) > 0
@@ -433,8 +455,7 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.down = False
 
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Any) -> None:
+    async def put_placement(self, collection: str, shard: int, replica: int, info: Any) -> None:
         if self.down:
             raise Unavailable("etcd at 127.0.0.1:1 unreachable during put_placement")
         await super().put_placement(collection, shard, replica, info)

@@ -31,8 +31,9 @@ class Store:
         self.down = False
         self.writes = 0
 
-    async def put_placement(self, collection: str, shard: int, replica: int,
-                            info: Mapping[str, Any]) -> None:
+    async def put_placement(
+        self, collection: str, shard: int, replica: int, info: Mapping[str, Any]
+    ) -> None:
         if self.down:
             raise Unavailable("etcd unreachable")
         if collection not in self.collections:
@@ -47,18 +48,28 @@ class Client:
 
 
 def spec(shards: int = 2, rf: int = 2) -> CollectionSpec:
-    return CollectionSpec.from_dict({"name": "C", "shard_count": shards,
-                                     "replication_factor": rf,
-                                     "vectors": [{"name": "v", "dim": 4}]})
+    return CollectionSpec.from_dict(
+        {
+            "name": "C",
+            "shard_count": shards,
+            "replication_factor": rf,
+            "vectors": [{"name": "v", "dim": 4}],
+        }
+    )
 
 
 def open_collection(router: Router, shards: int = 2, rf: int = 2) -> None:
     clients = [[Client(s) for _ in range(rf)] for s in range(shards)]
-    entries = [ReplicaEntry(ReplicaId("C", s, r), c, node_id="n1")
-               for s, reps in enumerate(clients) for r, c in enumerate(reps)]
-    router.add_collection(spec(shards, rf), entries,
-                          [ReplicaSet.over(router, [e for e in entries if e.id.shard == s])
-                           for s in range(shards)])
+    entries = [
+        ReplicaEntry(ReplicaId("C", s, r), c, node_id="n1")
+        for s, reps in enumerate(clients)
+        for r, c in enumerate(reps)
+    ]
+    router.add_collection(
+        spec(shards, rf),
+        entries,
+        [ReplicaSet.over(router, [e for e in entries if e.id.shard == s]) for s in range(shards)],
+    )
 
 
 async def test_each_change_is_a_new_immutable_version() -> None:

@@ -14,8 +14,9 @@ from shard.search import impute_scores, search_segments
 from shard.segment import SegmentView, VectorView
 
 
-def _corpus(rng: np.random.Generator, n_docs: int, dim: int,
-            n_centers: int = 40) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def _corpus(
+    rng: np.random.Generator, n_docs: int, dim: int, n_centers: int = 40
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     centers = rng.standard_normal((n_centers, dim)).astype(np.float32)
     docs = []
     for _ in range(n_docs):
@@ -34,8 +35,9 @@ class ExactIndex:
         self.tokens = tokens
         self.n_tokens = len(tokens)
 
-    def search(self, queries: npt.NDArray[np.float32], k: int, leaves_factor: float = 1.0
-               ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    def search(
+        self, queries: npt.NDArray[np.float32], k: int, leaves_factor: float = 1.0
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         k = min(k, self.n_tokens)  # exact: every leaf is searched whatever leaves_factor
         sims = queries @ self.tokens.T
         ids = np.argsort(-sims, axis=1, kind="stable")[:, :k].astype(np.int64)
@@ -67,8 +69,9 @@ def test_imputed_scores_with_every_token_hit_are_exact_maxsim() -> None:
     sims = query @ tokens.T  # every (query row, token) pair is a hit
     q_rows = np.repeat(np.arange(5), len(tokens))
     tok2doc = np.repeat(np.arange(60), np.diff(offsets))
-    got_docs, approx = impute_scores(5, q_rows, np.tile(tok2doc, 5), sims.reshape(-1),
-                                     np.full(5, -10.0, dtype=np.float32))
+    got_docs, approx = impute_scores(
+        5, q_rows, np.tile(tok2doc, 5), sims.reshape(-1), np.full(5, -10.0, dtype=np.float32)
+    )
     np.testing.assert_array_equal(got_docs, np.arange(60))
     np.testing.assert_allclose(approx, maxsim_reference(query, docs), rtol=1e-5, atol=1e-5)
 
@@ -76,8 +79,12 @@ def test_imputed_scores_with_every_token_hit_are_exact_maxsim() -> None:
 def test_imputed_value_fills_missing_query_rows() -> None:
     # doc 7 has a hit for row 0 only; row 1 gets the imputed similarity.
     docs, approx = impute_scores(
-        2, np.array([0, 0, 1]), np.array([7, 7, 3]),
-        np.array([0.5, 0.9, 0.4], dtype=np.float32), np.array([0.1, 0.2], dtype=np.float32))
+        2,
+        np.array([0, 0, 1]),
+        np.array([7, 7, 3]),
+        np.array([0.5, 0.9, 0.4], dtype=np.float32),
+        np.array([0.1, 0.2], dtype=np.float32),
+    )
     assert list(docs) == [3, 7]
     np.testing.assert_allclose(approx, [0.1 + 0.4, 0.9 + 0.2], rtol=1e-6)
 
@@ -92,15 +99,26 @@ def test_length_shift_raises_long_documents_missing_similarities() -> None:
     # by its shift × row 1's spread.
     spread = np.array([0.0, 0.5], dtype=np.float32)
     docs, approx = impute_scores(
-        2, np.array([0, 0]), np.array([3, 9]), np.array([0.5, 0.5], dtype=np.float32),
-        np.array([0.1, 0.2], dtype=np.float32), (shift, spread))
+        2,
+        np.array([0, 0]),
+        np.array([3, 9]),
+        np.array([0.5, 0.5], dtype=np.float32),
+        np.array([0.1, 0.2], dtype=np.float32),
+        (shift, spread),
+    )
     assert list(docs) == [3, 9]
-    np.testing.assert_allclose(approx, [0.5 + 0.2 + shift[0] * 0.5, 0.5 + 0.2 + shift[1] * 0.5],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        approx, [0.5 + 0.2 + shift[0] * 0.5, 0.5 + 0.2 + shift[1] * 0.5], rtol=1e-6
+    )
     # A hit above the shifted imputed value still wins (max).
-    _, approx = impute_scores(1, np.array([0]), np.array([9]), np.array([0.9], dtype=np.float32),
-                              np.array([0.1], dtype=np.float32),
-                              (np.array([0.5], dtype=np.float32), np.array([0.2], np.float32)))
+    _, approx = impute_scores(
+        1,
+        np.array([0]),
+        np.array([9]),
+        np.array([0.9], dtype=np.float32),
+        np.array([0.1], dtype=np.float32),
+        (np.array([0.5], dtype=np.float32), np.array([0.2], np.float32)),
+    )
     np.testing.assert_allclose(approx, [0.9], rtol=1e-6)
 
 
@@ -127,12 +145,20 @@ def test_kprime_covering_every_token_gives_the_exact_ranking() -> None:
     for _ in range(10):
         query = rng.standard_normal((6, 16)).astype(np.float32)
         for k in (1, 10):
-            hits = search_segments([view], "v", query, k, allowed=[None],
-                                   k_prime=len(tokens), rerank_docs=max(4 * k, 1))
+            hits = search_segments(
+                [view],
+                "v",
+                query,
+                k,
+                allowed=[None],
+                k_prime=len(tokens),
+                rerank_docs=max(4 * k, 1),
+            )
             assert hits[0].n_candidates == max(4 * k, 1)  # only these were re-scored
             assert list(hits[0].rows) == _exact_ranking(query, docs, k)
-            np.testing.assert_allclose(hits[0].scores,
-                                       maxsim_reference(query, docs)[hits[0].rows], rtol=1e-5)
+            np.testing.assert_allclose(
+                hits[0].scores, maxsim_reference(query, docs)[hits[0].rows], rtol=1e-5
+            )
 
 
 def test_rerank_recall_floor_and_fewer_rescored_documents() -> None:
@@ -155,11 +181,18 @@ def test_rerank_recall_floor_and_fewer_rescored_documents() -> None:
         query = query.astype(np.float32)
         want = set(_exact_ranking(query, docs, 10))
         for rerank in recalls:
-            out = search_segments(views, "v", query, 10, allowed=[None] * 3, k_prime=192,
-                                  rerank_docs=rerank)
+            out = search_segments(
+                views, "v", query, 10, allowed=[None] * 3, k_prime=192, rerank_docs=rerank
+            )
             found = {parts[j][0] + int(r) for j, h in enumerate(out) for r in h.rows}
-            scores = sorted(((float(s), parts[j][0] + int(r)) for j, h in enumerate(out)
-                             for r, s in zip(h.rows, h.scores, strict=True)), reverse=True)
+            scores = sorted(
+                (
+                    (float(s), parts[j][0] + int(r))
+                    for j, h in enumerate(out)
+                    for r, s in zip(h.rows, h.scores, strict=True)
+                ),
+                reverse=True,
+            )
             top = {i for _, i in scores[:10]}
             assert top <= found
             recalls[rerank].append(len(want & top) / 10)
@@ -183,8 +216,9 @@ def test_filters_and_tombstones_keep_the_imputed_path_exact_enough() -> None:
     search_mod.EXACT_FILTER_MAX_OBJECTS = 10  # force the index path
     try:
         query = rng.standard_normal((4, 16)).astype(np.float32)
-        out = search_segments([view], "v", query, 10, allowed=[allow], k_prime=len(tokens),
-                              rerank_docs=40)
+        out = search_segments(
+            [view], "v", query, 10, allowed=[allow], k_prime=len(tokens), rerank_docs=40
+        )
     finally:
         search_mod.EXACT_FILTER_MAX_OBJECTS = old
     rows = list(out[0].rows)
@@ -207,8 +241,9 @@ def test_light_tombstones_never_return_deleted_documents() -> None:
     deleted[np.argsort(-scores)[:5]] = True  # the five best are gone
     deleted[rng.choice(300, 20, replace=False)] = True
     view = SegmentView(view.segment, view.n_objects, deleted, view.vectors)
-    out = search_segments([view], "v", query, 10, allowed=[None], k_prime=len(tokens),
-                          rerank_docs=40)
+    out = search_segments(
+        [view], "v", query, 10, allowed=[None], k_prime=len(tokens), rerank_docs=40
+    )
     live = [i for i in np.argsort(-scores, kind="stable") if not deleted[i]]
     assert list(out[0].rows) == live[:10]
 
@@ -249,8 +284,9 @@ def test_in_steps_equals_one_call_and_checks_the_deadline(monkeypatch: Any) -> N
     far = Deadline.after(60.0)
     np.testing.assert_allclose(steps(far), expected, rtol=1e-5)
     assert len(calls) > 10
-    assert all(n_q * int(lengths[lo:hi].sum()) * 16 <= 16 * 16 * 8 or hi - lo == 1
-               for n_q, lo, hi in calls)
+    assert all(
+        n_q * int(lengths[lo:hi].sum()) * 16 <= 16 * 16 * 8 or hi - lo == 1 for n_q, lo, hi in calls
+    )
     with pytest.raises(DeadlineExceeded):
         steps(Deadline.after(-1.0))
 

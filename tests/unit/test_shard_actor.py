@@ -40,11 +40,13 @@ def test_restart_with_an_empty_data_dir_refuses_until_cleared(tmp_path: Path) ->
     lost = actor.ready()["data_lost"]
     assert lost is not None and "with an empty data directory" in lost and str(path) in lost
     q = np.ones((1, 8), np.float32)
-    calls = [lambda: actor.search(VectorSearch("v", q, 5)),
-             lambda: actor.get(uid(1), False),
-             lambda: actor.list_objects(None, 10, False),
-             lambda: actor.upsert(batch([1], {"v": random_docs(rng, 1, 8)})),
-             lambda: actor.delete([uid(1)])]
+    calls = [
+        lambda: actor.search(VectorSearch("v", q, 5)),
+        lambda: actor.get(uid(1), False),
+        lambda: actor.list_objects(None, 10, False),
+        lambda: actor.upsert(batch([1], {"v": random_docs(rng, 1, 8)})),
+        lambda: actor.delete([uid(1)]),
+    ]
     for call in calls:
         with pytest.raises(DataLost, match="restarted on node"):
             call()

@@ -12,8 +12,13 @@ import numpy as np
 from cluster.types import KeywordSearch
 from tests.unit.test_shard_support import batch, drain, make_spec, open_engine, uid
 
-TEXTS = ["the quick brown fox", "a lazy dog sleeps", "quick quick fox jumps",
-         "nothing to see here", "brown dog and brown fox"]
+TEXTS = [
+    "the quick brown fox",
+    "a lazy dog sleeps",
+    "quick quick fox jumps",
+    "nothing to see here",
+    "brown dog and brown fox",
+]
 
 
 class NEquals:

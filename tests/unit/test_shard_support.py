@@ -19,25 +19,36 @@ def uid(i: int) -> str:
     return f"00000000-0000-4000-8000-{i:012x}"
 
 
-def make_spec(vectors: Sequence[Mapping[str, Any]] | None = None,
-              properties: Sequence[Mapping[str, Any]] | None = None) -> CollectionSpec:
+def make_spec(
+    vectors: Sequence[Mapping[str, Any]] | None = None,
+    properties: Sequence[Mapping[str, Any]] | None = None,
+) -> CollectionSpec:
     vecs = list(vectors or [{"name": "v", "kind": "multi", "dim": 8, "metric": "dot"}])
-    props = list(properties or [{"name": "title", "data_type": "text"},
-                                {"name": "n", "data_type": "int"}])
-    return CollectionSpec.from_dict({"name": "Test", "properties": props, "vectors": vecs,
-                                     "shard_count": 1})
+    props = list(
+        properties or [{"name": "title", "data_type": "text"}, {"name": "n", "data_type": "int"}]
+    )
+    return CollectionSpec.from_dict(
+        {"name": "Test", "properties": props, "vectors": vecs, "shard_count": 1}
+    )
 
 
 def settings(**kw: Any) -> ShardSettings:
-    base: dict[str, Any] = {"seal_threshold_tokens": 1_000_000, "brute_force_max_tokens": 1_000_000,
-                            "candidates_per_token": 32, "fsync": False,
-                            "seal_idle_s": 0.0}  # idle sealing/merging: only where a test asks
+    base: dict[str, Any] = {
+        "seal_threshold_tokens": 1_000_000,
+        "brute_force_max_tokens": 1_000_000,
+        "candidates_per_token": 32,
+        "fsync": False,
+        "seal_idle_s": 0.0,
+    }  # idle sealing/merging: only where a test asks
     base.update(kw)
     return ShardSettings(**base)
 
 
-def batch(ids: Sequence[int], vectors: Mapping[str, Sequence[np.ndarray | None]],
-          props: Sequence[Mapping[str, Any]] | None = None) -> ObjectBatch:
+def batch(
+    ids: Sequence[int],
+    vectors: Mapping[str, Sequence[np.ndarray | None]],
+    props: Sequence[Mapping[str, Any]] | None = None,
+) -> ObjectBatch:
     dims = {name: next(m.shape[1] for m in ms if m is not None) for name, ms in vectors.items()}
     return ObjectBatch(
         tuple(uid(i) for i in ids),
@@ -46,8 +57,9 @@ def batch(ids: Sequence[int], vectors: Mapping[str, Sequence[np.ndarray | None]]
     )
 
 
-def random_docs(rng: np.random.Generator, n: int, dim: int, lo: int = 1, hi: int = 8,
-                normalise: bool = False) -> list[np.ndarray]:
+def random_docs(
+    rng: np.random.Generator, n: int, dim: int, lo: int = 1, hi: int = 8, normalise: bool = False
+) -> list[np.ndarray]:
     docs = []
     for _ in range(n):
         m = rng.standard_normal((int(rng.integers(lo, hi + 1)), dim)).astype(np.float32)
@@ -57,8 +69,9 @@ def random_docs(rng: np.random.Generator, n: int, dim: int, lo: int = 1, hi: int
     return docs
 
 
-def clustered_docs(rng: np.random.Generator, n: int, dim: int, min_len: int = 8
-                   ) -> list[np.ndarray]:
+def clustered_docs(
+    rng: np.random.Generator, n: int, dim: int, min_len: int = 8
+) -> list[np.ndarray]:
     """``n`` unit-norm documents of ``min_len``–24 tokens, each drawn around 3 of 200 random
     topic centres (noise 0.35): token-ANN data with real neighbourhoods."""
     centers = rng.standard_normal((200, dim)).astype(np.float32)
@@ -66,8 +79,7 @@ def clustered_docs(rng: np.random.Generator, n: int, dim: int, min_len: int = 8
     for _ in range(n):
         topics = rng.integers(0, 200, 3)
         m = int(rng.integers(min_len, 25))
-        t = centers[rng.choice(topics, m)] + 0.35 * rng.standard_normal((m, dim)).astype(
-            np.float32)
+        t = centers[rng.choice(topics, m)] + 0.35 * rng.standard_normal((m, dim)).astype(np.float32)
         docs.append((t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32))
     return docs
 
@@ -80,8 +92,9 @@ def noisy_query(rng: np.random.Generator, doc: np.ndarray) -> np.ndarray:
     return out
 
 
-def exact_top(query: np.ndarray, docs: Mapping[str, np.ndarray | None], k: int
-              ) -> list[tuple[str, float]]:
+def exact_top(
+    query: np.ndarray, docs: Mapping[str, np.ndarray | None], k: int
+) -> list[tuple[str, float]]:
     """Ground truth: reference MaxSim over every doc, score desc then uuid asc."""
     keys = [u for u, d in docs.items() if d is not None and len(d)]
     scores = maxsim_reference(query, [docs[u] for u in keys])  # type: ignore[misc]

@@ -34,16 +34,19 @@ def test_key_layout() -> None:
     assert LAYOUT.leader == "/colshard/prod/leader"
 
 
-@pytest.mark.parametrize("call", [
-    lambda: KeyLayout("a/b"),
-    lambda: KeyLayout(""),
-    lambda: KeyLayout("../x"),
-    lambda: LAYOUT.collection("a/b"),
-    lambda: LAYOUT.placement("Docs", -1, 0),
-    lambda: LAYOUT.placement("Docs", 0, True),
-    lambda: LAYOUT.member("a/b"),
-    lambda: LAYOUT.member(""),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: KeyLayout("a/b"),
+        lambda: KeyLayout(""),
+        lambda: KeyLayout("../x"),
+        lambda: LAYOUT.collection("a/b"),
+        lambda: LAYOUT.placement("Docs", -1, 0),
+        lambda: LAYOUT.placement("Docs", 0, True),
+        lambda: LAYOUT.member("a/b"),
+        lambda: LAYOUT.member(""),
+    ],
+)
 def test_key_layout_rejects_names_that_would_escape_their_prefix(call: object) -> None:
     with pytest.raises(InvalidInput):
         call()  # type: ignore[operator]

@@ -16,8 +16,7 @@ from cluster.spec import MAX_DIM, MAX_SHARDS, CollectionSpec, NamedVectorSpec, P
 def raw_spec(**overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "name": "DemoCollection",
-        "properties": [{"name": "text", "data_type": "text"},
-                       {"name": "year", "data_type": "int"}],
+        "properties": [{"name": "text", "data_type": "text"}, {"name": "year", "data_type": "int"}],
         "vectors": [{"name": "multi_vector", "kind": "multi", "dim": 128}],
     }
     raw.update(overrides)
@@ -53,13 +52,22 @@ def test_minimal_spec_gets_defaults() -> None:
 def test_round_trip_through_dict_and_json() -> None:
     raw = raw_spec(
         vectors=[
-            vector(name="colbert", metric="dot", dtype="float16",
-                   vectorizer={"kind": "text2colbert-local", "source_properties": ["text"],
-                               "options": {"model": "colbert-ir/colbertv2.0"}},
-                   index={"kind": "muvera", "options": {"k_sim": 4}}),
+            vector(
+                name="colbert",
+                metric="dot",
+                dtype="float16",
+                vectorizer={
+                    "kind": "text2colbert-local",
+                    "source_properties": ["text"],
+                    "options": {"model": "colbert-ir/colbertv2.0"},
+                },
+                index={"kind": "muvera", "options": {"k_sim": 4}},
+            ),
             {"name": "title_vec", "kind": "single", "dim": 3},
         ],
-        shard_count=4, replication_factor=2)
+        shard_count=4,
+        replication_factor=2,
+    )
     spec = CollectionSpec.from_dict(raw)
     assert CollectionSpec.from_dict(spec.to_dict()) == spec
     assert CollectionSpec.from_json(spec.to_json()) == spec
@@ -69,9 +77,16 @@ def test_round_trip_through_dict_and_json() -> None:
 
 
 def test_vectorizer_may_leave_dim_to_the_model() -> None:
-    spec = CollectionSpec.from_dict(raw_spec(vectors=[
-        {"name": "colbert", "vectorizer": {"kind": "text2colbert-jinaai",
-                                           "source_properties": ["text"]}}]))
+    spec = CollectionSpec.from_dict(
+        raw_spec(
+            vectors=[
+                {
+                    "name": "colbert",
+                    "vectorizer": {"kind": "text2colbert-jinaai", "source_properties": ["text"]},
+                }
+            ]
+        )
+    )
     assert spec.vectors[0].dim == 0  # filled in when the collection is created
 
 
@@ -89,8 +104,9 @@ def test_specs_are_frozen() -> None:
 # ---- bad inputs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "_x", "a-b", "a b", "a/b", "../x", "é", "x" * 65,
-                                  None, 7])
+@pytest.mark.parametrize(
+    "name", ["", "1abc", "_x", "a-b", "a b", "a/b", "../x", "é", "x" * 65, None, 7]
+)
 def test_bad_collection_names(name: Any) -> None:
     invalid(raw_spec(name=name))
 
@@ -106,61 +122,85 @@ def test_dim_bounds_are_inclusive() -> None:
         assert CollectionSpec.from_dict(raw_spec(vectors=[vector(dim=dim)])).vectors[0].dim == dim
 
 
-@pytest.mark.parametrize("field,value", [
-    ("metric", "l2"), ("metric", "COSINE"), ("metric", None),
-    ("dtype", "int8"), ("dtype", "float64"),
-    ("kind", "sparse"), ("kind", "multi_vector"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("metric", "l2"),
+        ("metric", "COSINE"),
+        ("metric", None),
+        ("dtype", "int8"),
+        ("dtype", "float64"),
+        ("kind", "sparse"),
+        ("kind", "multi_vector"),
+    ],
+)
 def test_bad_vector_settings(field: str, value: Any) -> None:
     invalid(raw_spec(vectors=[vector(**{field: value})]))
 
 
-@pytest.mark.parametrize("prop", [
-    {"name": "p", "data_type": "float"},
-    {"name": "p", "data_type": None},
-    {"name": "p"},
-    {"name": "1p", "data_type": "text"},
-    {"name": "p-q", "data_type": "text"},
-    {"name": "p", "data_type": "text", "searchable": "yes"},
-    {"name": "p", "data_type": "text", "filterable": 1},
-    "p",
-])
+@pytest.mark.parametrize(
+    "prop",
+    [
+        {"name": "p", "data_type": "float"},
+        {"name": "p", "data_type": None},
+        {"name": "p"},
+        {"name": "1p", "data_type": "text"},
+        {"name": "p-q", "data_type": "text"},
+        {"name": "p", "data_type": "text", "searchable": "yes"},
+        {"name": "p", "data_type": "text", "filterable": 1},
+        "p",
+    ],
+)
 def test_bad_properties(prop: Any) -> None:
     invalid(raw_spec(properties=[prop]))
 
 
 def test_duplicate_names_are_rejected() -> None:
-    err = invalid(raw_spec(properties=[{"name": "a", "data_type": "text"},
-                                       {"name": "a", "data_type": "int"}]))
+    err = invalid(
+        raw_spec(properties=[{"name": "a", "data_type": "text"}, {"name": "a", "data_type": "int"}])
+    )
     assert err.details == {"names": ["a"]}
     err = invalid(raw_spec(vectors=[vector(name="v"), vector(name="v", dim=4)]))
     assert err.details == {"names": ["v"]}
 
 
-@pytest.mark.parametrize("raw", [
-    raw_spec(shards=2),
-    raw_spec(properties=[{"name": "t", "data_type": "text", "tokenizer": "word"}]),
-    raw_spec(vectors=[vector(distance="dot")]),
-    raw_spec(vectors=[vector(vectorizer={"kind": "none", "model": "x"})]),
-    raw_spec(vectors=[vector(index={"kind": "scann", "num_leaves": 10})]),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        raw_spec(shards=2),
+        raw_spec(properties=[{"name": "t", "data_type": "text", "tokenizer": "word"}]),
+        raw_spec(vectors=[vector(distance="dot")]),
+        raw_spec(vectors=[vector(vectorizer={"kind": "none", "model": "x"})]),
+        raw_spec(vectors=[vector(index={"kind": "scann", "num_leaves": 10})]),
+    ],
+)
 def test_unknown_fields_are_rejected(raw: dict[str, Any]) -> None:
     assert "unknown field" in invalid(raw).message
 
 
 def test_vectorizer_source_properties_must_exist() -> None:
-    err = invalid(raw_spec(vectors=[vector(vectorizer={
-        "kind": "text2colbert-local", "source_properties": ["text", "body"]})]))
+    err = invalid(
+        raw_spec(
+            vectors=[
+                vector(
+                    vectorizer={"kind": "text2colbert-local", "source_properties": ["text", "body"]}
+                )
+            ]
+        )
+    )
     assert err.details == {"vector": "v", "properties": ["body"]}
 
 
-@pytest.mark.parametrize("vectorizer", [
-    {"kind": "openai"},
-    {"kind": "none", "source_properties": "text"},
-    {"kind": "none", "source_properties": [1]},
-    {"kind": "none", "options": []},
-    "none",
-])
+@pytest.mark.parametrize(
+    "vectorizer",
+    [
+        {"kind": "openai"},
+        {"kind": "none", "source_properties": "text"},
+        {"kind": "none", "source_properties": [1]},
+        {"kind": "none", "options": []},
+        "none",
+    ],
+)
 def test_bad_vectorizers(vectorizer: Any) -> None:
     invalid(raw_spec(vectors=[vector(vectorizer=vectorizer)]))
 
@@ -170,11 +210,20 @@ def test_bad_index(index: Any) -> None:
     invalid(raw_spec(vectors=[vector(index=index)]))
 
 
-@pytest.mark.parametrize("overrides", [
-    {"shard_count": 0}, {"shard_count": MAX_SHARDS + 1}, {"shard_count": True},
-    {"shard_count": "2"}, {"replication_factor": 0}, {"replication_factor": 4},
-    {"vectors": []}, {"vectors": {}}, {"properties": {"name": "p"}},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"shard_count": 0},
+        {"shard_count": MAX_SHARDS + 1},
+        {"shard_count": True},
+        {"shard_count": "2"},
+        {"replication_factor": 0},
+        {"replication_factor": 4},
+        {"vectors": []},
+        {"vectors": {}},
+        {"properties": {"name": "p"}},
+    ],
+)
 def test_bad_collection_level_values(overrides: dict[str, Any]) -> None:
     invalid(raw_spec(**overrides))
 

@@ -136,7 +136,8 @@ def _wal_full_child(root: str, out: str) -> None:
 
 
 def test_wal_append_at_file_size_limit_fails_cleanly_and_loses_nothing(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _run_child(_wal_full_child, str(tmp_path), str(tmp_path))
     written, log = _load(tmp_path)
     results = [res for _, _, res in log]
@@ -238,8 +239,8 @@ def test_failed_seal_keeps_the_wal_and_is_retried_once_space_is_back(tmp_path: P
 
 
 def test_failed_rollback_moves_appends_to_a_new_generation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A write cut short (half the record on disk, then ENOSPC) whose rollback also fails:
     the file is abandoned and the next append goes to a new generation; replay drops the torn
     tail and keeps every acknowledged record on both sides of it."""
@@ -274,7 +275,8 @@ def test_failed_rollback_moves_appends_to_a_new_generation(
 
 
 def test_engine_write_on_full_disk_is_refused_and_changes_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(2)
     engine = open_engine(tmp_path, _spec())
     engine.upsert(batch([0, 1], {"v": random_docs(rng, 2, DIM)}))
@@ -315,7 +317,8 @@ def test_storage_errors_map_to_507_and_503_and_cross_process_boundaries() -> Non
 
 
 def test_compaction_is_invisible_to_concurrent_queries(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Queries running while segments are merged (before, during and after the swap, while
     the source files are removed) always return the exact ranking of the live objects at that
     time; deletes and replaces that land mid-merge carry over into the merged segment."""
@@ -372,8 +375,7 @@ def test_compaction_is_invisible_to_concurrent_queries(
     real_write_merged = ShardEngine._write_merged
     merges = [0]
 
-    def slow_write_merged(self: ShardEngine, segment_id: int, sources: Any,
-                          **kwargs: Any) -> Any:
+    def slow_write_merged(self: ShardEngine, segment_id: int, sources: Any, **kwargs: Any) -> Any:
         wait_for_queries(10)  # queries against the sources
         merged = real_write_merged(self, segment_id, sources, **kwargs)
         wait_for_queries(10)  # merged segment on disk, not yet swapped in
@@ -406,11 +408,13 @@ def test_compaction_is_invisible_to_concurrent_queries(
             t.join()
     assert not errors, errors[:3]
     assert merges[0] >= 1 and engine.stats().n_segments < n_before
-    assert [[h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits]
-            for q in queries] == expected(live)
+    assert [
+        [h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits] for q in queries
+    ] == expected(live)
     assert engine.count() == len(live)
     engine.close()
     engine = open_engine(tmp_path, spec, seal_threshold_tokens=1000)
-    assert [[h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits]
-            for q in queries] == expected(live)
+    assert [
+        [h.uuid for h in engine.search(VectorSearch("v", q, 15)).hits] for q in queries
+    ] == expected(live)
     engine.close()

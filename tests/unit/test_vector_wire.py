@@ -43,25 +43,32 @@ def test_nan_and_inf_travel_as_they_are_for_the_server_to_reject() -> None:
 GOOD = vector_wire.encode(np.ones((2, 4), dtype=np.float32))
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ({"base64": GOOD["base64"]}, "got keys"),
-    ({**GOOD, "dtype": "float32"}, "got keys"),
-    ({"base64": GOOD["base64"], "shape": [2, 5]}, "32 bytes decoded, shape \\[2, 5\\] needs 40"),
-    ({"base64": GOOD["base64"], "shape": [2, 4, 1]}, "shape must be"),
-    ({"base64": GOOD["base64"], "shape": []}, "shape must be"),
-    ({"base64": GOOD["base64"], "shape": "2,4"}, "shape must be"),
-    ({"base64": GOOD["base64"], "shape": [2, -4]}, "shape must be"),
-    ({"base64": GOOD["base64"], "shape": [True, 8]}, "shape must be"),
-    ({"base64": GOOD["base64"], "shape": [2.0, 4]}, "shape must be"),
-    ({"base64": GOOD["base64"], "shape": [10**12, 128]}, "needs 512000000000000"),
-    ({"base64": 12, "shape": [2, 4]}, "must be a string"),
-    ({"base64": "@@@@", "shape": [1]}, "does not decode"),
-    ({"base64": GOOD["base64"][:-1], "shape": [2, 4]}, "does not decode"),
-    ({"base64": GOOD["base64"] + " ", "shape": [2, 4]}, "does not decode"),
-    ({"base64": "üüüü", "shape": [1]}, "does not decode"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"base64": GOOD["base64"]}, "got keys"),
+        ({**GOOD, "dtype": "float32"}, "got keys"),
+        (
+            {"base64": GOOD["base64"], "shape": [2, 5]},
+            "32 bytes decoded, shape \\[2, 5\\] needs 40",
+        ),
+        ({"base64": GOOD["base64"], "shape": [2, 4, 1]}, "shape must be"),
+        ({"base64": GOOD["base64"], "shape": []}, "shape must be"),
+        ({"base64": GOOD["base64"], "shape": "2,4"}, "shape must be"),
+        ({"base64": GOOD["base64"], "shape": [2, -4]}, "shape must be"),
+        ({"base64": GOOD["base64"], "shape": [True, 8]}, "shape must be"),
+        ({"base64": GOOD["base64"], "shape": [2.0, 4]}, "shape must be"),
+        ({"base64": GOOD["base64"], "shape": [10**12, 128]}, "needs 512000000000000"),
+        ({"base64": 12, "shape": [2, 4]}, "must be a string"),
+        ({"base64": "@@@@", "shape": [1]}, "does not decode"),
+        ({"base64": GOOD["base64"][:-1], "shape": [2, 4]}, "does not decode"),
+        ({"base64": GOOD["base64"] + " ", "shape": [2, 4]}, "does not decode"),
+        ({"base64": "üüüü", "shape": [1]}, "does not decode"),
+    ],
+)
 def test_malformed_binary_vectors_are_invalid_input_naming_the_field(
-        value: dict[str, Any], message: str) -> None:
+    value: dict[str, Any], message: str
+) -> None:
     with pytest.raises(InvalidInput, match=message) as info:
         vector_wire.decode(value, "near_vector.vector")
     assert "near_vector.vector" in info.value.message
@@ -78,6 +85,7 @@ def test_the_sdk_sends_numeric_vectors_in_binary_form_and_the_rest_as_given() ->
     for odd in ([[1.0, 2.0], [3.0]], [["a", "b"]], [[[1.0]]], [True, False]):
         assert _wire_vector(odd) == odd
     assert _wire_vector(np.array([[1.0, 2.0]], dtype=np.float16)) == vector_wire.encode(
-        [[1.0, 2.0]])
+        [[1.0, 2.0]]
+    )
     huge = _wire_vector([[1e39, 1.0]])  # beyond float32: inf, which the server rejects
     assert np.isinf(vector_wire.decode(huge, "v")[0, 0])

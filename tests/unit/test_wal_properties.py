@@ -17,9 +17,13 @@ from shard.wal import WalRecord, WriteAheadLog
 
 ids = st.text(alphabet="0123456789abcdef-", min_size=1, max_size=12)
 prop_values = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63) + 1, 2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
-    st.lists(st.text(max_size=8), max_size=4))
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63) + 1, 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.lists(st.text(max_size=8), max_size=4),
+)
 properties = st.dictionaries(st.text(min_size=1, max_size=8), prop_values, max_size=4)
 
 
@@ -33,17 +37,22 @@ def batches(draw: st.DrawFn) -> ObjectBatch:
         mats: list[Any] = []
         for _ in uuids:
             n = draw(st.integers(0, 3))
-            rows = draw(st.lists(st.floats(-1e3, 1e3, width=32), min_size=n * dim,
-                                 max_size=n * dim))
+            rows = draw(
+                st.lists(st.floats(-1e3, 1e3, width=32), min_size=n * dim, max_size=n * dim)
+            )
             mats.append(None if n == 0 else np.asarray(rows, dtype=np.float32).reshape(n, dim))
         vectors[name] = VectorColumn.from_matrices(mats, dim)
     return ObjectBatch(tuple(uuids), props, vectors)
 
 
-operations = st.lists(st.one_of(
-    st.tuples(st.just("upsert"), batches()),
-    st.tuples(st.just("delete"), st.lists(ids, min_size=1, max_size=4).map(tuple)),
-    st.tuples(st.just("rotate"), st.none())), max_size=12)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("upsert"), batches()),
+        st.tuples(st.just("delete"), st.lists(ids, min_size=1, max_size=4).map(tuple)),
+        st.tuples(st.just("rotate"), st.none()),
+    ),
+    max_size=12,
+)
 
 
 def same(a: WalRecord, op: str, payload: Any) -> bool:
@@ -57,9 +66,11 @@ def same(a: WalRecord, op: str, payload: Any) -> bool:
         return False
     if sorted(got.vectors) != sorted(want.vectors):
         return False
-    return all(np.array_equal(got.vectors[n].values, want.vectors[n].values)
-               and np.array_equal(got.vectors[n].offsets, want.vectors[n].offsets)
-               for n in want.vectors)
+    return all(
+        np.array_equal(got.vectors[n].values, want.vectors[n].values)
+        and np.array_equal(got.vectors[n].offsets, want.vectors[n].offsets)
+        for n in want.vectors
+    )
 
 
 def write(directory: Path, ops: list[tuple[str, Any]]) -> list[tuple[int, str, Any]]:
@@ -97,11 +108,17 @@ def test_replay_returns_every_record_in_order(ops: list[tuple[str, Any]]) -> Non
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(st.tuples(st.just("upsert"), batches()),
-                          st.tuples(st.just("delete"),
-                                    st.lists(ids, min_size=1, max_size=3).map(tuple))),
-                min_size=1, max_size=6),
-       st.floats(0.0, 1.0))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("upsert"), batches()),
+            st.tuples(st.just("delete"), st.lists(ids, min_size=1, max_size=3).map(tuple)),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.floats(0.0, 1.0),
+)
 def test_a_cut_at_any_byte_replays_a_prefix(ops: list[tuple[str, Any]], where: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
