@@ -1,11 +1,18 @@
-"""Settings: built once at the entry point (CLI / tests) and passed down. Nothing read at import."""
+"""Settings: built once at the entry point (CLI / tests) and passed down. Nothing read at import.
+
+``settings_from`` is where the server's settings meet the environment: the CLI calls it once,
+at start, with its flags and ``os.environ`` (a flag given wins over its variable, a variable
+over the default). ``ENVIRONMENT`` lists every variable colshard reads and where.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -112,3 +119,96 @@ def node_data_dir(default: Path | str) -> Path:
     ``COLSHARD_DATA_DIR`` (set where ``ray start`` runs; workers inherit it), else ``default``
     (the coordinator's). Read when called, never at import."""
     return Path(os.environ.get(DATA_DIR_ENV) or default).resolve()
+
+
+# Every environment variable colshard reads, and where. The server's own are read once, by
+# ``settings_from`` (the CLI, at start); the others where their process starts.
+ENVIRONMENT: Mapping[str, str] = {
+    "COLSHARD_ETCD": "etcd endpoints, comma-separated (settings_from; else the embedded etcd)",
+    "COLSHARD_DATA_DIR": "data directory (settings_from; on a worker node: node_data_dir)",
+    "COLSHARD_CLUSTER_NAME": "cluster name: etcd prefix and Ray namespace (settings_from)",
+    "COLSHARD_RAY_ADDRESS": "Ray cluster to join (settings_from)",
+    "COLSHARD_SHARD_RESOURCES": "Ray resources each shard actor asks for (settings_from)",
+    "COLSHARD_VECTORIZER_REPLICAS": "encoder actors per vectorizer config (settings_from)",
+    "COLSHARD_SEAL_THRESHOLD_TOKENS": "ShardSettings.seal_threshold_tokens (settings_from)",
+    "COLSHARD_INDEX_DEFER_TOKENS": "ShardSettings.index_defer_tokens (settings_from)",
+    "COLSHARD_CALIBRATION_QUERIES": "ShardSettings.calibration_queries (settings_from)",
+    "COLSHARD_SEPARATE_GATEWAY": "serve: run the gateway in its own process (CLI)",
+    "COLSHARD_URL": "the CLI's and the SDK's server URL (CLI)",
+    "COLSHARD_API_KEY": "the CLI's and the SDK's API key (CLI, gateway.client)",
+    "COLSHARD_API_KEYS": "API keys the gateway accepts (gateway.auth, at start)",
+    "COLSHARD_API_KEYS_FILE": "the gateway's keys file (gateway.auth, at start)",
+    "COLSHARD_FAST_PATH": "0: no same-node shard calls over a local socket (cluster.localrpc)",
+    "COLSHARD_FAULT_READ_DELAY_S": "tests only: shard reads sleep this long (shard.actor)",
+    "JINAAI_APIKEY": "the Jina vectorizer's key when a request brings none",
+}
+
+
+def _int_at_least(name: str, text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {text!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """``--shard-resources`` / COLSHARD_SHARD_RESOURCES: a JSON object of Ray resource
+    amounts, e.g. ``{"colshard_shard": 1}``; empty: none. ValueError otherwise."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return {str(k): float(v) for k, v in value.items()}
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"--shard-resources must be a JSON object of numbers ({exc}): {text!r}"
+        ) from exc
+
+
+def settings_from(
+    flags: Mapping[str, Any], environ: Mapping[str, str], limit_fields: tuple[str, ...] = ()
+) -> Settings:
+    """The settings of ``colshard serve`` / ``gateway``: each flag that was given (not None),
+    else its environment variable (``ENVIRONMENT``), else the default. ``limit_fields`` are
+    Settings fields taken from the flag of the same name. ValueError for a bad value."""
+
+    def pick(flag: str, env: str) -> Any:
+        given = flags.get(flag)
+        return given if given not in (None, "") else environ.get(env) or None
+
+    etcd = str(pick("etcd", "COLSHARD_ETCD") or "")
+    shard = ShardSettings()
+    seal = pick("seal_threshold_tokens", "COLSHARD_SEAL_THRESHOLD_TOKENS")
+    if seal is not None:
+        seal = _int_at_least("seal_threshold_tokens", str(seal), 1)
+        shard = replace(shard, seal_threshold_tokens=seal)
+    defer = pick("index_defer_tokens", "COLSHARD_INDEX_DEFER_TOKENS")
+    if defer is not None:
+        shard = replace(
+            shard, index_defer_tokens=_int_at_least("index_defer_tokens", str(defer), 0)
+        )
+    calibration = pick("calibration_queries", "COLSHARD_CALIBRATION_QUERIES")
+    if calibration is not None:
+        queries = _int_at_least("calibration_queries", str(calibration), 0)
+        shard = replace(shard, calibration_queries=queries)
+    replicas = pick("vectorizer_replicas", "COLSHARD_VECTORIZER_REPLICAS")
+    return Settings(
+        data_dir=Path(pick("data_dir", "COLSHARD_DATA_DIR") or "./colshard-data").resolve(),
+        cluster_name=str(pick("cluster_name", "COLSHARD_CLUSTER_NAME") or "default"),
+        etcd_endpoints=tuple(e.strip() for e in etcd.split(",") if e.strip()),
+        ray_address=pick("ray_address", "COLSHARD_RAY_ADDRESS"),
+        host=flags.get("host", Settings.host),
+        port=flags.get("port", Settings.port),
+        max_body_bytes=int(flags.get("max_body_mb", 64)) * 1024 * 1024,
+        **{name: flags[name] for name in limit_fields if flags.get(name) is not None},
+        shard_resources=parse_resources(
+            str(pick("shard_resources", "COLSHARD_SHARD_RESOURCES") or "")
+        ),
+        vectorizer_replicas=_int_at_least("vectorizer_replicas", str(replicas or 1), 1),
+        shard=shard,
+    )

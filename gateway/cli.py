@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ids import COORDINATOR_ACTOR_NAME
-from cluster.settings import Settings, ShardSettings
+from cluster.settings import Settings, ShardSettings, settings_from
+from cluster.settings import parse_resources as settings_parse_resources
 
 log = logging.getLogger("colshard")
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -80,45 +81,12 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    etcd = args.etcd or _env("COLSHARD_ETCD") or ""
-    endpoints = tuple(e.strip() for e in etcd.split(",") if e.strip())
-    return Settings(
-        data_dir=Path(
-            args.data_dir or _env("COLSHARD_DATA_DIR", "./colshard-data") or "."
-        ).resolve(),
-        cluster_name=args.cluster_name or _env("COLSHARD_CLUSTER_NAME", "default") or "default",
-        etcd_endpoints=endpoints,
-        ray_address=args.ray_address or _env("COLSHARD_RAY_ADDRESS"),
-        host=args.host,
-        port=args.port,
-        max_body_bytes=args.max_body_mb * 1024 * 1024,
-        **{field_name: getattr(args, field_name) for field_name, _, _ in LIMIT_FLAGS},
-        shard_resources=parse_resources(
-            args.shard_resources or _env("COLSHARD_SHARD_RESOURCES") or ""
-        ),
-        vectorizer_replicas=args.vectorizer_replicas
-        or int(_env("COLSHARD_VECTORIZER_REPLICAS", "1") or "1"),
-        shard=_shard_settings(args),
-    )
-
-
-def _shard_settings(args: argparse.Namespace) -> ShardSettings:
-    """Engine settings of the shards this coordinator creates (defaults unless given)."""
-    shard = ShardSettings()
-    seal = args.seal_threshold_tokens or _env("COLSHARD_SEAL_THRESHOLD_TOKENS")
-    if seal:
-        shard = replace(shard, seal_threshold_tokens=_positive_int(str(seal)))
-    defer = args.index_defer_tokens
-    if defer is None and _env("COLSHARD_INDEX_DEFER_TOKENS"):
-        defer = _non_negative_int(str(_env("COLSHARD_INDEX_DEFER_TOKENS")))
-    if defer is not None:
-        shard = replace(shard, index_defer_tokens=defer)
-    calibration = args.calibration_queries
-    if calibration is None and _env("COLSHARD_CALIBRATION_QUERIES"):
-        calibration = _non_negative_int(str(_env("COLSHARD_CALIBRATION_QUERIES")))
-    if calibration is not None:
-        shard = replace(shard, calibration_queries=calibration)
-    return shard
+    """The server's settings from the flags and the environment, read once
+    (``cluster.settings.settings_from``); a bad value ends the CLI with its message."""
+    try:
+        return settings_from(vars(args), os.environ, tuple(f for f, _, _ in LIMIT_FLAGS))
+    except ValueError as exc:
+        raise SystemExit(f"colshard: {exc}") from exc
 
 
 def _non_negative_int(text: str) -> int:
@@ -136,19 +104,11 @@ def _positive_int(text: str) -> int:
 
 
 def parse_resources(text: str) -> dict[str, float]:
-    """``--shard-resources`` / COLSHARD_SHARD_RESOURCES: a JSON object of Ray resource
-    amounts, e.g. ``{"colshard_shard": 1}``; empty: none."""
-    if not text.strip():
-        return {}
+    """``cluster.settings.parse_resources``, ending the CLI on a bad value."""
     try:
-        value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError("not an object")
-        return {str(k): float(v) for k, v in value.items()}
-    except (ValueError, TypeError) as exc:
-        raise SystemExit(
-            f"colshard: --shard-resources must be a JSON object of numbers ({exc}): {text!r}"
-        ) from exc
+        return settings_parse_resources(text)
+    except ValueError as exc:
+        raise SystemExit(f"colshard: {exc}") from exc
 
 
 def security_from_args(args: argparse.Namespace, host: str) -> tuple[Any, ...] | None:

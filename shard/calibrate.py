@@ -53,6 +53,10 @@ SYNTH_NOISE = (0.3, 0.8)
 # default depth: such queries get recall@10 ≈ 0.90, the benchmark's own queries 0.977 -- the
 # synthetic sample errs on the safe side until real queries replace it.
 SYNTH_FROM_SOURCE = (0.75, 1.0)
+# A shard that is not idle (writes arriving) calibrates at most this often.
+BUSY_CALIBRATE_S = 60.0
+# An idle shard recalibrates when its tokens changed by this fraction (or its index did).
+RECALIBRATE_IDLE_CHANGE = 0.05
 # Recalibrate when the shard's tokens changed by this fraction since the last calibration.
 RECALIBRATE_GROWTH = 0.25
 # Real queries kept per vector; a calibration's sample takes as many of them as it can (the
@@ -237,3 +241,43 @@ class Reservoir:
     def lengths(self) -> list[int]:
         with self._lock:
             return [len(q) for q in self._items]
+
+
+def calibration_due(
+    cal: Calibration | None,
+    target_k: tuple[float, int],
+    segs: tuple[int, ...],
+    n_tokens: int,
+    *,
+    idle: bool,
+    since_last_s: float,
+    real_queries: int,
+    sample_size: int,
+) -> str | None:
+    """Why a calibrated vector, with indexed segments ``segs`` and ``n_tokens`` live tokens,
+    should be (re)calibrated now, or None: never calibrated, its target changed, its tokens
+    changed by ``RECALIBRATE_GROWTH``, or the reservoir (``real_queries``) now holds many more
+    real queries than the last sample used; once the shard is ``idle`` (an import settled),
+    also any change of its indexed segments, or of its tokens by ``RECALIBRATE_IDLE_CHANGE``.
+    While writes keep arriving, at most one calibration per ``BUSY_CALIBRATE_S``
+    (``since_last_s``: since the last one, or the shard's start)."""
+    if not idle and since_last_s < BUSY_CALIBRATE_S:
+        return None  # an import is running: calibrate once it settles, or now and then
+    target, k = target_k
+    if cal is None:
+        return "first calibration"
+    if (cal.target, cal.k) != (target, k):
+        return "target changed"
+    if abs(n_tokens - cal.n_tokens) >= RECALIBRATE_GROWTH * max(1, cal.n_tokens):
+        return f"tokens {cal.n_tokens} -> {n_tokens}"
+    if idle and (
+        segs != cal.segments
+        or abs(n_tokens - cal.n_tokens) >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)
+    ):
+        return "index changed" if segs != cal.segments else "tokens changed"
+    usable = min(real_queries, sample_size)
+    if usable > cal.real_queries and usable >= max(
+        min(RESERVOIR_MIN, sample_size), 2 * cal.real_queries
+    ):
+        return f"{usable} real queries to measure with"
+    return None

@@ -21,7 +21,8 @@ Life of a write::
 
 Idle (no write for ``seal_idle_s``): the growing segment is sealed and indexed even below
 seal_threshold_tokens once it holds brute_force_max_tokens, and merges become eager, so a shard
-converges to a few big indexed segments after an import settles (``plan_merge``).
+converges to a few big indexed segments after an import settles (``plan_merge``). When to seal,
+index and merge is decided by ``shard.maintenance.MaintenancePolicy``; this module does the work.
 
 Deferred indexing (``index_defer_tokens``): while writes keep arriving and nobody searches the
 shard, sealed segments wait unindexed (scored exactly) until together they hold that many tokens,
@@ -44,9 +45,9 @@ one token index (a shard-wide k' threshold), the others scored exactly; exact Ma
 shard-wide top ``candidates`` eligible documents by FDE score become the allow-lists of those
 segments (shard.search.fde_allow_lists), which search_segments then scores exactly.
 
-Recovery: load the manifest's segments and tombstones, then replay every WAL generation from the
-manifest's one. Replay is last-writer-wins per uuid, so it is correct even when the persisted
-tombstones already reflect some of the replayed operations.
+Recovery (the files: ``shard.manifest``): load the manifest's segments and tombstones, then
+replay every WAL generation from the manifest's one. Replay is last-writer-wins per uuid, so it
+is correct even when the persisted tombstones already reflect some of the replayed operations.
 
 Storage failures (disk full, I/O errors): a write whose WAL append fails changes nothing (the WAL
 cuts the partial record away, see shard.wal) and raises ``InsufficientStorage`` /
@@ -58,8 +59,6 @@ and is retried by the background loop (with backoff); a failed checkpoint is ret
 from __future__ import annotations
 
 import bisect
-import contextlib
-import json
 import logging
 import math
 import os
@@ -89,17 +88,31 @@ from cluster.types import (
     WriteResult,
 )
 from shard.calibrate import (
-    RECALIBRATE_GROWTH,
-    RESERVOIR_MIN,
     Calibration,
     DocSampler,
     Reservoir,
+    calibration_due,
     choose_depth,
     synthetic_queries,
 )
-from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_path, write_atomic
+from shard.codec import dir_size_bytes, fsync_dir, fsync_tree, lock_dir, remove_path
 from shard.index import ScannTokenIndex
 from shard.keyword import KeywordIndex, searchable_fields
+from shard.maintenance import MaintenancePolicy, lower_priority
+from shard.manifest import (
+    CALIBRATION_FILE,
+    Manifest,
+    SegmentEntry,
+    clean_segment_dir,
+    load_index,
+    read_calibrations,
+    read_tombstones,
+    remove_unreferenced,
+    segment_dir,
+    tombstone_file,
+    write_calibrations,
+    write_tombstones,
+)
 from shard.maxsim import maxsim_explain
 from shard.muvera import MuveraIndex, candidates_option
 from shard.search import (
@@ -122,8 +135,6 @@ from shard.wal import WriteAheadLog, storage_error
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-CALIBRATION_FILE = "calibration.json"
 # Index options that fix a vector's search depth by hand (no calibration).
 FIXED_DEPTH_OPTIONS = (
     "candidates_per_token",
@@ -132,25 +143,9 @@ FIXED_DEPTH_OPTIONS = (
     "leaves_to_search",
     "leaves_to_search_fraction",
 )
-# A shard that is not idle (writes arriving) calibrates at most this often.
-BUSY_CALIBRATE_S = 60.0
-# An idle shard recalibrates when its tokens changed by this fraction (or its index did).
-RECALIBRATE_IDLE_CHANGE = 0.05
 # Real queries start counting for a calibration's sample once the reservoir holds this many.
 REAL_LENGTHS_MIN = 16
-# Checkpoint (seal, even if small) once the WAL holds this much, e.g. after many deletes.
-WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
-# Rewrite a sealed segment whose share of tombstoned objects reaches this.
-COMPACT_DEAD_FRACTION = 0.3
-# Eager merges (segments below the seal size, or an idle shard): the merged segment holds at
-# least this many times the tokens of its largest input (see ``plan_merge``).
-EAGER_MERGE_GROWTH = 1.5
 BACKGROUND_INTERVAL_S = 0.5
-# A shard with a vector search in this many seconds indexes its sealed segments at once instead
-# of deferring (``ShardSettings.index_defer_tokens``).
-DEFER_UNLESS_SEARCHED_S = 30.0
-# How much nicer than the shard's writers and searches its background maintenance thread runs.
-MAINTENANCE_NICE = 5
 # How often the calibration thread checks whether a calibration is due.
 CALIBRATION_INTERVAL_S = 2.0
 
@@ -186,6 +181,7 @@ class ShardEngine:
         self._segments_dir = self.data_dir / "segments"
         self._wal = WriteAheadLog(self.data_dir / "wal", fsync=settings.fsync)
         self._keyword: KeywordIndex | None = None
+        self._policy = MaintenancePolicy(spec, settings)  # when to seal, index, merge
         # Recall calibration (shard.calibrate): per vector, the measured depth and a sample of
         # the real queries it has served.
         self._calibrations: dict[str, Calibration] = {}
@@ -203,30 +199,20 @@ class ShardEngine:
 
     def _recover(self) -> None:
         self._segments_dir.mkdir(parents=True, exist_ok=True)
-        manifest: dict[str, Any] = {}
-        path = self.data_dir / MANIFEST
-        if path.exists():
-            manifest = json.loads(path.read_text())
-        self._manifest_seq = int(manifest.get("seq", 0))
-        self._next_segment_id = int(manifest.get("next_segment_id", 0))
-        wal_gen = int(manifest.get("wal_generation", 0))
-        referenced: set[str] = set()
-        for entry in manifest.get("segments", []):
-            seg = self._open_segment(int(entry["id"]), entry.get("deleted"))
-            referenced.add(seg.directory.name)
-            self._sealed.append(seg)
-        for name in os.listdir(self._segments_dir):
-            if name not in referenced:  # unfinished seal/compaction, or an already merged source
-                shutil.rmtree(self._segments_dir / name, ignore_errors=True)
+        manifest = Manifest.read(self.data_dir)
+        self._manifest_seq = manifest.seq
+        self._next_segment_id = manifest.next_segment_id
+        wal_gen = manifest.wal_generation
+        for entry in manifest.segments:
+            self._sealed.append(self._open_segment(entry.id, entry.deleted))
+        remove_unreferenced(self._segments_dir, (s.directory.name for s in self._sealed))
         for seg in self._sealed:
             for row in np.flatnonzero(~seg.deleted).tolist():
                 self._place(seg.uuids[row], seg, row)
         n_sealed = len(self._loc)
         fields = searchable_fields(self.spec)
         if fields:
-            kw = self._keyword = KeywordIndex(
-                self.data_dir / "bm25", fields, manifest.get("bm25_fields")
-            )
+            kw = self._keyword = KeywordIndex(self.data_dir / "bm25", fields, manifest.bm25_fields)
             if kw.rebuilt:
                 for seg in self._sealed:
                     kw.upsert(
@@ -262,17 +248,14 @@ class ShardEngine:
     def _open_segment(self, segment_id: int, deleted_file: str | None) -> SealedSegment:
         seg = SealedSegment(segment_id, self._segment_dir(segment_id), self.spec)
         if deleted_file:
-            bits = np.fromfile(seg.directory / deleted_file, dtype=np.uint8)
-            seg.deleted = np.unpackbits(bits, count=seg.n_objects).astype(np.bool_)
+            seg.deleted = read_tombstones(seg.directory, deleted_file, seg.n_objects)
         self._persisted_masks[segment_id] = (seg.deleted, deleted_file)
-        for entry in os.listdir(seg.directory):
-            if entry.endswith(".tmp") or (entry.startswith("deleted-") and entry != deleted_file):
-                remove_path(seg.directory / entry)
+        clean_segment_dir(seg.directory, deleted_file)
         for v in self.spec.vectors:
             index_dir = seg.index_dir(v.name)
             if index_dir.is_dir():
                 try:
-                    seg.indexes[v.name] = _load_index(index_dir, v, seg.n_objects)
+                    seg.indexes[v.name] = load_index(index_dir, v, seg.n_objects)
                 except Exception:  # a bad index is rebuilt, never fatal
                     logger.warning(
                         "segment %s: cannot load index for %r; rebuilding",
@@ -284,7 +267,7 @@ class ShardEngine:
         return seg
 
     def _segment_dir(self, segment_id: int) -> Path:
-        return self._segments_dir / f"seg-{segment_id:08d}"
+        return segment_dir(self._segments_dir, segment_id)
 
     # ------------------------------------------------------------------ in-memory state
     # The _apply_* / _place helpers run under _state_lock (or single-threaded in recovery).
@@ -539,35 +522,19 @@ class ShardEngine:
 
     def _due(self, vspec: NamedVectorSpec, segs: tuple[int, ...], n_tokens: int) -> str | None:
         """Why ``vspec``, with indexed segments ``segs`` and ``n_tokens`` live tokens, should
-        be (re)calibrated now, or None: never calibrated (once it has an indexed segment), its
-        target changed, its tokens changed by ``RECALIBRATE_GROWTH``, or the reservoir now
-        holds many more real queries than the last sample used; once the shard is idle (an
-        import settled), also any change of its indexed segments, or of its tokens by
-        ``RECALIBRATE_IDLE_CHANGE``. While writes keep arriving, at most one calibration per
-        ``BUSY_CALIBRATE_S`` (from the shard's start)."""
+        be (re)calibrated now, or None (``shard.calibrate.calibration_due``)."""
         if not self._calibrates(vspec) or not segs:
             return None  # not calibrated, or searched exactly: nothing to calibrate
-        idle = self.idle()
-        if not idle and time.monotonic() - self._calibrated_at < BUSY_CALIBRATE_S:
-            return None  # an import is running: calibrate once it settles, or now and then
-        target, k = target_of(vspec.index.options)
-        cal = self._calibrations.get(vspec.name)
-        if cal is None:
-            return "first calibration"
-        if (cal.target, cal.k) != (target, k):
-            return "target changed"
-        if abs(n_tokens - cal.n_tokens) >= RECALIBRATE_GROWTH * max(1, cal.n_tokens):
-            return f"tokens {cal.n_tokens} -> {n_tokens}"
-        if idle and (
-            segs != cal.segments
-            or abs(n_tokens - cal.n_tokens) >= RECALIBRATE_IDLE_CHANGE * max(1, cal.n_tokens)
-        ):
-            return "index changed" if segs != cal.segments else "tokens changed"
-        n = self.settings.calibration_queries
-        usable = min(len(self._reservoirs[vspec.name]), n)
-        if usable > cal.real_queries and usable >= max(min(RESERVOIR_MIN, n), 2 * cal.real_queries):
-            return f"{usable} real queries to measure with"
-        return None
+        return calibration_due(
+            self._calibrations.get(vspec.name),
+            target_of(vspec.index.options),
+            segs,
+            n_tokens,
+            idle=self.idle(),
+            since_last_s=time.monotonic() - self._calibrated_at,
+            real_queries=len(self._reservoirs[vspec.name]),
+            sample_size=self.settings.calibration_queries,
+        )
 
     def recalibrate(self) -> bool:
         """Run the first calibration that is due (``calibration_due``); False if none was (or
@@ -693,31 +660,23 @@ class ShardEngine:
 
     def _persist_calibrations(self) -> None:
         with self._state_lock:
-            body = {"format": 1, "vectors": {n: c.to_dict() for n, c in self._calibrations.items()}}
-        write_atomic(
-            self.data_dir / CALIBRATION_FILE,
-            json.dumps(body, indent=1).encode(),
-            fsync=self.settings.fsync,
-        )
+            calibrations = dict(self._calibrations)
+        write_calibrations(self.data_dir, calibrations, fsync=self.settings.fsync)
 
     def _load_calibrations(self) -> None:
-        path = self.data_dir / CALIBRATION_FILE
-        if not path.exists():
-            return
         try:
-            raw = json.loads(path.read_text())
-            for name, entry in dict(raw.get("vectors", {})).items():
-                if any(v.name == name for v in self.spec.vectors):
-                    self._calibrations[name] = Calibration.from_dict(entry)
+            self._calibrations = read_calibrations(
+                self.data_dir, (v.name for v in self.spec.vectors)
+            )
         except (ValueError, KeyError, TypeError, AttributeError):  # recalibrated, never fatal
             logger.warning(
                 "shard %s:%d: unreadable %s; recalibrating",
                 self.spec.name,
                 self.shard,
-                path,
+                self.data_dir / CALIBRATION_FILE,
                 exc_info=True,
             )
-            self._calibrations.clear()
+            self._calibrations = {}
 
     def calibration_report(self) -> dict[str, dict[str, Any]]:
         """Per vector: its calibration state and figures, and the search parameters in use."""
@@ -815,7 +774,9 @@ class ShardEngine:
                 others.append(self._growing)
             n_objects = len(self._loc)
             # waiting: held back by deferred indexing (writes still arriving, too few tokens)
-            held = not self._index_due(self._waiting()[1], idle)
+            held = not self._policy.index_due(
+                self._policy.waiting(self._sealed)[1], idle, self._defer_tokens()
+            )
         n_tokens = {
             v.name: sum(s.live_tokens(v.name) for s in [*sealed, *others])
             for v in self.spec.vectors
@@ -823,7 +784,7 @@ class ShardEngine:
         index_state = {}
         for v in self.spec.vectors:
             n_index = sum(1 for s in sealed if v.name in s.indexes)
-            pending = [s for s in sealed if self._needs_index(s, v)]
+            pending = [s for s in sealed if self._policy.needs_index(s, v)]
             n_waiting = len(pending) if held else 0
             n_exact = len(sealed) - n_index - len(pending)
             index_state[v.name] = (
@@ -869,14 +830,7 @@ class ShardEngine:
         with self._write_lock, self._state_lock:
             if not self._frozen:  # else: retry a seal that failed earlier
                 g = self._growing
-                due = (
-                    g.n_tokens() >= self.settings.seal_threshold_tokens
-                    or self._wal.size_bytes() >= WAL_CHECKPOINT_BYTES
-                    # idle: the newest writes are indexed instead of scanned exactly
-                    or (
-                        g.n_tokens() >= max(1, self.settings.brute_force_max_tokens) and self.idle()
-                    )
-                )
+                due = self._policy.seal_due(g.n_tokens(), self._wal.size_bytes(), self.idle())
                 if not due or (g.n_objects == 0 and self._wal.size_bytes() == 0):
                     return False
                 new_gen = self._wal.rotate()  # first: if it fails, nothing has changed
@@ -937,31 +891,24 @@ class ShardEngine:
             if prev is not None and prev[0] is mask:
                 name = prev[1]
             elif mask.any():
-                name = f"deleted-{seq:012d}.bits"
-                write_atomic(
-                    seg.directory / name, np.packbits(mask).tobytes(), fsync=self.settings.fsync
-                )
+                name = tombstone_file(seq)
+                write_tombstones(seg.directory, name, mask, fsync=self.settings.fsync)
             else:
                 name = None
             persisted[seg.segment_id] = (mask, name)
-            entries.append({"id": seg.segment_id, "n_objects": seg.n_objects, "deleted": name})
-        manifest: dict[str, Any] = {
-            "format": 1,
-            "seq": seq,
-            "next_segment_id": next_id,
-            "wal_generation": wal_gen,
-            "segments": entries,
-            "spec": self.spec.to_dict(),
-            "shard": self.shard,
-        }
+            entries.append(SegmentEntry(seg.segment_id, seg.n_objects, name))
+        bm25_fields = None
         if self._keyword is not None:
             self._keyword.commit()  # BM25 covers everything before wal_gen (see shard.keyword)
-            manifest["bm25_fields"] = self._keyword.fields
-        write_atomic(
-            self.data_dir / MANIFEST,
-            json.dumps(manifest, indent=1).encode(),
-            fsync=self.settings.fsync,
-        )
+            bm25_fields = self._keyword.fields
+        Manifest(
+            seq,
+            next_id,
+            wal_gen,
+            tuple(entries),
+            bm25_fields,
+            {"spec": self.spec.to_dict(), "shard": self.shard},
+        ).write(self.data_dir, fsync=self.settings.fsync)
         for seg, _ in sealed:  # old tombstone files are garbage now
             prev = self._persisted_masks.get(seg.segment_id)
             if prev is not None and prev[1] and prev[1] != persisted[seg.segment_id][1]:
@@ -971,94 +918,13 @@ class ShardEngine:
         with self._write_lock:
             self._wal.remove_before(wal_gen)
 
-    def _needs_index(self, seg: SealedSegment, v: NamedVectorSpec) -> bool:
-        return (
-            v.index.kind != "flat"
-            and v.name not in seg.indexes
-            and seg.n_tokens(v.name) >= max(1, self.settings.brute_force_max_tokens)
-        )
-
-    def _waiting(self) -> tuple[list[SealedSegment], int]:
-        """The sealed segments that still need an index (oldest first) and their live tokens.
-        Caller holds ``_state_lock``."""
-        waiting = [
-            s for s in self._sealed if any(self._needs_index(s, v) for v in self.spec.vectors)
-        ]
-        return waiting, sum(map(self._segment_tokens, waiting))
-
     def _defer_tokens(self) -> int:
-        """``index_defer_tokens``, or 0 when the shard can never become idle or was searched in
-        the last ``DEFER_UNLESS_SEARCHED_S`` (its queries would scan the waiting segments
-        exactly: query latency comes first)."""
-        st = self.settings
-        if st.seal_idle_s <= 0 or (
-            time.monotonic() - self._last_search_at < DEFER_UNLESS_SEARCHED_S
-        ):
-            return 0
-        return max(0, st.index_defer_tokens)
-
-    def _segment_tokens(self, seg: SealedSegment) -> int:
-        return sum(seg.live_tokens(v.name) for v in self.spec.vectors)
-
-    def _merge_group(self, idle: bool) -> list[SealedSegment]:
-        """The sealed segments the next compaction merges (oldest first; [] = none). Caller
-        holds ``_state_lock``.
-
-        With deferred indexing and writes still arriving: the segments waiting for an index,
-        all together, once they hold ``index_defer_tokens``; otherwise size-tiered merges among
-        the others (the waiting ones are scored exactly either way, so merging them early buys
-        nothing). Idle or without deferral: ``plan_merge`` over every segment."""
-        st = self.settings
-        sealed = self._sealed
-        defer = self._defer_tokens()
-        if defer and not idle:
-            waiting, waiting_tokens = self._waiting()
-            if waiting_tokens >= defer:
-                group: list[SealedSegment] = []
-                total = 0
-                for seg in waiting:
-                    total += self._segment_tokens(seg)
-                    if group and total > st.max_segment_tokens:
-                        break
-                    group.append(seg)
-                if len(group) >= 2:
-                    return group
-            waiting_ids = {id(s) for s in waiting}
-            sealed = [s for s in sealed if id(s) not in waiting_ids]
-        sizes = [self._segment_tokens(s) for s in sealed]
-        chosen = set(
-            plan_merge(
-                sizes,
-                st.max_segment_tokens,
-                st.merge_factor - 0.5,
-                st.seal_threshold_tokens,
-                eager=idle,
-            )
-        )
-        return [s for i, s in enumerate(sealed) if i in chosen]
-
-    def _index_due(self, tokens: int, idle: bool, merged_from_indexed: bool = False) -> bool:
-        """Whether a segment of ``tokens`` tokens that needs an index gets it now (else it
-        waits, see ``index_defer_tokens``). The output of a merge of indexed segments always
-        does, so that a compaction never makes a segment exhaustively searched."""
-        defer = self._defer_tokens()
-        return not defer or idle or merged_from_indexed or tokens >= defer
+        return self._policy.defer_tokens(self._last_search_at)
 
     def _maybe_build_index(self) -> bool:
         idle = self.idle()
         with self._state_lock:
-            todo = [
-                (s, v) for s in self._sealed for v in self.spec.vectors if self._needs_index(s, v)
-            ]
-            if todo and self._defer_tokens():
-                # While writes arrive, the waiting segments are indexed once they add up; what
-                # the next compaction merges is indexed once, after the merge.
-                waiting = {id(s): s for s, _ in todo}.values()  # what _waiting() would list
-                if self._index_due(sum(map(self._segment_tokens, waiting)), idle):
-                    merging = {id(s) for s in self._merge_group(idle)}
-                    todo = [(s, v) for s, v in todo if id(s) not in merging]
-                else:
-                    todo = []
+            todo = self._policy.index_todo(self._sealed, idle, self._defer_tokens())
         if not todo:
             return False
         seg, v = todo[0]
@@ -1100,13 +966,7 @@ class ShardEngine:
         indexed before it is swapped in; writes and searches go on meanwhile."""
         idle = self.idle()
         with self._state_lock:
-            group = self._merge_group(idle)
-            if len(group) < 2:
-                group = [
-                    s
-                    for s in self._sealed
-                    if s.n_objects and s.n_live() <= (1 - COMPACT_DEAD_FRACTION) * s.n_objects
-                ][:1]
+            group = self._policy.compaction(self._sealed, idle, self._defer_tokens())
             if not group:
                 return False
             masks = [s.deleted for s in group]
@@ -1173,10 +1033,11 @@ class ShardEngine:
         try:
             merged = SealedSegment(segment_id, final, self.spec)
             # Index before the swap, so a compacted segment is never searched exhaustively
-            # (unless its inputs were not indexed either and it still waits, see _index_due).
-            if self._index_due(self._segment_tokens(merged), idle, from_indexed):
+            # (unless its inputs were not indexed either and it still waits, see index_due).
+            tokens = self._policy.segment_tokens(merged)
+            if self._policy.index_due(tokens, idle, self._defer_tokens(), from_indexed):
                 for v in self.spec.vectors:
-                    if self._needs_index(merged, v):
+                    if self._policy.needs_index(merged, v):
                         merged.indexes[v.name] = self._build_index(merged, v)
         except BaseException:  # not referenced anywhere yet: give the space back
             shutil.rmtree(final, ignore_errors=True)
@@ -1206,7 +1067,7 @@ class ShardEngine:
     def _calibration_loop(self) -> None:
         """Its own thread, so that maintenance (seals during an import) never waits for a
         calibration; niced like maintenance, and each calibration keeps to its duty cycle."""
-        _lower_priority()
+        lower_priority()
         delay = CALIBRATION_INTERVAL_S
         while not self._stop.wait(delay):
             try:
@@ -1222,7 +1083,7 @@ class ShardEngine:
                 delay = min(delay * 2, 300.0)
 
     def _background(self) -> None:
-        _lower_priority()
+        lower_priority()
         delay = BACKGROUND_INTERVAL_S
         while not self._stop.is_set():
             try:
@@ -1263,69 +1124,13 @@ class ShardEngine:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def _lower_priority() -> None:
-    """Below the writers and searches: background work uses the CPU those leave (Linux: per
-    thread; the threads a ScaNN build starts inherit it)."""
-    with contextlib.suppress(AttributeError, OSError):
-        tid = threading.get_native_id()
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + MAINTENANCE_NICE))
-
-
 class _Stopped(Exception):
     """The shard is closing: a calibration in progress gives up."""
-
-
-def plan_merge(
-    sizes: Sequence[int], max_tokens: int, growth: float, small_tokens: int, *, eager: bool = False
-) -> list[int]:
-    """Which sealed segments to merge (indexes into ``sizes``, live tokens each); [] = none.
-
-    The longest run (≥ 2) of the smallest segments whose merged size stays within
-    ``max_tokens`` and reaches ``growth`` × the largest of them -- ≈ ``growth`` similar-sized
-    segments (size-tiered). Below ``small_tokens`` (the seal size), or when ``eager`` (an idle
-    shard: converge to few big segments), ``EAGER_MERGE_GROWTH`` suffices. Either way a merge
-    at least multiplies the size of the segment a token lives in by 1.5, so a token is
-    re-written and re-indexed at most log1.5(max_tokens / its first segment's size) times."""
-    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
-    best: list[int] = []
-    total = 0
-    for m, i in enumerate(order, 1):
-        total += sizes[i]
-        if total > max_tokens:
-            break
-        need = (
-            EAGER_MERGE_GROWTH
-            if eager or sizes[i] < small_tokens
-            else max(growth, EAGER_MERGE_GROWTH)
-        )
-        if m >= 2 and total >= need * sizes[i]:
-            best = order[:m]
-    return best
 
 
 def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:
     """Named vectors the object has (zero rows = no vector under that name)."""
     return {name: m for name, m in vectors.items() if m.shape[0] > 0}
-
-
-def _load_index(
-    directory: Path, v: NamedVectorSpec, n_objects: int
-) -> ScannTokenIndex | MuveraIndex:
-    """A persisted index of the kind the spec asks for (else ValueError: it is rebuilt)."""
-    if MuveraIndex.is_muvera_dir(directory):
-        if v.index.kind != "muvera":
-            raise ValueError(f"a MUVERA index, but the index kind is {v.index.kind!r}")
-        fde = MuveraIndex.load(directory)
-        if fde.n_docs != n_objects or fde.params.dim != v.dim:
-            raise ValueError(
-                f"FDEs of {fde.n_docs} documents, dim {fde.params.dim}; the "
-                f"segment has {n_objects}, dim {v.dim}"
-            )
-        return fde
-    if v.index.kind != "scann":
-        raise ValueError(f"a ScaNN index, but the index kind is {v.index.kind!r}")
-    return ScannTokenIndex.load(directory)
 
 
 def _without_index(view: SegmentView) -> SegmentView:

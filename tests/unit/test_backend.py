@@ -15,8 +15,10 @@ from gateway.backend import Backend
 
 
 def _params(fn: Any) -> list[tuple[str, Any]]:
+    # Ray adds ``_ray_trace_ctx`` to an actor class's methods once it has made it remote.
+    skip = ("self", "_ray_trace_ctx")
     return [
-        (p.name, p.default) for p in inspect.signature(fn).parameters.values() if p.name != "self"
+        (p.name, p.default) for p in inspect.signature(fn).parameters.values() if p.name not in skip
     ]
 
 

@@ -15,7 +15,8 @@ from cluster import recall as rc
 from cluster.errors import InvalidInput
 from cluster.types import VectorSearch
 from shard import calibrate as cal
-from shard.engine import CALIBRATION_FILE, ShardEngine
+from shard.engine import ShardEngine
+from shard.manifest import CALIBRATION_FILE
 from tests.unit.test_shard_support import (
     batch,
     clustered_docs,

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from cluster.types import VectorSearch
-from shard.engine import EAGER_MERGE_GROWTH, ShardEngine, plan_merge
+from shard.engine import ShardEngine
 from shard.index import ScannTokenIndex
+from shard.maintenance import EAGER_MERGE_GROWTH, plan_merge
 from tests.unit.test_shard_support import (
     batch,
     drain,
