@@ -24,6 +24,7 @@ from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unava
 from cluster.ids import ShardId
 from cluster.localrpc import body_length, frame, unframe
 from cluster.raynode import ray_node_id
+from cluster.timing import READY_PROBE_TIMEOUT_S
 from cluster.types import (
     F32,
     KeywordSearch,
@@ -222,7 +223,7 @@ class RayShardClient:
 
     async def _quiet_ready(self) -> None:
         with contextlib.suppress(ColshardError):
-            await self.ready(5.0)
+            await self.ready(READY_PROBE_TIMEOUT_S)
 
     async def _call(self, method: str, timeout_s: float, *args: Any, retry: bool = True) -> Any:
         """Reads pass ``retry=False``: the coordinator's ReplicaSet fails them over to another

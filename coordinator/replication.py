@@ -83,6 +83,7 @@ from cluster.errors import (
     StorageError,
     Unavailable,
 )
+from cluster.timing import READY_PROBE_TIMEOUT_S
 from cluster.types import ObjectBatch, StoredObject, VectorColumn
 from coordinator.fanout import ShardClient
 from coordinator.routing import ReplicaEntry, ReplicaId, ReplicaState, Router
@@ -458,7 +459,7 @@ class ReplicaSet:
         if replica.state != STALE:
             return None
         try:
-            await replica.client.ready(min(timeout_s, 5.0))
+            await replica.client.ready(min(timeout_s, READY_PROBE_TIMEOUT_S))
         except ColshardError:
             return None  # still down; try again on the next round
         async with self.write_lock:

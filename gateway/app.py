@@ -41,6 +41,7 @@ from cluster.errors import (
 from cluster.query import Bm25Query, HybridQuery, QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec
+from cluster.timing import QUERY_ANSWER_MARGIN_S, READINESS_TIMEOUT_S
 from cluster.types import StoredObject, WriteResult
 from cluster.validation import ObjectInput
 from gateway import wire
@@ -438,7 +439,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
         try:
-            state = await backend.readiness(timeout_s=10.0)
+            state = await backend.readiness(timeout_s=READINESS_TIMEOUT_S)
         except ColshardError as exc:
             return JSONResponse({"ready": False, "error": exc.to_dict()}, status_code=503)
         return JSONResponse(state, status_code=200 if state.get("ready") else 503)
@@ -710,7 +711,7 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         # The gateway waits a little longer than the query's own deadline, so the coordinator's
         # 504 (naming the slow shard) or partial result arrives first.
         result: QueryResult = await backend.query(
-            req, timeout_s=(body.timeout or settings.query_timeout_s) + 5.0
+            req, timeout_s=(body.timeout or settings.query_timeout_s) + QUERY_ANSWER_MARGIN_S
         )
         return FastJSONResponse(query_out(result))
 
