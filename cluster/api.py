@@ -70,5 +70,19 @@ class CoordinatorAPI(Protocol):
 
     async def query(self, req: QueryRequest) -> QueryResult: ...
 
+    async def backup(
+        self, backup_id: str, collections: Sequence[str] | None = None
+    ) -> dict[str, Any]: ...
+
+    async def list_backups(self) -> list[dict[str, Any]]: ...
+
+    async def get_backup(self, backup_id: str) -> dict[str, Any]: ...
+
+    async def delete_backup(self, backup_id: str) -> None: ...
+
+    async def restore(
+        self, backup_id: str, collection: str, new_name: str | None = None
+    ) -> dict[str, Any]: ...
+
 
 VERBS: tuple[str, ...] = tuple(name for name in vars(CoordinatorAPI) if not name.startswith("_"))

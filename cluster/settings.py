@@ -109,6 +109,13 @@ class Settings:
     # batches are spread over them in parallel, queries round-robin.
     vectorizer_replicas: int = 1
     membership_interval_s: float = 2.0
+    # Where backups are written and restored from (coordinator.backups); None: <data_dir>/backups.
+    # On several nodes it must be storage every node mounts at the same path.
+    backup_dir: Path | None = None
+
+    @property
+    def backup_root(self) -> Path:
+        return Path(self.backup_dir) if self.backup_dir is not None else self.data_dir / "backups"
 
 
 DATA_DIR_ENV = "COLSHARD_DATA_DIR"
@@ -133,6 +140,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "COLSHARD_SEAL_THRESHOLD_TOKENS": "ShardSettings.seal_threshold_tokens (settings_from)",
     "COLSHARD_INDEX_DEFER_TOKENS": "ShardSettings.index_defer_tokens (settings_from)",
     "COLSHARD_CALIBRATION_QUERIES": "ShardSettings.calibration_queries (settings_from)",
+    "COLSHARD_BACKUP_DIR": "where backups are written and restored from (settings_from)",
     "COLSHARD_SEPARATE_GATEWAY": "serve: run the gateway in its own process (CLI)",
     "COLSHARD_URL": "the CLI's and the SDK's server URL (CLI)",
     "COLSHARD_API_KEY": "the CLI's and the SDK's API key (CLI, gateway.client)",
@@ -197,6 +205,7 @@ def settings_from(
         queries = _int_at_least("calibration_queries", str(calibration), 0)
         shard = replace(shard, calibration_queries=queries)
     replicas = pick("vectorizer_replicas", "COLSHARD_VECTORIZER_REPLICAS")
+    backup_dir = pick("backup_dir", "COLSHARD_BACKUP_DIR")
     return Settings(
         data_dir=Path(pick("data_dir", "COLSHARD_DATA_DIR") or "./colshard-data").resolve(),
         cluster_name=str(pick("cluster_name", "COLSHARD_CLUSTER_NAME") or "default"),
@@ -211,4 +220,5 @@ def settings_from(
         ),
         vectorizer_replicas=_int_at_least("vectorizer_replicas", str(replicas or 1), 1),
         shard=shard,
+        backup_dir=Path(backup_dir).resolve() if backup_dir else None,
     )

@@ -282,6 +282,25 @@ class CoordinatorActor:
         assert self._membership is not None
         return await self._membership.tick()
 
+    async def backup(
+        self, backup_id: str, collections: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        return await (await self._core()).backup(backup_id, collections)
+
+    async def list_backups(self) -> list[dict[str, Any]]:
+        return await (await self._core()).list_backups()
+
+    async def get_backup(self, backup_id: str) -> dict[str, Any]:
+        return await (await self._core()).get_backup(backup_id)
+
+    async def delete_backup(self, backup_id: str) -> None:
+        await (await self._core()).delete_backup(backup_id)
+
+    async def restore(
+        self, backup_id: str, collection: str, new_name: str | None = None
+    ) -> dict[str, Any]:
+        return await (await self._core()).restore(backup_id, collection, new_name)
+
 
 if TYPE_CHECKING:  # mypy checks that the actor serves every verb the gateway calls
     _API: type[CoordinatorAPI] = CoordinatorActor

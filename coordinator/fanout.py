@@ -60,6 +60,8 @@ class ShardClient(Protocol):
     ) -> list[F32]: ...
     async def drop(self, timeout_s: float) -> None: ...
     async def clear_lost(self, timeout_s: float) -> str | None: ...
+    async def backup(self, dest: str, timeout_s: float) -> dict[str, Any]: ...
+    async def restore(self, src: str, timeout_s: float) -> dict[str, Any]: ...
 
 
 def map_ray_error(exc: BaseException, what: str, details: dict[str, Any]) -> ColshardError:
@@ -297,6 +299,14 @@ class RayShardClient:
 
     async def clear_lost(self, timeout_s: float) -> str | None:
         result: str | None = await self._call("clear_lost", timeout_s)
+        return result
+
+    async def backup(self, dest: str, timeout_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("backup", timeout_s, dest, retry=False)
+        return result
+
+    async def restore(self, src: str, timeout_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("restore", timeout_s, src, retry=False)
         return result
 
 

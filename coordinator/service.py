@@ -46,7 +46,7 @@ from cluster.validation import (
     prepare_batch,
     prepare_columnar,
 )
-from coordinator import quality, views
+from coordinator import backups, quality, views
 from coordinator.fanout import ShardClient, gather_shards
 from coordinator.queries import Reads, Shards, parse_filter, spec_in
 from coordinator.replication import (
@@ -115,6 +115,7 @@ class Coordinator:
         self.reads = Reads(self.router, settings, self._vectorizers)
         self._schema_lock = asyncio.Lock()
         self._quality_lock = asyncio.Lock()  # one recall report at a time
+        self._backup_lock = asyncio.Lock()  # one backup or restore at a time
         self._repair_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -512,6 +513,72 @@ class Coordinator:
                 after = page[-1].uuid
             log.info("delete_where %s shard %d: %d matched", collection, s, matched)
         return {"matched": matched, "deleted": deleted, "dry_run": dry_run}
+
+    # ---- backups (coordinator.backups) -------------------------------------------------------
+
+    async def backup(
+        self, backup_id: str, collections: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """A consistent copy of ``collections`` (None: all) as backup ``backup_id``; one
+        backup or restore at a time (429 otherwise)."""
+        backups.check_id(backup_id)
+        if self._backup_lock.locked():
+            raise TooManyRequests(
+                "a backup or restore is running; one runs at a time", {"id": backup_id}
+            )
+        async with self._backup_lock:
+            return await backups.take(
+                self._settings.backup_root,
+                backup_id,
+                collections,
+                self.router.table,
+                self._settings.write_timeout_s,
+            )
+
+    async def list_backups(self) -> list[dict[str, Any]]:
+        return backups.list_infos(self._settings.backup_root)
+
+    async def get_backup(self, backup_id: str) -> dict[str, Any]:
+        return backups.read_info(self._settings.backup_root, backup_id)
+
+    async def delete_backup(self, backup_id: str) -> None:
+        if self._backup_lock.locked():
+            raise TooManyRequests(
+                "a backup or restore is running; try again when it is done", {"id": backup_id}
+            )
+        backups.remove(self._settings.backup_root, backup_id)
+
+    async def restore(
+        self, backup_id: str, collection: str, new_name: str | None = None
+    ) -> dict[str, Any]:
+        """Collection ``collection`` of backup ``backup_id``, restored as ``new_name`` (else
+        its own name, which must be free): created, then filled from the copy. A restore that
+        fails drops what it created."""
+        root = self._settings.backup_root
+        info = backups.read_info(root, backup_id)
+        raw = backups.restored_spec(info, collection, new_name)
+        if self._backup_lock.locked():
+            raise TooManyRequests(
+                "a backup or restore is running; one runs at a time", {"id": backup_id}
+            )
+        async with self._backup_lock:
+            spec = await self.create_collection(raw)
+            try:
+                return await backups.fill(
+                    root,
+                    info,
+                    collection,
+                    spec,
+                    self.router.table.shard_sets(spec.name),
+                    self._settings.write_timeout_s,
+                )
+            except Exception:
+                log.exception(
+                    "restoring %s from backup %s failed; dropping it", spec.name, backup_id
+                )
+                with contextlib.suppress(Exception):
+                    await self.delete_collection(spec.name)
+                raise
 
     # ---- reads (coordinator.queries) ----------------------------------------------------------
 

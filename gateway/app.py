@@ -38,6 +38,7 @@ from cluster.errors import (
     PayloadTooLarge,
     error_from_dict,
 )
+from cluster.ids import validate_collection_name
 from cluster.query import Bm25Query, HybridQuery, QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec
@@ -508,6 +509,45 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
     async def delete_collection(name: str) -> dict[str, Any]:
         await backend.delete_collection(name, timeout_s=settings.write_timeout_s)
         return {"deleted": name}
+
+    # ---- backups (admin) ---------------------------------------------------------------------
+
+    @app.post("/v1/backups", tags=["backups"], status_code=201)
+    async def create_backup(body: wire.BackupIn) -> dict[str, Any]:
+        """A consistent copy of the collections (each one cut while none of its writes is in
+        flight) under the server's backup directory; returns when it is written. One backup
+        or restore at a time (429 otherwise); an id that exists is 409."""
+        info: dict[str, Any] = await backend.backup(
+            body.id, body.collections, timeout_s=settings.write_timeout_s
+        )
+        return info
+
+    @app.get("/v1/backups", tags=["backups"])
+    async def list_backups() -> dict[str, Any]:
+        return {"backups": await backend.list_backups()}
+
+    @app.get("/v1/backups/{backup_id}", tags=["backups"])
+    async def get_backup(backup_id: str) -> dict[str, Any]:
+        """A backup's state (running, done, failed), its collections, specs and sizes."""
+        info: dict[str, Any] = await backend.get_backup(backup_id)
+        return info
+
+    @app.delete("/v1/backups/{backup_id}", tags=["backups"])
+    async def delete_backup(backup_id: str) -> dict[str, Any]:
+        await backend.delete_backup(backup_id)
+        return {"deleted": backup_id}
+
+    @app.post("/v1/backups/{backup_id}/restore", tags=["backups"], status_code=201)
+    async def restore_backup(backup_id: str, body: wire.RestoreIn) -> dict[str, Any]:
+        """Create collection ``name`` (default: the backed-up one's own name; 409 if it
+        exists) from the backup's copy of ``collection``, with exactly the writes acknowledged
+        before the backup's cut."""
+        if body.name is not None:
+            validate_collection_name(body.name)
+        out: dict[str, Any] = await backend.restore(
+            backup_id, body.collection, body.name, timeout_s=settings.write_timeout_s
+        )
+        return out
 
     # ---- objects ---------------------------------------------------------------------------
 

@@ -194,6 +194,8 @@ def required_role(method: str, path: str) -> Role | None:
         return None
     if path == "/v1/cluster" or path.startswith("/v1/cluster/"):
         return Role.admin  # node addresses, pids and data directories
+    if path == "/v1/backups" or path.startswith("/v1/backups/"):
+        return Role.admin  # every collection's data
     if method in ("GET", "HEAD", "OPTIONS"):
         return Role.reader
     if method == "POST" and _QUERY_PATH.match(path):

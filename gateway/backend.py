@@ -168,3 +168,33 @@ class Backend:
 
     async def query(self, req: QueryRequest, *, timeout_s: float | None = None) -> QueryResult:
         return await self._call(CoordinatorAPI.query, (req,), timeout_s)
+
+    async def backup(
+        self,
+        backup_id: str,
+        collections: Sequence[str] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(CoordinatorAPI.backup, (backup_id, collections), timeout_s)
+
+    async def list_backups(self, *, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        return await self._call(CoordinatorAPI.list_backups, (), timeout_s)
+
+    async def get_backup(self, backup_id: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._call(CoordinatorAPI.get_backup, (backup_id,), timeout_s)
+
+    async def delete_backup(self, backup_id: str, *, timeout_s: float | None = None) -> None:
+        await self._call(CoordinatorAPI.delete_backup, (backup_id,), timeout_s)
+
+    async def restore(
+        self,
+        backup_id: str,
+        collection: str,
+        new_name: str | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(
+            CoordinatorAPI.restore, (backup_id, collection, new_name), timeout_s
+        )

@@ -610,6 +610,35 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 200 else 1
 
 
+def _answer(response: Any) -> int:
+    """Print a JSON answer (errors to stderr); 0 for a 2xx, 1 otherwise, 2 when unreachable."""
+    if response is None:
+        return 2
+    ok = 200 <= response.status_code < 300
+    print(json.dumps(response.json(), indent=2), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """``colshard backup create|list|show|delete``: /v1/backups."""
+    if args.action != "list" and not args.id:
+        print(f"colshard backup {args.action}: give the backup's id", file=sys.stderr)
+        return 2
+    if args.action == "create":
+        body = {"id": args.id, "collections": args.collection}
+        return _answer(_request(args, "POST", "/v1/backups", 3600.0, json=body))
+    if args.action == "list":
+        return _answer(_request(args, "GET", "/v1/backups", 60.0))
+    method = "GET" if args.action == "show" else "DELETE"
+    return _answer(_request(args, method, f"/v1/backups/{args.id}", 60.0))
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """``colshard restore ID COLLECTION [--as NAME]``."""
+    body = {"collection": args.collection, "name": args.new_name}
+    return _answer(_request(args, "POST", f"/v1/backups/{args.id}/restore", 3600.0, json=body))
+
+
 def cmd_quality(args: argparse.Namespace) -> int:
     """The recall report of a collection: measured recall@k, collection-wide and per shard."""
     params: dict[str, Any] = {"queries": args.queries}
@@ -795,6 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
             "COLSHARD_CALIBRATION_QUERIES)",
         )
         p.add_argument(
+            "--backup-dir",
+            help="where backups are written and restored from; on several nodes, storage "
+            "every node mounts at this path (default <data dir>/backups; env "
+            "COLSHARD_BACKUP_DIR)",
+        )
+        p.add_argument(
             "--vectorizer-replicas",
             type=_positive_int,
             default=None,
@@ -821,6 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("query", "run a query"),
         ("import", "import a Parquet file"),
         ("quality", "measure a collection's recall@k against exact MaxSim"),
+        ("backup", "back up collections, or list / show / delete backups"),
+        ("restore", "restore a collection from a backup"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
@@ -860,6 +897,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--queries", type=int, default=50, help="sample queries (1..500)")
             p.add_argument("--seed", type=int, help="sample seed (default: the time)")
             p.add_argument("--json", action="store_true", help="the raw report")
+        if name == "backup":
+            p.add_argument("action", choices=("create", "list", "show", "delete"))
+            p.add_argument("id", nargs="?", help="the backup's id (create, show, delete)")
+            p.add_argument(
+                "--collection", action="append", help="collection to back up (default: all)"
+            )
+        if name == "restore":
+            p.add_argument("id")
+            p.add_argument("collection", help="the backed-up collection")
+            p.add_argument("--as", dest="new_name", help="restore under this name")
     load = sub.add_parser("load", help="drive a running gateway with concurrent clients")
     load.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
     load.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
@@ -922,6 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "import": cmd_import,
         "load": cmd_load,
         "quality": cmd_quality,
+        "backup": cmd_backup,
+        "restore": cmd_restore,
     }
     try:
         return commands[args.command](args)

@@ -112,6 +112,20 @@ class DeleteManyIn(Strict):
     )
 
 
+class BackupIn(Strict):
+    id: str = Field(description="^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$; names the backup")
+    collections: list[str] | None = Field(
+        None, description="collections to back up (default: every collection)"
+    )
+
+
+class RestoreIn(Strict):
+    collection: str = Field(description="the backed-up collection to restore")
+    name: str | None = Field(
+        None, description="restore under this name (default: its own, which must be free)"
+    )
+
+
 class DeleteManyOut(BaseModel):
     matched: int
     deleted: int

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import localrpc
-from cluster.errors import DataLost
+from cluster.errors import DataLost, NotFound
 from cluster.raynode import ray_node_id, ray_runtime_context
 from cluster.settings import ShardSettings, node_data_dir
 from cluster.spec import CollectionSpec
@@ -55,6 +56,7 @@ from cluster.types import (
 from shard import kernels
 from shard.engine import ShardEngine
 from shard.fastpath import FastPathServer
+from shard.manifest import MANIFEST
 from shard.metrics import ShardMetrics
 
 GAUGE_INTERVAL_S = 10.0
@@ -216,6 +218,27 @@ class ShardActor:
         stats = replace(self._engine.stats(), pid=os.getpid())
         self._metrics.record_stats(stats)
         return stats if self._lost is None else replace(stats, data_lost=self._lost)
+
+    def backup(self, dest: str) -> dict[str, Any]:
+        """A consistent copy of this shard at ``dest`` (``ShardEngine.backup``)."""
+        self._serving()
+        return self._engine.backup(Path(dest))
+
+    def restore(self, src: str) -> dict[str, Any]:
+        """Replace this shard's data with the backup copy at ``src`` and serve it: the engine
+        closes (calls meanwhile fail over or retry), the copy replaces the data directory and
+        the engine reopens from it (recovery replays the copy's WAL, rebuilds BM25)."""
+        source = Path(src)
+        if not (source / MANIFEST).exists() and not (source / "wal").is_dir():
+            raise NotFound(f"no shard backup at {source}", {"path": str(source)})
+        settings = self._engine.settings
+        self._engine.close()
+        shutil.rmtree(self._data_dir, ignore_errors=True)
+        shutil.copytree(source, self._data_dir, copy_function=shutil.copy2)
+        self._engine = ShardEngine(self._spec, self._shard, self._data_dir, settings)
+        self._engine.start_background()
+        self._lost = None
+        return {"objects": self._engine.count()}
 
     def drop(self) -> None:
         self._stop.set()

@@ -72,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.errors import Unavailable
+from cluster.errors import InvalidInput, Unavailable
 from cluster.recall import interval, recall_at, target_of
 from cluster.settings import ShardSettings
 from cluster.spec import CollectionSpec, NamedVectorSpec
@@ -101,6 +101,7 @@ from shard.keyword import KeywordIndex, searchable_fields
 from shard.maintenance import MaintenancePolicy, lower_priority
 from shard.manifest import (
     CALIBRATION_FILE,
+    MANIFEST,
     Manifest,
     SegmentEntry,
     clean_segment_dir,
@@ -146,6 +147,8 @@ FIXED_DEPTH_OPTIONS = (
 # Real queries start counting for a calibration's sample once the reservoir holds this many.
 REAL_LENGTHS_MIN = 16
 BACKGROUND_INTERVAL_S = 0.5
+# A backup's staging directory inside the data dir (left over by a crash: removed at open).
+BACKUP_STAGING_PREFIX = "backup-staging-"
 # How often the calibration thread checks whether a calibration is due.
 CALIBRATION_INTERVAL_S = 2.0
 
@@ -199,6 +202,9 @@ class ShardEngine:
 
     def _recover(self) -> None:
         self._segments_dir.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(self.data_dir):  # a backup interrupted by a crash
+            if name.startswith(BACKUP_STAGING_PREFIX):
+                shutil.rmtree(self.data_dir / name, ignore_errors=True)
         manifest = Manifest.read(self.data_dir)
         self._manifest_seq = manifest.seq
         self._next_segment_id = manifest.next_segment_id
@@ -1044,6 +1050,54 @@ class ShardEngine:
             raise
         return merged
 
+    # ------------------------------------------------------------------ backup
+
+    def backup(self, dest: Path) -> dict[str, Any]:
+        """Write a copy of this shard to ``dest`` (a new directory) that ``ShardEngine`` opens
+        with exactly the writes acknowledged before the call: the manifest on disk, the
+        segments it names, every WAL generation it replays from and the calibrations.
+
+        Maintenance and writes wait only while the copy is staged: segment files never change
+        once written, so they are hard-linked into a staging directory beside the data; the
+        WAL is copied (its last file is still appended to). The staged copy is then moved or
+        copied to ``dest`` with writes and searches going on. The BM25 index is not copied: a
+        restored shard rebuilds it from the segments and the WAL. Returns what was copied."""
+        self._check_open()
+        dest = Path(dest)
+        if dest.exists():
+            raise InvalidInput(f"backup destination {dest} exists", {"path": str(dest)})
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.data_dir / f"{BACKUP_STAGING_PREFIX}{os.getpid()}-{time.time_ns()}"
+        try:
+            with self._maint_lock, self._write_lock:
+                self._check_open()
+                manifest = Manifest.read(self.data_dir)
+                staging.mkdir()
+                for name in (MANIFEST, CALIBRATION_FILE):
+                    if (self.data_dir / name).exists():
+                        os.link(self.data_dir / name, staging / name)
+                for entry in manifest.segments:
+                    src = self._segment_dir(entry.id)
+                    shutil.copytree(
+                        src, staging / "segments" / src.name, copy_function=_link_or_copy
+                    )
+                (staging / "segments").mkdir(exist_ok=True)
+                shutil.copytree(self._wal.directory, staging / "wal")
+                n_objects = len(self._loc)
+            try:
+                os.rename(staging, dest)  # same filesystem: done
+            except OSError:
+                shutil.copytree(staging, dest)
+                if self.settings.fsync:
+                    fsync_tree(dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {
+            "objects": n_objects,
+            "segments": len(manifest.segments),
+            "bytes": dir_size_bytes(dest),
+        }
+
     # ------------------------------------------------------------------ lifecycle
 
     def start_background(self) -> None:
@@ -1126,6 +1180,13 @@ class ShardEngine:
 
 class _Stopped(Exception):
     """The shard is closing: a calibration in progress gives up."""
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or no hard links there
+        shutil.copy2(src, dst)
 
 
 def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:

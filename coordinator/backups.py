@@ -1,0 +1,199 @@
+"""Backups: a consistent copy of collections to the backup root, and restoring one.
+
+Layout under the backup root (``Settings.backup_root``: ``--backup-dir``, default
+``<data_dir>/backups``)::
+
+    <id>/backup.json             {"id", "created", "finished", "state": running|done|failed,
+                                  "error", "collections": {name: {"spec", "objects",
+                                  "shards": [{"shard", "objects", "segments", "bytes"}]}}}
+    <id>/<collection>/shard-<s>/ a shard's data directory (shard.engine.ShardEngine.backup)
+
+The cut: while a collection is copied the coordinator holds the write lock of every one of its
+shards (``ReplicaSet.write_lock``: a write holds it until every replica answered), so no write
+of that collection is in flight and each shard's copy holds exactly the writes acknowledged
+before the cut; writes arriving meanwhile wait (the shards stage their copy by hard links, so
+the wait is short) and are not in the backup. Collections are cut one after another.
+
+Restore creates the collection (under its own name or a new one) with the backed-up spec, then
+every replica of every shard replaces its empty data with the shard's copy and reopens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import AlreadyExists, ColshardError, InternalError, InvalidInput, NotFound
+from cluster.spec import CollectionSpec
+from coordinator.fanout import ShardClient
+from coordinator.queries import Shards, spec_in
+from coordinator.routing import RoutingTable
+
+log = logging.getLogger(__name__)
+
+BACKUP_FILE = "backup.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_id(backup_id: str) -> str:
+    if not isinstance(backup_id, str) or not _ID.match(backup_id) or ".." in backup_id:
+        raise InvalidInput(
+            "a backup id is 1-128 letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit",
+            {"id": backup_id},
+        )
+    return backup_id
+
+
+def _write_info(path: Path, info: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_info(root: Path, backup_id: str) -> dict[str, Any]:
+    path = root / check_id(backup_id) / BACKUP_FILE
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"backup {backup_id!r} does not exist", {"id": backup_id}) from None
+    except ValueError as exc:
+        raise InternalError(f"backup {backup_id!r}: unreadable {BACKUP_FILE}: {exc}") from exc
+    return info
+
+
+def list_infos(root: Path) -> list[dict[str, Any]]:
+    """Every backup under ``root`` (oldest first), without the specs."""
+    out = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if (entry / BACKUP_FILE).exists():
+                with contextlib.suppress(ColshardError):
+                    info = read_info(root, entry.name)
+                    info["collections"] = {
+                        n: {"objects": c.get("objects", 0), "shards": len(c.get("shards", []))}
+                        for n, c in info.get("collections", {}).items()
+                    }
+                    out.append(info)
+    return sorted(out, key=lambda i: float(i.get("created", 0)))
+
+
+async def _all_write_locks(shards: Shards) -> contextlib.AsyncExitStack:
+    stack = contextlib.AsyncExitStack()
+    for rs in shards:  # always in shard order: two cuts cannot deadlock
+        await stack.enter_async_context(rs.write_lock)
+    return stack
+
+
+async def take(
+    root: Path, backup_id: str, names: Sequence[str] | None, table: RoutingTable, timeout_s: float
+) -> dict[str, Any]:
+    """Back up ``names`` (None: every collection) of ``table`` to ``root/backup_id``."""
+    dest = root / check_id(backup_id)
+    chosen = sorted(table.specs) if names is None else list(dict.fromkeys(names))
+    specs = [spec_in(table, n) for n in chosen]  # NotFound before anything is written
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir()
+    except FileExistsError:
+        raise AlreadyExists(f"backup {backup_id!r} exists", {"id": backup_id}) from None
+    info: dict[str, Any] = {
+        "id": backup_id,
+        "created": time.time(),
+        "state": "running",
+        "collections": {},
+    }
+    _write_info(dest / BACKUP_FILE, info)
+    try:
+        for spec in specs:
+            shards = table.shard_sets(spec.name)
+            async with await _all_write_locks(shards):
+                copies = await asyncio.gather(
+                    *(
+                        rs.read(_backup_to(dest / spec.name / f"shard-{s}"), timeout_s)
+                        for s, rs in enumerate(shards)
+                    )
+                )
+            info["collections"][spec.name] = {
+                "spec": spec.to_dict(),
+                "objects": sum(int(c.get("objects", 0)) for c in copies),
+                "shards": [{"shard": s, **c} for s, c in enumerate(copies)],
+            }
+            _write_info(dest / BACKUP_FILE, info)
+        info.update(state="done", finished=time.time())
+    except ColshardError as exc:
+        info.update(state="failed", finished=time.time(), error=exc.to_dict())
+        raise
+    finally:
+        _write_info(dest / BACKUP_FILE, info)
+    log.warning("backup %s of %s done: %s", backup_id, chosen, info["collections"].keys())
+    return info
+
+
+def _backup_to(dest: Path) -> Callable[[ShardClient, float], Awaitable[dict[str, Any]]]:
+    async def call(client: ShardClient, timeout_s: float) -> dict[str, Any]:
+        return await client.backup(str(dest), timeout_s)
+
+    return call
+
+
+def restored_spec(info: Mapping[str, Any], collection: str, new_name: str | None) -> dict[str, Any]:
+    """The spec a restore creates: the backed-up one, under ``new_name`` when given."""
+    entry = info.get("collections", {}).get(collection)
+    if info.get("state") != "done":
+        raise InvalidInput(
+            f"backup {info.get('id')!r} is {info.get('state')}: only a finished backup restores",
+            {"id": info.get("id"), "state": info.get("state")},
+        )
+    if entry is None:
+        raise NotFound(
+            f"backup {info.get('id')!r} holds no collection {collection!r}",
+            {"id": info.get("id"), "collection": collection},
+        )
+    return {**entry["spec"], "name": new_name or collection}
+
+
+async def fill(
+    root: Path,
+    info: Mapping[str, Any],
+    collection: str,
+    spec: CollectionSpec,
+    shards: Shards,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Every replica of every shard of the new collection ``spec`` takes its shard's copy."""
+    entry = info["collections"][collection]
+    if len(shards) != len(entry["shards"]):
+        raise InternalError(
+            f"backup has {len(entry['shards'])} shards of {collection!r}, the new collection "
+            f"{len(shards)}"
+        )
+    src = root / str(info["id"]) / collection
+    async with await _all_write_locks(shards):
+        done = await asyncio.gather(
+            *(
+                r.client.restore(str(src / f"shard-{s}"), timeout_s)
+                for s, rs in enumerate(shards)
+                for r in rs.replicas
+            )
+        )
+    rf = max(1, spec.replication_factor)
+    return {
+        "collection": spec.name,
+        "from": {"backup": info["id"], "collection": collection},
+        "objects": sum(int(d.get("objects", 0)) for d in done) // rf,
+    }
+
+
+def remove(root: Path, backup_id: str) -> None:
+    read_info(root, backup_id)  # NotFound
+    shutil.rmtree(root / backup_id)
