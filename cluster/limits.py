@@ -17,6 +17,8 @@ tokens per query vector    max_query_tokens             422    4,096
 ``limit`` / ``offset``     max_limit                    422    10,000
 filter depth / nodes       max_filter_depth / _nodes    422    16 / 1,024
 shards per collection      max_shards                   422    256
+collections per cluster    max_collections              422    1,000 (checked by the
+                                                               coordinator, which knows them)
 properties / named vectors max_properties / max_vectors 422    1,024 / 64
 objects to vectorize       max_vectorize_objects        413    2,000 (checked by the
                                                                coordinator, which knows the
@@ -175,3 +177,14 @@ def check_collection(body: dict[str, Any], settings: Settings) -> None:
                 f"vector {vec.get('name')!r}: dim {dim} exceeds the limit of {settings.max_dim}",
                 {"limit": "max_dim", "max": settings.max_dim, "got": dim},
             )
+
+
+def check_collection_count(existing: int, settings: Settings) -> None:
+    """A new collection fits under ``max_collections`` (the coordinator counts them)."""
+    cap = settings.max_collections
+    if existing >= cap:
+        raise InvalidInput(
+            f"the cluster holds {existing} collections, the limit is {cap}; drop one first "
+            f"or raise --max-collections",
+            {"limit": "max_collections", "max": cap, "got": existing + 1},
+        )

@@ -80,6 +80,7 @@ class Settings:
     max_filter_depth: int = 16
     max_filter_nodes: int = 1_024
     max_shards: int = 256
+    max_collections: int = 1_000
     # A collection's spec is one etcd value (etcd's default request limit: 1.5 MiB): these keep
     # it far below that (a property is ~100 bytes of JSON, a named vector ~300).
     max_properties: int = 1_024

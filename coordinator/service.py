@@ -238,6 +238,8 @@ class Coordinator:
         spec = CollectionSpec.from_dict(raw)
         spec = await self._fill_vectorizer_dims(spec)
         async with self._schema_lock:
+            if spec.name not in self.router.table.specs:  # else: AlreadyExists, below
+                limits.check_collection_count(len(self.router.table.specs), self._settings)
             await self._store.create_collection(spec)  # AlreadyExists if present (transaction)
             try:
                 await self._open_collection(spec)

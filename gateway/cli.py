@@ -56,6 +56,7 @@ LIMIT_FLAGS: tuple[tuple[str, type, str | None], ...] = (
     ("max_filter_depth", int, None),
     ("max_filter_nodes", int, None),
     ("max_shards", int, "most shards a new collection may have"),
+    ("max_collections", int, "most collections the cluster may hold"),
     ("max_properties", int, "most properties a collection may have"),
     ("max_vectors", int, "most named vectors a collection may have"),
     (

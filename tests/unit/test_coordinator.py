@@ -272,6 +272,22 @@ def test_schema_errors(coordinator: Coordinator) -> None:
         coordinator.spec("Docs")
 
 
+def test_collections_per_cluster_are_capped(tmp_path: Path) -> None:
+    placement = EnginePlacement(tmp_path)
+    coord = Coordinator(MemoryStore(), placement, Settings(data_dir=tmp_path, max_collections=2))
+    small = {"name": "A", "vectors": [{"name": "v", "dim": 4}], "shard_count": 1}
+    run(coord.create_collection(small))
+    run(coord.create_collection({**small, "name": "B"}))
+    with pytest.raises(InvalidInput, match="limit is 2") as err:
+        run(coord.create_collection({**small, "name": "C"}))
+    assert err.value.details["limit"] == "max_collections"
+    with pytest.raises(AlreadyExists):  # a duplicate is still a duplicate, not a limit
+        run(coord.create_collection({**small, "name": "A"}))
+    assert [s.name for s in run(coord.list_collections())] == ["A", "B"]
+    run(coord.delete_collection("B"))
+    run(coord.create_collection({**small, "name": "C"}))  # room again
+
+
 def test_delete_where(coordinator: Coordinator) -> None:
     _ids, _ = load(coordinator)
     flt = {"path": "text", "operator": "like", "value": "alpha*"}

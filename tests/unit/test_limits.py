@@ -122,6 +122,8 @@ def test_every_limit_has_a_cli_flag() -> None:
             "9",
             "--max-shards",
             "3",
+            "--max-collections",
+            "5",
             "--max-query-tokens",
             "7",
             "--max-tokens-per-object",
@@ -137,6 +139,7 @@ def test_every_limit_has_a_cli_flag() -> None:
         s.max_query_tokens,
         s.max_tokens_per_object,
     ) == (64, 4, 9, 3, 7, 0)
+    assert s.max_collections == 5
 
 
 def test_shard_engine_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
