@@ -772,6 +772,33 @@ class Client:
         out: dict[str, Any] = self._http.request("GET", "/v1/cluster")
         return out
 
+    # ---- backups (admin key; docs/deploy.md "Backup and restore") ----------------------------
+
+    def backup(self, backup_id: str, collections: Sequence[str] | None = None) -> dict[str, Any]:
+        """Back up ``collections`` (None: all) as ``backup_id``; returns the backup's info."""
+        body = {"id": backup_id, "collections": list(collections) if collections else None}
+        out: dict[str, Any] = self._http.request("POST", "/v1/backups", json=body)
+        return out
+
+    def backups(self) -> list[dict[str, Any]]:
+        out: dict[str, Any] = self._http.request("GET", "/v1/backups")
+        return list(out["backups"])
+
+    def get_backup(self, backup_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._http.request("GET", f"/v1/backups/{backup_id}")
+        return out
+
+    def delete_backup(self, backup_id: str) -> None:
+        self._http.request("DELETE", f"/v1/backups/{backup_id}")
+
+    def restore(self, backup_id: str, collection: str, name: str | None = None) -> dict[str, Any]:
+        """Restore ``collection`` of backup ``backup_id``, as ``name`` (default: its own)."""
+        body = {"collection": collection, "name": name}
+        out: dict[str, Any] = self._http.request(
+            "POST", f"/v1/backups/{backup_id}/restore", json=body
+        )
+        return out
+
     def close(self) -> None:
         self._http_client.close()
 

@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
+from cluster.errors import AlreadyExists, NotFound
+from gateway.client import Client
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.integration
@@ -166,6 +168,19 @@ def test_cli_backup_and_restore(
         assert json.loads(capsys.readouterr().out)["objects"] == 20
         assert main(["restore", bid, name, *url]) == 1  # the name is taken: 409
         assert "exists" in capsys.readouterr().err
+        # The SDK speaks the same routes.
+        with Client(colshard_server.url) as sdk:
+            assert sdk.get_backup(bid)["state"] == "done"
+            assert bid in [b["id"] for b in sdk.backups()]
+            with pytest.raises(AlreadyExists):
+                sdk.restore(bid, name)
+            assert sdk.restore(bid, name, f"{name}C")["objects"] == 20
+            again = sdk.backup(f"{bid}-2", [f"{name}C"])
+            assert again["collections"][f"{name}C"]["objects"] == 20
+            sdk.delete_backup(f"{bid}-2")
+            with pytest.raises(NotFound):
+                sdk.get_backup(f"{bid}-2")
+        http.delete(f"/v1/collections/{name}C")
         assert main(["backup", "delete", bid, *url]) == 0
         for c in (name, f"{name}B"):
             http.delete(f"/v1/collections/{c}")
