@@ -39,6 +39,11 @@ _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 Shards = Sequence[ReplicaSet]  # one collection's shards, from one snapshot
 
 
+def target(table: RoutingTable, name: str) -> tuple[CollectionSpec, Shards]:
+    """Collection ``name``'s spec and shards, from the one snapshot ``table``."""
+    return spec_in(table, name), table.shard_sets(name)
+
+
 def spec_in(table: RoutingTable, name: str) -> CollectionSpec:
     """The spec of collection ``name`` in ``table``; NotFound when it is not served."""
     validate_collection_name(name)
@@ -76,9 +81,7 @@ class Reads:
         self._vectorizers = vectorizers
 
     def _read(self, collection: str) -> tuple[CollectionSpec, Shards]:
-        table = self._router.table
-        spec = spec_in(table, collection)
-        return spec, table.shard_sets(collection)
+        return target(self._router.table, collection)
 
     def _query_timeout(self, requested: float | None) -> float:
         """The query deadline: the request's ``timeout`` within (0, max_query_timeout_s], or

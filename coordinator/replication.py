@@ -177,11 +177,11 @@ class Replica:
 
     @property
     def last_ok_seq(self) -> int:
-        return self.entry().last_ok_seq
+        return self._router.last_ok_seq(self.id)
 
     @last_ok_seq.setter
     def last_ok_seq(self, value: int) -> None:
-        self._router.update(self.id, last_ok_seq=value, persist=False)
+        self._router.applied(self.id, value)
 
 
 @dataclass

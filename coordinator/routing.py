@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -80,7 +80,6 @@ class ReplicaEntry:
     id: ReplicaId
     client: ShardClient
     sync: ReplicaState = ReplicaState.READY  # READY or STALE
-    last_ok_seq: int = 0  # sequence of the last write it applied
     actor: str = ""
     node_id: str = ""
     host: str = ""
@@ -92,15 +91,16 @@ class ReplicaEntry:
         """What it is shown as: unavailable during an outage, else its sync state."""
         return ReplicaState.UNAVAILABLE if self.outage is not None else self.sync
 
-    def record(self) -> dict[str, Any]:
-        """Its placement record in etcd (``cluster.etcd_store`` ``placements/...``)."""
+    def record(self, last_ok_seq: int) -> dict[str, Any]:
+        """Its placement record in etcd (``cluster.etcd_store`` ``placements/...``), with the
+        sequence of the last write it applied (``Router.last_ok_seq``)."""
         out: dict[str, Any] = {
             "actor": self.actor,
             "node_id": self.node_id,
             "host": self.host,
             "pid": self.pid,
             "state": str(self.state),
-            "last_ok_seq": self.last_ok_seq,
+            "last_ok_seq": last_ok_seq,
         }
         if self.outage is not None:
             out.update(
@@ -161,6 +161,10 @@ class Router:
         self._table = RoutingTable()
         self._dirty: set[ReplicaId] = set()
         self._flush_lock = asyncio.Lock()
+        # Per replica, the sequence of the last write it applied: replication progress, changed
+        # by every write, so kept beside the table (no new snapshot per write) and written with
+        # the replica's next placement record.
+        self._seqs: dict[ReplicaId, int] = {}
 
     @property
     def table(self) -> RoutingTable:
@@ -190,10 +194,15 @@ class Router:
     # ---- schema ------------------------------------------------------------------------------
 
     def add_collection(
-        self, spec: CollectionSpec, entries: Sequence[ReplicaEntry], sets: Sequence[ReplicaSet]
+        self,
+        spec: CollectionSpec,
+        entries: Sequence[ReplicaEntry],
+        sets: Sequence[ReplicaSet],
+        last_ok_seqs: Mapping[ReplicaId, int] | None = None,
     ) -> None:
-        """A collection is served: its spec, every replica's entry and the shards' sets. Its
-        records are marked to write (``flush``)."""
+        """A collection is served: its spec, every replica's entry (and the last write each
+        applied, as recorded before) and the shards' sets. Its records are marked to write
+        (``flush``)."""
         replicas = {k: v for k, v in self._table.replicas.items() if k.collection != spec.name}
         replicas.update((e.id, e) for e in entries)
         self._commit(
@@ -201,6 +210,7 @@ class Router:
             replicas=replicas,
             sets={**self._table.sets, spec.name: tuple(sets)},
         )
+        self._seqs.update(last_ok_seqs or {})
         self._dirty.update(e.id for e in entries)
 
     def put_entries(self, entries: Iterable[ReplicaEntry]) -> None:
@@ -216,14 +226,26 @@ class Router:
             sets={k: v for k, v in self._table.sets.items() if k != name},
         )
         self._dirty = {k for k in self._dirty if k.collection != name}
+        self._seqs = {k: v for k, v in self._seqs.items() if k.collection != name}
 
     # ---- replicas ----------------------------------------------------------------------------
 
-    def update(self, rid: ReplicaId, *, persist: bool = True, **changes: Any) -> bool:
+    def last_ok_seq(self, rid: ReplicaId) -> int:
+        return self._seqs.get(rid, 0)
+
+    def applied(self, rid: ReplicaId, seq: int) -> None:
+        """Replica ``rid`` applied the write with sequence ``seq`` (no new snapshot, nothing
+        written now: its next placement record carries it)."""
+        self._seqs[rid] = seq
+
+    def record(self, entry: ReplicaEntry) -> dict[str, Any]:
+        """``entry``'s placement record, with its last applied write."""
+        return entry.record(self.last_ok_seq(entry.id))
+
+    def update(self, rid: ReplicaId, **changes: Any) -> bool:
         """Change one replica's entry (``ReplicaEntry`` fields); True if anything changed. A
-        change to its placement record is written to etcd in the background unless
-        ``persist`` is False (``last_ok_seq`` after each write: written with the next
-        record). Unknown replicas (the collection was dropped meanwhile) are ignored."""
+        change to its placement record is written to etcd in the background. Unknown replicas
+        (the collection was dropped meanwhile) are ignored."""
         entry = self._table.replicas.get(rid)
         if entry is None:
             return False
@@ -231,7 +253,7 @@ class Router:
         if new == entry:
             return False
         self._commit(replicas={**self._table.replicas, rid: new})
-        if persist and new.record() != entry.record():
+        if new.record(0) != entry.record(0):
             self._dirty.add(rid)
             self._flush_soon()
         return True
@@ -265,7 +287,7 @@ class Router:
                 try:
                     await asyncio.wait_for(
                         self._store.put_placement(
-                            rid.collection, rid.shard, rid.replica, entry.record()
+                            rid.collection, rid.shard, rid.replica, self.record(entry)
                         ),
                         self._write_timeout_s,
                     )
@@ -301,20 +323,17 @@ def outage_ended(router: Router, rid: ReplicaId, where: Mapping[str, Any]) -> bo
     )
 
 
-def placements_view(
-    table: RoutingTable, collections: Iterable[str] | None = None
-) -> dict[str, Any]:
+def placements_view(table: RoutingTable, last_ok_seq: Callable[[ReplicaId], int]) -> dict[str, Any]:
     """``/v1/cluster``'s ``collections`` from one snapshot: per collection its shape and every
-    replica's placement record."""
-    names = sorted(table.specs) if collections is None else list(collections)
+    replica's placement record (with ``last_ok_seq(replica)``)."""
     out: dict[str, Any] = {}
-    for name in names:
+    for name in sorted(table.specs):
         spec = table.specs[name]
         out[name] = {
             "shard_count": spec.shard_count,
             "replication_factor": spec.replication_factor,
             "placements": [
-                {"shard": e.id.shard, "replica": e.id.replica, **e.record()}
+                {"shard": e.id.shard, "replica": e.id.replica, **e.record(last_ok_seq(e.id))}
                 for e in table.entries(name)
             ],
         }

@@ -48,7 +48,7 @@ from cluster.validation import (
 )
 from coordinator import backups, quality, views
 from coordinator.fanout import ShardClient, gather_shards
-from coordinator.queries import Reads, Shards, parse_filter, spec_in
+from coordinator.queries import Reads, Shards, parse_filter, spec_in, target
 from coordinator.replication import (
     STALE,
     ConsistencyLevel,
@@ -138,6 +138,7 @@ class Coordinator:
         # Replicas recorded as stale (they missed writes) stay stale until caught up.
         known = await self._store.get_placements(spec.name)
         entries = []
+        seqs: dict[ReplicaId, int] = {}
         it = iter(infos)
         for s, reps in enumerate(shards):
             for r, client in enumerate(reps):
@@ -149,12 +150,13 @@ class Coordinator:
                 elif info.get("data_lost") and spec.replication_factor > 1:
                     log.warning("%s", info["data_lost"])
                     sync = ReplicaState.STALE  # the repair loop refills it from a ready one
+                rid = ReplicaId(spec.name, s, r)
+                seqs[rid] = int(before.get("last_ok_seq", 0) or 0)
                 entries.append(
                     ReplicaEntry(
-                        ReplicaId(spec.name, s, r),
+                        rid,
                         client,
                         sync,
-                        last_ok_seq=int(before.get("last_ok_seq", 0) or 0),
                         actor=client.shard_id.actor_name(
                             r if spec.replication_factor > 1 else None
                         ),
@@ -168,7 +170,7 @@ class Coordinator:
             ReplicaSet.over(self.router, entries[s * rf : (s + 1) * rf])
             for s in range(spec.shard_count)
         ]
-        self.router.add_collection(spec, entries, sets)
+        self.router.add_collection(spec, entries, sets, seqs)
         await self.router.flush(raise_errors=True)
 
     async def flush_placements(self) -> int:
@@ -272,9 +274,7 @@ class Coordinator:
         return spec_in(self.router.table, name)
 
     def _target(self, name: str) -> tuple[CollectionSpec, Shards]:
-        """A collection's spec and shards, from one snapshot."""
-        table = self.router.table
-        return spec_in(table, name), table.shard_sets(name)
+        return target(self.router.table, name)
 
     async def list_collections(self) -> list[CollectionSpec]:
         specs = self.router.table.specs
@@ -524,10 +524,7 @@ class Coordinator:
         """A consistent copy of ``collections`` (None: all) as backup ``backup_id``; one
         backup or restore at a time (429 otherwise)."""
         backups.check_id(backup_id)
-        if self._backup_lock.locked():
-            raise TooManyRequests(
-                "a backup or restore is running; one runs at a time", {"id": backup_id}
-            )
+        self._no_backup_running(backup_id)
         async with self._backup_lock:
             return await backups.take(
                 self._settings.backup_root,
@@ -537,6 +534,13 @@ class Coordinator:
                 self._settings.write_timeout_s,
             )
 
+    def _no_backup_running(self, backup_id: str) -> None:
+        if self._backup_lock.locked():  # one backup or restore at a time
+            raise TooManyRequests(
+                "a backup or restore is running; one runs at a time, try again when it is done",
+                {"id": backup_id},
+            )
+
     async def list_backups(self) -> list[dict[str, Any]]:
         return backups.list_infos(self._settings.backup_root)
 
@@ -544,10 +548,7 @@ class Coordinator:
         return backups.read_info(self._settings.backup_root, backup_id)
 
     async def delete_backup(self, backup_id: str) -> None:
-        if self._backup_lock.locked():
-            raise TooManyRequests(
-                "a backup or restore is running; try again when it is done", {"id": backup_id}
-            )
+        self._no_backup_running(backup_id)
         backups.remove(self._settings.backup_root, backup_id)
 
     async def restore(
@@ -559,10 +560,7 @@ class Coordinator:
         root = self._settings.backup_root
         info = backups.read_info(root, backup_id)
         raw = backups.restored_spec(info, collection, new_name)
-        if self._backup_lock.locked():
-            raise TooManyRequests(
-                "a backup or restore is running; one runs at a time", {"id": backup_id}
-            )
+        self._no_backup_running(backup_id)
         async with self._backup_lock:
             spec = await self.create_collection(raw)
             try:
@@ -602,7 +600,8 @@ class Coordinator:
         counts, from one snapshot of the routing table."""
         table = self.router.table
         members = await self._store.list_members()
-        return views.cluster_view(table, members, await views.replica_stats(table))
+        stats = await views.replica_stats(table)
+        return views.cluster_view(table, members, stats, self.router.last_ok_seq)
 
     async def readiness(self) -> dict[str, Any]:
         """etcd reachable and every shard of every collection has a replica that is available

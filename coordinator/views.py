@@ -5,7 +5,7 @@ available replica."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cluster.timing import STATS_TIMEOUT_S
@@ -41,11 +41,14 @@ async def replica_stats(
 
 
 def cluster_view(
-    table: RoutingTable, members: Mapping[str, Any], stats: Mapping[ReplicaId, Mapping[str, Any]]
+    table: RoutingTable,
+    members: Mapping[str, Any],
+    stats: Mapping[ReplicaId, Mapping[str, Any]],
+    last_ok_seq: Callable[[ReplicaId], int],
 ) -> dict[str, Any]:
     """Members, placements (with ``stats`` overlaid), per-collection object counts (a shard
     counts its fullest answering replica) and the unavailable shards."""
-    collections = placements_view(table)
+    collections = placements_view(table, last_ok_seq)
     for name, col in collections.items():
         per_shard: dict[int, int] = {}
         for p in col["placements"]:

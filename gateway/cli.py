@@ -601,14 +601,9 @@ def _request(
 
 def cmd_query(args: argparse.Namespace) -> int:
     body = query_body(args)
-    response = _request(args, "POST", f"/v1/collections/{args.collection}/query", 120.0, json=body)
-    if response is None:
-        return 2
-    print(
-        json.dumps(response.json(), indent=2),
-        file=sys.stdout if response.status_code == 200 else sys.stderr,
+    return _answer(
+        _request(args, "POST", f"/v1/collections/{args.collection}/query", 120.0, json=body)
     )
-    return 0 if response.status_code == 200 else 1
 
 
 def _answer(response: Any) -> int:

@@ -107,7 +107,7 @@ async def world() -> tuple[Store, Agents, list[Client], MembershipMonitor]:
 
 
 def view(monitor: MembershipMonitor, stats: Any) -> dict[str, Any]:
-    return cluster_view(monitor._router.table, {}, stats)
+    return cluster_view(monitor._router.table, {}, stats, monitor._router.last_ok_seq)
 
 
 async def settled(monitor: MembershipMonitor) -> None:
