@@ -50,6 +50,11 @@ class ShardSettings:
     # approximate score (ANN hits, imputed similarity where a query token has no hit) are
     # re-scored with exact MaxSim; 0 re-scores every candidate (then k' ≈ 128 is enough).
     rerank_docs: int = 300
+    # Of the documents in lossy-coded segments (a vector's int8 / residual codec) that keep
+    # their originals, the best max(final_rerank_docs, 4·k) by their code scores (shard-wide)
+    # are re-ranked by exact MaxSim on the originals (a cold file: these few documents are all
+    # a query reads of it); 0: none, the code scores stand.
+    final_rerank_docs: int = 100
     # Both are the values for a shard of up to 640k tokens / 20k objects (of the searched
     # vector); a larger shard uses value × (size / reference) ** candidates_scale_exponent
     # (shard.search.scaled_candidates). 0: no scaling.

@@ -5,7 +5,7 @@ Wire/etcd form of a collection::
     {"name": "DemoCollection",
      "properties": [{"name": "text", "data_type": "text", "searchable": true, "filterable": true}],
      "vectors": [{"name": "multi_vector", "kind": "multi", "dim": 128, "metric": "cosine",
-                  "dtype": "float32",
+                  "dtype": "float32", "codec": {"kind": "float32"},
                   "vectorizer": {"kind": "none", "source_properties": [], "options": {}},
                   "index": {"kind": "scann", "options": {}}}],
      "shard_count": 2, "replication_factor": 1, "routing": 2}
@@ -37,6 +37,10 @@ DATA_TYPES: tuple[str, ...] = ("text", "text[]", "int", "number", "boolean", "da
 Metric = Literal["dot", "cosine"]
 VectorKind = Literal["multi", "single"]
 StorageDtype = Literal["float32", "float16"]
+CodecKind = Literal["float32", "float16", "int8", "residual"]
+CODEC_KINDS: tuple[str, ...] = ("float32", "float16", "int8", "residual")
+RESIDUAL_BITS: tuple[int, ...] = (2, 4)
+DEFAULT_RESIDUAL_BITS = 4
 VECTORIZERS: tuple[str, ...] = ("none", "text2colbert-local", "text2colbert-jinaai")
 INDEX_KINDS: tuple[str, ...] = ("scann", "muvera", "flat")
 # ``muvera`` index options (shard.muvera): default and inclusive integer range of each. The
@@ -223,6 +227,85 @@ def muvera_fde_dim(options: Mapping[str, Any], dim: int) -> int:
 
 
 @dataclass(frozen=True)
+class CodecSpec:
+    """How a named vector's tokens are stored in sealed segments (shard.tokencodec).
+
+    ``float32`` / ``float16``: as they are, in the vector's ``dtype``; ``int8``: one byte per
+    dimension with a per-dimension scale; ``residual``: the nearest of the segment's k-means
+    centroids plus a ``bits``-bit (2 or 4) quantised residual per dimension (ColBERTv2-style).
+    int8 and residual are lossy: searches score the codes. With ``originals`` (the default) the
+    vectors as written are also kept, in a cold file that queries never read: fetch,
+    replication catch-up, backups and re-encoding use them, so nothing is lost; without, fetch
+    returns the decoded values (marked ``vectors_lossy``). Recent writes (the WAL and the
+    growing segment) keep ``dtype``."""
+
+    kind: CodecKind = "float32"
+    bits: int = 0  # residual only
+    originals: bool = True  # lossy codecs only
+
+    @property
+    def lossy(self) -> bool:
+        return self.kind in ("int8", "residual")
+
+    @classmethod
+    def from_raw(cls, raw: Any, vector: str, dtype: str | None) -> CodecSpec:
+        """``raw``: absent (the ``dtype``), a kind name, or ``{"kind", "bits"}``."""
+        if raw is None:
+            return cls(cast(CodecKind, dtype or "float32"))
+        if isinstance(raw, str):
+            raw = {"kind": raw}
+        _require(
+            isinstance(raw, Mapping),
+            f"vector {vector!r}: codec must be a kind name or an object",
+            vector=vector,
+        )
+        _check_keys("codec", raw, {"kind", "bits", "originals"})
+        kind = raw.get("kind")
+        _require(
+            kind in CODEC_KINDS,
+            f"vector {vector!r}: codec kind must be one of {list(CODEC_KINDS)}",
+            vector=vector,
+            kind=kind,
+        )
+        if kind in ("float32", "float16"):
+            _require(
+                dtype is None or dtype == kind,
+                f"vector {vector!r}: codec {kind} conflicts with dtype {dtype}",
+                vector=vector,
+            )
+        bits = raw.get("bits")
+        if kind == "residual":
+            bits = DEFAULT_RESIDUAL_BITS if bits is None else bits
+            _require(
+                bits in RESIDUAL_BITS and not isinstance(bits, bool),
+                f"vector {vector!r}: residual codec bits must be one of {list(RESIDUAL_BITS)}",
+                vector=vector,
+                bits=bits,
+            )
+        else:
+            _require(
+                bits is None,
+                f"vector {vector!r}: bits applies to the residual codec only",
+                vector=vector,
+            )
+        originals = raw.get("originals", True)
+        _require(
+            isinstance(originals, bool),
+            f"vector {vector!r}: codec originals must be true or false",
+            vector=vector,
+        )
+        return cls(cast(CodecKind, kind), int(bits or 0), originals)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "residual":
+            out["bits"] = self.bits
+        if self.lossy:
+            out["originals"] = self.originals
+        return out
+
+
+@dataclass(frozen=True)
 class NamedVectorSpec:
     """One named vector. ``multi`` vectors are (n_tokens, dim) matrices scored with MaxSim;
     ``single`` vectors are stored as a 1-row matrix, so MaxSim reduces to the plain dot."""
@@ -234,6 +317,11 @@ class NamedVectorSpec:
     dtype: StorageDtype = "float32"
     vectorizer: VectorizerSpec = field(default_factory=VectorizerSpec)
     index: IndexSpec = field(default_factory=IndexSpec)
+    codec: CodecSpec = field(default_factory=CodecSpec)
+
+    def __post_init__(self) -> None:
+        if self.codec.kind in ("float32", "float16") and self.codec.kind != self.dtype:
+            object.__setattr__(self, "codec", CodecSpec(self.dtype))
 
     @property
     def multi(self) -> bool:
@@ -243,7 +331,9 @@ class NamedVectorSpec:
     def from_dict(cls, raw: Mapping[str, Any]) -> NamedVectorSpec:
         _require(isinstance(raw, Mapping), "a named vector must be an object")
         _check_keys(
-            "vector", raw, {"name", "kind", "dim", "metric", "dtype", "vectorizer", "index"}
+            "vector",
+            raw,
+            {"name", "kind", "dim", "metric", "dtype", "codec", "vectorizer", "index"},
         )
         name = validate_field_name("vector", raw.get("name", ""))
         kind = raw.get("kind", "multi")
@@ -270,12 +360,15 @@ class NamedVectorSpec:
             f"vector {name!r}: metric must be dot or cosine",
             vector=name,
         )
-        dtype = raw.get("dtype", "float32")
+        given_dtype = raw.get("dtype")
         _require(
-            dtype in ("float32", "float16"),
+            given_dtype in (None, "float32", "float16"),
             f"vector {name!r}: dtype must be float32 or float16",
             vector=name,
         )
+        codec = CodecSpec.from_raw(raw.get("codec"), name, given_dtype)
+        # a float16 codec stores float16 throughout; a lossy codec's recent writes keep dtype
+        dtype = given_dtype or ("float16" if codec.kind == "float16" else "float32")
         index = IndexSpec.from_dict(raw.get("index"))
         if index.kind == "muvera":
             fde_dim = muvera_fde_dim(index.options, int(cast(int, dim)))
@@ -294,6 +387,7 @@ class NamedVectorSpec:
             cast(StorageDtype, dtype),
             vectorizer,
             index,
+            codec,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,6 +397,7 @@ class NamedVectorSpec:
             "dim": self.dim,
             "metric": self.metric,
             "dtype": self.dtype,
+            "codec": self.codec.to_dict(),
             "vectorizer": self.vectorizer.to_dict(),
             "index": self.index.to_dict(),
         }

@@ -166,6 +166,8 @@ class StoredObject:
     uuid: str
     properties: Mapping[str, Any]
     vectors: Mapping[str, F32] | None = None  # name -> (n, dim); None when not requested
+    # names of ``vectors`` decoded from a lossy codec without kept originals (not as written)
+    lossy: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

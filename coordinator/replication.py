@@ -493,14 +493,36 @@ class ReplicaSet:
         return stats
 
 
-def object_digest(obj: StoredObject) -> bytes:
-    h = hashlib.sha1(json.dumps(dict(obj.properties), sort_keys=True, default=str).encode())
+@dataclass(frozen=True)
+class Digest:
+    """What catch-up compares of one object: its properties and, per named vector, its shape
+    and values. A vector decoded from a lossy codec without kept originals (``obj.lossy``)
+    carries no value hash: its values differ between replicas that sealed it in different
+    segments, so two replicas agree on it when its shape matches (re-copying it would only
+    re-quantise it on the target)."""
+
+    properties: bytes
+    vectors: tuple[tuple[str, str, bytes | None], ...]
+
+    def same(self, other: Digest | None) -> bool:
+        if other is None or other.properties != self.properties:
+            return False
+        if [(n, s) for n, s, _ in self.vectors] != [(n, s) for n, s, _ in other.vectors]:
+            return False
+        return all(
+            a is None or b is None or a == b
+            for (_, _, a), (_, _, b) in zip(self.vectors, other.vectors, strict=True)
+        )
+
+
+def object_digest(obj: StoredObject) -> Digest:
+    props = hashlib.sha1(json.dumps(dict(obj.properties), sort_keys=True, default=str).encode())
+    vectors = []
     for name in sorted(obj.vectors or {}):
         matrix = np.ascontiguousarray((obj.vectors or {})[name], dtype=np.float32)
-        h.update(name.encode())
-        h.update(str(matrix.shape).encode())
-        h.update(matrix.tobytes())
-    return h.digest()
+        values = None if name in obj.lossy else hashlib.sha1(matrix.tobytes()).digest()
+        vectors.append((name, str(matrix.shape), values))
+    return Digest(props.digest(), tuple(vectors))
 
 
 def batch_of(objects: Sequence[StoredObject]) -> ObjectBatch:
@@ -539,14 +561,14 @@ async def sync_replica(
 ) -> dict[str, int]:
     """Make ``target`` hold exactly ``source``'s objects (anti-entropy by per-object digest).
     Returns counts: compared, copied, deleted."""
-    have: dict[str, bytes] = {}
+    have: dict[str, Digest] = {}
     async for objs in _pages(target, timeout_s, page):
         for o in objs:
             have[o.uuid] = object_digest(o)
     compared = copied = 0
     async for objs in _pages(source, timeout_s, page):
         compared += len(objs)
-        todo = [o for o in objs if have.pop(o.uuid, None) != object_digest(o)]
+        todo = [o for o in objs if not object_digest(o).same(have.pop(o.uuid, None))]
         if todo:
             results = await target.upsert(batch_of(todo), timeout_s)
             bad = [r for r in results if not r.ok]

@@ -315,6 +315,8 @@ def object_out(collection: str, obj: StoredObject) -> dict[str, Any]:
     }
     if obj.vectors is not None:
         out["vectors"] = _vectors_out(obj.vectors)
+        if obj.lossy:  # decoded from a lossy codec that keeps no originals
+            out["vectors_lossy"] = sorted(obj.lossy)
     return out
 
 

@@ -85,15 +85,16 @@ class NamedVector:
     metric: str = "cosine"
     vectorizer: Mapping[str, Any] | None = None
     index: Mapping[str, Any] | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # the server's default: float32, or float16 for that codec
+    # "float32" | "float16" | "int8" | "residual" or {"kind", "bits", "originals"}
+    codec: str | Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "kind": self.kind,
-            "metric": self.metric,
-            "dtype": self.dtype,
-        }
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metric": self.metric}
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        if self.codec is not None:
+            out["codec"] = self.codec if isinstance(self.codec, str) else dict(self.codec)
         if self.dim is not None:
             out["dim"] = self.dim
         if self.vectorizer is not None:

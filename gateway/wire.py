@@ -61,12 +61,30 @@ class IndexModel(Strict):
     options: dict[str, Any] = {}
 
 
+class CodecModel(Strict):
+    kind: Literal["float32", "float16", "int8", "residual"]
+    bits: Literal[2, 4] | None = Field(None, description="residual only; default 4")
+    originals: bool | None = Field(
+        None,
+        description="int8/residual: also keep the vectors as written in a cold file (fetch, "
+        "replication and merges read it; searches never do). Default true.",
+    )
+
+
 class NamedVectorModel(Strict):
     name: str
     kind: Literal["multi", "single"] = "multi"
     dim: int | None = Field(None, description="Required unless a vectorizer sets it.")
     metric: Literal["dot", "cosine"] = "cosine"
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] | None = Field(
+        None, description="Storage of recent writes (and of sealed ones with a float codec)."
+    )
+    codec: Literal["float32", "float16", "int8", "residual"] | CodecModel | None = Field(
+        None,
+        description="Storage of sealed segments' tokens: float32/float16 (default: the "
+        "dtype), int8 (per-dimension scale) or residual (k-means centroid + 2/4-bit "
+        "residual per dimension). Searches score the codes.",
+    )
     vectorizer: VectorizerModel | None = None
     index: IndexModel | None = None
 
@@ -149,6 +167,11 @@ class ObjectOut(BaseModel):
     collection: str
     properties: dict[str, Any]
     vectors: dict[str, Vector] | None = None
+    vectors_lossy: list[str] | None = Field(
+        None,
+        description="Vectors returned decoded from a lossy codec that keeps no originals "
+        "(not the values written).",
+    )
 
 
 class ObjectPage(BaseModel):

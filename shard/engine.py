@@ -114,7 +114,7 @@ from shard.manifest import (
     write_calibrations,
     write_tombstones,
 )
-from shard.maxsim import maxsim_explain
+from shard.maxsim import maxsim_explain, widen
 from shard.muvera import MuveraIndex, candidates_option
 from shard.search import (
     NO_DEADLINE,
@@ -129,9 +129,11 @@ from shard.segment import (
     SealedSegment,
     Segment,
     SegmentView,
+    all_float32,
     gather_live,
     write_segment,
 )
+from shard.tokencodec import CodedTokens
 from shard.wal import WriteAheadLog, storage_error
 
 logger = logging.getLogger(__name__)
@@ -375,8 +377,11 @@ class ShardEngine:
         return self._stored(uuid, loc[0], loc[1], include_vectors)
 
     def _stored(self, uuid: str, seg: Segment, row: int, include_vectors: bool) -> StoredObject:
-        vectors = _present_vectors(seg.vectors_of(row)) if include_vectors else None
-        return StoredObject(uuid, dict(seg.properties(row)), vectors)
+        if not include_vectors:
+            return StoredObject(uuid, dict(seg.properties(row)))
+        vectors = _present_vectors(seg.vectors_of(row))
+        lossy = tuple(n for n in seg.lossy_vectors() if n in vectors)
+        return StoredObject(uuid, dict(seg.properties(row)), vectors, lossy)
 
     def list_objects(
         self, after: str | None, limit: int, include_vectors: bool = False
@@ -425,12 +430,16 @@ class ShardEngine:
         exact: bool,
         depth: float,
         deadline: Deadline = NO_DEADLINE,
+        on_codes: bool = False,
     ) -> tuple[list[tuple[float, str, Segment, int]], int]:
         """The top ``k`` of a snapshot (score desc, uuid asc) as ``(score, uuid, segment,
-        row)``, and how many objects were scored exactly. ``exact``: no token index / FDE;
-        ``depth``: the factor on the candidate budget (``_search_params``)."""
+        row)``, and how many objects were scored exactly. ``exact``: no token index / FDE, and
+        a lossy codec's kept originals scored instead of its codes — unless ``on_codes``
+        (calibration: every code scored, then the final re-rank on the originals as a search
+        does, so its truth never reads the whole cold file); ``depth``: the factor on the
+        candidate budget (``_search_params``)."""
         if exact:
-            views = [_without_index(v) for v in views]
+            views = [_without_index(v, originals=not on_codes) for v in views]
         n_tokens = sum(
             int(vv.offsets[-1]) for v in views if (vv := v.vectors.get(vspec.name)) is not None
         )
@@ -453,6 +462,9 @@ class ShardEngine:
             allowed=allowed,
             k_prime=k_prime,
             rerank_docs=max(rerank, 4 * k) if rerank > 0 else 0,
+            final_rerank=max(self.settings.final_rerank_docs, 4 * k)
+            if self.settings.final_rerank_docs > 0
+            else 0,
             deadline=deadline,
             leaves_factor=leaves,
         ):
@@ -607,7 +619,7 @@ class ShardEngine:
 
         def ranked(q: F32, exact: bool, depth: float) -> list[float]:
             t0 = time.monotonic()
-            found, _ = self._ranked(views, n_live, vspec, q, k, None, exact, depth)
+            found, _ = self._ranked(views, n_live, vspec, q, k, None, exact, depth, on_codes=True)
             if self._stop.wait((time.monotonic() - t0) * (1 / duty - 1)):
                 raise _Stopped
             return [f[0] for f in found]
@@ -858,7 +870,7 @@ class ShardEngine:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            frozen.write(tmp, fsync=self.settings.fsync)
+            frozen.write(tmp, fsync=self.settings.fsync, references=self._code_references())
             os.rename(tmp, final)
         except BaseException:  # e.g. disk full: free the space; the frozen segment stays
             shutil.rmtree(tmp, ignore_errors=True)  # served and in the WAL, and is retried
@@ -875,6 +887,20 @@ class ShardEngine:
                     self._loc[uuid] = (sealed, cur[1])
             self._sealed.append(sealed)
             self._frozen = [(f, gen) for f, gen in self._frozen if f is not frozen]
+
+    def _code_references(self) -> dict[str, CodedTokens]:
+        """Per lossy-coded vector, the newest sealed segment's codes: a new segment reuses
+        their residual buckets, so merges copy codes instead of re-quantising."""
+        with self._state_lock:
+            sealed = list(self._sealed)
+        out: dict[str, CodedTokens] = {}
+        for v in self.spec.vectors:
+            for seg in reversed(sealed):
+                coded = seg.coded(v.name) if v.codec.lossy else None
+                if coded is not None and len(coded):
+                    out[v.name] = coded
+                    break
+        return out
 
     def _new_segment_id(self) -> int:
         segment_id = self._next_segment_id
@@ -942,12 +968,14 @@ class ShardEngine:
     def _build_index(self, seg: SealedSegment, v: NamedVectorSpec) -> ScannTokenIndex | MuveraIndex:
         index: ScannTokenIndex | MuveraIndex
         if v.index.kind == "muvera":
-            index = MuveraIndex.build(seg.tokens(v.name), seg.offsets(v.name), v.index.options)
+            index = MuveraIndex.build(
+                _index_rows(seg, v.name), seg.offsets(v.name), v.index.options
+            )
         else:
             k_prime = int(
                 v.index.options.get("candidates_per_token", self.settings.candidates_per_token)
             )
-            index = ScannTokenIndex.build(seg.tokens(v.name), k_prime, v.index.options)
+            index = ScannTokenIndex.build(_index_rows(seg, v.name), k_prime, v.index.options)
         final = seg.index_dir(v.name)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1023,9 +1051,18 @@ class ShardEngine:
         final = self._segment_dir(segment_id)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        uuids, props, vectors = gather_live(sources, self.spec)
+        gathered = gather_live(sources, self.spec)
         try:
-            write_segment(tmp, self.spec, uuids, props, vectors, fsync=self.settings.fsync)
+            write_segment(
+                tmp,
+                self.spec,
+                gathered.uuids,
+                gathered.props_json,
+                gathered.vectors,
+                fsync=self.settings.fsync,
+                references=self._code_references(),
+                originals=gathered.originals,
+            )
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1033,7 +1070,7 @@ class ShardEngine:
         # The gathered rows are on disk now: free them before the index build, which reads the
         # new segment's memory-mapped file (a 6.4M-token float32 merge held 3.3 GB of copies
         # through its ScaNN build).
-        del uuids, props, vectors
+        del gathered
         if self.settings.fsync:
             fsync_dir(self._segments_dir)
         try:
@@ -1194,8 +1231,25 @@ def _present_vectors(vectors: Mapping[str, F32]) -> dict[str, F32]:
     return {name: m for name, m in vectors.items() if m.shape[0] > 0}
 
 
-def _without_index(view: SegmentView) -> SegmentView:
-    return replace(view, vectors={n: replace(v, index=None) for n, v in view.vectors.items()})
+def _index_rows(seg: SealedSegment, vector: str) -> F32:
+    """The rows an index is built from: a lossy-coded vector's kept originals, else its
+    decoded codes (a copy for the build only, freed with it), else the stored rows."""
+    originals = seg.originals(vector)
+    return widen(originals.whole()) if originals is not None else all_float32(seg.tokens(vector))
+
+
+def _without_index(view: SegmentView, originals: bool = True) -> SegmentView:
+    """``view`` for an exact search: no token index, and with ``originals`` a lossy-coded
+    vector's kept originals in place of its codes (exact MaxSim on the values written)."""
+    return replace(
+        view,
+        vectors={
+            n: replace(v, index=None, tokens=v.originals.whole(), originals=None)
+            if v.originals is not None and originals
+            else replace(v, index=None)
+            for n, v in view.vectors.items()
+        },
+    )
 
 
 def _allow_list(segment: Segment, n_objects: int, deleted: Bools, flt: Any) -> Bools:

@@ -131,7 +131,95 @@ def _add_hits_py(
                 approx[slot] += hit - before
 
 
+def _decode_int8_py(codes: Any, scale: F32, idx: I64, out: F32) -> None:
+    dim = codes.shape[1]
+    for r in range(len(idx)):
+        t = idx[r]
+        for d in range(dim):
+            out[r, d] = np.float32(codes[t, d]) * scale[d]
+
+
+def _residual_rows_py(
+    cids: Any, packed: Any, centroids: F32, table: F32, t0: int, n: int, out: F32
+) -> None:
+    """Decodes tokens ``t0 … t0+n-1`` into rows ``0 … n-1`` of ``out`` (padded width
+    ``n_bytes · per``): centroid + the residual values of every packed byte, 4 (2-bit) or 2
+    (4-bit) at a time from the flattened byte table ``table[p·256 + byte]``."""
+    n_bytes = packed.shape[1]
+    per = table.shape[1]
+    for r in range(n):
+        t = t0 + r
+        c = cids[t]
+        for p in range(n_bytes):
+            k = p * 256 + packed[t, p]
+            j = p * per
+            if per == 4:
+                out[r, j] = centroids[c, j] + table[k, 0]
+                out[r, j + 1] = centroids[c, j + 1] + table[k, 1]
+                out[r, j + 2] = centroids[c, j + 2] + table[k, 2]
+                out[r, j + 3] = centroids[c, j + 3] + table[k, 3]
+            else:
+                out[r, j] = centroids[c, j] + table[k, 0]
+                out[r, j + 1] = centroids[c, j + 1] + table[k, 1]
+
+
+def _decode_residual_py(
+    cids: Any, packed: Any, centroids: F32, table: F32, idx: I64, out: F32
+) -> None:
+    for r in range(len(idx)):
+        _residual_rows(cids, packed, centroids, table, idx[r], 1, out[r : r + 1])
+
+
+def _longest_py(starts: I64, ends: I64) -> int:
+    """The most rows of one document (at least 1): the coded kernels' scratch block."""
+    longest = 1
+    for d in range(len(starts)):
+        longest = max(longest, ends[d] - starts[d])
+    return longest
+
+
+def _maxsim_int8_py(codes: Any, starts: I64, ends: I64, qt: F32, out: F64) -> None:
+    dim = codes.shape[1]
+    scratch = np.empty((_longest(starts, ends), dim), np.float32)
+    best = np.empty(qt.shape[1], np.float32)
+    for d in range(len(starts)):
+        lo = starts[d]
+        hi = ends[d]
+        if hi > lo:
+            for r in range(hi - lo):
+                for j in range(dim):
+                    scratch[r, j] = np.float32(codes[lo + r, j])
+            out[d] = _rows_max_sum(np.dot(scratch[: hi - lo], qt), 0, hi - lo, best)
+
+
+def _maxsim_residual_py(
+    cids: Any,
+    packed: Any,
+    centroids: F32,
+    table: F32,
+    starts: I64,
+    ends: I64,
+    qt: F32,
+    out: F64,
+) -> None:
+    width = packed.shape[1] * table.shape[1]
+    scratch = np.empty((_longest(starts, ends), width), np.float32)
+    best = np.empty(qt.shape[1], np.float32)
+    for d in range(len(starts)):
+        lo = starts[d]
+        hi = ends[d]
+        if hi > lo:
+            _residual_rows(cids, packed, centroids, table, lo, hi - lo, scratch)
+            out[d] = _rows_max_sum(np.dot(scratch[: hi - lo], qt), 0, hi - lo, best)
+
+
 _rows_max_sum = _jit(_rows_max_sum_py)
+_longest = _jit(_longest_py)
+_decode_int8 = _jit(_decode_int8_py)
+_residual_rows = _jit(_residual_rows_py)
+_decode_residual = _jit(_decode_residual_py)
+_maxsim_int8 = _jit(_maxsim_int8_py)
+_maxsim_residual = _jit(_maxsim_residual_py)
 _maxsim_rows = _jit(_maxsim_rows_py)
 _kept_hits = _jit(_kept_hits_py)
 _add_hits = _jit(_add_hits_py)
@@ -152,6 +240,46 @@ def maxsim_rows(query: F32, tokens: F32, starts: I64, ends: I64) -> F64:
         qt,
         out,
     )
+    return out
+
+
+def decode_int8(codes: Any, scale: F32, idx: I64, out: F32) -> None:
+    """``out[r] = codes[idx[r]] · scale`` (int8 codec rows, decoded)."""
+    _decode_int8(codes, scale, idx, out)
+
+
+def decode_residual(cids: Any, packed: Any, centroids: F32, table: F32, idx: I64, out: F32) -> None:
+    """``out[r]`` = centroid + residual of token ``idx[r]`` (residual codec rows, decoded).
+    ``table[p·256 + byte]``: the ``per`` residual values packed byte ``p`` holds; ``centroids``
+    and ``out`` are as wide as the packed bytes hold values (``n_bytes · per``)."""
+    _decode_residual(cids, packed, centroids, table, idx, out)
+
+
+def maxsim_coded(
+    query: F32,
+    starts: I64,
+    ends: I64,
+    *,
+    int8: Any = None,
+    residual: tuple[Any, Any, F32, F32] | None = None,
+) -> F64:
+    """``maxsim_rows`` on coded tokens (shard.tokencodec): each document's rows are decoded
+    into a scratch block (the longest document's size) and scored with one matmul. ``int8``:
+    the codes, with the scale already folded into ``query``; ``residual``: (centroid ids,
+    packed buckets, centroids, byte table) as ``decode_residual`` takes them, and ``query``
+    as wide as the centroids (zero columns for padding)."""
+    out = np.full(len(starts), -np.inf, dtype=np.float64)
+    if len(starts) == 0 or query.shape[0] == 0:
+        return out
+    qt = np.ascontiguousarray(np.asarray(query, dtype=np.float32).T)
+    s = np.ascontiguousarray(starts, dtype=np.int64)
+    e = np.ascontiguousarray(ends, dtype=np.int64)
+    if int8 is not None:
+        _maxsim_int8(int8, s, e, qt, out)
+    else:
+        assert residual is not None
+        cids, packed, centroids, lut = residual
+        _maxsim_residual(cids, packed, centroids, lut, s, e, qt, out)
     return out
 
 
@@ -271,3 +399,17 @@ def warm() -> None:
         0,
     )
     table.scores(np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32))
+    # the lossy codecs' kernels (shard.tokencodec), for the array types a sealed segment has:
+    # read-only memory-mapped codes
+    codes = np.zeros((4, 2), dtype=np.int8)
+    codes.flags.writeable = False
+    idx, out = np.arange(4, dtype=np.int64), np.empty((4, 2), dtype=np.float32)
+    scale = np.ones(2, dtype=np.float32)
+    decode_int8(codes, scale, idx, out)
+    maxsim_coded(query, np.array([0, 2]), np.array([2, 4]), int8=codes)
+    cids = np.zeros(4, dtype=np.int32)
+    packed = np.zeros((4, 1), dtype=np.uint8)
+    cids.flags.writeable = packed.flags.writeable = False
+    centroids, lut = np.zeros((1, 2), dtype=np.float32), np.zeros((256, 2), dtype=np.float32)
+    decode_residual(cids, packed, centroids, lut, idx, out)
+    maxsim_coded(query, np.array([0, 2]), np.array([2, 4]), residual=(cids, packed, centroids, lut))

@@ -33,15 +33,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
 from cluster.errors import DeadlineExceeded
-from shard.kernels import HitTable
-from shard.maxsim import gather_many, maxsim_docs, maxsim_flat, top_k_order
+from shard.kernels import HitTable, maxsim_rows
+from shard.maxsim import Tokens, gather_many, maxsim_docs, maxsim_flat, top_k_order
 from shard.muvera import FdeSegment, top_candidates
-from shard.segment import SegmentView, VectorView
+from shard.segment import SegmentView, StoredTokens, VectorView, cast_coded
+from shard.tokencodec import is_coded
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -245,12 +247,16 @@ def search_segments(
     rerank_docs: int = 0,
     deadline: Deadline = NO_DEADLINE,
     leaves_factor: float = 1.0,
+    final_rerank: int = 0,
 ) -> list[SegmentHits]:
     """Per segment: its top ``k`` (rows, exact MaxSim scores). See the module docstring.
 
     ``rerank_docs`` > 0: of the token index's candidate documents only the ``rerank_docs`` best
     by approximate score (``impute_scores``) are re-scored exactly; 0: all of them.
-    ``leaves_factor`` scales the leaves each token index searches. Past
+    ``leaves_factor`` scales the leaves each token index searches. ``final_rerank`` > 0: of
+    the lossy-coded segments' documents with kept originals, the best ``final_rerank`` by code
+    score are re-ranked by exact MaxSim on the originals, and the rest dropped
+    (``_final_rerank``). Past
     ``deadline`` it raises ``DeadlineExceeded`` (checked between steps of the work)."""
     if k <= 0:
         return []
@@ -274,7 +280,46 @@ def search_segments(
             rows = np.flatnonzero(plan.eligible).astype(np.int64)
         chosen.append(rows)
     scores = _exact_scores(plans, query, chosen, deadline)
-    return [_top(plan, rows, sc, k) for plan, rows, sc in zip(plans, chosen, scores, strict=True)]
+    n_scored = [len(rows) for rows in chosen]
+    if final_rerank > 0:
+        chosen, scores = _final_rerank(plans, query, chosen, scores, final_rerank)
+    return [
+        _top(plan, rows, sc, k, n)
+        for plan, rows, sc, n in zip(plans, chosen, scores, n_scored, strict=True)
+    ]
+
+
+def _final_rerank(
+    plans: list[_Plan], query: F32, chosen: list[I64], scores: list[F64], depth: int
+) -> tuple[list[I64], list[F64]]:
+    """Exact MaxSim on the kept originals for the ``depth`` best documents by code score of
+    every lossy-coded plan that keeps them (one cut over all of them, as if one segment); the
+    other documents of those plans are dropped (they rank below ``depth`` others already)."""
+    coded = [
+        i
+        for i, p in enumerate(plans)
+        if p.vec.originals is not None and is_coded(p.vec.tokens) and len(chosen[i])
+    ]
+    if not coded:
+        return chosen, scores
+    all_scores = np.concatenate([scores[i] for i in coded])
+    keep = np.zeros(len(all_scores), dtype=np.bool_)
+    if len(all_scores) > depth:
+        keep[np.argpartition(-all_scores, depth - 1)[:depth]] = True
+    else:
+        keep[:] = True
+    chosen, scores = list(chosen), list(scores)
+    at = 0
+    for i in coded:
+        n = len(chosen[i])
+        rows = chosen[i][keep[at : at + n]]
+        at += n
+        originals = plans[i].vec.originals
+        assert originals is not None
+        chosen[i] = rows
+        gathered, offsets = originals.gather(plans[i].vec.offsets, rows)
+        scores[i] = maxsim_rows(query, gathered, offsets[:-1], offsets[1:])
+    return chosen, scores
 
 
 def _exact_scores(
@@ -282,13 +327,24 @@ def _exact_scores(
 ) -> list[F64]:
     """Exact MaxSim of the chosen rows of every plan. A plan whose rows are most of its segment
     is scored in one pass over the segment; a float32 plan's few chosen rows are scored where
-    they lie (``maxsim_docs``: no gather copy); the other plans' (float16) rows are gathered
-    into one matrix and scored with one matmul (one call instead of one per segment). With a
-    deadline, each of these runs in steps (``in_steps``)."""
+    they lie (``maxsim_docs``: no gather copy), and so are a coded plan's rows, whichever their
+    number (decoded document by document, ``CodedTokens.score``); the other plans' (float16)
+    rows are gathered into one matrix and scored with one matmul (one call instead of one per
+    segment). With a deadline, each of these runs in steps (``in_steps``)."""
     out: list[F64 | None] = [None] * len(plans)
     small: list[int] = []
     for i, (plan, rows) in enumerate(zip(plans, chosen, strict=True)):
-        tokens, offsets = plan.vec.tokens, plan.vec.offsets
+        offsets = plan.vec.offsets
+        if is_coded(plan.vec.tokens):
+            out[i] = in_steps(
+                query,
+                len(rows),
+                partial(_plan_lengths, plan, rows),
+                deadline,
+                _coded_range(plan.vec.tokens, offsets, rows),
+            )
+            continue
+        tokens = cast(Tokens, plan.vec.tokens)
         if len(rows) * 2 > plan.view.n_objects:
             out[i] = in_steps(
                 query,
@@ -308,9 +364,9 @@ def _exact_scores(
         else:
             small.append(i)
     if small:
-        first = plans[small[0]].vec.tokens
+        first = cast(Tokens, plans[small[0]].vec.tokens)
         tokens, lengths = gather_many(
-            [(plans[i].vec.tokens, plans[i].vec.offsets, chosen[i]) for i in small],
+            [(cast(Tokens, plans[i].vec.tokens), plans[i].vec.offsets, chosen[i]) for i in small],
             first.shape[1],
             first.dtype,
         )
@@ -344,6 +400,17 @@ def _docs_range(tokens: npt.NDArray[np.floating], offsets: I64, rows: I64) -> St
 
     def score(q: F32, lo: int, hi: int) -> F64:
         return maxsim_docs(q, tokens, offsets, rows[lo:hi])
+
+    return score
+
+
+def _coded_range(tokens: StoredTokens, offsets: I64, rows: I64) -> StepScorer:
+    """Scores the documents ``rows[lo:hi]`` on their codes (shard.tokencodec)."""
+    coded = cast_coded(tokens)
+
+    def score(q: F32, lo: int, hi: int) -> F64:
+        docs = rows[lo:hi]
+        return coded.score(q, offsets[docs], offsets[docs + 1])
 
     return score
 
@@ -591,7 +658,7 @@ def _threshold(probes: list[_Probe], k_prime: int) -> F32:
     return tau
 
 
-def _top(plan: _Plan, rows: I64, scores: F64, k: int) -> SegmentHits:
+def _top(plan: _Plan, rows: I64, scores: F64, k: int, n_scored: int) -> SegmentHits:
     uuids = plan.view.segment.uuids
     order = top_k_order(scores, k, lambda i: uuids[int(rows[i])])
-    return SegmentHits(plan.view, rows[order], scores[order], len(rows))
+    return SegmentHits(plan.view, rows[order], scores[order], n_scored)

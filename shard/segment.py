@@ -6,7 +6,12 @@ Sealed segment directory ``seg-<id>/``::
     objects.arrow       row int64, uuid string, properties large_string (JSON),
                         "ntok:<vector>" int32 per named vector (rows of that object)
     vec-<vector>.arrow  row int32 (owning object, = token→doc map), vector FixedSizeList<float32|
-                        float16, dim>; object i's tokens are contiguous, in object order
+                        float16, dim>; object i's tokens are contiguous, in object order. With a
+                        lossy codec (shard.tokencodec) ``vector`` holds the codes (int8 × dim,
+                        or the residual's packed bytes, plus a ``centroid`` int32 column)
+    codec-<vector>.npz  the lossy codec's scales or centroids and buckets
+    orig-<vector>.bin   a lossy-coded vector's rows as written (``codec.originals``): raw
+                        (n_rows, dim) in the vector's dtype, read with pread (``ColdRows``)
     index-<vector>/     ScaNN searcher, or for an ``index.kind == "muvera"`` vector the
                         documents' FDEs (shard.muvera); built in the background, absent below
                         the brute-force threshold or until built
@@ -19,22 +24,36 @@ without copying.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from cluster.errors import Unavailable
 from cluster.spec import CollectionSpec
 from cluster.types import ObjectBatch
 from shard.codec import decode_properties, encode_properties, fsync_tree
 from shard.index import ScannTokenIndex
 from shard.maxsim import Tokens, gather_many, widen
 from shard.muvera import MuveraIndex
+from shard.tokencodec import (
+    CodedTokens,
+    Int8Tokens,
+    ResidualTokens,
+    codec_path,
+    encode,
+    is_coded,
+    read_coded,
+    write_codebook,
+)
+from shard.tokencodec import gather as gather_coded
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -49,13 +68,19 @@ def _np_dtype(spec_dtype: str) -> type[np.floating[Any]]:
 # --------------------------------------------------------------------------- views
 
 
+# A sealed segment's rows of one vector: a float array, or codes (shard.tokencodec) that slice
+# and ``take`` to decoded float32 rows.
+StoredTokens = Tokens | CodedTokens
+
+
 @dataclass(frozen=True)
 class VectorView:
-    tokens: Tokens  # (n_rows, dim) in storage dtype
+    tokens: StoredTokens  # (n_rows, dim) in storage dtype, or coded
     offsets: I64  # (n_objects + 1,)
     tok2doc: npt.NDArray[np.integer[Any]] | None  # (n_rows,), only where an index exists
     index: ScannTokenIndex | None
     fde: MuveraIndex | None = None  # muvera vectors: per-document FDEs instead of ``index``
+    originals: ColdRows | None = None  # lossy-coded ``tokens``: the rows as written, if kept
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,10 @@ class Segment:
     def vectors_of(self, row: int) -> dict[str, F32]:
         raise NotImplementedError
 
+    def lossy_vectors(self) -> tuple[str, ...]:
+        """Vectors whose ``vectors_of`` rows are decoded codes, not the values written."""
+        return ()
+
     def view(self) -> SegmentView:
         raise NotImplementedError
 
@@ -110,6 +139,19 @@ def owned_float32(tokens: Tokens) -> F32:
     """A float32 copy of stored rows that the caller owns (the rows are memory-mapped or live in
     a growing buffer): float16 widened like the re-score (``maxsim.widen``, a new array)."""
     return widen(tokens) if tokens.dtype == np.float16 else tokens.astype(np.float32)
+
+
+def all_float32(tokens: StoredTokens) -> F32:
+    """Every row as float32 (index builds): coded rows decoded, float16 widened; a float32
+    array is returned as it is."""
+    if is_coded(tokens):
+        return cast_coded(tokens)[:]
+    return widen(cast(Tokens, tokens))
+
+
+def cast_coded(tokens: StoredTokens) -> CodedTokens:
+    assert isinstance(tokens, Int8Tokens | ResidualTokens)
+    return tokens
 
 
 # The most a growing segment reserves per named vector (virtual memory: pages are only backed
@@ -218,8 +260,16 @@ class GrowingSegment(Segment):
         }
         return SegmentView(self, n, self.deleted[:n], vectors)
 
-    def write(self, directory: Path, *, fsync: bool) -> None:
-        """Persist as a sealed segment (callers rename ``directory`` into place afterwards)."""
+    def write(
+        self,
+        directory: Path,
+        *,
+        fsync: bool,
+        references: Mapping[str, CodedTokens] | None = None,
+    ) -> None:
+        """Persist as a sealed segment (callers rename ``directory`` into place afterwards);
+        ``references``: per lossy-coded vector, a sealed segment's codes whose buckets the new
+        codes reuse (``tokencodec.encode``)."""
         columns = {
             name: (buf.values[: buf.n_rows], np.diff(buf.offsets[: buf.n_objects + 1]))
             for name, buf in self._buffers.items()
@@ -231,6 +281,7 @@ class GrowingSegment(Segment):
             [encode_properties(p) for p in self._props],
             columns,
             fsync=fsync,
+            references=references,
         )
 
 
@@ -239,11 +290,16 @@ def write_segment(
     spec: CollectionSpec,
     uuids: list[str],
     props_json: list[str],
-    vectors: Mapping[str, tuple[Tokens, I64]],
+    vectors: Mapping[str, tuple[StoredTokens, I64]],
     *,
     fsync: bool,
+    references: Mapping[str, CodedTokens] | None = None,
+    originals: Mapping[str, Tokens] | None = None,
 ) -> None:
-    """Write the Arrow IPC files of a sealed segment into ``directory`` (created)."""
+    """Write the Arrow IPC files of a sealed segment into ``directory`` (created). A vector
+    with a lossy codec arrives as float rows (encoded here, against ``references``, and kept as
+    its originals where the codec keeps them) or as codes already, its originals in
+    ``originals`` (a merge's ``gather_live``)."""
     directory.mkdir(parents=True)
     n = len(uuids)
     cols: dict[str, pa.Array] = {
@@ -254,14 +310,37 @@ def write_segment(
     for v in spec.vectors:
         tokens, lengths = vectors[v.name]
         cols[f"ntok:{v.name}"] = pa.array(np.asarray(lengths, dtype=np.int32))
-        flat = np.ascontiguousarray(tokens, dtype=_np_dtype(v.dtype)).reshape(-1)
-        token_table = pa.table(
-            {
-                "row": pa.array(np.repeat(np.arange(n, dtype=np.int32), lengths)),
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), v.dim),
-            }
-        )
-        _write_ipc(directory / f"vec-{v.name}.arrow", token_table)
+        token_cols: dict[str, pa.Array] = {
+            "row": pa.array(np.repeat(np.arange(n, dtype=np.int32), lengths))
+        }
+        if v.codec.lossy:
+            coded = (
+                cast_coded(tokens)
+                if is_coded(tokens)
+                else encode(
+                    cast(Tokens, tokens),
+                    v.codec.kind,
+                    v.codec.bits,
+                    reference=(references or {}).get(v.name),
+                )
+            )
+            write_codebook(directory, v.name, coded)
+            kept = tokens if not is_coded(tokens) else (originals or {}).get(v.name)
+            if v.codec.originals and kept is not None:
+                with open(directory / f"orig-{v.name}.bin", "wb") as f:
+                    f.write(np.ascontiguousarray(kept, dtype=_np_dtype(v.dtype)).data)
+            rows: npt.NDArray[Any]
+            if isinstance(coded, Int8Tokens):
+                rows, width = coded.codes, v.dim
+            else:
+                rows, width = coded.packed, int(coded.packed.shape[1])
+                token_cols["centroid"] = pa.array(coded.cids)
+            flat_codes = np.ascontiguousarray(rows).reshape(-1)
+            token_cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat_codes), width)
+        else:
+            flat = np.ascontiguousarray(tokens, dtype=_np_dtype(v.dtype)).reshape(-1)
+            token_cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat), v.dim)
+        _write_ipc(directory / f"vec-{v.name}.arrow", pa.table(token_cols))
     _write_ipc(directory / "objects.arrow", pa.table(cols))
     if fsync:
         fsync_tree(directory)
@@ -275,6 +354,74 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
 def _read_ipc(path: Path) -> pa.Table:
     with pa.memory_map(str(path), "r") as source:
         return ipc.open_file(source).read_all()
+
+
+class ColdRows:
+    """A lossy-coded vector's originals: a raw file of (n_rows, dim) rows in the vector's dtype
+    that is read, not memory-mapped. A query's final re-rank reads its few documents with
+    ``pread`` (through the page cache, mapping nothing: a memory-mapped file's page faults map
+    up to 64 KiB of cached neighbours each, and 20 queries made a 55 MB originals file fully
+    resident); exact searches, index builds and merges map it for their duration only
+    (``whole``)."""
+
+    def __init__(self, path: Path, dim: int, dtype: type[np.floating[Any]]) -> None:
+        self.path = path
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self._row_bytes = dim * self.dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+        self.n_rows = os.fstat(self._fd).st_size // self._row_bytes
+        # closed when the segment is dropped (a merged-away segment's file stays readable by
+        # searches still holding it, like its memory maps)
+        weakref.finalize(self, os.close, self._fd)
+
+    def rows(self, lo: int, hi: int) -> F32:
+        """Rows ``lo:hi`` as an owned float32 array."""
+        n = max(0, hi - lo)
+        data = os.pread(self._fd, n * self._row_bytes, lo * self._row_bytes)
+        rows: Tokens = np.frombuffer(data, dtype=self.dtype).reshape(n, self.dim)
+        return owned_float32(rows)
+
+    def gather(self, offsets: I64, docs: I64) -> tuple[F32, I64]:
+        """The rows of documents ``docs`` (one read per document) and their new offsets."""
+        new_offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(offsets[docs + 1] - offsets[docs], out=new_offsets[1:])
+        if self.dtype != np.float32:
+            raw = np.empty((int(new_offsets[-1]), self.dim), dtype=self.dtype)
+            self._read_into(offsets, docs, new_offsets, raw)
+            return widen(raw), new_offsets
+        out = np.empty((int(new_offsets[-1]), self.dim), dtype=np.float32)
+        self._read_into(offsets, docs, new_offsets, out)
+        return out, new_offsets
+
+    def _read_into(self, offsets: I64, docs: I64, new_offsets: I64, out: npt.NDArray[Any]) -> None:
+        view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        row_bytes = self._row_bytes
+        starts = offsets[docs].tolist()
+        ends = offsets[docs + 1].tolist()
+        at = new_offsets.tolist()
+        for i in range(len(starts)):
+            if ends[i] > starts[i]:
+                want = (at[i + 1] - at[i]) * row_bytes
+                got = os.preadv(
+                    self._fd,
+                    [view[at[i] * row_bytes : at[i + 1] * row_bytes]],
+                    starts[i] * row_bytes,
+                )
+                if got != want:
+                    raise Unavailable(
+                        f"{self.path}: short read ({got} of {want} bytes): the file is damaged",
+                        {"path": str(self.path)},
+                    )
+
+    def whole(self) -> Tokens:
+        """Every row, memory-mapped (read-only) for as long as the caller holds the array."""
+        if self.n_rows == 0:
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        rows: Tokens = np.memmap(
+            self.path, dtype=self.dtype, mode="r", shape=(self.n_rows, self.dim)
+        )
+        return rows
 
 
 def _column_numpy(table: pa.Table, name: str) -> npt.NDArray[Any]:
@@ -295,7 +442,8 @@ class SealedSegment(Segment):
         self._props_json = objects.column("properties")
         self._props_cache: list[dict[str, Any]] | None = None
         self.deleted = np.zeros(len(self.uuids), dtype=np.bool_)
-        self._tokens: dict[str, Tokens] = {}
+        self._tokens: dict[str, StoredTokens] = {}
+        self._originals: dict[str, ColdRows] = {}  # lossy-coded vectors' rows as written
         self._offsets: dict[str, I64] = {}
         self._tok2doc: dict[str, npt.NDArray[np.int32]] = {}
         self.indexes: dict[str, ScannTokenIndex | MuveraIndex] = {}
@@ -313,7 +461,19 @@ class SealedSegment(Segment):
                     else vec_chunks.combine_chunks()
                 )
                 flat = arr.flatten().to_numpy(zero_copy_only=False)  # zero-copy when possible
-                self._tokens[v.name] = flat.reshape(-1, v.dim)
+                rows = flat.reshape(-1, arr.type.list_size)
+                if codec_path(directory, v.name).exists():
+                    cids = (
+                        _column_numpy(table, "centroid")
+                        if "centroid" in table.column_names
+                        else None
+                    )
+                    self._tokens[v.name] = read_coded(directory, v.name, rows, cids)
+                    orig = directory / f"orig-{v.name}.bin"
+                    if orig.exists():
+                        self._originals[v.name] = ColdRows(orig, v.dim, _np_dtype(v.dtype))
+                else:
+                    self._tokens[v.name] = rows
                 self._tok2doc[v.name] = _column_numpy(table, "row").astype(np.int32, copy=False)
             else:
                 self._tokens[v.name] = np.zeros((0, v.dim), dtype=_np_dtype(v.dtype))
@@ -330,8 +490,17 @@ class SealedSegment(Segment):
     def total_tokens(self) -> int:
         return sum(int(t.shape[0]) for t in self._tokens.values())
 
-    def tokens(self, vector: str) -> Tokens:
+    def tokens(self, vector: str) -> StoredTokens:
         return self._tokens[vector]
+
+    def originals(self, vector: str) -> ColdRows | None:
+        """A lossy-coded vector's rows as written, where the segment keeps them."""
+        return self._originals.get(vector)
+
+    def coded(self, vector: str) -> CodedTokens | None:
+        """The vector's codes where its codec is lossy."""
+        tokens = self._tokens.get(vector)
+        return cast_coded(tokens) if tokens is not None and is_coded(tokens) else None
 
     def offsets(self, vector: str) -> I64:
         return self._offsets[vector]
@@ -353,12 +522,23 @@ class SealedSegment(Segment):
         return self._props_cache
 
     def vectors_of(self, row: int) -> dict[str, F32]:
-        return {
-            name: owned_float32(
-                tokens[int(self._offsets[name][row]) : int(self._offsets[name][row + 1])]
-            )
-            for name, tokens in self._tokens.items()
-        }
+        out = {}
+        for name, tokens in self._tokens.items():
+            rows = slice(int(self._offsets[name][row]), int(self._offsets[name][row + 1]))
+            kept = self._originals.get(name)
+            if kept is not None:
+                out[name] = kept.rows(rows.start, rows.stop)
+            elif is_coded(tokens):
+                out[name] = cast_coded(tokens)[rows]
+            else:
+                out[name] = owned_float32(cast(Tokens, tokens)[rows])
+        return out
+
+    def lossy_vectors(self) -> tuple[str, ...]:
+        """Vectors whose ``vectors_of`` rows are decoded codes, not the values written."""
+        return tuple(
+            name for name, t in self._tokens.items() if is_coded(t) and name not in self._originals
+        )
 
     def live_tokens(self, vector: str) -> int:
         return int(self.lengths(vector)[~self.deleted].sum())
@@ -373,6 +553,7 @@ class SealedSegment(Segment):
                 self._tok2doc[name],
                 index if isinstance(index, ScannTokenIndex) else None,
                 index if isinstance(index, MuveraIndex) else None,
+                self._originals.get(name),
             )
         return SegmentView(self, self.n_objects, self.deleted, vectors)
 
@@ -380,21 +561,71 @@ class SealedSegment(Segment):
         return self.directory / f"index-{vector}"
 
 
-def gather_live(
-    sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSpec
-) -> tuple[list[str], list[str], dict[str, tuple[Tokens, I64]]]:
-    """Rows of several sealed segments, concatenated (compaction input)."""
+@dataclass
+class Gathered:
+    """Compaction input: rows of several sealed segments, concatenated."""
+
+    uuids: list[str]
+    props_json: list[str]
+    vectors: dict[str, tuple[StoredTokens, I64]]
+    originals: dict[str, Tokens]  # lossy-coded vectors' kept rows as written
+
+
+def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSpec) -> Gathered:
+    """Rows of several sealed segments, concatenated (compaction input); a lossy-coded
+    vector's codes are copied, not decoded (``tokencodec.gather``), and its originals with
+    them where every source keeps them."""
     uuids: list[str] = []
     props: list[str] = []
     for seg, rows in sources:
         uuids.extend(seg.uuids[int(r)] for r in rows)
         props.extend(seg.props_json(rows))
-    vectors: dict[str, tuple[Tokens, I64]] = {}
+    vectors: dict[str, tuple[StoredTokens, I64]] = {}
+    originals: dict[str, Tokens] = {}
     for v in spec.vectors:
+        coded = [c for c in (seg.coded(v.name) for seg, _ in sources) if c is not None]
+        kept = [seg.originals(v.name) for seg, _ in sources]
+        if (
+            v.codec.lossy
+            and coded
+            and v.codec.originals
+            and all(
+                k is not None or seg.n_tokens(v.name) == 0
+                for k, (seg, _) in zip(kept, sources, strict=True)
+            )
+        ):
+            originals[v.name] = gather_many(
+                [
+                    (k.whole(), seg.offsets(v.name), r)
+                    for k, (seg, r) in zip(kept, sources, strict=True)
+                    if k is not None
+                ],
+                v.dim,
+                _np_dtype(v.dtype),
+            )[0]
+        if v.codec.lossy and coded:
+            parts = []
+            for seg, rows in sources:
+                c = seg.coded(v.name)
+                # a source without this vector's rows (added later) has none to copy
+                if c is not None:
+                    parts.append((c, seg.offsets(v.name), rows))
+            lengths = np.concatenate(
+                [seg.offsets(v.name)[rows + 1] - seg.offsets(v.name)[rows] for seg, rows in sources]
+            ).astype(np.int64)
+            kept_rows = originals.get(v.name)
+            vectors[v.name] = (
+                gather_coded(parts, coded[0], kept_rows),
+                lengths,
+            )
+            continue
         # one buffer for all sources (a 4M-token merge used to allocate its tokens twice)
         vectors[v.name] = gather_many(
-            [(seg.tokens(v.name), seg.offsets(v.name), rows) for seg, rows in sources],
+            [
+                (cast(Tokens, seg.tokens(v.name)), seg.offsets(v.name), rows)
+                for seg, rows in sources
+            ],
             v.dim,
             _np_dtype(v.dtype),
         )
-    return uuids, props, vectors
+    return Gathered(uuids, props, vectors, originals)
