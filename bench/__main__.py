@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import GENERATORS, SIZES, DatasetUnavailable, default_cache_dir
-from bench.harness import BenchConfig, run_benchmark
+from bench.harness import BenchConfig, parse_codec, run_benchmark
 from bench.report import format_suite, format_table, suite_row, write_all
 
 
@@ -175,6 +175,13 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
         "float16 halves the tokens on disk)",
     )
     p.add_argument(
+        "--codec",
+        default="",
+        help="codec of the bench vector, engine and HTTP: float32, float16, int8 or "
+        "residual[:BITS] (2 or 4, default 4), then ',no-originals' to keep no float copy "
+        "(default: the dtype's)",
+    )
+    p.add_argument(
         "--engine-seal",
         choices=("interleaved", "end"),
         default="interleaved",
@@ -291,6 +298,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         engine_seal=args.engine_seal,
         engine_shards=max(1, args.engine_shards),
         dtype=args.dtype,
+        codec=parse_codec(args.codec),
         engine_kprime_sweep=parse_kprime_sweep(args.engine_kprime),
         engine_indexes=indexes,
         engine_index_options=parse_index_options(args.engine_index_option),

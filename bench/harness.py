@@ -90,6 +90,8 @@ class BenchConfig:
     engine_seal: str = "interleaved"
     engine_shards: int = 1  # in-process shards (2 = the HTTP collection's layout)
     dtype: str = "float32"  # the bench vector's storage dtype (engine and HTTP collections)
+    # the bench vector's codec (cluster.spec.CodecSpec form), None: the dtype's
+    codec: dict[str, Any] | None = None
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
     # extra (candidates_per_token, rerank_docs or None = the engine's) settings (reopen)
     engine_kprime_sweep: tuple[tuple[int, int | None], ...] = ()
@@ -601,18 +603,50 @@ class ShardedEngine:
 
 
 def collection_dict(
-    dim: int, shard_count: int, index: dict[str, Any] | None = None, dtype: str = "float32"
+    dim: int,
+    shard_count: int,
+    index: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    codec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     vector: dict[str, Any] = {
         "name": "v",
         "kind": "multi",
         "dim": dim,
         "metric": "dot",
-        "dtype": dtype,
     }
+    if codec is None or dtype != "float32":  # a float16 codec sets the dtype itself
+        vector["dtype"] = dtype
     if index is not None:
         vector["index"] = index
+    if codec is not None:
+        vector["codec"] = codec
     return {"name": "Bench", "properties": [], "vectors": [vector], "shard_count": shard_count}
+
+
+def codec_label(codec: dict[str, Any]) -> str:
+    """``int8``, ``residual2``, ``residual4 no-originals``: the codec in a row's name."""
+    label = str(codec["kind"]) + (str(codec["bits"]) if codec.get("bits") else "")
+    return label + ("" if codec.get("originals", True) else " no-originals")
+
+
+def parse_codec(text: str) -> dict[str, Any] | None:
+    """``--codec``: ``float32`` / ``float16`` / ``int8`` / ``residual[:BITS]``, then
+    ``,no-originals`` optionally; checked like a collection spec."""
+    from cluster.spec import CodecSpec
+
+    if not text:
+        return None
+    head, *flags = [part.strip() for part in text.split(",")]
+    kind, _, bits = head.partition(":")
+    raw: dict[str, Any] = {"kind": kind}
+    if bits:
+        raw["bits"] = int(bits)
+    for flag in flags:
+        if flag != "no-originals":
+            raise ValueError(f"--codec: unknown flag {flag!r} (no-originals)")
+        raw["originals"] = False
+    return CodecSpec.from_raw(raw, "v", None).to_dict()
 
 
 def engine_index(cfg: BenchConfig, kind: str, **extra: Any) -> dict[str, Any] | None:
@@ -649,11 +683,12 @@ def _job_engine(
         return [{"pipeline": name, "family": family, "skipped": why}]
     index = engine_index(cfg, index_kind)
     spec = CollectionSpec.from_dict(
-        collection_dict(dataset.dim, cfg.engine_shards, index, cfg.dtype)
+        collection_dict(dataset.dim, cfg.engine_shards, index, cfg.dtype, cfg.codec)
     )
     settings = ShardSettings(**cfg.engine_settings)
     name += f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else ""
     name += f" {cfg.dtype}" if cfg.dtype != "float32" else ""
+    name += f" {codec_label(cfg.codec)}" if cfg.codec else ""
     record: dict[str, Any] = {
         "pipeline": name,
         "family": family,
@@ -662,6 +697,7 @@ def _job_engine(
             "shards": cfg.engine_shards,
             "index": spec.vectors[0].index.to_dict(),
             "dtype": cfg.dtype,
+            "codec": spec.vectors[0].codec.to_dict(),
         },
         "notes": [],
     }
@@ -794,6 +830,7 @@ def _job_engine(
                     cfg.engine_shards,
                     engine_index(cfg, index_kind, candidates=c),
                     cfg.dtype,
+                    cfg.codec,
                 )
             )
             engine = ShardedEngine(engine_cls, spec_c, data_dir, settings)
@@ -1048,11 +1085,17 @@ class HttpSearcher:
             )
         return hits
 
-    def create(self, dim: int, shard_count: int = 2, dtype: str = "float32") -> None:
+    def create(
+        self,
+        dim: int,
+        shard_count: int = 2,
+        dtype: str = "float32",
+        codec: dict[str, Any] | None = None,
+    ) -> None:
         _check(
             self._client().post(
                 f"{self.base_url}/v1/collections",
-                json=collection_dict(dim, shard_count, dtype=dtype),
+                json=collection_dict(dim, shard_count, dtype=dtype, codec=codec),
             )
         )
 
@@ -1250,7 +1293,7 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
             time.sleep(0.5)
         record["startup_s"] = time.perf_counter() - t0
         searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
-        searcher.create(dataset.dim, 2, cfg.dtype)
+        searcher.create(dataset.dim, 2, cfg.dtype, cfg.codec)
         if cfg.http_import == "arrow":
             spent, failed = searcher.import_arrow(
                 dataset, cfg.http_arrow_batch, cfg.http_arrow_in_flight
