@@ -182,6 +182,13 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
         "(default: the dtype's)",
     )
     p.add_argument(
+        "--pooling",
+        type=int,
+        default=1,
+        help="server-side token pooling factor of the bench vector (engine and HTTP; "
+        "recall stays measured against exact MaxSim over the unpooled tokens; default 1: off)",
+    )
+    p.add_argument(
         "--engine-seal",
         choices=("interleaved", "end"),
         default="interleaved",
@@ -299,6 +306,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         engine_shards=max(1, args.engine_shards),
         dtype=args.dtype,
         codec=parse_codec(args.codec),
+        pooling=max(1, args.pooling),
         engine_kprime_sweep=parse_kprime_sweep(args.engine_kprime),
         engine_indexes=indexes,
         engine_index_options=parse_index_options(args.engine_index_option),

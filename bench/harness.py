@@ -58,6 +58,7 @@ from bench.baselines import (
 from bench.data import Dataset, doc_index, doc_uuid
 from bench.truth import GroundTruth, ground_truth
 from cluster import vector_wire
+from cluster.pooling import pool_batch
 from cluster.types import F32, ObjectBatch, VectorColumn, VectorSearch
 
 RECALL_BAR = 0.90  # faiss settings below this recall@10 do not count as "the best faiss"
@@ -92,6 +93,7 @@ class BenchConfig:
     dtype: str = "float32"  # the bench vector's storage dtype (engine and HTTP collections)
     # the bench vector's codec (cluster.spec.CodecSpec form), None: the dtype's
     codec: dict[str, Any] | None = None
+    pooling: int = 1  # the bench vector's pooling factor (1: none)
     engine_settings: dict[str, Any] = field(default_factory=dict)  # ShardSettings overrides
     # extra (candidates_per_token, rerank_docs or None = the engine's) settings (reopen)
     engine_kprime_sweep: tuple[tuple[int, int | None], ...] = ()
@@ -608,6 +610,7 @@ def collection_dict(
     index: dict[str, Any] | None = None,
     dtype: str = "float32",
     codec: dict[str, Any] | None = None,
+    pooling: int = 1,
 ) -> dict[str, Any]:
     vector: dict[str, Any] = {
         "name": "v",
@@ -621,6 +624,8 @@ def collection_dict(
         vector["index"] = index
     if codec is not None:
         vector["codec"] = codec
+    if pooling > 1:
+        vector["pooling"] = {"factor": pooling}
     return {"name": "Bench", "properties": [], "vectors": [vector], "shard_count": shard_count}
 
 
@@ -683,12 +688,13 @@ def _job_engine(
         return [{"pipeline": name, "family": family, "skipped": why}]
     index = engine_index(cfg, index_kind)
     spec = CollectionSpec.from_dict(
-        collection_dict(dataset.dim, cfg.engine_shards, index, cfg.dtype, cfg.codec)
+        collection_dict(dataset.dim, cfg.engine_shards, index, cfg.dtype, cfg.codec, cfg.pooling)
     )
     settings = ShardSettings(**cfg.engine_settings)
     name += f" {cfg.engine_shards} shards" if cfg.engine_shards > 1 else ""
     name += f" {cfg.dtype}" if cfg.dtype != "float32" else ""
     name += f" {codec_label(cfg.codec)}" if cfg.codec else ""
+    name += f" pool{cfg.pooling}" if cfg.pooling > 1 else ""
     record: dict[str, Any] = {
         "pipeline": name,
         "family": family,
@@ -729,6 +735,7 @@ def _job_engine(
         for start, stop in batches(dataset, cfg.import_batch):
             batch = object_batch(dataset, start, stop)
             t0 = time.perf_counter()
+            batch = pool_batch(spec, batch)  # what the coordinator does before routing
             results = engine.upsert(batch)
             import_s += time.perf_counter() - t0
             failed += sum(1 for r in results if not r.ok)
@@ -831,6 +838,7 @@ def _job_engine(
                     engine_index(cfg, index_kind, candidates=c),
                     cfg.dtype,
                     cfg.codec,
+                    cfg.pooling,
                 )
             )
             engine = ShardedEngine(engine_cls, spec_c, data_dir, settings)
@@ -1091,11 +1099,12 @@ class HttpSearcher:
         shard_count: int = 2,
         dtype: str = "float32",
         codec: dict[str, Any] | None = None,
+        pooling: int = 1,
     ) -> None:
         _check(
             self._client().post(
                 f"{self.base_url}/v1/collections",
-                json=collection_dict(dim, shard_count, dtype=dtype, codec=codec),
+                json=collection_dict(dim, shard_count, dtype=dtype, codec=codec, pooling=pooling),
             )
         )
 
@@ -1293,7 +1302,7 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
             time.sleep(0.5)
         record["startup_s"] = time.perf_counter() - t0
         searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
-        searcher.create(dataset.dim, 2, cfg.dtype, cfg.codec)
+        searcher.create(dataset.dim, 2, cfg.dtype, cfg.codec, cfg.pooling)
         if cfg.http_import == "arrow":
             spent, failed = searcher.import_arrow(
                 dataset, cfg.http_arrow_batch, cfg.http_arrow_in_flight

@@ -305,6 +305,52 @@ class CodecSpec:
         return out
 
 
+MAX_POOL_FACTOR = 16
+MAX_POOL_MIN_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True)
+class PoolingSpec:
+    """Server-side token pooling of a multi-vector (``cluster.pooling``): each object's tokens
+    are clustered at import and ``ceil(n / factor)`` cluster means stored; objects with at most
+    ``min_tokens`` tokens are stored as they are. ``factor`` 1: off."""
+
+    factor: int = 1
+    min_tokens: int = 0
+
+    @classmethod
+    def from_raw(cls, raw: Any, vector: str, multi: bool) -> PoolingSpec:
+        if raw is None:
+            return cls()
+        _require(isinstance(raw, Mapping), f"vector {vector!r}: pooling must be an object")
+        _check_keys("pooling", raw, {"factor", "min_tokens"})
+        factor = raw.get("factor", 1)
+        _require(
+            isinstance(factor, int)
+            and not isinstance(factor, bool)
+            and 1 <= factor <= MAX_POOL_FACTOR,
+            f"vector {vector!r}: pooling factor must be an integer in 1..{MAX_POOL_FACTOR}",
+            vector=vector,
+        )
+        min_tokens = raw.get("min_tokens", 0)
+        _require(
+            isinstance(min_tokens, int)
+            and not isinstance(min_tokens, bool)
+            and 0 <= min_tokens <= MAX_POOL_MIN_TOKENS,
+            f"vector {vector!r}: pooling min_tokens must be an integer in 0..{MAX_POOL_MIN_TOKENS}",
+            vector=vector,
+        )
+        _require(
+            multi or factor == 1,
+            f"vector {vector!r}: pooling applies to multi-vectors only",
+            vector=vector,
+        )
+        return cls(int(factor), int(min_tokens))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "min_tokens": self.min_tokens}
+
+
 @dataclass(frozen=True)
 class NamedVectorSpec:
     """One named vector. ``multi`` vectors are (n_tokens, dim) matrices scored with MaxSim;
@@ -318,6 +364,7 @@ class NamedVectorSpec:
     vectorizer: VectorizerSpec = field(default_factory=VectorizerSpec)
     index: IndexSpec = field(default_factory=IndexSpec)
     codec: CodecSpec = field(default_factory=CodecSpec)
+    pooling: PoolingSpec = field(default_factory=PoolingSpec)
 
     def __post_init__(self) -> None:
         if self.codec.kind in ("float32", "float16") and self.codec.kind != self.dtype:
@@ -333,7 +380,7 @@ class NamedVectorSpec:
         _check_keys(
             "vector",
             raw,
-            {"name", "kind", "dim", "metric", "dtype", "codec", "vectorizer", "index"},
+            {"name", "kind", "dim", "metric", "dtype", "codec", "pooling", "vectorizer", "index"},
         )
         name = validate_field_name("vector", raw.get("name", ""))
         kind = raw.get("kind", "multi")
@@ -388,6 +435,7 @@ class NamedVectorSpec:
             vectorizer,
             index,
             codec,
+            PoolingSpec.from_raw(raw.get("pooling"), name, kind == "multi"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -398,6 +446,7 @@ class NamedVectorSpec:
             "metric": self.metric,
             "dtype": self.dtype,
             "codec": self.codec.to_dict(),
+            "pooling": self.pooling.to_dict(),
             "vectorizer": self.vectorizer.to_dict(),
             "index": self.index.to_dict(),
         }

@@ -31,6 +31,7 @@ from cluster.errors import (
     Unavailable,
 )
 from cluster.ids import normalize_uuid
+from cluster.pooling import pool_batch
 from cluster.query import QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec, NamedVectorSpec, VectorizerSpec
@@ -435,6 +436,9 @@ class Coordinator:
         every object failed for want of replicas (and ``raise_unavailable``), raise
         Unavailable naming the shards."""
         collection = spec.name
+        if any(v.multi and v.pooling.factor > 1 for v in spec.vectors):
+            # once, before routing: replicas (and catch-up) copy the pooled rows
+            batch = await asyncio.to_thread(pool_batch, spec, batch)
         by_shard: dict[int, list[int]] = defaultdict(list)
         for i, oid in enumerate(batch.uuids):
             by_shard[spec.shard_for(oid)].append(i)

@@ -88,6 +88,7 @@ class NamedVector:
     dtype: str | None = None  # the server's default: float32, or float16 for that codec
     # "float32" | "float16" | "int8" | "residual" or {"kind", "bits", "originals"}
     codec: str | Mapping[str, Any] | None = None
+    pooling: Mapping[str, Any] | None = None  # {"factor": 2, "min_tokens": 0}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "metric": self.metric}
@@ -95,6 +96,8 @@ class NamedVector:
             out["dtype"] = self.dtype
         if self.codec is not None:
             out["codec"] = self.codec if isinstance(self.codec, str) else dict(self.codec)
+        if self.pooling is not None:
+            out["pooling"] = dict(self.pooling)
         if self.dim is not None:
             out["dim"] = self.dim
         if self.vectorizer is not None:

@@ -71,6 +71,13 @@ class CodecModel(Strict):
     )
 
 
+class PoolingModel(Strict):
+    factor: int = Field(
+        1, ge=1, le=16, description="keep ceil(n / factor) cluster means of an object's tokens"
+    )
+    min_tokens: int = Field(0, ge=0, description="objects with at most this many stay as is")
+
+
 class NamedVectorModel(Strict):
     name: str
     kind: Literal["multi", "single"] = "multi"
@@ -84,6 +91,11 @@ class NamedVectorModel(Strict):
         description="Storage of sealed segments' tokens: float32/float16 (default: the "
         "dtype), int8 (per-dimension scale) or residual (k-means centroid + 2/4-bit "
         "residual per dimension). Searches score the codes.",
+    )
+    pooling: PoolingModel | None = Field(
+        None,
+        description="Server-side token pooling at import (multi-vectors): each object's "
+        "tokens clustered (Ward) and the cluster means stored.",
     )
     vectorizer: VectorizerModel | None = None
     index: IndexModel | None = None

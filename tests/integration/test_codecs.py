@@ -78,3 +78,31 @@ def test_codecs_over_http(colshard_server: Server) -> None:
                 hits += res.objects[0].uuid == ids[i]
             assert hits >= 9, (name, hits)  # of 10 known-item queries
             client.collections.delete(name)
+
+
+def test_pooling_over_http(colshard_server: Server) -> None:
+    url = colshard_server.url
+    rng = np.random.default_rng(9)
+    docs = _docs(rng)[:60]
+    ids = [str(uuid.uuid4()) for _ in docs]
+    with Client(url) as client:
+        col = client.collections.create(
+            "Pooled",
+            properties=[],
+            shard_count=2,
+            replication_factor=1,
+            vectors=[NamedVector("v", dim=DIM, pooling={"factor": 2})],
+        )
+        col.data.insert_many(
+            [{"id": i, "vectors": {"v": d}} for i, d in zip(ids, docs, strict=True)]
+        )
+        for i in (0, 7, 31):
+            stored = np.asarray(_fetch(url, "Pooled", ids[i])["vectors"]["v"])
+            assert stored.shape == (-(-len(docs[i]) // 2), DIM)  # ceil(n / 2) cluster means
+            np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, rtol=1e-5)
+        hits = sum(
+            col.query.near_vector(docs[i][:8], limit=1).objects[0].uuid == ids[i]
+            for i in range(0, 60, 6)
+        )
+        assert hits >= 9
+        client.collections.delete("Pooled")
