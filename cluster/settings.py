@@ -54,7 +54,7 @@ class ShardSettings:
     # their originals, the best max(final_rerank_docs, 4·k) by their code scores (shard-wide)
     # are re-ranked by exact MaxSim on the originals (a cold file: these few documents are all
     # a query reads of it); 0: none, the code scores stand.
-    final_rerank_docs: int = 100
+    final_rerank_docs: int = 40
     # Both are the values for a shard of up to 640k tokens / 20k objects (of the searched
     # vector); a larger shard uses value × (size / reference) ** candidates_scale_exponent
     # (shard.search.scaled_candidates). 0: no scaling.
