@@ -118,6 +118,9 @@ class Settings:
     # Where backups are written and restored from (coordinator.backups); None: <data_dir>/backups.
     # On several nodes it must be storage every node mounts at the same path.
     backup_dir: Path | None = None
+    # How long one shard may take to copy its staged backup into the backup directory (or a
+    # restore to copy it back): no write waits meanwhile, so this is not write_timeout_s.
+    backup_timeout_s: float = 3600.0
 
     @property
     def backup_root(self) -> Path:
@@ -147,6 +150,8 @@ ENVIRONMENT: Mapping[str, str] = {
     "COLSHARD_INDEX_DEFER_TOKENS": "ShardSettings.index_defer_tokens (settings_from)",
     "COLSHARD_CALIBRATION_QUERIES": "ShardSettings.calibration_queries (settings_from)",
     "COLSHARD_BACKUP_DIR": "where backups are written and restored from (settings_from)",
+    "COLSHARD_BACKUP_TIMEOUT_S": "Settings.backup_timeout_s: one shard's backup copy or "
+    "restore (settings_from)",
     "COLSHARD_SEPARATE_GATEWAY": "serve: run the gateway in its own process (CLI)",
     "COLSHARD_URL": "the CLI's and the SDK's server URL (CLI)",
     "COLSHARD_API_KEY": "the CLI's and the SDK's API key (CLI, gateway.client)",
@@ -166,6 +171,16 @@ def _int_at_least(name: str, text: str, low: int) -> int:
     if value < low:
         raise ValueError(f"{name} must be at least {low}, got {value}")
     return value
+
+
+def _positive_seconds(name: str, value: object) -> float:
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def parse_resources(text: str) -> dict[str, float]:
@@ -212,6 +227,7 @@ def settings_from(
         shard = replace(shard, calibration_queries=queries)
     replicas = pick("vectorizer_replicas", "COLSHARD_VECTORIZER_REPLICAS")
     backup_dir = pick("backup_dir", "COLSHARD_BACKUP_DIR")
+    backup_timeout = pick("backup_timeout_s", "COLSHARD_BACKUP_TIMEOUT_S")
     return Settings(
         data_dir=Path(pick("data_dir", "COLSHARD_DATA_DIR") or "./colshard-data").resolve(),
         cluster_name=str(pick("cluster_name", "COLSHARD_CLUSTER_NAME") or "default"),
@@ -227,4 +243,7 @@ def settings_from(
         vectorizer_replicas=_int_at_least("vectorizer_replicas", str(replicas or 1), 1),
         shard=shard,
         backup_dir=Path(backup_dir).resolve() if backup_dir else None,
+        backup_timeout_s=_positive_seconds("backup_timeout_s", backup_timeout)
+        if backup_timeout is not None
+        else Settings.backup_timeout_s,
     )

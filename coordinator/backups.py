@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +95,20 @@ async def _all_write_locks(shards: Shards) -> contextlib.AsyncExitStack:
 
 
 async def take(
-    root: Path, backup_id: str, names: Sequence[str] | None, table: RoutingTable, timeout_s: float
+    root: Path,
+    backup_id: str,
+    names: Sequence[str] | None,
+    table: RoutingTable,
+    timeout_s: float,
+    copy_timeout_s: float,
 ) -> dict[str, Any]:
-    """Back up ``names`` (None: every collection) of ``table`` to ``root/backup_id``."""
+    """Back up ``names`` (None: every collection) of ``table`` to ``root/backup_id``.
+
+    Per collection, in two steps: the cut — every shard stages its copy (hard links, a WAL
+    copy) while the coordinator holds all the collection's write locks, each in at most
+    ``timeout_s`` — then, with writes going on, every shard moves or copies its staged copy
+    into the backup directory, each in at most ``copy_timeout_s`` (a large shard copied to
+    other storage takes as long as its bytes)."""
     dest = root / check_id(backup_id)
     chosen = sorted(table.specs) if names is None else list(dict.fromkeys(names))
     specs = [spec_in(table, n) for n in chosen]  # NotFound before anything is written
@@ -116,22 +127,41 @@ async def take(
     try:
         for spec in specs:
             shards = table.shard_sets(spec.name)
+            info["collections"][spec.name] = {"state": "staging"}
+            _write_info(dest / BACKUP_FILE, info)
             async with await _all_write_locks(shards):
-                copies = await asyncio.gather(
-                    *(
-                        rs.read(_backup_to(dest / spec.name / f"shard-{s}"), timeout_s)
-                        for s, rs in enumerate(shards)
-                    )
+                staged = await asyncio.gather(
+                    *(rs.read(_stage, timeout_s) for rs in shards), return_exceptions=True
                 )
+            info["collections"][spec.name] = {"state": "copying"}
+            _write_info(dest / BACKUP_FILE, info)
+            # every staged copy is finished (moved into the backup, which a failure marks
+            # failed), so none stays behind in a shard's data directory
+            todo = [
+                (s, item) for s, item in enumerate(staged) if not isinstance(item, BaseException)
+            ]
+            finished = await asyncio.gather(
+                *(
+                    _finish(client, stage, dest / spec.name / f"shard-{s}", copy_timeout_s)
+                    for s, (client, stage) in todo
+                ),
+                return_exceptions=True,
+            )
+            errors = [x for x in (*staged, *finished) if isinstance(x, BaseException)]
+            if errors:
+                raise errors[0]
+            copies = [c for c in finished if not isinstance(c, BaseException)]
             info["collections"][spec.name] = {
+                "state": "done",
                 "spec": spec.to_dict(),
                 "objects": sum(int(c.get("objects", 0)) for c in copies),
                 "shards": [{"shard": s, **c} for s, c in enumerate(copies)],
             }
             _write_info(dest / BACKUP_FILE, info)
         info.update(state="done", finished=time.time())
-    except ColshardError as exc:
-        info.update(state="failed", finished=time.time(), error=exc.to_dict())
+    except Exception as exc:
+        error = exc.to_dict() if isinstance(exc, ColshardError) else {"message": repr(exc)}
+        info.update(state="failed", finished=time.time(), error=error)
         raise
     finally:
         _write_info(dest / BACKUP_FILE, info)
@@ -139,11 +169,17 @@ async def take(
     return info
 
 
-def _backup_to(dest: Path) -> Callable[[ShardClient, float], Awaitable[dict[str, Any]]]:
-    async def call(client: ShardClient, timeout_s: float) -> dict[str, Any]:
-        return await client.backup(str(dest), timeout_s)
+async def _stage(client: ShardClient, timeout_s: float) -> tuple[ShardClient, dict[str, Any]]:
+    """One replica's cut (``ReplicaSet.read`` picks a serving one); its client comes back with
+    it, so the same replica finishes the copy."""
+    return client, await client.stage_backup(timeout_s)
 
-    return call
+
+async def _finish(
+    client: ShardClient, staged: Mapping[str, Any], dest: Path, timeout_s: float
+) -> dict[str, Any]:
+    copied = await client.finish_backup(str(staged["staging"]), str(dest), timeout_s)
+    return {"objects": staged["objects"], **copied}
 
 
 def restored_spec(info: Mapping[str, Any], collection: str, new_name: str | None) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class ShardClient(Protocol):
     async def drop(self, timeout_s: float) -> None: ...
     async def clear_lost(self, timeout_s: float) -> str | None: ...
     async def backup(self, dest: str, timeout_s: float) -> dict[str, Any]: ...
+    async def stage_backup(self, timeout_s: float) -> dict[str, Any]: ...
+    async def finish_backup(self, staging: str, dest: str, timeout_s: float) -> dict[str, Any]: ...
     async def restore(self, src: str, timeout_s: float) -> dict[str, Any]: ...
 
 
@@ -303,6 +305,16 @@ class RayShardClient:
 
     async def backup(self, dest: str, timeout_s: float) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("backup", timeout_s, dest, retry=False)
+        return result
+
+    async def stage_backup(self, timeout_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("stage_backup", timeout_s, retry=False)
+        return result
+
+    async def finish_backup(self, staging: str, dest: str, timeout_s: float) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            "finish_backup", timeout_s, staging, dest, retry=False
+        )
         return result
 
     async def restore(self, src: str, timeout_s: float) -> dict[str, Any]:

@@ -536,6 +536,7 @@ class Coordinator:
                 collections,
                 self.router.table,
                 self._settings.write_timeout_s,
+                self._settings.backup_timeout_s,
             )
 
     def _no_backup_running(self, backup_id: str) -> None:
@@ -574,7 +575,7 @@ class Coordinator:
                     collection,
                     spec,
                     self.router.table.shard_sets(spec.name),
-                    self._settings.write_timeout_s,
+                    self._settings.backup_timeout_s,
                 )
             except Exception:
                 log.exception(

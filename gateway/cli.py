@@ -826,6 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
             "COLSHARD_BACKUP_DIR)",
         )
         p.add_argument(
+            "--backup-timeout-s",
+            type=float,
+            default=None,
+            help="how long one shard may take to copy its backup into the backup directory, "
+            "or a restore to copy it back (default "
+            f"{Settings().backup_timeout_s:g}; env COLSHARD_BACKUP_TIMEOUT_S)",
+        )
+        p.add_argument(
             "--vectorizer-replicas",
             type=_positive_int,
             default=None,

@@ -224,6 +224,16 @@ class ShardActor:
         self._serving()
         return self._engine.backup(Path(dest))
 
+    def stage_backup(self) -> dict[str, Any]:
+        """``ShardEngine.stage_backup``: the cut, fast (hard links and a WAL copy)."""
+        self._serving()
+        return self._engine.stage_backup()
+
+    def finish_backup(self, staging: str, dest: str) -> dict[str, Any]:
+        """``ShardEngine.finish_backup``: the staged copy moved or copied to ``dest``."""
+        self._serving()
+        return self._engine.finish_backup(Path(staging), Path(dest))
+
     def restore(self, src: str) -> dict[str, Any]:
         """Replace this shard's data with the backup copy at ``src`` and serve it: the engine
         closes (calls meanwhile fail over or retry), the copy replaces the data directory and

@@ -72,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.errors import InvalidInput, Unavailable
+from cluster.errors import InvalidInput, NotFound, Unavailable
 from cluster.recall import interval, recall_at, target_of
 from cluster.settings import ShardSettings
 from cluster.spec import CollectionSpec, NamedVectorSpec
@@ -1091,19 +1091,24 @@ class ShardEngine:
 
     def backup(self, dest: Path) -> dict[str, Any]:
         """Write a copy of this shard to ``dest`` (a new directory) that ``ShardEngine`` opens
-        with exactly the writes acknowledged before the call: the manifest on disk, the
-        segments it names, every WAL generation it replays from and the calibrations.
-
-        Maintenance and writes wait only while the copy is staged: segment files never change
-        once written, so they are hard-linked into a staging directory beside the data; the
-        WAL is copied (its last file is still appended to). The staged copy is then moved or
-        copied to ``dest`` with writes and searches going on. The BM25 index is not copied: a
-        restored shard rebuilds it from the segments and the WAL. Returns what was copied."""
-        self._check_open()
+        with exactly the writes acknowledged before the call (``stage_backup`` then
+        ``finish_backup``). Returns what was copied."""
         dest = Path(dest)
         if dest.exists():
             raise InvalidInput(f"backup destination {dest} exists", {"path": str(dest)})
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.stage_backup()
+        return {"objects": staged["objects"], **self.finish_backup(Path(staged["staging"]), dest)}
+
+    def stage_backup(self) -> dict[str, Any]:
+        """Stage a copy of this shard beside its data: the manifest on disk, the segments it
+        names, every WAL generation it replays from and the calibrations, exactly the writes
+        acknowledged before the call. Maintenance and writes wait only while it is staged:
+        segment files never change once written, so they are hard-linked; the WAL is copied
+        (its last file is still appended to). The BM25 index is not copied: a restored shard
+        rebuilds it from the segments and the WAL. Returns the staging directory (for
+        ``finish_backup``; a staging directory left behind is removed when the shard next
+        opens) and what it holds."""
+        self._check_open()
         staging = self.data_dir / f"{BACKUP_STAGING_PREFIX}{os.getpid()}-{time.time_ns()}"
         try:
             with self._maint_lock, self._write_lock:
@@ -1121,6 +1126,24 @@ class ShardEngine:
                 (staging / "segments").mkdir(exist_ok=True)
                 shutil.copytree(self._wal.directory, staging / "wal")
                 n_objects = len(self._loc)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return {"staging": str(staging), "objects": n_objects, "segments": len(manifest.segments)}
+
+    def finish_backup(self, staging: Path, dest: Path) -> dict[str, Any]:
+        """Move (same filesystem) or copy a ``stage_backup`` directory to ``dest`` (a new
+        directory), with writes and searches going on, and remove the staging directory."""
+        staging = Path(staging)
+        if staging.parent != self.data_dir or not staging.name.startswith(BACKUP_STAGING_PREFIX):
+            raise InvalidInput(f"{staging} is not a backup staged by this shard")
+        try:
+            if dest.exists():
+                raise InvalidInput(f"backup destination {dest} exists", {"path": str(dest)})
+            if not staging.is_dir():
+                raise NotFound(f"no staged backup at {staging}", {"path": str(staging)})
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            n_segments = len(list((staging / "segments").iterdir()))
             try:
                 os.rename(staging, dest)  # same filesystem: done
             except OSError:
@@ -1129,11 +1152,7 @@ class ShardEngine:
                     fsync_tree(dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return {
-            "objects": n_objects,
-            "segments": len(manifest.segments),
-            "bytes": dir_size_bytes(dest),
-        }
+        return {"segments": n_segments, "bytes": dir_size_bytes(dest)}
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -88,6 +88,11 @@ def test_backup_during_writes_restores_a_prefix_of_the_acknowledged_writes(
         info = r.json()
         thread.join()
         assert info["state"] == "done" and len(info["collections"][name]["shards"]) == 2
+        assert info["collections"][name]["state"] == "done"
+        # each shard's copy was moved out of its staging directory into the backup
+        assert all(
+            s["bytes"] > 0 and s["segments"] >= 0 for s in info["collections"][name]["shards"]
+        )
         live = _all(http, name)
         assert len(live) == 400
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.errors import NotFound, Unavailable
+from cluster.errors import InvalidInput, NotFound, Unavailable
 from cluster.types import VectorSearch
 from shard import search as search_mod
 from shard.engine import ShardEngine
@@ -721,4 +721,29 @@ def test_backup_during_writes_holds_exactly_a_prefix_of_them(
     q = rng.standard_normal((3, DIM)).astype(np.float32)
     expected = {oid: o.vectors["v"] for oid, o in got.items()}  # type: ignore[index]
     _assert_same_ranking(_hits(restored, q, 10), exact_top(q, expected, 10))
+    restored.close()
+
+
+def test_a_staged_backup_holds_the_writes_before_the_cut_not_those_before_the_copy(
+    tmp_path: Path, rng: np.random.Generator, spec: Any
+) -> None:
+    """stage_backup is the cut; finish_backup moves the staged copy later, with writes going
+    on in between (the coordinator holds the collection's write locks for the cut only)."""
+    docs = random_docs(rng, 60, DIM)
+    engine = open_engine(tmp_path / "live", spec, seal_threshold_tokens=100)
+    engine.upsert(batch(range(40), {"v": docs[:40]}))
+    drain(engine)
+    staged = engine.stage_backup()
+    staging = Path(staged["staging"])
+    assert staged["objects"] == 40 and staging.is_dir() and staging.parent == engine.data_dir
+    engine.upsert(batch(range(40, 60), {"v": docs[40:]}))  # after the cut
+    with pytest.raises(InvalidInput, match="not a backup staged"):
+        engine.finish_backup(tmp_path / "elsewhere", tmp_path / "copy" / "shard")
+    info = engine.finish_backup(staging, tmp_path / "copy" / "shard")
+    assert info["bytes"] > 0 and not staging.exists()
+    with pytest.raises(NotFound):
+        engine.finish_backup(staging, tmp_path / "copy2" / "shard")
+    engine.close()
+    restored = open_engine(tmp_path / "copy", spec, seal_threshold_tokens=100)
+    assert {o.uuid for o in restored.list_objects(None, 100)} == {uid(i) for i in range(40)}
     restored.close()

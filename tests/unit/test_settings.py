@@ -23,6 +23,13 @@ def test_a_flag_wins_over_its_variable_and_a_variable_over_the_default() -> None
     assert s.cluster_name == "staging"  # the flag
     assert s.shard.seal_threshold_tokens == 100 and s.shard.calibration_queries == 0
     assert s.shard_resources == {"colshard_shard": 1.0}
+    assert (
+        settings_from(
+            {"backup_timeout_s": 60.0}, {"COLSHARD_BACKUP_TIMEOUT_S": "5"}
+        ).backup_timeout_s
+        == 60.0
+    )
+    assert settings_from({}, {"COLSHARD_BACKUP_TIMEOUT_S": "5"}).backup_timeout_s == 5.0
     default = settings_from({}, {})
     assert default.cluster_name == "default" and default.etcd_endpoints == ()
     assert default.data_dir == Path("./colshard-data").resolve()
@@ -41,6 +48,8 @@ def test_limit_flags_are_taken_by_name() -> None:
         ({"COLSHARD_INDEX_DEFER_TOKENS": "many"}, "must be an integer"),
         ({"COLSHARD_VECTORIZER_REPLICAS": "0"}, "vectorizer_replicas"),
         ({"COLSHARD_SHARD_RESOURCES": "[1]"}, "JSON object"),
+        ({"COLSHARD_BACKUP_TIMEOUT_S": "0"}, "backup_timeout_s must be a positive"),
+        ({"COLSHARD_BACKUP_TIMEOUT_S": "soon"}, "number of seconds"),
     ],
 )
 def test_a_bad_value_is_a_clear_error(env: dict[str, str], message: str) -> None:
