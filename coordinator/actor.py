@@ -283,9 +283,9 @@ class CoordinatorActor:
         return await self._membership.tick()
 
     async def backup(
-        self, backup_id: str, collections: Sequence[str] | None = None
+        self, backup_id: str, collections: Sequence[str] | None = None, wait: bool = True
     ) -> dict[str, Any]:
-        return await (await self._core()).backup(backup_id, collections)
+        return await (await self._core()).backup(backup_id, collections, wait)
 
     async def list_backups(self) -> list[dict[str, Any]]:
         return await (await self._core()).list_backups()

@@ -29,6 +29,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,21 +95,19 @@ async def _all_write_locks(shards: Shards) -> contextlib.AsyncExitStack:
     return stack
 
 
-async def take(
-    root: Path,
-    backup_id: str,
-    names: Sequence[str] | None,
-    table: RoutingTable,
-    timeout_s: float,
-    copy_timeout_s: float,
-) -> dict[str, Any]:
-    """Back up ``names`` (None: every collection) of ``table`` to ``root/backup_id``.
+@dataclass
+class Started:
+    """A backup whose directory and ``backup.json`` (state running) exist; ``run`` writes it."""
 
-    Per collection, in two steps: the cut — every shard stages its copy (hard links, a WAL
-    copy) while the coordinator holds all the collection's write locks, each in at most
-    ``timeout_s`` — then, with writes going on, every shard moves or copies its staged copy
-    into the backup directory, each in at most ``copy_timeout_s`` (a large shard copied to
-    other storage takes as long as its bytes)."""
+    dest: Path
+    chosen: list[str]
+    specs: list[CollectionSpec]
+    info: dict[str, Any]
+
+
+def begin(root: Path, backup_id: str, names: Sequence[str] | None, table: RoutingTable) -> Started:
+    """Check ``backup_id`` and ``names`` (None: every collection of ``table``) and create the
+    backup's directory: InvalidInput, NotFound or AlreadyExists before anything is written."""
     dest = root / check_id(backup_id)
     chosen = sorted(table.specs) if names is None else list(dict.fromkeys(names))
     specs = [spec_in(table, n) for n in chosen]  # NotFound before anything is written
@@ -124,6 +123,34 @@ async def take(
         "collections": {},
     }
     _write_info(dest / BACKUP_FILE, info)
+    return Started(dest, chosen, specs, info)
+
+
+async def take(
+    root: Path,
+    backup_id: str,
+    names: Sequence[str] | None,
+    table: RoutingTable,
+    timeout_s: float,
+    copy_timeout_s: float,
+) -> dict[str, Any]:
+    """Back up ``names`` (None: every collection) of ``table`` to ``root/backup_id``
+    (``begin``, then ``run``)."""
+    return await run(begin(root, backup_id, names, table), table, timeout_s, copy_timeout_s)
+
+
+async def run(
+    started: Started, table: RoutingTable, timeout_s: float, copy_timeout_s: float
+) -> dict[str, Any]:
+    """Write the backup ``begin`` started; its ``backup.json`` ends done or failed.
+
+    Per collection, in two steps: the cut — every shard stages its copy (hard links, a WAL
+    copy) while the coordinator holds all the collection's write locks, each in at most
+    ``timeout_s`` — then, with writes going on, every shard moves or copies its staged copy
+    into the backup directory, each in at most ``copy_timeout_s`` (a large shard copied to
+    other storage takes as long as its bytes)."""
+    dest, chosen, specs, info = started.dest, started.chosen, started.specs, started.info
+    backup_id = info["id"]
     try:
         for spec in specs:
             shards = table.shard_sets(spec.name)

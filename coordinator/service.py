@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any, Protocol
@@ -117,6 +118,7 @@ class Coordinator:
         self._schema_lock = asyncio.Lock()
         self._quality_lock = asyncio.Lock()  # one recall report at a time
         self._backup_lock = asyncio.Lock()  # one backup or restore at a time
+        self._backup_task: asyncio.Task[None] | None = None  # a backup written in the background
         self._repair_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -523,21 +525,40 @@ class Coordinator:
     # ---- backups (coordinator.backups) -------------------------------------------------------
 
     async def backup(
-        self, backup_id: str, collections: Sequence[str] | None = None
+        self, backup_id: str, collections: Sequence[str] | None = None, wait: bool = True
     ) -> dict[str, Any]:
         """A consistent copy of ``collections`` (None: all) as backup ``backup_id``; one
-        backup or restore at a time (429 otherwise)."""
+        backup or restore at a time (429 otherwise). ``wait``: return it when written; else
+        return it started (state running; bad ids and names are still refused first) and
+        write it in the background (``get_backup`` shows its progress)."""
         backups.check_id(backup_id)
         self._no_backup_running(backup_id)
-        async with self._backup_lock:
-            return await backups.take(
-                self._settings.backup_root,
-                backup_id,
-                collections,
-                self.router.table,
-                self._settings.write_timeout_s,
-                self._settings.backup_timeout_s,
+        await self._backup_lock.acquire()
+        try:
+            table = self.router.table
+            started = backups.begin(self._settings.backup_root, backup_id, collections, table)
+            job = backups.run(
+                started, table, self._settings.write_timeout_s, self._settings.backup_timeout_s
             )
+        except BaseException:
+            self._backup_lock.release()
+            raise
+        if wait:
+            try:
+                return await job
+            finally:
+                self._backup_lock.release()
+        answer = copy.deepcopy(started.info)  # as started: the task goes on changing it
+        self._backup_task = asyncio.create_task(self._in_background(job, backup_id))
+        return answer
+
+    async def _in_background(self, job: Awaitable[dict[str, Any]], backup_id: str) -> None:
+        try:
+            await job
+        except Exception:  # backup.json says failed, and why
+            log.exception("backup %s failed", backup_id)
+        finally:
+            self._backup_lock.release()
 
     def _no_backup_running(self, backup_id: str) -> None:
         if self._backup_lock.locked():  # one backup or restore at a time

@@ -514,15 +514,24 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
 
     # ---- backups (admin) ---------------------------------------------------------------------
 
-    @app.post("/v1/backups", tags=["backups"], status_code=201)
-    async def create_backup(body: wire.BackupIn) -> dict[str, Any]:
+    @app.post(
+        "/v1/backups",
+        tags=["backups"],
+        status_code=201,
+        responses={202: {"description": "started (wait: false)"}},
+    )
+    async def create_backup(body: wire.BackupIn) -> JSONResponse:
         """A consistent copy of the collections (each one cut while none of its writes is in
-        flight) under the server's backup directory; returns when it is written. One backup
-        or restore at a time (429 otherwise); an id that exists is 409."""
+        flight) under the server's backup directory: 201 when it is written, or with
+        ``wait: false`` 202 once it has started. One backup or restore at a time (429
+        otherwise); an id that exists is 409."""
         info: dict[str, Any] = await backend.backup(
-            body.id, body.collections, timeout_s=settings.write_timeout_s
+            body.id,
+            body.collections,
+            body.wait,
+            timeout_s=settings.backup_timeout_s if body.wait else settings.write_timeout_s,
         )
-        return info
+        return FastJSONResponse(info, status_code=201 if body.wait else 202)
 
     @app.get("/v1/backups", tags=["backups"])
     async def list_backups() -> dict[str, Any]:

@@ -173,10 +173,11 @@ class Backend:
         self,
         backup_id: str,
         collections: Sequence[str] | None = None,
+        wait: bool = True,
         *,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        return await self._call(CoordinatorAPI.backup, (backup_id, collections), timeout_s)
+        return await self._call(CoordinatorAPI.backup, (backup_id, collections, wait), timeout_s)
 
     async def list_backups(self, *, timeout_s: float | None = None) -> list[dict[str, Any]]:
         return await self._call(CoordinatorAPI.list_backups, (), timeout_s)

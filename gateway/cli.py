@@ -621,7 +621,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(f"colshard backup {args.action}: give the backup's id", file=sys.stderr)
         return 2
     if args.action == "create":
-        body = {"id": args.id, "collections": args.collection}
+        body = {"id": args.id, "collections": args.collection, "wait": not args.no_wait}
         return _answer(_request(args, "POST", "/v1/backups", 3600.0, json=body))
     if args.action == "list":
         return _answer(_request(args, "GET", "/v1/backups", 60.0))
@@ -906,6 +906,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", nargs="?", help="the backup's id (create, show, delete)")
             p.add_argument(
                 "--collection", action="append", help="collection to back up (default: all)"
+            )
+            p.add_argument(
+                "--no-wait",
+                action="store_true",
+                help="create: return once the backup has started (show follows it)",
             )
         if name == "restore":
             p.add_argument("id")

@@ -778,9 +778,17 @@ class Client:
 
     # ---- backups (admin key; docs/deploy.md "Backup and restore") ----------------------------
 
-    def backup(self, backup_id: str, collections: Sequence[str] | None = None) -> dict[str, Any]:
-        """Back up ``collections`` (None: all) as ``backup_id``; returns the backup's info."""
-        body = {"id": backup_id, "collections": list(collections) if collections else None}
+    def backup(
+        self, backup_id: str, collections: Sequence[str] | None = None, wait: bool = True
+    ) -> dict[str, Any]:
+        """Back up ``collections`` (None: all) as ``backup_id``; returns the backup's info
+        when it is written, or with ``wait=False`` as soon as it has started (state running:
+        ``get_backup`` shows its progress)."""
+        body = {
+            "id": backup_id,
+            "collections": list(collections) if collections else None,
+            "wait": wait,
+        }
         out: dict[str, Any] = self._http.request("POST", "/v1/backups", json=body)
         return out
 

@@ -147,6 +147,11 @@ class BackupIn(Strict):
     collections: list[str] | None = Field(
         None, description="collections to back up (default: every collection)"
     )
+    wait: bool = Field(
+        True,
+        description="true: answer 201 when the backup is written; false: answer 202 once it "
+        "has started (GET /v1/backups/{id} shows its progress and end: done or failed)",
+    )
 
 
 class RestoreIn(Strict):

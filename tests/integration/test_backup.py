@@ -185,6 +185,34 @@ def test_cli_backup_and_restore(
             sdk.delete_backup(f"{bid}-2")
             with pytest.raises(NotFound):
                 sdk.get_backup(f"{bid}-2")
+            # Without waiting: 202 once it has started, then GET follows it to the end; bad
+            # names are still refused up front, and nothing is left of them.
+            started = sdk.backup(f"{bid}-3", [name], wait=False)
+            assert started["state"] == "running" and started["collections"] == {}
+            deadline = time.monotonic() + 60
+            while (shown := sdk.get_backup(f"{bid}-3"))["state"] == "running":
+                assert time.monotonic() < deadline, shown
+                time.sleep(0.05)
+            assert shown["state"] == "done" and shown["collections"][name]["objects"] == 20
+            assert sdk.restore(f"{bid}-3", name, f"{name}D")["objects"] == 20
+            with pytest.raises(NotFound):
+                sdk.backup(f"{bid}-4", ["NoSuchCollection"], wait=False)
+            with pytest.raises(NotFound):
+                sdk.get_backup(f"{bid}-4")
+            sdk.delete_backup(f"{bid}-3")
+        r = http.post("/v1/backups", json={"id": f"{bid}-5", "collections": [name], "wait": False})
+        assert r.status_code == 202 and r.json()["state"] == "running", r.text
+        deadline = time.monotonic() + 60
+        for b in (f"{bid}-5", f"{bid}-6"):
+            if b.endswith("-6"):
+                no_wait = ["backup", "create", b, "--collection", name, "--no-wait", *url]
+                assert main(no_wait) == 0
+                assert json.loads(capsys.readouterr().out)["state"] == "running"
+            while http.get(f"/v1/backups/{b}").json()["state"] == "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert http.get(f"/v1/backups/{b}").json()["state"] == "done"
+        http.delete(f"/v1/collections/{name}D")
         http.delete(f"/v1/collections/{name}C")
         assert main(["backup", "delete", bid, *url]) == 0
         for c in (name, f"{name}B"):
