@@ -42,8 +42,8 @@ from cluster.errors import DeadlineExceeded
 from shard.kernels import HitTable, maxsim_rows
 from shard.maxsim import Tokens, gather_many, maxsim_docs, maxsim_flat, top_k_order
 from shard.muvera import FdeSegment, top_candidates
-from shard.segment import SegmentView, StoredTokens, VectorView, cast_coded
-from shard.tokencodec import is_coded
+from shard.segment import SegmentView, VectorView
+from shard.tokencodec import CodedTokens, is_coded
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -404,9 +404,8 @@ def _docs_range(tokens: npt.NDArray[np.floating], offsets: I64, rows: I64) -> St
     return score
 
 
-def _coded_range(tokens: StoredTokens, offsets: I64, rows: I64) -> StepScorer:
+def _coded_range(coded: CodedTokens, offsets: I64, rows: I64) -> StepScorer:
     """Scores the documents ``rows[lo:hi]`` on their codes (shard.tokencodec)."""
-    coded = cast_coded(tokens)
 
     def score(q: F32, lo: int, hi: int) -> F64:
         docs = rows[lo:hi]

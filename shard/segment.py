@@ -46,7 +46,6 @@ from shard.muvera import MuveraIndex
 from shard.tokencodec import (
     CodedTokens,
     Int8Tokens,
-    ResidualTokens,
     codec_path,
     encode,
     is_coded,
@@ -145,13 +144,8 @@ def all_float32(tokens: StoredTokens) -> F32:
     """Every row as float32 (index builds): coded rows decoded, float16 widened; a float32
     array is returned as it is."""
     if is_coded(tokens):
-        return cast_coded(tokens)[:]
+        return tokens[:]
     return widen(cast(Tokens, tokens))
-
-
-def cast_coded(tokens: StoredTokens) -> CodedTokens:
-    assert isinstance(tokens, Int8Tokens | ResidualTokens)
-    return tokens
 
 
 # The most a growing segment reserves per named vector (virtual memory: pages are only backed
@@ -315,7 +309,7 @@ def write_segment(
         }
         if v.codec.lossy:
             coded = (
-                cast_coded(tokens)
+                tokens
                 if is_coded(tokens)
                 else encode(
                     cast(Tokens, tokens),
@@ -377,42 +371,32 @@ class ColdRows:
 
     def rows(self, lo: int, hi: int) -> F32:
         """Rows ``lo:hi`` as an owned float32 array."""
-        n = max(0, hi - lo)
-        data = os.pread(self._fd, n * self._row_bytes, lo * self._row_bytes)
-        rows: Tokens = np.frombuffer(data, dtype=self.dtype).reshape(n, self.dim)
-        return owned_float32(rows)
+        raw = np.empty((max(0, hi - lo), self.dim), dtype=self.dtype)
+        self._read(_bytes_of(raw), lo)
+        return widen(raw)
 
     def gather(self, offsets: I64, docs: I64) -> tuple[F32, I64]:
         """The rows of documents ``docs`` (one read per document) and their new offsets."""
         new_offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum(offsets[docs + 1] - offsets[docs], out=new_offsets[1:])
-        if self.dtype != np.float32:
-            raw = np.empty((int(new_offsets[-1]), self.dim), dtype=self.dtype)
-            self._read_into(offsets, docs, new_offsets, raw)
-            return widen(raw), new_offsets
-        out = np.empty((int(new_offsets[-1]), self.dim), dtype=np.float32)
-        self._read_into(offsets, docs, new_offsets, out)
-        return out, new_offsets
-
-    def _read_into(self, offsets: I64, docs: I64, new_offsets: I64, out: npt.NDArray[Any]) -> None:
-        view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        row_bytes = self._row_bytes
-        starts = offsets[docs].tolist()
-        ends = offsets[docs + 1].tolist()
+        raw = np.empty((int(new_offsets[-1]), self.dim), dtype=self.dtype)
+        buffer, row_bytes = _bytes_of(raw), self._row_bytes
         at = new_offsets.tolist()
-        for i in range(len(starts)):
-            if ends[i] > starts[i]:
-                want = (at[i + 1] - at[i]) * row_bytes
-                got = os.preadv(
-                    self._fd,
-                    [view[at[i] * row_bytes : at[i + 1] * row_bytes]],
-                    starts[i] * row_bytes,
-                )
-                if got != want:
-                    raise Unavailable(
-                        f"{self.path}: short read ({got} of {want} bytes): the file is damaged",
-                        {"path": str(self.path)},
-                    )
+        for i, start in enumerate(offsets[docs].tolist()):
+            self._read(buffer[at[i] * row_bytes : at[i + 1] * row_bytes], start)
+        return widen(raw), new_offsets
+
+    def _read(self, buffer: memoryview, row: int) -> None:
+        """Fill ``buffer`` with the file's bytes from row ``row`` on."""
+        want = len(buffer)
+        if want == 0:
+            return
+        got = os.preadv(self._fd, [buffer], row * self._row_bytes)
+        if got != want:
+            raise Unavailable(
+                f"{self.path}: short read ({got} of {want} bytes): the file is damaged",
+                {"path": str(self.path)},
+            )
 
     def whole(self) -> Tokens:
         """Every row, memory-mapped (read-only) for as long as the caller holds the array."""
@@ -422,6 +406,11 @@ class ColdRows:
             self.path, dtype=self.dtype, mode="r", shape=(self.n_rows, self.dim)
         )
         return rows
+
+
+def _bytes_of(rows: npt.NDArray[Any]) -> memoryview:
+    """A contiguous array's bytes, writable in place."""
+    return memoryview(rows.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _column_numpy(table: pa.Table, name: str) -> npt.NDArray[Any]:
@@ -500,7 +489,7 @@ class SealedSegment(Segment):
     def coded(self, vector: str) -> CodedTokens | None:
         """The vector's codes where its codec is lossy."""
         tokens = self._tokens.get(vector)
-        return cast_coded(tokens) if tokens is not None and is_coded(tokens) else None
+        return tokens if is_coded(tokens) else None
 
     def offsets(self, vector: str) -> I64:
         return self._offsets[vector]
@@ -529,7 +518,7 @@ class SealedSegment(Segment):
             if kept is not None:
                 out[name] = kept.rows(rows.start, rows.stop)
             elif is_coded(tokens):
-                out[name] = cast_coded(tokens)[rows]
+                out[name] = tokens[rows]
             else:
                 out[name] = owned_float32(cast(Tokens, tokens)[rows])
         return out
@@ -583,41 +572,31 @@ def gather_live(sources: Sequence[tuple[SealedSegment, I64]], spec: CollectionSp
     vectors: dict[str, tuple[StoredTokens, I64]] = {}
     originals: dict[str, Tokens] = {}
     for v in spec.vectors:
-        coded = [c for c in (seg.coded(v.name) for seg, _ in sources) if c is not None]
-        kept = [seg.originals(v.name) for seg, _ in sources]
-        if (
-            v.codec.lossy
-            and coded
-            and v.codec.originals
-            and all(
+        # a source without this vector's rows (added later) has no codes to copy
+        parts = [
+            (c, seg.offsets(v.name), rows)
+            for seg, rows in sources
+            if (c := seg.coded(v.name)) is not None
+        ]
+        if v.codec.lossy and parts:
+            kept = [seg.originals(v.name) for seg, _ in sources]
+            if v.codec.originals and all(
                 k is not None or seg.n_tokens(v.name) == 0
                 for k, (seg, _) in zip(kept, sources, strict=True)
-            )
-        ):
-            originals[v.name] = gather_many(
-                [
-                    (k.whole(), seg.offsets(v.name), r)
-                    for k, (seg, r) in zip(kept, sources, strict=True)
-                    if k is not None
-                ],
-                v.dim,
-                _np_dtype(v.dtype),
-            )[0]
-        if v.codec.lossy and coded:
-            parts = []
-            for seg, rows in sources:
-                c = seg.coded(v.name)
-                # a source without this vector's rows (added later) has none to copy
-                if c is not None:
-                    parts.append((c, seg.offsets(v.name), rows))
+            ):
+                originals[v.name] = gather_many(
+                    [
+                        (k.whole(), seg.offsets(v.name), r)
+                        for k, (seg, r) in zip(kept, sources, strict=True)
+                        if k is not None
+                    ],
+                    v.dim,
+                    _np_dtype(v.dtype),
+                )[0]
             lengths = np.concatenate(
-                [seg.offsets(v.name)[rows + 1] - seg.offsets(v.name)[rows] for seg, rows in sources]
+                [seg.offsets(v.name)[r + 1] - seg.offsets(v.name)[r] for seg, r in sources]
             ).astype(np.int64)
-            kept_rows = originals.get(v.name)
-            vectors[v.name] = (
-                gather_coded(parts, coded[0], kept_rows),
-                lengths,
-            )
+            vectors[v.name] = (gather_coded(parts, originals.get(v.name)), lengths)
             continue
         # one buffer for all sources (a 4M-token merge used to allocate its tokens twice)
         vectors[v.name] = gather_many(

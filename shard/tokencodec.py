@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -70,8 +71,22 @@ def codec_path(directory: Path, vector: str) -> Path:
 # --------------------------------------------------------------------------- the two codecs
 
 
+class _Rows:
+    """What both codecs share: ``tokens[a:b]`` decodes rows ``a:b`` (``take``)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, idx: I64) -> F32:
+        raise NotImplementedError
+
+    def __getitem__(self, rows: slice) -> F32:
+        lo, hi, _ = rows.indices(len(self))
+        return self.take(np.arange(lo, max(lo, hi), dtype=np.int64))
+
+
 @dataclass(frozen=True, eq=False)
-class Int8Tokens:
+class Int8Tokens(_Rows):
     codes: npt.NDArray[np.int8]  # (n, dim)
     scale: F32  # (dim,)
     kind: str = "int8"
@@ -87,13 +102,6 @@ class Int8Tokens:
     def __len__(self) -> int:
         return int(self.codes.shape[0])
 
-    def __getitem__(self, rows: slice) -> F32:
-        lo, hi, _ = rows.indices(len(self))
-        out = np.empty((max(0, hi - lo), self.shape[1]), dtype=np.float32)
-        if hi > lo:
-            decode_int8(self.codes, self.scale, np.arange(lo, hi, dtype=np.int64), out)
-        return out
-
     def take(self, idx: I64) -> F32:
         out = np.empty((len(idx), self.shape[1]), dtype=np.float32)
         decode_int8(self.codes, self.scale, np.ascontiguousarray(idx, dtype=np.int64), out)
@@ -105,7 +113,7 @@ class Int8Tokens:
 
 
 @dataclass(frozen=True, eq=False)
-class ResidualTokens:
+class ResidualTokens(_Rows):
     cids: npt.NDArray[np.int32]  # (n,) centroid of every token
     packed: npt.NDArray[np.uint8]  # (n, ceil(dim·bits/8)) bucket codes, low bits first
     centroids: F32  # (K, dim)
@@ -113,7 +121,6 @@ class ResidualTokens:
     weights: F32  # (dim, 2^bits) reconstruction value of each bucket
     bits: int
     kind: str = "residual"
-    _lut: list[F32] = field(default_factory=list, repr=False)
 
     @property
     def dim(self) -> int:
@@ -132,38 +139,31 @@ class ResidualTokens:
         """Values the packed bytes hold per token: ``dim`` rounded up to ``8 / bits``."""
         return int(self.packed.shape[1]) * (8 // self.bits)
 
-    def lut(self) -> F32:
+    @cached_property
+    def table(self) -> F32:
         """``(n_bytes · 256, 8 / bits)``: the residual values packed byte ``p`` decodes to, at
-        row ``p · 256 + byte``."""
-        if not self._lut:
-            table = byte_table(self.weights, self.bits)
-            self._lut.append(np.ascontiguousarray(table.reshape(-1, table.shape[2])))
-            pad = self.width - self.dim  # zero columns where dim does not fill the last byte
-            self._lut.append(
-                np.ascontiguousarray(np.pad(self.centroids, ((0, 0), (0, pad))))
-                if pad
-                else self.centroids
-            )
-        return self._lut[0]
+        row ``p · 256 + byte`` (``byte_table``)."""
+        return byte_table(self.weights, self.bits)
 
-    def _padded_centroids(self) -> F32:
-        self.lut()
-        return self._lut[1]
+    @cached_property
+    def wide_centroids(self) -> F32:
+        """``centroids`` as wide as the packed values (``width``): zero columns where ``dim``
+        does not fill the last byte."""
+        pad = self.width - self.dim
+        if not pad:
+            return self.centroids
+        return np.ascontiguousarray(np.pad(self.centroids, ((0, 0), (0, pad))))
 
     def __len__(self) -> int:
         return int(self.cids.shape[0])
-
-    def __getitem__(self, rows: slice) -> F32:
-        lo, hi, _ = rows.indices(len(self))
-        return self.take(np.arange(lo, max(lo, hi), dtype=np.int64))
 
     def take(self, idx: I64) -> F32:
         out = np.empty((len(idx), self.width), dtype=np.float32)
         decode_residual(
             self.cids,
             self.packed,
-            self._padded_centroids(),
-            self.lut(),
+            self.wide_centroids,
+            self.table,
             np.ascontiguousarray(idx, dtype=np.int64),
             out,
         )
@@ -177,18 +177,20 @@ class ResidualTokens:
             q,
             starts,
             ends,
-            residual=(self.cids, self.packed, self._padded_centroids(), self.lut()),
+            residual=(self.cids, self.packed, self.wide_centroids, self.table),
         )
 
 
 CodedTokens = Int8Tokens | ResidualTokens
 
 
-def is_coded(tokens: object) -> bool:
+def is_coded(tokens: object) -> TypeGuard[CodedTokens]:
     return isinstance(tokens, Int8Tokens | ResidualTokens)
 
 
 def byte_table(weights: F32, bits: int) -> F32:
+    """Row ``p · 256 + byte``: the ``8 / bits`` residual values byte ``p`` of a token's packed
+    buckets decodes to (dimensions ``p · per …``; zero past ``dim``)."""
     dim, n_buckets = weights.shape
     per = 8 // bits
     n_bytes = math.ceil(dim / per)
@@ -199,7 +201,7 @@ def byte_table(weights: F32, bits: int) -> F32:
     for i in range(per):
         bucket = (values >> (i * bits)) & (n_buckets - 1)
         out[:, :, i] = padded[i::per][:, bucket]
-    return out
+    return np.ascontiguousarray(out.reshape(n_bytes * 256, per))
 
 
 # --------------------------------------------------------------------------- encoding
@@ -353,30 +355,32 @@ def _pack_residuals(
 
 def gather(
     parts: Sequence[tuple[CodedTokens, I64, I64]],
-    reference: CodedTokens,
     originals: npt.NDArray[np.floating[Any]] | None = None,
 ) -> CodedTokens:
     """The rows of documents ``docs`` of several coded matrices (``(tokens, offsets, docs)``
-    each), one part after another: codes copied (centroid tables concatenated) when every part
-    shares ``reference``'s buckets / scale, else encoded again against ``reference`` — from
+    each, at least one), one part after another. The first part that contributes rows is the
+    reference (parts without rows contribute nothing and are not compared: an empty segment's
+    codebook was trained on nothing): codes are copied (centroid tables concatenated) when
+    every contributing part shares its buckets / scale, else encoded again against it — from
     ``originals`` (the same rows as written) where given, else from the decoded codes (which
     quantises them a second time)."""
-    rows = [_doc_rows(offsets, docs) for _, offsets, docs in parts]
+    assert parts, "nothing to gather"
+    pairs = [(t, _doc_rows(offsets, docs)) for t, offsets, docs in parts]
+    pairs = [(t, r) for t, r in pairs if len(r)] or pairs[:1]
+    reference = pairs[0][0]
 
     def again() -> F32:
         if originals is not None:
             return widen(originals)
-        out: F32 = _concat(
-            [t.take(r) for (t, _, _), r in zip(parts, rows, strict=True)],
-            (0, reference.shape[1]),
-            np.float32,
-        )
+        out: F32 = _concat([t.take(r) for t, r in pairs], (0, reference.shape[1]), np.float32)
         return out
 
     if isinstance(reference, Int8Tokens):
-        int8 = [t for t, _, _ in parts if isinstance(t, Int8Tokens)]
-        if len(int8) == len(parts) and all(np.array_equal(t.scale, reference.scale) for t in int8):
-            codes = [t.codes[r] for t, r in zip(int8, rows, strict=True)]
+        int8 = [(t, r) for t, r in pairs if isinstance(t, Int8Tokens)]
+        if len(int8) == len(pairs) and all(
+            np.array_equal(t.scale, reference.scale) for t, _ in int8
+        ):
+            codes = [t.codes[r] for t, r in int8]
             return Int8Tokens(_concat(codes, (0, reference.shape[1]), np.int8), reference.scale)
         return _encode_int8(again(), reference)
     same = all(
@@ -384,14 +388,13 @@ def gather(
         and t.bits == reference.bits
         and np.array_equal(t.weights, reference.weights)
         and np.array_equal(t.cutoffs, reference.cutoffs)
-        for t, _, _ in parts
+        for t, _ in pairs
     )
     if not same:
-        assert isinstance(reference, ResidualTokens)
         return _encode_residual(again(), reference.bits, reference, seed=0)
     cids, packed, tables = [], [], []
     base = 0
-    for (t, _, _), r in zip(parts, rows, strict=True):
+    for t, r in pairs:
         assert isinstance(t, ResidualTokens)
         used = np.unique(t.cids[r])  # only the centroids the kept rows use
         remap = np.full(len(t.centroids), -1, dtype=np.int64)

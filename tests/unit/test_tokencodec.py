@@ -112,7 +112,7 @@ def test_gather_copies_codes_without_requantising(kind: str, bits: int) -> None:
     b = encode(x[half:], kind, bits, reference=a)
     off_a, off_b = offsets[:201], offsets[200:] - half
     keep_a, keep_b = np.arange(0, 200, 3), np.arange(1, 200, 2)
-    merged = gather([(a, off_a, keep_a), (b, off_b, keep_b)], a)
+    merged = gather([(a, off_a, keep_a), (b, off_b, keep_b)])
     want = np.concatenate(
         [a[int(off_a[d]) : int(off_a[d + 1])] for d in keep_a]
         + [b[int(off_b[d]) : int(off_b[d + 1])] for d in keep_b]
@@ -125,7 +125,7 @@ def test_gather_copies_codes_without_requantising(kind: str, bits: int) -> None:
             np.testing.assert_array_equal(got, want)
             assert isinstance(a, ResidualTokens) and isinstance(merged, ResidualTokens)
             assert len(merged.centroids) <= len(a.centroids) + len(b.centroids)
-    same = gather([(a, off_a, keep_a)], a)
+    same = gather([(a, off_a, keep_a)])
     np.testing.assert_array_equal(
         same[0 : len(same)],
         np.concatenate([a[int(off_a[d]) : int(off_a[d + 1])] for d in keep_a]),
@@ -144,9 +144,29 @@ def test_gather_encodes_from_the_originals_when_codes_cannot_be_copied(
     off_a, off_b = offsets[:201], offsets[200:] - half
     keep = np.arange(200)
     written = np.concatenate([x[:half], 2.0 * x[half:]])
-    merged = gather([(a, off_a, keep), (b, off_b, keep)], a, written)
+    merged = gather([(a, off_a, keep), (b, off_b, keep)], written)
     once = encode(written, kind, bits, reference=a)  # one quantisation of the values written
     np.testing.assert_allclose(merged[0 : len(merged)], once[0 : len(once)], atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "bits"), CODECS)
+def test_a_part_without_rows_neither_sets_nor_breaks_the_shared_codebook(
+    kind: str, bits: int
+) -> None:
+    """A segment with no rows for the vector (or none live) has a codebook trained on nothing;
+    gathered first, it must not become the reference the others are re-encoded against."""
+    rng = np.random.default_rng(11)
+    x, offsets = _corpus(rng)
+    empty = encode(x[:0], kind, bits)
+    a = encode(x, kind, bits)
+    keep = np.arange(0, 400, 2)
+    merged = gather(
+        [(empty, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)), (a, offsets, keep)]
+    )
+    want = np.concatenate([a[int(offsets[d]) : int(offsets[d + 1])] for d in keep])
+    np.testing.assert_array_equal(merged[0 : len(merged)], want)  # copied, not re-encoded
+    nothing = gather([(empty, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64))])
+    assert len(nothing) == 0
 
 
 def test_int8_segments_of_a_shard_share_a_scale() -> None:
