@@ -45,15 +45,13 @@ def _pool_window(tokens: F32, factor: int, cosine: bool) -> F32:
     x = np.asarray(tokens, dtype=np.float64)
     labels = fcluster(linkage(x, method="ward"), t=k, criterion="maxclust")
     # clusters in the order of their first token (fcluster's numbering is not)
-    _, first = np.unique(labels, return_index=True)
-    order = np.argsort(first)
-    ids = np.unique(labels)[order]
-    remap = np.empty(int(labels.max()) + 1, dtype=np.int64)
-    remap[ids] = np.arange(len(ids))
-    dense = remap[labels]
-    sums = np.zeros((len(ids), x.shape[1]), dtype=np.float64)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    dense = rank[inverse.reshape(-1)]
+    sums = np.zeros((len(first), x.shape[1]), dtype=np.float64)
     np.add.at(sums, dense, x)
-    means = sums / np.bincount(dense, minlength=len(ids))[:, None]
+    means = sums / np.bincount(dense, minlength=len(first))[:, None]
     if cosine:
         norms = np.linalg.norm(means, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
@@ -61,13 +59,14 @@ def _pool_window(tokens: F32, factor: int, cosine: bool) -> F32:
     return means.astype(np.float32)
 
 
-def _pooled(vec: NamedVectorSpec) -> bool:
-    return vec.multi and vec.pooling.factor > 1
+def pooled_vectors(spec: CollectionSpec) -> list[NamedVectorSpec]:
+    """The named vectors of ``spec`` that pool their tokens."""
+    return [v for v in spec.vectors if v.multi and v.pooling.factor > 1]
 
 
 def pool_batch(spec: CollectionSpec, batch: ObjectBatch) -> ObjectBatch:
     """``batch`` with every pooled named vector's objects pooled (the others untouched)."""
-    pooled = [v for v in spec.vectors if _pooled(v) and v.name in batch.vectors]
+    pooled = [v for v in pooled_vectors(spec) if v.name in batch.vectors]
     if not pooled:
         return batch
     columns = dict(batch.vectors)

@@ -72,6 +72,11 @@ def _require(cond: bool, message: str, **details: Any) -> None:
         raise InvalidInput(message, details)
 
 
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    """Whether ``value`` is an integer (not a bool) in ``lo..hi``."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 def _check_keys(kind: str, raw: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = set(raw) - allowed
     _require(not unknown, f"unknown field(s) in {kind}: {sorted(unknown)}", fields=sorted(unknown))
@@ -213,7 +218,7 @@ def _check_muvera_options(options: Mapping[str, Any]) -> None:
             continue
         lo, hi = MUVERA_RANGES[name]
         _require(
-            isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+            _int_in(value, lo, hi),
             f"muvera index option {name} must be an integer in {lo}..{hi}",
             option=name,
         )
@@ -326,17 +331,13 @@ class PoolingSpec:
         _check_keys("pooling", raw, {"factor", "min_tokens"})
         factor = raw.get("factor", 1)
         _require(
-            isinstance(factor, int)
-            and not isinstance(factor, bool)
-            and 1 <= factor <= MAX_POOL_FACTOR,
+            _int_in(factor, 1, MAX_POOL_FACTOR),
             f"vector {vector!r}: pooling factor must be an integer in 1..{MAX_POOL_FACTOR}",
             vector=vector,
         )
         min_tokens = raw.get("min_tokens", 0)
         _require(
-            isinstance(min_tokens, int)
-            and not isinstance(min_tokens, bool)
-            and 0 <= min_tokens <= MAX_POOL_MIN_TOKENS,
+            _int_in(min_tokens, 0, MAX_POOL_MIN_TOKENS),
             f"vector {vector!r}: pooling min_tokens must be an integer in 0..{MAX_POOL_MIN_TOKENS}",
             vector=vector,
         )
@@ -485,14 +486,12 @@ class CollectionSpec:
             _require(not dupes, f"duplicate {kind} name(s): {dupes}", names=dupes)
         shard_count = raw.get("shard_count", 2)
         _require(
-            isinstance(shard_count, int)
-            and not isinstance(shard_count, bool)
-            and 1 <= shard_count <= MAX_SHARDS,
+            _int_in(shard_count, 1, MAX_SHARDS),
             f"shard_count must be an integer in 1..{MAX_SHARDS}",
         )
         rf = raw.get("replication_factor", 1)
         _require(
-            isinstance(rf, int) and not isinstance(rf, bool) and 1 <= rf <= 3,
+            _int_in(rf, 1, 3),
             "replication_factor must be an integer in 1..3",
         )
         routing = raw.get("routing", ROUTING_LATEST)

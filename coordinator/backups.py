@@ -4,15 +4,17 @@ Layout under the backup root (``Settings.backup_root``: ``--backup-dir``, defaul
 ``<data_dir>/backups``)::
 
     <id>/backup.json             {"id", "created", "finished", "state": running|done|failed,
-                                  "error", "collections": {name: {"spec", "objects",
-                                  "shards": [{"shard", "objects", "segments", "bytes"}]}}}
+                                  "error", "collections": {name: {"state": staging|copying|
+                                  done, "spec", "objects", "shards": [{"shard", "objects",
+                                  "segments", "bytes"}]}}}
     <id>/<collection>/shard-<s>/ a shard's data directory (shard.engine.ShardEngine.backup)
 
-The cut: while a collection is copied the coordinator holds the write lock of every one of its
-shards (``ReplicaSet.write_lock``: a write holds it until every replica answered), so no write
-of that collection is in flight and each shard's copy holds exactly the writes acknowledged
-before the cut; writes arriving meanwhile wait (the shards stage their copy by hard links, so
-the wait is short) and are not in the backup. Collections are cut one after another.
+The cut: while a collection's shards stage their copies the coordinator holds the write lock of
+every one of them (``ReplicaSet.write_lock``: a write holds it until every replica answered),
+so no write of that collection is in flight and each shard's copy holds exactly the writes
+acknowledged before the cut; writes arriving meanwhile wait (the shards stage by hard links,
+so the wait is short) and are not in the backup. Then, with writes going on, each shard moves
+or copies its staged copy into the backup (``run``). Collections are cut one after another.
 
 Restore creates the collection (under its own name or a new one) with the backed-up spec, then
 every replica of every shard replaces its empty data with the shard's copy and reopens.
@@ -124,19 +126,6 @@ def begin(root: Path, backup_id: str, names: Sequence[str] | None, table: Routin
     }
     _write_info(dest / BACKUP_FILE, info)
     return Started(dest, chosen, specs, info)
-
-
-async def take(
-    root: Path,
-    backup_id: str,
-    names: Sequence[str] | None,
-    table: RoutingTable,
-    timeout_s: float,
-    copy_timeout_s: float,
-) -> dict[str, Any]:
-    """Back up ``names`` (None: every collection) of ``table`` to ``root/backup_id``
-    (``begin``, then ``run``)."""
-    return await run(begin(root, backup_id, names, table), table, timeout_s, copy_timeout_s)
 
 
 async def run(

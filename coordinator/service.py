@@ -32,7 +32,7 @@ from cluster.errors import (
     Unavailable,
 )
 from cluster.ids import normalize_uuid
-from cluster.pooling import pool_batch
+from cluster.pooling import pool_batch, pooled_vectors
 from cluster.query import QueryRequest, QueryResult
 from cluster.settings import Settings
 from cluster.spec import CollectionSpec, NamedVectorSpec, VectorizerSpec
@@ -438,7 +438,7 @@ class Coordinator:
         every object failed for want of replicas (and ``raise_unavailable``), raise
         Unavailable naming the shards."""
         collection = spec.name
-        if any(v.multi and v.pooling.factor > 1 for v in spec.vectors):
+        if pooled_vectors(spec):
             # once, before routing: replicas (and catch-up) copy the pooled rows
             batch = await asyncio.to_thread(pool_batch, spec, batch)
         by_shard: dict[int, list[int]] = defaultdict(list)

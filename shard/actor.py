@@ -219,11 +219,6 @@ class ShardActor:
         self._metrics.record_stats(stats)
         return stats if self._lost is None else replace(stats, data_lost=self._lost)
 
-    def backup(self, dest: str) -> dict[str, Any]:
-        """A consistent copy of this shard at ``dest`` (``ShardEngine.backup``)."""
-        self._serving()
-        return self._engine.backup(Path(dest))
-
     def stage_backup(self) -> dict[str, Any]:
         """``ShardEngine.stage_backup``: the cut, fast (hard links and a WAL copy)."""
         self._serving()
