@@ -201,6 +201,15 @@ def build_parser(prog: str = "colshard bench") -> argparse.ArgumentParser:
         help="run every pipeline in this process (peak RSS is then shared)",
     )
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--many-collections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the search benchmark: `colshard serve` with N collections of 2 "
+        "shards each on this node; creation time and private memory per idle shard "
+        "(writes many.json under --out)",
+    )
     return p
 
 
@@ -347,6 +356,16 @@ def run_suite(cfg: BenchConfig, names: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.many_collections > 0:
+        import json
+
+        from bench.harness import run_many_collections
+
+        result = run_many_collections(args.many_collections, args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "many.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return 1 if "error" in result or "skipped" in result else 0
     cfg = config_from_args(args)
     if args.suite:
         names = (

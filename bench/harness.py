@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -1246,19 +1246,84 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
                 "skipped": "`colshard` CLI not on PATH",
             }
         ]
-    import httpx
-
-    port = _free_port()
-    etcd_port = _free_port(pair=True)  # the embedded etcd's client and peer ports
-    data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-http-"))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     log_path = cfg.out_dir / "colshard-serve.log"
     record: dict[str, Any] = {
         "pipeline": "colshard-http",
         "family": "colshard-http",
-        "params": {"shard_count": 2, "port": port},
+        "params": {"shard_count": 2},
         "log": str(log_path),
     }
+    calibration = ["--calibration-queries", "0"] if cfg.calibrate == "off" else []
+    try:
+        with served(exe, log_path, calibration, cfg.http_timeout_s, record) as (
+            proc,
+            base,
+            data_dir,
+        ):
+            searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
+            searcher.create(dataset.dim, 2, cfg.dtype, cfg.codec, cfg.pooling)
+            if cfg.http_import == "arrow":
+                spent, failed = searcher.import_arrow(
+                    dataset, cfg.http_arrow_batch, cfg.http_arrow_in_flight
+                )
+                record["import_format"] = (
+                    f"arrow, {cfg.http_arrow_batch} objects/request, "
+                    f"{cfg.http_arrow_in_flight} in flight"
+                )
+            else:
+                spent, failed = searcher.import_dataset(dataset, cfg.http_batch)
+                record["import_format"] = f"json, {cfg.http_batch} objects/request"
+            record.update(
+                {
+                    "import_s": spent,
+                    "import_tokens_per_s": dataset.n_tokens / spent,
+                    "import_failed": failed,
+                }
+            )
+            record["build_wait_s"], record["cluster"] = _wait_settled(
+                searcher, proc.pid, time.monotonic() + cfg.http_timeout_s
+            )
+            if cfg.calibrate != "off":
+                record["calibration"] = _wait_calibrated(searcher, 0, cfg.http_timeout_s)
+                if cfg.calibrate == "warm":
+                    # Warm queries first: the shards recalibrate on them before they see a
+                    # measured query (the in-engine run also reports the synthetic calibration).
+                    for q in warm_queries(cfg):
+                        searcher.search(q, 10)
+                    record["calibration_warm"] = _wait_calibrated(searcher, 1, cfg.http_timeout_s)
+            record.update(
+                measure(
+                    searcher,
+                    dataset,
+                    truth,
+                    _query_ids(dataset),
+                    warmup=cfg.warmup,
+                    repeat=cfg.repeat,
+                )
+            )
+            record["explain"] = _explain_or_error(
+                searcher, dataset, _query_ids(dataset), repeat=cfg.repeat
+            )
+            record.update(_session_rss(proc.pid))
+            etcd_bytes = dir_bytes(data_dir / "_etcd")  # the embedded etcd's WAL, not the data
+            record["disk_bytes_per_token"] = (dir_bytes(data_dir) - etcd_bytes) / dataset.n_tokens
+    except Exception as exc:
+        record["error"] = f"{exc!r}; log tail: {_tail(log_path)}"
+    return [record]
+
+
+@contextlib.contextmanager
+def served(
+    exe: str, log_path: Path, extra: Sequence[str], timeout_s: float, record: dict[str, Any]
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """``colshard serve`` on free ports and a fresh data dir, ready: ``(process, base URL,
+    data dir)``. Startup time, the port and how it stopped go into ``record``. Stopped and
+    its data dir removed afterwards, whatever happened."""
+    port = _free_port()
+    etcd_port = _free_port(pair=True)  # the embedded etcd's client and peer ports
+    data_dir = Path(tempfile.mkdtemp(prefix="colshard-bench-http-"))
+    record.setdefault("params", {})["port"] = port
     # Serve the same source tree this harness runs from (an editable install may point at
     # another checkout): its root goes first on the server's PYTHONPATH.
     env = dict(os.environ)
@@ -1266,20 +1331,10 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
     if (root / "gateway").is_dir():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
         record["server_code_root"] = str(root)
+    argv = [exe, "serve", "--data-dir", str(data_dir), "--port", str(port)]
     with open(log_path, "wb") as log:
-        calibration = ["--calibration-queries", "0"] if cfg.calibrate == "off" else []
         proc = subprocess.Popen(
-            [
-                exe,
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(port),
-                "--etcd-port",
-                str(etcd_port),
-                *calibration,
-            ],
+            [*argv, "--etcd-port", str(etcd_port), *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -1287,7 +1342,9 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + cfg.http_timeout_s
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
         t0 = time.perf_counter()
         while True:
             if proc.poll() is not None:
@@ -1298,57 +1355,13 @@ def run_http(dataset: Dataset, truth: GroundTruth, cfg: BenchConfig) -> list[dic
                 if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"colshard serve not ready after {cfg.http_timeout_s} s")
+                raise TimeoutError(f"colshard serve not ready after {timeout_s} s")
             time.sleep(0.5)
         record["startup_s"] = time.perf_counter() - t0
-        searcher = HttpSearcher(base, timeout_s=cfg.http_timeout_s)
-        searcher.create(dataset.dim, 2, cfg.dtype, cfg.codec, cfg.pooling)
-        if cfg.http_import == "arrow":
-            spent, failed = searcher.import_arrow(
-                dataset, cfg.http_arrow_batch, cfg.http_arrow_in_flight
-            )
-            record["import_format"] = (
-                f"arrow, {cfg.http_arrow_batch} objects/request, "
-                f"{cfg.http_arrow_in_flight} in flight"
-            )
-        else:
-            spent, failed = searcher.import_dataset(dataset, cfg.http_batch)
-            record["import_format"] = f"json, {cfg.http_batch} objects/request"
-        record.update(
-            {
-                "import_s": spent,
-                "import_tokens_per_s": dataset.n_tokens / spent,
-                "import_failed": failed,
-            }
-        )
-        record["build_wait_s"], record["cluster"] = _wait_settled(
-            searcher, proc.pid, time.monotonic() + cfg.http_timeout_s
-        )
-        if cfg.calibrate != "off":
-            record["calibration"] = _wait_calibrated(searcher, 0, cfg.http_timeout_s)
-            if cfg.calibrate == "warm":
-                # Warm queries first: the shards recalibrate on them before they see a
-                # measured query (the in-engine run also reports the synthetic calibration).
-                for q in warm_queries(cfg):
-                    searcher.search(q, 10)
-                record["calibration_warm"] = _wait_calibrated(searcher, 1, cfg.http_timeout_s)
-        record.update(
-            measure(
-                searcher, dataset, truth, _query_ids(dataset), warmup=cfg.warmup, repeat=cfg.repeat
-            )
-        )
-        record["explain"] = _explain_or_error(
-            searcher, dataset, _query_ids(dataset), repeat=cfg.repeat
-        )
-        record.update(_session_rss(proc.pid))
-        etcd_bytes = dir_bytes(data_dir / "_etcd")  # the embedded etcd's WAL, not the data
-        record["disk_bytes_per_token"] = (dir_bytes(data_dir) - etcd_bytes) / dataset.n_tokens
-    except Exception as exc:
-        record["error"] = f"{exc!r}; log tail: {_tail(log_path)}"
+        yield proc, base, data_dir
     finally:
         record["shutdown"] = _stop_server(proc)
         shutil.rmtree(data_dir, ignore_errors=True)
-    return [record]
 
 
 def _wait_calibrated(
@@ -1530,3 +1543,80 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[
     doc["summary"] = summarize(doc)
     doc["wall_s"] = time.perf_counter() - t0
     return doc
+
+
+def run_many_collections(
+    n: int, out_dir: Path, timeout_s: float = 600.0, dim: int = 128
+) -> dict[str, Any]:
+    """``colshard serve`` holding ``n`` small collections of 2 shards each on this one node:
+    how long creating them takes, what an idle shard costs in its shard host (private memory,
+    ``/proc/<pid>/smaps_rollup``), that each still answers, and that deleting them frees
+    the host. The issue #19 target: 1,000 collections, ≤ 20 MB per idle shard."""
+    import httpx
+
+    from shard.host import private_memory_bytes
+
+    exe = shutil.which("colshard")
+    if exe is None:
+        return {"skipped": "`colshard` CLI not on PATH"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "colshard-serve.log"
+    record: dict[str, Any] = {"collections": n, "shards": 2 * n, "log": str(log_path)}
+    extra = ["--max-collections", str(n + 1)]
+    rng = np.random.default_rng(0)
+
+    def create(http: httpx.Client, name: str) -> None:
+        vec = {"name": "v", "dim": dim, "kind": "multi", "metric": "dot"}
+        body = {"name": name, "shard_count": 2, "vectors": [vec]}
+        r = http.post("/v1/collections", json=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"create {name}: {r.status_code} {r.text[:300]}")
+
+    def host_pids(http: httpx.Client) -> set[int]:
+        cluster = http.get("/v1/cluster").json()
+        return {
+            int(p["pid"])
+            for c in cluster["collections"].values()
+            for p in c["placements"]
+            if p.get("pid")
+        }
+
+    try:
+        with (
+            served(exe, log_path, extra, timeout_s, record) as (proc, base, _data),
+            httpx.Client(base_url=base, timeout=timeout_s) as http,
+        ):
+            create(http, "Warm")  # the host exists and has loaded what a shard needs
+            doc = rng.normal(size=(32, dim)).round(4).tolist()
+            one = {"objects": [{"properties": {}, "vectors": {"v": doc}}]}
+            http.post("/v1/collections/Warm/objects", json=one).raise_for_status()
+            query = {"near_vector": {"vector": doc[:4]}, "limit": 1}
+            http.post("/v1/collections/Warm/query", json=query).raise_for_status()
+            time.sleep(2.0)
+            pids = host_pids(http)
+            before = sum(private_memory_bytes(p) for p in pids)
+            t0 = time.perf_counter()
+            for i in range(n):
+                create(http, f"Many{i}")
+            record["create_s"] = time.perf_counter() - t0
+            time.sleep(5.0)
+            pids = host_pids(http)
+            after = sum(private_memory_bytes(p) for p in pids)
+            record.update(
+                host_processes=len(pids),
+                host_private_mb_before=before / 2**20,
+                host_private_mb_after=after / 2**20,
+                private_mb_per_idle_shard=(after - before) / (2 * n) / 2**20,
+                server_session=_session_rss(proc.pid),
+            )
+            last = f"Many{n - 1}"
+            http.post(f"/v1/collections/{last}/objects", json=one).raise_for_status()
+            hits = http.post(f"/v1/collections/{last}/query", json=query).json()["objects"]
+            record["last_collection_answers"] = len(hits) == 1
+            t0 = time.perf_counter()
+            for i in range(n):
+                http.delete(f"/v1/collections/Many{i}").raise_for_status()
+            record["delete_s"] = time.perf_counter() - t0
+    except Exception as exc:
+        record["error"] = f"{exc!r}; log tail: {_tail(log_path)}"
+    return record

@@ -72,6 +72,13 @@ class Unavailable(ColshardError):
     code = "unavailable"
 
 
+class ShardNotOpen(Unavailable):
+    """The shard host asked has no such shard open (it restarted, or never opened it): the
+    caller opens it there again and retries (``coordinator.fanout``)."""
+
+    code = "shard_not_open"
+
+
 class TooManyRequests(ColshardError):
     """A costly operation that runs one at a time is already running (e.g. a recall report)."""
 
@@ -117,6 +124,7 @@ ALL_ERRORS: tuple[type[ColshardError], ...] = (
     AlreadyExists,
     PayloadTooLarge,
     Unavailable,
+    ShardNotOpen,
     DataLost,
     StorageError,
     InsufficientStorage,

@@ -105,9 +105,13 @@ class Settings:
     max_connections: int = 1_024
     etcd_timeout_s: float = 5.0
     shard: ShardSettings = field(default_factory=ShardSettings)
-    # Custom Ray resources every shard actor requests (e.g. {"colshard_shard": 1}): shards then
-    # land only on nodes that advertise them, at most as many per node as it has units.
+    # Custom Ray resources that mark the nodes holding shards (e.g. {"colshard_shard": 1}):
+    # shards land only there, each node taking as many replicas as it has units
+    # (coordinator.placement counts them).
     shard_resources: Mapping[str, float] = field(default_factory=dict)
+    # Shard host processes per node and replica index (shard s goes to host s % this): the
+    # shards of one collection search in parallel processes. Fixed for a cluster's data.
+    shard_hosts_per_node: int = 2
     # Membership: each Ray node's agent holds members/<node_id> under a lease of this TTL; the
     # coordinator reconciles agents and shard availability every membership_interval_s.
     member_ttl_s: int = 10
@@ -146,6 +150,8 @@ ENVIRONMENT: Mapping[str, str] = {
     "COLSHARD_RAY_ADDRESS": "Ray cluster to join (settings_from)",
     "COLSHARD_SHARD_RESOURCES": "Ray resources each shard actor asks for (settings_from)",
     "COLSHARD_VECTORIZER_REPLICAS": "encoder actors per vectorizer config (settings_from)",
+    "COLSHARD_SHARD_HOSTS_PER_NODE": "shard host processes per node and replica index "
+    "(settings_from)",
     "COLSHARD_SEAL_THRESHOLD_TOKENS": "ShardSettings.seal_threshold_tokens (settings_from)",
     "COLSHARD_INDEX_DEFER_TOKENS": "ShardSettings.index_defer_tokens (settings_from)",
     "COLSHARD_CALIBRATION_QUERIES": "ShardSettings.calibration_queries (settings_from)",
@@ -226,6 +232,7 @@ def settings_from(
         queries = _int_at_least("calibration_queries", str(calibration), 0)
         shard = replace(shard, calibration_queries=queries)
     replicas = pick("vectorizer_replicas", "COLSHARD_VECTORIZER_REPLICAS")
+    hosts = pick("shard_hosts_per_node", "COLSHARD_SHARD_HOSTS_PER_NODE")
     backup_dir = pick("backup_dir", "COLSHARD_BACKUP_DIR")
     backup_timeout = pick("backup_timeout_s", "COLSHARD_BACKUP_TIMEOUT_S")
     return Settings(
@@ -241,6 +248,9 @@ def settings_from(
             str(pick("shard_resources", "COLSHARD_SHARD_RESOURCES") or "")
         ),
         vectorizer_replicas=_int_at_least("vectorizer_replicas", str(replicas or 1), 1),
+        shard_hosts_per_node=_int_at_least(
+            "shard_hosts_per_node", str(hosts or Settings.shard_hosts_per_node), 1
+        ),
         shard=shard,
         backup_dir=Path(backup_dir).resolve() if backup_dir else None,
         backup_timeout_s=_positive_seconds("backup_timeout_s", backup_timeout)

@@ -86,6 +86,7 @@ class CoordinatorActor:
                 self._settings.shard,
                 dict(self._settings.shard_resources),
                 self._settings.vectorizer_replicas,
+                self._settings.shard_hosts_per_node,
             )
             coordinator = Coordinator(store, placement, self._settings)
             await coordinator.start()

@@ -1,8 +1,9 @@
 """All Ray actor *calls* of the coordinator live here (creation lives in placement.py).
 
 ``ShardClient`` is the small interface the coordinator uses to reach one shard replica; unit
-tests put in-process engines behind the same interface. ``RayShardClient`` implements it over an
-actor handle and maps Ray's exceptions to colshard's, naming the shard.
+tests put in-process engines behind the same interface. ``RayShardClient`` implements it over
+the replica's shard host (``shard.host``) and maps Ray's exceptions to colshard's, naming the
+shard.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import ray
 import ray.exceptions
 
 from cluster import localrpc
-from cluster.errors import ColshardError, DeadlineExceeded, InternalError, Unavailable
+from cluster.errors import (
+    ColshardError,
+    DeadlineExceeded,
+    InternalError,
+    ShardNotOpen,
+    Unavailable,
+)
 from cluster.ids import ShardId
 from cluster.localrpc import body_length, frame, unframe
 from cluster.raynode import ray_node_id
@@ -89,6 +96,9 @@ async def call_remote(ref: Any, timeout_s: float, what: str, details: dict[str, 
         raise map_ray_error(exc, what, details) from exc
 
 
+_SHARED_FAST: dict[tuple[int, str], FastPathClient] = {}
+
+
 class FastPathDown(Exception):
     """The fast path's socket failed (the actor died, restarted, or closed it)."""
 
@@ -99,12 +109,25 @@ class FastPathClient:
     over Ray instead); a missed deadline raises ``DeadlineExceeded``; the shard's own errors are
     raised as they are."""
 
-    MAX_CALLS = 8  # in flight per shard, like the actor's max_concurrency over Ray
+    MAX_CALLS = 32  # in flight per shard host (all its shards' searches), each a host thread
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._slots = asyncio.Semaphore(self.MAX_CALLS)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def shared(cls, path: str) -> FastPathClient:
+        """The one client of socket ``path`` in this event loop: the shards of a host share its
+        socket, its connections and its cap on calls in flight."""
+        loop = asyncio.get_running_loop()
+        key = (id(loop), path)
+        client = _SHARED_FAST.get(key)
+        if client is None or client._loop is not loop:
+            client = _SHARED_FAST[key] = cls(path)
+            client._loop = loop
+        return client
 
     async def call(
         self,
@@ -167,21 +190,35 @@ class FastPathClient:
         self._idle.clear()
 
 
-class RayShardClient:
-    """A ShardClient over a ShardActor handle.
+class HostLocator(Protocol):
+    """Where a shard replica lives (``coordinator.placement.RayPlacement``)."""
 
-    A call that finds the actor dead or restarting (its worker was killed; Ray restarts it and
-    it recovers from disk) is re-issued with backoff while the deadline allows. Every shard verb
-    is idempotent (upserts carry their uuids), so a retried write cannot duplicate anything.
+    def locate(self, key: str, host_died: bool = False) -> tuple[Any, tuple[Any, ...]] | None: ...
+    def opened(self, key: str) -> None: ...
+
+
+class RayShardClient:
+    """A ShardClient for one shard replica held by a shard host (``shard.host``).
+
+    The replica is placed and opened by its first call (``ready()`` opens it; every call made
+    before it does). A call that finds the host restarting is re-issued with backoff while
+    the deadline allows; one that finds the host restarted without the shard open
+    (``ShardNotOpen``) opens it there again and retries; one that finds the host dead for good
+    asks placement for a host again (another node when that one is gone). Every shard verb is
+    idempotent (upserts carry their uuids), so a retried write cannot duplicate anything.
     """
 
     RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
     FAST_PATH_RETRY_S = 5.0
 
-    def __init__(self, handle: Any, shard_id: ShardId) -> None:
-        self._handle = handle
+    def __init__(self, shard_id: ShardId, key: str, locator: HostLocator) -> None:
         self.shard_id = shard_id
+        self.key = key
+        self._locator = locator
+        self._host: Any = None
+        self._open_args: tuple[Any, ...] = ()
+        self._host_died = False
         self._what = f"shard {shard_id}"
         self._details: dict[str, Any] = {"shard": str(shard_id)}
         self._fast: FastPathClient | None = None
@@ -197,22 +234,24 @@ class RayShardClient:
             self._drop_fast()
         elif self._fast is None or self._fast.path != path:
             self._drop_fast()
-            self._fast = FastPathClient(str(path))
+            self._fast = FastPathClient.shared(str(path))
 
     def _drop_fast(self) -> None:
         if self._fast is not None:
-            self._fast.close()
+            self._fast.close()  # its idle connections: the host's other shards open new ones
             self._fast = None
 
     async def _read(self, method: str, timeout_s: float, *args: Any) -> Any:
         """A read verb: over the fast path when there is one, else (and when it fails) over
         Ray. Without a fast path, one is looked for again now and then (``ready()`` in the
-        background), e.g. after the actor restarted."""
+        background), e.g. after the host restarted."""
         fast = self._fast
         if fast is not None:
             try:
-                return await fast.call(method, args, timeout_s, self._what, dict(self._details))
-            except FastPathDown as exc:
+                return await fast.call(
+                    method, (self.key, *args), timeout_s, self._what, dict(self._details)
+                )
+            except (FastPathDown, ShardNotOpen) as exc:
                 log.info("%s: fast path down (%s); over Ray", self._what, exc)
                 if self._fast is fast:  # not one learned meanwhile
                     self._drop_fast()
@@ -228,17 +267,51 @@ class RayShardClient:
         with contextlib.suppress(ColshardError):
             await self.ready(READY_PROBE_TIMEOUT_S)
 
+    async def _located(self) -> Any:
+        if self._host is None or self._host_died:
+            found = await asyncio.to_thread(self._locator.locate, self.key, self._host_died)
+            if found is None:
+                raise Unavailable(
+                    f"{self._what}: no alive node has room for it", dict(self._details)
+                )
+            self._host, self._open_args = found
+            self._host_died = False
+        return self._host
+
+    async def _remote(self, verb: str, args: tuple[Any, ...], timeout_s: float) -> Any:
+        host = await self._located()
+        if verb == "open":
+            ref = host.open.options(name=f"{self.key}.open").remote(self.key, *self._open_args)
+        else:
+            ref = host.call.options(name=f"{self.key}.{verb}").remote(self.key, verb, args)
+        try:
+            return await call_remote(ref, timeout_s, self._what, dict(self._details))
+        except Unavailable as exc:
+            if isinstance(exc.__cause__, ray.exceptions.ActorDiedError):
+                self._host_died = True  # gone for good: the next call looks for a host again
+                self._drop_fast()
+            raise
+
+    async def _open(self, timeout_s: float) -> Mapping[str, Any]:
+        info: Mapping[str, Any] = await self._remote("open", (), timeout_s)
+        self._locator.opened(self.key)
+        self._learn(info)
+        return info
+
     async def _call(self, method: str, timeout_s: float, *args: Any, retry: bool = True) -> Any:
         """Reads pass ``retry=False``: the coordinator's ReplicaSet fails them over to another
-        replica (and retries the round itself), instead of waiting here for a restart."""
+        replica (and retries the round itself), instead of waiting here for a restart. A
+        shard its host does not hold (restarted) is opened again, then the call retried."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         for attempt in range(len(self.RETRY_BACKOFF_S) + 1):
-            ref = getattr(self._handle, method).remote(*args)
             try:
-                return await call_remote(
-                    ref, max(0.001, deadline - loop.time()), self._what, dict(self._details)
-                )
+                if method == "ready":
+                    return await self._open(max(0.001, deadline - loop.time()))
+                return await self._remote(method, args, max(0.001, deadline - loop.time()))
+            except ShardNotOpen:
+                await self._open(max(0.001, deadline - loop.time()))
+                return await self._remote(method, args, max(0.001, deadline - loop.time()))
             except Unavailable:
                 if not retry or attempt == len(self.RETRY_BACKOFF_S):
                     raise
@@ -249,8 +322,8 @@ class RayShardClient:
         raise AssertionError("unreachable")
 
     async def ready(self, timeout_s: float) -> Mapping[str, Any]:
+        """Open the replica on its host (a no-op when open) and say where it runs."""
         result: Mapping[str, Any] = await self._call("ready", timeout_s)
-        self._learn(result)
         return result
 
     async def upsert(self, batch: ObjectBatch, timeout_s: float) -> list[WriteResult]:

@@ -83,7 +83,14 @@ class ClusterStore(Protocol):
 
 
 class Placement(Protocol):
-    def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> ShardClient: ...
+    def open_shard(
+        self,
+        spec: CollectionSpec,
+        shard: int,
+        replica: int,
+        node_id: str = "",
+        existed: bool = False,
+    ) -> ShardClient: ...
     def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None: ...
     def open_vectorizer(self, spec: VectorizerSpec) -> VectorizerClient: ...
 
@@ -127,19 +134,25 @@ class Coordinator:
         """Load every collection from the store and (re)attach its shard actors."""
         specs = await self._store.list_collections()
         for spec in specs.values():
-            await self._open_collection(spec)
+            await self._open_collection(spec, existed=True)
 
-    async def _open_collection(self, spec: CollectionSpec) -> None:
-        """Open (or reattach) every replica of ``spec``, enter them in the routing table and
-        write their placements (raising when etcd does not take them)."""
+    async def _open_collection(self, spec: CollectionSpec, existed: bool = False) -> None:
+        """Open (or reattach: ``existed``, each replica on the node its placement record
+        names while that node is alive) every replica of ``spec``, enter them in the routing
+        table and write their placements (raising when etcd does not take them)."""
         timeout_s = self._settings.write_timeout_s
+        known = await self._store.get_placements(spec.name) if existed else {}
         shards = [
-            [self._placement.open_shard(spec, s, r) for r in range(spec.replication_factor)]
+            [
+                self._placement.open_shard(
+                    spec, s, r, str(known.get((s, r), {}).get("node_id") or ""), existed
+                )
+                for r in range(spec.replication_factor)
+            ]
             for s in range(spec.shard_count)
         ]
         infos = await asyncio.gather(*(c.ready(timeout_s) for reps in shards for c in reps))
         # Replicas recorded as stale (they missed writes) stay stale until caught up.
-        known = await self._store.get_placements(spec.name)
         entries = []
         seqs: dict[ReplicaId, int] = {}
         it = iter(infos)
@@ -221,7 +234,7 @@ class Coordinator:
                         # from its data dir and is caught up on a later round.
                         with contextlib.suppress(Exception):
                             replica.client = self._placement.open_shard(
-                                spec, rs.shard, replica.index
+                                spec, rs.shard, replica.index, replica.entry().node_id, existed=True
                             )
                         continue
                     try:

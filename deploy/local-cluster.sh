@@ -7,7 +7,7 @@
 #   gateway    (colshard gateway)     ── http://127.0.0.1:8080
 #
 # Each Ray node advertises the "colshard_shard" resource and has its own COLSHARD_DATA_DIR, so
-# shard actors placed on different nodes keep separate data, as on separate machines.
+# shards placed on different nodes keep separate data, as on separate machines.
 #
 # Usage:
 #   deploy/local-cluster.sh start [--no-gateway]   start everything (or all but the gateway)
@@ -264,7 +264,7 @@ cmd_start() {
         --initial-cluster-token "colshard-${CLUSTER_NAME}"
     wait_for etcd "healthy at ${ETCD_ENDPOINT}" http_ok "http://${ETCD_ENDPOINT}/health"
 
-    # The Ray nodes' environment reaches every worker process, hence the shard actors.
+    # The Ray nodes' environment reaches every worker process, hence the shard hosts.
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER must be 1 (Linux's default): with "0" Ray keeps to
     # loopback but `ray start --address` refuses to join, on every platform. With clusters
     # enabled Ray advertises this host's primary IP even when given 127.0.0.1 (its own traffic
@@ -318,7 +318,7 @@ cmd_start() {
     fi
     trap - EXIT
 
-    log "up. Ray dashboard: http://${HOST}:${RAY_DASHBOARD_PORT}  (Actors tab: colshard:<collection>:<shard>:<replica>)"
+    log "up. Ray dashboard: http://${HOST}:${RAY_DASHBOARD_PORT}  (Actors tab: shard hosts colshard:host:<node>; Tasks: colshard:<collection>:<shard>:<replica>.<verb>)"
     if ((with_gateway)); then
         log "gateway: http://${HOST}:${GATEWAY_PORT}  (GET /readyz, /v1/...)"
     else

@@ -834,6 +834,14 @@ def build_parser() -> argparse.ArgumentParser:
             f"{Settings().backup_timeout_s:g}; env COLSHARD_BACKUP_TIMEOUT_S)",
         )
         p.add_argument(
+            "--shard-hosts-per-node",
+            type=_positive_int,
+            default=None,
+            help="shard host processes per node (and replica index); shard s of a "
+            "collection runs in host s %% N (default 2; env COLSHARD_SHARD_HOSTS_PER_NODE; "
+            "fixed for a cluster's data, docs/deploy.md)",
+        )
+        p.add_argument(
             "--vectorizer-replicas",
             type=_positive_int,
             default=None,

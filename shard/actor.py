@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from cluster.types import (
     WriteResult,
 )
 from shard import kernels
-from shard.engine import ShardEngine
+from shard.engine import BackgroundPools, ShardEngine
 from shard.fastpath import FastPathServer
 from shard.manifest import MANIFEST
 from shard.metrics import ShardMetrics
@@ -76,6 +76,14 @@ def _holds_data(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+@dataclass(frozen=True)
+class Hosting:
+    """What a shard host shares with the shards it holds (``ShardActor(hosting=...)``)."""
+
+    pools: BackgroundPools
+    fast: FastPathServer | None
+
+
 class ShardActor:
     def __init__(
         self,
@@ -85,11 +93,14 @@ class ShardActor:
         settings: ShardSettings,
         subdir: str | None = None,
         restarted: bool | None = None,
+        hosting: Hosting | None = None,
     ) -> None:
         """With ``subdir`` the shard's data lives in ``<node data dir>/<subdir>``, where the
         node data dir is this Ray node's ``COLSHARD_DATA_DIR`` (else ``data_dir``): on a
         multi-node cluster each shard keeps its data on the node it runs on. ``restarted``:
-        whether this is a restart (None: ask Ray)."""
+        whether this is a restart (None: ask Ray). With ``hosting`` the shard lives in a shard
+        host (``shard.host``): its background work runs on the host's pools, its fast path is
+        the host's and the host refreshes its gauges."""
         spec = CollectionSpec.from_json(spec_json)
         self._spec = spec
         self._shard = shard
@@ -108,7 +119,8 @@ class ShardActor:
                 f"data directory {path}: its data is where it ran before"
             )
             marker.write_text(self._lost + "\n")
-        self._engine.start_background()
+        self._hosting = hosting
+        self._engine.start_background(hosting.pools if hosting is not None else None)
         kernels.warm()  # compile or load the MaxSim kernels now, not in the first query
         self._metrics = ShardMetrics(spec.name, shard)
         self._started = time.time()
@@ -116,6 +128,8 @@ class ShardActor:
         # Size gauges (objects, tokens, segments) stay fresh without anyone asking for stats.
         self._stop = threading.Event()
         self._fast: FastPathServer | None = None
+        if hosting is not None:
+            return
         if localrpc.enabled():
             try:
                 self._fast = FastPathServer(
@@ -130,10 +144,16 @@ class ShardActor:
 
     def _refresh_gauges(self) -> None:
         while not self._stop.wait(GAUGE_INTERVAL_S):
-            try:
-                self._metrics.record_stats(self._engine.stats())
-            except Exception:  # engine dropped or closing: the next round (if any) retries
-                continue
+            self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        """Record the size gauges now (a no-op without metrics)."""
+        if not self._metrics.enabled:
+            return
+        try:
+            self._metrics.record_stats(self._engine.stats())
+        except Exception:  # engine dropped or closing: the next round (if any) retries
+            return
 
     def set_delay(self, seconds: float) -> float:
         """Fault-injection hook (see the module docstring): delay every read by ``seconds``.
@@ -160,6 +180,7 @@ class ShardActor:
         return lost
 
     def ready(self) -> dict[str, Any]:
+        fast = self._hosting.fast if self._hosting is not None else self._fast
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -168,8 +189,8 @@ class ShardActor:
             "objects": self._engine.count(),
             "data_dir": str(self._data_dir),
             "data_lost": self._lost,
-            "fast_path": str(self._fast.path) if self._fast is not None else None,
-            "fast_path_served": self._fast.served if self._fast is not None else 0,
+            "fast_path": str(fast.path) if fast is not None else None,
+            "fast_path_served": fast.served if fast is not None else 0,
         }
 
     def upsert(self, batch: ObjectBatch) -> list[WriteResult]:
@@ -241,12 +262,17 @@ class ShardActor:
         shutil.rmtree(self._data_dir, ignore_errors=True)
         shutil.copytree(source, self._data_dir, copy_function=shutil.copy2)
         self._engine = ShardEngine(self._spec, self._shard, self._data_dir, settings)
-        self._engine.start_background()
+        self._engine.start_background(self._hosting.pools if self._hosting is not None else None)
         self._lost = None
         return {"objects": self._engine.count()}
 
-    def drop(self) -> None:
+    def close(self) -> None:
+        """Stop serving and close the engine; the data stays (it reopens from it)."""
         self._stop.set()
         if self._fast is not None:
             self._fast.close()
+        self._engine.close()
+
+    def drop(self) -> None:
+        self.close()
         self._engine.drop()

@@ -66,7 +66,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ from cluster.types import (
     VectorSearch,
     WriteResult,
 )
+from shard.background import BackgroundPool
 from shard.calibrate import (
     Calibration,
     DocSampler,
@@ -149,6 +150,9 @@ FIXED_DEPTH_OPTIONS = (
 # Real queries start counting for a calibration's sample once the reservoir holds this many.
 REAL_LENGTHS_MIN = 16
 BACKGROUND_INTERVAL_S = 0.5
+# A shard written, searched or maintained within this window keeps polling its background work
+# every BACKGROUND_INTERVAL_S; one quiet for longer is idle (shard.background backs off).
+ACTIVE_WINDOW_S = 120.0
 # A backup's staging directory inside the data dir (left over by a crash: removed at open).
 BACKUP_STAGING_PREFIX = "backup-staging-"
 # How often the calibration thread checks whether a calibration is due.
@@ -167,7 +171,12 @@ class ShardEngine:
         self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake: threading.Event | _PoolWaker = threading.Event()
+        self._pools: BackgroundPools | None = None
+        self._maintenance_backoff = BACKGROUND_INTERVAL_S
+        self._calibration_backoff = CALIBRATION_INTERVAL_S
+        self._worked_at = -math.inf  # the last background step that did some work
+        self._written_at = -math.inf  # the last write applied (recovery's replay included)
         self._thread: threading.Thread | None = None
         self._calibrator: threading.Thread | None = None
         self._closed = False
@@ -288,7 +297,7 @@ class ShardEngine:
         return old
 
     def _apply_upsert(self, batch: ObjectBatch) -> None:
-        self._last_write_at = time.monotonic()
+        self._last_write_at = self._written_at = time.monotonic()
         base = self._growing.append(batch)
         kills: dict[Segment, list[int]] = {}
         for i, uuid in enumerate(batch.uuids):
@@ -299,7 +308,7 @@ class ShardEngine:
             seg.mark_deleted(rows)
 
     def _apply_delete(self, uuids: Sequence[str]) -> list[bool]:
-        self._last_write_at = time.monotonic()
+        self._last_write_at = self._written_at = time.monotonic()
         kills: dict[Segment, list[int]] = {}
         existed = []
         for uuid in uuids:
@@ -1156,7 +1165,17 @@ class ShardEngine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start_background(self) -> None:
+    def start_background(self, pools: BackgroundPools | None = None) -> None:
+        """Run maintenance and calibration: on two threads of this engine's own, or as steps
+        of a shard host's shared pools (``shard.background``)."""
+        if pools is not None:
+            if self._pools is None:
+                self._stop.clear()
+                self._pools = pools
+                self._wake = _PoolWaker(pools.maintenance, self._background_key)
+                pools.maintenance.add(self._background_key, self._maintenance_step)
+                pools.calibration.add(self._background_key, self._calibration_step)
+            return
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
@@ -1174,43 +1193,76 @@ class ShardEngine:
             )
             self._calibrator.start()
 
+    @property
+    def _background_key(self) -> str:
+        return f"{self.spec.name}:{self.shard}:{id(self):x}"
+
+    def _calibration_step(self) -> float | None:
+        """One round of the calibration loop: 0 after a calibration, the usual interval when
+        none was due but the shard is active, None when it is idle, a back-off (up to 5
+        minutes) after a failure."""
+        try:
+            did = self.recalibrate()
+        except Exception:
+            self._calibration_backoff = min(self._calibration_backoff * 2, 300.0)
+            logger.exception(
+                "shard %s:%d: calibration failed; retrying in %.0fs",
+                self.spec.name,
+                self.shard,
+                self._calibration_backoff,
+            )
+            return self._calibration_backoff
+        self._calibration_backoff = CALIBRATION_INTERVAL_S
+        if did:
+            return 0.0
+        return CALIBRATION_INTERVAL_S if self._recently_active() else None
+
+    def _maintenance_step(self) -> float | None:
+        """One round of maintenance: 0 after a unit of work (more may be waiting), the usual
+        interval when there was none but the shard is active (``_recently_active``), None when
+        it is idle, a back-off (up to 30 s) after a failure."""
+        try:
+            did = self.maintenance()
+        except Exception:
+            self._maintenance_backoff = min(self._maintenance_backoff * 2, 30.0)
+            logger.exception(
+                "shard %s:%d: maintenance failed; retrying in %.1fs",
+                self.spec.name,
+                self.shard,
+                self._maintenance_backoff,
+            )
+            return self._maintenance_backoff
+        self._maintenance_backoff = BACKGROUND_INTERVAL_S
+        self._worked_at = time.monotonic() if did else self._worked_at
+        if did:
+            return 0.0
+        return BACKGROUND_INTERVAL_S if self._recently_active() else None
+
+    def _recently_active(self) -> bool:
+        """Written, searched or maintained in the last ``ACTIVE_WINDOW_S``: work may come due
+        by time (an idle seal, indexing deferred while searches run, a calibration), so its
+        background steps keep their short interval; a shard quiet for longer is idle (a pool
+        checks it less and less often, and a write wakes it)."""
+        last = max(self._written_at, self._last_search_at, self._worked_at)
+        return time.monotonic() - last < ACTIVE_WINDOW_S
+
     def _calibration_loop(self) -> None:
         """Its own thread, so that maintenance (seals during an import) never waits for a
         calibration; niced like maintenance, and each calibration keeps to its duty cycle."""
         lower_priority()
-        delay = CALIBRATION_INTERVAL_S
-        while not self._stop.wait(delay):
-            try:
-                self.recalibrate()
-                delay = CALIBRATION_INTERVAL_S
-            except Exception:
-                logger.exception(
-                    "shard %s:%d: calibration failed; retrying in %.0fs",
-                    self.spec.name,
-                    self.shard,
-                    delay,
-                )
-                delay = min(delay * 2, 300.0)
+        delay: float | None = CALIBRATION_INTERVAL_S
+        while not self._stop.wait(CALIBRATION_INTERVAL_S if delay is None else delay):
+            delay = self._calibration_step()
 
     def _background(self) -> None:
         lower_priority()
-        delay = BACKGROUND_INTERVAL_S
+        wake = self._wake
+        assert isinstance(wake, threading.Event)
         while not self._stop.is_set():
-            try:
-                did = self.maintenance()
-                delay = BACKGROUND_INTERVAL_S
-            except Exception:
-                logger.exception(
-                    "shard %s:%d: maintenance failed; retrying in %.1fs",
-                    self.spec.name,
-                    self.shard,
-                    delay,
-                )
-                did = False
-                delay = min(delay * 2, 30.0)
-            if not did:
-                self._wake.wait(delay)
-                self._wake.clear()
+            delay = self._maintenance_step()
+            if delay != 0.0:
+                wake.wait(BACKGROUND_INTERVAL_S if delay is None else delay)
+                wake.clear()
 
     def close(self) -> None:
         self._stop.set()
@@ -1218,6 +1270,9 @@ class ShardEngine:
         for thread in (self._thread, self._calibrator):
             if thread is not None and thread is not threading.current_thread():
                 thread.join()
+        if self._pools is not None:
+            self._pools.maintenance.remove(self._background_key)
+            self._pools.calibration.remove(self._background_key)
         with self._maint_lock, self._write_lock:
             if self._closed:
                 return
@@ -1232,6 +1287,25 @@ class ShardEngine:
     def drop(self) -> None:
         self.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class BackgroundPools:
+    """The pools a shard host's engines share: maintenance, and calibration apart from it."""
+
+    maintenance: BackgroundPool
+    calibration: BackgroundPool
+
+
+class _PoolWaker:
+    """The engine's wake-up (``Event.set``) where its maintenance is a step of a pool."""
+
+    def __init__(self, pool: BackgroundPool, key: str) -> None:
+        self._pool = pool
+        self._key = key
+
+    def set(self) -> None:
+        self._pool.wake(self._key)
 
 
 class _Stopped(Exception):

@@ -1,6 +1,7 @@
-"""Durability under real process kills: the shard actor's worker is SIGKILLed in the middle of
-a continuous import (several kill points); Ray restarts it, it recovers from its WAL and
-segments, and every acknowledged object comes back byte-equal."""
+"""Durability under real process kills: the shard host holding the shard (its worker process)
+is SIGKILLed in the middle of a continuous import (several kill points); Ray restarts it, it
+reopens the shard, which recovers from its WAL and segments, and every acknowledged object
+comes back byte-equal."""
 
 from __future__ import annotations
 
@@ -9,37 +10,19 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any
 
 import numpy as np
 import pytest
 
 from gateway.client import Client, NamedVector, Property
 from tests.integration.conftest import Server
+from tests.integration.shards import ShardRef
 
 pytestmark = pytest.mark.integration
 DIM = 16
 
 
-def live_pid(actor: Any, timeout_s: float = 120.0) -> int:
-    """The actor's pid once it answers: a call that reaches it while Ray restarts it after the
-    previous kill fails with ActorUnavailableError, so ask again."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return int(ray.get(actor.ready.remote(), timeout=timeout_s)["pid"])
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
-    import ray
-
-    from coordinator.actor import ray_namespace
 
     rng = np.random.default_rng(9)
     acked: dict[str, np.ndarray] = {}
@@ -54,9 +37,7 @@ def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
             shard_count=1,
             vectors=[NamedVector("v", dim=DIM, kind="multi", metric="dot")],
         )
-        actor = ray.get_actor(
-            "colshard:Crash:0", namespace=ray_namespace(colshard_server.settings.cluster_name)
-        )
+        shard = ShardRef(colshard_server, "colshard:Crash:0")
 
         def importer() -> None:
             with Client(colshard_server.url, timeout_s=120) as c:
@@ -88,7 +69,7 @@ def test_sigkill_shard_worker_during_import(colshard_server: Server) -> None:
         try:
             for _ in range(3):  # three kill points
                 time.sleep(1.5)
-                pid = live_pid(actor)
+                pid = shard.pid()
                 os.kill(pid, signal.SIGKILL)
             time.sleep(2.0)
         finally:

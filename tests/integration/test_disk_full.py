@@ -24,6 +24,7 @@ from cluster.errors import InsufficientStorage
 from cluster.settings import ShardSettings
 from gateway.client import Client
 from tests.integration.conftest import start_server, stop_server
+from tests.integration.shards import ShardRef
 
 pytestmark = pytest.mark.integration
 DIM = 16
@@ -89,9 +90,6 @@ def stored(http: httpx.Client) -> dict[str, np.ndarray]:
 def test_disk_full_refuses_writes_and_loses_nothing(
     etcd_endpoint: str, ray_session: None, small_fs: Path
 ) -> None:
-    import ray
-
-    from coordinator.actor import ray_namespace
 
     rng = np.random.default_rng(4)
 
@@ -169,21 +167,12 @@ def test_disk_full_refuses_writes_and_loses_nothing(
             assert http.delete(f"/v1/collections/{COLLECTION}/objects/{gone}").status_code == 200
             del acked[gone]
 
-            # The shard's worker dies; Ray restarts it and it replays its WAL from the tmpfs.
-            actor = ray.get_actor(
-                f"colshard:{COLLECTION}:0", namespace=ray_namespace(srv.settings.cluster_name)
-            )
-            pid = ray.get(actor.ready.remote(), timeout=120)["pid"]
+            # The shard's host dies; Ray restarts it and the shard replays its WAL from the
+            # tmpfs.
+            shard = ShardRef(srv, f"colshard:{COLLECTION}:0")
+            pid = shard.call("ready", timeout_s=120)["pid"]
             os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if ray.get(actor.ready.remote(), timeout=30)["pid"] != pid:
-                        break
-                except Exception:  # restarting
-                    pass
-                assert time.monotonic() < deadline, "shard actor did not come back"
-                time.sleep(0.5)
+            shard.ready_after_restart(pid)
             got = stored(http)
             assert got.keys() == acked.keys()
             assert not got.keys() & (refused.keys() - acked.keys())

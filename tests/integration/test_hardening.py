@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.conftest import Server
 from tests.integration.gateways import extra_gateway
+from tests.integration.shards import ShardRef
 
 pytestmark = pytest.mark.integration
 
@@ -221,31 +222,18 @@ def test_slow_and_idle_connections_are_closed(gateway_url: str) -> None:
 def test_cluster_shows_a_restarted_shards_live_pid(
     gateway_url: str, colshard_server: Server
 ) -> None:
-    import ray
-
-    from coordinator.actor import ray_namespace
 
     def placement() -> dict[str, Any]:
         info = httpx.get(f"{gateway_url}/v1/cluster", timeout=60).json()
         (p,) = info["collections"]["Hard"]["placements"]
         return dict(p)
 
-    actor = ray.get_actor(
-        "colshard:Hard:0", namespace=ray_namespace(colshard_server.settings.cluster_name)
-    )
-    old = int(ray.get(actor.ready.remote(), timeout=60)["pid"])
+    shard = ShardRef(colshard_server, "colshard:Hard:0")
+    old = int(shard.call("ready")["pid"])
     assert placement()["pid"] == old
-    ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts)
+    shard.kill(no_restart=False)  # Ray restarts its host, which reopens it
     deadline = time.monotonic() + 90
-    new = old
-    while time.monotonic() < deadline:
-        try:
-            new = int(ray.get(actor.ready.remote(), timeout=10)["pid"])
-            if new != old:
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
+    new = int(shard.ready_after_restart(old, timeout_s=90)["pid"])
     assert new != old
     while time.monotonic() < deadline and placement().get("pid") != new:
         time.sleep(0.5)

@@ -26,17 +26,10 @@ import pytest
 from cluster.errors import DeadlineExceeded
 from gateway.client import Client
 from tests.integration.conftest import Server
+from tests.integration.shards import ShardRef
 
 pytestmark = pytest.mark.integration
 DIM = 8
-
-
-def _actor(server: Server, name: str) -> Any:
-    import ray
-
-    from coordinator.actor import ray_namespace
-
-    return ray.get_actor(name, namespace=ray_namespace(server.settings.cluster_name))
 
 
 def _create(http: httpx.Client, name: str, shards: int, rf: int) -> None:
@@ -66,13 +59,12 @@ def _objects(rng: np.random.Generator, n: int, base: int) -> list[dict[str, Any]
 
 def _replica_listing(server: Server, actor_name: str) -> dict[str, tuple[Any, bytes]]:
     """Every object of one replica, read from its actor directly (not through failover)."""
-    import ray
 
-    actor = _actor(server, actor_name)
+    shard = ShardRef(server, actor_name)
     out: dict[str, tuple[Any, bytes]] = {}
     after = None
     while True:
-        page = ray.get(actor.list_objects.remote(after, 1000, True), timeout=60)
+        page = shard.call("list_objects", after, 1000, True)
         for o in page:
             out[o.uuid] = (
                 dict(o.properties),
@@ -96,7 +88,6 @@ def _wait_ready(http: httpx.Client, name: str, timeout_s: float = 90.0) -> dict[
 
 
 def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
-    import ray
 
     rng = np.random.default_rng(21)
     stop = threading.Event()
@@ -161,13 +152,16 @@ def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
         ]
         for t in threads:
             t.start()
-        replicas = [_actor(colshard_server, f"colshard:RepKill:0:{r}") for r in (0, 1)]
+        # Replica r of every shard on this one node lives in the node's host for replica r
+        # (coordinator.placement): killing one host takes one replica of the shard.
+        replicas = [ShardRef(colshard_server, f"colshard:RepKill:0:{r}") for r in (0, 1)]
+        assert replicas[0].pid() != replicas[1].pid()
         try:
             # Three kill points, one replica at a time (replica 0, the old read target, too);
             # ready() on both first: the previous victim is back before the next kill.
             for victim in (1, 0, 1):
                 time.sleep(2.0)
-                pids = [ray.get(a.ready.remote(), timeout=120)["pid"] for a in replicas]
+                pids = [r.call("ready", timeout_s=120)["pid"] for r in replicas]
                 os.kill(pids[victim], signal.SIGKILL)
             time.sleep(3.0)
         finally:
@@ -190,7 +184,6 @@ def test_rf2_sigkill_one_replica_under_load(colshard_server: Server) -> None:
 
 
 def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: Server) -> None:
-    import ray
 
     rng = np.random.default_rng(22)
     url = "/v1/collections/RepDown/objects"
@@ -198,9 +191,13 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
         _create(http, "RepDown", shards=1, rf=2)
         first = _objects(rng, 40, 0)
         assert http.post(url, json={"objects": first}).json()["n_ok"] == 40
-        ray.kill(_actor(colshard_server, "colshard:RepDown:0:1"), no_restart=True)
-        # consistency one: acknowledged by replica 0 alone (the dead one is retried, then
-        # marked stale, in the background; the stale state must show in describe).
+        down = ShardRef(colshard_server, "colshard:RepDown:0:1")
+        old_pid = down.pid()
+        down.kill(no_restart=True)
+        # consistency one: acknowledged by replica 0 at least. The dead host is recreated by
+        # the next call to the replica (its client asks placement again), which reopens it
+        # from the data it left; a write it missed meanwhile makes it stale until the repair
+        # loop catches it up.
         second = _objects(rng, 10, 100)
         with Client(colshard_server.url) as client:  # the SDK sends ?consistency_level=one
             result = (
@@ -209,17 +206,9 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
                 .data.insert_many(second)
             )
         assert result.n_ok == 10 and result.n_failed == 0, result.errors
-        deadline = time.time() + 60
-        while True:
-            info = http.get("/v1/collections/RepDown").json()
-            states = info["shards"][0]["replica_states"]
-            if states[1] == "stale":
-                break
-            assert time.time() < deadline, states
-            time.sleep(0.5)
         # quorum (2 of 2) and all cannot be met while it is stale: 503 naming the shard,
-        # at once (nothing is sent). The replica may already be back and caught up by the
-        # repair loop, so accept success too but never a silent partial write.
+        # at once (nothing is sent). The replica may already be back and caught up, so
+        # accept success too but never a silent partial write.
         for level in ("quorum", "all"):
             r = http.post(
                 url, params={"consistency_level": level}, json={"objects": _objects(rng, 2, 900)}
@@ -240,11 +229,12 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
             json={"properties": changed["properties"], "vectors": changed["vectors"]},
         )
         assert r.status_code == 200, r.text
-        # The repair loop recreates the actor, catches it up and marks it ready.
+        # Back in a new host process, caught up and ready.
         _wait_ready(http, "RepDown", timeout_s=120)
         r0 = _replica_listing(colshard_server, "colshard:RepDown:0:0")
         r1 = _replica_listing(colshard_server, "colshard:RepDown:0:1")
         assert r1 == r0
+        assert ShardRef(colshard_server, "colshard:RepDown:0:1").pid() != old_pid
         assert not {o["id"] for o in first[:5]} & set(r1)
         assert r1[changed["id"]][0] == {"k": -5}
         assert {o["id"] for o in second} <= set(r1)
@@ -254,7 +244,6 @@ def test_rf2_replica_down_for_good_is_recreated_and_caught_up(colshard_server: S
 
 
 def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
-    import ray
 
     rng = np.random.default_rng(23)
     with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
@@ -263,8 +252,8 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
         assert (
             http.post("/v1/collections/Slow/objects", json={"objects": objs}).json()["n_ok"] == 40
         )
-        slow = _actor(colshard_server, "colshard:Slow:1")
-        ray.get(slow.set_delay.remote(4.0), timeout=60)
+        slow = ShardRef(colshard_server, "colshard:Slow:1")
+        slow.call("set_delay", 4.0)
         q = {"near_vector": {"vector": [[1.0] * DIM]}, "limit": 40}
         try:
             start = time.time()
@@ -296,7 +285,7 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
                 assert part.partial and part.missing_shards == [1]
                 assert 0 < len(part.objects) < 40
         finally:
-            ray.get(slow.set_delay.remote(0.0), timeout=60)
+            slow.call("set_delay", 0.0)
         time.sleep(4.0)  # let the delayed calls drain
         r = http.post("/v1/collections/Slow/query", json=q)
         assert r.status_code == 200 and r.json()["partial"] is False
@@ -305,34 +294,24 @@ def test_slow_shard_deadline_504_or_partial(colshard_server: Server) -> None:
 
 
 def _restart_without_data(server: Server, actor_name: str) -> str:
-    """Freeze the replica's worker, delete its data directory, SIGKILL it: Ray restarts it on
-    this node with an empty directory, as it would on a node that never had its data."""
+    """Freeze the replica's host, delete the replica's data directory, SIGKILL the host: Ray
+    restarts it on this node and it reopens the replica over an empty directory, as on a
+    node that never had its data."""
     import shutil
 
-    import ray
-
-    actor = _actor(server, actor_name)
-    info = ray.get(actor.ready.remote(), timeout=60)
+    shard = ShardRef(server, actor_name)
+    info = shard.call("ready")
     os.kill(info["pid"], signal.SIGSTOP)
     shutil.rmtree(info["data_dir"])
     os.kill(info["pid"], signal.SIGKILL)
-    deadline = time.time() + 120
-    while True:
-        try:
-            again = ray.get(actor.ready.remote(), timeout=10)
-            if again["pid"] != info["pid"]:
-                assert again["data_lost"], again
-                return str(again["data_lost"])
-        except ray.exceptions.RayError:
-            pass  # restarting
-        assert time.time() < deadline, "the replica did not come back"
-        time.sleep(0.3)
+    again = shard.ready_after_restart(info["pid"])
+    assert again["data_lost"], again
+    return str(again["data_lost"])
 
 
 def test_a_replica_restarted_without_its_data_is_refilled_not_served(
     colshard_server: Server,
 ) -> None:
-    import ray
 
     rng = np.random.default_rng(31)
     with httpx.Client(base_url=colshard_server.url, timeout=120) as http:
@@ -352,7 +331,7 @@ def test_a_replica_restarted_without_its_data_is_refilled_not_served(
         assert _replica_listing(colshard_server, "colshard:RepLost:0:1") == _replica_listing(
             colshard_server, "colshard:RepLost:0:0"
         )
-        ray.kill(_actor(colshard_server, "colshard:RepLost:0:0"), no_restart=True)
+        ShardRef(colshard_server, "colshard:RepLost:0:0").kill(no_restart=True)
         r = http.post("/v1/collections/RepLost/query", json=q)
         assert r.status_code == 200 and len(r.json()["objects"]) == 40, r.text[:300]
 

@@ -78,12 +78,20 @@ def test_tutorial_flow(colshard_server: Server) -> None:
         col = create_demo(client, "DemoCollection")
         spec = etcd_spec(colshard_server, "DemoCollection")
         assert spec is not None and spec.shard_count == 2 and spec.vectors[0].dim == DIM
-        names = {
+        namespace = ray_namespace(colshard_server.settings.cluster_name)
+        hosts = sorted(
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == ray_namespace(colshard_server.settings.cluster_name)
-        }
-        assert {"colshard:DemoCollection:0", "colshard:DemoCollection:1"} <= names
+            if a["namespace"] == namespace and a["name"].startswith("colshard:host:")
+        )
+        # The node's two shard hosts (Settings.shard_hosts_per_node) hold one shard each.
+        held = [
+            ray.get(ray.get_actor(h, namespace=namespace).info.remote())["shards"] for h in hosts
+        ]
+        assert len(hosts) == 2 and held == [
+            ["colshard:DemoCollection:0"],
+            ["colshard:DemoCollection:1"],
+        ]
 
         cluster = client.cluster()
         assert len(cluster["members"]) == 1  # this node, registered under a lease

@@ -124,7 +124,14 @@ class EnginePlacement:
         self.root = root
         self.clients: dict[tuple[str, int, int], EngineClient] = {}
 
-    def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> EngineClient:
+    def open_shard(
+        self,
+        spec: CollectionSpec,
+        shard: int,
+        replica: int,
+        node_id: str = "",
+        existed: bool = False,
+    ) -> EngineClient:
         key = (spec.name, shard, replica)
         if key not in self.clients:
             engine = ShardEngine(
@@ -357,8 +364,15 @@ def vectorizing(tmp_path: Path) -> tuple[Coordinator, list[tuple[str, int]]]:
         def open_vectorizer(self, spec: VectorizerSpec) -> Any:
             return LoggingVectorizer(events)
 
-        def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> EngineClient:
-            client = super().open_shard(spec, shard, replica)
+        def open_shard(
+            self,
+            spec: CollectionSpec,
+            shard: int,
+            replica: int,
+            node_id: str = "",
+            existed: bool = False,
+        ) -> EngineClient:
+            client = super().open_shard(spec, shard, replica, node_id, existed)
             inner = client.upsert
 
             async def upsert(batch: ObjectBatch, timeout_s: float) -> Any:

@@ -118,8 +118,9 @@ def test_socket_dir_is_private_and_stale_sockets_are_removed(tmp_path: Path) -> 
 Q = VectorSearch(target_vector="q", query=np.zeros((1, 2), dtype=np.float32), k=1)
 
 
-def _answer(via: str) -> Callable[[VectorSearch], str]:
-    return lambda req: f"{via}:{req.target_vector}:{req.budget_s}"
+def _answer(via: str) -> Callable[..., str]:
+    """A search verb answering which way it came: ``(req)``, or ``(key, req)`` on a host."""
+    return lambda *args: f"{via}:{args[-1].target_vector}:{args[-1].budget_s}"
 
 
 class FakeRef:
@@ -132,24 +133,45 @@ class FakeRef:
         return f
 
 
-class FakeHandle:
-    """A Ray actor handle's shape: ``handle.verb.remote(*args).future()``; records calls."""
+class FakeHost:
+    """A shard host's Ray handle shape: ``host.open|call.options(name=...).remote(...)`` and
+    ``.future()``; records the verbs called (``open`` answers ``verbs["ready"]``)."""
 
     def __init__(self, verbs: dict[str, Callable[..., Any]]) -> None:
         self.calls: list[str] = []
-        for name, fn in verbs.items():
-            setattr(self, name, self._method(name, fn))
+        self.task_names: list[str] = []
+        self.open = self._method(lambda key, *args: verbs["ready"]())
+        self.call = self._method(lambda key, verb, args: self._call(verbs, verb, args))
 
-    def _method(self, name: str, fn: Callable[..., Any]) -> Any:
-        calls = self.calls
+    def _call(self, verbs: dict[str, Callable[..., Any]], verb: str, args: Any) -> Any:
+        self.calls.append(verb)
+        return verbs[verb](*args)
+
+    def _method(self, fn: Callable[..., Any]) -> Any:
+        names = self.task_names
 
         class Method:
             @staticmethod
+            def options(name: str) -> Any:
+                names.append(name)
+                return Method
+
+            @staticmethod
             def remote(*args: Any) -> FakeRef:
-                calls.append(name)
                 return FakeRef(fn(*args))
 
         return Method
+
+
+class FakeLocator:
+    def __init__(self, host: FakeHost) -> None:
+        self.host = host
+
+    def locate(self, key: str, host_died: bool = False) -> tuple[Any, tuple[Any, ...]]:
+        return self.host, ()
+
+    def opened(self, key: str) -> None:
+        pass
 
 
 async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
@@ -158,8 +180,8 @@ async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
     srv = FastPathServer({"search": _answer("fast")}, directory=tmp_path)
     here = ray_node_id()  # "" unless this test session started Ray (the integration tests do)
     info: dict[str, Any] = {"node_id": here, "fast_path": str(srv.path)}
-    handle = FakeHandle({"ready": lambda: dict(info), "search": _answer("ray")})
-    client = RayShardClient(handle, ShardId("C", 0))
+    handle = FakeHost({"ready": lambda: dict(info), "search": _answer("ray")})
+    client = RayShardClient(ShardId("C", 0), "colshard:C:0", FakeLocator(handle))
     assert await client.search(Q, 5.0) == "ray:q:5.0"  # nothing learned yet: over Ray
     await client.ready(5.0)
     handle.calls.clear()
@@ -169,6 +191,7 @@ async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
     assert await client.search(Q, 5.0) == "ray:q:5.0"
     assert await client.search(Q, 5.0) == "ray:q:5.0"
     assert handle.calls == ["search", "search"]
+    assert "colshard:C:0.search" in handle.task_names  # the dashboard names the shard
     info["node_id"] = "another-node"  # a replica elsewhere: never the fast path
     srv2 = FastPathServer({"search": _answer("fast")}, directory=tmp_path)
     info["fast_path"] = str(srv2.path)

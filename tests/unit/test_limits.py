@@ -175,3 +175,23 @@ def test_calibration_queries_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings_from_args(parse(["gateway"])).shard.calibration_queries == 64
     with pytest.raises(SystemExit):
         parse(["serve", "--calibration-queries", "-3"])
+
+
+def test_every_command_prints_its_help() -> None:
+    """A help text with a stray ``%`` only fails when it is formatted: format every one."""
+    import argparse
+
+    from gateway.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        found = [parser]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command in action.choices.values():
+                    found += commands(command)
+        return found
+
+    every = commands(build_parser())
+    assert len(every) >= 10
+    for command in every:
+        assert command.format_help(), command.prog

@@ -85,7 +85,14 @@ class FaultyClient(EngineClient):
 
 
 class FaultyPlacement(EnginePlacement):
-    def open_shard(self, spec: CollectionSpec, shard: int, replica: int) -> FaultyClient:
+    def open_shard(
+        self,
+        spec: CollectionSpec,
+        shard: int,
+        replica: int,
+        node_id: str = "",
+        existed: bool = False,
+    ) -> FaultyClient:
         key = (spec.name, shard, replica)
         if key not in self.clients:
             engine = ShardEngine(

@@ -30,10 +30,14 @@ def test_a_flag_wins_over_its_variable_and_a_variable_over_the_default() -> None
         == 60.0
     )
     assert settings_from({}, {"COLSHARD_BACKUP_TIMEOUT_S": "5"}).backup_timeout_s == 5.0
+    hosts = {"COLSHARD_SHARD_HOSTS_PER_NODE": "3"}
+    assert settings_from({}, hosts).shard_hosts_per_node == 3
+    assert settings_from({"shard_hosts_per_node": 1}, hosts).shard_hosts_per_node == 1
     default = settings_from({}, {})
     assert default.cluster_name == "default" and default.etcd_endpoints == ()
     assert default.data_dir == Path("./colshard-data").resolve()
     assert default.shard == Settings().shard and default.port == Settings().port
+    assert default.shard_hosts_per_node == 2
 
 
 def test_limit_flags_are_taken_by_name() -> None:
@@ -47,6 +51,7 @@ def test_limit_flags_are_taken_by_name() -> None:
         ({"COLSHARD_SEAL_THRESHOLD_TOKENS": "0"}, "at least 1"),
         ({"COLSHARD_INDEX_DEFER_TOKENS": "many"}, "must be an integer"),
         ({"COLSHARD_VECTORIZER_REPLICAS": "0"}, "vectorizer_replicas"),
+        ({"COLSHARD_SHARD_HOSTS_PER_NODE": "0"}, "shard_hosts_per_node"),
         ({"COLSHARD_SHARD_RESOURCES": "[1]"}, "JSON object"),
         ({"COLSHARD_BACKUP_TIMEOUT_S": "0"}, "backup_timeout_s must be a positive"),
         ({"COLSHARD_BACKUP_TIMEOUT_S": "soon"}, "number of seconds"),
