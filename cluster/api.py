@@ -84,5 +84,13 @@ class CoordinatorAPI(Protocol):
         self, backup_id: str, collection: str, new_name: str | None = None
     ) -> dict[str, Any]: ...
 
+    async def move_replica(
+        self, name: str, shard: int, replica: int, to_node: str
+    ) -> dict[str, Any]: ...
+
+    async def drain_node(self, node_id: str) -> dict[str, Any]: ...
+
+    async def undrain_node(self, node_id: str) -> dict[str, Any]: ...
+
 
 VERBS: tuple[str, ...] = tuple(name for name in vars(CoordinatorAPI) if not name.startswith("_"))

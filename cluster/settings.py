@@ -112,6 +112,9 @@ class Settings:
     # Shard host processes per node and replica index (shard s goes to host s % this): the
     # shards of one collection search in parallel processes. Fixed for a cluster's data.
     shard_hosts_per_node: int = 2
+    # Rebalancing (coordinator.moves): every rebalance_interval_s, one replica moves from the
+    # fullest shard node to the emptiest when they differ by two or more; 0 turns it off.
+    rebalance_interval_s: float = 30.0
     # Membership: each Ray node's agent holds members/<node_id> under a lease of this TTL; the
     # coordinator reconciles agents and shard availability every membership_interval_s.
     member_ttl_s: int = 10
@@ -152,6 +155,7 @@ ENVIRONMENT: Mapping[str, str] = {
     "COLSHARD_VECTORIZER_REPLICAS": "encoder actors per vectorizer config (settings_from)",
     "COLSHARD_SHARD_HOSTS_PER_NODE": "shard host processes per node and replica index "
     "(settings_from)",
+    "COLSHARD_REBALANCE_INTERVAL_S": "seconds between rebalancing moves, 0 = off (settings_from)",
     "COLSHARD_SEAL_THRESHOLD_TOKENS": "ShardSettings.seal_threshold_tokens (settings_from)",
     "COLSHARD_INDEX_DEFER_TOKENS": "ShardSettings.index_defer_tokens (settings_from)",
     "COLSHARD_CALIBRATION_QUERIES": "ShardSettings.calibration_queries (settings_from)",
@@ -205,6 +209,17 @@ def parse_resources(text: str) -> dict[str, float]:
         ) from exc
 
 
+def _seconds_or_off(name: str, value: Any) -> float:
+    """A number of seconds ≥ 0 (0: off)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds (0: off), got {value!r}") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{name} must be a number of seconds ≥ 0 (0: off), got {value!r}")
+    return seconds
+
+
 def settings_from(
     flags: Mapping[str, Any], environ: Mapping[str, str], limit_fields: tuple[str, ...] = ()
 ) -> Settings:
@@ -233,6 +248,7 @@ def settings_from(
         shard = replace(shard, calibration_queries=queries)
     replicas = pick("vectorizer_replicas", "COLSHARD_VECTORIZER_REPLICAS")
     hosts = pick("shard_hosts_per_node", "COLSHARD_SHARD_HOSTS_PER_NODE")
+    rebalance = pick("rebalance_interval_s", "COLSHARD_REBALANCE_INTERVAL_S")
     backup_dir = pick("backup_dir", "COLSHARD_BACKUP_DIR")
     backup_timeout = pick("backup_timeout_s", "COLSHARD_BACKUP_TIMEOUT_S")
     return Settings(
@@ -251,6 +267,9 @@ def settings_from(
         shard_hosts_per_node=_int_at_least(
             "shard_hosts_per_node", str(hosts or Settings.shard_hosts_per_node), 1
         ),
+        rebalance_interval_s=_seconds_or_off("rebalance_interval_s", rebalance)
+        if rebalance is not None
+        else Settings.rebalance_interval_s,
         shard=shard,
         backup_dir=Path(backup_dir).resolve() if backup_dir else None,
         backup_timeout_s=_positive_seconds("backup_timeout_s", backup_timeout)

@@ -302,6 +302,17 @@ class CoordinatorActor:
     ) -> dict[str, Any]:
         return await (await self._core()).restore(backup_id, collection, new_name)
 
+    async def move_replica(
+        self, name: str, shard: int, replica: int, to_node: str
+    ) -> dict[str, Any]:
+        return await (await self._core()).move_replica(name, shard, replica, to_node)
+
+    async def drain_node(self, node_id: str) -> dict[str, Any]:
+        return await (await self._core()).drain_node(node_id)
+
+    async def undrain_node(self, node_id: str) -> dict[str, Any]:
+        return await (await self._core()).undrain_node(node_id)
+
 
 if TYPE_CHECKING:  # mypy checks that the actor serves every verb the gateway calls
     _API: type[CoordinatorAPI] = CoordinatorActor

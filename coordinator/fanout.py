@@ -219,6 +219,7 @@ class RayShardClient:
         self._host: Any = None
         self._open_args: tuple[Any, ...] = ()
         self._host_died = False
+        self._retired = False
         self._what = f"shard {shard_id}"
         self._details: dict[str, Any] = {"shard": str(shard_id)}
         self._fast: FastPathClient | None = None
@@ -298,10 +299,19 @@ class RayShardClient:
         self._learn(info)
         return info
 
-    async def _call(self, method: str, timeout_s: float, *args: Any, retry: bool = True) -> Any:
+    async def _call(
+        self, method: str, timeout_s: float, *args: Any, retry: bool = True, reopen: bool = True
+    ) -> Any:
         """Reads pass ``retry=False``: the coordinator's ReplicaSet fails them over to another
         replica (and retries the round itself), instead of waiting here for a restart. A
-        shard its host does not hold (restarted) is opened again, then the call retried."""
+        shard its host does not hold (restarted) is opened again, then the call retried,
+        unless ``reopen`` is False or this client's replica was dropped (deleted, or moved
+        to another node)."""
+        if self._retired:
+            raise Unavailable(
+                f"{self._what}: this copy was dropped (its collection was deleted, or it moved)",
+                dict(self._details),
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         for attempt in range(len(self.RETRY_BACKOFF_S) + 1):
@@ -310,6 +320,8 @@ class RayShardClient:
                     return await self._open(max(0.001, deadline - loop.time()))
                 return await self._remote(method, args, max(0.001, deadline - loop.time()))
             except ShardNotOpen:
+                if not reopen or self._retired:
+                    raise
                 await self._open(max(0.001, deadline - loop.time()))
                 return await self._remote(method, args, max(0.001, deadline - loop.time()))
             except Unavailable:
@@ -369,7 +381,10 @@ class RayShardClient:
         return result
 
     async def drop(self, timeout_s: float) -> None:
-        await self._call("drop", timeout_s)
+        """Delete this copy's data; the client is retired (later calls fail, nothing is
+        reopened)."""
+        await self._call("drop", timeout_s, reopen=False)
+        self._retired = True
 
     async def clear_lost(self, timeout_s: float) -> str | None:
         result: str | None = await self._call("clear_lost", timeout_s)

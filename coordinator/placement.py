@@ -99,9 +99,11 @@ def choose_node(
     nodes: Mapping[str, int | None],
     placed: Mapping[str, Placed],
     hint: str = "",
+    avoid: frozenset[str] = frozenset(),
 ) -> str | None:
     """The node replica ``key`` (of shard ``group``) goes to, given the alive shard nodes and
-    their room (``node_room``) and where every replica is (see the module docstring)."""
+    their room (``node_room``) and where every replica is (see the module docstring). Nodes in
+    ``avoid`` (cordoned for a drain, or being left) take no replica that is not on them."""
     current = placed.get(key)
     for node in (current.node_id if current else "", hint):
         if node and node in nodes:
@@ -117,7 +119,7 @@ def choose_node(
             of_collection[where.node_id] += 1
         if where.group == group:
             siblings.add(where.node_id)
-    room = [n for n, cap in nodes.items() if cap is None or load[n] < cap]
+    room = [n for n, cap in nodes.items() if n not in avoid and (cap is None or load[n] < cap)]
     if not room:
         return None
     return min(room, key=lambda n: (n in siblings, of_collection[n], load[n], n))
@@ -130,6 +132,28 @@ class _Wanted:
     replica: int
     hint: str
     existed: bool
+
+
+class _Pinned:
+    """The locator of a move's target copy: always the host of one node (``open_on``)."""
+
+    def __init__(self, placement: RayPlacement, want: _Wanted, node_id: str) -> None:
+        self._placement = placement
+        self._want = want
+        self._node_id = node_id
+
+    def locate(self, key: str, host_died: bool = False) -> tuple[Any, tuple[Any, ...]] | None:
+        if self._node_id not in self._placement.alive_shard_nodes():
+            return None
+        p = self._placement
+        with p._lock:
+            if host_died:
+                p._forget_host(self._node_id, self._want)
+            handle = p._host_of(self._node_id, self._want)
+        return handle, p._open_args(self._want)
+
+    def opened(self, key: str) -> None:
+        self._want.existed = True
 
 
 class RayPlacement:
@@ -157,6 +181,7 @@ class RayPlacement:
         # (node id, replica, slot) -> its host
         self._hosts: dict[tuple[str, int, int], Any] = {}
         self._hosts_per_node = max(1, hosts_per_node)
+        self._cordoned: frozenset[str] = frozenset()
 
     def open_shard(
         self,
@@ -195,24 +220,100 @@ class RayPlacement:
             spec = want.spec
             current = self._placed.get(key)
             if host_died and current is not None:
-                self._hosts.pop(
-                    (current.node_id, want.replica, want.shard % self._hosts_per_node), None
-                )
+                self._forget_host(current.node_id, want)
+            group = f"{spec.name}:{want.shard}"
             node = choose_node(
-                key, f"{spec.name}:{want.shard}", spec.name, nodes, self._placed, want.hint
+                key, group, spec.name, nodes, self._placed, want.hint, self._cordoned
             )
             if node is None:
                 return None
             if current is not None and current.node_id != node:
                 want.existed = True  # it moves: what it held is elsewhere
-            self._placed[key] = Placed(node, f"{spec.name}:{want.shard}", spec.name)
-            where = (node, want.replica, want.shard % self._hosts_per_node)
-            handle = self._hosts.get(where)
-            if handle is None:
-                handle = self._hosts[where] = self._host(*where)
-        subdir = shard_data_dir(Path(), spec, want.shard, want.replica).as_posix()
-        args = (spec.to_json(), want.shard, str(self._data_dir), self._settings, subdir)
-        return handle, (*args, want.existed)
+            self._placed[key] = Placed(node, group, spec.name)
+            handle = self._host_of(node, want)
+        return handle, self._open_args(want)
+
+    def _open_args(self, want: _Wanted) -> tuple[Any, ...]:
+        subdir = shard_data_dir(Path(), want.spec, want.shard, want.replica).as_posix()
+        data_dir = str(self._data_dir)
+        return (want.spec.to_json(), want.shard, data_dir, self._settings, subdir, want.existed)
+
+    def _slot(self, want: _Wanted) -> tuple[int, int]:
+        return want.replica, want.shard % self._hosts_per_node
+
+    def _host_of(self, node_id: str, want: _Wanted) -> Any:
+        """The host of ``node_id`` for ``want``'s replica index and slot (lock held)."""
+        where = (node_id, *self._slot(want))
+        handle = self._hosts.get(where)
+        if handle is None:
+            handle = self._hosts[where] = self._host(*where)
+        return handle
+
+    def _forget_host(self, node_id: str, want: _Wanted) -> None:
+        self._hosts.pop((node_id, *self._slot(want)), None)
+
+    # ---- moves and drains ------------------------------------------------------------------
+
+    def open_on(self, spec: CollectionSpec, shard: int, replica: int, node_id: str) -> ShardClient:
+        """A client for a new copy of the replica on ``node_id`` (a move's target), beside
+        the copy that serves; it opens as a new shard there (an empty directory is no loss).
+        Unavailable while that node is not alive."""
+        key = actor_name(spec, shard, replica)
+        want = _Wanted(spec, shard, replica, node_id, existed=False)
+        return RayShardClient(ShardId(spec.name, shard), key, _Pinned(self, want, node_id))
+
+    def moved(self, spec: CollectionSpec, shard: int, replica: int, node_id: str) -> None:
+        """The replica now lives on ``node_id`` (a move switched to its copy there)."""
+        key = actor_name(spec, shard, replica)
+        with self._lock:
+            self._placed[key] = Placed(node_id, f"{spec.name}:{shard}", spec.name)
+            want = self._wanted.get(key)
+            if want is not None:
+                want.hint, want.existed = node_id, True
+
+    def choose_target(
+        self, spec: CollectionSpec, shard: int, replica: int, leaving: str
+    ) -> str | None:
+        """Where the replica would go if it left node ``leaving`` (None: no node has room)."""
+        key = actor_name(spec, shard, replica)
+        nodes = self.alive_shard_nodes()
+        nodes.pop(leaving, None)
+        with self._lock:
+            placed = {k: v for k, v in self._placed.items() if k != key}
+            return choose_node(
+                key, f"{spec.name}:{shard}", spec.name, nodes, placed, avoid=self._cordoned
+            )
+
+    def refusal(self, spec: CollectionSpec, shard: int, replica: int, node_id: str) -> str | None:
+        """Why the replica cannot move to ``node_id`` (None: it can): the node is not an
+        alive shard node, or it has no room left (``node_room``)."""
+        nodes = self.alive_shard_nodes()
+        if node_id not in nodes:
+            return f"node {node_id!r} is not an alive node that holds shards"
+        key = actor_name(spec, shard, replica)
+        room = nodes[node_id]
+        with self._lock:
+            held = sum(1 for k, p in self._placed.items() if p.node_id == node_id and k != key)
+        if room is not None and held >= room:
+            return f"node {node_id} has no room: it holds {held} of {room} replicas"
+        return None
+
+    def loads(self) -> dict[str, tuple[int, int | None]]:
+        """node id -> (replicas placed there, room) of every alive, uncordoned shard node."""
+        nodes = self.alive_shard_nodes()
+        with self._lock:
+            counts = dict.fromkeys(nodes, 0)
+            for where in self._placed.values():
+                if where.node_id in counts:
+                    counts[where.node_id] += 1
+            return {n: (counts[n], room) for n, room in nodes.items() if n not in self._cordoned}
+
+    def cordon(self, node_id: str, on: bool = True) -> frozenset[str]:
+        """Place no replica on ``node_id`` that is not there already (a drain), or again
+        (``on`` False); returns the cordoned nodes."""
+        with self._lock:
+            self._cordoned = self._cordoned | {node_id} if on else self._cordoned - {node_id}
+            return self._cordoned
 
     def _host(self, node_id: str, replica: int, slot: int) -> Any:
         name = host_name(node_id, replica, slot)
@@ -242,10 +343,9 @@ class RayPlacement:
         """Forget the replica (after its drop); a host still holding it closes it."""
         key = actor_name(spec, shard, replica)
         with self._lock:
-            self._wanted.pop(key, None)
+            want = self._wanted.pop(key, None)
             where = self._placed.pop(key, None)
-            slot = shard % self._hosts_per_node
-            handle = self._hosts.get((where.node_id, replica, slot)) if where else None
+            handle = self._hosts.get((where.node_id, *self._slot(want))) if where and want else None
         if handle is not None:
             handle.close.remote(key)  # fire and forget: a drop already closed it
 

@@ -50,6 +50,7 @@ from cluster.validation import (
 )
 from coordinator import backups, quality, views
 from coordinator.fanout import ShardClient, gather_shards
+from coordinator.moves import MovePlacement, Mover
 from coordinator.queries import Reads, Shards, parse_filter, spec_in, target
 from coordinator.replication import (
     STALE,
@@ -82,15 +83,10 @@ class ClusterStore(Protocol):
     async def list_members(self) -> dict[str, dict[str, Any]]: ...
 
 
-class Placement(Protocol):
-    def open_shard(
-        self,
-        spec: CollectionSpec,
-        shard: int,
-        replica: int,
-        node_id: str = "",
-        existed: bool = False,
-    ) -> ShardClient: ...
+class Placement(MovePlacement, Protocol):
+    """Placement (``coordinator.placement``): ``open_shard`` and the moves' verbs come from
+    ``MovePlacement``."""
+
     def kill_shard(self, spec: CollectionSpec, shard: int, replica: int) -> None: ...
     def open_vectorizer(self, spec: VectorizerSpec) -> VectorizerClient: ...
 
@@ -127,6 +123,8 @@ class Coordinator:
         self._backup_lock = asyncio.Lock()  # one backup or restore at a time
         self._backup_task: asyncio.Task[None] | None = None  # a backup written in the background
         self._repair_task: asyncio.Task[None] | None = None
+        self._rebalance_task: asyncio.Task[None] | None = None
+        self.mover = Mover(self.router, placement, lambda: self._settings.write_timeout_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -197,16 +195,29 @@ class Coordinator:
     # ---- repair ----------------------------------------------------------------------------
 
     def start_background(self) -> None:
-        """Start the repair loop (catch-up of stale replicas, placement rewrites)."""
+        """Start the repair loop (catch-up of stale replicas, placement rewrites) and the
+        rebalancing loop (``coordinator.moves``; not with ``rebalance_interval_s`` 0)."""
         if self._repair_task is None or self._repair_task.done():
             self._repair_task = asyncio.ensure_future(self._repair_loop())
+        interval = self._settings.rebalance_interval_s
+        if interval > 0 and (self._rebalance_task is None or self._rebalance_task.done()):
+            self._rebalance_task = asyncio.ensure_future(self._rebalance_loop(interval))
 
     async def stop_background(self) -> None:
-        if self._repair_task is not None:
-            self._repair_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._repair_task
-            self._repair_task = None
+        for task in (self._repair_task, self._rebalance_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._repair_task = self._rebalance_task = None
+
+    async def _rebalance_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.mover.rebalance_once()
+            except Exception:
+                log.exception("rebalancing round failed")
 
     async def _repair_loop(self) -> None:
         while True:
@@ -249,6 +260,19 @@ class Coordinator:
         if self.router.pending:
             await self.router.flush()
         return caught
+
+    # ---- moves and drains (coordinator.moves) ----------------------------------------------
+
+    async def move_replica(
+        self, name: str, shard: int, replica: int, to_node: str
+    ) -> dict[str, Any]:
+        return await self.mover.move(name, shard, replica, to_node)
+
+    async def drain_node(self, node_id: str) -> dict[str, Any]:
+        return await self.mover.drain(node_id)
+
+    async def undrain_node(self, node_id: str) -> dict[str, Any]:
+        return self.mover.undrain(node_id)
 
     # ---- schema ----------------------------------------------------------------------------
 

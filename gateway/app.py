@@ -560,6 +560,32 @@ def create_app(backend: Backend, settings: Settings, api_keys: Iterable[ApiKey] 
         )
         return out
 
+    # ---- shard moves and node drains (admin) -------------------------------------------------
+
+    @app.post("/v1/collections/{name}/shards/{shard}/move", tags=["operations"])
+    async def move_replica(name: str, shard: int, body: wire.MoveIn) -> dict[str, Any]:
+        """Move one replica of the shard to another node while it serves: its data is copied
+        there, then the writes made meanwhile (writes to the shard wait for this second
+        pass), then routing switches to the new copy at once and the old copy is deleted.
+        One move per shard at a time (429); nothing acknowledged is lost."""
+        out: dict[str, Any] = await backend.move_replica(
+            name, shard, body.replica, body.to_node, timeout_s=settings.backup_timeout_s
+        )
+        return out
+
+    @app.post("/v1/cluster/nodes/{node_id}/drain", tags=["operations"])
+    async def drain_node(node_id: str) -> dict[str, Any]:
+        """Place no new replica on the node and move every replica on it to other nodes, one
+        after the other; what moved, what could not (and why), how many are left."""
+        out: dict[str, Any] = await backend.drain_node(node_id, timeout_s=settings.backup_timeout_s)
+        return out
+
+    @app.delete("/v1/cluster/nodes/{node_id}/drain", tags=["operations"])
+    async def undrain_node(node_id: str) -> dict[str, Any]:
+        """Lift a drain's cordon: new replicas may be placed on the node again."""
+        out: dict[str, Any] = await backend.undrain_node(node_id)
+        return out
+
     # ---- objects ---------------------------------------------------------------------------
 
     def to_inputs(objects: list[wire.ObjectIn]) -> list[ObjectInput]:

@@ -199,3 +199,22 @@ class Backend:
         return await self._call(
             CoordinatorAPI.restore, (backup_id, collection, new_name), timeout_s
         )
+
+    async def move_replica(
+        self,
+        name: str,
+        shard: int,
+        replica: int,
+        to_node: str,
+        *,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(
+            CoordinatorAPI.move_replica, (name, shard, replica, to_node), timeout_s
+        )
+
+    async def drain_node(self, node_id: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._call(CoordinatorAPI.drain_node, (node_id,), timeout_s)
+
+    async def undrain_node(self, node_id: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._call(CoordinatorAPI.undrain_node, (node_id,), timeout_s)

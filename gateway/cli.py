@@ -635,6 +635,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return _answer(_request(args, "POST", f"/v1/backups/{args.id}/restore", 3600.0, json=body))
 
 
+def cmd_move(args: argparse.Namespace) -> int:
+    """``colshard move COLLECTION SHARD --to NODE [--replica R]``."""
+    body = {"to_node": args.to_node, "replica": args.replica}
+    path = f"/v1/collections/{args.collection}/shards/{args.shard}/move"
+    return _answer(_request(args, "POST", path, 3600.0, json=body))
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """``colshard drain NODE [--undo]``."""
+    method = "DELETE" if args.undo else "POST"
+    return _answer(_request(args, method, f"/v1/cluster/nodes/{args.node}/drain", 3600.0))
+
+
 def cmd_quality(args: argparse.Namespace) -> int:
     """The recall report of a collection: measured recall@k, collection-wide and per shard."""
     params: dict[str, Any] = {"queries": args.queries}
@@ -842,6 +855,14 @@ def build_parser() -> argparse.ArgumentParser:
             "fixed for a cluster's data, docs/deploy.md)",
         )
         p.add_argument(
+            "--rebalance-interval-s",
+            type=float,
+            default=None,
+            help="seconds between rebalancing moves (one replica from the fullest shard node "
+            "to the emptiest when they differ by two or more; default "
+            f"{Settings().rebalance_interval_s:g}; 0: off; env COLSHARD_REBALANCE_INTERVAL_S)",
+        )
+        p.add_argument(
             "--vectorizer-replicas",
             type=_positive_int,
             default=None,
@@ -870,6 +891,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("quality", "measure a collection's recall@k against exact MaxSim"),
         ("backup", "back up collections, or list / show / delete backups"),
         ("restore", "restore a collection from a backup"),
+        ("move", "move a shard replica to another node, online"),
+        ("drain", "move every shard replica off a node (or --undo: place on it again)"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
@@ -924,6 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id")
             p.add_argument("collection", help="the backed-up collection")
             p.add_argument("--as", dest="new_name", help="restore under this name")
+        if name == "move":
+            p.add_argument("collection")
+            p.add_argument("shard", type=int)
+            p.add_argument("--to", required=True, dest="to_node", help="the target node's id")
+            p.add_argument("--replica", type=int, default=0, help="which replica (default 0)")
+        if name == "drain":
+            p.add_argument("node", help="the node's id (colshard status lists them)")
+            p.add_argument("--undo", action="store_true", help="lift the drain's cordon")
     load = sub.add_parser("load", help="drive a running gateway with concurrent clients")
     load.add_argument("--url", default=_env("COLSHARD_URL", DEFAULT_URL))
     load.add_argument("--api-key", help="Bearer key (env COLSHARD_API_KEY)")
@@ -988,6 +1019,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quality": cmd_quality,
         "backup": cmd_backup,
         "restore": cmd_restore,
+        "move": cmd_move,
+        "drain": cmd_drain,
     }
     try:
         return commands[args.command](args)

@@ -811,6 +811,28 @@ class Client:
         )
         return out
 
+    # ---- operations (admin key; docs/deploy.md "Moving replicas and draining nodes") ------
+
+    def move_replica(
+        self, collection: str, shard: int, to_node: str, replica: int = 0
+    ) -> dict[str, Any]:
+        """Move ``replica`` of ``collection``'s shard ``shard`` to node ``to_node``, online."""
+        out: dict[str, Any] = self._http.request(
+            "POST",
+            f"/v1/collections/{collection}/shards/{shard}/move",
+            json={"to_node": to_node, "replica": replica},
+        )
+        return out
+
+    def drain(self, node_id: str) -> dict[str, Any]:
+        """Move every replica off ``node_id`` (and place no new one there)."""
+        out: dict[str, Any] = self._http.request("POST", f"/v1/cluster/nodes/{node_id}/drain")
+        return out
+
+    def undrain(self, node_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = self._http.request("DELETE", f"/v1/cluster/nodes/{node_id}/drain")
+        return out
+
     def close(self) -> None:
         self._http_client.close()
 

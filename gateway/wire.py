@@ -161,6 +161,15 @@ class RestoreIn(Strict):
     )
 
 
+class MoveIn(Strict):
+    to_node: str = Field(
+        min_length=1,
+        max_length=128,
+        description="the Ray node id to move the replica to (GET /v1/cluster lists the members)",
+    )
+    replica: int = Field(0, ge=0, description="which replica of the shard (default 0)")
+
+
 class DeleteManyOut(BaseModel):
     matched: int
     deleted: int

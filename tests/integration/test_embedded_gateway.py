@@ -90,7 +90,7 @@ def test_host_hosting_unhost_and_a_taken_port(
         served = [
             h["fast_path_served"] for h in hosts if any("colshard:E" in k for k in h["shards"])
         ]
-        assert len(served) == 1 and served[0] >= 1, hosts
+        assert len(served) == 2 and sum(served) >= 1, hosts  # shard s in the node's host s
         # Another owner's unhost leaves it running; the owner's own drains and closes it.
         assert ray.get(handle.unhost.remote("someone-else")) is False
         assert port_open(port)

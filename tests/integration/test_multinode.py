@@ -238,6 +238,19 @@ def status_cli(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def create(http: httpx.Client, name: str, shards: int) -> None:
+    created = http.post(
+        "/v1/collections",
+        json={
+            "name": name,
+            "properties": [{"name": "n", "data_type": "int"}],
+            "vectors": [{"name": "v", "kind": "multi", "dim": DIM}],
+            "shard_count": shards,
+        },
+    )
+    assert created.status_code == 201, created.text
+
+
 def raylet_pid(session_leader: int) -> int:
     """The raylet started by the ``ray start`` whose session is ``session_leader``."""
     ps = subprocess.run(
@@ -263,16 +276,7 @@ def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
     assert joined.returncode != 0 and "in" not in joined.stdout.split(), joined.stdout
     http = httpx.Client(base_url=multinode.url, timeout=60)
     name = "MultiNode"
-    created = http.post(
-        "/v1/collections",
-        json={
-            "name": name,
-            "properties": [{"name": "n", "data_type": "int"}],
-            "vectors": [{"name": "v", "kind": "multi", "dim": DIM}],
-            "shard_count": 2,
-        },
-    )
-    assert created.status_code == 201, created.text
+    create(http, name, shards=2)
 
     rng = np.random.default_rng(7)
     objects = [
@@ -360,4 +364,121 @@ def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
     assert shown.returncode == 1
     assert "NOT READY" in shown.stdout and "unavailable" in shown.stdout
     print(f"member gone {gone_after:.1f}s after the raylet was killed\n{shown.stdout}")
+    http.close()
+
+
+def test_move_and_drain_under_load(multinode: MultiNode) -> None:
+    """A replica moves to the other node while writes and queries run (0 failed queries, 0
+    lost acknowledged writes, its data directory moves with it), then a drain of that node
+    moves it back."""
+    import threading
+
+    http = httpx.Client(base_url=multinode.url, timeout=120)
+    name = "Moving"
+    create(http, name, shards=1)
+    rng = np.random.default_rng(11)
+
+    def objects(n: int, base: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": str(uuid.UUID(int=base + i + 1)),
+                "properties": {"n": base + i},
+                "vectors": {"v": rng.normal(size=(3, DIM)).round(4).tolist()},
+            }
+            for i in range(n)
+        ]
+
+    first = objects(300, 0)
+    assert http.post(f"/v1/collections/{name}/objects", json={"objects": first}).is_success
+    acked = {o["id"] for o in first}
+    stop = threading.Event()
+    failures: list[str] = []
+    refused: list[str] = []
+    n_queries = [0]
+
+    def writer() -> None:
+        with httpx.Client(base_url=multinode.url, timeout=120) as c:
+            base = 10_000
+            while not stop.is_set():
+                batch = objects(10, base)
+                base += 10
+                r = c.post(f"/v1/collections/{name}/objects", json={"objects": batch})
+                if r.status_code == 200:
+                    results = zip(batch, r.json()["results"], strict=True)
+                    acked.update(o["id"] for o, res in results if res["status"] == "SUCCESS")
+                else:
+                    refused.append(f"{r.status_code} {r.text[:300]}")
+
+    def querier() -> None:
+        q = {"near_vector": {"vector": first[3]["vectors"]["v"]}, "limit": 5}
+        with httpx.Client(base_url=multinode.url, timeout=120) as c:
+            while not stop.is_set():
+                r = c.post(f"/v1/collections/{name}/query", json=q)
+                if r.status_code != 200 or r.json()["objects"][0]["id"] != first[3]["id"]:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                n_queries[0] += 1
+
+    def where() -> dict[str, Any]:
+        (p,) = http.get("/v1/cluster").json()["collections"][name]["placements"]
+        return dict(p)
+
+    members = http.get("/v1/cluster").json()["members"]
+    start = where()
+    other = next(n for n in members if n != start["node_id"])
+    data_of = {n: Path(m["data_dir"]) for n, m in members.items()}
+    threads = [threading.Thread(target=writer), threading.Thread(target=querier)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        r = http.post(f"/v1/collections/{name}/shards/0/move", json={"to_node": other})
+        assert r.status_code == 200, r.text
+        moved = r.json()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert moved["from_node"] == start["node_id"] and moved["to_node"] == other, moved
+    assert moved["old_copy_dropped"] is True
+    assert n_queries[0] > 10 and not failures, (n_queries, failures[:3])
+    now = where()
+    assert now["node_id"] == other and now["state"] == "ready"
+    assert (data_of[other] / name / "0").is_dir()
+    assert not (data_of[start["node_id"]] / name / "0").exists()
+
+    def stored() -> set[str]:
+        ids: set[str] = set()
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            page = http.get(f"/v1/collections/{name}/objects", params=params).json()
+            ids |= {o["id"] for o in page["objects"]}
+            if page["next_after"] is None:
+                return ids
+            params["after"] = page["next_after"]
+
+    assert not refused, refused[:3]
+    assert len(acked) > len(first) + 50, len(acked)  # the writer kept writing meanwhile
+    print(f"move under load: {moved}; {len(acked)} acked objects, {n_queries[0]} queries")
+    assert stored() == acked  # nothing acknowledged was lost, nothing extra
+
+    # A node that is not a shard node: the move answers 422 and changes nothing.
+    refused = http.post(f"/v1/collections/{name}/shards/0/move", json={"to_node": "nope"})
+    assert refused.status_code == 422, refused.text
+
+    # Drain the node it is on now: it moves back; the node is cordoned until undrained.
+    drained = http.post(f"/v1/cluster/nodes/{other}/drain")
+    assert drained.status_code == 200, drained.text
+    report = drained.json()
+    assert report["replicas_left"] == 0 and not report["failed"], report
+    assert where()["node_id"] == start["node_id"]
+    assert stored() == acked
+    undone = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "drain", other, "--undo", "--url", multinode.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert undone.returncode == 0 and '"cordoned": false' in undone.stdout, undone.stderr
     http.close()

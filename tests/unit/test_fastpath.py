@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cluster.errors import DeadlineExceeded, InternalError, NotFound
+from cluster.errors import DeadlineExceeded, InternalError, NotFound, Unavailable
 from cluster.ids import ShardId
 from cluster.localrpc import socket_dir
 from cluster.raynode import ray_node_id
@@ -72,16 +72,18 @@ async def test_round_trip_errors_and_connection_reuse(server: FastPathServer) ->
     client.close()
 
 
-async def test_at_most_eight_calls_in_flight_per_shard(server: FastPathServer) -> None:
-    client = FastPathClient(str(server.path))
+async def test_calls_in_flight_per_host_socket_are_capped(server: FastPathServer) -> None:
+    client = FastPathClient.shared(str(server.path))
+    assert FastPathClient.shared(str(server.path)) is client  # the host's shards share it
+    cap = FastPathClient.MAX_CALLS
     loop = asyncio.get_running_loop()
     start = loop.time()
     out = await asyncio.gather(
-        *(client.call("slow", (0.2,), 10.0, WHAT, DETAILS) for _ in range(16))
+        *(client.call("slow", (0.2,), 10.0, WHAT, DETAILS) for _ in range(2 * cap))
     )
-    assert out == ["late"] * 16
-    assert loop.time() - start >= 0.38  # two waves of 8, not 16 at once
-    assert len(client._idle) == 8
+    assert out == ["late"] * (2 * cap)
+    assert loop.time() - start >= 0.38  # two waves of MAX_CALLS, not all at once
+    assert len(client._idle) == cap
     client.close()
 
 
@@ -203,3 +205,20 @@ async def test_the_client_uses_the_fast_path_on_its_node_and_falls_back_to_ray(
         assert await client.search(Q, 5.0) == "fast:q:5.0"
     finally:
         srv2.close()
+
+
+async def test_a_dropped_copy_is_never_reopened() -> None:
+    """After ``drop`` (its collection deleted, or it moved) the client refuses every call and
+    never opens the shard again, even where its host no longer holds it."""
+    opened: list[str] = []
+    handle = FakeHost(
+        {"ready": lambda: opened.append("open") or {"node_id": "x"}, "drop": lambda: None}
+    )
+    client = RayShardClient(ShardId("C", 0), "colshard:C:0", FakeLocator(handle))
+    await client.ready(5.0)
+    await client.drop(5.0)
+    with pytest.raises(Unavailable, match="dropped"):
+        await client.search(Q, 5.0)
+    with pytest.raises(Unavailable, match="dropped"):
+        await client.ready(5.0)
+    assert opened == ["open"] and handle.calls == ["drop"]

@@ -37,7 +37,9 @@ def test_a_flag_wins_over_its_variable_and_a_variable_over_the_default() -> None
     assert default.cluster_name == "default" and default.etcd_endpoints == ()
     assert default.data_dir == Path("./colshard-data").resolve()
     assert default.shard == Settings().shard and default.port == Settings().port
-    assert default.shard_hosts_per_node == 2
+    assert default.shard_hosts_per_node == 2 and default.rebalance_interval_s == 30.0
+    off = settings_from({}, {"COLSHARD_REBALANCE_INTERVAL_S": "0"})
+    assert off.rebalance_interval_s == 0.0
 
 
 def test_limit_flags_are_taken_by_name() -> None:
@@ -52,6 +54,8 @@ def test_limit_flags_are_taken_by_name() -> None:
         ({"COLSHARD_INDEX_DEFER_TOKENS": "many"}, "must be an integer"),
         ({"COLSHARD_VECTORIZER_REPLICAS": "0"}, "vectorizer_replicas"),
         ({"COLSHARD_SHARD_HOSTS_PER_NODE": "0"}, "shard_hosts_per_node"),
+        ({"COLSHARD_REBALANCE_INTERVAL_S": "-1"}, "rebalance_interval_s"),
+        ({"COLSHARD_REBALANCE_INTERVAL_S": "often"}, "rebalance_interval_s"),
         ({"COLSHARD_SHARD_RESOURCES": "[1]"}, "JSON object"),
         ({"COLSHARD_BACKUP_TIMEOUT_S": "0"}, "backup_timeout_s must be a positive"),
         ({"COLSHARD_BACKUP_TIMEOUT_S": "soon"}, "number of seconds"),

@@ -214,3 +214,25 @@ def test_host_names() -> None:
     assert host_name("0123456789abcdef", 1) == "colshard:host:01234567:r1"
     assert host_name("0123456789abcdef", 0, 1) == "colshard:host:01234567:1"
     assert host_name("0123456789abcdef", 2, 1) == "colshard:host:01234567:1:r2"
+
+
+def test_placement_refuses_moves_without_room_and_drains_around_cordons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator.placement import RayPlacement
+    from tests.unit.test_shard_support import make_spec as spec_of
+
+    placement = RayPlacement("ns", tmp_path, settings(), {"colshard_shard": 1.0})
+    monkeypatch.setattr(placement, "alive_shard_nodes", lambda: {"a": 2, "b": 1, "c": 1})
+    spec = spec_of()
+    placement.moved(spec, 0, 0, "a")
+    placement.moved(spec, 1, 0, "b")
+    assert placement.refusal(spec, 0, 0, "x") is not None  # not an alive shard node
+    assert "no room" in str(placement.refusal(spec, 0, 0, "b"))  # b holds 1 of 1
+    assert placement.refusal(spec, 0, 0, "c") is None
+    assert placement.refusal(spec, 1, 0, "b") is None  # its own place does not count
+    # leaving a: c (b is full); with c cordoned: nowhere
+    assert placement.choose_target(spec, 0, 0, leaving="a") == "c"
+    assert placement.cordon("c") == {"c"}
+    assert placement.choose_target(spec, 0, 0, leaving="a") is None
+    assert placement.cordon("c", on=False) == frozenset()
