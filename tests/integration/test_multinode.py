@@ -22,6 +22,7 @@ stay on 127.0.0.1, which the test checks too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,12 +58,14 @@ class MultiNode:
     url: str = ""
     gcs: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    started: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     def log(self, name: str) -> Path:
         return self.root / f"{name}.log"
 
     def launch(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
-        with self.log(name).open("wb") as out:
+        self.started[name] = (argv, env)
+        with self.log(name).open("ab") as out:
             proc = subprocess.Popen(
                 argv,
                 stdout=out,
@@ -365,6 +368,155 @@ def test_two_nodes_membership_and_node_loss(multinode: MultiNode) -> None:
     assert "NOT READY" in shown.stdout and "unavailable" in shown.stdout
     print(f"member gone {gone_after:.1f}s after the raylet was killed\n{shown.stdout}")
     http.close()
+
+
+def test_restarting_a_node_under_load_with_rf2(multinode: MultiNode) -> None:
+    """Node B goes down (its raylet SIGKILLed) and comes back (``ray start`` again, the same
+    data dir, a new node id) while a writer (consistency ``one``) and a reader run against an
+    RF 2 collection with a replica on each node: 0 failed queries, and afterwards both
+    replicas hold exactly the acknowledged writes. (The head runs the GCS and the
+    coordinator: restarting it needs Ray's GCS fault tolerance, docs/deploy.md.)"""
+    import threading
+
+    http = httpx.Client(base_url=multinode.url, timeout=120)
+    name = "Rolling"
+    created = http.post(
+        "/v1/collections",
+        json={
+            "name": name,
+            "vectors": [{"name": "v", "kind": "multi", "dim": DIM}],
+            "shard_count": 1,
+            "replication_factor": 2,
+        },
+    )
+    assert created.status_code == 201, created.text
+    rng = np.random.default_rng(12)
+
+    def batch(n: int, base: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": str(uuid.UUID(int=base + i + 1)),
+                "properties": {},
+                "vectors": {"v": rng.normal(size=(2, DIM)).round(4).tolist()},
+            }
+            for i in range(n)
+        ]
+
+    first = batch(100, 0)
+    assert http.post(f"/v1/collections/{name}/objects", json={"objects": first}).is_success
+    members = http.get("/v1/cluster").json()["members"]
+    node_b = next(n for n, m in members.items() if "colshard_node_b" in m["resources"])
+    placements = http.get("/v1/cluster").json()["collections"][name]["placements"]
+    assert {p["node_id"] for p in placements} == set(members)  # one replica per node
+    acked = {o["id"] for o in first}
+    stop = threading.Event()
+    failures: list[str] = []
+    n_queries = [0]
+
+    def writer() -> None:
+        base = 10_000
+        with httpx.Client(base_url=multinode.url, timeout=120) as c:
+            while not stop.is_set():
+                objs = batch(5, base)
+                base += 5
+                r = c.post(
+                    f"/v1/collections/{name}/objects",
+                    params={"consistency_level": "one"},
+                    json={"objects": objs},
+                )
+                if r.status_code == 200:
+                    results = zip(objs, r.json()["results"], strict=True)
+                    acked.update(o["id"] for o, res in results if res["status"] == "SUCCESS")
+                time.sleep(0.05)
+
+    def reader() -> None:
+        q = {"near_vector": {"vector": first[9]["vectors"]["v"]}, "limit": 3}
+        with httpx.Client(base_url=multinode.url, timeout=120) as c:
+            while not stop.is_set():
+                r = c.post(f"/v1/collections/{name}/query", json=q)
+                if r.status_code != 200 or r.json()["objects"][0]["id"] != first[9]["id"]:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                n_queries[0] += 1
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        session = multinode.procs["node_b"].pid
+        os.kill(raylet_pid(session), signal.SIGKILL)
+        multinode.procs["node_b"].wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session, signal.SIGKILL)  # what is left of node B
+        argv, env = multinode.started["node_b"]
+        log_b = multinode.log("node_b")
+        offset = log_b.stat().st_size
+        multinode.launch("node_b", argv, **env)
+        wait_until(
+            "node B to start again",
+            lambda: "Ray runtime started" in log_b.read_text(errors="replace")[offset:],
+            120,
+        )
+
+        def both_ready() -> bool:
+            info = http.get("/v1/cluster").json()
+            reps = info["collections"][name]["placements"]
+            return (
+                len(info["members"]) == 2
+                and node_b not in info["members"]
+                and all(p["state"] == "ready" and p["node_id"] in info["members"] for p in reps)
+            )
+
+        wait_until("both replicas ready on the restarted cluster", both_ready, 180)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert n_queries[0] > 10 and not failures, (n_queries[0], failures[:3])
+    assert len(acked) > len(first) + 20, len(acked)
+    wait_until(
+        "both replicas ready",
+        lambda: all(
+            p["state"] == "ready"
+            for p in http.get("/v1/cluster").json()["collections"][name]["placements"]
+        ),
+        120,
+    )
+    for replica in (0, 1):
+        assert replica_ids(multinode, name, replica) == acked, replica
+    print(f"node restart under load: {len(acked)} acked, {n_queries[0]} queries, 0 failed")
+    http.close()
+
+
+def replica_ids(multinode: MultiNode, name: str, replica: int) -> set[str]:
+    """Every object id one replica holds, read from its shard host directly (a driver on the
+    cluster, not through the coordinator's failover)."""
+    code = (
+        "import ray, json\n"
+        f"ray.init(address={multinode.gcs!r}, namespace='colshard-mn-{multinode.marker}')\n"
+        "ids, after = [], None\n"
+        "hosts = [n for n in ray.util.list_named_actors() if n.startswith('colshard:host:')]\n"
+        f"key = 'colshard:{name}:0:{replica}'\n"
+        "host = next(h for h in map(ray.get_actor, hosts) if key in ray.get(h.info.remote())"
+        "['shards'])\n"
+        "while True:\n"
+        "    page = ray.get(host.call.remote(key, 'list_objects', (after, 1000, False)))\n"
+        "    ids += [o.uuid for o in page]\n"
+        "    if len(page) < 1000: break\n"
+        "    after = page[-1].uuid\n"
+        "print(json.dumps(ids))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=multinode.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def test_move_and_drain_under_load(multinode: MultiNode) -> None:

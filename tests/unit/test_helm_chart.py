@@ -350,6 +350,7 @@ def test_default_install_objects(chart: helm_python.Chart) -> None:
             ("ConfigMap", "demo-colshard-config"),
             ("Deployment", "demo-colshard-gateway"),
             ("PodDisruptionBudget", "demo-colshard-etcd"),
+            ("PodDisruptionBudget", "demo-colshard-ray-worker"),
             ("Pod", "demo-colshard-test-connection"),
             ("RayCluster", "demo-colshard"),
             ("Secret", "demo-colshard-api-keys"),
@@ -398,7 +399,10 @@ def test_etcd_initial_cluster_lists_every_member(chart: helm_python.Chart, repli
     assert claim["metadata"]["name"] == "data"
     assert {"name": "data", "mountPath": "/var/run/etcd"} in etcd["volumeMounts"]
     assert env["ETCD_DATA_DIR"].startswith("/var/run/etcd/")
-    assert bool(by_kind(manifests, "PodDisruptionBudget")) == (replicas > 1)
+    etcd_pdbs = [
+        m for m in by_kind(manifests, "PodDisruptionBudget") if "-etcd" in m["metadata"]["name"]
+    ]
+    assert bool(etcd_pdbs) == (replicas > 1)
 
 
 def test_gateway_points_at_etcd_service_and_ray_head(chart: helm_python.Chart) -> None:
@@ -606,6 +610,16 @@ def test_storage_classes(chart: helm_python.Chart) -> None:
     manifests = render(chart, {"global": {"storageClass": "-"}})
     sts = one(manifests, "StatefulSet", "-etcd")
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == ""
+
+
+def test_workers_are_disrupted_one_at_a_time(chart: helm_python.Chart) -> None:
+    pdb = one(render(chart, {}), "PodDisruptionBudget", "-ray-worker")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ray-worker"
+    off = render(chart, {"ray": {"worker": {"pdb": {"enabled": False}}}})
+    assert not [
+        m for m in by_kind(off, "PodDisruptionBudget") if "ray-worker" in m["metadata"]["name"]
+    ]
 
 
 def test_ingress_hpa_and_pdb(chart: helm_python.Chart) -> None:
