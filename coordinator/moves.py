@@ -181,6 +181,7 @@ class Mover:
                     node_id=str(where.get("node_id", to_node)),
                     host=str(where.get("host", "")),
                     pid=int(where.get("pid", 0) or 0),
+                    shard_host=str(where.get("shard_host", "")),
                     outage=None,
                 )
         except BaseException:

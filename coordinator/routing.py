@@ -85,6 +85,7 @@ class ReplicaEntry:
     host: str = ""
     pid: int = 0
     outage: Outage | None = None
+    shard_host: str = ""  # the shard host actor holding it (shard.host), as Ray names it
 
     @property
     def state(self) -> ReplicaState:
@@ -99,6 +100,7 @@ class ReplicaEntry:
             "node_id": self.node_id,
             "host": self.host,
             "pid": self.pid,
+            "shard_host": self.shard_host,
             "state": str(self.state),
             "last_ok_seq": last_ok_seq,
         }
@@ -320,6 +322,7 @@ def outage_ended(router: Router, rid: ReplicaId, where: Mapping[str, Any]) -> bo
         node_id=str(where["node_id"]),
         host=str(where.get("host", "")),
         pid=int(where.get("pid", 0) or 0),
+        shard_host=str(where.get("shard_host", "")),
     )
 
 

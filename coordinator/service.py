@@ -177,6 +177,7 @@ class Coordinator:
                         node_id=str(info.get("node_id", "")),
                         host=str(info.get("host", "")),
                         pid=int(info.get("pid", 0) or 0),
+                        shard_host=str(info.get("shard_host", "")),
                     )
                 )
         rf = spec.replication_factor

@@ -114,6 +114,7 @@ def format_status(
                     p.get("shard", "?"),
                     p.get("replica", "?"),
                     p.get("actor", "-"),
+                    p.get("shard_host") or "-",
                     _short(node),
                     host,
                     p.get("state", "?"),
@@ -122,6 +123,17 @@ def format_status(
                 ]
             )
         lines += _table(
-            ["SHARD", "REPLICA", "ACTOR", "NODE", "HOST", "STATE", "OBJECTS", "TOKENS"], rows
+            [
+                "SHARD",
+                "REPLICA",
+                "NAME",
+                "SHARD HOST",
+                "NODE",
+                "HOST",
+                "STATE",
+                "OBJECTS",
+                "TOKENS",
+            ],
+            rows,
         )
     return "\n".join(lines)

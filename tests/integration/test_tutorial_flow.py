@@ -101,6 +101,7 @@ def test_tutorial_flow(colshard_server: Server) -> None:
             "colshard:DemoCollection:1",
         ]
         assert all(p["node_id"] in cluster["members"] for p in placements)
+        assert [p["shard_host"] for p in placements] == hosts  # shard s in the node's host s
 
         objects = make_objects(rng, 300)
         result = col.data.insert_many(objects, batch_size=64)

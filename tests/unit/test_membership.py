@@ -248,6 +248,7 @@ def test_status_text() -> None:
                         "shard": 0,
                         "replica": 0,
                         "actor": "colshard:Demo:0",
+                        "shard_host": "colshard:host:aaaaaaaa",
                         "node_id": "aaaaaaaa1111",
                         "host": "host-a",
                         "state": "ready",
@@ -277,6 +278,8 @@ def test_status_text() -> None:
     gone = next(line for line in lines if line.startswith("1 "))
     assert "host-b (gone)" in gone and "unavailable" in gone and gone.split()[-2:] == ["-", "-"]
     assert "COLLECTION Demo  shards=2  replication=1  objects=7" in text
+    first = next(line for line in lines if line.startswith("0 "))
+    assert first.split()[:4] == ["0", "0", "colshard:Demo:0", "colshard:host:aaaaaaaa"]
     assert format_status({}, None).endswith("no collections")
 
 
