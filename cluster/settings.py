@@ -123,8 +123,10 @@ class Settings:
     vectorizer_replicas: int = 1
     membership_interval_s: float = 2.0
     # Where backups are written and restored from (coordinator.backups); None: <data_dir>/backups.
-    # On several nodes it must be storage every node mounts at the same path.
+    # On several nodes it must be storage every node mounts at the same path, or S3:
+    # backup_url ("s3://bucket/prefix", set by --backup-dir s3://...) wins over it.
     backup_dir: Path | None = None
+    backup_url: str | None = None
     # How long one shard may take to copy its staged backup into the backup directory (or a
     # restore to copy it back): no write waits meanwhile, so this is not write_timeout_s.
     backup_timeout_s: float = 3600.0
@@ -132,6 +134,11 @@ class Settings:
     @property
     def backup_root(self) -> Path:
         return Path(self.backup_dir) if self.backup_dir is not None else self.data_dir / "backups"
+
+    @property
+    def backup_target(self) -> Path | str:
+        """The s3:// URL backups go to, else their directory."""
+        return self.backup_url or self.backup_root
 
 
 DATA_DIR_ENV = "COLSHARD_DATA_DIR"
@@ -271,7 +278,10 @@ def settings_from(
         if rebalance is not None
         else Settings.rebalance_interval_s,
         shard=shard,
-        backup_dir=Path(backup_dir).resolve() if backup_dir else None,
+        backup_dir=Path(backup_dir).resolve()
+        if backup_dir and not str(backup_dir).startswith("s3://")
+        else None,
+        backup_url=str(backup_dir) if str(backup_dir or "").startswith("s3://") else None,
         backup_timeout_s=_positive_seconds("backup_timeout_s", backup_timeout)
         if backup_timeout is not None
         else Settings.backup_timeout_s,

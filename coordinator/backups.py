@@ -1,7 +1,7 @@
 """Backups: a consistent copy of collections to the backup root, and restoring one.
 
-Layout under the backup root (``Settings.backup_root``: ``--backup-dir``, default
-``<data_dir>/backups``)::
+Layout under the backup root (``Settings.backup_target``: ``--backup-dir``, a directory or an
+``s3://bucket/prefix`` URL (``S3Root``), default ``<data_dir>/backups``)::
 
     <id>/backup.json             {"id", "created", "finished", "state": running|done|failed,
                                   "error", "collections": {name: {"state": staging|copying|
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import AlreadyExists, ColshardError, InternalError, InvalidInput, NotFound
+from cluster.objectstore import ObjectStore, S3Url, is_s3
 from cluster.spec import CollectionSpec
 from coordinator.fanout import ShardClient
 from coordinator.queries import Shards, spec_in
@@ -57,36 +58,118 @@ def check_id(backup_id: str) -> str:
     return backup_id
 
 
-def _write_info(path: Path, info: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    os.replace(tmp, path)
+class DirRoot:
+    """Backups in a directory (``--backup-dir PATH``; on several nodes, storage every node
+    mounts at the same path)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def create(self, backup_id: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            (self.path / backup_id).mkdir()
+        except FileExistsError:
+            raise AlreadyExists(f"backup {backup_id!r} exists", {"id": backup_id}) from None
+
+    def write_info(self, backup_id: str, info: Mapping[str, Any]) -> None:
+        path = self.path / backup_id / BACKUP_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=1, default=str))
+        os.replace(tmp, path)
+
+    def info_bytes(self, backup_id: str) -> bytes:
+        try:
+            return (self.path / backup_id / BACKUP_FILE).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"backup {backup_id!r} does not exist", {"id": backup_id}) from None
+
+    def ids(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(e.name for e in self.path.iterdir() if (e / BACKUP_FILE).exists())
+
+    def remove(self, backup_id: str) -> None:
+        shutil.rmtree(self.path / backup_id)
+
+    def shard(self, backup_id: str, collection: str, shard: int) -> str:
+        return str(self.path / backup_id / collection / f"shard-{shard}")
 
 
-def read_info(root: Path, backup_id: str) -> dict[str, Any]:
-    path = root / check_id(backup_id) / BACKUP_FILE
+class S3Root:
+    """Backups in S3-compatible storage (``--backup-dir s3://bucket/prefix``,
+    ``cluster.objectstore``): each shard uploads and downloads its own copy from its node."""
+
+    def __init__(self, url: str, store: ObjectStore | None = None) -> None:
+        self.url = S3Url.parse(url)
+        self._store = store
+
+    def __str__(self) -> str:
+        return str(self.url)
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = ObjectStore()
+        return self._store
+
+    def create(self, backup_id: str) -> None:
+        if self.store.exists(self.url.join(backup_id, BACKUP_FILE)):
+            raise AlreadyExists(f"backup {backup_id!r} exists", {"id": backup_id})
+
+    def write_info(self, backup_id: str, info: Mapping[str, Any]) -> None:
+        data = json.dumps(info, indent=1, default=str).encode()
+        self.store.put_bytes(self.url.join(backup_id, BACKUP_FILE), data)
+
+    def info_bytes(self, backup_id: str) -> bytes:
+        try:
+            return self.store.get_bytes(self.url.join(backup_id, BACKUP_FILE))
+        except NotFound:
+            raise NotFound(f"backup {backup_id!r} does not exist", {"id": backup_id}) from None
+
+    def ids(self) -> list[str]:
+        return self.store.children(self.url)
+
+    def remove(self, backup_id: str) -> None:
+        self.store.delete_tree(self.url.join(backup_id))
+
+    def shard(self, backup_id: str, collection: str, shard: int) -> str:
+        return str(self.url.join(backup_id, collection, f"shard-{shard}"))
+
+
+Root = DirRoot | S3Root
+
+
+def root_of(target: Path | str) -> Root:
+    """The backup root of ``Settings.backup_target``: an s3:// URL or a directory."""
+    if isinstance(target, str) and is_s3(target):
+        return S3Root(target)
+    return DirRoot(Path(target))
+
+
+def read_info(root: Root, backup_id: str) -> dict[str, Any]:
+    raw = root.info_bytes(check_id(backup_id))
     try:
-        info: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFound(f"backup {backup_id!r} does not exist", {"id": backup_id}) from None
+        info: dict[str, Any] = json.loads(raw)
     except ValueError as exc:
         raise InternalError(f"backup {backup_id!r}: unreadable {BACKUP_FILE}: {exc}") from exc
     return info
 
 
-def list_infos(root: Path) -> list[dict[str, Any]]:
+def list_infos(root: Root) -> list[dict[str, Any]]:
     """Every backup under ``root`` (oldest first), without the specs."""
     out = []
-    if root.is_dir():
-        for entry in sorted(root.iterdir()):
-            if (entry / BACKUP_FILE).exists():
-                with contextlib.suppress(ColshardError):
-                    info = read_info(root, entry.name)
-                    info["collections"] = {
-                        n: {"objects": c.get("objects", 0), "shards": len(c.get("shards", []))}
-                        for n, c in info.get("collections", {}).items()
-                    }
-                    out.append(info)
+    for backup_id in root.ids():
+        with contextlib.suppress(ColshardError):
+            info = read_info(root, backup_id)
+            info["collections"] = {
+                n: {"objects": c.get("objects", 0), "shards": len(c.get("shards", []))}
+                for n, c in info.get("collections", {}).items()
+            }
+            out.append(info)
     return sorted(out, key=lambda i: float(i.get("created", 0)))
 
 
@@ -99,33 +182,29 @@ async def _all_write_locks(shards: Shards) -> contextlib.AsyncExitStack:
 
 @dataclass
 class Started:
-    """A backup whose directory and ``backup.json`` (state running) exist; ``run`` writes it."""
+    """A backup whose ``backup.json`` (state running) exists; ``run`` writes it."""
 
-    dest: Path
+    root: Root
     chosen: list[str]
     specs: list[CollectionSpec]
     info: dict[str, Any]
 
 
-def begin(root: Path, backup_id: str, names: Sequence[str] | None, table: RoutingTable) -> Started:
+def begin(root: Root, backup_id: str, names: Sequence[str] | None, table: RoutingTable) -> Started:
     """Check ``backup_id`` and ``names`` (None: every collection of ``table``) and create the
-    backup's directory: InvalidInput, NotFound or AlreadyExists before anything is written."""
-    dest = root / check_id(backup_id)
+    backup: InvalidInput, NotFound or AlreadyExists before anything is written."""
+    check_id(backup_id)
     chosen = sorted(table.specs) if names is None else list(dict.fromkeys(names))
     specs = [spec_in(table, n) for n in chosen]  # NotFound before anything is written
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        dest.mkdir()
-    except FileExistsError:
-        raise AlreadyExists(f"backup {backup_id!r} exists", {"id": backup_id}) from None
+    root.create(backup_id)
     info: dict[str, Any] = {
         "id": backup_id,
         "created": time.time(),
         "state": "running",
         "collections": {},
     }
-    _write_info(dest / BACKUP_FILE, info)
-    return Started(dest, chosen, specs, info)
+    root.write_info(backup_id, info)
+    return Started(root, chosen, specs, info)
 
 
 async def run(
@@ -138,19 +217,23 @@ async def run(
     ``timeout_s`` — then, with writes going on, every shard moves or copies its staged copy
     into the backup directory, each in at most ``copy_timeout_s`` (a large shard copied to
     other storage takes as long as its bytes)."""
-    dest, chosen, specs, info = started.dest, started.chosen, started.specs, started.info
+    root, chosen, specs, info = started.root, started.chosen, started.specs, started.info
     backup_id = info["id"]
+
+    async def save() -> None:
+        await asyncio.to_thread(root.write_info, backup_id, info)
+
     try:
         for spec in specs:
             shards = table.shard_sets(spec.name)
             info["collections"][spec.name] = {"state": "staging"}
-            _write_info(dest / BACKUP_FILE, info)
+            await save()
             async with await _all_write_locks(shards):
                 staged = await asyncio.gather(
                     *(rs.read(_stage, timeout_s) for rs in shards), return_exceptions=True
                 )
             info["collections"][spec.name] = {"state": "copying"}
-            _write_info(dest / BACKUP_FILE, info)
+            await save()
             # every staged copy is finished (moved into the backup, which a failure marks
             # failed), so none stays behind in a shard's data directory
             todo = [
@@ -158,7 +241,7 @@ async def run(
             ]
             finished = await asyncio.gather(
                 *(
-                    _finish(client, stage, dest / spec.name / f"shard-{s}", copy_timeout_s)
+                    _finish(client, stage, root.shard(backup_id, spec.name, s), copy_timeout_s)
                     for s, (client, stage) in todo
                 ),
                 return_exceptions=True,
@@ -173,14 +256,14 @@ async def run(
                 "objects": sum(int(c.get("objects", 0)) for c in copies),
                 "shards": [{"shard": s, **c} for s, c in enumerate(copies)],
             }
-            _write_info(dest / BACKUP_FILE, info)
+            await save()
         info.update(state="done", finished=time.time())
     except Exception as exc:
         error = exc.to_dict() if isinstance(exc, ColshardError) else {"message": repr(exc)}
         info.update(state="failed", finished=time.time(), error=error)
         raise
     finally:
-        _write_info(dest / BACKUP_FILE, info)
+        await save()
     log.warning("backup %s of %s done: %s", backup_id, chosen, info["collections"].keys())
     return info
 
@@ -192,9 +275,9 @@ async def _stage(client: ShardClient, timeout_s: float) -> tuple[ShardClient, di
 
 
 async def _finish(
-    client: ShardClient, staged: Mapping[str, Any], dest: Path, timeout_s: float
+    client: ShardClient, staged: Mapping[str, Any], dest: str, timeout_s: float
 ) -> dict[str, Any]:
-    copied = await client.finish_backup(str(staged["staging"]), str(dest), timeout_s)
+    copied = await client.finish_backup(str(staged["staging"]), dest, timeout_s)
     return {"objects": staged["objects"], **copied}
 
 
@@ -215,7 +298,7 @@ def restored_spec(info: Mapping[str, Any], collection: str, new_name: str | None
 
 
 async def fill(
-    root: Path,
+    root: Root,
     info: Mapping[str, Any],
     collection: str,
     spec: CollectionSpec,
@@ -229,11 +312,11 @@ async def fill(
             f"backup has {len(entry['shards'])} shards of {collection!r}, the new collection "
             f"{len(shards)}"
         )
-    src = root / str(info["id"]) / collection
+    backup_id = str(info["id"])
     async with await _all_write_locks(shards):
         done = await asyncio.gather(
             *(
-                r.client.restore(str(src / f"shard-{s}"), timeout_s)
+                r.client.restore(root.shard(backup_id, collection, s), timeout_s)
                 for s, rs in enumerate(shards)
                 for r in rs.replicas
             )
@@ -246,6 +329,6 @@ async def fill(
     }
 
 
-def remove(root: Path, backup_id: str) -> None:
+def remove(root: Root, backup_id: str) -> None:
     read_info(root, backup_id)  # NotFound
-    shutil.rmtree(root / backup_id)
+    root.remove(backup_id)

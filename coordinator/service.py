@@ -125,6 +125,7 @@ class Coordinator:
         self._repair_task: asyncio.Task[None] | None = None
         self._rebalance_task: asyncio.Task[None] | None = None
         self.mover = Mover(self.router, placement, lambda: self._settings.write_timeout_s)
+        self._backup_root = backups.root_of(settings.backup_target)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -574,7 +575,9 @@ class Coordinator:
         await self._backup_lock.acquire()
         try:
             table = self.router.table
-            started = backups.begin(self._settings.backup_root, backup_id, collections, table)
+            started = await asyncio.to_thread(
+                backups.begin, self._backup_root, backup_id, collections, table
+            )
             job = backups.run(
                 started, table, self._settings.write_timeout_s, self._settings.backup_timeout_s
             )
@@ -606,14 +609,14 @@ class Coordinator:
             )
 
     async def list_backups(self) -> list[dict[str, Any]]:
-        return backups.list_infos(self._settings.backup_root)
+        return await asyncio.to_thread(backups.list_infos, self._backup_root)
 
     async def get_backup(self, backup_id: str) -> dict[str, Any]:
-        return backups.read_info(self._settings.backup_root, backup_id)
+        return await asyncio.to_thread(backups.read_info, self._backup_root, backup_id)
 
     async def delete_backup(self, backup_id: str) -> None:
         self._no_backup_running(backup_id)
-        backups.remove(self._settings.backup_root, backup_id)
+        await asyncio.to_thread(backups.remove, self._backup_root, backup_id)
 
     async def restore(
         self, backup_id: str, collection: str, new_name: str | None = None
@@ -621,8 +624,8 @@ class Coordinator:
         """Collection ``collection`` of backup ``backup_id``, restored as ``new_name`` (else
         its own name, which must be free): created, then filled from the copy. A restore that
         fails drops what it created."""
-        root = self._settings.backup_root
-        info = backups.read_info(root, backup_id)
+        root = self._backup_root
+        info = await asyncio.to_thread(backups.read_info, root, backup_id)
         raw = backups.restored_spec(info, collection, new_name)
         self._no_backup_running(backup_id)
         async with self._backup_lock:

@@ -834,9 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--backup-dir",
-            help="where backups are written and restored from; on several nodes, storage "
-            "every node mounts at this path (default <data dir>/backups; env "
-            "COLSHARD_BACKUP_DIR)",
+            help="where backups are written and restored from: a directory (on several "
+            "nodes, storage every node mounts at this path) or s3://BUCKET/PREFIX (credentials "
+            "and endpoint from the AWS environment of every node; default <data dir>/backups; "
+            "env COLSHARD_BACKUP_DIR)",
         )
         p.add_argument(
             "--backup-timeout-s",

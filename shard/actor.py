@@ -40,6 +40,7 @@ from typing import Any
 
 from cluster import localrpc
 from cluster.errors import DataLost, NotFound
+from cluster.objectstore import ObjectStore, S3Url, is_s3
 from cluster.raynode import ray_node_id, ray_runtime_context
 from cluster.settings import ShardSettings, node_data_dir
 from cluster.spec import CollectionSpec
@@ -246,21 +247,30 @@ class ShardActor:
         return self._engine.stage_backup()
 
     def finish_backup(self, staging: str, dest: str) -> dict[str, Any]:
-        """``ShardEngine.finish_backup``: the staged copy moved or copied to ``dest``."""
+        """``ShardEngine.finish_backup``: the staged copy moved or copied to ``dest`` (a
+        directory, or an s3:// URL it is uploaded to)."""
         self._serving()
-        return self._engine.finish_backup(Path(staging), Path(dest))
+        return self._engine.finish_backup(Path(staging), dest if is_s3(dest) else Path(dest))
 
     def restore(self, src: str) -> dict[str, Any]:
         """Replace this shard's data with the backup copy at ``src`` and serve it: the engine
         closes (calls meanwhile fail over or retry), the copy replaces the data directory and
         the engine reopens from it (recovery replays the copy's WAL, rebuilds BM25)."""
-        source = Path(src)
+        fetched: Path | None = None
+        if is_s3(src):  # downloaded next to the data directory first (this node's disk)
+            fetched = self._data_dir.with_name(f".{self._data_dir.name}.restore")
+            shutil.rmtree(fetched, ignore_errors=True)
+            ObjectStore().download_tree(S3Url.parse(src), fetched)
+        source = fetched or Path(src)
         if not (source / MANIFEST).exists() and not (source / "wal").is_dir():
-            raise NotFound(f"no shard backup at {source}", {"path": str(source)})
+            raise NotFound(f"no shard backup at {src}", {"path": str(src)})
         settings = self._engine.settings
         self._engine.close()
         shutil.rmtree(self._data_dir, ignore_errors=True)
-        shutil.copytree(source, self._data_dir, copy_function=shutil.copy2)
+        if fetched is not None:
+            os.rename(fetched, self._data_dir)
+        else:
+            shutil.copytree(source, self._data_dir, copy_function=shutil.copy2)
         self._engine = ShardEngine(self._spec, self._shard, self._data_dir, settings)
         self._engine.start_background(self._hosting.pools if self._hosting is not None else None)
         self._lost = None

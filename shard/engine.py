@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from cluster.errors import InvalidInput, NotFound, Unavailable
+from cluster.objectstore import ObjectStore, S3Url
 from cluster.recall import interval, recall_at, target_of
 from cluster.settings import ShardSettings
 from cluster.spec import CollectionSpec, NamedVectorSpec
@@ -1140,12 +1141,15 @@ class ShardEngine:
             raise
         return {"staging": str(staging), "objects": n_objects, "segments": len(manifest.segments)}
 
-    def finish_backup(self, staging: Path, dest: Path) -> dict[str, Any]:
+    def finish_backup(self, staging: Path, dest: Path | str) -> dict[str, Any]:
         """Move (same filesystem) or copy a ``stage_backup`` directory to ``dest`` (a new
-        directory), with writes and searches going on, and remove the staging directory."""
+        directory), or upload it to ``dest`` when that is an s3:// URL, with writes and
+        searches going on, and remove the staging directory."""
         staging = Path(staging)
         if staging.parent != self.data_dir or not staging.name.startswith(BACKUP_STAGING_PREFIX):
             raise InvalidInput(f"{staging} is not a backup staged by this shard")
+        if isinstance(dest, str):
+            return self._upload_backup(staging, dest)
         try:
             if dest.exists():
                 raise InvalidInput(f"backup destination {dest} exists", {"path": str(dest)})
@@ -1162,6 +1166,20 @@ class ShardEngine:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {"segments": n_segments, "bytes": dir_size_bytes(dest)}
+
+    def _upload_backup(self, staging: Path, dest: str) -> dict[str, Any]:
+        url = S3Url.parse(dest)
+        try:
+            store = ObjectStore()
+            if store.exists(url):
+                raise InvalidInput(f"backup destination {dest} exists", {"path": dest})
+            if not staging.is_dir():
+                raise NotFound(f"no staged backup at {staging}", {"path": str(staging)})
+            n_segments = len(list((staging / "segments").iterdir()))
+            sent = store.upload_tree(staging, url)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {"segments": n_segments, "bytes": sent}
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,7 @@ def start_serve(
     ray_tmp: Path | None = None,
     timeout_s: float = 180.0,
     extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """``colshard serve`` in a new session, ready (``/healthz`` answers) on return. ``ray_tmp``
     gives its Ray a temp dir of its own (keep the path short: Ray puts sockets under it)."""
@@ -150,6 +151,7 @@ def start_serve(
     }
     if ray_tmp is not None:
         env["RAY_TMPDIR"] = str(ray_tmp)
+    env.update(extra_env or {})
     proc = subprocess.Popen(
         [
             sys.executable,
