@@ -1,7 +1,8 @@
 """Backups to S3-compatible storage: a real `colshard serve` with ``--backup-dir
 s3://bucket/prefix`` against a local S3 server (moto's standalone server, from the test extra,
 on 127.0.0.1, stopped by its PID). Each shard uploads its own copy; the restore downloads it
-back, with exactly the writes acknowledged before the cut."""
+back, with exactly the writes acknowledged before the cut, in the same cluster under a new
+name and in another cluster on the same bucket."""
 
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def keys(env: dict[str, str], prefix: str) -> list[str]:
     return sorted(o["Key"] for o in found.get("Contents", []))
 
 
-def test_backup_to_s3_then_restore_under_a_new_name(tmp_path: Path, s3: dict[str, str]) -> None:
+def test_backup_to_s3_then_restore_here_and_in_another_cluster(
+    tmp_path: Path, s3: dict[str, str]
+) -> None:
     port, etcd_port = find_free_ports(2)
     ray_tmp = Path(f"/tmp/cs3-{uuid.uuid4().hex[:8]}")
     proc = start_serve(
@@ -132,6 +135,28 @@ def test_backup_to_s3_then_restore_under_a_new_name(tmp_path: Path, s3: dict[str
             hit = http.post("/v1/collections/Back/query", json=q).json()["objects"][0]
             assert hit["id"] == objs[7]["id"]
 
+    finally:
+        assert stop_serve(proc) == 0
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # Another cluster (its own data dir, etcd and Ray) on the same bucket restores it too.
+    proc = start_serve(
+        tmp_path / "other",
+        port,
+        etcd_port,
+        tmp_path / "serve-other.log",
+        ray_tmp=ray_tmp,
+        extra_args=["--backup-dir", f"s3://{BUCKET}/prod"],
+        extra_env=s3,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            assert http.get("/v1/collections").json()["collections"] == []
+            assert [b["id"] for b in http.get("/v1/backups").json()["backups"]] == ["b1"]
+            r = http.post("/v1/backups/b1/restore", json={"collection": "Docs"})
+            assert r.status_code == 201 and r.json()["objects"] == 60, r.text
+            page = http.get("/v1/collections/Docs/objects", params={"limit": 1000}).json()
+            assert sorted(o["id"] for o in page["objects"]) == sorted(o["id"] for o in objs)
             assert http.delete("/v1/backups/b1").status_code == 200
             assert keys(s3, "prod/b1/") == []
             assert http.get("/v1/backups/b1").status_code == 404
