@@ -24,3 +24,12 @@ def ray_node_id() -> str:
         return str(ctx.get_node_id()) if ctx is not None else ""
     except Exception:
         return ""
+
+
+def restarted_by_ray() -> bool:
+    """Whether Ray restarted this actor (False outside Ray, or when Ray cannot tell)."""
+    ctx = ray_runtime_context()
+    try:
+        return ctx is not None and bool(ctx.was_current_actor_reconstructed)
+    except Exception:
+        return False

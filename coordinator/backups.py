@@ -65,9 +65,6 @@ class DirRoot:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def __str__(self) -> str:
-        return str(self.path)
-
     def create(self, backup_id: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -106,9 +103,6 @@ class S3Root:
     def __init__(self, url: str, store: ObjectStore | None = None) -> None:
         self.url = S3Url.parse(url)
         self._store = store
-
-    def __str__(self) -> str:
-        return str(self.url)
 
     @property
     def store(self) -> ObjectStore:

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from cluster.errors import ColshardError, InvalidInput, NotFound, TooManyRequests, Unavailable
 from cluster.spec import CollectionSpec
 from coordinator.fanout import ShardClient
+from coordinator.queries import spec_in
 from coordinator.replication import READY, Replica, ReplicaSet, sync_replica
 from coordinator.routing import ReplicaState, Router
 
@@ -109,9 +110,7 @@ class Mover:
 
     def _replica(self, name: str, shard: int, replica: int) -> tuple[CollectionSpec, ReplicaSet]:
         table = self._router.table
-        spec = table.spec(name)
-        if spec is None:
-            raise NotFound(f"collection {name!r} does not exist", {"collection": name})
+        spec = spec_in(table, name)
         if not 0 <= shard < spec.shard_count:
             raise NotFound(
                 f"collection {name!r} has no shard {shard} (0..{spec.shard_count - 1})",
@@ -279,9 +278,8 @@ class Mover:
                     continue
                 rid = entry.id
                 rs = self._router.table.shard_sets(rid.collection)[rid.shard]
-                if any(r.entry().node_id == low for r in rs.replicas) or rs.name in {
-                    f"{c}:{s}" for c, s in self._moving
-                }:
+                moving = (rid.collection, rid.shard) in self._moving
+                if moving or any(r.entry().node_id == low for r in rs.replicas):
                     continue
                 try:
                     return await self.move(rid.collection, rid.shard, rid.replica, low)

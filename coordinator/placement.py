@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,12 +146,7 @@ class _Pinned:
     def locate(self, key: str, host_died: bool = False) -> tuple[Any, tuple[Any, ...]] | None:
         if self._node_id not in self._placement.alive_shard_nodes():
             return None
-        p = self._placement
-        with p._lock:
-            if host_died:
-                p._forget_host(self._node_id, self._want)
-            handle = p._host_of(self._node_id, self._want)
-        return handle, p._open_args(self._want)
+        return self._placement.host_on(self._node_id, self._want, host_died)
 
     def opened(self, key: str) -> None:
         self._want.existed = True
@@ -233,6 +229,17 @@ class RayPlacement:
             handle = self._host_of(node, want)
         return handle, self._open_args(want)
 
+    def host_on(
+        self, node_id: str, want: _Wanted, host_died: bool = False
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """``node_id``'s host for ``want`` (looked up again when the last one died) and the
+        arguments of its ``open``."""
+        with self._lock:
+            if host_died:
+                self._forget_host(node_id, want)
+            handle = self._host_of(node_id, want)
+        return handle, self._open_args(want)
+
     def _open_args(self, want: _Wanted) -> tuple[Any, ...]:
         subdir = shard_data_dir(Path(), want.spec, want.shard, want.replica).as_posix()
         data_dir = str(self._data_dir)
@@ -293,7 +300,7 @@ class RayPlacement:
         key = actor_name(spec, shard, replica)
         room = nodes[node_id]
         with self._lock:
-            held = sum(1 for k, p in self._placed.items() if p.node_id == node_id and k != key)
+            held = self._held(without=key)[node_id]
         if room is not None and held >= room:
             return f"node {node_id} has no room: it holds {held} of {room} replicas"
         return None
@@ -302,11 +309,12 @@ class RayPlacement:
         """node id -> (replicas placed there, room) of every alive, uncordoned shard node."""
         nodes = self.alive_shard_nodes()
         with self._lock:
-            counts = dict.fromkeys(nodes, 0)
-            for where in self._placed.values():
-                if where.node_id in counts:
-                    counts[where.node_id] += 1
-            return {n: (counts[n], room) for n, room in nodes.items() if n not in self._cordoned}
+            held = self._held()
+            return {n: (held[n], room) for n, room in nodes.items() if n not in self._cordoned}
+
+    def _held(self, without: str = "") -> Counter[str]:
+        """Replicas placed per node, ``without`` one of them (lock held)."""
+        return Counter(p.node_id for k, p in self._placed.items() if k != without)
 
     def cordon(self, node_id: str, on: bool = True) -> frozenset[str]:
         """Place no replica on ``node_id`` that is not there already (a drain), or again

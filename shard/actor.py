@@ -1,47 +1,41 @@
-"""``ShardActor``: the thin Ray shell around ``ShardEngine`` (all logic lives in the engine).
+"""``ShardActor``: the thin shell around one ``ShardEngine`` (all logic lives in the engine).
 
-Placement wraps this class with ``ray.remote`` and names the actor
-``colshard:<collection>:<shard>[:<replica>]`` so it shows in the Ray dashboard. The actor is
-threaded (``max_concurrency`` > 1): queries run while a write or the engine's background
-maintenance is in progress; the engine is thread-safe.
+A shard host (``shard.host``) holds many of these, one per shard replica on its node, and
+forwards every shard verb to them; the host gives them its background pools and its
+same-node fast path (``Hosting``). Without ``hosting`` (unit tests) the engine runs its own
+background threads and there is no fast path. Calls are concurrent (the host is a threaded
+Ray actor): queries run while a write or the engine's background maintenance is in
+progress; the engine is thread-safe.
 
-**Data lost on restart.** Ray restarts a crashed shard actor, possibly on another node, where
-the shard's node-local data directory is empty. An actor that Ray restarted (not created) and
-that finds its data directory empty (missing, or without any file) does not serve an empty
-shard as if nothing happened: every read and write raises ``DataLost`` naming the node and the
-directory, and ``ready()`` reports it. The state survives further restarts (a ``LOST_DATA``
-file in the data directory). The coordinator fails reads over to another replica and refills
-this one with a catch-up, which calls ``clear_lost`` first; with one replica, an operator
-brings the data back (or accepts the loss) and deletes the file (docs/deploy.md).
-
-**Same-node fast path.** Besides its Ray methods the actor serves ``search`` and
-``keyword_search`` on a Unix socket (``shard.fastpath``, ``cluster.localrpc``; its path is in
-``ready()``), which a coordinator on the same node uses instead of a Ray call (~1.5 ms less per
-query here). ``COLSHARD_FAST_PATH=0`` turns it off.
+**Data lost on restart.** A shard that existed may be opened where its node-local data
+directory is empty (its node died and placement put it on another one, or the directory was
+wiped). Opened so (``restarted``), it does not serve an empty shard as if nothing happened:
+every read and write raises ``DataLost`` naming the node and the directory, and ``ready()``
+reports it. The state survives further restarts (a ``LOST_DATA`` file in the data
+directory). The coordinator fails reads over to another replica and refills this one with a
+catch-up, which calls ``clear_lost`` first; with one replica, an operator brings the data
+back (or accepts the loss) and deletes the file (docs/deploy.md).
 
 Fault injection (tests and drills only): ``set_delay(seconds)`` makes every read verb (get,
 search, keyword_search, list_objects, stats) sleep that long before answering, simulating a slow
-shard; ``set_delay(0)`` turns it off. The env var ``COLSHARD_FAULT_READ_DELAY_S`` sets it at actor
-start. The delay lives in the actor process only (a restart clears it).
+shard; ``set_delay(0)`` turns it off. The env var ``COLSHARD_FAULT_READ_DELAY_S`` sets it at
+open. The delay lives in the host process only (a restart clears it).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cluster import localrpc
 from cluster.errors import DataLost, NotFound
 from cluster.objectstore import ObjectStore, S3Url, is_s3
-from cluster.raynode import ray_node_id, ray_runtime_context
+from cluster.raynode import ray_node_id
 from cluster.settings import ShardSettings, node_data_dir
 from cluster.spec import CollectionSpec
 from cluster.types import (
@@ -60,17 +54,7 @@ from shard.fastpath import FastPathServer
 from shard.manifest import MANIFEST
 from shard.metrics import ShardMetrics
 
-GAUGE_INTERVAL_S = 10.0
 LOST_MARKER = "LOST_DATA"
-
-
-def restarted_by_ray() -> bool:
-    """Whether Ray restarted this actor (False outside Ray, or when Ray cannot tell)."""
-    ctx = ray_runtime_context()
-    try:
-        return ctx is not None and bool(ctx.was_current_actor_reconstructed)
-    except Exception:
-        return False
 
 
 def _holds_data(path: Path) -> bool:
@@ -93,15 +77,15 @@ class ShardActor:
         data_dir: str,
         settings: ShardSettings,
         subdir: str | None = None,
-        restarted: bool | None = None,
+        restarted: bool = False,
         hosting: Hosting | None = None,
     ) -> None:
         """With ``subdir`` the shard's data lives in ``<node data dir>/<subdir>``, where the
         node data dir is this Ray node's ``COLSHARD_DATA_DIR`` (else ``data_dir``): on a
         multi-node cluster each shard keeps its data on the node it runs on. ``restarted``:
-        whether this is a restart (None: ask Ray). With ``hosting`` the shard lives in a shard
-        host (``shard.host``): its background work runs on the host's pools, its fast path is
-        the host's and the host refreshes its gauges."""
+        the shard existed before (an empty data directory is then a loss). With ``hosting``
+        the shard lives in a shard host (``shard.host``): its background work runs on the
+        host's pools, its fast path is the host's and the host refreshes its gauges."""
         spec = CollectionSpec.from_json(spec_json)
         self._spec = spec
         self._shard = shard
@@ -113,7 +97,7 @@ class ShardActor:
         marker = path / LOST_MARKER
         if marker.exists():
             self._lost = marker.read_text().strip() or "data lost"
-        elif not had_data and (restarted if restarted is not None else restarted_by_ray()):
+        elif not had_data and restarted:
             self._lost = (
                 f"shard {spec.name}:{shard} was restarted on node "
                 f"{ray_node_id()[:12] or '?'} ({socket.gethostname()}) with an empty "
@@ -126,29 +110,10 @@ class ShardActor:
         self._metrics = ShardMetrics(spec.name, shard)
         self._started = time.time()
         self._read_delay_s = float(os.environ.get("COLSHARD_FAULT_READ_DELAY_S", "0") or 0)
-        # Size gauges (objects, tokens, segments) stay fresh without anyone asking for stats.
-        self._stop = threading.Event()
-        self._fast: FastPathServer | None = None
-        if hosting is not None:
-            return
-        if localrpc.enabled():
-            try:
-                self._fast = FastPathServer(
-                    {"search": self.search, "keyword_search": self.keyword_search}
-                )
-            except OSError as exc:  # no usable socket directory: Ray calls only
-                logging.getLogger(__name__).warning("no fast path: %s", exc)
-        if self._metrics.enabled:
-            threading.Thread(
-                target=self._refresh_gauges, name="colshard-gauges", daemon=True
-            ).start()
-
-    def _refresh_gauges(self) -> None:
-        while not self._stop.wait(GAUGE_INTERVAL_S):
-            self.refresh_gauges()
 
     def refresh_gauges(self) -> None:
-        """Record the size gauges now (a no-op without metrics)."""
+        """Record the size gauges (objects, tokens, segments) now; the host calls it every
+        ``shard.host.GAUGE_INTERVAL_S`` (a no-op without metrics)."""
         if not self._metrics.enabled:
             return
         try:
@@ -181,7 +146,7 @@ class ShardActor:
         return lost
 
     def ready(self) -> dict[str, Any]:
-        fast = self._hosting.fast if self._hosting is not None else self._fast
+        fast = self._hosting.fast if self._hosting is not None else None
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -277,10 +242,7 @@ class ShardActor:
         return {"objects": self._engine.count()}
 
     def close(self) -> None:
-        """Stop serving and close the engine; the data stays (it reopens from it)."""
-        self._stop.set()
-        if self._fast is not None:
-            self._fast.close()
+        """Close the engine; the data stays (it reopens from it)."""
         self._engine.close()
 
     def drop(self) -> None:

@@ -65,7 +65,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -174,9 +174,9 @@ class ShardEngine:
         self._stop = threading.Event()
         self._wake: threading.Event | _PoolWaker = threading.Event()
         self._pools: BackgroundPools | None = None
-        self._maintenance_backoff = BACKGROUND_INTERVAL_S
-        self._calibration_backoff = CALIBRATION_INTERVAL_S
-        self._worked_at = -math.inf  # the last background step that did some work
+        self._maintenance_backoff = _Backoff(BACKGROUND_INTERVAL_S, 30.0)
+        self._calibration_backoff = _Backoff(CALIBRATION_INTERVAL_S, 300.0)
+        self._worked_at = -math.inf  # the last maintenance() that did some work
         self._written_at = -math.inf  # the last write applied (recovery's replay included)
         self._thread: threading.Thread | None = None
         self._calibrator: threading.Thread | None = None
@@ -851,8 +851,12 @@ class ShardEngine:
                 return False
             if self._checkpoint_due:  # a checkpoint failed earlier (e.g. disk full): retry
                 self._checkpoint()
-                return True
-            return self._maybe_seal() or self._maybe_build_index() or self._maybe_compact()
+                did = True
+            else:
+                did = self._maybe_seal() or self._maybe_build_index() or self._maybe_compact()
+            if did:
+                self._worked_at = time.monotonic()
+            return did
 
     def _maybe_seal(self) -> bool:
         with self._write_lock, self._state_lock:
@@ -1151,12 +1155,8 @@ class ShardEngine:
         if isinstance(dest, str):
             return self._upload_backup(staging, dest)
         try:
-            if dest.exists():
-                raise InvalidInput(f"backup destination {dest} exists", {"path": str(dest)})
-            if not staging.is_dir():
-                raise NotFound(f"no staged backup at {staging}", {"path": str(staging)})
+            n_segments = _staged_segments(staging, dest, dest.exists())
             dest.parent.mkdir(parents=True, exist_ok=True)
-            n_segments = len(list((staging / "segments").iterdir()))
             try:
                 os.rename(staging, dest)  # same filesystem: done
             except OSError:
@@ -1171,11 +1171,7 @@ class ShardEngine:
         url = S3Url.parse(dest)
         try:
             store = ObjectStore()
-            if store.exists(url):
-                raise InvalidInput(f"backup destination {dest} exists", {"path": dest})
-            if not staging.is_dir():
-                raise NotFound(f"no staged backup at {staging}", {"path": str(staging)})
-            n_segments = len(list((staging / "segments").iterdir()))
+            n_segments = _staged_segments(staging, dest, store.exists(url))
             sent = store.upload_tree(staging, url)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1215,46 +1211,34 @@ class ShardEngine:
     def _background_key(self) -> str:
         return f"{self.spec.name}:{self.shard}:{id(self):x}"
 
-    def _calibration_step(self) -> float | None:
-        """One round of the calibration loop: 0 after a calibration, the usual interval when
-        none was due but the shard is active, None when it is idle, a back-off (up to 5
-        minutes) after a failure."""
+    def _step(
+        self, work: Callable[[], bool], what: str, backoff: _Backoff, interval: float
+    ) -> float | None:
+        """One round of a background loop (``shard.background``): 0 after a unit of work (more
+        may be waiting), ``interval`` when there was none but the shard is active
+        (``_recently_active``), None when it is idle, a back-off after a failure."""
         try:
-            did = self.recalibrate()
+            did = work()
         except Exception:
-            self._calibration_backoff = min(self._calibration_backoff * 2, 300.0)
+            wait = backoff.failed()
             logger.exception(
-                "shard %s:%d: calibration failed; retrying in %.0fs",
-                self.spec.name,
-                self.shard,
-                self._calibration_backoff,
+                "shard %s:%d: %s failed; retrying in %.1fs", self.spec.name, self.shard, what, wait
             )
-            return self._calibration_backoff
-        self._calibration_backoff = CALIBRATION_INTERVAL_S
+            return wait
+        backoff.reset()
         if did:
             return 0.0
-        return CALIBRATION_INTERVAL_S if self._recently_active() else None
+        return interval if self._recently_active() else None
 
     def _maintenance_step(self) -> float | None:
-        """One round of maintenance: 0 after a unit of work (more may be waiting), the usual
-        interval when there was none but the shard is active (``_recently_active``), None when
-        it is idle, a back-off (up to 30 s) after a failure."""
-        try:
-            did = self.maintenance()
-        except Exception:
-            self._maintenance_backoff = min(self._maintenance_backoff * 2, 30.0)
-            logger.exception(
-                "shard %s:%d: maintenance failed; retrying in %.1fs",
-                self.spec.name,
-                self.shard,
-                self._maintenance_backoff,
-            )
-            return self._maintenance_backoff
-        self._maintenance_backoff = BACKGROUND_INTERVAL_S
-        self._worked_at = time.monotonic() if did else self._worked_at
-        if did:
-            return 0.0
-        return BACKGROUND_INTERVAL_S if self._recently_active() else None
+        return self._step(
+            self.maintenance, "maintenance", self._maintenance_backoff, BACKGROUND_INTERVAL_S
+        )
+
+    def _calibration_step(self) -> float | None:
+        return self._step(
+            self.recalibrate, "calibration", self._calibration_backoff, CALIBRATION_INTERVAL_S
+        )
 
     def _recently_active(self) -> bool:
         """Written, searched or maintained in the last ``ACTIVE_WINDOW_S``: work may come due
@@ -1315,6 +1299,22 @@ class BackgroundPools:
     calibration: BackgroundPool
 
 
+class _Backoff:
+    """A background loop's wait after failures: ``base`` doubling, up to ``cap``."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self._base = base
+        self._cap = cap
+        self._wait = base
+
+    def failed(self) -> float:
+        self._wait = min(self._wait * 2, self._cap)
+        return self._wait
+
+    def reset(self) -> None:
+        self._wait = self._base
+
+
 class _PoolWaker:
     """The engine's wake-up (``Event.set``) where its maintenance is a step of a pool."""
 
@@ -1328,6 +1328,16 @@ class _PoolWaker:
 
 class _Stopped(Exception):
     """The shard is closing: a calibration in progress gives up."""
+
+
+def _staged_segments(staging: Path, dest: Path | str, dest_exists: bool) -> int:
+    """The segments of a staged backup about to go to ``dest``; refused when ``dest`` exists
+    already or nothing is staged."""
+    if dest_exists:
+        raise InvalidInput(f"backup destination {dest} exists", {"path": str(dest)})
+    if not staging.is_dir():
+        raise NotFound(f"no staged backup at {staging}", {"path": str(staging)})
+    return len(list((staging / "segments").iterdir()))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -44,10 +44,10 @@ from typing import Any
 
 from cluster import localrpc
 from cluster.errors import InvalidInput, ShardNotOpen
-from cluster.raynode import ray_node_id
+from cluster.raynode import ray_node_id, restarted_by_ray
 from cluster.settings import ShardSettings, node_data_dir
 from shard import kernels
-from shard.actor import GAUGE_INTERVAL_S, Hosting, ShardActor, restarted_by_ray
+from shard.actor import Hosting, ShardActor
 from shard.background import BackgroundPool
 from shard.engine import BackgroundPools
 from shard.fastpath import FastPathServer
@@ -76,6 +76,7 @@ VERBS = frozenset(
     }
 )
 MAINTENANCE_WORKERS = 2
+GAUGE_INTERVAL_S = 10.0  # how often the host records its shards' size gauges
 HOSTS_DIR = "_hosts"  # under the node data dir: each host's list of held shards
 CALIBRATION_WORKERS = 1
 

@@ -79,15 +79,20 @@ def test_backup_to_s3_then_restore_here_and_in_another_cluster(
 ) -> None:
     port, etcd_port = find_free_ports(2)
     ray_tmp = Path(f"/tmp/cs3-{uuid.uuid4().hex[:8]}")
-    proc = start_serve(
-        tmp_path / "data",
-        port,
-        etcd_port,
-        tmp_path / "serve.log",
-        ray_tmp=ray_tmp,
-        extra_args=["--backup-dir", f"s3://{BUCKET}/prod"],
-        extra_env=s3,
-    )
+
+    def serve(data: str) -> subprocess.Popen[bytes]:
+        """A cluster of its own in ``tmp_path / data``, backing up to the bucket."""
+        return start_serve(
+            tmp_path / data,
+            port,
+            etcd_port,
+            tmp_path / f"serve-{data}.log",
+            ray_tmp=ray_tmp,
+            extra_args=["--backup-dir", f"s3://{BUCKET}/prod"],
+            extra_env=s3,
+        )
+
+    proc = serve("data")
     rng = np.random.default_rng(4)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
@@ -140,15 +145,7 @@ def test_backup_to_s3_then_restore_here_and_in_another_cluster(
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     # Another cluster (its own data dir, etcd and Ray) on the same bucket restores it too.
-    proc = start_serve(
-        tmp_path / "other",
-        port,
-        etcd_port,
-        tmp_path / "serve-other.log",
-        ray_tmp=ray_tmp,
-        extra_args=["--backup-dir", f"s3://{BUCKET}/prod"],
-        extra_env=s3,
-    )
+    proc = serve("other")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             assert http.get("/v1/collections").json()["collections"] == []

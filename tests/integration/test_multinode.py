@@ -254,6 +254,25 @@ def create(http: httpx.Client, name: str, shards: int) -> None:
     assert created.status_code == 201, created.text
 
 
+def keep_querying(
+    url: str,
+    name: str,
+    probe: dict[str, Any],
+    stop: Any,
+    failures: list[str],
+    n_queries: list[int],
+) -> None:
+    """Until ``stop`` is set: query ``name`` with ``probe``'s own vectors; an answer that is
+    not 200 with ``probe`` first is a failure."""
+    q = {"near_vector": {"vector": probe["vectors"]["v"]}, "limit": 3}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        while not stop.is_set():
+            r = c.post(f"/v1/collections/{name}/query", json=q)
+            if r.status_code != 200 or r.json()["objects"][0]["id"] != probe["id"]:
+                failures.append(f"{r.status_code} {r.text[:200]}")
+            n_queries[0] += 1
+
+
 def raylet_pid(session_leader: int) -> int:
     """The raylet started by the ``ray start`` whose session is ``session_leader``."""
     ps = subprocess.run(
@@ -429,16 +448,10 @@ def test_restarting_a_node_under_load_with_rf2(multinode: MultiNode) -> None:
                     acked.update(o["id"] for o, res in results if res["status"] == "SUCCESS")
                 time.sleep(0.05)
 
-    def reader() -> None:
-        q = {"near_vector": {"vector": first[9]["vectors"]["v"]}, "limit": 3}
-        with httpx.Client(base_url=multinode.url, timeout=120) as c:
-            while not stop.is_set():
-                r = c.post(f"/v1/collections/{name}/query", json=q)
-                if r.status_code != 200 or r.json()["objects"][0]["id"] != first[9]["id"]:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                n_queries[0] += 1
-
-    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    reader = threading.Thread(
+        target=keep_querying, args=(multinode.url, name, first[9], stop, failures, n_queries)
+    )
+    threads = [threading.Thread(target=writer), reader]
     for t in threads:
         t.start()
     try:
@@ -561,15 +574,6 @@ def test_move_and_drain_under_load(multinode: MultiNode) -> None:
                 else:
                     refused.append(f"{r.status_code} {r.text[:300]}")
 
-    def querier() -> None:
-        q = {"near_vector": {"vector": first[3]["vectors"]["v"]}, "limit": 5}
-        with httpx.Client(base_url=multinode.url, timeout=120) as c:
-            while not stop.is_set():
-                r = c.post(f"/v1/collections/{name}/query", json=q)
-                if r.status_code != 200 or r.json()["objects"][0]["id"] != first[3]["id"]:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-                n_queries[0] += 1
-
     def where() -> dict[str, Any]:
         (p,) = http.get("/v1/cluster").json()["collections"][name]["placements"]
         return dict(p)
@@ -578,7 +582,10 @@ def test_move_and_drain_under_load(multinode: MultiNode) -> None:
     start = where()
     other = next(n for n in members if n != start["node_id"])
     data_of = {n: Path(m["data_dir"]) for n, m in members.items()}
-    threads = [threading.Thread(target=writer), threading.Thread(target=querier)]
+    querier = threading.Thread(
+        target=keep_querying, args=(multinode.url, name, first[3], stop, failures, n_queries)
+    )
+    threads = [threading.Thread(target=writer), querier]
     for t in threads:
         t.start()
     try:

@@ -21,7 +21,7 @@ from cluster.spec import CollectionSpec
 from cluster.validation import ObjectInput
 from coordinator.service import Coordinator
 from shard.engine import ShardEngine
-from tests.unit.test_coordinator import EngineClient, EnginePlacement, MemoryStore
+from tests.unit.test_coordinator import EngineClient, EnginePlacement, MemoryStore, run
 
 NODES = ("node-a", "node-b", "node-c")
 SPEC = {
@@ -115,10 +115,6 @@ class NodePlacement(EnginePlacement):
             if node in counts:
                 counts[node] += 1
         return {n: (c, None) for n, c in counts.items()}
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 @pytest.fixture
